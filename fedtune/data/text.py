@@ -1,0 +1,51 @@
+"""Tokenized examples and dynamic padding: each batch is padded only to its longest text."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class TokenizedTexts(Dataset):
+    """Token ids (no padding) and integer labels; an item is (input_ids, label)."""
+
+    input_ids: tuple[tuple[int, ...], ...]
+    labels: tuple[int, ...]
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.input_ids[index]), torch.tensor(self.labels[index])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+
+def tokenize(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int) -> TokenizedTexts:
+    """Tokenize once; counts texts longer than `max_length` tokens (they are truncated)."""
+    full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
+    num_truncated = sum(len(ids) > max_length for ids in full)
+    if num_truncated:
+        cut = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    else:
+        cut = full
+    return TokenizedTexts(tuple(tuple(ids) for ids in cut), tuple(int(y) for y in labels), num_truncated)
+
+
+def pad_batch(items: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Collate (input_ids, label) items into a batch padded to its own longest sequence."""
+    longest = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, (ids, _) in enumerate(items):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+    labels = torch.stack([label for _, label in items])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

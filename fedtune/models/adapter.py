@@ -1,0 +1,47 @@
+"""The trainable weights (LoRA + head) as the payload that crosses the wire, and PEFT export."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel
+
+from fedtune.durable import replace_dir_atomic
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> detached CPU copy of every parameter that trains (LoRA and head)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def to_record(model: torch.nn.Module) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict=trainable_state(model))
+
+
+def load_record(model: torch.nn.Module, record: ArrayRecord) -> None:
+    """Copy a payload into the model's trainable parameters; keys and shapes must match."""
+    incoming = record.to_torch_state_dict()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if incoming.keys() != params.keys():
+        missing, extra = params.keys() - incoming.keys(), incoming.keys() - params.keys()
+        raise ValueError(f"Adapter payload does not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(incoming[name].to(param.device, param.dtype))
+
+
+def base_model_bytes(model: torch.nn.Module) -> int:
+    """Size of the frozen base model's weights, in bytes."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """Write the adapter in PEFT format, atomically (the old one stays until the new is whole)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    model.save_pretrained(staging)
+    replace_dir_atomic(staging, directory)

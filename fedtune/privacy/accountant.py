@@ -1,0 +1,43 @@
+"""A client's privacy history and the ε it implies, using Opacus' accountants.
+
+The history is Opacus' own accountant state: a list of (noise_multiplier, sample_rate,
+steps) runs. It is what a client persists between rounds, so ε is cumulative over every
+local step the client has ever run, and rounds it sits out add nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+
+History = list[tuple[float, float, int]]
+
+ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+
+def make_accountant(kind: str, history: Sequence[Sequence[float]] = ()) -> IAccountant:
+    """An Opacus accountant of `kind` that has already seen `history`."""
+    accountant = ACCOUNTANTS[kind]()
+    if history:
+        accountant.load_state_dict({"history": normalize(history), "mechanism": accountant.mechanism()})
+    return accountant
+
+
+def normalize(history: Sequence[Sequence[float]]) -> History:
+    return [(float(s), float(q), int(n)) for s, q, n in history]
+
+
+def epsilon(kind: str, history: Sequence[Sequence[float]], delta: float) -> float:
+    """Cumulative ε at `delta`; 0 before any step, inf if any step ran without noise."""
+    history = normalize(history)
+    if not history:
+        return 0.0
+    if any(sigma == 0.0 for sigma, _, _ in history):
+        return math.inf
+    return float(make_accountant(kind, history).get_epsilon(delta=delta))
+
+
+def other(kind: str) -> str:
+    return "rdp" if kind == "prv" else "prv"

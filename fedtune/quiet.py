@@ -1,0 +1,28 @@
+"""Silence library chatter that says nothing to a fedtune user (called in every process).
+
+Each filter names one known, benign message; everything else still shows.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier newly initialized" load report is expected
+    hf_logging.disable_progress_bar()
+    for message in (
+        r"Secure RNG turned off",  # Opacus: we seed noise for reproducible research runs
+        r"Full backward hook is firing",  # Opacus hooks on a frozen embedding input
+        r".*is_gradient_checkpointing.*",
+        r"Tip: In future versions of Ray",
+        r"Optimal order is the (largest|smallest) alpha",  # RDP accountant, harmless at our ranges
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    # PRV accountant: log(0) inside np.where for masked-out entries; the result is finite.
+    warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)

@@ -1,0 +1,105 @@
+"""The run directory: the resolved config, per-round metrics, the privacy ledger, the PEFT
+adapter and a checkpoint per round.
+
+A round is committed by writing its checkpoint (atomically); the other files are views
+rewritten from the checkpoint's contents right after, so a crash at any point leaves a
+directory that `fedtune simulate --resume` continues from the last whole round.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune import __version__
+from fedtune.config import FedtuneConfig, dump_config, load_config
+from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
+from fedtune.errors import ConfigError
+from fedtune.privacy.ledger import PrivacyLedger
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+LEDGER = "privacy_ledger.json"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+SUMMARY = "summary.json"
+CLIENT_STATE = "client_state"
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume: the global trainable weights and the run's records."""
+
+    round: int
+    arrays: dict[str, torch.Tensor]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    ledger: dict[str, Any] = field(default_factory=dict)
+    node_names: dict[int, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"fedtune_version": __version__, "round": self.round, "arrays": self.arrays,
+                    "metrics": self.metrics, "ledger": self.ledger, "node_names": self.node_names}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_file(cls, path: Path) -> Checkpoint:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(data["round"], data["arrays"], data["metrics"], data["ledger"], data["node_names"])
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    path: Path
+
+    @classmethod
+    def create(cls, path: Path, config: FedtuneConfig) -> RunDirectory:
+        """A new run directory holding config.toml; refuses to reuse a non-empty one."""
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"Run directory {path} already exists and is not empty. Pass a new --out, "
+                              f"or continue that run with --resume {path}.")
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / CONFIG, dump_config(config))
+        return cls(path)
+
+    @classmethod
+    def existing(cls, path: Path) -> RunDirectory:
+        if not (path / CONFIG).is_file():
+            raise ConfigError(f"{path} is not a fedtune run directory (no {CONFIG}). Pass the directory "
+                              "that an earlier `fedtune simulate` printed on its last line.")
+        return cls(path)
+
+    def config(self) -> FedtuneConfig:
+        return load_config(self.path / CONFIG)
+
+    @property
+    def client_state_dir(self) -> Path:
+        return self.path / CLIENT_STATE
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
+
+    def checkpoint_path(self, round_: int) -> Path:
+        return self.path / CHECKPOINTS / f"round_{round_:04d}.pt"
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        found = sorted((self.path / CHECKPOINTS).glob("round_*.pt"),
+                       key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        return Checkpoint.from_file(found[-1]) if found else None
+
+    def commit(self, checkpoint: Checkpoint) -> None:
+        """Durably finish a round: checkpoint first, then the views derived from it."""
+        write_bytes_atomic(self.checkpoint_path(checkpoint.round), checkpoint.to_bytes())
+        PrivacyLedger.from_dict(checkpoint.ledger).write(self.path / LEDGER)
+        lines = "".join(json.dumps(row) + "\n" for row in checkpoint.metrics)
+        write_text_atomic(self.path / METRICS, lines)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / SUMMARY, summary)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny config and the (process-cached) default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, TrainConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cfg() -> FedtuneConfig:
+    return FedtuneConfig(
+        rounds=2, clients=3, seed=0,
+        lora=LoraConfig(r=4),
+        train=TrainConfig(batch_size=8, learning_rate=3e-3),
+        data=DataConfig(demo_examples=200),
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    """The process-cached PEFT model; its trainable weights are restored after each test."""
+    from fedtune.data.demo import LABELS
+    from fedtune.models.adapter import load_record, to_record
+    from fedtune.models.build import build_model
+
+    model = build_model(tiny_cfg.model, tiny_cfg.lora, num_labels=len(LABELS), seed=0)
+    saved = to_record(model)
+    yield model
+    load_record(model, saved)
+    for p in model.parameters():
+        p.grad = None
+
+
+@pytest.fixture
+def tokenized(tiny_cfg):
+    """Tokenized demo examples: (texts of 64 examples) for quick training checks."""
+    from fedtune.data.demo import make_demo_dataset
+    from fedtune.data.text import tokenize
+    from fedtune.models.build import load_tokenizer
+
+    examples = make_demo_dataset(64, seed=1)
+    return tokenize(load_tokenizer(""), [e.text for e in examples], [e.label for e in examples], 64)

@@ -1,0 +1,88 @@
+"""The demo data is deterministic and learnable-shaped; partitions are disjoint and checked."""
+
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedtune.config import DataConfig
+from fedtune.data.demo import LABELS, make_demo_dataset
+from fedtune.data.federated import federated_data
+from fedtune.data.partition import holdout_split, partition_indices, split_client
+from fedtune.data.text import pad_batch
+from fedtune.errors import DataError
+
+
+def test_demo_dataset_is_deterministic_and_uses_every_label():
+    a, b = make_demo_dataset(400, seed=3), make_demo_dataset(400, seed=3)
+    assert a == b and a != make_demo_dataset(400, seed=4)
+    counts = Counter(e.label for e in a)
+    assert set(counts) == set(range(len(LABELS)))
+    assert min(counts.values()) > 40  # no class is vanishingly rare
+
+
+def test_same_symptom_can_get_different_labels():
+    """Not a bag-of-symptoms task: modifiers change the urgency."""
+    by_text_start = {}
+    for e in make_demo_dataset(2000, seed=0):
+        for phrase in ("a low-grade fever", "a suspected broken wrist"):
+            if phrase in e.text:
+                by_text_start.setdefault(phrase, set()).add(e.label)
+    assert all(len(labels) >= 2 for labels in by_text_start.values())
+
+
+def test_federated_splits_are_disjoint_and_cover_the_pool():
+    fed = federated_data(DataConfig(demo_examples=500), 5, 0)
+    seen = [i for split in fed.clients for i in (*split.train, *split.val)]
+    assert len(seen) == len(set(seen))
+    assert set(seen).isdisjoint(fed.server_test)
+    assert len(seen) + len(fed.server_test) == 500
+    assert all(len(split.val) >= 1 and len(split.train) >= 1 for split in fed.clients)
+
+
+def test_dirichlet_partitions_are_non_iid():
+    fed = federated_data(DataConfig(demo_examples=1000, alpha=0.3), 5, 0)
+    shares = []
+    for split in fed.clients:
+        labels = [fed.labels[i] for i in split.train]
+        shares.append(max(Counter(labels).values()) / len(labels))
+    assert max(shares) > 0.45  # IID would put ~0.25-0.3 in the largest class
+
+
+def test_more_clients_than_examples_is_a_clear_error():
+    labels = [0, 1, 0, 1]
+    with pytest.raises(DataError, match="5 clients but only 4 training examples"):
+        partition_indices(labels, range(4), 5, "iid", 0.5, 0)
+
+
+@given(n=st.integers(1, 300), clients=st.integers(1, 20), frac=st.floats(0.05, 0.5))
+def test_holdout_and_iid_partitions_never_lose_or_duplicate_examples(n, clients, frac):
+    pool, test = holdout_split(n, frac, 0)
+    assert sorted(pool + test) == list(range(n))
+    if clients <= len(pool):
+        parts = partition_indices([0] * n, pool, clients, "iid", 1.0, 0)
+        assert sorted(i for p in parts for i in p) == sorted(pool)
+
+
+@given(size=st.integers(1, 50), frac=st.floats(0.0, 0.9))
+def test_client_split_keeps_at_least_one_training_example(size, frac):
+    split = split_client(range(size), frac, 0)
+    assert len(split.train) >= 1 and len(split.train) + len(split.val) == size
+
+
+def test_batches_are_padded_to_their_longest_text_only():
+    items = [(torch.tensor([101, 5, 102]), torch.tensor(1)), (torch.tensor([101, 102]), torch.tensor(0))]
+    batch = pad_batch(items)
+    assert batch["input_ids"].shape == (2, 3)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_tokenize_counts_truncated_texts(tokenized):
+    from fedtune.data.text import tokenize
+    from fedtune.models.build import load_tokenizer
+
+    data = tokenize(load_tokenizer(""), ["word " * 50, "short"], [0, 1], max_length=16)
+    assert data.num_truncated == 1 and max(len(ids) for ids in data.input_ids) == 16

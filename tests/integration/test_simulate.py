@@ -1,0 +1,134 @@
+"""Tiny federations through Flower's Simulation Engine, driven by the `fedtune` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TINY = """
+rounds = 2
+clients = 3
+[lora]
+r = 4
+[train]
+batch_size = 16
+learning_rate = 0.003
+local_epochs = 2
+[dp]
+noise_multiplier = 0.6
+[data]
+demo_examples = 360
+"""
+
+
+def fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("sim")
+    (base / "tiny.toml").write_text(TINY)
+    out = base / "run"
+    result = fedtune("simulate", "--config", str(base / "tiny.toml"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    return out
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_holds_every_record(finished_run):
+    for name in ("config.toml", "metrics.jsonl", "privacy_ledger.json", "summary.json", "adapter"):
+        assert (finished_run / name).exists(), name
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == [
+        "round_0000.pt", "round_0001.pt", "round_0002.pt"]
+    rows = _rows(finished_run)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    required = {"round", "eval_accuracy", "eval_loss", "train_loss", "epsilon_max", "num_clients",
+                "bytes_up", "bytes_down"}
+    assert all(required <= set(r) for r in rows)
+    assert rows[-1]["num_clients"] == 3
+
+
+def test_federation_learns(finished_run):
+    rows = _rows(finished_run)
+    assert rows[-1]["eval_accuracy"] > rows[0]["eval_accuracy"]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def test_payload_is_adapter_sized_both_ways(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    rows = _rows(finished_run)
+    assert summary["base_model_bytes"] > 80e6
+    for row in rows[1:]:
+        assert 0 < row["bytes_up"] <= 0.02 * summary["base_model_bytes"]
+        assert 0 < row["bytes_down"] <= 0.02 * summary["base_model_bytes"]
+
+
+def test_adapter_loads_with_peft_and_matches_the_last_evaluation(finished_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.data.demo import LABELS
+    from fedtune.models.build import default_model_dir
+
+    base = AutoModelForSequenceClassification.from_pretrained(default_model_dir(), num_labels=len(LABELS))
+    model = PeftModel.from_pretrained(base, finished_run / "adapter")
+    checkpoint = torch.load(finished_run / "checkpoints" / "round_0002.pt", weights_only=True)
+    for name, tensor in checkpoint["arrays"].items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), tensor)
+
+
+def test_ledger_records_every_client_every_round(finished_run):
+    ledger = json.loads((finished_run / "privacy_ledger.json").read_text())
+    assert ledger["accountant"] == "prv" and "one record" in ledger["unit"]
+    assert len(ledger["clients"]) == 3
+    for entries in ledger["clients"].values():
+        assert [e["round"] for e in entries] == [1, 2]
+        assert all(e["status"] == "trained" and e["noise_multiplier"] == 0.6 for e in entries)
+        assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"]
+    eps_max = max(e["epsilon"] for entries in ledger["clients"].values() for e in entries)
+    assert _rows(finished_run)[-1]["epsilon_max"] == pytest.approx(eps_max)
+
+
+def test_resume_continues_without_resetting_epsilon(finished_run):
+    before = json.loads((finished_run / "privacy_ledger.json").read_text())["clients"]
+    result = fedtune("simulate", "--resume", str(finished_run), "--rounds", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(finished_run)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    after = json.loads((finished_run / "privacy_ledger.json").read_text())["clients"]
+    for name, entries in after.items():
+        assert entries[:2] == before[name]  # nothing lost
+        assert entries[2]["round"] == 3 and entries[2]["epsilon"] > entries[1]["epsilon"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "/no/such/model"], "model.name_or_path"),
+    (["--clients", "50", "--examples", "20"], "50 clients but only 16 training examples"),
+    (["--noise-multiplier", "-1"], "dp.noise_multiplier"),
+    (["--strategy", "fedsgd"], "strategy.name"),
+    (["--delta", "0.5"], "dp.delta"),
+])
+def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, args, says):
+    out = tmp_path / "never"
+    result = fedtune("simulate", "--out", str(out), *args, timeout=120)
+    assert result.returncode == 2
+    assert says in " ".join(result.stderr.split())
+    assert not out.exists()
+
+
+def test_existing_run_directory_is_not_overwritten(finished_run):
+    result = fedtune("simulate", "--out", str(finished_run), timeout=120)
+    assert result.returncode == 2 and "--resume" in result.stderr

@@ -1,0 +1,56 @@
+import pytest
+
+from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, dump_config, load_config
+from fedtune.errors import ConfigError
+
+
+def test_defaults_are_the_documented_demo():
+    cfg = FedtuneConfig()
+    assert (cfg.clients, cfg.rounds, cfg.dp.enabled, cfg.strategy.name) == (10, 3, True, "fedavg")
+
+
+@pytest.mark.parametrize("make, option", [
+    (lambda: LoraConfig(r=0), "lora.r"),
+    (lambda: DPConfig(noise_multiplier=-1), "dp.noise_multiplier"),
+    (lambda: DPConfig(delta=2.0), "dp.delta"),
+    (lambda: FedtuneConfig(clients=0), "clients"),
+])
+def test_invalid_values_name_the_option(make, option):
+    with pytest.raises(ConfigError, match=f"`{option}`"):
+        make()
+
+
+def test_toml_round_trip_keeps_every_value(tmp_path):
+    cfg = FedtuneConfig().with_overrides({"lora.r": 4, "dp.noise_multiplier": 0.7, "strategy.name": "fedprox"})
+    path = tmp_path / "c.toml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    assert 'fedtune_version = "' in path.read_text()
+
+
+def test_flat_round_trip_for_flower_run_config():
+    cfg = FedtuneConfig().with_overrides({"lora.target_modules": "query,value", "rounds": 7})
+    flat = cfg.to_flat()
+    assert flat["lora.target_modules"] == ["query", "value"]
+    assert FedtuneConfig.from_flat(flat) == cfg
+
+
+def test_unknown_and_mistyped_options_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown option `lora.rank`"):
+        FedtuneConfig.from_flat({"lora.rank": 4})
+    with pytest.raises(ConfigError, match="`rounds`.*whole number"):
+        FedtuneConfig.from_flat({"rounds": "three"})
+    with pytest.raises(ConfigError, match="`strategy.name`.*fedavg, fedprox"):
+        FedtuneConfig.from_flat({"strategy.name": "fedsgd"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_int_accepted_for_float_but_bool_is_not_a_number():
+    assert FedtuneConfig.from_flat({"dp.noise_multiplier": 1}).dp.noise_multiplier == 1.0
+    with pytest.raises(ConfigError):
+        FedtuneConfig.from_flat({"dp.noise_multiplier": True})
