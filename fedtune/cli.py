@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from fedtune import __version__
-from fedtune.config import dump_config, load_config
+from fedtune.config import FedtuneConfig, dump_config, load_config
 from fedtune.durable import write_text_atomic
 from fedtune.errors import ConfigError, FedtuneError
 
@@ -21,6 +21,7 @@ cli = typer.Typer(
 console = Console(stderr=True)
 
 Opt = typer.Option
+D = FedtuneConfig()  # shown as defaults in --help; the config file, then options, override them
 
 
 @cli.command()
@@ -32,28 +33,29 @@ def version() -> None:
 @cli.command()
 def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
-    clients: Annotated[int | None, Opt(help="Number of simulated institutions.")] = None,
-    rounds: Annotated[int | None, Opt(help="Federated rounds (with --resume: extend the run to this many).")] = None,
+    clients: Annotated[int | None, Opt(help=f"Number of simulated institutions [default: {D.clients}].")] = None,
+    rounds: Annotated[int | None, Opt(help=f"Federated rounds; with --resume, extend the run to this many [default: {D.rounds}].")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/<timestamp>).")] = None,
     seed: Annotated[int | None, Opt(help="Seed for data, client sampling and DP noise.")] = None,
     no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off (it is on by default).")] = False,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round.")] = None,
-    strategy: Annotated[str | None, Opt(help="Aggregation: fedavg or fedprox.")] = None,
-    proximal_mu: Annotated[float | None, Opt(help="FedProx proximal weight mu.")] = None,
-    noise_multiplier: Annotated[float | None, Opt(help="DP-SGD noise multiplier sigma.")] = None,
-    max_grad_norm: Annotated[float | None, Opt(help="DP-SGD per-sample clipping norm C.")] = None,
-    delta: Annotated[float | None, Opt(help="DP delta; must be below 1/n for every client.")] = None,
-    accountant: Annotated[str | None, Opt(help="Privacy accountant: prv or rdp.")] = None,
+    strategy: Annotated[str | None, Opt(help=f"Aggregation: fedavg or fedprox [default: {D.strategy.name}].")] = None,
+    proximal_mu: Annotated[float | None, Opt(help=f"FedProx proximal weight mu [default: {D.strategy.proximal_mu}].")] = None,
+    noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma [default: {D.dp.noise_multiplier}].")] = None,
+    max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C [default: {D.dp.max_grad_norm}].")] = None,
+    delta: Annotated[float | None, Opt(help=f"DP delta; must be below 1/n for every client [default: {D.dp.delta}].")] = None,
+    accountant: Annotated[str | None, Opt(help=f"Privacy accountant: prv or rdp [default: {D.dp.accountant}].")] = None,
+    epsilon_budget: Annotated[float | None, Opt(help="Per-client ε cap; a client declines rounds beyond it.")] = None,
     model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6).")] = None,
     max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
-    lora_r: Annotated[int | None, Opt(help="LoRA rank.")] = None,
-    local_epochs: Annotated[int | None, Opt(help="Local passes over each client's data per round.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Expected batch size per local step.")] = None,
-    learning_rate: Annotated[float | None, Opt(help="Client learning rate (AdamW).")] = None,
-    examples: Annotated[int | None, Opt(help="Size of the built-in demo dataset.")] = None,
-    partition: Annotated[str | None, Opt(help="Client data split: iid or dirichlet.")] = None,
-    alpha: Annotated[float | None, Opt(help="Dirichlet concentration; smaller is more non-IID.")] = None,
+    lora_r: Annotated[int | None, Opt(help=f"LoRA rank [default: {D.lora.r}].")] = None,
+    local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round [default: {D.train.local_epochs}].")] = None,
+    batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step [default: {D.train.batch_size}].")] = None,
+    learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW [default: {D.train.learning_rate}].")] = None,
+    examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset [default: {D.data.demo_examples}].")] = None,
+    partition: Annotated[str | None, Opt(help=f"Client data split: iid or dirichlet [default: {D.data.partition}].")] = None,
+    alpha: Annotated[float | None, Opt(help=f"Dirichlet concentration; smaller is more non-IID [default: {D.data.alpha}].")] = None,
 ) -> None:
     """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo when no
     data is given). The last line printed is the run directory."""
@@ -61,7 +63,7 @@ def simulate(
         "clients": clients, "rounds": rounds, "seed": seed, "dp.enabled": False if no_dp else None,
         "strategy.name": strategy, "strategy.proximal_mu": proximal_mu,
         "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
-        "dp.accountant": accountant, "model.name_or_path": model, "model.max_length": max_length,
+        "dp.accountant": accountant, "dp.epsilon_budget": epsilon_budget, "model.name_or_path": model, "model.max_length": max_length,
         "model.device": device, "lora.r": lora_r, "train.local_epochs": local_epochs,
         "train.batch_size": batch_size, "train.learning_rate": learning_rate,
         "data.demo_examples": examples, "data.partition": partition, "data.alpha": alpha,

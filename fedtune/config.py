@@ -11,6 +11,7 @@ Past this module, code trusts the config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -47,12 +48,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    r: int = field(default=4, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: tuple[str, ...] = field(
-        default=("query", "key", "value"),
+        default=("query", "value"),
         metadata={"help": "Module names that receive LoRA adapters (the attention projections)."},
+    )
+    modules_to_save: tuple[str, ...] = field(
+        default=("pooler",),
+        metadata={"help": "Modules trained in full and sent with the adapter, besides the classification "
+                          "head (always trained). BERT's pooler is here because its pretrained output "
+                          "carries little task signal; names absent from a model are skipped."},
     )
 
     def __post_init__(self) -> None:
@@ -69,19 +76,24 @@ class DPConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
     delta: float = field(default=1e-5, metadata={"help": "Target delta; below 1/n for a client with n records."})
     accountant: Literal["prv", "rdp"] = field(default="prv", metadata={"help": "Privacy accountant."})
+    epsilon_budget: float = field(
+        default=math.inf,
+        metadata={"help": "Per-client ε cap: a client whose next round would exceed it declines to train."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "use sigma >= 0 (about 1.0 is typical).")
         _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
         _check(self.accountant in ("prv", "rdp"), "dp.accountant", "use `prv` or `rdp`.")
+        _check(self.epsilon_budget > 0, "dp.epsilon_budget", "use a positive ε such as 8 (inf: no cap).")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = field(default=1, metadata={"help": "Passes over its data each client makes per round."})
-    batch_size: int = field(default=16, metadata={"help": "Expected (logical) batch size per step."})
-    learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate for adapter and head."})
+    batch_size: int = field(default=128, metadata={"help": "Expected (logical) batch size per step."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate for adapter and head."})
 
     def __post_init__(self) -> None:
         _check(1 <= self.local_epochs <= 100, "train.local_epochs", "use 1 to 100.")
@@ -106,9 +118,9 @@ class StrategyConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["demo"] = field(default="demo", metadata={"help": "Built-in generated triage notes."})
-    demo_examples: int = field(default=1500, metadata={"help": "Size of the generated demo dataset."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Share held out for server-side evaluation."})
-    client_val_fraction: float = field(default=0.15, metadata={"help": "Share of client data kept for validation."})
+    demo_examples: int = field(default=6000, metadata={"help": "Size of the generated demo dataset."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Share held out for server-side evaluation."})
+    client_val_fraction: float = field(default=0.1, metadata={"help": "Share of client data kept for validation."})
     partition: Literal["iid", "dirichlet"] = field(default="dirichlet", metadata={"help": "How data is split."})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller is more non-IID)."})
 

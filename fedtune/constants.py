@@ -32,6 +32,7 @@ BYTES_UP = "bytes_up"
 CLIENT_NAME = "name"
 STATUS = "status"
 STATUS_TRAINED = "trained"
+STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
 STATUS_FAILED = "failed"
 
 # Node config keys (Flower sets the first two in simulation).

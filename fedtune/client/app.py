@@ -24,6 +24,7 @@ from fedtune.models.adapter import load_record, to_record
 from fedtune.models.build import build_model, load_tokenizer
 from fedtune.models.evaluate import evaluate as evaluate_model
 from fedtune.privacy.accountant import epsilon, other
+from fedtune.privacy.budget import within_budget
 
 app = ClientApp()
 
@@ -67,29 +68,45 @@ def train(msg: Message, context: Context) -> Message:
     name = client_name(context)
     state_dir = str(record.get(k.CLIENT_STATE_DIR, ""))
     train_data, _ = _local_data(cfg, context)
+    history = load_history(context, name, state_dir)
+    if cfg.dp.enabled and not within_budget(cfg.dp, history, len(train_data), cfg.train.batch_size,
+                                            cfg.train.local_epochs):
+        metrics = _report(cfg, history, num_examples=0, loss=float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
+        return _reply(msg, name, k.STATUS_DECLINED, metrics)
     model = _model(cfg, msg.content[k.ARRAYS])
     server_round = int(record[k.SERVER_ROUND])
-    history = load_history(context, name, state_dir)
     seed = zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
     result = train_round(model, train_data, cfg, history, float(record.get(k.PROXIMAL_MU, 0.0)), seed)
     save_history(context, name, state_dir, result.history)
-    reply_arrays = to_record(model)
-    metrics = MetricRecord({
-        k.NUM_EXAMPLES: len(train_data),
-        k.TRAIN_LOSS: result.loss,
-        k.STEPS: result.steps,
-        k.SAMPLE_RATE: result.sample_rate,
-        k.NOISE_MULTIPLIER: cfg.dp.noise_multiplier if cfg.dp.enabled else 0.0,
-        k.MAX_GRAD_NORM: cfg.dp.max_grad_norm if cfg.dp.enabled else 0.0,
-        k.DELTA: cfg.dp.delta,
-        k.EPSILON: epsilon(cfg.dp.accountant, result.history, cfg.dp.delta) if cfg.dp.enabled else float("inf"),
-        k.EPSILON_OTHER: (epsilon(other(cfg.dp.accountant), result.history, cfg.dp.delta)
-                          if cfg.dp.enabled else float("inf")),
-        k.BYTES_UP: reply_arrays.count_bytes(),
+    arrays = to_record(model)
+    metrics = _report(cfg, result.history, len(train_data), result.loss, result.steps, result.sample_rate,
+                      arrays.count_bytes())
+    return _reply(msg, name, k.STATUS_TRAINED, metrics, arrays)
+
+
+def _report(cfg: FedtuneConfig, history, num_examples: int, loss: float, steps: int, sample_rate: float,
+            bytes_up: int) -> MetricRecord:
+    """What a client tells the server each round: training summary and its privacy spend so far."""
+    dp = cfg.dp
+    return MetricRecord({
+        k.NUM_EXAMPLES: num_examples,
+        k.TRAIN_LOSS: loss,
+        k.STEPS: steps,
+        k.SAMPLE_RATE: sample_rate,
+        k.NOISE_MULTIPLIER: dp.noise_multiplier if dp.enabled else 0.0,
+        k.MAX_GRAD_NORM: dp.max_grad_norm if dp.enabled else 0.0,
+        k.DELTA: dp.delta,
+        k.EPSILON: epsilon(dp.accountant, history, dp.delta) if dp.enabled else float("inf"),
+        k.EPSILON_OTHER: epsilon(other(dp.accountant), history, dp.delta) if dp.enabled else float("inf"),
+        k.BYTES_UP: bytes_up,
     })
-    info = ConfigRecord({k.CLIENT_NAME: name, k.STATUS: k.STATUS_TRAINED})
-    return Message(RecordDict({k.ARRAYS: reply_arrays, k.METRICS: metrics, k.CLIENT_INFO: info}),
-                   reply_to=msg)
+
+
+def _reply(msg: Message, name: str, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord({k.CLIENT_NAME: name, k.STATUS: status})})
+    if arrays is not None:
+        content[k.ARRAYS] = arrays
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -59,8 +59,10 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     # Opacus issue #820: move to the device *before* wrapping with peft, or the LoRA
     # parameters that Opacus hooks are not the ones that train.
     base.to(model.device)
+    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     peft_config = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        modules_to_save=[m for m in lora.modules_to_save if m in present] or None,
     )
     return get_peft_model(base, peft_config)

@@ -87,7 +87,7 @@ def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
     loss, accuracy = inputs.evaluate(arrays)
     row = {"round": 0, "eval_accuracy": accuracy, "eval_loss": loss, "train_loss": None,
            "client_eval_accuracy": None, "client_eval_loss": None, "epsilon_max": 0.0 if inputs.cfg.dp.enabled
-           else None, "num_clients": 0, "num_failed": 0, "bytes_up": 0, "bytes_down": 0}
+           else None, "num_clients": 0, "num_failed": 0, "num_declined": 0, "bytes_up": 0, "bytes_down": 0}
     ledger = PrivacyLedger(inputs.cfg.dp.accountant, inputs.cfg.dp.enabled)
     return Checkpoint(0, dict(arrays.to_torch_state_dict()), [row], ledger.to_dict(), {})
 
@@ -100,17 +100,19 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=inputs.console, transient=True) as progress:
         for round_ in range(start.round + 1, cfg.rounds + 1):
-            config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir)})
+            config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve())})
             messages = strategy.configure_train(round_, arrays, config, grid)
             replies = exchange(grid, messages, f"round {round_}/{cfg.rounds} train", progress, inputs.timeout_s)
             record_privacy(ledger, round_, replies, state.node_names)
-            trained = [r for r in replies if not r.has_error()]
-            if not trained:
+            answered = [r for r in replies if not r.has_error()]
+            if not answered:
                 reasons = "; ".join(r.error.reason for r in replies[:3]) or "no replies"
-                raise FedtuneError(f"Round {round_}: no client returned an update ({reasons}).")
-            new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
+                raise FedtuneError(f"Round {round_}: no client answered ({reasons}).")
+            trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
             bytes_down = arrays.count_bytes()
-            arrays = new_arrays
+            train_metrics = None
+            if trained:  # declined clients sent no update; the others are aggregated
+                arrays, train_metrics = strategy.aggregate_train(round_, trained)
             eval_config = ConfigRecord(dict(config))
             eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
                                     f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s)
@@ -118,6 +120,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             loss, accuracy = inputs.evaluate(arrays)
             row = _round_row(round_, loss, accuracy, train_metrics, client_eval, ledger, trained, replies,
                              bytes_down)
+            row["num_declined"] = len(answered) - len(trained)
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
                                ledger.to_dict(), state.node_names)
             inputs.run.commit(state)
@@ -132,13 +135,13 @@ def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eva
         "round": round_,
         "eval_accuracy": accuracy,
         "eval_loss": loss,
-        "train_loss": float(train[k.TRAIN_LOSS]),
+        "train_loss": float(train[k.TRAIN_LOSS]) if train else None,
         "client_eval_accuracy": float(client_eval[k.EVAL_ACCURACY]) if client_eval else None,
         "client_eval_loss": float(client_eval[k.EVAL_LOSS]) if client_eval else None,
         "epsilon_max": ledger.epsilon_max(),
         "num_clients": len(trained),
-        "num_failed": len(replies) - len(trained),
-        "bytes_up": int(train[k.BYTES_UP]),  # per client (mean over those that trained)
+        "num_failed": sum(r.has_error() for r in replies),
+        "bytes_up": int(train[k.BYTES_UP]) if train else 0,  # per client (mean over those that trained)
         "bytes_down": int(bytes_down),  # per client
     }
 
@@ -146,5 +149,9 @@ def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eva
 def _round_line(row: dict[str, Any], rounds: int) -> str:
     eps = "off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}"
     return (f"round {row['round']}/{rounds}  acc={row['eval_accuracy']:.3f}  "
-            f"loss={row['eval_loss']:.3f}  train_loss={row['train_loss']:.3f}  "
+            f"loss={row['eval_loss']:.3f}  train_loss={_fmt(row['train_loss'])}  "
             f"eps_max={eps}  clients={row['num_clients']}  up={row['bytes_up'] / 1e6:.2f}MB")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

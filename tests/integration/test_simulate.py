@@ -24,6 +24,7 @@ local_epochs = 2
 noise_multiplier = 0.6
 [data]
 demo_examples = 360
+test_fraction = 0.25
 """
 
 
@@ -116,7 +117,7 @@ def test_resume_continues_without_resetting_epsilon(finished_run):
 
 @pytest.mark.parametrize("args, says", [
     (["--model", "/no/such/model"], "model.name_or_path"),
-    (["--clients", "50", "--examples", "20"], "50 clients but only 16 training examples"),
+    (["--clients", "50", "--examples", "20"], "50 clients but only 18 training examples"),
     (["--noise-multiplier", "-1"], "dp.noise_multiplier"),
     (["--strategy", "fedsgd"], "strategy.name"),
     (["--delta", "0.5"], "dp.delta"),
@@ -132,3 +133,26 @@ def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, args, says):
 def test_existing_run_directory_is_not_overwritten(finished_run):
     result = fedtune("simulate", "--out", str(finished_run), timeout=120)
     assert result.returncode == 2 and "--resume" in result.stderr
+
+
+def test_budget_cap_stops_clients_and_the_run_still_finishes(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY.replace("rounds = 2", "rounds = 3"))
+    out = tmp_path / "capped"
+    budget = 4.0
+    result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out),
+                     "--epsilon-budget", str(budget), "--noise-multiplier", "0.8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = json.loads((out / "privacy_ledger.json").read_text())["clients"]
+    declined_somewhere = False
+    for entries in ledger.values():
+        statuses = [e["status"] for e in entries]
+        first_decline = statuses.index("declined") if "declined" in statuses else len(statuses)
+        assert set(statuses[first_decline:]) <= {"declined"}, "a declined client never trains again"
+        declined_somewhere |= first_decline < len(statuses)
+        assert all(e["epsilon"] <= budget for e in entries)
+        spent = [e["epsilon"] for e in entries[first_decline - 1:]] if first_decline else []
+        assert len(set(spent)) <= 1, "declining costs nothing"
+    assert declined_somewhere
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert sum(r["num_declined"] for r in rows) > 0

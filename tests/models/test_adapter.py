@@ -10,10 +10,12 @@ from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, 
 from fedtune.models.build import default_model_dir
 
 
-def test_only_lora_and_head_are_trainable(tiny_model):
+def test_only_lora_pooler_and_head_are_trainable(tiny_model):
     names = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
-    assert names and all("lora_" in n or "classifier" in n for n in names)
+    assert names and all("lora_" in n or "classifier" in n or "pooler" in n for n in names)
     assert any("query" in n for n in names) and any("value" in n for n in names)
+    frozen = [n for n, p in tiny_model.named_parameters() if not p.requires_grad]
+    assert any("embeddings" in n for n in frozen) and any("attention.self.query.base_layer" in n for n in frozen)
 
 
 def test_payload_is_adapter_sized(tiny_model):

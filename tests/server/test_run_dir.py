@@ -1,0 +1,61 @@
+"""A round is committed durably: checkpoint first, views rebuilt from it, nothing half-written."""
+
+import json
+
+import pytest
+import torch
+
+from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+
+def _checkpoint(round_: int, eps: float) -> Checkpoint:
+    ledger = PrivacyLedger("prv", True)
+    for r in range(1, round_ + 1):
+        ledger.record("client-0000", {"round": r, "status": "trained", "epsilon": eps * r})
+    rows = [{"round": r, "eval_accuracy": 0.1 * r} for r in range(round_ + 1)]
+    return Checkpoint(round_, {"w": torch.full((2,), float(round_))}, rows, ledger.to_dict(), {7: "client-0000"})
+
+
+def test_commit_writes_checkpoint_and_views(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    run.commit(_checkpoint(1, 0.5))
+    run.commit(_checkpoint(2, 0.5))
+    latest = run.latest_checkpoint()
+    assert latest.round == 2 and torch.equal(latest.arrays["w"], torch.tensor([2.0, 2.0]))
+    assert latest.node_names == {7: "client-0000"}
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    ledger = json.loads((run.path / "privacy_ledger.json").read_text())
+    assert [e["epsilon"] for e in ledger["clients"]["client-0000"]] == [0.5, 1.0]
+    assert not [p for p in run.path.rglob("*.tmp")], "no temp files left behind"
+    assert run.config() == FedtuneConfig()
+
+
+def test_latest_checkpoint_orders_rounds_numerically(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    for r in (2, 10, 9):
+        run.commit(_checkpoint(r, 0.1))
+    assert run.latest_checkpoint().round == 10
+
+
+def test_refuses_to_reuse_a_non_empty_directory_or_resume_a_foreign_one(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        RunDirectory.create(tmp_path / "busy", FedtuneConfig())
+    with pytest.raises(ConfigError, match="not a fedtune run directory"):
+        RunDirectory.existing(tmp_path / "busy")
+
+
+def test_ledger_epsilon_max_and_non_finite_values():
+    ledger = PrivacyLedger("rdp", True)
+    ledger.record("a", {"round": 1, "epsilon": 1.5})
+    ledger.record("b", {"round": 1, "epsilon": 2.5})
+    ledger.record("b", {"round": 2, "status": "failed"})
+    assert ledger.epsilon_max() == 2.5
+    off = PrivacyLedger("rdp", False)
+    off.record("a", {"round": 1, "epsilon": float("inf")})
+    assert off.epsilon_max() is None and off.clients["a"][0]["epsilon"] is None

@@ -1,0 +1,29 @@
+"""Problems are caught before a run directory exists."""
+
+import pytest
+
+from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError, DataError
+from fedtune.simulation.engine import backend_config, preflight
+
+
+def test_delta_must_be_below_one_over_n():
+    cfg = FedtuneConfig().with_overrides({"dp.delta": 0.05, "data.demo_examples": 200, "clients": 3})
+    with pytest.raises(ConfigError, match="dp.delta.*below 1/n"):
+        preflight(cfg)
+
+
+def test_more_clients_than_examples():
+    with pytest.raises(DataError, match="clients but only"):
+        preflight(FedtuneConfig().with_overrides({"clients": 40, "data.demo_examples": 30}))
+
+
+def test_missing_model_path_names_the_option():
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        preflight(FedtuneConfig().with_overrides({"model.name_or_path": "/no/such/dir"}))
+
+
+def test_backend_never_asks_for_more_cpus_than_the_machine_has():
+    cfg = FedtuneConfig().with_overrides({"num_cpus_per_client": 512.0})
+    resources = backend_config(cfg)
+    assert resources["client_resources"]["num_cpus"] <= resources["init_args"]["num_cpus"]
