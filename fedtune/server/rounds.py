@@ -120,11 +120,10 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             loss, accuracy = inputs.evaluate(arrays)
             row = _round_row(round_, loss, accuracy, train_metrics, client_eval, ledger, trained, replies,
                              bytes_down)
-            row["num_declined"] = len(answered) - len(trained)
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
                                ledger.to_dict(), state.node_names)
             inputs.run.commit(state)
-            inputs.console.print(_round_line(row, cfg.rounds))
+            inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
     return state
 
 
@@ -141,6 +140,7 @@ def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eva
         "epsilon_max": ledger.epsilon_max(),
         "num_clients": len(trained),
         "num_failed": sum(r.has_error() for r in replies),
+        "num_declined": sum(not r.has_error() for r in replies) - len(trained),
         "bytes_up": int(train[k.BYTES_UP]) if train else 0,  # per client (mean over those that trained)
         "bytes_down": int(bytes_down),  # per client
     }
