@@ -82,3 +82,22 @@ def test_epsilon_matches_opacus_rdp_analysis():
     assert epsilon("prv", history, 1e-5) <= expected * 1.01  # PRV is at least as tight as RDP
     assert epsilon("rdp", [], 1e-5) == 0.0
     assert math.isinf(epsilon("rdp", [(0.0, 0.1, 5)], 1e-5))
+
+
+def test_empty_poisson_batches_still_take_a_noised_counted_step(tiny_model, tokenized, tiny_cfg):
+    """With q = 1/2 and 20 steps, Poisson sampling draws empty batches; each must still count."""
+    import fedtune.client.train as train_module
+
+    empty_steps = []
+    real_step = train_module.step_on_empty_batch
+    train_module.step_on_empty_batch = lambda opt: (empty_steps.append(1), real_step(opt))
+    try:
+        cfg = dataclasses.replace(tiny_cfg, dp=DPConfig(noise_multiplier=1.0, accountant="rdp"),
+                                  train=dataclasses.replace(tiny_cfg.train, batch_size=1, local_epochs=10))
+        before = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if p.requires_grad}
+        result = train_round(tiny_model, _subset(tokenized, 2), cfg, [], proximal_mu=0.0, seed=3)
+    finally:
+        train_module.step_on_empty_batch = real_step
+    assert empty_steps, "seed 3 draws at least one empty batch"
+    assert result.steps == 20 and result.history == [(1.0, 0.5, 20)]
+    assert all(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters() if p.requires_grad)
