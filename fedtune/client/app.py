@@ -27,12 +27,13 @@ from fedtune.privacy.accountant import epsilon, other
 from fedtune.privacy.budget import within_budget
 
 app = ClientApp()
+RECIPE_KEYS = frozenset(FedtuneConfig().to_flat())  # the run-config keys among a message's config
 
 
 def recipe(message: Message) -> tuple[FedtuneConfig, ConfigRecord]:
     """The run config the server sent, and the full incoming ConfigRecord."""
     record = message.content[k.CONFIG]
-    flat = {key: value for key, value in record.items() if key in FedtuneConfig().to_flat()}
+    flat = {key: value for key, value in record.items() if key in RECIPE_KEYS}
     return FedtuneConfig.from_flat(flat, source="server message"), record
 
 

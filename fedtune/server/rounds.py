@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
+from fedtune.privacy.accountant import other
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
@@ -74,21 +75,15 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message],
             "round": round_, "status": str(reply.content[k.CLIENT_INFO][k.STATUS]),
             "noise_multiplier": float(m[k.NOISE_MULTIPLIER]), "max_grad_norm": float(m[k.MAX_GRAD_NORM]),
             "sample_rate": float(m[k.SAMPLE_RATE]), "steps": int(m[k.STEPS]), "delta": float(m[k.DELTA]),
-            "epsilon": float(m[k.EPSILON]), f"epsilon_{_other(ledger.accountant)}": float(m[k.EPSILON_OTHER]),
+            "epsilon": float(m[k.EPSILON]), f"epsilon_{other(ledger.accountant)}": float(m[k.EPSILON_OTHER]),
         })
-
-
-def _other(accountant: str) -> str:
-    return "rdp" if accountant == "prv" else "prv"
 
 
 def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
     """Round 0: the initial adapter and its server-side evaluation, before any training."""
     loss, accuracy = inputs.evaluate(arrays)
-    row = {"round": 0, "eval_accuracy": accuracy, "eval_loss": loss, "train_loss": None,
-           "client_eval_accuracy": None, "client_eval_loss": None, "epsilon_max": 0.0 if inputs.cfg.dp.enabled
-           else None, "num_clients": 0, "num_failed": 0, "num_declined": 0, "bytes_up": 0, "bytes_down": 0}
     ledger = PrivacyLedger(inputs.cfg.dp.accountant, inputs.cfg.dp.enabled)
+    row = _round_row(0, loss, accuracy, None, None, ledger, [], [], bytes_down=0)
     return Checkpoint(0, dict(arrays.to_torch_state_dict()), [row], ledger.to_dict(), {})
 
 

@@ -25,12 +25,13 @@ def test_demo_dataset_is_deterministic_and_uses_every_label():
 
 def test_same_symptom_can_get_different_labels():
     """Not a bag-of-symptoms task: modifiers change the urgency."""
-    by_text_start = {}
+    phrases = ("a low-grade fever", "a suspected broken wrist")
+    labels_by_phrase = {phrase: set() for phrase in phrases}
     for e in make_demo_dataset(2000, seed=0):
-        for phrase in ("a low-grade fever", "a suspected broken wrist"):
+        for phrase in phrases:
             if phrase in e.text:
-                by_text_start.setdefault(phrase, set()).add(e.label)
-    assert all(len(labels) >= 2 for labels in by_text_start.values())
+                labels_by_phrase[phrase].add(e.label)
+    assert all(len(labels) >= 2 for labels in labels_by_phrase.values()), labels_by_phrase
 
 
 def test_federated_splits_are_disjoint_and_cover_the_pool():
