@@ -80,9 +80,47 @@ class DPConfig:
         default=math.inf,
         metadata={"help": "Per-client ε cap: a client whose next round would exceed it declines to train."},
     )
+    target_epsilon: float = field(
+        default=0.0,
+        metadata={"help": "When > 0, each client solves for the sigma that spends exactly this ε over all "
+                          "planned rounds (noise_multiplier is then ignored); 0 means use noise_multiplier."},
+    )
+    physical_batch_size: int = field(
+        default=0,
+        metadata={"help": "Most examples per forward/backward pass (Opacus BatchMemoryManager); a Poisson "
+                          "batch larger than this is split, which changes memory, not privacy. 0: no limit."},
+    )
+    client_dp: Literal["off", "fixed", "adaptive"] = field(
+        default="off",
+        metadata={"help": "Client-level DP on the aggregated update (Flower's DP strategy wrappers): "
+                          "`fixed` or `adaptive` clipping of each client's update, Gaussian noise on the sum."},
+    )
+    client_dp_side: Literal["server", "client"] = field(
+        default="server",
+        metadata={"help": "Where client-level clipping happens: on the server, or in each client (a mod)."},
+    )
+    client_noise_multiplier: float = field(
+        default=1.0, metadata={"help": "Client-level DP: noise std / update clipping norm."},
+    )
+    client_clipping_norm: float = field(
+        default=1.0,
+        metadata={"help": "Client-level DP: L2 bound on each client's update (the start value when adaptive)."},
+    )
+    secagg: bool = field(
+        default=False,
+        metadata={"help": "Secure aggregation (Flower SecAgg+): the server sees only the sum of updates."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "use sigma >= 0 (about 1.0 is typical).")
+        _check(self.target_epsilon >= 0, "dp.target_epsilon", "use a positive ε such as 8 (0: use noise_multiplier).")
+        _check(self.target_epsilon <= self.epsilon_budget, "dp.target_epsilon",
+               f"it exceeds dp.epsilon_budget={self.epsilon_budget}; lower it or raise the budget.")
+        _check(self.physical_batch_size >= 0, "dp.physical_batch_size", "use 0 (no limit) or a positive size.")
+        _check(self.client_dp in ("off", "fixed", "adaptive"), "dp.client_dp", "use `off`, `fixed` or `adaptive`.")
+        _check(self.client_dp_side in ("server", "client"), "dp.client_dp_side", "use `server` or `client`.")
+        _check(self.client_noise_multiplier >= 0, "dp.client_noise_multiplier", "use sigma >= 0.")
+        _check(self.client_clipping_norm > 0, "dp.client_clipping_norm", "use a positive norm such as 1.0.")
         _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
         _check(self.accountant in ("prv", "rdp"), "dp.accountant", "use `prv` or `rdp`.")
