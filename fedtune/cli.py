@@ -30,32 +30,69 @@ def version() -> None:
     print(__version__)
 
 
+@cli.command("privacy-report")
+def privacy_report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate`.")],
+) -> None:
+    """Write RUN_DIR/privacy_report.md, .json and .html (self-contained) and privacy_epsilon.png:
+    what the run's differential privacy guarantees, per institution, and what it does not cover.
+    The last line printed is the path of the Markdown report."""
+    _run_guarded(lambda: _privacy_report(run_dir))
+
+
+def _privacy_report(run_dir: Path) -> None:
+    from fedtune.privacy.report import REPORT_HTML, build_report, headline, write_report
+
+    report = build_report(run_dir)
+    path = write_report(run_dir, report)
+    console.print(f"Privacy report: {headline(report)}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"Open {run_dir / REPORT_HTML} for the full report with the ε plot.", markup=False, soft_wrap=True)
+    print(path)
+
+
 @cli.command()
 def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
-    clients: Annotated[int | None, Opt(help=f"Number of simulated institutions [default: {D.clients}].")] = None,
-    rounds: Annotated[int | None, Opt(help=f"Federated rounds; with --resume, extend the run to this many [default: {D.rounds}].")] = None,
+    clients: Annotated[int | None, Opt(help=f"Number of simulated institutions \\[default: {D.clients}].")] = None,
+    rounds: Annotated[int | None, Opt(help=f"Federated rounds; with --resume, extend the run to this many \\[default: {D.rounds}].")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/<timestamp>).")] = None,
     seed: Annotated[int | None, Opt(help="Seed for data, client sampling and DP noise.")] = None,
     no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off (it is on by default).")] = False,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round.")] = None,
-    strategy: Annotated[str | None, Opt(help=f"Aggregation: fedavg or fedprox [default: {D.strategy.name}].")] = None,
-    proximal_mu: Annotated[float | None, Opt(help=f"FedProx proximal weight mu [default: {D.strategy.proximal_mu}].")] = None,
-    noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma [default: {D.dp.noise_multiplier}].")] = None,
-    max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C [default: {D.dp.max_grad_norm}].")] = None,
-    delta: Annotated[float | None, Opt(help=f"DP delta; must be below 1/n for every client [default: {D.dp.delta}].")] = None,
-    accountant: Annotated[str | None, Opt(help=f"Privacy accountant: prv or rdp [default: {D.dp.accountant}].")] = None,
+    strategy: Annotated[str | None, Opt(help=f"Aggregation: fedavg or fedprox \\[default: {D.strategy.name}].")] = None,
+    proximal_mu: Annotated[float | None, Opt(help=f"FedProx proximal weight mu \\[default: {D.strategy.proximal_mu}].")] = None,
+    noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma \\[default: {D.dp.noise_multiplier}].")] = None,
+    max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C \\[default: {D.dp.max_grad_norm}].")] = None,
+    delta: Annotated[float | None, Opt(help=f"DP delta; must be below 1/n for every client \\[default: {D.dp.delta}].")] = None,
+    accountant: Annotated[str | None, Opt(help=f"Privacy accountant: prv or rdp \\[default: {D.dp.accountant}].")] = None,
     epsilon_budget: Annotated[float | None, Opt(help="Per-client ε cap; a client declines rounds beyond it.")] = None,
+    target_epsilon: Annotated[float | None, Opt(help="Instead of --noise-multiplier: each client solves for the sigma that spends this ε over all planned rounds (and caps its budget there).")] = None,
+    physical_batch_size: Annotated[int | None, Opt(help="Most examples per forward/backward pass under DP-SGD (Opacus BatchMemoryManager); saves memory, same privacy \\[default: no limit].")] = None,
+    client_dp: Annotated[str | None, Opt(help=f"Client-level DP on the aggregate (one institution as a whole): off, fixed or adaptive clipping of each update, Gaussian noise on the sum; works with or without --no-dp \\[default: {D.dp.client_dp}].")] = None,
+    client_dp_side: Annotated[str | None, Opt(help=f"Client-level DP: clip updates on the server or in each client \\[default: {D.dp.client_dp_side}].")] = None,
+    client_noise_multiplier: Annotated[float | None, Opt(help=f"Client-level DP: noise std / update clipping norm, z \\[default: {D.dp.client_noise_multiplier}].")] = None,
+    client_clipping_norm: Annotated[float | None, Opt(help=f"Client-level DP: L2 bound on each update (the start value when adaptive) \\[default: {D.dp.client_clipping_norm}].")] = None,
+    secagg: Annotated[bool, Opt("--secagg", help="Secure aggregation of the updates (Flower SecAgg+).")] = False,
     model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6).")] = None,
     max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
-    lora_r: Annotated[int | None, Opt(help=f"LoRA rank [default: {D.lora.r}].")] = None,
-    local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round [default: {D.train.local_epochs}].")] = None,
-    batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step [default: {D.train.batch_size}].")] = None,
-    learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW [default: {D.train.learning_rate}].")] = None,
-    examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset [default: {D.data.demo_examples}].")] = None,
-    partition: Annotated[str | None, Opt(help=f"Client data split: iid or dirichlet [default: {D.data.partition}].")] = None,
-    alpha: Annotated[float | None, Opt(help=f"Dirichlet concentration; smaller is more non-IID [default: {D.data.alpha}].")] = None,
+    lora_r: Annotated[int | None, Opt(help=f"LoRA rank \\[default: {D.lora.r}].")] = None,
+    local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round \\[default: {D.train.local_epochs}].")] = None,
+    batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step \\[default: {D.train.batch_size}].")] = None,
+    learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW \\[default: {D.train.learning_rate}].")] = None,
+    examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset \\[default: {D.data.demo_examples}].")] = None,
+    data: Annotated[str | None, Opt("--data", help="Your labelled texts: a .csv, .jsonl/.json, .parquet or .txt (lines) file, a directory saved with datasets' save_to_disk, or a Hugging Face hub id with --format hf (default: the demo).")] = None,
+    data_format: Annotated[str | None, Opt("--format", help="csv, jsonl, parquet, lines or hf \\[default: from the suffix of --data].")] = None,
+    text_column: Annotated[str | None, Opt(help=f"Column (or JSON key) with the text \\[default: {D.data.text_column}].")] = None,
+    label_column: Annotated[str | None, Opt(help=f"Column (or JSON key) with the label \\[default: {D.data.label_column}].")] = None,
+    separator: Annotated[str | None, Opt(help="Format lines: `text<SEP>label` a line, split on the last SEP \\[default: tab].")] = None,
+    encoding: Annotated[str | None, Opt(help=f"Text encoding of the data file, e.g. latin-1 \\[default: {D.data.encoding}].")] = None,
+    skip_invalid_rows: Annotated[bool, Opt("--skip-invalid-rows", help="Leave out records with an empty text or label or a malformed line (counted in the summary) instead of stopping.")] = False,
+    partition: Annotated[str | None, Opt(help=f"Client data split: iid, dirichlet (over labels), shard (few labels per client) or column (one client per value of --partition-column) \\[default: {D.data.partition}].")] = None,
+    alpha: Annotated[float | None, Opt(help=f"Dirichlet concentration; smaller is more non-IID \\[default: {D.data.alpha}].")] = None,
+    shards_per_client: Annotated[int | None, Opt(help=f"Partition shard: label-sorted shards per client \\[default: {D.data.shards_per_client}].")] = None,
+    partition_column: Annotated[str | None, Opt(help="Partition column: the column naming each record's institution, e.g. hospital_id; --clients must equal its number of distinct values.")] = None,
+    test_fraction: Annotated[float | None, Opt(help=f"Share of the data held out for server-side evaluation \\[default: {D.data.test_fraction}].")] = None,
 ) -> None:
     """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo when no
     data is given). The last line printed is the run directory."""
@@ -63,17 +100,26 @@ def simulate(
         "clients": clients, "rounds": rounds, "seed": seed, "dp.enabled": False if no_dp else None,
         "strategy.name": strategy, "strategy.proximal_mu": proximal_mu,
         "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
-        "dp.accountant": accountant, "dp.epsilon_budget": epsilon_budget, "model.name_or_path": model, "model.max_length": max_length,
+        "dp.accountant": accountant, "dp.epsilon_budget": epsilon_budget, "dp.target_epsilon": target_epsilon,
+        "dp.physical_batch_size": physical_batch_size, "dp.client_dp": client_dp, "dp.client_dp_side": client_dp_side,
+        "dp.client_noise_multiplier": client_noise_multiplier, "dp.client_clipping_norm": client_clipping_norm,
+        "dp.secagg": True if secagg else None, "model.name_or_path": model, "model.max_length": max_length,
         "model.device": device, "lora.r": lora_r, "train.local_epochs": local_epochs,
         "train.batch_size": batch_size, "train.learning_rate": learning_rate,
         "data.demo_examples": examples, "data.partition": partition, "data.alpha": alpha,
+        "data.path": data, "data.format": data_format, "data.text_column": text_column,
+        "data.label_column": label_column, "data.separator": separator, "data.encoding": encoding,
+        "data.shards_per_client": shards_per_client, "data.partition_column": partition_column,
+        "data.test_fraction": test_fraction, "data.skip_invalid_rows": True if skip_invalid_rows else None,
     }
     _run_guarded(lambda: _simulate(config, out, resume, overrides))
 
 
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any]) -> None:
+    from fedtune.data.federated import resolve_data
+    from fedtune.data.summary import save_partition_summary
     from fedtune.server.run_dir import CONFIG, RunDirectory
-    from fedtune.simulation.engine import preflight, simulate
+    from fedtune.simulation.engine import data_summary, preflight, simulate
 
     if resume is not None:
         run = RunDirectory.existing(resume)
@@ -87,14 +133,34 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     else:
         cfg = load_config(config).with_overrides(overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg = cfg.with_overrides({"out": str(target)})
+        data = resolve_data(cfg.data)  # the label list is fixed here, for every client and evaluation
+        cfg = cfg.with_overrides({"out": str(target), "data.path": data.path, "data.labels": list(data.labels)})
         preflight(cfg)
+        summary = data_summary(cfg)
         run = RunDirectory.create(target, cfg)
-    dp = "off" if not cfg.dp.enabled else f"sigma={cfg.dp.noise_multiplier}, C={cfg.dp.max_grad_norm}"
+        save_partition_summary(run.path, summary)
+        _show_data(summary)
+    noise = (f"target ε={cfg.dp.target_epsilon} per client" if cfg.dp.target_epsilon > 0
+             else f"sigma={cfg.dp.noise_multiplier}")
+    dp = f"{noise}, C={cfg.dp.max_grad_norm}" if cfg.dp.enabled else "off"
+    client_level = ("" if cfg.dp.client_dp == "off" else f", client-level DP {cfg.dp.client_dp} ({cfg.dp.client_dp_side}) "
+                    f"z={cfg.dp.client_noise_multiplier}, C={cfg.dp.client_clipping_norm}")
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
-                  f"{cfg.strategy.name}, DP-SGD {dp} -> {run.path}")
+                  f"{cfg.strategy.name}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
     print(run.path)
+
+
+def _show_data(summary: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    from fedtune.data.summary import summary_lines
+
+    lines, warnings = summary_lines(summary)
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for warning in warnings:
+        console.print(f"[yellow]Warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
 def _run_guarded(action) -> None:

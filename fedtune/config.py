@@ -106,6 +106,12 @@ class DPConfig:
         default=1.0,
         metadata={"help": "Client-level DP: L2 bound on each client's update (the start value when adaptive)."},
     )
+    reproducible_noise: bool = field(
+        default=False,
+        metadata={"help": "Derive DP noise and Poisson sampling from the run seed, for repeatable research "
+                          "runs. The server knows that seed, so the guarantee then no longer holds against "
+                          "the server. Off: each client draws them from the OS's secure randomness."},
+    )
     secagg: bool = field(
         default=False,
         metadata={"help": "Secure aggregation (Flower SecAgg+): the server sees only the sum of updates."},
@@ -155,20 +161,90 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["demo"] = field(default="demo", metadata={"help": "Built-in generated triage notes."})
+    source: Literal["demo", "file"] = field(
+        default="demo",
+        metadata={"help": "`demo`: built-in generated triage notes; `file`: the data at data.path "
+                          "(chosen automatically when data.path is set)."},
+    )
+    path: str = field(
+        default="",
+        metadata={"help": "CSV, JSONL, Parquet or text file, a directory written by datasets' save_to_disk, "
+                          "or (format `hf`, online) a Hugging Face hub id. Empty: the demo data."},
+    )
+    format: Literal["auto", "csv", "jsonl", "parquet", "lines", "hf"] = field(
+        default="auto",
+        metadata={"help": "File format; `auto` infers it from the suffix: .csv, .jsonl/.json, .parquet, "
+                          ".txt (lines), a directory (hf)."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column (or JSON key) holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column (or JSON key) holding the label."})
+    separator: str = field(
+        default="\t",
+        metadata={"help": "Format `lines`: one `text<separator>label` record per line, split on the LAST "
+                          "separator, so the text may contain it."},
+    )
+    encoding: str = field(default="utf-8", metadata={"help": "Text encoding of csv, jsonl and lines files."})
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={"help": "Leave out records with an empty text or label, a missing separator or a malformed "
+                          "line (counted in the partition summary) instead of stopping with an error."},
+    )
+    labels: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Label names in id order. Empty: the distinct labels of the data, sorted; fixed "
+                          "when a run starts (saved in config.toml and labels.json) and sent to every client."},
+    )
     demo_examples: int = field(default=6000, metadata={"help": "Size of the generated demo dataset."})
     test_fraction: float = field(default=0.1, metadata={"help": "Share held out for server-side evaluation."})
     client_val_fraction: float = field(default=0.1, metadata={"help": "Share of client data kept for validation."})
-    partition: Literal["iid", "dirichlet"] = field(default="dirichlet", metadata={"help": "How data is split."})
+    partition: Literal["iid", "dirichlet", "shard", "column"] = field(
+        default="dirichlet",
+        metadata={"help": "How simulated clients split the data: `iid`, `dirichlet` over labels, `shard` "
+                          "(few labels per client) or `column` (one client per value of data.partition_column)."},
+    )
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller is more non-IID)."})
+    shards_per_client: int = field(
+        default=2, metadata={"help": "Partition `shard`: label-sorted shards each client gets."},
+    )
+    partition_column: str = field(
+        default="", metadata={"help": "Partition `column`: the column naming each record's institution."},
+    )
 
     def __post_init__(self) -> None:
-        _check(self.source == "demo", "data.source", "only the built-in `demo` source exists so far.")
+        import codecs
+
+        if self.path and self.source == "demo":
+            object.__setattr__(self, "source", "file")
+        _check(self.source in ("demo", "file"), "data.source", "use `demo` or `file` (with data.path).")
+        _check(self.source == "demo" or bool(self.path.strip()), "data.path",
+               "data.source is `file` but no path is given; pass --data FILE.")
+        _check(self.format in ("auto", "csv", "jsonl", "parquet", "lines", "hf"), "data.format",
+               "use auto, csv, jsonl, parquet, lines or hf.")
+        _check(bool(self.text_column) and bool(self.label_column), "data.text_column",
+               "name the text and label columns (data.text_column, data.label_column).")
+        _check(self.text_column != self.label_column, "data.label_column",
+               f"it is the same column as data.text_column ({self.text_column!r}); name the label column.")
+        _check(len(self.separator) > 0, "data.separator", "give the character(s) between text and label, e.g. @.")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            _check(False, "data.encoding", f"unknown encoding {self.encoding!r}; use e.g. utf-8, latin-1 or cp1252.")
+        _check(all(label.strip() for label in self.labels), "data.labels", "label names must not be empty.")
+        _check(len(set(self.labels)) == len(self.labels), "data.labels", "each label name may appear only once.")
         _check(10 <= self.demo_examples <= 1_000_000, "data.demo_examples", "use 10 to 1,000,000.")
         _check(0 < self.test_fraction < 1, "data.test_fraction", "use a value in (0, 1), e.g. 0.2.")
         _check(0 <= self.client_val_fraction < 1, "data.client_val_fraction", "use a value in [0, 1).")
-        _check(self.partition in ("iid", "dirichlet"), "data.partition", "use `iid` or `dirichlet`.")
+        _check(self.partition in ("iid", "dirichlet", "shard", "column"), "data.partition",
+               "use `iid`, `dirichlet`, `shard` or `column`.")
         _check(self.alpha > 0, "data.alpha", "use a positive concentration such as 0.5.")
+        _check(1 <= self.shards_per_client <= 1000, "data.shards_per_client", "use 1 to 1000 (2 is typical).")
+        _check(self.partition != "column" or bool(self.partition_column), "data.partition_column",
+               "partition `column` needs the column that names each record's institution, "
+               "e.g. --partition-column hospital_id.")
+        _check(not self.partition_column or self.source == "file", "data.partition_column",
+               "the demo data has no such column; use it with --data.")
+        _check(self.partition_column not in (self.text_column, self.label_column), "data.partition_column",
+               "it must differ from the text and label columns.")
 
 
 @dataclass(frozen=True)
@@ -178,6 +254,12 @@ class FedtuneConfig:
     seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
     out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})
     num_cpus_per_client: float = field(default=2.0, metadata={"help": "Ray CPUs per virtual client (sets workers)."})
+    round_timeout_s: float = field(
+        default=3600.0,
+        metadata={"help": "Seconds the server waits for the replies of each round's training (and again for "
+                          "evaluation); a client that has not replied by then is recorded as failed and the round "
+                          "goes on with the others. 0: wait without limit."},
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dp: DPConfig = field(default_factory=DPConfig)
@@ -190,6 +272,8 @@ class FedtuneConfig:
         _check(1 <= self.clients <= 100_000, "clients", "use 1 to 100,000 clients.")
         _check(self.seed >= 0, "seed", "use a non-negative integer.")
         _check(self.num_cpus_per_client > 0, "num_cpus_per_client", "use a positive number.")
+        _check(0 <= self.round_timeout_s < math.inf, "round_timeout_s",
+               "use a number of seconds, e.g. 600 (0: wait without limit).")
 
     # ---- conversions -------------------------------------------------------------
     def to_nested(self) -> dict[str, Any]:

@@ -13,6 +13,9 @@ CLIENT_INFO = "client"  # ConfigRecord in a reply: who answered and what it did
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 CLIENT_STATE_DIR = "fedtune.client_state_dir"  # simulation: where clients keep their state files
+CLIPPING_NORM = "clipping_norm"  # Flower's KEY_CLIPPING_NORM: client-side client-level DP clipping
+CLIENT_DP = "dp.client_dp"  # the run-config key that tells the client mod fixed from adaptive
+ARRAY_NAMES = "fedtune.array_names"  # SecAgg+ FitIns config: the names of the legacy Parameters, in order
 
 # MetricRecord keys in replies.
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -27,6 +30,9 @@ SAMPLE_RATE = "sample_rate"
 STEPS = "steps"
 DELTA = "delta"
 BYTES_UP = "bytes_up"
+PEAK_RSS_MB = "peak_rss_mb"  # the client process's peak resident memory so far
+PID = "pid"  # which worker process that was (a simulation worker serves many clients)
+NORM_BIT = "norm_bit"  # Flower's KEY_NORM_BIT: the update was clipped (adaptive client-side clipping)
 
 # ConfigRecord keys in the CLIENT_INFO reply record.
 CLIENT_NAME = "name"
@@ -34,10 +40,19 @@ STATUS = "status"
 STATUS_TRAINED = "trained"
 STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
 STATUS_FAILED = "failed"
+SECAGG_INFO_PREFIX = "client."  # SecAgg+: CLIENT_INFO entries travel in the legacy FitRes metrics as client.<key>
 
 # Node config keys (Flower sets the first two in simulation).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+NODE_STATE_DIR = "state-dir"  # deployment: where the institution keeps its privacy state
+# Deployment: the institution's own data file; the rest default to the run's data.* options.
+DATA_PATH = "data-path"
+DATA_FORMAT = "data-format"
+DATA_TEXT_COLUMN = "text-column"
+DATA_LABEL_COLUMN = "label-column"
+DATA_SEPARATOR = "separator"
+DATA_ENCODING = "encoding"
 
 # Context.state key under which a client keeps its privacy state.
 CLIENT_STATE = "fedtune.client"

@@ -7,6 +7,9 @@ serves `fedtune simulate` and `flwr run`.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
 import zlib
 from functools import lru_cache
 
@@ -14,17 +17,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune import constants as k
-from fedtune.client.state import load_history, save_history
+from fedtune.client.mods import client_clipping_mod
+from fedtune.client.state import ClientState, load_state, save_state, state_dir
 from fedtune.client.train import train_round
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
-from fedtune.data.demo import LABELS
-from fedtune.data.federated import federated_data
+from fedtune.data.federated import federated_data, label_names, local_data, node_data_config
 from fedtune.data.text import TokenizedTexts, tokenize
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.build import build_model, load_tokenizer
 from fedtune.models.evaluate import evaluate as evaluate_model
 from fedtune.privacy.accountant import epsilon, other
-from fedtune.privacy.budget import within_budget
+from fedtune.privacy.budget import client_dp, within_budget
+from fedtune.privacy.ledger import ledger_entry
+from fedtune.resources import peak_rss_mb
 
 app = ClientApp()
 RECIPE_KEYS = frozenset(FedtuneConfig().to_flat())  # the run-config keys among a message's config
@@ -38,7 +43,12 @@ def recipe(message: Message) -> tuple[FedtuneConfig, ConfigRecord]:
 
 
 def client_name(context: Context) -> str:
-    return str(context.node_config.get("client-name", f"client-{context.node_config[k.PARTITION_ID]:04d}"))
+    node = context.node_config
+    if "client-name" in node:
+        return str(node["client-name"])
+    if k.PARTITION_ID in node:
+        return f"client-{int(node[k.PARTITION_ID]):04d}"
+    return f"node-{context.node_id}"  # deployment with data-path: no partition id
 
 
 @lru_cache(maxsize=4096)
@@ -52,37 +62,72 @@ def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: in
             tokenize(tokenizer, *fed.select(split.val), model.max_length))
 
 
+@lru_cache(maxsize=16)
+def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> tuple[TokenizedTexts, TokenizedTexts]:
+    """(train, validation) from this institution's own file (deployment), tokenized once per process."""
+    tokenizer = load_tokenizer(model.name_or_path)
+    (train_texts, train_labels), (val_texts, val_labels) = local_data(data, seed)
+    return (tokenize(tokenizer, train_texts, train_labels, model.max_length),
+            tokenize(tokenizer, val_texts, val_labels, model.max_length))
+
+
 def _local_data(cfg: FedtuneConfig, context: Context) -> tuple[TokenizedTexts, TokenizedTexts]:
+    """The node's own file when its node config names one (`data-path`), else its simulated partition."""
+    if k.DATA_PATH in context.node_config:
+        return own_file_data(node_data_config(cfg.data, context.node_config), cfg.model, cfg.seed)
     return client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
                        int(context.node_config[k.PARTITION_ID]))
 
 
 def _model(cfg: FedtuneConfig, arrays: ArrayRecord):
-    model = build_model(cfg.model, cfg.lora, num_labels=len(LABELS), seed=cfg.seed)
+    model = build_model(cfg.model, cfg.lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
     load_record(model, arrays)
     return model
 
 
-@app.train()
+@app.train(mods=[client_clipping_mod])  # a no-op unless the server asks the client to clip
 def train(msg: Message, context: Context) -> Message:
     cfg, record = recipe(msg)
     name = client_name(context)
-    state_dir = str(record.get(k.CLIENT_STATE_DIR, ""))
+    directory = state_dir(context, str(record.get(k.CLIENT_STATE_DIR, "")))
     train_data, _ = _local_data(cfg, context)
-    history = load_history(context, name, state_dir)
-    if cfg.dp.enabled and not within_budget(cfg.dp, history, len(train_data), cfg.train.batch_size,
-                                            cfg.train.local_epochs):
-        metrics = _report(cfg, history, num_examples=0, loss=float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
-        return _reply(msg, name, k.STATUS_DECLINED, metrics)
-    model = _model(cfg, msg.content[k.ARRAYS])
+    state = load_state(context, name, directory)
     server_round = int(record[k.SERVER_ROUND])
-    seed = zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
-    result = train_round(model, train_data, cfg, history, float(record.get(k.PROXIMAL_MU, 0.0)), seed)
-    save_history(context, name, state_dir, result.history)
+    if cfg.dp.enabled:
+        cfg = dataclasses.replace(cfg, dp=client_dp(cfg.dp, state.noise_multiplier, len(train_data),
+                                                   cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds))
+        if cfg.dp.target_epsilon > 0:
+            state.noise_multiplier = cfg.dp.noise_multiplier
+        if not within_budget(cfg.dp, state.history, len(train_data), cfg.train.batch_size, cfg.train.local_epochs):
+            metrics = _report(cfg, state.history, num_examples=0, loss=float("nan"), steps=0, sample_rate=0.0,
+                              bytes_up=0)
+            _remember(context, name, directory, state, ledger_entry(server_round, k.STATUS_DECLINED, metrics,
+                                                                    cfg.dp.accountant))
+            return _reply(msg, name, k.STATUS_DECLINED, metrics)
+    model = _model(cfg, msg.content[k.ARRAYS])
+    seed = _round_seed(cfg, server_round, name)
+    result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)), seed)
+    state.history = result.history
     arrays = to_record(model)
     metrics = _report(cfg, result.history, len(train_data), result.loss, result.steps, result.sample_rate,
                       arrays.count_bytes())
+    _remember(context, name, directory, state, ledger_entry(server_round, k.STATUS_TRAINED, metrics, cfg.dp.accountant))
     return _reply(msg, name, k.STATUS_TRAINED, metrics, arrays)
+
+
+def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int:
+    """Seed for this round's Poisson sampling, dropout and DP noise. Under DP it is secret (OS
+    randomness) unless the run asks for reproducible noise: noise the server could regenerate
+    from the run seed would protect nothing against the server."""
+    if cfg.dp.enabled and not cfg.dp.reproducible_noise:
+        return secrets.randbits(63)
+    return zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
+
+
+def _remember(context: Context, name: str, directory: str, state: ClientState, entry: dict) -> None:
+    """Persist the privacy state, with this round in the institution's own ledger, before replying."""
+    state.ledger.append(entry)
+    save_state(context, name, directory, state)
 
 
 def _report(cfg: FedtuneConfig, history, num_examples: int, loss: float, steps: int, sample_rate: float,
@@ -100,6 +145,8 @@ def _report(cfg: FedtuneConfig, history, num_examples: int, loss: float, steps: 
         k.EPSILON: epsilon(dp.accountant, history, dp.delta) if dp.enabled else float("inf"),
         k.EPSILON_OTHER: epsilon(other(dp.accountant), history, dp.delta) if dp.enabled else float("inf"),
         k.BYTES_UP: bytes_up,
+        k.PEAK_RSS_MB: peak_rss_mb(),
+        k.PID: os.getpid(),
     })
 
 

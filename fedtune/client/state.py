@@ -1,38 +1,58 @@
-"""What a client remembers between rounds: its privacy history.
+"""What a client remembers between rounds: its privacy history, the noise multiplier it solved
+for (with --target-epsilon), and its own copy of its ledger entries.
 
 It lives in Flower's Context state (kept by the SuperNode / the Simulation Engine between
 rounds) and, when a state directory is known, in a file written atomically, so that it
-survives a restart of the whole run. The file wins if both exist.
+survives a restart of the whole run or of the institution's SuperNode. The file wins if both
+exist. The directory is the node config's `state-dir` (set by each institution in deployment),
+else the one the server names (simulation: inside the run directory).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
-from fedtune.constants import CLIENT_STATE
+from fedtune.constants import CLIENT_STATE, NODE_STATE_DIR
 from fedtune.durable import write_json_atomic
 from fedtune.privacy.accountant import History, normalize
 
 
-def _state_file(state_dir: str, client: str) -> Path | None:
-    return Path(state_dir) / f"{client}.json" if state_dir else None
+@dataclass
+class ClientState:
+    history: History = field(default_factory=list)  # Opacus accountant history: (sigma, q, steps) runs
+    noise_multiplier: float | None = None  # solved once from dp.target_epsilon, then kept
+    ledger: list[dict[str, Any]] = field(default_factory=list)  # this client's own round entries
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientState:
+        return cls(normalize(data.get("history", [])), data.get("noise_multiplier"), list(data.get("ledger", [])))
 
 
-def load_history(context: Context, client: str, state_dir: str) -> History:
-    path = _state_file(state_dir, client)
+def state_dir(context: Context, server_dir: str) -> str:
+    return str(context.node_config.get(NODE_STATE_DIR, server_dir))
+
+
+def _state_file(directory: str, client: str) -> Path | None:
+    return Path(directory) / f"{client}.json" if directory else None
+
+
+def load_state(context: Context, client: str, directory: str) -> ClientState:
+    path = _state_file(directory, client)
     if path is not None and path.is_file():
-        return normalize(json.loads(path.read_text())["history"])
+        return ClientState.from_dict(json.loads(path.read_text()))
     if CLIENT_STATE in context.state:
-        return normalize(json.loads(context.state[CLIENT_STATE]["history"]))
-    return []
+        return ClientState.from_dict(json.loads(context.state[CLIENT_STATE]["json"]))
+    return ClientState()
 
 
-def save_history(context: Context, client: str, state_dir: str, history: History) -> None:
-    encoded = json.dumps(history)
-    context.state[CLIENT_STATE] = ConfigRecord({"history": encoded})
-    path = _state_file(state_dir, client)
+def save_state(context: Context, client: str, directory: str, state: ClientState) -> None:
+    data = asdict(state)
+    context.state[CLIENT_STATE] = ConfigRecord({"json": json.dumps(data)})
+    path = _state_file(directory, client)
     if path is not None:
-        write_json_atomic(path, {"client": client, "history": history})
+        write_json_atomic(path, {"client": client, **data})

@@ -3,9 +3,11 @@ and the FedProx proximal step when the server asks for it."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from fedtune.config import FedtuneConfig
@@ -40,6 +42,13 @@ def _is_empty(batch) -> bool:
     return not isinstance(batch, dict) or batch["labels"].numel() == 0
 
 
+def _stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """False after a physical batch that BatchMemoryManager split off a larger logical batch:
+    Opacus then only accumulated clipped gradients and the real step comes later. Opacus
+    exposes this only as DPOptimizer._is_last_step_skipped."""
+    return not getattr(optimizer, "_is_last_step_skipped", False)
+
+
 def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
                 proximal_mu: float, seed: int) -> TrainResult:
     torch.manual_seed(seed)  # Poisson sampling and dropout
@@ -56,19 +65,24 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
         optimizer, loader = private.optimizer, private.loader
     losses, steps = [], 0
     try:
-        for _ in range(cfg.train.local_epochs):
-            for batch in loader:
-                if _is_empty(batch):
-                    step_on_empty_batch(optimizer)
-                else:
-                    out = model(**{k: v.to(device) for k, v in batch.items()})
-                    out.loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(out.loss.item())
-                if anchor:
-                    proximal_step(params, anchor, cfg.train.learning_rate, proximal_mu)
-                steps += 1
+        with ExitStack() as stack:
+            if private is not None and cfg.dp.physical_batch_size:
+                loader = stack.enter_context(BatchMemoryManager(
+                    data_loader=loader, max_physical_batch_size=cfg.dp.physical_batch_size, optimizer=optimizer))
+            for _ in range(cfg.train.local_epochs):
+                for batch in loader:
+                    if _is_empty(batch):
+                        step_on_empty_batch(optimizer)
+                    else:
+                        out = model(**{k: v.to(device) for k, v in batch.items()})
+                        out.loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        losses.append(out.loss.item())
+                    if _stepped(optimizer):
+                        if anchor:
+                            proximal_step(params, anchor, cfg.train.learning_rate, proximal_mu)
+                        steps += 1
     finally:
         if private is not None:
             private.close()

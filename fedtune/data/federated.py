@@ -1,4 +1,5 @@
-"""The data of a simulated federation: server hold-out plus one split per client.
+"""The data of a federation: the run's fixed label list, the server hold-out plus one split per
+simulated client, and (in deployment) one institution's own file.
 
 Everything is derived deterministically from the config, so the server process and every
 simulation worker rebuild the same splits without exchanging any data.
@@ -6,11 +7,17 @@ simulation worker rebuild the same splits without exchanging any data.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
+from fedtune import constants as k
 from fedtune.config import DataConfig
 from fedtune.data.demo import LABELS, make_demo_dataset
+from fedtune.data.loaders import LabeledTexts, listed, load_labeled_texts
 from fedtune.data.partition import (
     ClientSplit,
     check_partitions,
@@ -18,6 +25,9 @@ from fedtune.data.partition import (
     partition_indices,
     split_client,
 )
+from fedtune.errors import DataError
+
+Texts = tuple[list[str], list[int]]
 
 
 @dataclass(frozen=True)
@@ -27,19 +37,122 @@ class FederatedData:
     label_names: tuple[str, ...]
     server_test: tuple[int, ...]
     clients: tuple[ClientSplit, ...]
+    client_ids: tuple[str, ...] = ()  # partition `column`: each client's value of data.partition_column
+    skipped: tuple[str, ...] = ()  # invalid records left out of the data (data.skip_invalid_rows)
 
-    def select(self, indices) -> tuple[list[str], list[int]]:
+    def select(self, indices) -> Texts:
         return [self.texts[i] for i in indices], [self.labels[i] for i in indices]
+
+
+def source_records(data: DataConfig) -> LabeledTexts:
+    """The checked records at data.path, read once per process (and again if the file changes)."""
+    path = Path(data.path)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+    return _records(data.path, data.format, data.text_column, data.label_column, data.separator, data.encoding,
+                    data.skip_invalid_rows, data.partition_column, stamp)
+
+
+@lru_cache(maxsize=4)
+def _records(path: str, fmt: str, text_column: str, label_column: str, separator: str, encoding: str,
+             skip_invalid_rows: bool, partition_column: str, stamp: Any) -> LabeledTexts:
+    return load_labeled_texts(DataConfig(path=path, format=fmt, text_column=text_column, label_column=label_column,
+                                         separator=separator, encoding=encoding, skip_invalid_rows=skip_invalid_rows,
+                                         partition_column=partition_column))
+
+
+def sort_labels(names: Collection[str]) -> tuple[str, ...]:
+    """Numeric labels in numeric order (2 before 10), any others alphabetically."""
+    if all(name.lstrip("-").isdigit() for name in names):
+        return tuple(sorted(names, key=int))
+    return tuple(sorted(names))
+
+
+def label_names(data: DataConfig) -> tuple[str, ...]:
+    """The run's labels in id order: data.labels once fixed, else derived from the data."""
+    if data.source == "demo":
+        if data.labels and data.labels != LABELS:
+            raise DataError(f"data.labels is {list(data.labels)}, but the demo data's labels are fixed: "
+                            f"{list(LABELS)}. Remove data.labels, or use your own data with --data.")
+        return LABELS
+    if data.labels:
+        return data.labels
+    records = source_records(data)
+    found = set(records.labels)
+    if len(found) < 2:
+        raise DataError(f"{records.name} has a single label ({', '.join(found)}) in column `{data.label_column}`; "
+                        "a classifier needs at least two. Check --label-column (or --separator).")
+    return sort_labels(found)
+
+
+def resolve_data(data: DataConfig) -> DataConfig:
+    """The data config to save with a new run: an absolute data.path and the label list fixed."""
+    if data.source == "file" and Path(data.path).exists():
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    return dataclasses.replace(data, labels=label_names(data))
+
+
+def encode_labels(records: LabeledTexts, names: Sequence[str]) -> list[int]:
+    """Label ids under the run's label list; a label outside it is a DataError naming the rows."""
+    ids = {name: i for i, name in enumerate(names)}
+    unknown = [i for i, label in enumerate(records.labels) if label not in ids]
+    if unknown:
+        values = sorted({records.labels[i] for i in unknown})
+        raise DataError(f"{records.name} has labels that are not in this run's label list ({', '.join(names)}): "
+                        f"{listed(values)} ({records.where(unknown)}). The list is fixed when a run starts, so "
+                        "every client and evaluation uses the same ids: fix those rows, or start a new run whose "
+                        "data.labels names every label.")
+    return [ids[label] for label in records.labels]
 
 
 @lru_cache(maxsize=4)
 def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedData:
     """Build (once per process) the hold-out and the per-client splits; raises DataError."""
-    examples = make_demo_dataset(data.demo_examples, seed=seed)
-    texts = tuple(e.text for e in examples)
-    labels = tuple(e.label for e in examples)
-    pool, test = holdout_split(len(examples), data.test_fraction, seed)
-    parts = partition_indices(labels, pool, num_clients, data.partition, data.alpha, seed)
+    names = label_names(data)
+    groups: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    if data.source == "demo":
+        examples = make_demo_dataset(data.demo_examples, seed=seed)
+        texts = tuple(e.text for e in examples)
+        labels = tuple(e.label for e in examples)
+    else:
+        records = source_records(data)
+        texts, labels, groups = records.texts, tuple(encode_labels(records, names)), records.groups
+        skipped = records.skipped
+    pool, test = holdout_split(len(texts), data.test_fraction, seed)
+    parts = partition_indices(labels, pool, num_clients, data.partition, data.alpha, seed, groups=groups,
+                              group_column=data.partition_column, shards_per_client=data.shards_per_client)
     splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
-    return FederatedData(texts, labels, LABELS, tuple(test), splits)
+    client_ids = tuple(groups[p[0]] for p in parts) if data.partition == "column" else ()
+    return FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped)
+
+
+# ---- deployment: an institution's own file, named in its node config ---------------------------
+
+NODE_DATA_KEYS = {k.DATA_FORMAT: "format", k.DATA_TEXT_COLUMN: "text_column", k.DATA_LABEL_COLUMN: "label_column",
+                  k.DATA_SEPARATOR: "separator", k.DATA_ENCODING: "encoding"}
+
+
+def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataConfig:
+    """The run's data config pointed at this node's own file (node config `data-path` and friends);
+    columns, separator and encoding default to the run's."""
+    own = {field: str(node_config[key]) for key, field in NODE_DATA_KEYS.items() if key in node_config}
+    fmt = own.pop("format", "auto")
+    return dataclasses.replace(data, source="file", path=str(node_config[k.DATA_PATH]), format=fmt,
+                               partition="iid", partition_column="", **own)
+
+
+def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts]:
+    """(train, validation) texts and label ids from this node's own file; they never leave the process."""
+    if not data.labels:
+        raise DataError(f"This client reads its own file {data.path}, but the server sent no label list "
+                        "(data.labels), so label ids could not match the other clients'. Start the run with a "
+                        "fedtune server, which fixes the list from its data.")
+    records = load_labeled_texts(data)
+    ids = encode_labels(records, data.labels)
+    split = split_client(range(len(records)), data.client_val_fraction, seed)
+
+    def pick(part: Sequence[int]) -> Texts:
+        return [records.texts[i] for i in part], [ids[i] for i in part]
+
+    return pick(split.train), pick(split.val)

@@ -6,13 +6,21 @@ swapped in; this module only adds the checks a user needs (empty or too-small pa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
 
 from fedtune.errors import DataError
 
@@ -33,31 +41,62 @@ def holdout_split(num_examples: int, test_fraction: float, seed: int) -> tuple[l
     return order[num_test:], order[:num_test]
 
 
-def _partitioner(method: str, num_clients: int, alpha: float, seed: int) -> Partitioner:
+def _partitioner(method: str, num_clients: int, alpha: float, seed: int, shards_per_client: int) -> Partitioner:
     if method == "iid":
         return IidPartitioner(num_partitions=num_clients)
+    if method == "shard":  # label-sorted shards: each client sees only a few labels (McMahan et al. 2017)
+        return ShardPartitioner(num_partitions=num_clients, partition_by="label",
+                                num_shards_per_partition=shards_per_client, shuffle=True, seed=seed)
+    if method == "column":
+        return NaturalIdPartitioner(partition_by="group")
     return DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
                                 min_partition_size=MIN_TRAIN_EXAMPLES, self_balancing=True, seed=seed)
 
 
 def partition_indices(labels: Sequence[int], pool: Sequence[int], num_clients: int, method: str,
-                      alpha: float, seed: int) -> list[list[int]]:
-    """Split `pool` (indices into `labels`) over `num_clients` clients."""
+                      alpha: float, seed: int, *, groups: Sequence[str] = (), group_column: str = "",
+                      shards_per_client: int = 2) -> list[list[int]]:
+    """Split `pool` (indices into `labels`) over `num_clients` clients. Method `column` gives client i
+    the records whose `groups` value is the i-th in sorted order."""
+    columns = {"index": list(pool), "label": [labels[i] for i in pool]}
+    if method == "column":
+        _check_groups(groups, pool, num_clients, group_column)
+        columns["group"] = [groups[i] for i in pool]
     if num_clients > len(pool):
         raise DataError(f"There are {num_clients} clients but only {len(pool)} training examples, so "
                         "some clients would get no data. Use fewer clients (--clients) or more data.")
-    table = Dataset.from_dict({"index": list(pool), "label": [labels[i] for i in pool]})
-    partitioner = _partitioner(method, num_clients, alpha, seed)
-    partitioner.dataset = table
+    if method == "shard" and num_clients * shards_per_client > len(pool):
+        raise DataError(f"Partition `shard` cuts the {len(pool)} training examples into clients x shards per "
+                        f"client = {num_clients} x {shards_per_client} shards, more than there are examples. "
+                        "Use fewer clients, a smaller --shards-per-client, or more data.")
+    partitioner = _partitioner(method, num_clients, alpha, seed, shards_per_client)
+    partitioner.dataset = Dataset.from_dict(columns)
     try:
-        with warnings.catch_warnings():
+        # flwr-datasets draws tqdm bars and warns about pyarrow options: noise for a fedtune user.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             parts = [list(partitioner.load_partition(cid)["index"]) for cid in range(num_clients)]
     except ValueError as err:
+        fix = {"dirichlet": "a larger --alpha", "shard": "a smaller --shards-per-client"}.get(method, "")
         raise DataError(f"The {method} partitioner could not give each of {num_clients} clients at least "
-                        f"{MIN_TRAIN_EXAMPLES} examples ({err}). Use fewer clients, more data, or a larger "
-                        "--alpha.") from err
+                        f"{MIN_TRAIN_EXAMPLES} examples ({err}). Use fewer clients, more data"
+                        f"{', or ' + fix if fix else ''}.") from err
     return parts
+
+
+def _check_groups(groups: Sequence[str], pool: Sequence[int], num_clients: int, column: str) -> None:
+    """Natural partitioning needs exactly one client per distinct value of the column."""
+    everywhere = sorted(set(groups))
+    in_pool = sorted({groups[i] for i in pool})
+    if len(in_pool) == num_clients:
+        return
+    gone = [g for g in everywhere if g not in in_pool]
+    note = (f" ({', '.join(gone[:5])} had so few records that all went to the server's hold-out; "
+            "lower --test-fraction)" if gone else "")
+    raise DataError(f"Partition `column` makes one client per distinct value of `{column}`, and the clients' "
+                    f"data has {len(in_pool)} of them ({', '.join(in_pool[:10])}"
+                    f"{', ...' if len(in_pool) > 10 else ''}){note}, but --clients is {num_clients}. "
+                    f"Pass --clients {len(in_pool)}.")
 
 
 def split_client(indices: Sequence[int], val_fraction: float, seed: int) -> ClientSplit:

@@ -1,8 +1,12 @@
-"""The per-client ε budget: a client trains a round only if its ε after that round stays within budget."""
+"""The per-client ε budget: the noise a client uses, and whether its next round stays within budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from functools import lru_cache
+
+from opacus.accountants.utils import get_noise_multiplier
 
 from fedtune.config import DPConfig
 from fedtune.privacy.accountant import History, epsilon
@@ -13,6 +17,28 @@ def poisson_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[f
     one step per batch of the equivalent fixed-size loader, q = 1 / batches per epoch."""
     batches = math.ceil(num_examples / min(batch_size, num_examples))
     return 1.0 / batches, batches * epochs
+
+
+@lru_cache(maxsize=1024)
+def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                           accountant: str) -> float:
+    """Smallest sigma (to Opacus' tolerance) whose ε after `steps` Poisson steps is <= target."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+
+
+def client_dp(dp: DPConfig, solved: float | None, num_examples: int, batch_size: int, epochs: int,
+              rounds: int) -> DPConfig:
+    """The DP settings this client trains with. With a target ε, sigma is solved so that training
+    in every one of the planned `rounds` spends exactly the target (or reuses the sigma solved
+    at the client's first round), and the target also caps the budget: a run extended past its
+    plan makes the client decline rather than overspend."""
+    if dp.target_epsilon <= 0:
+        return dp
+    if solved is None:
+        q, steps = poisson_schedule(num_examples, batch_size, epochs)
+        solved = solve_noise_multiplier(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant)
+    return dataclasses.replace(dp, noise_multiplier=solved, epsilon_budget=min(dp.epsilon_budget, dp.target_epsilon))
 
 
 def projected_epsilon(dp: DPConfig, history: History, num_examples: int, batch_size: int,

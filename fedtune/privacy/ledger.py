@@ -7,11 +7,14 @@ to privacy_ledger.json, the record an auditor reads.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune import constants as k
 from fedtune.durable import write_json_atomic
+from fedtune.privacy.accountant import other
 
 UNIT = "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"
 
@@ -20,11 +23,26 @@ def _finite_or_none(value: float) -> float | None:
     return None if value is None or math.isinf(value) or math.isnan(value) else float(value)
 
 
+def ledger_entry(round_: int, status: str, metrics: Mapping[str, Any], accountant: str) -> dict[str, Any]:
+    """One client's round as the ledger records it, from the metrics the client reports; the
+    client keeps the same entry in its own state, the server in privacy_ledger.json."""
+    return {
+        "round": round_, "status": status,
+        "noise_multiplier": float(metrics[k.NOISE_MULTIPLIER]), "max_grad_norm": float(metrics[k.MAX_GRAD_NORM]),
+        "sample_rate": float(metrics[k.SAMPLE_RATE]), "steps": int(metrics[k.STEPS]),
+        "delta": float(metrics[k.DELTA]), "epsilon": _finite_or_none(float(metrics[k.EPSILON])),
+        f"epsilon_{other(accountant)}": _finite_or_none(float(metrics[k.EPSILON_OTHER])),
+    }
+
+
 @dataclass
 class PrivacyLedger:
     accountant: str
     dp_enabled: bool
     clients: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Client-level DP (one institution as a whole), privacy/client_level.py's ClientLevelAccount.to_dict();
+    # None when the run has no client-level DP. Refreshed after every round.
+    client_level: dict[str, Any] | None = None
 
     def record(self, client: str, entry: dict[str, Any]) -> None:
         clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in entry.items()}
@@ -40,12 +58,14 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict[str, Any]:
         return {"unit": UNIT, "accountant": self.accountant, "dp_enabled": self.dp_enabled,
-                "clients": {name: list(entries) for name, entries in sorted(self.clients.items())}}
+                "clients": {name: list(entries) for name, entries in sorted(self.clients.items())},
+                "client_level": None if self.client_level is None else dict(self.client_level)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
         return cls(data["accountant"], data["dp_enabled"],
-                   {name: list(entries) for name, entries in data["clients"].items()})
+                   {name: list(entries) for name, entries in data["clients"].items()},
+                   data.get("client_level"))  # absent in ledgers written before client-level DP
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, self.to_dict())

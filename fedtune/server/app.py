@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import resource
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +16,9 @@ from rich.console import Console
 
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
+from fedtune.data.federated import resolve_data
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
+from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.rounds import RoundInputs, initial_checkpoint, run_rounds
 from fedtune.server.run_dir import CONFIG, Checkpoint, RunDirectory
@@ -26,7 +28,7 @@ from fedtune.strategies.build import build_strategy
 def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None) -> Checkpoint:
     """Run (or continue) the federation in `run`; returns the final checkpoint."""
     started = time.monotonic()
-    inputs = RoundInputs(cfg, run, ServerEvaluator(cfg), console or Console())
+    inputs = RoundInputs(cfg, run, ServerEvaluator(cfg), console or Console(), timeout_s=cfg.round_timeout_s or None)
     start = run.latest_checkpoint()
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))
@@ -39,12 +41,15 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
     model = inputs.evaluate.model
     load_record(model, ArrayRecord(torch_state_dict=final.arrays))
     save_adapter(model, run.adapter_dir)
-    run.write_summary(_summary(final, base_model_bytes(model), time.monotonic() - started))
+    run.write_summary(_summary(final, base_model_bytes(model), time.monotonic() - started,
+                               inputs.worker_peak_rss_mb))
     return final
 
 
-def _summary(final: Checkpoint, base_bytes: int, wall_s: float) -> dict:
+def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: dict[int, float]) -> dict:
     last, first = final.metrics[-1], final.metrics[0]
+    server = peak_rss_mb()
+    workers = [mb for pid, mb in worker_peaks.items() if pid != os.getpid()]  # clients in other processes
     return {
         "fedtune_version": __version__,
         "rounds_completed": final.round,
@@ -56,8 +61,11 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float) -> dict:
         "base_model_bytes": base_bytes,
         "payload_fraction": last["bytes_up"] / base_bytes,
         "wall_time_s": round(wall_s, 1),
-        # ru_maxrss is in KiB on Linux: the server process (simulation workers are separate).
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # Resident memory: the server process plus every client process that reported this session
+        # (each one's own peak; an upper bound on what they held at once). Ray's own daemons are not counted.
+        "peak_rss_mb": round(server + sum(workers), 1),
+        "peak_rss_mb_server": server,
+        "peak_rss_mb_client_processes": sorted(workers, reverse=True),
     }
 
 
@@ -79,6 +87,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: the config comes from [tool.flwr.app.config]."""
     cfg = FedtuneConfig.from_flat(dict(context.run_config), source="Flower run config")
+    data = resolve_data(cfg.data)  # fix the label list once: clients reading their own files get it from here
+    cfg = cfg.with_overrides({"data.path": data.path, "data.labels": list(data.labels)})
     out = Path(cfg.out or "runs/flwr-run")
     run = RunDirectory.existing(out) if (out / CONFIG).is_file() else RunDirectory.create(out, cfg)
     serve(grid, cfg, run)

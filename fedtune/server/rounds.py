@@ -13,21 +13,32 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
-from fedtune.privacy.accountant import other
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import PrivacyLedger, ledger_entry
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
+from fedtune.server.validate import reject_malformed
+from fedtune.strategies.client_dp import client_level_entry, restore_client_level
 
 PULL_INTERVAL_S = 0.1
+NO_REPLY = "no reply before timeout (round_timeout_s)"
+NOT_SENT = "the message could not be sent to the node"
 
 
 @dataclass
@@ -39,24 +50,52 @@ class RoundInputs:
     evaluate: ServerEvaluator
     console: Console = field(default_factory=Console)
     timeout_s: float | None = None
+    worker_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # per client process, this session
 
 
 def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
              timeout_s: float | None) -> list[Message]:
-    """Push `messages`, then pull replies until all are back (or the timeout), with a bar."""
-    pending = set(grid.push_messages(list(messages)))
-    task = progress.add_task(label, total=len(pending))
-    replies: list[Message] = []
+    """Push `messages`, then pull replies until all are back (or the timeout), with a bar.
+
+    Every message gets exactly one reply: one that could not be sent, or got no reply before
+    the timeout (an institution whose SuperNode died or hangs), is answered here with an error
+    reply naming why, so the caller records that node as failed and goes on with the others."""
+    messages = list(messages)
+    sent = set(filter(None, grid.push_messages(messages)))  # the grid sets each message's id
+    by_id = {m.metadata.message_id: m for m in messages if m.metadata.message_id in sent}
+    replies = [failed_reply(m, NOT_SENT) for m in messages if m.metadata.message_id not in sent]
+    pending = set(by_id)
+    task = progress.add_task(label, total=len(messages), eps="")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending and (deadline is None or time.monotonic() < deadline):
-        got = list(grid.pull_messages(pending))
+        got = [m for m in grid.pull_messages(pending) if m.metadata.reply_to_message_id in pending]
         replies.extend(got)
         pending -= {m.metadata.reply_to_message_id for m in got}
-        progress.update(task, completed=len(replies))
+        progress.update(task, completed=len(replies), eps=_epsilon_so_far(replies))
         if pending:
             time.sleep(PULL_INTERVAL_S)
     progress.remove_task(task)
-    return replies
+    return replies + [failed_reply(by_id[message_id], NO_REPLY) for message_id in sorted(pending)]
+
+
+def failed_reply(instruction: Message, reason: str) -> Message:
+    """An error reply to `instruction`, made by the server for a node that could not answer it."""
+    return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=instruction)
+
+
+def _epsilon_so_far(replies: list[Message]) -> str:
+    """The highest ε among this phase's replies so far, for the progress line."""
+    spent = [float(r.content[k.METRICS][k.EPSILON]) for r in replies
+             if not r.has_error() and k.METRICS in r.content and k.EPSILON in r.content[k.METRICS]]
+    finite = [e for e in spent if e != float("inf")]
+    return f"ε max {max(finite):.2f}" if finite else ""
+
+
+def _track_memory(peaks: dict[int, float], replies: list[Message]) -> None:
+    for reply in replies:
+        if not reply.has_error() and k.PID in reply.content[k.METRICS]:
+            m = reply.content[k.METRICS]
+            peaks[int(m[k.PID])] = max(peaks.get(int(m[k.PID]), 0.0), float(m[k.PEAK_RSS_MB]))
 
 
 def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message],
@@ -70,13 +109,24 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message],
             continue
         name = str(reply.content[k.CLIENT_INFO][k.CLIENT_NAME])
         node_names[node] = name
-        m = reply.content[k.METRICS]
-        ledger.record(name, {
-            "round": round_, "status": str(reply.content[k.CLIENT_INFO][k.STATUS]),
-            "noise_multiplier": float(m[k.NOISE_MULTIPLIER]), "max_grad_norm": float(m[k.MAX_GRAD_NORM]),
-            "sample_rate": float(m[k.SAMPLE_RATE]), "steps": int(m[k.STEPS]), "delta": float(m[k.DELTA]),
-            "epsilon": float(m[k.EPSILON]), f"epsilon_{other(ledger.accountant)}": float(m[k.EPSILON_OTHER]),
-        })
+        if f"node-{node}" in ledger.clients:  # failures recorded before the node's name was known
+            ledger.clients[name] = sorted([*ledger.clients.pop(f"node-{node}"), *ledger.clients.get(name, [])],
+                                          key=lambda e: e["round"])
+        status = str(reply.content[k.CLIENT_INFO][k.STATUS])
+        ledger.record(name, ledger_entry(round_, status, reply.content[k.METRICS], ledger.accountant))
+
+
+def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
+                      console: Console) -> list[Message]:
+    """Replace each malformed reply (server/validate.py) by an error reply naming what is wrong:
+    it is then recorded as failed, and left out of aggregation, like any other failure."""
+    kept, rejected = reject_malformed(replies, reference)
+    by_id = {m.metadata.message_id: m for m in instructions}
+    for reply, reason in rejected:
+        console.print(f"round {round_}: rejected the update from node {reply.metadata.src_node_id}: {reason}",
+                      markup=False, highlight=False, soft_wrap=True)
+        kept.append(failed_reply(by_id[reply.metadata.reply_to_message_id], f"update rejected: {reason}"))
+    return kept
 
 
 def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
@@ -91,14 +141,22 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     """Run rounds start.round+1 .. cfg.rounds, committing each; returns the last checkpoint."""
     cfg, state = inputs.cfg, start
     arrays = ArrayRecord(torch_state_dict=start.arrays)
-    ledger = PrivacyLedger.from_dict(start.ledger)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=inputs.console, transient=True) as progress:
+    ledger = inputs.run.ledger_to_resume(start)
+    restore_client_level(strategy, ledger.client_level)  # releases so far and the adaptive clipping norm
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[eps]}"))
+    # Live bars only on a terminal: in CI and other logs, the one line per round below is enough.
+    with Progress(*columns, console=inputs.console, transient=True, disable=not inputs.console.is_terminal) as progress:
         for round_ in range(start.round + 1, cfg.rounds + 1):
+            round_started = time.monotonic()
             config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve())})
             messages = strategy.configure_train(round_, arrays, config, grid)
+            messages = list(messages)
             replies = exchange(grid, messages, f"round {round_}/{cfg.rounds} train", progress, inputs.timeout_s)
+            replies = _refuse_malformed(replies, arrays, messages, round_, inputs.console)
             record_privacy(ledger, round_, replies, state.node_names)
+            _track_memory(inputs.worker_peak_rss_mb, replies)
+            inputs.run.write_ledger(ledger)  # spent budget is on disk before anything else can fail
             answered = [r for r in replies if not r.has_error()]
             if not answered:
                 reasons = "; ".join(r.error.reason for r in replies[:3]) or "no replies"
@@ -106,15 +164,20 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
             bytes_down = arrays.count_bytes()
             train_metrics = None
-            if trained:  # declined clients sent no update; the others are aggregated
+            # Declined clients sent no update; the others are aggregated. Under client-level DP the
+            # noised release happens even if none trained: skipping it would reveal that none did.
+            if trained or cfg.dp.client_dp != "off":
                 arrays, train_metrics = strategy.aggregate_train(round_, trained)
+                ledger.client_level = client_level_entry(strategy)  # None without client-level DP
+                inputs.run.write_ledger(ledger)  # a noised release is on record before it is sent anywhere
+            train_s = time.monotonic() - round_started
             eval_config = ConfigRecord(dict(config))
             eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
                                     f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s)
             client_eval = strategy.aggregate_evaluate(round_, eval_replies)
             loss, accuracy = inputs.evaluate(arrays)
             row = _round_row(round_, loss, accuracy, train_metrics, client_eval, ledger, trained, replies,
-                             bytes_down)
+                             bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
                                ledger.to_dict(), state.node_names)
             inputs.run.commit(state)
@@ -124,7 +187,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
 
 def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eval: Any,
                ledger: PrivacyLedger, trained: list[Message], replies: list[Message],
-               bytes_down: int) -> dict[str, Any]:
+               bytes_down: int, train_s: float = 0.0, round_s: float = 0.0) -> dict[str, Any]:
     return {
         "round": round_,
         "eval_accuracy": accuracy,
@@ -138,6 +201,9 @@ def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eva
         "num_declined": sum(not r.has_error() for r in replies) - len(trained),
         "bytes_up": int(train[k.BYTES_UP]) if train else 0,  # per client (mean over those that trained)
         "bytes_down": int(bytes_down),  # per client
+        "train_examples": sum(int(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in trained),
+        "train_s": round(train_s, 3),  # configure, train on every sampled client, aggregate
+        "round_s": round(round_s, 3),  # the same plus client and server evaluation
     }
 
 
@@ -145,7 +211,7 @@ def _round_line(row: dict[str, Any], rounds: int) -> str:
     eps = "off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}"
     return (f"round {row['round']}/{rounds}  acc={row['eval_accuracy']:.3f}  "
             f"loss={row['eval_loss']:.3f}  train_loss={_fmt(row['train_loss'])}  "
-            f"eps_max={eps}  clients={row['num_clients']}  up={row['bytes_up'] / 1e6:.2f}MB")
+            f"eps_max={eps}  clients={row['num_clients']}  up={row['bytes_up'] / 1e6:.2f}MB  {row['round_s']:.0f}s")
 
 
 def _fmt(value: float | None) -> str:

@@ -94,6 +94,26 @@ class RunDirectory:
                        key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
         return Checkpoint.from_file(found[-1]) if found else None
 
+    def write_ledger(self, ledger: PrivacyLedger) -> None:
+        """Record spending as soon as clients report it, before the round is committed."""
+        ledger.write(self.path / LEDGER)
+
+    def ledger_to_resume(self, checkpoint: Checkpoint) -> PrivacyLedger:
+        """The checkpoint's ledger plus any entries reported after it by a round that never
+        finished (marked `interrupted`): the clients spent that budget, so it stays on record."""
+        ledger = PrivacyLedger.from_dict(checkpoint.ledger)
+        path = self.path / LEDGER
+        if not path.is_file():
+            return ledger
+        written = PrivacyLedger.from_dict(json.loads(path.read_text()))
+        for client, entries in written.clients.items():
+            for entry in entries:
+                if entry["round"] > checkpoint.round:
+                    ledger.record(client, {**entry, "interrupted": True})
+        if written.client_level and written.client_level["rounds"] > (ledger.client_level or {}).get("rounds", 0):
+            ledger.client_level = written.client_level  # a noised release made by that round still counts
+        return ledger
+
     def commit(self, checkpoint: Checkpoint) -> None:
         """Durably finish a round: checkpoint first, then the views derived from it."""
         write_bytes_atomic(self.checkpoint_path(checkpoint.round), checkpoint.to_bytes())

@@ -10,9 +10,13 @@ from rich.console import Console
 
 from fedtune.config import FedtuneConfig
 from fedtune.data.federated import federated_data
+from fedtune.data.summary import partition_summary, token_lengths
 from fedtune.errors import ConfigError
-from fedtune.models.build import check_model
+from fedtune.models.build import check_model, load_tokenizer
+from fedtune.privacy.client_level import check_client_level
 from fedtune.server.run_dir import RunDirectory
+
+SECAGG_UNAVAILABLE = "Invalid option `dp.secagg`: not available yet (work in progress). Drop --secagg."
 
 
 def preflight(cfg: FedtuneConfig) -> None:
@@ -25,12 +29,23 @@ def preflight(cfg: FedtuneConfig) -> None:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client "
                               f"with n={largest} records, so the guarantee would be meaningless. Use "
                               f"--delta {1.0 / (10 * largest):.1e} or smaller.")
+    if cfg.dp.client_dp != "off":
+        check_client_level(cfg.clients, cfg.dp.delta)
+    if cfg.dp.secagg:
+        raise ConfigError(SECAGG_UNAVAILABLE)
     if cfg.model.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("Invalid option `model.device`: cuda was asked for but no GPU is visible. "
                               "Use --device cpu.")
+
+
+def data_summary(cfg: FedtuneConfig) -> dict:
+    """Examples and labels per client, and texts longer than model.max_length (after preflight)."""
+    fed = federated_data(cfg.data, cfg.clients, cfg.seed)
+    lengths = token_lengths(load_tokenizer(cfg.model.name_or_path), fed.texts)
+    return partition_summary(fed, cfg.data, lengths, cfg.model.max_length)
 
 
 def backend_config(cfg: FedtuneConfig) -> dict:

@@ -1,14 +1,16 @@
-"""Pick Flower's strategy by name. FedProx's client half lives in client/train.py."""
+"""Pick Flower's strategy by name, under Flower's client-level DP wrappers when asked.
+FedProx's client half lives in client/train.py; client-level DP's in client/mods.py."""
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedtune.config import FedtuneConfig
+from fedtune.strategies.client_dp import with_client_dp
 from fedtune.strategies.metrics import aggregate_metrics
 
 
-def build_strategy(cfg: FedtuneConfig) -> FedAvg:
+def build_strategy(cfg: FedtuneConfig) -> Strategy:
     common = dict(
         fraction_train=cfg.strategy.fraction_train,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
@@ -19,5 +21,7 @@ def build_strategy(cfg: FedtuneConfig) -> FedAvg:
         evaluate_metrics_aggr_fn=aggregate_metrics,
     )
     if cfg.strategy.name == "fedprox":
-        return FedProx(proximal_mu=cfg.strategy.proximal_mu, **common)
-    return FedAvg(**common)
+        strategy = FedProx(proximal_mu=cfg.strategy.proximal_mu, **common)
+    else:
+        strategy = FedAvg(**common)
+    return strategy if cfg.dp.client_dp == "off" else with_client_dp(strategy, cfg)

@@ -33,3 +33,20 @@ def test_fedprox_stays_closer_to_the_global_weights(tiny_model, tokenized, tiny_
         return sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in trained)
 
     assert drift(5.0) < drift(0.0)
+
+
+def test_physical_batches_split_memory_not_privacy(tiny_model, tokenized, tiny_cfg):
+    """BatchMemoryManager caps every forward pass; the logical steps and the ε spent stay the same."""
+    dp = DPConfig(noise_multiplier=1.0, physical_batch_size=0)
+    cfg = dataclasses.replace(tiny_cfg, dp=dp, train=TrainConfig(batch_size=32, learning_rate=3e-3))
+    whole = train_round(tiny_model, tokenized, cfg, [], proximal_mu=0.0, seed=0)
+    sizes = []
+    hook = tiny_model.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(len(kw["input_ids"])),
+                                                with_kwargs=True)
+    try:
+        capped = dataclasses.replace(cfg, dp=dataclasses.replace(dp, physical_batch_size=5))
+        split = train_round(tiny_model, tokenized, capped, [], proximal_mu=0.0, seed=0)
+    finally:
+        hook.remove()
+    assert max(sizes) <= 5 and len(sizes) > split.steps, "logical batches were split into physical ones"
+    assert split.steps == whole.steps == 2 and split.history == whole.history

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.privacy.independent import history_from_ledger, independent_epsilon
+
 pytestmark = pytest.mark.integration
 
 TINY = """
@@ -99,6 +101,9 @@ def test_ledger_records_every_client_every_round(finished_run):
         assert [e["round"] for e in entries] == [1, 2]
         assert all(e["status"] == "trained" and e["noise_multiplier"] == 0.6 for e in entries)
         assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"]
+        for r in (1, 2):  # the ledger's ε is what an independent accountant gets from its own σ, q, steps
+            independent = independent_epsilon("prv", history_from_ledger(entries[:r]), entries[0]["delta"])
+            assert entries[r - 1]["epsilon"] == pytest.approx(independent, rel=0.01)
     eps_max = max(e["epsilon"] for entries in ledger["clients"].values() for e in entries)
     assert _rows(finished_run)[-1]["epsilon_max"] == pytest.approx(eps_max)
 
@@ -152,6 +157,10 @@ def test_budget_cap_stops_clients_and_the_run_still_finishes(tmp_path):
         assert all(e["epsilon"] <= budget for e in entries)
         spent = [e["epsilon"] for e in entries[first_decline - 1:]] if first_decline else []
         assert len(set(spent)) <= 1, "declining costs nothing"
+        if first_decline < len(statuses):  # it stopped at the right round: one more would have overspent
+            trained = history_from_ledger(entries[:first_decline])
+            one_more = [*trained, trained[-1]] if trained else []
+            assert not trained or independent_epsilon("prv", one_more, 1e-5) > budget
     assert declined_somewhere
     rows = _rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]

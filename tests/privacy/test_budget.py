@@ -8,7 +8,8 @@ import pytest
 from fedtune.client.train import train_round
 from fedtune.config import DPConfig, TrainConfig
 from fedtune.privacy.accountant import epsilon
-from fedtune.privacy.budget import poisson_schedule, projected_epsilon, within_budget
+from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
+from tests.privacy.independent import independent_epsilon
 
 
 @pytest.mark.parametrize("n, batch, epochs, expected", [
@@ -37,3 +38,18 @@ def test_cap_refuses_the_round_that_would_cross_it():
     assert len(history) >= 2
     assert epsilon("rdp", history, dp.delta) <= 8.0 < projected_epsilon(dp, history, 200, 20, 1)
     assert within_budget(DPConfig(epsilon_budget=math.inf), history * 100, 200, 20, 1)
+
+
+def test_target_epsilon_solves_sigma_that_spends_the_target_over_the_planned_rounds():
+    dp = DPConfig(target_epsilon=3.0, delta=1e-5)
+    n, batch, epochs, rounds = 60, 16, 2, 3
+    resolved = client_dp(dp, None, n, batch, epochs, rounds)
+    q, steps = poisson_schedule(n, batch, epochs)
+    spent = independent_epsilon("prv", [(resolved.noise_multiplier, q, steps)] * rounds, dp.delta)
+    assert spent == pytest.approx(3.0, rel=0.01) and spent <= 3.0 * 1.001
+    assert resolved.epsilon_budget == 3.0, "the target caps the budget"
+    assert all(within_budget(resolved, [(resolved.noise_multiplier, q, steps)] * r, n, batch, epochs)
+               for r in range(rounds))
+    assert not within_budget(resolved, [(resolved.noise_multiplier, q, steps)] * rounds, n, batch, epochs)
+    assert client_dp(dp, 2.5, n, batch, epochs, rounds).noise_multiplier == 2.5, "a solved sigma is kept"
+    assert client_dp(DPConfig(noise_multiplier=0.7), None, n, batch, epochs, rounds).noise_multiplier == 0.7

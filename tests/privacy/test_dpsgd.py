@@ -28,6 +28,7 @@ def _private_grads(model, data, dp: DPConfig, noise_seed: int):
     try:
         batch = pad_batch([data[i] for i in range(len(data))])
         model.train()
+        torch.manual_seed(123)  # the same dropout masks in every call
         model(**batch).loss.backward()
         private.optimizer.pre_step()  # clip -> accumulate -> add noise -> scale
         summed = [p.summed_grad.clone() for p in params]
@@ -59,6 +60,19 @@ def test_noise_is_present_and_seeded(tiny_model, tokenized):
     diff = _norm([a - q for a, q in zip(noisy_a, quiet, strict=True)])
     assert diff > 1.0  # sigma * C * sqrt(#params) / batch is far above this
     assert _norm([a - b for a, b in zip(noisy_a, noisy_b, strict=True)]) > 1.0
+
+
+def test_without_noise_or_binding_clip_dp_sgd_gives_the_ordinary_gradient(tiny_model, tokenized):
+    data = _subset(tokenized, 4)
+    _, private = _private_grads(tiny_model, data, DPConfig(noise_multiplier=0.0, max_grad_norm=1e6), 0)
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    tiny_model.train()
+    torch.manual_seed(123)
+    tiny_model(**pad_batch([data[i] for i in range(len(data))])).loss.backward()
+    ordinary = [p.grad.clone() for p in params]
+    tiny_model.zero_grad(set_to_none=True)
+    for got, want in zip(private, ordinary, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_dp_training_changes_lora_weights_and_accumulates_epsilon(tiny_model, tokenized, tiny_cfg):

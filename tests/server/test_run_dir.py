@@ -59,3 +59,17 @@ def test_ledger_epsilon_max_and_non_finite_values():
     off = PrivacyLedger("rdp", False)
     off.record("a", {"round": 1, "epsilon": float("inf")})
     assert off.epsilon_max() is None and off.clients["a"][0]["epsilon"] is None
+
+
+def test_spending_reported_by_an_unfinished_round_survives_resume(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    committed = _checkpoint(1, 0.5)
+    run.commit(committed)
+    pending = PrivacyLedger.from_dict(committed.ledger)
+    pending.record("client-0000", {"round": 2, "status": "trained", "epsilon": 1.0})
+    run.write_ledger(pending)  # round 2 reported, then the server died before committing it
+    ledger = run.ledger_to_resume(run.latest_checkpoint())
+    entries = ledger.clients["client-0000"]
+    assert [(e["round"], e.get("interrupted", False)) for e in entries] == [(1, False), (2, True)]
+    assert ledger.epsilon_max() == 1.0, "the retried round starts from the budget already spent"
+    assert run.ledger_to_resume(_checkpoint(2, 0.5)).clients["client-0000"][-1].get("interrupted") is None

@@ -1,0 +1,65 @@
+"""The client half of SecAgg+ (server/secagg.py): Flower's `secaggplus_mod` around our train handler.
+
+Flower 1.42's `secaggplus_mod` speaks the legacy API: in its masking stage it calls the app with
+a FitIns-shaped message and masks the FitRes-shaped reply. `secagg_mod` translates both ways,
+so the train handler (and the client-level DP clipping mod inside it) sees its usual message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
+
+from fedtune import constants as k
+
+FITINS_PARAMETERS, FITINS_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy record names
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run Flower's SecAgg+ stages when the server drives them; any other message passes through.
+
+    Registered unconditionally (mods are fixed when the ClientApp is built), so it must not get
+    in the way of normal rounds: Flower's mod raises on a train message without its configs."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, lambda legacy, ctx: _train_as_legacy(legacy, ctx, call_next))
+
+
+def _train_as_legacy(legacy: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """FitIns-shaped message -> our train handler -> FitRes-shaped reply for secaggplus_mod to mask."""
+    config = legacy.content.config_records[FITINS_CONFIG]
+    names = list(config[k.ARRAY_NAMES])
+    received = legacy.content.array_records[FITINS_PARAMETERS]
+    arrays = ArrayRecord({name: Array(a.numpy()) for name, a in zip(names, received.values(), strict=True)})
+    # The same message (its id, sender and round), in the shape the train handler reads.
+    legacy.content = RecordDict({k.ARRAYS: arrays,
+                                 k.CONFIG: ConfigRecord({key: v for key, v in config.items() if key != k.ARRAY_NAMES})})
+    reply = call_next(legacy, context)
+    if reply.has_error():
+        raise RuntimeError(f"training failed before secure aggregation: {reply.error.reason}")
+    # A client that declined submits the global adapter (a zero update): SecAgg+ then never
+    # depends on who trained, and the server's sum stays a sum over the trained updates.
+    submitted = reply.content.array_records.get(k.ARRAYS, arrays)
+    _check_range(submitted, float(context.state.config_records[RECORD_KEY_STATE]["clipping_range"]))
+    return Message(fitres_to_recorddict(to_fit_res(submitted, reply), keep_input=True), reply_to=legacy)
+
+
+def to_fit_res(arrays: ArrayRecord, reply: Message) -> FitRes:
+    """Our reply as the legacy FitRes secaggplus_mod masks: parameters in the server's order,
+    weight 1 (one institution, one vote), metrics and CLIENT_INFO in plaintext."""
+    info = {k.SECAGG_INFO_PREFIX + key: str(v) for key, v in reply.content[k.CLIENT_INFO].items()}
+    metrics = {**dict(reply.content[k.METRICS]), **info}
+    return FitRes(Status(Code.OK, ""), arrayrecord_to_parameters(arrays, keep_input=True), 1, metrics)
+
+
+def _check_range(arrays: ArrayRecord, clipping_range: float) -> None:
+    """SecAgg+ quantizes every value into [-range, range] and clips what falls outside: refuse instead."""
+    largest = max(float(np.abs(a.numpy()).max(initial=0.0)) for a in arrays.values())
+    if largest > clipping_range:
+        raise ValueError(f"An adapter value of magnitude {largest:.3g} is outside SecAgg+'s quantization range "
+                         f"±{clipping_range}; it would be clipped, so this client does not submit.")

@@ -1,0 +1,138 @@
+"""The train exchange of a round through Flower's SecAgg+ (secure aggregation).
+
+Flower 1.42 ships SecAgg+ only for its legacy API: `SecAggPlusWorkflow` drives a legacy
+Strategy's configure_fit / aggregate_fit through a `LegacyContext`, and the clients'
+`secaggplus_mod` masks a legacy FitRes. fedtune keeps that legacy surface inside this module and
+client/secagg.py: `secure_exchange` takes the Message-API messages that strategy.configure_train
+made (its sampling, its config, the client-level DP norm), runs the four SecAgg+ stages over
+exactly those nodes, and hands the round loop ordinary replies, so everything after it (ledger,
+aggregate_train, DP wrappers) is unchanged.
+
+What the server learns: the sum of the updated adapters (every client submits with weight 1,
+so the mean is per institution, not per example) and each client's metrics and status, which
+travel in plaintext (the ledger needs them). A client that declines (ε budget) takes part with
+a zero update, so the protocol never depends on who trained. The replies handed on carry, for
+each client that trained, the mean of the updates of those that trained: any strategy that
+averages its replies (FedAvg; ZeroFilledMean under client-level DP) then computes the same
+aggregate it would from the individual updates, and none of those is ever seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+from flwr.server import ServerConfig, SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from fedtune import constants as k
+
+# Every sampled institution shares its keys with every other (SecAgg+ over the complete graph:
+# cross-silo federations are small, and this gives the highest collusion threshold); the
+# server needs shares from 2/3 of them to remove the masks, so it tolerates a third dropping out.
+NUM_SHARES = 1.0
+RECONSTRUCTION_THRESHOLD = 2 / 3
+# Adapter parameters are quantized in [-CLIPPING_RANGE, CLIPPING_RANGE] (2^22 levels); a client
+# refuses to submit values outside it rather than let them be clipped silently (client/secagg.py).
+CLIPPING_RANGE = 8.0
+
+
+def secure_exchange(grid: Grid, messages: Iterable[Message], round_: int, timeout_s: float | None) -> list[Message]:
+    """The replies to `messages` (train messages for distinct nodes, one shared content), with
+    the updates summed by SecAgg+; sampled nodes that did not finish it get error replies."""
+    messages = list(messages)
+    if not messages:
+        return []
+    content = messages[0].content
+    arrays: ArrayRecord = content[k.ARRAYS]
+    relay = _Relay(messages, arrays, content[k.CONFIG], grid)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=round_), strategy=relay,
+                            client_manager=SimpleClientManager())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
+    context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
+                       timeout=timeout_s)(grid, context)
+    return relay.replies()
+
+
+class _Relay(LegacyStrategy):
+    """The legacy Strategy that SecAggPlusWorkflow drives: it samples nothing itself (the nodes
+    and config come from our strategy's messages) and keeps the securely summed result."""
+
+    def __init__(self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> None:
+        self.messages = {m.metadata.dst_node_id: m for m in messages}
+        self.names = list(arrays.keys())
+        self.global_arrays = arrays
+        self.config = {**config, k.ARRAY_NAMES: self.names}
+        self.grid = grid
+        self.results: list[tuple[int, FitRes]] = []
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, dict(self.config))) for node in self.messages]
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Parameters, dict]:
+        # SecAggPlusWorkflow has put the unmasked mean over all submitting clients into every FitRes
+        self.results = [(proxy.node_id, fit_res) for proxy, fit_res in results]
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return arrayrecord_to_parameters(self.global_arrays, keep_input=True), {}
+
+    def replies(self) -> list[Message]:
+        """Ordinary train replies: per finished client, its plaintext metrics and status, and (if it
+        trained) the mean update of the clients that trained; error replies for the others."""
+        infos = {node: _split_metrics(fit_res.metrics) for node, fit_res in self.results}
+        trained = [node for node, (info, _) in infos.items() if info[k.STATUS] == k.STATUS_TRAINED]
+        mean_of_trained = self._mean_of_trained(len(infos), len(trained)) if trained else None
+        out = []
+        for node, msg in self.messages.items():
+            if node not in infos:
+                out.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                         "did not complete secure aggregation (dropped out or failed)"), reply_to=msg))
+                continue
+            info, metrics = infos[node]
+            reply = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: info})
+            if node in trained:
+                reply[k.ARRAYS] = mean_of_trained
+            out.append(Message(reply, reply_to=msg))
+        return out
+
+    def _mean_of_trained(self, submitted: int, trained: int) -> ArrayRecord:
+        # mean over all submitters = g + (sum of the trained updates) / submitted; declined sent g
+        base = self.global_arrays.to_numpy_ndarrays()
+        return ArrayRecord({name: Array(np.asarray(g + (a - g) * (submitted / trained), dtype=g.dtype))
+                            for name, g, a in zip(self.names, base, self.mean, strict=True)})
+
+    # The evaluate half and the legacy extras are not used: fedtune evaluates in its own loop.
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+def _split_metrics(metrics: dict[str, Any]) -> tuple[ConfigRecord, MetricRecord]:
+    """A FitRes's metrics back into our CLIENT_INFO (strings) and METRICS (numbers) records."""
+    prefix = k.SECAGG_INFO_PREFIX
+    info = ConfigRecord({key[len(prefix):]: str(v) for key, v in metrics.items() if key.startswith(prefix)})
+    numbers = MetricRecord({key: v for key, v in metrics.items() if not key.startswith(prefix)})
+    return info, numbers
+

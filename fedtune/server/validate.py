@@ -1,0 +1,121 @@
+"""Refuse malformed client replies before they reach aggregation.
+
+In deployment a reply comes from another institution's process: a bug, a version mismatch or a
+hostile client can send an update with missing or extra tensors, wrong shapes or dtypes, NaN or
+Inf, or metrics the strategy cannot weigh by. Flower's FedAvg would then fail the whole round
+(InconsistentMessageReplies) or, worse, average a NaN into the global model. Each check here
+names what is wrong, so the round loop can record the client as failed with that reason and go on
+with the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedtune import constants as k
+
+MAX_LISTED = 3  # names shown in a reason before "and N more"
+
+# What every reply must report: the ledger's privacy figures and the aggregation weight.
+REQUIRED_METRICS = (k.NUM_EXAMPLES, k.TRAIN_LOSS, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER,
+                    k.MAX_GRAD_NORM, k.DELTA, k.EPSILON, k.EPSILON_OTHER)
+NON_NEGATIVE = (k.NUM_EXAMPLES, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER, k.MAX_GRAD_NORM, k.DELTA)
+STATUSES = (k.STATUS_TRAINED, k.STATUS_DECLINED)
+
+
+def reply_problem(reply: Message, reference: ArrayRecord) -> str | None:
+    """Why `reply` (a successful train reply) cannot be used, or None when it can. A trained reply
+    must carry exactly the tensors of `reference`, with the same shapes and dtypes, all finite."""
+    content = reply.content
+    info = content.get(k.CLIENT_INFO)
+    if not isinstance(info, ConfigRecord) or not {k.CLIENT_NAME, k.STATUS} <= set(info.keys()):
+        return f"no `{k.CLIENT_INFO}` record naming the client and its status"
+    status = info[k.STATUS]
+    if status not in STATUSES:
+        return f"unknown status {status!r}"
+    problem = _metrics_problem(content.get(k.METRICS), trained=status == k.STATUS_TRAINED)
+    if problem or status != k.STATUS_TRAINED:
+        return problem
+    if len(content.array_records) != 1 or not isinstance(content.get(k.ARRAYS), ArrayRecord):
+        return f"expected one ArrayRecord `{k.ARRAYS}`, got {sorted(content.array_records) or 'none'}"
+    return arrays_problem(content[k.ARRAYS], reference)
+
+
+def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
+    """Why `arrays` does not fit `reference` (keys, shapes, dtypes, finite values), or None."""
+    missing = [key for key in reference.keys() if key not in arrays]
+    extra = [key for key in arrays.keys() if key not in reference]
+    if missing or extra:
+        parts = [f"missing {_listed(missing)}"] if missing else []
+        parts += [f"unexpected {_listed(extra)}"] if extra else []
+        return f"wrong tensors: {'; '.join(parts)}"
+    for key in reference.keys():
+        got, want = arrays[key], reference[key]
+        if tuple(got.shape) != tuple(want.shape):
+            return f"wrong shape for {key}: {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if got.dtype != want.dtype:
+            return f"wrong dtype for {key}: {got.dtype}, expected {want.dtype}"
+        try:
+            values = got.numpy()
+        except Exception as err:  # noqa: BLE001 - any decoding failure makes the tensor unusable
+            return f"{key} cannot be decoded ({type(err).__name__})"
+        if not np.isfinite(values).all():
+            return f"{key} has NaN or Inf values"
+    return None
+
+
+def _metrics_problem(metrics: object, trained: bool) -> str | None:
+    if not isinstance(metrics, MetricRecord):
+        return f"no MetricRecord `{k.METRICS}`"
+    missing = [key for key in REQUIRED_METRICS if key not in metrics]
+    if missing:
+        return f"metrics lack {_listed(missing)}"
+    for key in REQUIRED_METRICS:
+        value = metrics[key]
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"metric {key} is not a number"
+        if key in NON_NEGATIVE and not (value >= 0 and math.isfinite(value)):
+            return f"metric {key} is {value}, expected a finite number >= 0"
+        if key in (k.EPSILON, k.EPSILON_OTHER) and (math.isnan(value) or value < 0):
+            return f"metric {key} is {value}, expected >= 0 (inf when DP is off)"
+    if trained and metrics[k.NUM_EXAMPLES] <= 0:
+        return f"trained but reports {k.NUM_EXAMPLES}={metrics[k.NUM_EXAMPLES]}: nothing to weigh the update by"
+    return None
+
+
+def reject_malformed(replies: Iterable[Message],
+                     reference: ArrayRecord) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """Split a round's train replies into those fit to use and (reply, reason) for the others.
+
+    Error replies pass through unchanged (they are failures already). Besides each reply's own
+    checks, trained replies must agree on their metric keys, as Flower's aggregation requires:
+    a reply whose keys differ from the most common set is rejected, not the round."""
+    kept: list[Message] = []
+    rejected: list[tuple[Message, str]] = []
+    for reply in replies:
+        problem = None if reply.has_error() else reply_problem(reply, reference)
+        if problem:
+            rejected.append((reply, problem))
+        else:
+            kept.append(reply)
+    trained = [r for r in kept if not r.has_error() and r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
+    if trained:
+        usual, _ = Counter(frozenset(r.content[k.METRICS].keys()) for r in trained).most_common(1)[0]
+        for reply in trained:
+            keys = frozenset(reply.content[k.METRICS].keys())
+            if keys != usual:
+                kept.remove(reply)
+                detail = [f"extra {_listed(sorted(keys - usual))}"] if keys - usual else []
+                detail += [f"lacks {_listed(sorted(usual - keys))}"] if usual - keys else []
+                rejected.append((reply, f"metric keys differ from the other clients' ({'; '.join(detail)})"))
+    return kept, rejected
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"

@@ -1,0 +1,220 @@
+"""Client-level DP: Flower's DP strategy wrappers around fedtune's aggregation.
+
+The stack, outermost first:
+    Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping  clip (server side), noise
+    ZeroFilledMean                                                         mean over the m sampled
+    FedAvg / FedProx                                                       sampling, messages, metrics
+
+Flower's wrappers add noise of std z*C/m to whatever the inner strategy returns, which is right
+only if that is the unweighted mean of m clipped updates. FedAvg weights by examples (one large
+institution could move the mean by up to C, not C/m) and divides by the updates it received
+(declined and failed institutions would shrink m and leak who trained). ZeroFilledMean is the
+fixed-denominator mean of McMahan et al. (2018): every sampled institution counts once, one that
+sent no update counts as a zero update, so the sensitivity is exactly C/m every round.
+
+The subclasses below add two things to Flower's wrappers: the facts the ledger needs (releases,
+the accounted z; privacy/client_level.py does the arithmetic), and, for adaptive clipping, two
+corrections to flwr 1.42 (see _AdaptiveCorrections). Flower's own accountant is not used: it
+needs no-amplification sampling, equal FedAvg weights and exactly m replies (a declined client
+aborts the aggregation), exists for fixed clipping only, and its state is not in our checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+
+from fedtune.config import FedtuneConfig
+from fedtune.errors import FedtuneError
+from fedtune.privacy.client_level import (
+    ClientLevelAccount,
+    adaptive_noise_inputs,
+    combined_noise_multiplier,
+    sampled_clients,
+)
+
+
+class ZeroFilledMean(Strategy):
+    """Aggregate train replies as global + (sum of updates) / m, m fixed; forward everything else.
+
+    Metrics still come from the inner strategy (example-weighted loss, worst ε)."""
+
+    def __init__(self, strategy: FedAvg, num_sampled_clients: int) -> None:
+        self.strategy = strategy
+        self.num_sampled_clients = num_sampled_clients
+        self.current_arrays = ArrayRecord()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        m = self.num_sampled_clients
+        if len(replies) > m:
+            raise FedtuneError(f"Round {server_round}: {len(replies)} updates for {m} sampled institutions; "
+                               "client-level DP is calibrated to m.")
+        metrics = self.strategy.aggregate_train(server_round, replies)[1] if replies else None
+        names = list(self.current_arrays.keys())
+        base = [a.astype(np.float64) for a in self.current_arrays.to_numpy_ndarrays()]
+        total = [np.zeros_like(b) for b in base]
+        for reply in replies:
+            (record,) = reply.content.array_records.values()
+            if list(record.keys()) != names:  # Flower's clipping pairs arrays by position
+                raise FedtuneError(f"Round {server_round}: an update's arrays do not match the global ones.")
+            for acc, value, b in zip(total, record.to_numpy_ndarrays(), base, strict=True):
+                acc += value - b
+        dtypes = [a.dtype for a in self.current_arrays.to_numpy_ndarrays()]
+        mean = {n: Array(np.asarray(b + acc / m, dtype=t)) for n, b, acc, t in zip(names, base, total, dtypes,
+                                                                                     strict=True)}
+        return ArrayRecord(mean), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class _ClientLevel:
+    """Counts noised releases and describes them for the ledger. Mixed into Flower's wrappers."""
+
+    clipping: str
+    side: str
+    clipping_norm: float
+    noise_multiplier: float
+
+    def __init__(self, *args: Any, sample_rate: float, delta: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_rate = sample_rate
+        self.delta = delta
+        self.releases = 0
+
+    def accounted_noise_multiplier(self) -> float:
+        return self.noise_multiplier
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None:
+            self.releases += 1
+        return arrays, metrics
+
+    def account(self) -> ClientLevelAccount:
+        return ClientLevelAccount(self.clipping, self.side, self.accounted_noise_multiplier(),  # type: ignore[arg-type]
+                                  float(self.clipping_norm), self.sample_rate, self.releases, self.delta)
+
+    def restore(self, entry: dict[str, Any]) -> None:
+        """Continue from a ledger's `client_level` entry; refuse one written under other settings."""
+        mine = self.account().to_dict()
+        changed = [key for key in ("clipping", "side", "noise_multiplier", "sample_rate", "delta")
+                   if key in entry and entry[key] != mine[key] and not _close(entry[key], mine[key])]
+        if changed:
+            raise FedtuneError("The run's client-level DP ledger was written with other settings "
+                               f"({', '.join(changed)}); resume it with its own config.")
+        self.releases = int(entry["rounds"])
+        self.clipping_norm = float(entry["clipping_norm"])
+
+
+def _close(a: Any, b: Any) -> bool:
+    return isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
+
+
+class _AdaptiveCorrections:
+    """Two corrections to flwr 1.42's adaptive wrappers, through their private hooks (flwr is
+    pinned to 1.42; tests/strategies/test_client_dp.py fails if these hooks stop being used):
+
+    1. Flower updates the clipping norm before it adds the noise, so the noise is scaled to the
+       next round's norm, not to the norm the updates were clipped to. When the norm shrinks,
+       the round gets less noise than z promises. We apply the update after the noise.
+    2. Flower divides the noisy clipped-count by the number of replies; with ZeroFilledMean a
+       missing update is a zero (unclipped) update, so the denominator is m."""
+
+    clipping_norm: float
+    num_sampled_clients: int
+    clipped_count_stddev: float
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_fraction: float | None = None
+
+    def accounted_noise_multiplier(self) -> float:
+        return combined_noise_multiplier(self.noise_multiplier, self.clipped_count_stddev)  # type: ignore[attr-defined]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._pending_fraction = None
+        result = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if self._pending_fraction is not None:
+            super()._geometric_update(self._pending_fraction)  # type: ignore[misc]
+            self._pending_fraction = None
+        return result
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self._pending_fraction = clipped_fraction
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        return super()._noisy_fraction(count, self.num_sampled_clients)  # type: ignore[misc]
+
+
+class ServerSideFixed(_ClientLevel, DifferentialPrivacyServerSideFixedClipping):
+    clipping, side = "fixed", "server"
+
+
+class ClientSideFixed(_ClientLevel, DifferentialPrivacyClientSideFixedClipping):
+    clipping, side = "fixed", "client"
+
+
+class ServerSideAdaptive(_AdaptiveCorrections, _ClientLevel, DifferentialPrivacyServerSideAdaptiveClipping):
+    clipping, side = "adaptive", "server"
+
+
+class ClientSideAdaptive(_AdaptiveCorrections, _ClientLevel, DifferentialPrivacyClientSideAdaptiveClipping):
+    clipping, side = "adaptive", "client"
+
+
+WRAPPERS = {("fixed", "server"): ServerSideFixed, ("fixed", "client"): ClientSideFixed,
+            ("adaptive", "server"): ServerSideAdaptive, ("adaptive", "client"): ClientSideAdaptive}
+
+
+def with_client_dp(strategy: FedAvg, cfg: FedtuneConfig) -> Strategy:
+    """`strategy` under client-level DP as cfg.dp asks (client_dp must not be `off`)."""
+    dp = cfg.dp
+    m = sampled_clients(cfg.clients, cfg.strategy.fraction_train)
+    inner = ZeroFilledMean(strategy, m)
+    wrapper = WRAPPERS[(dp.client_dp, dp.client_dp_side)]
+    accounting = dict(sample_rate=m / cfg.clients, delta=dp.delta)
+    if dp.client_dp == "fixed":
+        return wrapper(inner, dp.client_noise_multiplier, dp.client_clipping_norm, m, **accounting)
+    z_in, count_noise = adaptive_noise_inputs(dp.client_noise_multiplier, m)
+    return wrapper(inner, z_in, m, initial_clipping_norm=dp.client_clipping_norm,
+                   clipped_count_stddev=count_noise, **accounting)
+
+
+def client_level_entry(strategy: Strategy) -> dict[str, Any] | None:
+    """The ledger's `client_level` entry for `strategy`; None without client-level DP."""
+    return strategy.account().to_dict() if isinstance(strategy, _ClientLevel) else None
+
+
+def restore_client_level(strategy: Strategy, entry: dict[str, Any] | None) -> None:
+    """On resume: continue counting releases (and the adaptive norm) from the ledger."""
+    if entry is not None and isinstance(strategy, _ClientLevel):
+        strategy.restore(entry)

@@ -1,0 +1,72 @@
+"""Crash safety: a run killed between rounds resumes; no client's ε is reset and no ledger
+entry is lost. Runs with --target-epsilon, so it also checks the solved sigma end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_simulate import TINY, fedtune
+from tests.privacy.independent import history_from_ledger, independent_epsilon
+
+pytestmark = pytest.mark.integration
+TARGET = 3.0
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _kill_when(process: subprocess.Popen, ready: Path, timeout_s: float = 300) -> None:
+    """SIGKILL the whole process group (server and Ray workers) once `ready` exists."""
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), "the run never finished its first round"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def _ledger(run: Path) -> dict[str, list[dict]]:
+    return json.loads((run / "privacy_ledger.json").read_text())["clients"]
+
+
+def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY.replace("rounds = 2", "rounds = 3"))
+    run = tmp_path / "run"
+    _kill_when(_start(["simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(run),
+                       "--target-epsilon", str(TARGET)]), run / "checkpoints" / "round_0001.pt")
+    before = _ledger(run)
+    assert not (run / "summary.json").exists(), "the run really was cut short"
+
+    result = fedtune("simulate", "--resume", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = _ledger(run)
+    assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    for name, entries in after.items():
+        assert entries[:len(before[name])] == before[name], "no entry written before the crash is lost"
+        spent = [e["epsilon"] for e in entries]
+        assert spent == sorted(spent) and spent[0] > 0, "ε only grows: never reset by the restart"
+        assert {e["noise_multiplier"] for e in entries if e["steps"]} == {entries[0]["noise_multiplier"]}
+        assert spent[-1] <= TARGET * 1.001, "the solved sigma keeps every client within its target"
+        assert spent[-1] == pytest.approx(independent_epsilon("prv", history_from_ledger(entries), 1e-5), rel=0.01)
+        # The institution's own copy holds every round the server heard of (and any it spent on
+        # while the server was down), and its last ε is the latest.
+        own = json.loads((run / "client_state" / f"{name}.json").read_text())["ledger"]
+        heard = Counter(e["round"] for e in entries if e["status"] != "failed")
+        assert not heard - Counter(e["round"] for e in own)
+        assert own[-1]["epsilon"] == spent[-1]
+    finished = [name for name, entries in after.items() if entries[-1]["status"] == "trained"]
+    for name in finished:  # a client that trained all planned rounds spent (almost) exactly its target
+        if sum(e["status"] == "trained" for e in after[name]) == 3:
+            assert after[name][-1]["epsilon"] == pytest.approx(TARGET, rel=0.01)

@@ -1,0 +1,225 @@
+"""The privacy report: its numbers come from the right ledger entries, and its text says what it must."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from fedtune.cli import cli
+from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
+from fedtune.errors import FedtuneError
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.report import (
+    PLOT_PNG,
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
+    build_report,
+    plot_epsilon,
+    render_html,
+    render_markdown,
+    write_report,
+)
+from fedtune.server.run_dir import LEDGER, RunDirectory
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def trained(round_, eps, other=None, sigma=1.0, q=0.25, steps=4, **extra):
+    return {"round": round_, "status": "trained", "noise_multiplier": sigma, "max_grad_norm": 1.0,
+            "sample_rate": q, "steps": steps, "delta": 1e-5, "epsilon": eps,
+            "epsilon_rdp": eps * 1.1 if other is None else other, **extra}
+
+
+def declined(round_, eps):
+    return {**trained(round_, eps, sample_rate=0.0), "status": "declined", "sample_rate": 0.0, "steps": 0}
+
+
+def failed(round_):
+    return {"round": round_, "status": "failed", "reason": "worker died"}
+
+
+def make_run(tmp_path, clients, dp_enabled=True, client_level=..., budget=8.0, delta=1e-5, target=0.0):
+    """A run directory with config.toml and a ledger of `clients` ({name: [entries]})."""
+    cfg = FedtuneConfig(rounds=3, clients=len(clients) or 1, train=TrainConfig(batch_size=16),
+                        dp=DPConfig(enabled=dp_enabled, epsilon_budget=budget, delta=delta, target_epsilon=target))
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    ledger = PrivacyLedger("prv", dp_enabled)
+    for name, entries in clients.items():
+        for entry in entries:
+            ledger.record(name, entry)
+    data = ledger.to_dict()
+    if client_level is not ...:
+        data["client_level"] = client_level
+    (run.path / LEDGER).write_text(json.dumps(data))
+    return run.path
+
+
+@pytest.fixture
+def three_clients(tmp_path):
+    return make_run(tmp_path, {
+        "a": [trained(1, 1.0), trained(2, 2.0), trained(3, 3.0)],
+        "b": [trained(1, 2.5, steps=8, q=0.125), declined(2, 2.5), declined(3, 2.5)],
+        "c": [trained(1, 1.5), failed(2), trained(3, 2.9, sigma=1.3)],
+    })
+
+
+def client(report, name):
+    return next(c for c in report["clients"] if c["name"] == name)
+
+
+def test_numbers_match_the_ledger(three_clients):
+    report = build_report(three_clients)
+    assert (report["epsilon_max"], report["epsilon_max_client"]) == (3.0, "a")
+    assert report["epsilon_max_other"] == pytest.approx(3.3)
+    a, b, c = (client(report, n) for n in "abc")
+    assert (a["steps"], a["rounds_trained"], a["rounds_declined"], a["rounds_failed"]) == (12, 3, 0, 0)
+    assert (b["noise_multiplier"], b["sample_rate"], b["steps"], b["rounds_declined"]) == (1.0, 0.125, 8, 2)
+    assert b["epsilon"] == 2.5 and b["epsilon_by_round"] == [0.0, 2.5, 2.5, 2.5]
+    assert (c["noise_multiplier"], c["parameters_changed"], c["rounds_failed"], c["steps"]) == (1.3, True, 1, 8)
+    assert c["epsilon_by_round"] == [0.0, 1.5, 1.5, 2.9]
+    assert report["clients_declined"] == ["b"] and report["rounds_declined"] == 2
+    assert report["rounds_failed"] == 1 and report["clients_over_budget"] == []
+    assert report["epsilon_budget"] == 8.0 and report["rounds_in_ledger"] == 3
+    assert report["client_level"] is None
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+def test_max_is_each_clients_latest_cumulative_epsilon_from_the_main_accountant(tmp_path):
+    """Each wrong choice gives another answer: the other accountant's ε (9), skipping interrupted
+    entries (4), the first entry of each client (4), only trained entries (z would have 2)."""
+    run = make_run(tmp_path, {
+        "x": [trained(1, 4.0, other=9.0)],
+        "y": [trained(1, 3.0, other=3.2), trained(2, 6.0, other=6.4, interrupted=True, attempt=1)],
+        "z": [trained(1, 2.0), declined(2, 5.0), failed(3)],  # a declined entry carries ε so far
+    })
+    report = build_report(run)
+    assert (report["epsilon_max"], report["epsilon_max_client"]) == (6.0, "y")
+    y = client(report, "y")
+    assert (y["rounds_trained"], y["rounds_interrupted"], y["steps"]) == (1, 1, 8)
+    assert client(report, "z")["epsilon"] == 5.0
+    assert "interrupted before commit" in render_markdown(report)
+
+
+def test_a_target_epsilon_caps_the_budget(tmp_path):
+    report = build_report(make_run(tmp_path, {"a": [trained(1, 4.5)]}, budget=math.inf, target=4.0))
+    assert report["epsilon_budget"] == 4.0 and report["settings"]["epsilon_budget"] == "inf"
+    assert report["clients_over_budget"] == ["a"] and client(report, "a")["within_budget"] is False
+    assert "went over the budget" in render_markdown(report)
+
+
+def test_markdown_starts_with_a_plain_language_summary(three_clients):
+    text = render_markdown(build_report(three_clients))
+    lines = [line for line in text.splitlines() if line]
+    assert lines[0].startswith("# Privacy report") and lines[1] == "## Summary"
+    assert lines[2].startswith("Each institution's records are protected by sample-level differential privacy")
+    assert "reached ε = 3.00 at δ = 1e-05 after 3 rounds" in lines[3]
+    assert "the budget per institution was ε = 8" in lines[3]
+    assert "1 institution declined 2 rounds" in lines[3]
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert sections[0] == "Summary" and "Privacy spent per institution" in sections
+    for must in ("add/remove", "PRVAccountant", "eps_error=0.01", "Poisson", "train_loss", "eval_accuracy",
+                 "Hyper-parameter tuning", "1/n", "Client-level DP was **off**"):
+        assert must in text, must
+
+
+def test_html_is_one_file_with_the_plot_embedded(three_clients):
+    report = build_report(three_clients)
+    page = render_html(report, plot_epsilon(report))
+    match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert match and base64.b64decode(match.group(1)).startswith(PNG_MAGIC)
+    assert "http" not in page.replace(report["run_dir"], "") and "<script" not in page
+    assert "<strong>Maximum across institutions: ε = 3.00</strong>" in page
+
+
+def test_dp_off_says_there_is_no_guarantee(tmp_path):
+    off = {"round": 1, "status": "trained", "noise_multiplier": 0.0, "max_grad_norm": 0.0, "sample_rate": 0.25,
+           "steps": 4, "delta": 1e-5, "epsilon": math.inf, "epsilon_rdp": math.inf}
+    report = build_report(make_run(tmp_path, {"a": [off]}, dp_enabled=False, budget=math.inf))
+    assert report["epsilon_max"] == "inf" and client(report, "a")["epsilon"] == "inf"
+    assert client(report, "a")["entries"][0]["epsilon"] == "inf"  # the ledger's null, spelled out
+    assert report["epsilon_budget"] == "inf"
+    text = render_markdown(report)
+    assert "There is no formal privacy guarantee (ε = ∞)" in text.split("## What is protected")[0]
+    assert plot_epsilon(report).startswith(PNG_MAGIC)
+    json.dumps(report, allow_nan=False)
+
+
+def test_client_level_is_reported_when_present(tmp_path):
+    level = {"clipping": "fixed", "side": "server", "noise_multiplier": 0.8, "clipping_norm": 1.0,
+             "sample_rate": 1.0, "rounds": 3, "delta": 1e-3, "epsilon": 7.25, "accountant": "rdp"}
+    report = build_report(make_run(tmp_path, {"a": [trained(1, 1.0)]}, client_level=level))
+    assert report["client_level"]["epsilon"] == 7.25
+    text = render_markdown(report)
+    assert "Client-level DP was **on**" in text and "ε = 7.25 at δ = 0.001" in text
+
+
+@pytest.mark.parametrize("level", [None, ...], ids=["null", "missing"])
+def test_client_level_off_when_null_or_missing(tmp_path, level):
+    report = build_report(make_run(tmp_path, {"a": [trained(1, 1.0)]}, client_level=level))
+    assert report["client_level"] is None
+    assert "Client-level differential privacy was off" in render_markdown(report)
+
+
+def test_an_unreadable_config_leaves_the_budget_unknown_and_an_unnoised_client_unprotected(tmp_path):
+    run = make_run(tmp_path, {"a": [trained(1, math.inf, other=math.inf, sigma=0.0)], "b": [trained(1, 2.0)]})
+    (run / "config.toml").write_text("rounds = [")
+    report = build_report(run)
+    assert "config_error" in report["settings"] and report["epsilon_budget"] is None
+    assert (report["epsilon_max"], report["epsilon_max_client"]) == ("inf", "a")
+    assert client(report, "b")["within_budget"] is None
+    summary = render_markdown(report).split("## What is protected")[0]
+    assert "a trained without noise (ε = ∞)" in summary and "budget is unknown" in summary
+
+
+def test_delta_against_one_over_n_from_the_sampling_rate(tmp_path):
+    """With B = 16 and q = 1/2 a client holds 17 to 32 records."""
+    ok = build_report(make_run(tmp_path / "ok", {"a": [trained(1, 1.0, q=0.5)]}, delta=1e-5))
+    assert client(ok, "a")["records_at_most"] == 32 and client(ok, "a")["delta_below_1_over_n"] is True
+    bad = build_report(make_run(tmp_path / "bad", {"a": [trained(1, 1.0, q=0.5, delta=0.1)]}, delta=0.1))
+    assert client(bad, "a")["delta_below_1_over_n"] is False
+    assert "**It does not hold** for a" in render_markdown(bad)
+    unsure = build_report(make_run(tmp_path / "unsure", {"a": [trained(1, 1.0, q=0.5, delta=0.04)]}, delta=0.04))
+    assert client(unsure, "a")["delta_below_1_over_n"] is None
+
+
+def test_many_clients_are_plotted_as_an_envelope_and_detailed_only_at_the_top(tmp_path):
+    clients = {f"c{i:03d}": [trained(1, i / 10), trained(2, i / 5)] for i in range(60)}
+    report = build_report(make_run(tmp_path, clients))
+    assert plot_epsilon(report).startswith(PNG_MAGIC)
+    detail = render_markdown(report).split("## Per-round detail")[1]
+    assert "`c059`" in detail and "`c000`" not in detail and "every entry of all 60" in detail
+
+
+def test_write_report_writes_all_four_files(three_clients):
+    path = write_report(three_clients)
+    assert path == three_clients / REPORT_MD and path.read_text().startswith("# Privacy report")
+    assert json.loads((three_clients / REPORT_JSON).read_text())["epsilon_max"] == 3.0
+    assert (three_clients / PLOT_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert "data:image/png;base64," in (three_clients / REPORT_HTML).read_text()
+
+
+def test_a_run_without_a_ledger_is_refused_and_nothing_is_written(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig()).path
+    with pytest.raises(FedtuneError, match=re.escape(str(run / LEDGER))):
+        write_report(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+
+
+def test_cli_prints_the_markdown_path_last(three_clients):
+    result = CliRunner().invoke(cli, ["privacy-report", str(three_clients)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(three_clients / REPORT_MD)
+
+
+def test_cli_exits_2_with_a_clear_message_on_a_missing_directory(tmp_path):
+    missing = tmp_path / "no-such-run"
+    result = CliRunner().invoke(cli, ["privacy-report", str(missing)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "no-such-run" in result.output
+    assert not missing.exists()
