@@ -72,7 +72,7 @@ def simulate(
     client_dp_side: Annotated[str | None, Opt(help=f"Client-level DP: clip updates on the server or in each client \\[default: {D.dp.client_dp_side}].")] = None,
     client_noise_multiplier: Annotated[float | None, Opt(help=f"Client-level DP: noise std / update clipping norm, z \\[default: {D.dp.client_noise_multiplier}].")] = None,
     client_clipping_norm: Annotated[float | None, Opt(help=f"Client-level DP: L2 bound on each update (the start value when adaptive) \\[default: {D.dp.client_clipping_norm}].")] = None,
-    secagg: Annotated[bool, Opt("--secagg", help="Secure aggregation of the updates (Flower SecAgg+).")] = False,
+    secagg: Annotated[bool, Opt("--secagg", help="Secure aggregation of the adapter updates (Flower SecAgg+): the server sees only their sum, each institution counting once; with --client-dp, clip on the client side. See docs/privacy.md.")] = False,
     model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6).")] = None,
     max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
@@ -144,11 +144,32 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
              else f"sigma={cfg.dp.noise_multiplier}")
     dp = f"{noise}, C={cfg.dp.max_grad_norm}" if cfg.dp.enabled else "off"
     client_level = ("" if cfg.dp.client_dp == "off" else f", client-level DP {cfg.dp.client_dp} ({cfg.dp.client_dp_side}) "
-                    f"z={cfg.dp.client_noise_multiplier}, C={cfg.dp.client_clipping_norm}")
+                    f"z={cfg.dp.client_noise_multiplier}, C={cfg.dp.client_clipping_norm}") + (", SecAgg+" if cfg.dp.secagg else "")
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
                   f"{cfg.strategy.name}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
     print(run.path)
+
+
+@cli.command("deploy-local")
+def deploy_local(
+    nodes: Annotated[int, Opt(help="Institutions: one SuperNode each, with its own slice of the demo data.")] = 3,
+    rounds: Annotated[int | None, Opt(help=f"Federated rounds (default: {D.rounds}, or the config file's).")] = None,
+    out: Annotated[Path | None, Opt(help="Run directory to create (default runs/deploy-<timestamp>).")] = None,
+    config: Annotated[Path | None, Opt(help="TOML config file; only options listed in pyproject.toml's tool.flwr.app.config reach the ServerApp.")] = None,
+    timeout: Annotated[float, Opt(help="Stop everything if the run has not finished after this many seconds.")] = 7200.0,
+) -> None:
+    """Run a federation on Flower's Deployment Engine on this machine: a SuperLink and one SuperNode
+    per institution on 127.0.0.1, TLS on every connection, only registered SuperNodes admitted;
+    the run is submitted with `flwr run`. Every process is stopped afterwards, also on failure and
+    Ctrl-C. The institutions' keys, state and logs are in RUN_DIR/deployment/; docs/deployment.md
+    shows the same steps across machines. The last line printed is the run directory."""
+    from fedtune.deploy.run import deploy_local as run_deployment
+
+    run_dir, status = run_deployment(nodes, rounds, out, config, timeout, console)
+    if run_dir is not None:
+        print(run_dir)
+    raise typer.Exit(status)
 
 
 def _show_data(summary: dict[str, Any]) -> None:

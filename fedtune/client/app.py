@@ -18,11 +18,13 @@ from flwr.clientapp import ClientApp
 
 from fedtune import constants as k
 from fedtune.client.mods import client_clipping_mod
+from fedtune.client.secagg import secagg_mod
 from fedtune.client.state import ClientState, load_state, save_state, state_dir
 from fedtune.client.train import train_round
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import federated_data, label_names, local_data, node_data_config
 from fedtune.data.text import TokenizedTexts, tokenize
+from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.build import build_model, load_tokenizer
 from fedtune.models.evaluate import evaluate as evaluate_model
@@ -49,6 +51,20 @@ def client_name(context: Context) -> str:
     if k.PARTITION_ID in node:
         return f"client-{int(node[k.PARTITION_ID]):04d}"
     return f"node-{context.node_id}"  # deployment with data-path: no partition id
+
+
+def own_budget(cfg: FedtuneConfig, context: Context) -> FedtuneConfig:
+    """The run's DP settings under this institution's own ε cap (node config `epsilon-budget`).
+    It can only tighten the run's: the lower budget applies, and a dp.target_epsilon above it is
+    lowered to it, so the noise is solved for what the institution allows."""
+    if k.NODE_EPSILON_BUDGET not in context.node_config:
+        return cfg
+    own = context.node_config[k.NODE_EPSILON_BUDGET]
+    if isinstance(own, bool) or not isinstance(own, int | float) or not own > 0:
+        raise ConfigError(f"Invalid node config `{k.NODE_EPSILON_BUDGET}`: {own!r}; use a positive ε such as 8.0.")
+    budget = min(cfg.dp.epsilon_budget, float(own))
+    target = min(cfg.dp.target_epsilon, budget)
+    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, epsilon_budget=budget, target_epsilon=target))
 
 
 @lru_cache(maxsize=4096)
@@ -85,9 +101,10 @@ def _model(cfg: FedtuneConfig, arrays: ArrayRecord):
     return model
 
 
-@app.train(mods=[client_clipping_mod])  # a no-op unless the server asks the client to clip
+@app.train(mods=[secagg_mod, client_clipping_mod])  # each a no-op unless the server asks for it
 def train(msg: Message, context: Context) -> Message:
     cfg, record = recipe(msg)
+    cfg = own_budget(cfg, context)
     name = client_name(context)
     directory = state_dir(context, str(record.get(k.CLIENT_STATE_DIR, "")))
     train_data, _ = _local_data(cfg, context)

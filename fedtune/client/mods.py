@@ -7,6 +7,10 @@ using Flower's own `fixedclipping_mod` / `adaptiveclipping_mod`.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -30,4 +34,18 @@ def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     if reply.has_error() or not reply.content.array_records:
         return reply
     flower_mod = adaptiveclipping_mod if config.get(k.CLIENT_DP) == "adaptive" else fixedclipping_mod
-    return flower_mod(msg, context, lambda _msg, _context: reply)
+    with flower_logs_quiet():
+        return flower_mod(msg, context, lambda _msg, _context: reply)
+
+
+@contextmanager
+def flower_logs_quiet() -> Iterator[None]:
+    """Flower's mods log every clip and protocol stage at INFO/DEBUG, several lines per client
+    per round in the user's terminal; keep their warnings and errors only."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -16,6 +16,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
 from fedtune import constants as k
+from fedtune.client.mods import flower_logs_quiet
 
 FITINS_PARAMETERS, FITINS_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy record names
 
@@ -27,7 +28,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     in the way of normal rounds: Flower's mod raises on a train message without its configs."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, lambda legacy, ctx: _train_as_legacy(legacy, ctx, call_next))
+    with flower_logs_quiet():
+        return secaggplus_mod(msg, context, lambda legacy, ctx: _train_as_legacy(legacy, ctx, call_next))
 
 
 def _train_as_legacy(legacy: Message, context: Context, call_next: ClientAppCallable) -> Message:

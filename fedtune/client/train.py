@@ -42,6 +42,13 @@ def _is_empty(batch) -> bool:
     return not isinstance(batch, dict) or batch["labels"].numel() == 0
 
 
+def _mixed_precision(device: torch.device):
+    """bf16 autocast for the forward pass on a GPU that supports it (weights, gradients and the
+    optimizer stay fp32; Opacus 1.6 computes per-sample gradients under autocast). A no-op on CPU."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def _stepped(optimizer: torch.optim.Optimizer) -> bool:
     """False after a physical batch that BatchMemoryManager split off a larger logical batch:
     Opacus then only accumulated clipped gradients and the real step comes later. Opacus
@@ -74,7 +81,8 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
                     if _is_empty(batch):
                         step_on_empty_batch(optimizer)
                     else:
-                        out = model(**{k: v.to(device) for k, v in batch.items()})
+                        with _mixed_precision(device):
+                            out = model(**{k: v.to(device) for k, v in batch.items()})
                         out.loss.backward()
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)

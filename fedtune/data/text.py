@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+IGNORE_INDEX = -100  # the label of a token that carries no loss (torch's and transformers' convention)
+
 
 @dataclass(frozen=True)
 class TokenizedTexts(Dataset):
@@ -30,6 +32,8 @@ class TokenizedTexts(Dataset):
 
 def tokenize(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int) -> TokenizedTexts:
     """Tokenize once; counts texts longer than `max_length` tokens (they are truncated)."""
+    if not texts:  # e.g. a client's validation split when data.client_val_fraction is 0
+        return TokenizedTexts((), ())
     full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
     num_truncated = sum(len(ids) > max_length for ids in full)
     if num_truncated:
@@ -40,12 +44,18 @@ def tokenize(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length:
 
 
 def pad_batch(items: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Collate (input_ids, label) items into a batch padded to its own longest sequence."""
+    """Collate (input_ids, label) items into a batch padded to its own longest sequence. A label is
+    a class id, or (causal LM) one token label per input position, padded with IGNORE_INDEX."""
     longest = max(len(ids) for ids, _ in items)
     input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
     for row, (ids, _) in enumerate(items):
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
-    labels = torch.stack([label for _, label in items])
+    if items[0][1].dim() == 0:
+        labels = torch.stack([label for _, label in items])
+    else:
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, (_, label) in enumerate(items):
+            labels[row, : len(label)] = label
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

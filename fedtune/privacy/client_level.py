@@ -19,8 +19,6 @@ from typing import Any, Literal
 
 from opacus.accountants import RDPAccountant
 
-from fedtune.errors import ConfigError
-
 ACCOUNTANT = "rdp"
 
 
@@ -84,11 +82,3 @@ class ClientLevelAccount:
         eps = self.epsilon
         return {**asdict(self), "epsilon": None if math.isinf(eps) else eps, "accountant": ACCOUNTANT}
 
-
-def check_client_level(num_clients: int, delta: float) -> None:
-    """Before a run: the client-level guarantee reuses dp.delta, which must be below 1/N for N
-    institutions (otherwise "leak one institution entirely with probability δ" is allowed)."""
-    if delta >= 1.0 / num_clients:
-        raise ConfigError(f"Invalid option `dp.delta`: client-level DP uses it for the institution-level guarantee, "
-                          f"and {delta} is not below 1/{num_clients} (the number of clients). Use --delta "
-                          f"{1.0 / (10 * num_clients):.1e} or smaller.")

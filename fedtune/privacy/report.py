@@ -116,6 +116,7 @@ def _settings(run_dir: Path) -> dict[str, Any]:
         "epsilon_cap": _num(cap),  # a client declines past it: the target ε also caps the budget
         "batch_size": cfg.train.batch_size, "local_epochs": cfg.train.local_epochs,
         "fraction_train": cfg.strategy.fraction_train, "client_dp": dp.client_dp, "secagg": dp.secagg,
+        "reproducible_noise": dp.reproducible_noise,
     }
 
 
@@ -323,10 +324,12 @@ def _summary(r: dict[str, Any]) -> list[Block]:
         "whether an institution took part, nor its data as a whole." if cl is None else
         f"Client-level differential privacy was on as well: the aggregated model also hides any one institution's "
         f"whole contribution, up to ε = {_eps(cl.get('epsilon'))} at δ = {_g(cl.get('delta'))}.")
+    seeded = r["settings"].get("reproducible_noise", True)
     paragraphs.append("Not covered: the training loss, example counts and evaluation results that institutions "
-                      "reported to the server were sent as they are, without noise. The noise came from a seeded "
-                      "(reproducible) random generator, not a cryptographically secure one. See the sections "
-                      "below.")
+                      "reported to the server were sent as they are, without noise. "
+                      + ("The noise was derived from the run seed, which the server knows (reproducible_noise): "
+                         "the guarantee does not hold against the server. " if seeded else "")
+                      + "See the sections below.")
     return paragraphs
 
 
@@ -496,16 +499,25 @@ def _assumptions(r: dict[str, Any]) -> list[Block]:
         "A client that lost its state would under-report its ε.",
         "**Hyper-parameter tuning is not accounted**: if σ, C, the learning rate, the number of rounds or the "
         "budget were chosen by trying runs on the same private data, the real privacy cost is higher.",
-        "**Randomness**: the DP noise and the Poisson sampling come from PyTorch's pseudo-random generator, "
-        "seeded from the run seed, the round and the institution's name (for reproducibility); Opacus' "
-        "`secure_mode` is off. The guarantee assumes the noise is unpredictable to the adversary; the server "
-        "sends the seed, so a formal deployment needs a secret seed or a cryptographically secure generator.",
+        _randomness(r),
         "**Floating point**: the guarantee is for exact arithmetic; known floating-point attacks on the Gaussian "
         "mechanism are not mitigated (Opacus' `secure_mode` addresses them).",
         "**Budget checks** use the same accountant: an institution declines a round whose projected ε after that "
         "round would exceed the budget; ε is never reset.",
     ]
     return [items] if r["dp_enabled"] else ["None apply: without DP-SGD there is no guarantee to qualify."]
+
+
+def _randomness(r: dict[str, Any]) -> str:
+    if r["settings"].get("reproducible_noise", True):
+        return ("**Randomness**: this run set `dp.reproducible_noise`: the DP noise and the Poisson sampling were "
+                "seeded from the run seed, the round and the institution's name. The server knows the seed and could "
+                "regenerate the noise, so the guarantee does not hold against the server; it still holds against "
+                "anyone who sees only the final adapter.")
+    return ("**Randomness**: in each round, each institution seeds PyTorch's generator for the DP noise and the "
+            "Poisson sampling from the operating system's secure randomness, and never sends the seed. PyTorch's "
+            "generator is not itself cryptographic (Opacus' `secure_mode` is off), which the standard analysis "
+            "does not require but a formal deployment may.")
 
 
 def _delta_sentence(r: dict[str, Any]) -> str:

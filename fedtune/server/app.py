@@ -57,6 +57,7 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
         "final_eval_accuracy": last["eval_accuracy"],
         "final_eval_loss": last["eval_loss"],
         "epsilon_max": last["epsilon_max"],
+        "client_level_epsilon": (final.ledger.get("client_level") or {}).get("epsilon"),  # None when off
         "bytes_up_per_client": last["bytes_up"],
         "base_model_bytes": base_bytes,
         "payload_fraction": last["bytes_up"] / base_bytes,

@@ -8,6 +8,7 @@ strategy or strategy wrapper plugs in unchanged.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger, ledger_entry
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
+from fedtune.server.secagg import secure_exchange
 from fedtune.server.validate import reject_malformed
 from fedtune.strategies.client_dp import client_level_entry, restore_client_level
 
@@ -57,9 +59,12 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
              timeout_s: float | None) -> list[Message]:
     """Push `messages`, then pull replies until all are back (or the timeout), with a bar.
 
-    Every message gets exactly one reply: one that could not be sent, or got no reply before
-    the timeout (an institution whose SuperNode died or hangs), is answered here with an error
-    reply naming why, so the caller records that node as failed and goes on with the others."""
+    Every message gets exactly one reply, attributed to the node it was sent to: one that could
+    not be sent, or got no reply before the timeout (an institution whose SuperNode died or
+    hangs), is answered here with an error reply naming why, so the caller records that node as
+    failed and goes on with the others. Errors the SuperLink makes itself (e.g. "node
+    unavailable" once a node's heartbeat lapses) come from the SuperLink's own node id; they are
+    re-addressed to the node they are about."""
     messages = list(messages)
     sent = set(filter(None, grid.push_messages(messages)))  # the grid sets each message's id
     by_id = {m.metadata.message_id: m for m in messages if m.metadata.message_id in sent}
@@ -69,7 +74,7 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending and (deadline is None or time.monotonic() < deadline):
         got = [m for m in grid.pull_messages(pending) if m.metadata.reply_to_message_id in pending]
-        replies.extend(got)
+        replies.extend(_from_addressee(m, by_id[m.metadata.reply_to_message_id]) for m in got)
         pending -= {m.metadata.reply_to_message_id for m in got}
         progress.update(task, completed=len(replies), eps=_epsilon_so_far(replies))
         if pending:
@@ -78,16 +83,23 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
     return replies + [failed_reply(by_id[message_id], NO_REPLY) for message_id in sorted(pending)]
 
 
-def failed_reply(instruction: Message, reason: str) -> Message:
+def failed_reply(instruction: Message, reason: str, code: int = ErrorCode.UNKNOWN) -> Message:
     """An error reply to `instruction`, made by the server for a node that could not answer it."""
-    return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=instruction)
+    return Message(Error(code=code, reason=reason), reply_to=instruction)
+
+
+def _from_addressee(reply: Message, instruction: Message) -> Message:
+    if reply.has_error() and reply.metadata.src_node_id != instruction.metadata.dst_node_id:
+        return failed_reply(instruction, reply.error.reason, reply.error.code)
+    return reply
 
 
 def _epsilon_so_far(replies: list[Message]) -> str:
     """The highest ε among this phase's replies so far, for the progress line."""
-    spent = [float(r.content[k.METRICS][k.EPSILON]) for r in replies
+    spent = [r.content[k.METRICS][k.EPSILON] for r in replies
              if not r.has_error() and k.METRICS in r.content and k.EPSILON in r.content[k.METRICS]]
-    finite = [e for e in spent if e != float("inf")]
+    # Unchecked replies: a malformed value is skipped here and rejected after the exchange.
+    finite = [float(e) for e in spent if isinstance(e, int | float) and math.isfinite(e)]
     return f"ε max {max(finite):.2f}" if finite else ""
 
 
@@ -121,11 +133,12 @@ def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructio
     """Replace each malformed reply (server/validate.py) by an error reply naming what is wrong:
     it is then recorded as failed, and left out of aggregation, like any other failure."""
     kept, rejected = reject_malformed(replies, reference)
-    by_id = {m.metadata.message_id: m for m in instructions}
+    by_node = {m.metadata.dst_node_id: m for m in instructions}  # one train message per node and round
     for reply, reason in rejected:
-        console.print(f"round {round_}: rejected the update from node {reply.metadata.src_node_id}: {reason}",
+        node = reply.metadata.src_node_id
+        console.print(f"round {round_}: rejected the update from node {node}: {reason}",
                       markup=False, highlight=False, soft_wrap=True)
-        kept.append(failed_reply(by_id[reply.metadata.reply_to_message_id], f"update rejected: {reason}"))
+        kept.append(failed_reply(by_node[node], f"update rejected: {reason}"))
     return kept
 
 
@@ -152,7 +165,8 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve())})
             messages = strategy.configure_train(round_, arrays, config, grid)
             messages = list(messages)
-            replies = exchange(grid, messages, f"round {round_}/{cfg.rounds} train", progress, inputs.timeout_s)
+            train_exchange = secure_exchange if cfg.dp.secagg else exchange  # SecAgg+: server/secagg.py
+            replies = train_exchange(grid, messages, f"round {round_}/{cfg.rounds} train", progress, inputs.timeout_s)
             replies = _refuse_malformed(replies, arrays, messages, round_, inputs.console)
             record_privacy(ledger, round_, replies, state.node_names)
             _track_memory(inputs.worker_peak_rss_mb, replies)

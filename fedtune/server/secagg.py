@@ -26,7 +26,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import ServerConfig, SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -35,6 +34,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
+from rich.progress import Progress
 
 from fedtune import constants as k
 
@@ -48,14 +48,17 @@ RECONSTRUCTION_THRESHOLD = 2 / 3
 CLIPPING_RANGE = 8.0
 
 
-def secure_exchange(grid: Grid, messages: Iterable[Message], round_: int, timeout_s: float | None) -> list[Message]:
-    """The replies to `messages` (train messages for distinct nodes, one shared content), with
-    the updates summed by SecAgg+; sampled nodes that did not finish it get error replies."""
+def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
+                    timeout_s: float | None) -> list[Message]:
+    """Like server/rounds.py's `exchange` for train messages (distinct nodes, one shared content),
+    with the updates summed by SecAgg+; sampled nodes that did not finish it get error replies."""
     messages = list(messages)
     if not messages:
         return []
     content = messages[0].content
     arrays: ArrayRecord = content[k.ARRAYS]
+    round_ = int(content[k.CONFIG][k.SERVER_ROUND])
+    task = progress.add_task(f"{label} (SecAgg+)", total=None, eps="")
     relay = _Relay(messages, arrays, content[k.CONFIG], grid)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=round_), strategy=relay,
@@ -64,6 +67,7 @@ def secure_exchange(grid: Grid, messages: Iterable[Message], round_: int, timeou
     context.state.array_records[MAIN_PARAMS_RECORD] = arrays
     SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
                        timeout=timeout_s)(grid, context)
+    progress.remove_task(task)
     return relay.replies()
 
 
@@ -79,28 +83,34 @@ class _Relay(LegacyStrategy):
         self.grid = grid
         self.results: list[tuple[int, FitRes]] = []
         self.mean: list[np.ndarray] | None = None
+        self.failure_reasons: list[str] = []
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, dict(self.config))) for node in self.messages]
 
-    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Parameters, dict]:
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Parameters | None, dict]:
         # SecAggPlusWorkflow has put the unmasked mean over all submitting clients into every FitRes
         self.results = [(proxy.node_id, fit_res) for proxy, fit_res in results]
-        if results:
-            self.mean = parameters_to_ndarrays(results[0][1].parameters)
-        return arrayrecord_to_parameters(self.global_arrays, keep_input=True), {}
+        # the workflow keeps the clients' errors without their node ids: name them all
+        self.failure_reasons = sorted({str(getattr(f.args[0], "reason", f)) if f.args else str(f) for f in failures})
+        if not results:
+            return None, {}
+        self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return results[0][1].parameters, {}
 
     def replies(self) -> list[Message]:
         """Ordinary train replies: per finished client, its plaintext metrics and status, and (if it
         trained) the mean update of the clients that trained; error replies for the others."""
         infos = {node: _split_metrics(fit_res.metrics) for node, fit_res in self.results}
-        trained = [node for node, (info, _) in infos.items() if info[k.STATUS] == k.STATUS_TRAINED]
+        trained = [node for node, (info, _) in infos.items() if info.get(k.STATUS) == k.STATUS_TRAINED]
         mean_of_trained = self._mean_of_trained(len(infos), len(trained)) if trained else None
         out = []
         for node, msg in self.messages.items():
             if node not in infos:
+                errors = f"; errors this round: {'; '.join(self.failure_reasons)}" if self.failure_reasons else ""
                 out.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                         "did not complete secure aggregation (dropped out or failed)"), reply_to=msg))
+                                         f"did not complete secure aggregation (dropped out or failed){errors}"),
+                                   reply_to=msg))
                 continue
             info, metrics = infos[node]
             reply = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: info})
@@ -130,9 +140,11 @@ class _Relay(LegacyStrategy):
 
 
 def _split_metrics(metrics: dict[str, Any]) -> tuple[ConfigRecord, MetricRecord]:
-    """A FitRes's metrics back into our CLIENT_INFO (strings) and METRICS (numbers) records."""
+    """A FitRes's metrics back into our CLIENT_INFO (strings) and METRICS (numbers) records. Anything
+    else is dropped; server/validate.py then names what a malformed reply lacks."""
     prefix = k.SECAGG_INFO_PREFIX
     info = ConfigRecord({key[len(prefix):]: str(v) for key, v in metrics.items() if key.startswith(prefix)})
-    numbers = MetricRecord({key: v for key, v in metrics.items() if not key.startswith(prefix)})
+    numbers = MetricRecord({key: v for key, v in metrics.items() if not key.startswith(prefix)
+                            and isinstance(v, int | float) and not isinstance(v, bool)})
     return info, numbers
 

@@ -13,10 +13,7 @@ from fedtune.data.federated import federated_data
 from fedtune.data.summary import partition_summary, token_lengths
 from fedtune.errors import ConfigError
 from fedtune.models.build import check_model, load_tokenizer
-from fedtune.privacy.client_level import check_client_level
 from fedtune.server.run_dir import RunDirectory
-
-SECAGG_UNAVAILABLE = "Invalid option `dp.secagg`: not available yet (work in progress). Drop --secagg."
 
 
 def preflight(cfg: FedtuneConfig) -> None:
@@ -29,10 +26,6 @@ def preflight(cfg: FedtuneConfig) -> None:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client "
                               f"with n={largest} records, so the guarantee would be meaningless. Use "
                               f"--delta {1.0 / (10 * largest):.1e} or smaller.")
-    if cfg.dp.client_dp != "off":
-        check_client_level(cfg.clients, cfg.dp.delta)
-    if cfg.dp.secagg:
-        raise ConfigError(SECAGG_UNAVAILABLE)
     if cfg.model.device == "cuda":
         import torch
 

@@ -87,3 +87,12 @@ def test_tokenize_counts_truncated_texts(tokenized):
 
     data = tokenize(load_tokenizer(""), ["word " * 50, "short"], [0, 1], max_length=16)
     assert data.num_truncated == 1 and max(len(ids) for ids in data.input_ids) == 16
+
+
+def test_tokenize_accepts_no_texts():
+    # a client's validation split is empty when data.client_val_fraction is 0
+    from fedtune.data.text import tokenize
+    from fedtune.models.build import load_tokenizer
+
+    data = tokenize(load_tokenizer(""), [], [], max_length=16)
+    assert len(data) == 0 and data.num_truncated == 0

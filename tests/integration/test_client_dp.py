@@ -35,28 +35,42 @@ def fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def ledger_of(out) -> dict:
+    return json.loads((out / "privacy_ledger.json").read_text())
+
+
+def rows_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_client_level_dp_run_finishes_and_the_ledger_accounts_it(tmp_path):
-    # client-side clipping: the wrapper's norm reaches the real ClientApp and its mod; with DP-SGD on
-    clipping, side = "fixed", "client"
     (tmp_path / "tiny.toml").write_text(TINY)
     out = tmp_path / "run"
-    result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--client-dp", clipping,
-                     "--client-dp-side", side, "--client-noise-multiplier", "0.8", "--client-clipping-norm", "0.5")
+    result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--client-dp", "fixed",
+                     "--client-noise-multiplier", "0.8", "--client-clipping-norm", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
-    ledger = json.loads((out / "privacy_ledger.json").read_text())
-    entry = ledger["client_level"]
-    assert {key: entry[key] for key in ("clipping", "side", "sample_rate", "rounds", "delta", "accountant")} == {
-        "clipping": clipping, "side": side, "sample_rate": 1.0, "rounds": 2, "delta": 1e-5, "accountant": "rdp"}
-    assert entry["noise_multiplier"] == pytest.approx(0.8)
-    assert entry["epsilon"] == pytest.approx(client_level_epsilon(0.8, 1.0, 2, 1e-5))
-    assert entry["clipping_norm"] == 0.5
-    assert "fixedclipping_mod: parameters are clipped" in result.stderr  # the clients did clip
-    statuses = {e["status"] for entries in ledger["clients"].values() for e in entries}
-    assert statuses == {"trained"}  # the mod let every client's reply through
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ledger_of(out)["client_level"] == {
+        "clipping": "fixed", "side": "server", "noise_multiplier": 0.8, "clipping_norm": 0.5, "sample_rate": 1.0,
+        "rounds": 2, "delta": 1e-5, "epsilon": pytest.approx(client_level_epsilon(0.8, 1.0, 2, 1e-5)),
+        "accountant": "rdp"}
+    assert {e["status"] for entries in ledger_of(out)["clients"].values() for e in entries} == {"trained"}
+    rows = rows_of(out)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["num_clients"] == 3
 
 
-def test_secagg_is_refused_until_it_exists(tmp_path):
-    result = fedtune("simulate", "--out", str(tmp_path / "never"), "--secagg", timeout=120)
-    assert result.returncode == 2 and "dp.secagg" in result.stderr and not (tmp_path / "never").exists()
+def test_secagg_with_client_side_clipping_and_declining_clients(tmp_path):
+    # After round 1 the clients have spent ε 10 to 13.5 (sample level); a budget of 15 lets only the
+    # smallest spender train round 2, so the others take part in SecAgg+ with zero updates.
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "run"
+    result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--secagg",
+                     "--epsilon-budget", "15", "--client-dp", "fixed", "--client-dp-side", "client",
+                     "--client-noise-multiplier", "0.5", "--client-clipping-norm", "1.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = ledger_of(out)
+    statuses = [[e["status"] for e in entries] for entries in ledger["clients"].values()]
+    assert all(s[0] == "trained" for s in statuses) and any(s[1] == "declined" for s in statuses)
+    assert ledger["client_level"]["side"] == "client" and ledger["client_level"]["rounds"] == 2
+    rows = rows_of(out)
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["num_declined"] >= 1 and rows[2]["num_failed"] == 0
+    assert rows[2]["eval_loss"] != rows[1]["eval_loss"], "round 2's securely summed update reached the model"

@@ -6,12 +6,13 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune import constants as k
 from fedtune.server.validate import reject_malformed, reply_problem
 
+pytestmark = pytest.mark.usefixtures("in_flower_run")
 SHAPES = {"lora_A": (4, 8), "lora_B": (8, 4), "head": (4,)}
 
 
@@ -62,6 +63,7 @@ def test_a_well_formed_trained_reply_and_a_declined_one_are_kept():
     (lambda: reply(1, metric_values=metrics(**{k.STEPS: -3})), "steps is -3"),
     (lambda: reply(1, metric_values=metrics(**{k.EPSILON: None})), "metrics lack epsilon"),
     (lambda: reply(1, metric_values=metrics(**{k.EPSILON: -1.0})), "epsilon is -1.0"),
+    (lambda: reply(1, metric_values=metrics(**{k.EPSILON: [1.0, 2.0]})), "epsilon is not a number"),
     (lambda: reply(1, info={k.CLIENT_NAME: "x", k.STATUS: "hacked"}), "unknown status"),
     (lambda: reply(1, info={"who": "x"}), "naming the client"),
 ])
@@ -75,7 +77,7 @@ def test_each_kind_of_malformed_reply_is_rejected_with_its_reason(make, says):
 
 def test_error_replies_pass_through_untouched():
     instruction = Message(RecordDict(), dst_node_id=3, message_type="train")
-    failed = instruction.create_error_reply(error=__import__("flwr.app", fromlist=["Error"]).Error(0, "boom"))
+    failed = Message(Error(code=0, reason="boom"), reply_to=instruction)
     kept, rejected = reject_malformed([failed], reference())
     assert kept == [failed] and rejected == []
 

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune import constants as k
 from fedtune.client.mods import client_clipping_mod
 from fedtune.config import FedtuneConfig
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.client_level import client_level_epsilon
 from fedtune.strategies.build import build_strategy
 from fedtune.strategies.client_dp import (
@@ -86,6 +86,13 @@ def configure(strategy, g, nodes: int = 4) -> ConfigRecord:
 def delta_of(arrays: ArrayRecord, g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     got = {n: t.numpy().astype(np.float64) for n, t in arrays.to_torch_state_dict().items()}
     return {n: got[n] - g[n] for n in g}
+
+
+def test_client_level_delta_must_be_below_one_over_the_number_of_clients():
+    with pytest.raises(ConfigError, match="dp.delta"):
+        FedtuneConfig().with_overrides({"clients": 10, "dp.delta": 0.2, "dp.client_dp": "fixed"})
+    FedtuneConfig().with_overrides({"clients": 10, "dp.delta": 0.05, "dp.client_dp": "fixed"})
+    FedtuneConfig().with_overrides({"clients": 10, "dp.delta": 0.2, "dp.enabled": False})  # not checked when off
 
 
 def test_off_is_plain_fedavg_and_has_no_ledger_entry():

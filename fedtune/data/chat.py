@@ -1,0 +1,75 @@
+"""Conversations as token ids with the tokenizer's chat template, and labels that put the loss on the
+assistant's answers only: every prompt token (system, user, the template's markup) and every
+padding position is labelled IGNORE_INDEX.
+
+Where an answer starts and ends comes from the template itself: the conversation up to an answer,
+rendered with the generation prompt, must be a prefix of the whole rendered conversation (true of
+the usual ChatML-like templates; checked, never assumed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from fedtune.data.instruct import Conversation
+from fedtune.data.text import IGNORE_INDEX
+from fedtune.errors import DataError
+
+
+@dataclass(frozen=True)
+class TokenizedChats(Dataset):
+    """Token ids and per-token labels (no padding); an item is (input_ids, labels)."""
+
+    input_ids: tuple[tuple[int, ...], ...]
+    labels: tuple[tuple[int, ...], ...]
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.input_ids[index]), torch.tensor(self.labels[index])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                              add_generation_prompt=generation_prompt))
+
+
+def encode_chat(tokenizer, chat: Conversation) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole conversation; labels are IGNORE_INDEX outside assistant turns."""
+    messages = chat.messages()
+    ids = _render(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, (role, _) in enumerate(chat.turns):
+        if role != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True))
+        through = _render(tokenizer, messages[: i + 1])
+        if ids[: len(through)] != through or start > len(through):
+            raise DataError(f"The model's chat template does not render a conversation as its turns one after "
+                            f"another, so fedtune cannot tell the answer's tokens from the prompt's (assistant "
+                            f"turn {i + 1} of a conversation starting {messages[0]['content'][:40]!r}). Use "
+                            "single-turn records, or a model whose template does.")
+        labels[start: len(through)] = ids[start: len(through)]
+    return ids, labels
+
+
+def tokenize_chats(tokenizer, chats: Sequence[Conversation], max_length: int) -> TokenizedChats:
+    """Tokenize once, keeping the first `max_length` tokens; counts conversations that were longer.
+    A conversation cut inside its prompt keeps no labelled token, so it adds nothing to the loss."""
+    ids, labels, truncated = [], [], 0
+    for chat in chats:
+        chat_ids, chat_labels = encode_chat(tokenizer, chat)
+        truncated += len(chat_ids) > max_length
+        ids.append(tuple(chat_ids[:max_length]))
+        labels.append(tuple(chat_labels[:max_length]))
+    return TokenizedChats(tuple(ids), tuple(labels), truncated)

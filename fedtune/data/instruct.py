@@ -1,0 +1,223 @@
+"""Instruction data for the causal-LM task: the built-in triage-advice demo, a user's JSON Lines file,
+and the federation's splits of them.
+
+A record is either `{"instruction": ..., "input": ... (optional), "response": ...}` (`output` is
+accepted for `response`, and an optional `system` sets the system prompt) or
+`{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}` ending with an
+assistant turn. Both become a Conversation; every bad record is a DataError naming its line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import DataConfig
+from fedtune.data.demo import COURSES, LABELS, PATIENTS, SYMPTOMS, _urgency
+from fedtune.data.loaders import _check_file, _decode, infer_format, numbered
+from fedtune.data.partition import ClientSplit, check_partitions, holdout_split, partition_indices, split_client
+from fedtune.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+EXAMPLE = '{"instruction": "...", "input": "... (optional)", "response": "..."}'
+CHAT_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+NOT_JSON = object()  # what a line that does not parse reads as
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """(role, content) turns; the last is the assistant's answer. The loss falls on assistant turns."""
+
+    turns: tuple[tuple[str, str], ...]
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.turns]
+
+    def prompt(self) -> list[dict[str, str]]:
+        """Everything before the final answer: what a model is asked to continue."""
+        return self.messages()[:-1]
+
+    @property
+    def response(self) -> str:
+        return self.turns[-1][1]
+
+
+def conversation(record: Any) -> Conversation:
+    """A record in either format as a Conversation; ValueError says what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("that is not a JSON object")
+    if "messages" in record:
+        return _from_messages(record["messages"])
+    if "instruction" not in record:
+        raise ValueError("with neither `instruction` nor `messages`")
+    instruction, extra = record["instruction"], record.get("input") or ""
+    response = record.get("response", record.get("output"))
+    system = record.get("system") or ""
+    for key, value in (("instruction", instruction), ("response", response)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"with an empty or missing `{key}`" + (" (or `output`)" if key == "response" else ""))
+    if not isinstance(extra, str) or not isinstance(system, str):
+        raise ValueError("whose `input` or `system` is not a string")
+    user = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction.strip()
+    turns = ((("system", system.strip()),) if system.strip() else ()) + (("user", user), ("assistant", response))
+    return Conversation(turns)
+
+
+def _from_messages(messages: Any) -> Conversation:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages) or not messages:
+        raise ValueError("whose `messages` is not a list of {role, content} objects")
+    turns = tuple((m.get("role"), m.get("content")) for m in messages)
+    if any(role not in ROLES for role, _ in turns):
+        raise ValueError("whose `messages` has a role other than system, user and assistant")
+    if any(not isinstance(content, str) or not content.strip() for _, content in turns):
+        raise ValueError("whose `messages` has an empty or missing content")
+    roles = [role for role, _ in turns]
+    if "system" in roles[1:]:
+        raise ValueError("whose `messages` has a system turn after the first turn")
+    if roles[-1] != "assistant":
+        raise ValueError("whose `messages` does not end with an assistant turn")
+    if "user" not in roles[: roles.index("assistant")]:
+        raise ValueError("whose `messages` has no user turn before the first assistant turn")
+    return Conversation(turns)  # type: ignore[arg-type]
+
+
+# ---- the demo -----------------------------------------------------------------------------------
+
+DEMO_SYSTEM = "You are a triage nurse."
+ADVICE = ("Self-care: rest at home and drink fluids.",
+          "Routine: see your doctor this week.",
+          "Urgent: go to urgent care today.",
+          "Emergency: call an ambulance now.")
+QUESTIONS = ("{Patient} has {symptom} {course}. What to do?",
+             "Advice for {patient} with {symptom} {course}?",
+             "Triage {patient}: {symptom} {course}.")
+VITAL_SIGNS = (("Vitals normal.", 0), ("Oxygen 86%.", 2), ("BP 80/50.", 2), ("Temp 37.1.", 0))  # as the `input`
+
+
+def make_demo_instructions(num_examples: int, seed: int = 0) -> list[tuple[dict[str, str], int]]:
+    """(record, urgency level) pairs: a triage question and the advice for its urgency (see ADVICE).
+
+    The urgency follows data/demo.py's rules (symptom, moved by age, course and vital signs), so
+    the answer is learnable but not from the symptom alone; every answer has a fixed wording, so a
+    model that learns the task is visibly less perplexed by the answers."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(num_examples):
+        base = i % len(LABELS)
+        symptom = rng.choice(SYMPTOMS[base])
+        patient, p_shift = rng.choice(PATIENTS)
+        course, c_shift = rng.choice(COURSES)
+        vitals, v_shift = rng.choice(VITAL_SIGNS) if rng.random() < 0.3 else ("", 0)
+        question = rng.choice(QUESTIONS).format(patient=patient, Patient=patient[0].upper() + patient[1:],
+                                                symptom=symptom, course=course)
+        level = _urgency(base, p_shift, c_shift, v_shift)
+        record = {"system": DEMO_SYSTEM, "instruction": question, "response": ADVICE[level]}
+        if vitals:
+            record["input"] = vitals
+        out.append((record, level))
+    rng.shuffle(out)
+    return out
+
+
+# ---- a user's file --------------------------------------------------------------------------------
+
+def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple[str, ...]]:
+    """(conversations, skipped-record descriptions) from a JSON Lines file (or a .json array)."""
+    fmt = infer_format(data.path, data.format)
+    if fmt != "jsonl":
+        raise DataError(f"{data.path}: the causal-lm task reads JSON Lines (one record a line, e.g. {EXAMPLE} or "
+                        f"{CHAT_EXAMPLE}), not {fmt}. Convert the file, or pass --format jsonl if it is JSON Lines.")
+    _check_file(data.path, fmt)
+    text = _decode(data.path, data.encoding)
+    unit = "record" if text.lstrip().startswith("[") else "line"
+    chats, problems = [], {}
+    for number, record in _records(data.path, text):
+        try:
+            if record is NOT_JSON:
+                raise ValueError("that is not valid JSON")
+            chats.append(conversation(record))
+        except ValueError as err:
+            problems.setdefault(str(err), []).append(number)
+    found = [f"{len(numbers)} {unit}{'' if len(numbers) == 1 else 's'} {what} ({numbered(unit, numbers)})"
+             for what, numbers in problems.items()]
+    if found and not data.skip_invalid_rows:
+        raise DataError(f"{data.path}: {'; '.join(found)}. Each record must look like {EXAMPLE} or {CHAT_EXAMPLE}. "
+                        f"Or pass --skip-invalid-rows to leave such {unit}s out.")
+    if not chats:
+        raise DataError(f"{data.path} has no usable records{': ' + '; '.join(found) if found else ''}. Each record "
+                        f"must look like {EXAMPLE} or {CHAT_EXAMPLE}.")
+    return tuple(chats), tuple(found)
+
+
+def _records(name: str, text: str) -> Iterable[tuple[int, Any]]:
+    """(line or record number, parsed value); a line that is not JSON yields NOT_JSON, refused later."""
+    if text.lstrip().startswith("["):
+        try:
+            yield from enumerate(json.loads(text), start=1)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{name} is not valid JSON ({err}). Fix that line, or write one record a line "
+                            "(JSON Lines).") from err
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError:
+                yield number, NOT_JSON
+
+
+# ---- the federation's splits -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InstructData:
+    chats: tuple[Conversation, ...]
+    groups: tuple[int, ...]  # what partitioners split by: the demo's urgency level; 0 for a file
+    group_names: tuple[str, ...]
+    partition: str  # the method used: data.partition for the demo; a file's records are split iid
+    server_test: tuple[int, ...]
+    clients: tuple[ClientSplit, ...]
+    skipped: tuple[str, ...] = ()
+
+    def select(self, indices: Sequence[int]) -> list[Conversation]:
+        return [self.chats[i] for i in indices]
+
+
+@lru_cache(maxsize=4)
+def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> InstructData:
+    """Build (once per process) the server hold-out and the per-client splits; raises DataError."""
+    if data.source == "demo":
+        demo = make_demo_instructions(data.demo_examples, seed=seed)
+        chats, groups, names, method, skipped = (tuple(conversation(r) for r, _ in demo), tuple(g for _, g in demo),
+                                                 LABELS, data.partition, ())
+    else:
+        if data.partition in ("shard", "column"):
+            raise DataError(f"Partition `{data.partition}` needs a label or column per record; instruction records "
+                            "have neither, so the causal-lm task splits a file iid. Use --partition iid.")
+        chats, skipped = load_instructions(data)
+        groups, names, method = (0,) * len(chats), ("instruction",), "iid"
+    pool, test = holdout_split(len(chats), data.test_fraction, seed)
+    parts = partition_indices(groups, pool, num_clients, method, data.alpha, seed,
+                              shards_per_client=data.shards_per_client)
+    splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
+    check_partitions(splits)
+    return InstructData(chats, groups, names, method, tuple(test), splits, skipped)
+
+
+def resolve_instructions(data: DataConfig) -> DataConfig:
+    """The data config to save with a new causal-lm run: an absolute data.path, no label list."""
+    if data.source == "file" and Path(data.path).exists():
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    return dataclasses.replace(data, labels=())
+
+
+def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+    """Deployment: (train, validation) conversations from this node's own file; they never leave the process."""
+    chats, _ = load_instructions(data)
+    split = split_client(range(len(chats)), data.client_val_fraction, seed)
+    return [chats[i] for i in split.train], [chats[i] for i in split.val]

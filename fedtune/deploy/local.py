@@ -1,0 +1,304 @@
+"""A whole federation on this machine, run the way institutions run it (`fedtune deploy-local`).
+
+One SuperLink (the coordinator) and one SuperNode per institution, each its own process with its
+own Flower home, on 127.0.0.1; TLS on every connection, from a development CA (certs.py);
+SuperNode authentication on: each institution's public key is registered with
+`flwr supernode register` before its node starts, and the SuperLink refuses any other key. The
+run is submitted with `flwr run` and followed with `flwr log`, as docs/deployment.md describes.
+fedtune adds no transport of its own.
+
+The working directory mirrors the machines involved:
+
+    coordinator/  certs/ (CA, SuperLink certificate and key), keys/ (registered public keys),
+                  superlink.db, flwr-home/, cli-home/config.toml (the `flwr` connection)
+    <name>/       one per institution: its private key, the CA certificate, node-config.toml,
+                  state/<name>.json (its privacy state and own ledger), runtime-tls/, flwr-home/
+    logs/         one log per process
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+import fedtune
+from fedtune.deploy.certs import make_dev_certificates, make_node_key_pair
+from fedtune.deploy.processes import ProcessSet, Started
+from fedtune.errors import FedtuneError
+
+CONNECTION = "fedtune-local"  # the SuperLink connection name in the coordinator's flwr config
+HOST = "127.0.0.1"
+SUPERLINK = "superlink"
+START_TIMEOUT_S = 60.0
+CLI_TIMEOUT_S = 120.0
+
+
+class DeployError(FedtuneError):
+    """A local deployment step failed; the message says which and shows its log."""
+
+
+@dataclass(frozen=True)
+class Institution:
+    """One institution's machine: its own directory, keys, state and SuperNode."""
+
+    name: str
+    directory: Path
+    runtime_port: int
+
+    @property
+    def private_key(self) -> Path:
+        return self.directory / f"{self.name}.key"
+
+    @property
+    def public_key(self) -> Path:
+        return self.directory / f"{self.name}.pub"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / "state"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / f"{self.name}.json"
+
+    @property
+    def node_config(self) -> Path:
+        return self.directory / "node-config.toml"
+
+
+def app_dir() -> Path:
+    """The Flower App to submit: the fedtune checkout holding pyproject.toml."""
+    root = Path(fedtune.__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "flwr" not in tomllib.loads(pyproject.read_text()).get("tool", {}):
+        raise DeployError(f"No Flower App at {root}: `flwr run` needs fedtune's source checkout. Install fedtune "
+                          "from it with `pip install -e .` and run again.")
+    return root
+
+
+def app_config_keys(root: Path) -> set[str]:
+    """The run-config keys the app declares: the only ones `flwr run --run-config` may set."""
+    return set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 right now (held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def tool(name: str) -> str:
+    """A Flower command from this Python's environment (the venv need not be on PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise DeployError(f"`{name}` was not found. Install Flower (pip install -e .) in this environment.")
+    return found
+
+
+class LocalFederation:
+    """The coordinator and the institutions of one local deployment, in `work`."""
+
+    def __init__(self, work: Path, processes: ProcessSet, app: Path | None = None):
+        self.work = work.resolve()
+        self.processes = processes
+        self.app = app or app_dir()
+        self.coordinator = self.work / "coordinator"
+        self.certs = self.coordinator / "certs"
+        self.institutions: dict[str, Institution] = {}
+        self.port = 0
+
+    # ---- set-up --------------------------------------------------------------------
+    def prepare(self, names: Sequence[str]) -> None:
+        """Certificates, one key pair per institution, the flwr connection, free ports."""
+        self.port, *ports = free_ports(1 + len(names))
+        make_dev_certificates(self.certs)
+        (self.coordinator / "keys").mkdir(parents=True, exist_ok=True)
+        for name, port in zip(names, ports, strict=True):
+            self.add_institution(name, port)
+        cli_home = self.coordinator / "cli-home"
+        cli_home.mkdir(parents=True, exist_ok=True)
+        connection = {"address": f"{HOST}:{self.port}", "root-certificates": str(self.certs / "ca.crt")}
+        (cli_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                                                           CONNECTION: connection}}))
+
+    def add_institution(self, name: str, runtime_port: int | None = None) -> Institution:
+        """An institution's directory: it makes its own key pair and loopback TLS certificate and
+        receives the CA certificate; only its public key goes to the coordinator."""
+        inst = Institution(name, self.work / name, runtime_port or free_ports(1)[0])
+        inst.directory.mkdir(parents=True, exist_ok=False)
+        make_node_key_pair(inst.directory, name)
+        make_dev_certificates(inst.directory / "runtime-tls")  # its SuperNode's own loopback API
+        shutil.copy(self.certs / "ca.crt", inst.directory / "ca.crt")
+        shutil.copy(inst.public_key, self.coordinator / "keys" / inst.public_key.name)
+        inst.state_dir.mkdir()
+        self.institutions[name] = inst
+        return inst
+
+    def env(self, home: Path) -> dict[str, str]:
+        """The environment of one Flower process: its own Flower home, this Python's tools first."""
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(home)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("NO_COLOR", "1")
+        return env
+
+    # ---- the coordinator ------------------------------------------------------------
+    def start_superlink(self) -> Started:
+        """The SuperLink with TLS and SuperNode authentication; returns once it answers."""
+        argv = [tool("flower-superlink"),
+                "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                "--ssl-certfile", str(self.certs / "server.crt"),
+                "--ssl-keyfile", str(self.certs / "server.key"),
+                "--enable-supernode-auth",
+                "--host", HOST, "--port", str(self.port),
+                "--database", str(self.coordinator / "superlink.db"),
+                "--disable-runtime-dependency-installation"]
+        started = self.processes.start(SUPERLINK, argv, self.env(self.coordinator / "flwr-home"), cwd=self.coordinator)
+        self._wait_healthy(started)
+        return started
+
+    def _wait_healthy(self, started: Started) -> None:
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not started.running():
+                raise DeployError(f"The SuperLink exited at start (see {started.log}):\n{started.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"https://{HOST}:{self.port}/health", context=context, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise DeployError(f"The SuperLink did not answer within {START_TIMEOUT_S:.0f} s (see {started.log}).")
+
+    def flwr(self, *args: str, timeout_s: float = CLI_TIMEOUT_S) -> str:
+        """Run the `flwr` CLI as the coordinator; returns its stdout, raises DeployError on failure."""
+        argv = [tool("flwr"), *args]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                                  env=self.env(self.coordinator / "cli-home"), cwd=self.coordinator)
+        except subprocess.TimeoutExpired as err:
+            raise DeployError(f"`flwr {' '.join(args)}` did not finish within {timeout_s:.0f} s.") from err
+        if done.returncode != 0:
+            raise DeployError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}):\n"
+                              f"{(done.stdout + done.stderr).strip()[-2000:]}")
+        return done.stdout
+
+    def register(self, names: Sequence[str]) -> dict[str, int]:
+        """`flwr supernode register` each institution's public key; returns the node ids."""
+        def one(name: str) -> tuple[str, int]:
+            out = self.flwr("supernode", "register", str(self.coordinator / "keys" / f"{name}.pub"), CONNECTION,
+                            "--name", name, "--format", "json")
+            return name, int(_json_tail(out)["node-id"])
+
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            return dict(pool.map(one, names))
+
+    # ---- the institutions ----------------------------------------------------------
+    def start_node(self, name: str, node_config: Mapping[str, Any]) -> Started:
+        """The institution's SuperNode: TLS to the SuperLink (checked against the CA), signed with
+        its private key, its own loopback Runtime API on TLS too. `state-dir` and `client-name` are
+        added to `node_config`."""
+        inst = self.institutions[name]
+        config = {"client-name": name, "state-dir": str(inst.state_dir), **node_config}
+        inst.node_config.write_text(tomli_w.dumps(config))
+        tls = inst.directory / "runtime-tls"
+        argv = [tool("flower-supernode"),
+                "--superlink", f"{HOST}:{self.port}",
+                "--root-certificates", str(inst.directory / "ca.crt"),
+                "--auth-supernode-private-key", str(inst.private_key),
+                "--node-config", str(inst.node_config),
+                "--host", HOST, "--port", str(inst.runtime_port),
+                "--ssl-certfile", str(tls / "server.crt"), "--ssl-keyfile", str(tls / "server.key"),
+                "--ssl-ca-certfile", str(tls / "ca.crt")]
+        return self.processes.start(name, argv, self.env(inst.directory / "flwr-home"), cwd=inst.directory)
+
+    # ---- the run -------------------------------------------------------------------
+    def submit(self, run_config: Mapping[str, Any], label: str = "run") -> int:
+        """`flwr run` the app with these run-config values; returns the run id."""
+        path = self.coordinator / f"{label}-config.toml"
+        path.write_text(tomli_w.dumps(dict(run_config)))
+        out = self.flwr("run", str(self.app), CONNECTION, "--run-config", str(path), "--format", "json")
+        return int(_json_tail(out)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        """The run's status as the SuperLink reports it, e.g. `running` or `finished:completed`."""
+        out = self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        return str(_json_tail(out)["runs"][0]["status"])
+
+    def follow(self, run_id: int, timeout_s: float, echo: Callable[[str], None] | None = None,
+               poll_s: float = 0.5) -> str:
+        """Stream the run's log (`flwr log --stream`) until the run finishes; returns its final
+        status. Lines go to `echo` as they arrive. A SuperNode that stops does not end the wait
+        (the run goes on without it); the SuperLink stopping does."""
+        name = f"log-{run_id}"
+        stream = self.processes.start(name, [tool("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                                      self.env(self.coordinator / "cli-home"), cwd=self.coordinator)
+        deadline, offset, status, last_check = time.monotonic() + timeout_s, 0, "running", 0.0
+        try:
+            while time.monotonic() < deadline:
+                offset = _echo_new(stream.log, offset, echo)
+                if not self.processes.started[SUPERLINK].running():
+                    raise DeployError(f"The SuperLink stopped during the run:\n"
+                                      f"{self.processes.started[SUPERLINK].log_tail()}")
+                stream_done = not stream.running()
+                if stream_done or time.monotonic() - last_check > 30:
+                    status, last_check = self.status(run_id), time.monotonic()
+                    if status.startswith("finished"):
+                        _echo_new(stream.log, offset, echo)
+                        return status
+                time.sleep(poll_s if not stream_done else 5.0)  # each status check is a `flwr` process
+        finally:
+            self.processes.stop([name], grace_s=2.0)
+        raise DeployError(f"Run {run_id} did not finish within {timeout_s:.0f} s (last status: {status}).")
+
+
+def _echo_new(log: Path, offset: int, echo: Callable[[str], None] | None) -> int:
+    """Pass the complete lines written to `log` since `offset` to `echo`; returns the new offset."""
+    if echo is None or not log.is_file():
+        return offset
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        echo(line)
+    return offset + len(complete)
+
+
+def _json_tail(out: str) -> dict[str, Any]:
+    """The JSON object a `flwr ... --format json` command prints (after any plain-text notes)."""
+    start = out.find("{")
+    if start < 0:
+        raise DeployError(f"Expected JSON from flwr, got: {out.strip()[-500:]}")
+    data = json.loads(out[start:])
+    if not data.get("success", True):
+        raise DeployError(f"flwr reported a failure: {data.get('error-message', data)}")
+    return data

@@ -1,0 +1,107 @@
+"""`fedtune deploy-local`: check the config, make the run directory, start a SuperLink and one
+SuperNode per institution (deploy/local.py), submit the run with `flwr run`, follow it, and stop
+every process it started, whatever happens."""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from fedtune.config import FedtuneConfig, load_config
+from fedtune.deploy.local import DeployError, LocalFederation, app_config_keys, app_dir
+from fedtune.deploy.processes import ProcessSet
+from fedtune.errors import ConfigError, FedtuneError
+
+MAX_NODES = 26
+DEPLOYMENT = "deployment"  # inside the run directory: every institution's and the coordinator's files
+DERIVED = frozenset({"data.labels", "data.source"})  # the ServerApp derives these again from data.path
+PY_LOGGING_COPY = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):")
+
+
+def node_names(count: int) -> list[str]:
+    return [f"clinic-{letter}" for letter in string.ascii_lowercase[:count]]
+
+
+def run_config(cfg: FedtuneConfig, declared: set[str]) -> dict[str, Any]:
+    """The values `flwr run --run-config` passes: every option the app declares in pyproject.toml.
+    An option changed from its default that the app does not declare cannot reach the ServerApp,
+    so it is an error rather than silently ignored."""
+    flat, defaults = cfg.to_flat(), FedtuneConfig().to_flat()
+    lost = sorted(key for key, value in flat.items()
+                  if key not in declared and key not in DERIVED and value != defaults[key])
+    if lost:
+        raise ConfigError(f"deploy-local passes options to the ServerApp through Flower's run config, which only "
+                          f"knows the keys in pyproject.toml's [tool.flwr.app.config]; {', '.join(lost)} "
+                          "is not there. Add it there (with its default value), or leave it at its default.")
+    return {key: flat[key] for key in sorted(declared) if key in flat}
+
+
+def _echo(console: Console, line: str) -> None:
+    """A line of the ServerApp's log, with Flower's colours; Python-logging copies of Flower's own
+    INFO and DEBUG lines are left to the log file."""
+    if not PY_LOGGING_COPY.match(line):
+        console.print(Text.from_ansi(line), highlight=False, soft_wrap=True)
+
+
+def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path | None) -> tuple[FedtuneConfig, Path]:
+    """The validated config (one client per node) and the run directory to create; raises FedtuneError."""
+    from fedtune.data.federated import resolve_data
+    from fedtune.simulation.engine import preflight
+
+    if not 1 <= nodes <= MAX_NODES:
+        raise ConfigError(f"Invalid option `--nodes`: {nodes}; use 1 to {MAX_NODES} (each is a process on this "
+                          "machine; 3 is a good start).")
+    cfg = load_config(config).with_overrides({"clients": nodes, "rounds": rounds})
+    target = (out or Path(cfg.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
+    data = resolve_data(cfg.data)
+    cfg = cfg.with_overrides({"out": str(target), "data.path": data.path, "data.labels": list(data.labels)})
+    preflight(cfg)
+    return cfg, target
+
+
+def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path | None, timeout_s: float,
+                 console: Console) -> tuple[Path | None, int]:
+    """Run the whole deployment; returns (run directory, exit status). Every process started is
+    stopped before this returns: on success, on failure and on Ctrl-C."""
+    from fedtune.server.run_dir import RunDirectory
+
+    run_path: Path | None = None
+    try:
+        cfg, target = prepare_run(nodes, rounds, out, config)
+        app = app_dir()
+        values = run_config(cfg, app_config_keys(app))
+        run_path = RunDirectory.create(target, cfg).path
+        names = node_names(nodes)
+        with ProcessSet(run_path / DEPLOYMENT / "logs") as processes:
+            fed = LocalFederation(run_path / DEPLOYMENT, processes, app)
+            fed.prepare(names)
+            fed.start_superlink()
+            console.print(f"SuperLink on https://127.0.0.1:{fed.port} (TLS, SuperNode authentication on)",
+                          highlight=False)
+            ids = fed.register(names)
+            for index, name in enumerate(names):
+                fed.start_node(name, {"partition-id": index, "num-partitions": nodes})
+                console.print(f"{name}: SuperNode {ids[name]}, state in {fed.institutions[name].state_dir}",
+                              highlight=False, soft_wrap=True)
+            run_id = fed.submit(values)
+            console.print(f"fedtune: {nodes} institutions, {cfg.rounds} rounds, run {run_id} -> {run_path}",
+                          highlight=False, soft_wrap=True)
+            status = fed.follow(run_id, timeout_s, echo=lambda line: _echo(console, line))
+            if status != "finished:completed":
+                raise DeployError(f"Run {run_id} ended as {status}. The ServerApp's log is in "
+                                  f"{processes.log_dir}; finished rounds are saved in {run_path}.")
+        console.print(f"Stopped the SuperLink and {nodes} SuperNodes.", highlight=False)
+        return run_path, 0
+    except KeyboardInterrupt:
+        console.print("Interrupted: stopped the SuperLink and every SuperNode. Finished rounds are saved.")
+        return run_path, 130
+    except FedtuneError as err:
+        console.print(f"[bold red]Error:[/bold red] {escape(str(err))}", soft_wrap=True)
+        return run_path, 2

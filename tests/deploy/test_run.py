@@ -1,0 +1,37 @@
+"""deploy-local's checks before anything starts: options reach the ServerApp or are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.config import FedtuneConfig
+from fedtune.deploy.local import app_config_keys, app_dir, free_ports
+from fedtune.deploy.run import node_names, prepare_run, run_config
+from fedtune.errors import ConfigError
+
+
+def test_the_run_config_carries_every_declared_option_and_nothing_else():
+    declared = app_config_keys(app_dir())
+    cfg = FedtuneConfig().with_overrides({"rounds": 2, "clients": 3, "round_timeout_s": 60.0})
+    values = run_config(cfg, declared)
+    assert set(values) == declared
+    assert (values["rounds"], values["clients"], values["round_timeout_s"]) == (2, 3, 60.0)
+
+
+def test_an_option_the_app_does_not_declare_is_refused_not_dropped():
+    cfg = FedtuneConfig().with_overrides({"lora.alpha": 32.0})
+    with pytest.raises(ConfigError, match="lora.alpha"):
+        run_config(cfg, app_config_keys(app_dir()))
+
+
+@pytest.mark.parametrize("nodes", [0, 27])
+def test_node_count_is_checked_before_anything_is_made(tmp_path, nodes):
+    with pytest.raises(ConfigError, match="--nodes"):
+        prepare_run(nodes, None, tmp_path / "run", None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_names_and_ports():
+    assert node_names(3) == ["clinic-a", "clinic-b", "clinic-c"]
+    ports = free_ports(4)
+    assert len(set(ports)) == 4 and all(1024 < p < 65536 for p in ports)

@@ -1,0 +1,215 @@
+"""A real deployment on loopback: one SuperLink and three SuperNodes as separate processes, TLS on
+every connection, only registered SuperNodes admitted, the run submitted with `flwr run`.
+
+One run covers the faults, in this order: an institution's SuperNode is killed in the middle of
+round 1 (the round completes with the other two, the failure is in the ledger); the ServerApp
+process is killed once round 1 is committed; the SuperNode comes back and the run is submitted
+again, and resumes at round 2 with all three (nothing lost, no ε reset). Every process a test
+starts is stopped by the fixtures, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedtune.config import FedtuneConfig
+from fedtune.deploy.local import SUPERLINK, LocalFederation, app_config_keys, app_dir
+from fedtune.deploy.processes import ProcessSet
+from fedtune.deploy.run import run_config
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["clinic-a", "clinic-b", "clinic-c"]
+VICTIM = "clinic-c"  # the institution whose SuperNode dies mid-round
+TINY = FedtuneConfig.from_nested({
+    "rounds": 2, "clients": 3,
+    # Backstop only: a dead node is reported by the SuperLink once its heartbeat lapses (<= 60 s).
+    "round_timeout_s": 300.0,
+    "lora": {"r": 4}, "train": {"batch_size": 16},
+    "dp": {"noise_multiplier": 0.8},
+    "strategy": {"fraction_evaluate": 0.0},  # one ClientApp process per node and round, not two
+    "data": {"demo_examples": 300, "test_fraction": 0.25},
+})
+WAIT_S = 300
+
+
+def _wait_for(condition, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _child(processes: ProcessSet, name: str, command: str) -> psutil.Process | None:
+    """A live descendant of `name` running `command` (e.g. flwr-clientapp)."""
+    for proc in processes.tree(name)[1:]:
+        try:
+            if any(command in part for part in proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink with TLS and SuperNode authentication, three registered institutions and one
+    unregistered (its key pair exists, the coordinator never registered it). All stopped after."""
+    work = tmp_path_factory.mktemp("deployment")
+    with ProcessSet(work / "logs") as processes:
+        fed = LocalFederation(work / "federation", processes, app_dir())
+        fed.prepare([*NAMES, "intruder"])
+        fed.start_superlink()
+        fed.register(NAMES)
+        for index, name in enumerate(NAMES):
+            fed.start_node(name, {"partition-id": index, "num-partitions": len(NAMES)})
+        fed.start_node("intruder", {"partition-id": 0, "num-partitions": len(NAMES)})  # never registered
+        yield fed
+    assert not processes.leftovers(), "every process the fixture started is stopped"
+
+
+def test_an_unregistered_supernode_is_refused(federation):
+    intruder = federation.processes.started["intruder"]
+    code = intruder.popen.wait(timeout=120)
+    assert code != 0
+    assert "Failed to activate SuperNode" in intruder.log.read_text()
+    for name in NAMES:  # the registered ones connected and stay up
+        assert federation.processes.started[name].running(), federation.processes.started[name].log_tail()
+
+
+@pytest.fixture(scope="module")
+def faulty_run(federation) -> Path:
+    """Run 2 rounds with DP through `flwr run`; kill a SuperNode mid-round 1 and the ServerApp
+    after round 1; bring the node back and submit again. Returns the run directory."""
+    fed, processes = federation, federation.processes
+    out = fed.work / "run"
+    values = run_config(TINY.with_overrides({"out": str(out)}), app_config_keys(fed.app))
+    started = time.monotonic()
+    fed.submit(values, label="first")
+
+    # Mid-round 1: the victim has pulled its training message and is training.
+    _wait_for(lambda: _child(processes, VICTIM, "flwr-clientapp"), f"{VICTIM} to start training")
+    processes.kill(VICTIM)
+    # Round 1 completes with the other two once the SuperLink reports the victim unavailable.
+    _wait_for(lambda: (out / "checkpoints" / "round_0001.pt").exists(), "round 1 to be committed")
+    # The ServerApp now waits for a third node before round 2 (no message is in flight): kill it.
+    serverapp = _wait_for(lambda: _child(processes, SUPERLINK, "flwr-serverapp"), "the ServerApp process")
+    serverapp.kill()
+    _wait_for(lambda: not _alive(serverapp), "the ServerApp to exit", timeout_s=30)
+    killed_at = time.monotonic()
+
+    fed.start_node(VICTIM, {"partition-id": NAMES.index(VICTIM), "num-partitions": len(NAMES)})  # it rejoins
+    run_id = fed.submit(values, label="resumed")
+    lines: list[str] = []
+    status = fed.follow(run_id, WAIT_S, echo=lines.append)
+    (fed.work / "resumed.log").write_text("\n".join(lines))
+    assert status == "finished:completed", "\n".join(lines[-30:])
+    print(f"deployment run: {killed_at - started:.0f} s to the ServerApp kill, {time.monotonic() - killed_at:.0f} s "
+          "resumed")
+    return out
+
+
+def _ledger(run: Path) -> dict[str, list[dict]]:
+    return json.loads((run / "privacy_ledger.json").read_text())["clients"]
+
+
+def test_the_round_completes_without_the_dead_node_and_records_its_failure(faulty_run):
+    rows = [json.loads(line) for line in (faulty_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert (rows[1]["num_clients"], rows[1]["num_failed"]) == (2, 1)
+    assert (rows[2]["num_clients"], rows[2]["num_failed"]) == (3, 0), "the node rejoined for round 2"
+    assert rows[2]["epsilon_max"] > 0
+    ledger = _ledger(faulty_run)
+    assert sorted(ledger) == NAMES, "the failure recorded under the node id joined the institution's name"
+    victim = ledger[VICTIM]
+    assert [(e["round"], e["status"]) for e in victim] == [(1, "failed"), (2, "trained")]
+    assert victim[0]["reason"]
+
+
+def test_server_restart_resumes_at_the_next_round_without_losing_or_resetting_anything(faulty_run, federation):
+    resumed = (federation.work / "resumed.log").read_text()
+    assert f"Resuming {faulty_run} after round 1." in resumed
+    assert "round 1/2" not in resumed, "round 1 was not repeated"
+    for name in ("clinic-a", "clinic-b"):
+        entries = _ledger(faulty_run)[name]
+        assert [(e["round"], e["status"]) for e in entries] == [(1, "trained"), (2, "trained")]
+        assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"], "ε grows across the restart, never reset"
+    assert (faulty_run / "summary.json").is_file() and (faulty_run / "adapter").is_dir()
+
+
+def test_each_institution_keeps_its_own_ledger_matching_the_servers(faulty_run, federation):
+    server = _ledger(faulty_run)
+    for name in NAMES:
+        own = json.loads(federation.institutions[name].state_file.read_text())
+        assert own["client"] == name
+        trained = [e["round"] for e in server[name] if e["status"] == "trained"]
+        assert [e["round"] for e in own["ledger"] if e["status"] == "trained"][-len(trained):] == trained
+        assert own["ledger"][-1]["epsilon"] == pytest.approx(server[name][-1]["epsilon"])
+        assert own["history"], "the accountant history that ε is computed from"
+    assert not list(faulty_run.rglob("*.key")), "no private key sits in the run directory"
+
+
+def _fedtune(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text('rounds = 1\n[train]\nbatch_size = 16\n[data]\ndemo_examples = 300\n')
+    out = tmp_path / "run"
+    cli = _fedtune(["deploy-local", "--nodes", "3", "--config", str(config), "--out", str(out)])
+    seen: dict[int, psutil.Process] = {}
+
+    def started_all() -> bool:
+        for proc in psutil.Process(cli.pid).children(recursive=True):
+            seen.setdefault(proc.pid, proc)
+        commands = {" ".join(_cmdline(p)) for p in seen.values()}
+        return cli.poll() is not None or (any("flower-superlink" in c for c in commands)
+                                          and sum("flower-supernode" in c for c in commands) == 3)
+
+    try:
+        _wait_for(started_all, "the SuperLink and three SuperNodes", timeout_s=120)
+        assert cli.poll() is None, cli.communicate()[1][-3000:]
+        time.sleep(1)
+        started_all()
+        cli.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal would
+        stdout, stderr = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+        alive = [p for p in seen.values() if _alive(p)]
+        for proc in alive:  # leave nothing behind, even when the test fails
+            proc.kill()
+    assert cli.returncode == 130, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == str(out.resolve())
+    assert not alive, [_cmdline(p) for p in alive]
+    assert (out / "config.toml").is_file(), "the run directory stays, to resume or inspect"
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -1,0 +1,142 @@
+"""A node that never replies, or cannot be reached, fails alone: the round goes on without it,
+and the ledger says why."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from rich.progress import Progress
+
+from fedtune import constants as k
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.server.rounds import NO_REPLY, NOT_SENT, exchange, record_privacy
+
+pytestmark = pytest.mark.usefixtures("in_flower_run")
+
+SUPERLINK_NODE_ID = 1  # Flower's: the sender of the errors the SuperLink makes itself
+METRICS = {k.NUM_EXAMPLES: 10, k.TRAIN_LOSS: 1.0, k.STEPS: 2, k.SAMPLE_RATE: 0.5, k.NOISE_MULTIPLIER: 1.0,
+           k.MAX_GRAD_NORM: 1.0, k.DELTA: 1e-5, k.EPSILON: 1.5, k.EPSILON_OTHER: 1.6}
+
+
+class FakeGrid:
+    """Answers for the nodes in `answering`; the others stay silent. Node ids in `unreachable`
+    are refused at push time, as a real grid does by returning None for them."""
+
+    def __init__(self, answering: set[int], unreachable: frozenset[int] = frozenset(),
+                 unavailable: frozenset[int] = frozenset(), metrics: dict | None = None):
+        self.answering, self.unreachable, self.unavailable = answering, unreachable, unavailable
+        self.metrics = METRICS if metrics is None else metrics
+        self.inbox: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what Flower's grids do
+            if msg.metadata.dst_node_id in self.unreachable:
+                ids.append(None)
+                continue
+            self.inbox[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = []
+        for message_id in list(message_ids):
+            msg = self.inbox.get(message_id)
+            if msg is not None and msg.metadata.dst_node_id in self.unavailable:
+                del self.inbox[message_id]  # the SuperLink answers for a node whose heartbeat lapsed
+                error = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as the SuperLink sets it
+                out.append(error)
+            elif msg is not None and msg.metadata.dst_node_id in self.answering:
+                del self.inbox[message_id]
+                content = RecordDict({k.METRICS: MetricRecord(self.metrics), k.CLIENT_INFO: ConfigRecord(
+                    {k.CLIENT_NAME: f"clinic-{msg.metadata.dst_node_id}", k.STATUS: k.STATUS_TRAINED})})
+                out.append(Message(content, reply_to=msg))
+        return out
+
+
+def instructions(nodes) -> list[Message]:
+    return [Message(RecordDict({k.CONFIG: ConfigRecord({"n": n})}), dst_node_id=n, message_type="train")
+            for n in nodes]
+
+
+def test_a_silent_node_gets_a_failed_reply_at_the_timeout_and_the_others_count():
+    grid = FakeGrid(answering={1, 2})
+    started = time.monotonic()
+    with Progress(disable=True) as progress:
+        replies = exchange(grid, instructions([1, 2, 3]), "train", progress, timeout_s=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert set(by_node) == {1, 2, 3}
+    assert not by_node[1].has_error() and not by_node[2].has_error()
+    assert by_node[3].has_error() and by_node[3].error.reason == NO_REPLY
+
+
+def test_a_reply_with_a_malformed_epsilon_does_not_stop_the_exchange():
+    grid = FakeGrid(answering={1}, metrics={**METRICS, k.EPSILON: [1.0, 2.0]})
+    with Progress() as progress:  # enabled: the progress line reads each reply's ε
+        replies = exchange(grid, instructions([1]), "train", progress, timeout_s=5)
+    assert len(replies) == 1 and not replies[0].has_error()  # rejected later, by server/validate.py
+
+
+def test_a_node_the_grid_cannot_reach_fails_at_once():
+    grid = FakeGrid(answering={1, 2}, unreachable=frozenset({2}))
+    with Progress(disable=True) as progress:
+        replies = exchange(grid, instructions([1, 2]), "train", progress, timeout_s=None)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert not by_node[1].has_error() and by_node[2].error.reason == NOT_SENT
+
+
+def test_an_error_the_superlink_makes_is_attributed_to_the_node_it_is_about():
+    grid = FakeGrid(answering={2}, unavailable=frozenset({3}))
+    with Progress(disable=True) as progress:
+        replies = exchange(grid, instructions([2, 3]), "train", progress, timeout_s=5)
+    failed = [r for r in replies if r.has_error()]
+    assert [(r.metadata.src_node_id, r.error.reason, r.error.code) for r in failed] == [(3, "Node Unavailable", 5)]
+    ledger = PrivacyLedger("prv", True)
+    record_privacy(ledger, 1, replies, {3: "clinic-3"})
+    assert ledger.clients["clinic-3"] == [{"round": 1, "status": "failed", "reason": "Node Unavailable"}]
+    assert "node-1" not in ledger.clients
+
+
+def test_failures_are_in_the_ledger_and_join_the_client_once_its_name_is_known():
+    ledger, names = PrivacyLedger("prv", True), {}
+    with Progress(disable=True) as progress:
+        round1 = exchange(FakeGrid(answering={1}), instructions([1, 7]), "train", progress, timeout_s=0.2)
+        record_privacy(ledger, 1, round1, names)
+        assert ledger.clients["node-7"] == [{"round": 1, "status": k.STATUS_FAILED, "reason": NO_REPLY}]
+        round2 = exchange(FakeGrid(answering={1, 7}), instructions([1, 7]), "train", progress, timeout_s=5)
+        record_privacy(ledger, 2, round2, names)
+    assert "node-7" not in ledger.clients
+    assert [(e["round"], e["status"]) for e in ledger.clients["clinic-7"]] == [(1, "failed"), (2, "trained")]
+    assert [(e["round"], e["status"]) for e in ledger.clients["clinic-1"]] == [(1, "trained"), (2, "trained")]
+
+
+def test_a_malformed_update_becomes_a_failure_with_its_reason_in_the_ledger():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+    from rich.console import Console
+
+    from fedtune.server.rounds import _refuse_malformed
+
+    reference = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    sent = instructions([1, 2])
+    FakeGrid(answering=set()).push_messages(sent)
+    replies = []
+    for msg, values in zip(sent, ([1.0, 2.0, 3.0], [1.0, float("nan"), 3.0]), strict=True):
+        content = RecordDict({k.METRICS: MetricRecord(METRICS), k.ARRAYS: ArrayRecord(
+            {"w": Array(np.array(values, dtype=np.float32))}), k.CLIENT_INFO: ConfigRecord(
+            {k.CLIENT_NAME: f"clinic-{msg.metadata.dst_node_id}", k.STATUS: k.STATUS_TRAINED})})
+        replies.append(Message(content, reply_to=msg))
+    console = Console(record=True, width=200)
+    checked = _refuse_malformed(replies, reference, sent, 1, console)
+    assert [r.has_error() for r in checked] == [False, True]
+    assert checked[1].metadata.src_node_id == 2 and "w has NaN or Inf" in checked[1].error.reason
+    assert "rejected the update from node 2: w has NaN or Inf values" in console.export_text()
+    ledger = PrivacyLedger("prv", True)
+    record_privacy(ledger, 1, checked, {2: "clinic-2"})
+    assert ledger.clients["clinic-2"][0]["status"] == "failed"
+    assert ledger.clients["clinic-2"][0]["reason"].startswith("update rejected: w has NaN")

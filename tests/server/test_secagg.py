@@ -1,0 +1,198 @@
+"""SecAgg+ over the adapter: Flower's real workflow and client mod, through an in-process grid.
+
+The grid below hands each message to the ClientApp's train chain (secagg_mod, then the
+client-level DP clipping mod, then a fake train handler) and keeps every reply the server got,
+so the tests can check both the aggregate and what the server saw on the way."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
+from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
+from rich.progress import Progress
+
+from fedtune import constants as k
+from fedtune.client.mods import client_clipping_mod
+from fedtune.client.secagg import secagg_mod
+from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError
+from fedtune.server.secagg import secure_exchange
+from fedtune.strategies.build import build_strategy
+
+NAMES = ["lora_A", "lora_B", "head"]
+
+
+@pytest.fixture(autouse=True)
+def run_identity():
+    """Flower stamps new Messages with the run of the current process; pretend to be in run 1."""
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def global_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"lora_A": rng.normal(0, 0.05, (4, 6)), "lora_B": np.zeros((6, 4)), "head": rng.normal(0, 0.1, 50)}
+
+
+def record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={n: torch.tensor(arrays[n], dtype=torch.float32) for n in NAMES})
+
+
+def update(seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.normal(0, scale, a.shape) for n, a in global_arrays().items()}
+
+
+def trainer(node: int, change: dict[str, np.ndarray] | None, seen: dict[int, Message]):
+    """A train handler: adds `change` to what it received, or declines (None). Keeps what it got."""
+    def handle(msg: Message, context: Context) -> Message:
+        seen[node] = msg
+        metrics = MetricRecord({k.NUM_EXAMPLES: 10 * node, k.TRAIN_LOSS: 0.5, k.EPSILON: float(node)})
+        info = ConfigRecord({k.CLIENT_NAME: f"client-{node}",
+                             k.STATUS: k.STATUS_DECLINED if change is None else k.STATUS_TRAINED})
+        content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: info})
+        if change is not None:
+            got = {n: t.numpy().astype(np.float64) for n, t in msg.content[k.ARRAYS].to_torch_state_dict().items()}
+            content[k.ARRAYS] = record({n: got[n] + change[n] for n in NAMES})
+        return Message(content, reply_to=msg)
+    return handle
+
+
+class LoopbackGrid:
+    """Delivers each message to one node's ClientApp chain in this process; records the replies."""
+
+    def __init__(self, changes: dict[int, dict[str, np.ndarray] | None], crash_in_training: int | None = None):
+        self.received: dict[int, Message] = {}
+        self.apps = {node: make_ffn(self._crashing if node == crash_in_training else
+                                    trainer(node, change, self.received), [secagg_mod, client_clipping_mod])
+                     for node, change in changes.items()}
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in changes}
+        self.replies: list[Message] = []
+
+    @staticmethod
+    def _crashing(msg: Message, context: Context) -> Message:
+        raise RuntimeError("out of memory")
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.apps)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            msg = copy.deepcopy(msg)  # each node gets its own copy, as over the wire (the stages share content)
+            try:
+                out.append(self.apps[node](msg, self.contexts[node]))
+            except Exception as err:  # a ClientApp that raises answers with an error reply
+                out.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg))
+        self.replies.extend(out)
+        return out
+
+
+def run_round(cfg: FedtuneConfig, grid: LoopbackGrid):
+    strategy = build_strategy(cfg)
+    messages = list(strategy.configure_train(1, record(global_arrays()), ConfigRecord(cfg.to_flat()), grid))
+    with Progress(disable=True) as progress:
+        replies = secure_exchange(grid, messages, "round 1/1 train", progress, timeout_s=None)
+    return strategy, replies
+
+
+def arrays_of(reply: Message) -> dict[str, np.ndarray]:
+    return {n: t.numpy().astype(np.float64) for n, t in reply.content[k.ARRAYS].to_torch_state_dict().items()}
+
+
+def cfg_for(clients: int, **dp) -> FedtuneConfig:
+    return FedtuneConfig().with_overrides({"clients": clients, "dp.secagg": True,
+                                           **{f"dp.{key}": v for key, v in dp.items()}})
+
+
+def test_the_server_gets_the_mean_of_the_trained_updates_and_never_an_update():
+    changes = {1: update(1), 2: update(2), 3: update(3), 4: None}  # client 4 declines
+    grid = LoopbackGrid(changes)
+    _, replies = run_round(cfg_for(4), grid)
+    g = global_arrays()
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert sorted(by_node) == [1, 2, 3, 4] and not any(r.has_error() for r in replies)
+    expected = {n: g[n] + sum(changes[i][n] for i in (1, 2, 3)) / 3 for n in NAMES}
+    for node in (1, 2, 3):
+        got = arrays_of(by_node[node])
+        for n in NAMES:
+            np.testing.assert_allclose(got[n], expected[n], atol=2e-5)  # 2^22-level quantization over ±8
+    # the declined client's reply has no arrays; every client's metrics and status came in plaintext
+    assert k.ARRAYS not in by_node[4].content
+    assert by_node[4].content[k.CLIENT_INFO][k.STATUS] == k.STATUS_DECLINED
+    assert [by_node[i].content[k.METRICS][k.EPSILON] for i in (1, 2, 3, 4)] == [1.0, 2.0, 3.0, 4.0]
+    assert by_node[2].content[k.METRICS][k.NUM_EXAMPLES] == 20
+    # what crossed the wire: no reply to the server carried a readable array
+    assert grid.replies and all(len(a) == 0 for r in grid.replies if not r.has_error()
+                                for a in r.content.array_records.values())
+    # the train handler got our usual message: names, arrays and the run's config
+    seen = grid.received[1].content
+    assert list(seen[k.ARRAYS].keys()) == NAMES and seen[k.CONFIG][k.SERVER_ROUND] == 1
+    assert "secaggplus_configs" not in seen.config_records
+
+
+def test_a_client_that_fails_drops_out_and_the_others_are_still_summed():
+    changes = {1: update(1), 2: update(2), 3: update(3), 4: update(4)}
+    grid = LoopbackGrid(changes, crash_in_training=2)
+    _, replies = run_round(cfg_for(4), grid)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert by_node[2].has_error() and "secure aggregation" in by_node[2].error.reason
+    assert "out of memory" in by_node[2].error.reason
+    g = global_arrays()
+    got = arrays_of(by_node[1])
+    np.testing.assert_allclose(got["head"], g["head"] + sum(changes[i]["head"] for i in (1, 3, 4)) / 3, atol=2e-5)
+
+
+def test_client_side_client_level_dp_under_secagg():
+    # clients clip (the mod inside secagg_mod), the server sees only the sum, ZeroFilledMean divides by m
+    changes = {1: update(1, scale=1.0), 2: update(2, scale=0.001), 3: None}
+    grid = LoopbackGrid(changes)
+    strategy, replies = run_round(cfg_for(3, client_dp="fixed", client_dp_side="client", client_noise_multiplier=0.0,
+                                          client_clipping_norm=0.5), grid)
+    trained = [r for r in replies if not r.has_error() and r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
+    arrays, _ = strategy.aggregate_train(1, trained)
+    g = global_arrays()
+    norm1 = np.sqrt(sum((a ** 2).sum() for a in changes[1].values()))
+    assert norm1 > 0.5  # so client 1 was clipped, client 2 (tiny) was not
+    got = {n: t.numpy().astype(np.float64) for n, t in arrays.to_torch_state_dict().items()}
+    for n in NAMES:
+        expected = g[n] + (changes[1][n] * 0.5 / norm1 + changes[2][n]) / 3
+        np.testing.assert_allclose(got[n], expected, atol=2e-5)
+
+
+def test_a_value_outside_the_quantization_range_is_refused_not_clipped():
+    changes = {1: update(1), 2: {**update(2), "head": np.full(50, 20.0)}, 3: update(3)}
+    grid = LoopbackGrid(changes)
+    _, replies = run_round(cfg_for(3), grid)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert by_node[2].has_error()
+    assert not by_node[1].has_error() and np.abs(arrays_of(by_node[1])["head"]).max() < 1
+
+
+def test_normal_rounds_pass_through_the_secagg_mod():
+    out = Message(RecordDict(), dst_node_id=1, message_type="train")
+    msg = Message(RecordDict({k.CONFIG: ConfigRecord({"dp.secagg": False})}), dst_node_id=1, message_type="train")
+    assert secagg_mod(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+                      lambda m, c: out) is out
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"dp.client_dp": "fixed", "dp.client_dp_side": "server"}, "--client-dp-side client"),
+    ({"clients": 1}, "at least 2 clients"),
+    ({"clients": 4, "strategy.fraction_train": 0.25}, "at least 2 clients"),
+])
+def test_secagg_options_that_cannot_work_are_refused(overrides, says):
+    with pytest.raises(ConfigError, match="dp.secagg") as err:
+        FedtuneConfig().with_overrides({"dp.secagg": True, **overrides})
+    assert says in str(err.value)
+    FedtuneConfig().with_overrides({"dp.secagg": True, "dp.client_dp": "adaptive", "dp.client_dp_side": "client"})
