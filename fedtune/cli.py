@@ -55,6 +55,7 @@ def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
     clients: Annotated[int | None, Opt(help=f"Number of simulated institutions \\[default: {D.clients}].")] = None,
     rounds: Annotated[int | None, Opt(help=f"Federated rounds; with --resume, extend the run to this many \\[default: {D.rounds}].")] = None,
+    clients_per_round: Annotated[int | None, Opt(help="Clients sampled to train each round (and evaluate, see strategy.fraction_evaluate) \\[default: all].")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/<timestamp>).")] = None,
     seed: Annotated[int | None, Opt(help="Seed for data, client sampling and DP noise.")] = None,
     no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off (it is on by default).")] = False,
@@ -73,7 +74,8 @@ def simulate(
     client_noise_multiplier: Annotated[float | None, Opt(help=f"Client-level DP: noise std / update clipping norm, z \\[default: {D.dp.client_noise_multiplier}].")] = None,
     client_clipping_norm: Annotated[float | None, Opt(help=f"Client-level DP: L2 bound on each update (the start value when adaptive) \\[default: {D.dp.client_clipping_norm}].")] = None,
     secagg: Annotated[bool, Opt("--secagg", help="Secure aggregation of the adapter updates (Flower SecAgg+): the server sees only their sum, each institution counting once; with --client-dp, clip on the client side. See docs/privacy.md.")] = False,
-    model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6).")] = None,
+    task: Annotated[str | None, Opt(help="classification (labelled texts) or causal-lm (instruction tuning of a causal LM, loss on the answers; the built-in triage-advice demo when no --data) \\[default: classification].")] = None,
+    model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6; causal-lm: SmolLM2-135M-Instruct).")] = None,
     max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
     lora_r: Annotated[int | None, Opt(help=f"LoRA rank \\[default: {D.lora.r}].")] = None,
@@ -81,7 +83,7 @@ def simulate(
     batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step \\[default: {D.train.batch_size}].")] = None,
     learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW \\[default: {D.train.learning_rate}].")] = None,
     examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset \\[default: {D.data.demo_examples}].")] = None,
-    data: Annotated[str | None, Opt("--data", help="Your labelled texts: a .csv, .jsonl/.json, .parquet or .txt (lines) file, a directory saved with datasets' save_to_disk, or a Hugging Face hub id with --format hf (default: the demo).")] = None,
+    data: Annotated[str | None, Opt("--data", help="Your labelled texts: a .csv, .jsonl/.json, .parquet or .txt (lines) file, a directory saved with datasets' save_to_disk, or a Hugging Face hub id with --format hf; with --task causal-lm, a .jsonl of instruction records or chats (default: the demo).")] = None,
     data_format: Annotated[str | None, Opt("--format", help="csv, jsonl, parquet, lines or hf \\[default: from the suffix of --data].")] = None,
     text_column: Annotated[str | None, Opt(help=f"Column (or JSON key) with the text \\[default: {D.data.text_column}].")] = None,
     label_column: Annotated[str | None, Opt(help=f"Column (or JSON key) with the label \\[default: {D.data.label_column}].")] = None,
@@ -94,16 +96,17 @@ def simulate(
     partition_column: Annotated[str | None, Opt(help="Partition column: the column naming each record's institution, e.g. hospital_id; --clients must equal its number of distinct values.")] = None,
     test_fraction: Annotated[float | None, Opt(help=f"Share of the data held out for server-side evaluation \\[default: {D.data.test_fraction}].")] = None,
 ) -> None:
-    """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo when no
-    data is given). The last line printed is the run directory."""
+    """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo, or with
+    --task causal-lm the triage-advice instruction demo, when no data is given). The last line
+    printed is the run directory."""
     overrides = {
-        "clients": clients, "rounds": rounds, "seed": seed, "dp.enabled": False if no_dp else None,
+        "clients": clients, "strategy.clients_per_round": clients_per_round, "rounds": rounds, "seed": seed, "dp.enabled": False if no_dp else None,
         "strategy.name": strategy, "strategy.proximal_mu": proximal_mu,
         "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
         "dp.accountant": accountant, "dp.epsilon_budget": epsilon_budget, "dp.target_epsilon": target_epsilon,
         "dp.physical_batch_size": physical_batch_size, "dp.client_dp": client_dp, "dp.client_dp_side": client_dp_side,
         "dp.client_noise_multiplier": client_noise_multiplier, "dp.client_clipping_norm": client_clipping_norm,
-        "dp.secagg": True if secagg else None, "model.name_or_path": model, "model.max_length": max_length,
+        "dp.secagg": True if secagg else None, "model.task": task, "model.name_or_path": model, "model.max_length": max_length,
         "model.device": device, "lora.r": lora_r, "train.local_epochs": local_epochs,
         "train.batch_size": batch_size, "train.learning_rate": learning_rate,
         "data.demo_examples": examples, "data.partition": partition, "data.alpha": alpha,
@@ -117,6 +120,7 @@ def simulate(
 
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any]) -> None:
     from fedtune.data.federated import resolve_data
+    from fedtune.data.instruct import resolve_instructions
     from fedtune.data.summary import save_partition_summary
     from fedtune.server.run_dir import CONFIG, RunDirectory
     from fedtune.simulation.engine import data_summary, preflight, simulate
@@ -133,7 +137,8 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     else:
         cfg = load_config(config).with_overrides(overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        data = resolve_data(cfg.data)  # the label list is fixed here, for every client and evaluation
+        # The label list is fixed here, for every client and evaluation (a causal LM has none).
+        data = resolve_instructions(cfg.data) if cfg.model.task == "causal-lm" else resolve_data(cfg.data)
         cfg = cfg.with_overrides({"out": str(target), "data.path": data.path, "data.labels": list(data.labels)})
         preflight(cfg)
         summary = data_summary(cfg)
@@ -149,6 +154,29 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
                   f"{cfg.strategy.name}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
     print(run.path)
+
+
+@cli.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate` (or `flwr run`).")],
+    adapter: Annotated[Path | None, Opt(help="Write the PEFT adapter (and tokenizer) here: PeftModel.from_pretrained(base, OUT).")] = None,
+    merged: Annotated[Path | None, Opt(help="Write the base model with the adapter merged in, in Hugging Face format: AutoModelForCausalLM (or ...ForSequenceClassification).from_pretrained(OUT).")] = None,
+) -> None:
+    """Export the run's latest global adapter (its last finished round). Give --adapter OUT,
+    --merged OUT, or both; OUT must not exist yet. The last line printed is the last directory written."""
+    _run_guarded(lambda: _export(run_dir, adapter, merged))
+
+
+def _export(run_dir: Path, adapter: Path | None, merged: Path | None) -> None:
+    from fedtune.export import export_run
+
+    if adapter is None and merged is None:
+        raise ConfigError("Nothing to export: give --adapter OUT (the PEFT adapter) and/or --merged OUT (a full "
+                          "model in Hugging Face format).")
+    for written in export_run(run_dir, adapter=adapter, merged=merged):
+        console.print(f"Wrote {written}", markup=False, highlight=False, soft_wrap=True)
+        last = written
+    print(last)
 
 
 @cli.command("deploy-local")

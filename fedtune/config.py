@@ -167,13 +167,22 @@ class StrategyConfig:
     name: Literal["fedavg", "fedprox"] = field(default="fedavg", metadata={"help": "Server aggregation."})
     proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight mu (fedprox only)."})
     fraction_train: float = field(default=1.0, metadata={"help": "Fraction of clients sampled to train each round."})
-    fraction_evaluate: float = field(default=1.0, metadata={"help": "Fraction of clients asked to evaluate."})
+    clients_per_round: int = field(
+        default=0, metadata={"help": "Clients sampled to train each round; 0 means fraction_train of all clients."})
+    fraction_evaluate: float = field(
+        default=1.0, metadata={"help": "Fraction of each round's sampled clients asked to evaluate (0: none)."})
+    min_available_clients: int = field(
+        default=0,
+        metadata={"help": "Connected clients a round waits for before sampling; 0 means all `clients`. In deployment, "
+                          "lower it so that a round can start while an institution is down."})
 
     def __post_init__(self) -> None:
         _check(self.name in ("fedavg", "fedprox"), "strategy.name", "use `fedavg` or `fedprox`.")
         _check(self.proximal_mu >= 0, "strategy.proximal_mu", "use mu >= 0.")
         _check(0 < self.fraction_train <= 1, "strategy.fraction_train", "use a value in (0, 1].")
         _check(0 <= self.fraction_evaluate <= 1, "strategy.fraction_evaluate", "use a value in [0, 1].")
+        _check(self.clients_per_round >= 0, "strategy.clients_per_round", "use 0 (fraction_train) or a count.")
+        _check(self.min_available_clients >= 0, "strategy.min_available_clients", "use 0 (all clients) or a count.")
 
 
 @dataclass(frozen=True)
@@ -291,7 +300,20 @@ class FedtuneConfig:
         _check(self.num_cpus_per_client > 0, "num_cpus_per_client", "use a positive number.")
         _check(0 <= self.round_timeout_s < math.inf, "round_timeout_s",
                "use a number of seconds, e.g. 600 (0: wait without limit).")
+        _check(self.strategy.min_available_clients <= self.clients, "strategy.min_available_clients",
+               f"{self.strategy.min_available_clients} is more than the {self.clients} clients; lower it.")
+        _check(self.strategy.clients_per_round <= self.clients, "strategy.clients_per_round",
+               f"{self.strategy.clients_per_round} is more than the {self.clients} clients; lower it.")
         self._check_client_level_and_secagg()
+
+    def clients_sampled(self) -> int:
+        """m: how many clients train each round."""
+        return self.strategy.clients_per_round or max(int(self.clients * self.strategy.fraction_train), 1)
+
+    def clients_evaluating(self) -> int:
+        """How many of each round's sampled clients evaluate (0: client evaluation off)."""
+        fraction = self.strategy.fraction_evaluate
+        return 0 if fraction == 0 else max(int(self.clients_sampled() * fraction), 1)
 
     def _check_client_level_and_secagg(self) -> None:
         dp = self.dp
@@ -303,9 +325,9 @@ class FedtuneConfig:
             _check(dp.client_dp == "off" or dp.client_dp_side == "client", "dp.secagg",
                    "with secure aggregation the server never sees an update, so it cannot clip one: "
                    "use --client-dp-side client.")
-            _check(max(int(self.clients * self.strategy.fraction_train), 1) >= 2, "dp.secagg",
-                   "secure aggregation needs at least 2 clients sampled per round; raise --clients "
-                   "or strategy.fraction_train.")
+            _check(self.clients_sampled() >= 2, "dp.secagg",
+                   "secure aggregation needs at least 2 clients sampled per round; raise --clients, "
+                   "--clients-per-round or strategy.fraction_train.")
 
     # ---- conversions -------------------------------------------------------------
     def to_nested(self) -> dict[str, Any]:

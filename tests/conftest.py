@@ -46,3 +46,14 @@ def tokenized(tiny_cfg):
 
     examples = make_demo_dataset(64, seed=1)
     return tokenize(load_tokenizer(""), [e.text for e in examples], [e.label for e in examples], 64)
+
+
+@pytest.fixture
+def flower_run():
+    """Flower stamps new Messages with the run of the current process; pretend to be in run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -17,9 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedtune import constants as k
+from fedtune.client.chats import client_chats, own_file_chats
 from fedtune.client.mods import client_clipping_mod
 from fedtune.client.secagg import secagg_mod
-from fedtune.client.state import ClientState, load_state, save_state, state_dir
+from fedtune.client.state import ClientState, load_state, save_state, state_dir, state_lock
 from fedtune.client.train import train_round
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import federated_data, label_names, local_data, node_data_config
@@ -27,6 +28,7 @@ from fedtune.data.text import TokenizedTexts, tokenize
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.build import build_model, load_tokenizer
+from fedtune.models.causal import build_causal_model, evaluate_lm
 from fedtune.models.evaluate import evaluate as evaluate_model
 from fedtune.privacy.accountant import epsilon, other
 from fedtune.privacy.budget import client_dp, within_budget
@@ -89,6 +91,11 @@ def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Toke
 
 def _local_data(cfg: FedtuneConfig, context: Context) -> tuple[TokenizedTexts, TokenizedTexts]:
     """The node's own file when its node config names one (`data-path`), else its simulated partition."""
+    if cfg.model.task == "causal-lm":  # instruction conversations (client/chats.py)
+        if k.DATA_PATH in context.node_config:
+            return own_file_chats(node_data_config(cfg.data, context.node_config), cfg.model, cfg.seed)
+        return client_chats(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
+                            int(context.node_config[k.PARTITION_ID]))
     if k.DATA_PATH in context.node_config:
         return own_file_data(node_data_config(cfg.data, context.node_config), cfg.model, cfg.seed)
     return client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
@@ -96,7 +103,10 @@ def _local_data(cfg: FedtuneConfig, context: Context) -> tuple[TokenizedTexts, T
 
 
 def _model(cfg: FedtuneConfig, arrays: ArrayRecord):
-    model = build_model(cfg.model, cfg.lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+    if cfg.model.task == "causal-lm":
+        model = build_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
+    else:
+        model = build_model(cfg.model, cfg.lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
     load_record(model, arrays)
     return model
 
@@ -107,6 +117,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg = own_budget(cfg, context)
     name = client_name(context)
     directory = state_dir(context, str(record.get(k.CLIENT_STATE_DIR, "")))
+    with state_lock(directory, name):  # load, train, save: one at a time per institution
+        return _train(msg, context, cfg, record, name, directory)
+
+
+def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRecord, name: str,
+           directory: str) -> Message:
     train_data, _ = _local_data(cfg, context)
     state = load_state(context, name, directory)
     server_round = int(record[k.SERVER_ROUND])
@@ -179,6 +195,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, _ = recipe(msg)
     _, val_data = _local_data(cfg, context)
     model = _model(cfg, msg.content[k.ARRAYS])
-    loss, accuracy = evaluate_model(model, val_data) if len(val_data) else (0.0, 0.0)
+    score = evaluate_lm if cfg.model.task == "causal-lm" else evaluate_model  # causal-lm: next-token accuracy
+    loss, accuracy = score(model, val_data) if len(val_data) else (0.0, 0.0)
     metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: loss, k.EVAL_ACCURACY: accuracy})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)

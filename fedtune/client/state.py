@@ -10,7 +10,10 @@ else the one the server names (simulation: inside the run directory).
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,23 @@ def state_dir(context: Context, server_dir: str) -> str:
 
 def _state_file(directory: str, client: str) -> Path | None:
     return Path(directory) / f"{client}.json" if directory else None
+
+
+@contextmanager
+def state_lock(directory: str, client: str) -> Iterator[None]:
+    """Hold an exclusive lock from loading the state to saving it. Two processes training for the
+    same institution (say a crashed server's leftover message and the resumed run's) would
+    otherwise both start from the same history, and the later save would erase the other's spending."""
+    if not directory:
+        yield
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with open(Path(directory) / f"{client}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_state(context: Context, client: str, directory: str) -> ClientState:

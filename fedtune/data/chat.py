@@ -9,13 +9,18 @@ the usual ChatML-like templates; checked, never assumed).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from fedtune.data.instruct import Conversation
+from fedtune.config import DataConfig
+from fedtune.data.federated import FederatedData
+from fedtune.data.instruct import Conversation, InstructData
+from fedtune.data.summary import partition_summary
 from fedtune.data.text import IGNORE_INDEX
 from fedtune.errors import DataError
 
@@ -73,3 +78,12 @@ def tokenize_chats(tokenizer, chats: Sequence[Conversation], max_length: int) ->
         ids.append(tuple(chat_ids[:max_length]))
         labels.append(tuple(chat_labels[:max_length]))
     return TokenizedChats(tuple(ids), tuple(labels), truncated)
+
+
+def chat_summary(fed: InstructData, data: DataConfig, tokenizer, max_length: int) -> dict[str, Any]:
+    """The partition summary of data/summary.py for instruction data: conversations per client, the
+    demo's urgency mix, and conversations longer than `max_length` tokens."""
+    lengths = [len(encode_chat(tokenizer, chat)[0]) for chat in fed.chats]
+    records = FederatedData(tuple(chat.response for chat in fed.chats), fed.groups, fed.group_names, fed.server_test,
+                            fed.clients, skipped=fed.skipped)
+    return partition_summary(records, dataclasses.replace(data, partition=fed.partition), lengths, max_length)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import DataConfig
-from fedtune.data.demo import COURSES, LABELS, PATIENTS, SYMPTOMS, _urgency
+from fedtune.data.demo import COURSES, LABELS, SYMPTOMS, _urgency
 from fedtune.data.loaders import _check_file, _decode, infer_format, numbered
 from fedtune.data.partition import ClientSplit, check_partitions, holdout_split, partition_indices, split_client
 from fedtune.errors import DataError
@@ -97,7 +97,10 @@ ADVICE = ("Self-care: rest at home and drink fluids.",
 QUESTIONS = ("{Patient} has {symptom} {course}. What to do?",
              "Advice for {patient} with {symptom} {course}?",
              "Triage {patient}: {symptom} {course}.")
-VITAL_SIGNS = (("Vitals normal.", 0), ("Oxygen 86%.", 2), ("BP 80/50.", 2), ("Temp 37.1.", 0))  # as the `input`
+# Shorter than data/demo.py's, so that a whole conversation fits in model.max_length=64 tokens.
+PEOPLE = (("a young man", 0), ("a young woman", 0), ("a teacher", 0), ("a student", 0), ("an elderly woman", 1),
+          ("a man with heart disease", 1), ("a baby", 1), ("a pregnant woman", 1))
+VITAL_SIGNS = (("Vitals normal.", 0), ("Oxygen 86%.", 2), ("Low blood pressure.", 2))  # given as the `input`
 
 
 def make_demo_instructions(num_examples: int, seed: int = 0) -> list[tuple[dict[str, str], int]]:
@@ -111,7 +114,7 @@ def make_demo_instructions(num_examples: int, seed: int = 0) -> list[tuple[dict[
     for i in range(num_examples):
         base = i % len(LABELS)
         symptom = rng.choice(SYMPTOMS[base])
-        patient, p_shift = rng.choice(PATIENTS)
+        patient, p_shift = rng.choice(PEOPLE)
         course, c_shift = rng.choice(COURSES)
         vitals, v_shift = rng.choice(VITAL_SIGNS) if rng.random() < 0.3 else ("", 0)
         question = rng.choice(QUESTIONS).format(patient=patient, Patient=patient[0].upper() + patient[1:],

@@ -71,7 +71,9 @@ def lora_targets(base: torch.nn.Module, lora: LoraConfig) -> list[str] | str:
         return "all-linear"  # peft: every linear layer but the output layer
     present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     if lora.target_modules:
-        if not present & set(lora.target_modules):
+        # peft matches a target to a module's last name or to a dotted suffix (`layer.5.attention.self.query`)
+        names = [name for name, _ in base.named_modules()]
+        if not any(name == target or name.endswith(f".{target}") for target in lora.target_modules for name in names):
             raise ConfigError(f"Invalid option `lora.target_modules`: the model has no module called "
                               f"{', '.join(lora.target_modules)}. Its linear layers are called "
                               f"{', '.join(sorted(_linear_names(base)))}.")

@@ -33,11 +33,6 @@ def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: in
     return float(accountant.get_epsilon(delta=delta))
 
 
-def sampled_clients(num_clients: int, fraction_train: float) -> int:
-    """m: how many institutions Flower's FedAvg samples per round (min_train_nodes is 1)."""
-    return max(int(num_clients * fraction_train), 1)
-
-
 def combined_noise_multiplier(update_noise: float, count_noise: float) -> float:
     """One Gaussian equivalent to adaptive clipping's two releases (Andrew et al. 2021, Thm 1):
     the update sum with multiplier sigma_u (sensitivity C) and the clipped-count with std

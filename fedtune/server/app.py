@@ -17,9 +17,10 @@ from rich.console import Console
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
 from fedtune.data.federated import resolve_data
+from fedtune.data.instruct import resolve_instructions
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
 from fedtune.resources import peak_rss_mb
-from fedtune.server.evaluate import ServerEvaluator
+from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.rounds import RoundInputs, initial_checkpoint, run_rounds
 from fedtune.server.run_dir import CONFIG, Checkpoint, RunDirectory
 from fedtune.strategies.build import build_strategy
@@ -28,13 +29,15 @@ from fedtune.strategies.build import build_strategy
 def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None) -> Checkpoint:
     """Run (or continue) the federation in `run`; returns the final checkpoint."""
     started = time.monotonic()
-    inputs = RoundInputs(cfg, run, ServerEvaluator(cfg), console or Console(), timeout_s=cfg.round_timeout_s or None)
+    evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
+    inputs = RoundInputs(cfg, run, evaluator, console or Console(), timeout_s=cfg.round_timeout_s or None)
     start = run.latest_checkpoint()
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))
         run.commit(start)
-        inputs.console.print(f"round 0/{cfg.rounds}  acc={start.metrics[0]['eval_accuracy']:.3f}"
-                             "  (before training)")
+        first = start.metrics[0]
+        ppl = f"  ppl={first['eval_perplexity']:.2f}" if "eval_perplexity" in first else ""
+        inputs.console.print(f"round 0/{cfg.rounds}  acc={first['eval_accuracy']:.3f}{ppl}  (before training)")
     else:
         inputs.console.print(f"Resuming {run.path} after round {start.round}.")
     final = run_rounds(grid, build_strategy(cfg), inputs, start)
@@ -56,6 +59,8 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
         "initial_eval_accuracy": first["eval_accuracy"],
         "final_eval_accuracy": last["eval_accuracy"],
         "final_eval_loss": last["eval_loss"],
+        **({"initial_eval_perplexity": first["eval_perplexity"], "final_eval_perplexity": last["eval_perplexity"]}
+           if "eval_perplexity" in last else {}),
         "epsilon_max": last["epsilon_max"],
         "client_level_epsilon": (final.ledger.get("client_level") or {}).get("epsilon"),  # None when off
         "bytes_up_per_client": last["bytes_up"],
@@ -88,7 +93,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: the config comes from [tool.flwr.app.config]."""
     cfg = FedtuneConfig.from_flat(dict(context.run_config), source="Flower run config")
-    data = resolve_data(cfg.data)  # fix the label list once: clients reading their own files get it from here
+    # Fix the label list once: clients reading their own files get it from here (a causal LM has none).
+    data = resolve_instructions(cfg.data) if cfg.model.task == "causal-lm" else resolve_data(cfg.data)
     cfg = cfg.with_overrides({"data.path": data.path, "data.labels": list(data.labels)})
     out = Path(cfg.out or "runs/flwr-run")
     run = RunDirectory.existing(out) if (out / CONFIG).is_file() else RunDirectory.create(out, cfg)

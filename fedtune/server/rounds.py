@@ -32,7 +32,7 @@ from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger, ledger_entry
-from fedtune.server.evaluate import ServerEvaluator
+from fedtune.server.evaluate import Scores, ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.validate import reject_malformed
@@ -144,9 +144,9 @@ def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructio
 
 def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
     """Round 0: the initial adapter and its server-side evaluation, before any training."""
-    loss, accuracy = inputs.evaluate(arrays)
+    scores = inputs.evaluate(arrays, 0)
     ledger = PrivacyLedger(inputs.cfg.dp.accountant, inputs.cfg.dp.enabled)
-    row = _round_row(0, loss, accuracy, None, None, ledger, [], [], bytes_down=0)
+    row = _round_row(0, scores, None, None, ledger, [], [], bytes_down=0)
     return Checkpoint(0, dict(arrays.to_torch_state_dict()), [row], ledger.to_dict(), {})
 
 
@@ -189,8 +189,8 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
                                     f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s)
             client_eval = strategy.aggregate_evaluate(round_, eval_replies)
-            loss, accuracy = inputs.evaluate(arrays)
-            row = _round_row(round_, loss, accuracy, train_metrics, client_eval, ledger, trained, replies,
+            scores = inputs.evaluate(arrays, round_)
+            row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,
                              bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
                                ledger.to_dict(), state.node_names)
@@ -199,13 +199,12 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     return state
 
 
-def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eval: Any,
+def _round_row(round_: int, scores: Scores, train: Any, client_eval: Any,
                ledger: PrivacyLedger, trained: list[Message], replies: list[Message],
                bytes_down: int, train_s: float = 0.0, round_s: float = 0.0) -> dict[str, Any]:
     return {
         "round": round_,
-        "eval_accuracy": accuracy,
-        "eval_loss": loss,
+        **scores.row(),  # eval_accuracy, eval_loss (and eval_perplexity for a causal LM)
         "train_loss": float(train[k.TRAIN_LOSS]) if train else None,
         "client_eval_accuracy": float(client_eval[k.EVAL_ACCURACY]) if client_eval else None,
         "client_eval_loss": float(client_eval[k.EVAL_LOSS]) if client_eval else None,
@@ -223,8 +222,9 @@ def _round_row(round_: int, loss: float, accuracy: float, train: Any, client_eva
 
 def _round_line(row: dict[str, Any], rounds: int) -> str:
     eps = "off" if row["epsilon_max"] is None else f"{row['epsilon_max']:.2f}"
+    ppl = f"ppl={row['eval_perplexity']:.2f}  " if "eval_perplexity" in row else ""
     return (f"round {row['round']}/{rounds}  acc={row['eval_accuracy']:.3f}  "
-            f"loss={row['eval_loss']:.3f}  train_loss={_fmt(row['train_loss'])}  "
+            f"loss={row['eval_loss']:.3f}  {ppl}train_loss={_fmt(row['train_loss'])}  "
             f"eps_max={eps}  clients={row['num_clients']}  up={row['bytes_up'] / 1e6:.2f}MB  {row['round_s']:.0f}s")
 
 

@@ -9,7 +9,9 @@ import os
 from rich.console import Console
 
 from fedtune.config import FedtuneConfig
+from fedtune.data.chat import chat_summary
 from fedtune.data.federated import federated_data
+from fedtune.data.instruct import federated_instructions
 from fedtune.data.summary import partition_summary, token_lengths
 from fedtune.errors import ConfigError
 from fedtune.models.build import check_model, load_tokenizer
@@ -18,8 +20,9 @@ from fedtune.server.run_dir import RunDirectory
 
 def preflight(cfg: FedtuneConfig) -> None:
     """Everything that can be checked before a run directory is made; raises FedtuneError."""
-    check_model(cfg.model.name_or_path)
-    fed = federated_data(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
+    check_model(cfg.model.name_or_path, cfg.model.task)  # causal-lm: converts the default model on first use
+    federated = federated_instructions if cfg.model.task == "causal-lm" else federated_data
+    fed = federated(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
     if cfg.dp.enabled:
         largest = max(len(split.train) for split in fed.clients)
         if cfg.dp.delta >= 1.0 / largest:
@@ -36,6 +39,10 @@ def preflight(cfg: FedtuneConfig) -> None:
 
 def data_summary(cfg: FedtuneConfig) -> dict:
     """Examples and labels per client, and texts longer than model.max_length (after preflight)."""
+    if cfg.model.task == "causal-lm":
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.task)
+        return chat_summary(federated_instructions(cfg.data, cfg.clients, cfg.seed), cfg.data, tokenizer,
+                            cfg.model.max_length)
     fed = federated_data(cfg.data, cfg.clients, cfg.seed)
     lengths = token_lengths(load_tokenizer(cfg.model.name_or_path), fed.texts)
     return partition_summary(fed, cfg.data, lengths, cfg.model.max_length)

@@ -12,11 +12,8 @@ from fedtune.strategies.metrics import aggregate_metrics
 
 def build_strategy(cfg: FedtuneConfig) -> Strategy:
     common = dict(
-        fraction_train=cfg.strategy.fraction_train,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=cfg.clients,
+        **_sampling(cfg),
+        min_available_nodes=cfg.strategy.min_available_clients or cfg.clients,
         train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics,
     )
@@ -25,3 +22,16 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
     else:
         strategy = FedAvg(**common)
     return strategy if cfg.dp.client_dp == "off" else with_client_dp(strategy, cfg)
+
+
+def _sampling(cfg: FedtuneConfig) -> dict[str, float | int]:
+    """Flower samples max(int(connected * fraction), min_nodes). A fixed count is given as both
+    fraction and minimum, so it is exact whatever the float rounding of count / clients; a
+    fraction stays a fraction of the clients connected at the time."""
+    s = cfg.strategy
+    if s.clients_per_round:
+        sampled, evaluating = cfg.clients_sampled(), cfg.clients_evaluating()
+        return dict(fraction_train=sampled / cfg.clients, min_train_nodes=sampled,
+                    fraction_evaluate=evaluating / cfg.clients, min_evaluate_nodes=max(evaluating, 1))
+    return dict(fraction_train=s.fraction_train, min_train_nodes=1,
+                fraction_evaluate=s.fraction_train * s.fraction_evaluate, min_evaluate_nodes=1)

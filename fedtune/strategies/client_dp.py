@@ -43,7 +43,6 @@ from fedtune.privacy.client_level import (
     ClientLevelAccount,
     adaptive_noise_inputs,
     combined_noise_multiplier,
-    sampled_clients,
 )
 
 
@@ -211,7 +210,7 @@ def with_client_dp(strategy: FedAvg, cfg: FedtuneConfig) -> Strategy:
     """`strategy` under client-level DP as cfg.dp asks (client_dp must not be `off`)."""
     logging.getLogger("flwr").addFilter(_REPLY_COUNT_FILTER)  # once: addFilter keeps no duplicates
     dp = cfg.dp
-    m = sampled_clients(cfg.clients, cfg.strategy.fraction_train)
+    m = cfg.clients_sampled()
     inner = ZeroFilledMean(strategy, m)
     wrapper = WRAPPERS[(dp.client_dp, dp.client_dp_side)]
     accounting = dict(sample_rate=m / cfg.clients, delta=dp.delta)

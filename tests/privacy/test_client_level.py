@@ -13,7 +13,6 @@ from fedtune.privacy.client_level import (
     adaptive_noise_inputs,
     client_level_epsilon,
     combined_noise_multiplier,
-    sampled_clients,
 )
 from fedtune.privacy.ledger import PrivacyLedger
 from tests.privacy.independent import independent_epsilon
@@ -45,11 +44,6 @@ def test_epsilon_edges():
     assert math.isinf(client_level_epsilon(0.0, 0.5, 3, 1e-5))
     assert client_level_epsilon(1.0, 1.0, 4, 1e-5) > client_level_epsilon(1.0, 1.0, 3, 1e-5)
     assert client_level_epsilon(1.0, 0.2, 3, 1e-5) < client_level_epsilon(1.0, 1.0, 3, 1e-5)
-
-
-@pytest.mark.parametrize("clients, fraction, m", [(10, 1.0, 10), (10, 0.3, 3), (10, 0.01, 1), (3, 0.5, 1)])
-def test_sampled_clients_is_flowers_sample_size(clients, fraction, m):
-    assert sampled_clients(clients, fraction) == m
 
 
 @pytest.mark.parametrize("z, m", [(1.0, 3), (0.5, 10), (2.0, 200), (1.0, 1000)])

@@ -14,7 +14,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 from rich.progress import Progress
 
 from fedtune import constants as k
@@ -27,14 +26,7 @@ from fedtune.strategies.build import build_strategy
 
 NAMES = ["lora_A", "lora_B", "head"]
 
-
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Flower stamps new Messages with the run of the current process; pretend to be in run 1."""
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_run")
 
 
 def global_arrays() -> dict[str, np.ndarray]:

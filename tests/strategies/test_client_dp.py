@@ -11,7 +11,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import constants as k
 from fedtune.client.mods import client_clipping_mod
@@ -30,14 +29,7 @@ from fedtune.strategies.client_dp import (
 
 SIZE = 4000  # elements in the big array: enough to measure a noise std to a few percent
 
-
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Flower stamps new Messages with the run of the current process; pretend to be in run 1."""
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_run")
 
 
 def cfg_for(clipping: str = "fixed", side: str = "server", z: float = 0.0, c: float = 1.0, clients: int = 4,

@@ -1,0 +1,71 @@
+"""`fedtune export`: a run's latest global adapter as a PEFT adapter directory, or merged into its
+base model as an ordinary Hugging Face model that needs neither peft nor fedtune to load.
+
+The weights come from the run's last checkpoint, so an interrupted run can be exported too. Each
+output is written into a temporary directory beside it and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from peft import PeftModel
+
+from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError
+from fedtune.models.adapter import load_record
+from fedtune.models.build import build_model, load_tokenizer
+from fedtune.models.causal import fresh_causal_model
+from fedtune.server.run_dir import RunDirectory
+
+
+def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None = None) -> list[Path]:
+    """Write the adapter to `adapter` and/or the merged model to `merged`; returns what was written."""
+    run = RunDirectory.existing(run_dir)
+    for out in (adapter, merged):
+        if out is not None and out.exists():
+            raise ConfigError(f"{out} already exists; fedtune export writes a new directory. Pass another path.")
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no finished round yet (no checkpoints/round_*.pt), so there is nothing "
+                          "to export. Run it first, or continue it with --resume.")
+    cfg = run.config()
+    model = _model(cfg)
+    load_record(model, ArrayRecord(torch_state_dict=checkpoint.arrays))
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.task)
+    written = []
+    if adapter is not None:
+        _write_dir(adapter, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        written.append(adapter)
+    if merged is not None:
+        full = model.merge_and_unload()  # LoRA folded into the weights; the last use of `model`
+        _write_dir(merged, lambda d: (full.save_pretrained(d), tokenizer.save_pretrained(d)))
+        written.append(merged)
+    return written
+
+
+def _model(cfg: FedtuneConfig) -> PeftModel:
+    """A fresh (uncached) PEFT model of the run's config, since merging changes it."""
+    if cfg.model.task == "causal-lm":
+        return fresh_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
+    labels = cfg.data.labels
+    model = build_model.__wrapped__(cfg.model, cfg.lora, num_labels=len(labels), seed=cfg.seed)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return model
+
+
+def _write_dir(target: Path, write: Callable[[Path], object]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
