@@ -155,6 +155,10 @@ class TrainConfig:
     local_epochs: int = field(default=1, metadata={"help": "Passes over its data each client makes per round."})
     batch_size: int = field(default=128, metadata={"help": "Expected (logical) batch size per step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate for adapter and head."})
+    length_buckets: bool = field(
+        default=False,
+        metadata={"help": "Batch texts of similar length together (less padding). Without DP only: DP-SGD's "
+                          "accounting assumes Poisson sampling."})
 
     def __post_init__(self) -> None:
         _check(1 <= self.local_epochs <= 100, "train.local_epochs", "use 1 to 100.")
@@ -304,6 +308,9 @@ class FedtuneConfig:
                f"{self.strategy.min_available_clients} is more than the {self.clients} clients; lower it.")
         _check(self.strategy.clients_per_round <= self.clients, "strategy.clients_per_round",
                f"{self.strategy.clients_per_round} is more than the {self.clients} clients; lower it.")
+        _check(not (self.train.length_buckets and self.dp.enabled), "train.length_buckets",
+               "length-bucketed batches are not Poisson samples, which DP-SGD's accounting assumes; use it with "
+               "--no-dp, or drop it.")
         self._check_client_level_and_secagg()
 
     def clients_sampled(self) -> int:

@@ -11,6 +11,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from fedtune.config import FedtuneConfig
+from fedtune.data.buckets import LengthBucketSampler
 from fedtune.data.text import TokenizedTexts, pad_batch
 from fedtune.privacy.accountant import History
 from fedtune.privacy.dpsgd import make_private, step_on_empty_batch
@@ -63,8 +64,12 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
-    loader = DataLoader(data, batch_size=min(cfg.train.batch_size, len(data)), shuffle=True,
-                        collate_fn=pad_batch)
+    batch_size = min(cfg.train.batch_size, len(data))
+    if cfg.train.length_buckets:  # config allows it only without DP
+        sampler = LengthBucketSampler([len(ids) for ids in data.input_ids], batch_size, seed)
+        loader = DataLoader(data, batch_sampler=sampler, collate_fn=pad_batch)
+    else:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=pad_batch)
     model.train()
     private = None
     if cfg.dp.enabled:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from fedtune.client.train import train_round
@@ -9,9 +10,11 @@ from fedtune.config import DPConfig, TrainConfig
 from fedtune.models.evaluate import evaluate
 
 
-def test_local_training_without_dp_improves_accuracy(tiny_model, tokenized, tiny_cfg):
+@pytest.mark.parametrize("length_buckets", [False, True])
+def test_local_training_without_dp_improves_accuracy(tiny_model, tokenized, tiny_cfg, length_buckets):
     cfg = dataclasses.replace(tiny_cfg, dp=DPConfig(enabled=False),
-                              train=TrainConfig(batch_size=8, learning_rate=3e-3, local_epochs=4))
+                              train=TrainConfig(batch_size=8, learning_rate=3e-3, local_epochs=4,
+                                                length_buckets=length_buckets))
     loss_before, acc_before = evaluate(tiny_model, tokenized)
     result = train_round(tiny_model, tokenized, cfg, [], proximal_mu=0.0, seed=0)
     loss_after, acc_after = evaluate(tiny_model, tokenized)
