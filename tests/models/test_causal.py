@@ -102,10 +102,19 @@ def test_evaluation_weights_every_answer_token_equally(tiny_llama_dir, chats):
     data = TokenizedChats(chats.input_ids[:3], chats.labels[:3])
     total, tokens = 0.0, 0
     for ids, labels in (data[i] for i in range(len(data))):
-        logits = model(input_ids=ids[None]).logits[0, :-1]
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0, :-1]
         scored = labels[1:] != IGNORE_INDEX
         total += float(F.cross_entropy(logits[scored], labels[1:][scored], reduction="sum"))
         tokens += int(scored.sum())
     loss, accuracy = evaluate_lm(model, data, batch_size=2)  # padding inside a batch changes nothing
     assert loss == pytest.approx(total / tokens, rel=1e-4)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_a_model_without_a_chat_template_is_refused_before_a_run(tiny_llama_dir):
+    from fedtune.models.build import check_model, default_model_dir
+
+    check_model(str(tiny_llama_dir), "causal-lm")
+    with pytest.raises(ConfigError, match="no chat template"):
+        check_model(str(default_model_dir()), "causal-lm")  # MiniLM: an encoder with no chat template

@@ -1,0 +1,55 @@
+"""`fedtune export` of a classification run: the adapter loads with peft, the merged model with
+transformers alone, and both give the run's model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedtune.data.demo import LABELS
+from fedtune.errors import ConfigError
+from fedtune.export import export_run
+from fedtune.models.adapter import trainable_state
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_cfg, tiny_model):
+    """A run directory whose last checkpoint holds trained-looking (non-initial) weights."""
+    cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, labels=LABELS))
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    weights = {name: t + 0.01 * torch.randn_like(t) for name, t in trainable_state(tiny_model).items()}
+    run.commit(Checkpoint(1, weights, [], PrivacyLedger("prv", True).to_dict(), {}))
+    return run.path, weights
+
+
+def test_classification_adapter_and_merged_model(run_dir, tmp_path, tokenized):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.data.text import pad_batch
+    from fedtune.models.build import default_model_dir
+
+    path, weights = run_dir
+    written = export_run(path, adapter=tmp_path / "adapter", merged=tmp_path / "merged")
+    assert written == [tmp_path / "adapter", tmp_path / "merged"]
+    base = AutoModelForSequenceClassification.from_pretrained(default_model_dir(), num_labels=len(LABELS))
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    params = dict(adapted.named_parameters())
+    for name, tensor in weights.items():
+        torch.testing.assert_close(params[name].detach(), tensor)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label[3] == LABELS[3]
+    batch = pad_batch([tokenized[i] for i in range(4)])
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapted(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_to_overwrite(run_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        export_run(run_dir[0], adapter=tmp_path / "taken")
