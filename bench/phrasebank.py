@@ -55,12 +55,12 @@ from fedtune.models.evaluate import evaluate  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "financial_phrasebank_allagree.txt"
 RESULTS = REPO / "bench" / "results"
-CLIENTS, SEED = 20, 0
+CLIENTS, SEED, MAX_LENGTH = 20, 0, 64
 TARGET_EPSILON, DELTA = 8.0, 1e-5
 TARGET_GAP_B, TARGET_GAP_C = 2.0, 6.0  # accuracy points below (a)
 
 # (a) and (b): LoRA r=8 on query/value (+ the pooler and head, fedtune's defaults).
-PLAIN_LORA = LoraConfig(r=8, alpha=16.0)
+PLAIN_LORA = LoraConfig(r=8, alpha=16.0, target_modules=("query", "value"))
 PLAIN_TRAIN = TrainConfig(local_epochs=1, batch_size=16, learning_rate=3e-3)
 # (c): DP-SGD noise grows with the number of trained dimensions and steps, so the private recipe
 # trains fewer dimensions (rank 2, frozen pretrained pooler) in larger batches.
@@ -74,10 +74,10 @@ def data_config(path: Path) -> DataConfig:
                       test_fraction=0.2, partition="dirichlet", alpha=0.5, client_val_fraction=0.0)
 
 
-def federation(data: DataConfig, rounds: int, private: bool) -> FedtuneConfig:
+def federation(data: DataConfig, rounds: int, max_length: int, private: bool) -> FedtuneConfig:
     """(b) or (c); the label list is fixed here, as `fedtune simulate` does before its run directory."""
     cfg = FedtuneConfig(
-        rounds=rounds, clients=CLIENTS, seed=SEED, model=ModelConfig(max_length=64),
+        rounds=rounds, clients=CLIENTS, seed=SEED, model=ModelConfig(max_length=max_length),
         lora=DP_LORA if private else PLAIN_LORA, train=DP_TRAIN if private else PLAIN_TRAIN,
         dp=DP if private else DPConfig(enabled=False),
         strategy=StrategyConfig(name="fedavg", fraction_evaluate=0.0), data=data,
@@ -125,29 +125,59 @@ def run_central(cfg: FedtuneConfig, passes: int) -> dict:
 
 # ---- (b), (c) fedtune ------------------------------------------------------------------------
 
-def run_fedtune(cfg: FedtuneConfig, out: Path) -> dict:
-    """`fedtune simulate` in a subprocess (its own model cache); read back its run directory."""
+def saved_config(out: Path) -> FedtuneConfig | None:
+    from fedtune.server.run_dir import RunDirectory
+
+    return RunDirectory.existing(out).config() if (out / "config.toml").is_file() else None
+
+
+def start_fedtune(cfg: FedtuneConfig, out: Path) -> subprocess.Popen | None:
+    """`fedtune simulate` in a subprocess (its own model cache); progress stays on stderr. A run
+    directory from an earlier call with the same config is resumed, or reused when it is complete
+    (None); one with another config is an error."""
+    saved = saved_config(out)
+    if saved is not None and saved != dataclasses.replace(cfg, out=str(out)):
+        raise SystemExit(f"{out} holds a run with another config (or number of rounds); remove it or pass "
+                         "another --runs-dir.")
+    if saved is not None and (out / "summary.json").is_file() and \
+            json.loads((out / "summary.json").read_text())["rounds_completed"] == cfg.rounds:
+        return None
     out.parent.mkdir(parents=True, exist_ok=True)
     config = out.parent / f"{out.name}.toml"
     config.write_text(dump_config(cfg), encoding="utf-8")
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--config", str(config), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, cwd=REPO)  # progress stays on stderr
+    where = (["--resume", str(out), "--rounds", str(cfg.rounds)] if saved is not None
+             else ["--config", str(config), "--out", str(out)])
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", "simulate", *where],
+                            stdout=subprocess.DEVNULL, cwd=REPO)
+
+
+def finish_fedtune(proc: subprocess.Popen | None, cfg: FedtuneConfig, out: Path, started: float) -> dict:
+    """Wait for the run (resuming it from its last checkpoint if the process died, at most twice)
+    and read back its run directory."""
+    attempt = 0
+    while proc is not None and proc.wait() != 0:
+        if attempt == 2 or not any((out / "checkpoints").glob("*.pt")):
+            raise SystemExit(f"fedtune simulate failed for {out} (exit status {proc.returncode}).")
+        print(f"fedtune simulate for {out} exited with {proc.returncode}; resuming it.", file=sys.stderr)
+        attempt += 1
+        proc = start_fedtune(cfg, out)
     wall = time.monotonic() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     result = {"accuracy": summary["final_eval_accuracy"], "per_round_accuracy": [r["eval_accuracy"] for r in rows],
-              "rounds_completed": summary["rounds_completed"], "wall_s": round(wall, 1),
+              "rounds_completed": summary["rounds_completed"], "restarts": attempt,
+              "wall_s": round(wall, 1) if proc is not None else summary["wall_time_s"], "reused_run": proc is None,
               "train_s": round(sum(r["train_s"] for r in rows[1:]), 1), "run_wall_time_s": summary["wall_time_s"]}
     if cfg.dp.enabled:
         ledger = json.loads((out / "privacy_ledger.json").read_text())
-        entries = [e for client in ledger["clients"].values() for e in client if e["status"] == "trained"]
+        entries = [e for client in ledger["clients"].values() for e in client]
+        trained = [e for e in entries if e["status"] == "trained"]
         result.update({
-            "epsilon_max": max(e["epsilon"] for e in entries),
+            "epsilon_max": max(e["epsilon"] for e in entries if e["epsilon"] is not None),
             "epsilon_max_summary": summary["epsilon_max"],
-            "noise_multiplier_range": [min(e["noise_multiplier"] for e in entries),
-                                       max(e["noise_multiplier"] for e in entries)],
-            "declined": sum(e["status"] == "declined" for c in ledger["clients"].values() for e in c),
+            "noise_multiplier_range": [min(e["noise_multiplier"] for e in trained),
+                                       max(e["noise_multiplier"] for e in trained)],
+            "declined": sum(e["status"] == "declined" for e in entries),
         })
     return result
 
@@ -202,30 +232,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5,
                         help="(b)'s rounds; (a) makes as many passes (x local epochs) [default: 5].")
     parser.add_argument("--dp-rounds", type=int, default=20, help="(c)'s rounds [default: 20].")
-    parser.add_argument("--quick", action="store_true", help="Smoke check: 1 round of (b), 2 of (c), 1 pass of (a).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke check: 1 pass of (a), 1 round of (b) and of (c), texts cut to 32 tokens.")
+    parser.add_argument("--parallel", action="store_true",
+                        help="Run (a), (b) and (c) at the same time (less time in all; contended wall times).")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"[default: {DEFAULT_DATA}]")
     parser.add_argument("--runs-dir", type=Path, default=None,
-                        help="Keep the run directories of (b) and (c) here (default: a temporary directory).")
+                        help="Keep the run directories of (b) and (c) here (default: a temporary directory); "
+                             "a run found there with the same config is resumed, or reused when complete.")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help=f"Where the JSON and PNG go [default: {RESULTS}].")
     args = parser.parse_args()
     if not args.data.is_file():
         parser.error(f"{args.data} does not exist; pass the Financial PhraseBank file with --data.")
-    rounds, dp_rounds = (1, 2) if args.quick else (args.rounds, args.dp_rounds)
+    rounds, dp_rounds = (1, 1) if args.quick else (args.rounds, args.dp_rounds)
     data = data_config(args.data.resolve())
-    plain, private = federation(data, rounds, private=False), federation(data, dp_rounds, private=True)
+    max_length = 32 if args.quick else MAX_LENGTH
+    plain = federation(data, rounds, max_length, private=False)
+    private = federation(data, dp_rounds, max_length, private=True)
     passes = plain.rounds * plain.train.local_epochs
     fed = federated_data(plain.data, plain.clients, plain.seed)
     console = Console()
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = args.runs_dir or Path(tmp)
+        runs = (args.runs_dir or Path(tmp)).resolve()
+        jobs = {"b_fedavg": plain, "c_fedavg_dp": private}
+        procs: dict[str, tuple[subprocess.Popen, float]] = {}
+        if args.parallel:  # all three at once: shorter in total, but each row's wall time is contended
+            procs = {name: (start_fedtune(cfg, runs / name), time.monotonic()) for name, cfg in jobs.items()}
         console.print(f"(a) centralized, {passes} passes ...", style="bold")
         central = run_central(plain, passes)
-        console.print(f"(b) fedtune FedAvg, {rounds} rounds ...", style="bold")
-        fedavg = run_fedtune(plain, runs / "b_fedavg")
-        console.print(f"(c) fedtune FedAvg + DP-SGD, {dp_rounds} rounds ...", style="bold")
-        private_run = run_fedtune(private, runs / "c_fedavg_dp")
+        results = {}
+        for name, cfg in jobs.items():
+            if name not in procs:
+                console.print(f"({name[0]}) fedtune {cfg.rounds} rounds ...", style="bold")
+                procs[name] = (start_fedtune(cfg, runs / name), time.monotonic())
+                results[name] = finish_fedtune(procs[name][0], cfg, runs / name, procs[name][1])
+        for name, cfg in jobs.items():
+            if name not in results:
+                results[name] = finish_fedtune(procs[name][0], cfg, runs / name, procs[name][1])
+    fedavg, private_run = results["b_fedavg"], results["c_fedavg_dp"]
 
     central["settings"] = {**settings(plain), "passes": passes, "rounds": None, "local_epochs": None}
     fedavg["settings"] = settings(plain)

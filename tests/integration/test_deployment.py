@@ -182,12 +182,12 @@ def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path):
                                           and sum("flower-supernode" in c for c in commands) == 3)
 
     try:
-        _wait_for(started_all, "the SuperLink and three SuperNodes", timeout_s=120)
+        _wait_for(started_all, "the SuperLink and three SuperNodes", timeout_s=300)
         assert cli.poll() is None, cli.communicate()[1][-3000:]
         time.sleep(1)
         started_all()
         cli.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal would
-        stdout, stderr = cli.communicate(timeout=60)
+        stdout, stderr = cli.communicate(timeout=180)  # generous: CI machines may be loaded
     finally:
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
