@@ -3,37 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from fedtune.privacy.client_level import client_level_epsilon
+from tests.integration.test_simulate import TINY, fedtune
 
 pytestmark = pytest.mark.integration
-
-TINY = """
-rounds = 2
-clients = 3
-[lora]
-r = 4
-[train]
-batch_size = 16
-learning_rate = 0.003
-local_epochs = 2
-[dp]
-noise_multiplier = 0.6
-[data]
-demo_examples = 360
-test_fraction = 0.25
-"""
-
-
-def fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
 
 def ledger_of(out) -> dict:
     return json.loads((out / "privacy_ledger.json").read_text())
