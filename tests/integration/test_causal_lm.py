@@ -95,7 +95,7 @@ def test_merged_export_loads_with_transformers_and_generates(finished_run, tmp_p
     from fedtune.models.default_lm import default_lm_dir
 
     result = fedtune("export", str(finished_run), "--merged", str(tmp_path / "merged"),
-                     "--adapter", str(tmp_path / "adapter"), timeout=300)
+                     "--adapter", str(tmp_path / "adapter"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -116,7 +116,7 @@ def test_a_bad_instruction_file_stops_before_the_run(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(f'{json.dumps({"instruction": "Q?", "response": "A."})}\n{json.dumps({"instruction": "Q?"})}\n')
     out = tmp_path / "never"
-    result = fedtune("simulate", "--task", "causal-lm", "--data", str(path), "--out", str(out), timeout=300)
+    result = fedtune("simulate", "--task", "causal-lm", "--data", str(path), "--out", str(out), timeout=900)
     assert result.returncode == 2
     assert "(line 2)" in result.stderr and "`response`" in result.stderr
     assert not out.exists()

@@ -27,7 +27,7 @@ def _start(args: list[str]) -> subprocess.Popen:
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def _kill_when(process: subprocess.Popen, ready: Path, timeout_s: float = 300) -> None:
+def _kill_when(process: subprocess.Popen, ready: Path, timeout_s: float = 900) -> None:
     """SIGKILL the whole process group (server and Ray workers) once `ready` exists."""
     deadline = time.monotonic() + timeout_s
     while not ready.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -42,7 +42,7 @@ def test_own_csv_runs_with_its_labels_partition_and_summary(tmp_path):
     out = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--no-dp",
                      "--data", str(data), "--text-column", "report", "--label-column", "sentiment",
-                     "--partition", "column", "--partition-column", "hospital_id", timeout=300)
+                     "--partition", "column", "--partition-column", "hospital_id", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(out)
     assert "partition column (column=hospital_id) over 2 clients" in result.stderr

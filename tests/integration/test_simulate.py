@@ -30,7 +30,7 @@ test_fraction = 0.25
 """
 
 
-def fedtune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def fedtune(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
@@ -129,14 +129,14 @@ def test_resume_continues_without_resetting_epsilon(finished_run):
 ])
 def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, args, says):
     out = tmp_path / "never"
-    result = fedtune("simulate", "--out", str(out), *args, timeout=120)
+    result = fedtune("simulate", "--out", str(out), *args, timeout=300)
     assert result.returncode == 2
     assert says in " ".join(result.stderr.split())
     assert not out.exists()
 
 
 def test_existing_run_directory_is_not_overwritten(finished_run):
-    result = fedtune("simulate", "--out", str(finished_run), timeout=120)
+    result = fedtune("simulate", "--out", str(finished_run), timeout=300)
     assert result.returncode == 2 and "--resume" in result.stderr
 
 
