@@ -60,8 +60,13 @@ def simulate(
     seed: Annotated[int | None, Opt(help="Seed for data, client sampling and DP noise.")] = None,
     no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off (it is on by default).")] = False,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round.")] = None,
-    strategy: Annotated[str | None, Opt(help=f"Aggregation: fedavg or fedprox \\[default: {D.strategy.name}].")] = None,
+    strategy: Annotated[str | None, Opt(help=f"Aggregation: fedavg, fedprox, or a server optimizer on the mean update: fedadam, fedyogi, fedavgm (momentum) \\[default: {D.strategy.name}].")] = None,
     proximal_mu: Annotated[float | None, Opt(help=f"FedProx proximal weight mu \\[default: {D.strategy.proximal_mu}].")] = None,
+    server_learning_rate: Annotated[float | None, Opt(help="fedadam, fedyogi, fedavgm: the server's step size \\[default: 0.01; fedavgm 1.0]. Their beta_1, beta_2 and tau are set in the config file (strategy section).")] = None,
+    server_momentum: Annotated[float | None, Opt(help=f"fedavgm: server momentum \\[default: {D.strategy.server_momentum}].")] = None,
+    robust: Annotated[str | None, Opt(help="Combine updates robustly before the strategy's step: trimmed-mean or median, per coordinate, each institution counting once \\[default: off].")] = None,
+    trim_fraction: Annotated[float | None, Opt(help=f"--robust trimmed-mean: share of updates dropped at each end \\[default: {D.strategy.trim_fraction}].")] = None,
+    max_update_norm: Annotated[float | None, Opt(help="Reject (and record as failed, with the reason) an update whose L2 norm, over all tensors, exceeds this \\[default: no bound].")] = None,
     noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma \\[default: {D.dp.noise_multiplier}].")] = None,
     max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C \\[default: {D.dp.max_grad_norm}].")] = None,
     delta: Annotated[float | None, Opt(help=f"DP delta; must be below 1/n for every client \\[default: {D.dp.delta}].")] = None,
@@ -78,7 +83,9 @@ def simulate(
     model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6; causal-lm: SmolLM2-135M-Instruct).")] = None,
     max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
-    lora_r: Annotated[int | None, Opt(help=f"LoRA rank \\[default: {D.lora.r}].")] = None,
+    lora_r: Annotated[int | None, Opt(help=f"LoRA rank; with --client-ranks, the rank of the global adapter \\[default: {D.lora.r}].")] = None,
+    lora_aggregation: Annotated[str | None, Opt(help=f"How LoRA factors are combined: naive (mean of A and of B), exact (mean of the updates B·A, refactored to --lora-r by truncated SVD) or ffa (A frozen at a shared random value, only B trains and travels; DP-friendly) \\[default: {D.lora.aggregation}].")] = None,
+    client_ranks: Annotated[str | None, Opt(help="Heterogeneous LoRA ranks, e.g. 4,8,16: simulated client i trains rank RANKS\\[i % count] (in deployment, a node's `lora-rank` node config); each at most --lora-r \\[default: all --lora-r].")] = None,
     local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round \\[default: {D.train.local_epochs}].")] = None,
     batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step \\[default: {D.train.batch_size}].")] = None,
     learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW \\[default: {D.train.learning_rate}].")] = None,
@@ -103,12 +110,15 @@ def simulate(
     overrides = {
         "clients": clients, "strategy.clients_per_round": clients_per_round, "rounds": rounds, "seed": seed, "dp.enabled": False if no_dp else None,
         "strategy.name": strategy, "strategy.proximal_mu": proximal_mu,
+        "strategy.server_learning_rate": server_learning_rate, "strategy.server_momentum": server_momentum,
+        "strategy.robust": robust, "strategy.trim_fraction": trim_fraction, "strategy.max_update_norm": max_update_norm,
         "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
         "dp.accountant": accountant, "dp.epsilon_budget": epsilon_budget, "dp.target_epsilon": target_epsilon,
         "dp.physical_batch_size": physical_batch_size, "dp.client_dp": client_dp, "dp.client_dp_side": client_dp_side,
         "dp.client_noise_multiplier": client_noise_multiplier, "dp.client_clipping_norm": client_clipping_norm,
         "dp.secagg": True if secagg else None, "model.task": task, "model.name_or_path": model, "model.max_length": max_length,
-        "model.device": device, "lora.r": lora_r, "train.local_epochs": local_epochs,
+        "model.device": device, "lora.r": lora_r, "lora.aggregation": lora_aggregation, "lora.client_ranks": client_ranks,
+        "train.local_epochs": local_epochs,
         "train.batch_size": batch_size, "train.learning_rate": learning_rate, "train.length_buckets": True if length_buckets else None,
         "data.demo_examples": examples, "data.partition": partition, "data.alpha": alpha,
         "data.path": data, "data.format": data_format, "data.text_column": text_column,
@@ -151,10 +161,113 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     dp = f"{noise}, C={cfg.dp.max_grad_norm}" if cfg.dp.enabled else "off"
     client_level = ("" if cfg.dp.client_dp == "off" else f", client-level DP {cfg.dp.client_dp} ({cfg.dp.client_dp_side}) "
                     f"z={cfg.dp.client_noise_multiplier}, C={cfg.dp.client_clipping_norm}") + (", SecAgg+" if cfg.dp.secagg else "")
+    robust = "" if cfg.strategy.robust == "off" else f" with robust {cfg.strategy.robust}"
+    lora = (f", LoRA {cfg.lora.aggregation} r={cfg.lora.r}" if cfg.lora.aggregation != "naive" or cfg.lora.ranks() else ""
+            ) + (f" (client ranks {cfg.lora.client_ranks})" if cfg.lora.ranks() else "")
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
-                  f"{cfg.strategy.name}, DP-SGD {dp}{client_level} -> {run.path}")
+                  f"{cfg.strategy.name}{robust}{lora}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
     print(run.path)
+
+
+DEFAULT_CANARIES = 500  # `fedtune audit` without --canaries (and no data.canaries in the config file)
+
+
+@cli.command()
+def audit(
+    out: Annotated[Path | None, Opt(help="Run directory to create; the audit is written into it as audit.json.")] = None,
+    config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
+    clients: Annotated[int | None, Opt(help=f"Number of simulated institutions \\[default: {D.clients}].")] = None,
+    rounds: Annotated[int | None, Opt(help=f"Federated rounds \\[default: {D.rounds}].")] = None,
+    canaries: Annotated[int | None, Opt(help=f"Canary records m: random texts with random labels (causal-lm: a random key and phrase), each put into training with probability 1/2 at a random client \\[default: {DEFAULT_CANARIES}].")] = None,
+    canary_repeats: Annotated[int | None, Opt(help="Copies of each member canary in its client's data; above 1 with --no-dp only \\[default: 1].")] = None,
+    no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off: the theoretical ε is then ∞.")] = False,
+    noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma \\[default: {D.dp.noise_multiplier}].")] = None,
+    max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C \\[default: {D.dp.max_grad_norm}].")] = None,
+    delta: Annotated[float | None, Opt(help=f"DP delta, for the ledger's ε and the audit's bound alike \\[default: {D.dp.delta}].")] = None,
+    confidence: Annotated[float, Opt(help="Confidence of the ε lower bound: the chance that it does not overstate the true ε.")] = 0.95,
+    resume: Annotated[Path | None, Opt(help="Finish an interrupted audited run in this directory (like `fedtune simulate --resume`), then audit it.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for data, canaries, their membership and client sampling.")] = None,
+    clients_per_round: Annotated[int | None, Opt(help="Clients sampled to train each round \\[default: all].")] = None,
+    task: Annotated[str | None, Opt(help="classification or causal-lm \\[default: classification].")] = None,
+    model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: the offline one for the task).")] = None,
+    max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
+    data: Annotated[str | None, Opt("--data", help="Your data file, as for `fedtune simulate` (default: the demo).")] = None,
+    examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset \\[default: {D.data.demo_examples}].")] = None,
+    local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round \\[default: {D.train.local_epochs}].")] = None,
+    batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step \\[default: {D.train.batch_size}].")] = None,
+    learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW \\[default: {D.train.learning_rate}].")] = None,
+) -> None:
+    """Audit the run's privacy empirically: a federation with canaries, then the one-run audit
+    (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it; the
+    guesses give a lower bound on ε at the run's δ, with membership-inference AUC and TPR at 1% FPR.
+    Writes RUN_DIR/audit.json and the privacy report. The lower bound must stay at or below the
+    theoretical ε: above it signals a bug, and the command exits with status 1 (2: a bad option).
+    Other options come from --config. The last line printed is the path of audit.json."""
+    overrides = {
+        "clients": clients, "rounds": rounds, "seed": seed, "strategy.clients_per_round": clients_per_round,
+        "data.canaries": canaries, "data.canary_repeats": canary_repeats, "dp.enabled": False if no_dp else None,
+        "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
+        "model.task": task, "model.name_or_path": model, "model.max_length": max_length, "data.path": data,
+        "data.demo_examples": examples, "train.local_epochs": local_epochs, "train.batch_size": batch_size,
+        "train.learning_rate": learning_rate,
+    }
+    _run_guarded(lambda: _audit(config, out, resume, confidence, overrides))
+
+
+def _audit(config: Path | None, out: Path | None, resume: Path | None, confidence: float,
+           overrides: dict[str, Any]) -> None:
+    from fedtune.privacy.audit import AUDIT_FILE
+    from fedtune.privacy.report import write_report
+    from fedtune.server.audit import run_audit
+    from fedtune.server.run_dir import RunDirectory
+
+    if not 0 < confidence < 1:
+        raise ConfigError(f"Invalid option `--confidence`: {confidence} is not a probability in (0, 1); use e.g. 0.95.")
+    if overrides["dp.enabled"] is False and overrides["dp.noise_multiplier"] is not None:
+        raise ConfigError("--no-dp and --noise-multiplier contradict each other: pick one.")
+    if (out is None) == (resume is None):
+        raise ConfigError("Give --out RUN_DIR for a new audited run, or --resume RUN_DIR to finish one (not both).")
+    if resume is None and overrides["data.canaries"] is None:
+        overrides = {**overrides, "data.canaries": load_config(config).data.canaries or DEFAULT_CANARIES}
+    if resume is None and overrides["data.canaries"] < 2:
+        raise ConfigError(f"Invalid option `--canaries`: {overrides['data.canaries']} canaries cannot tell members "
+                          f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")
+    target = out if resume is None else resume
+    _simulate(config, out, resume, overrides)
+    record = run_audit(RunDirectory.existing(target), confidence)
+    write_report(target)
+    _show_audit(record)
+    print(target / AUDIT_FILE)
+    if not record["consistent"]:
+        raise typer.Exit(1)
+
+
+def _show_audit(record: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    def number(value: Any, digits: int = 3) -> str:
+        return "–" if value is None else "∞" if value == "inf" else f"{value:.{digits}f}"
+
+    table = Table(title=f"Privacy audit (round {record['round']})", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    m, members = record["canaries"], record["canaries_in"]
+    table.add_row("canaries (in / out)", f"{m} ({members} / {m - members})"
+                  + (f", {record['canary_repeats']} copies each" if record["canary_repeats"] > 1 else ""))
+    table.add_row("guesses (in / out)", f"{record['guesses']} ({record['guesses_in']} / {record['guesses_out']})")
+    table.add_row("correct guesses", str(record["correct"]))
+    table.add_row(f"ε lower bound ({record['confidence']:.0%} confidence)", number(record["epsilon_lower_bound"]))
+    table.add_row(f"ε theoretical (max over institutions, δ = {record['delta']:g})", number(record["epsilon_theoretical"]))
+    table.add_row("membership-inference AUC", number(record["auc"]))
+    table.add_row("TPR at 1% FPR", number(record["tpr_at_fpr_0.01"]))
+    console.print(table)
+    if record["consistent"]:
+        console.print("The lower bound is at or below the theoretical ε, as it must be.", highlight=False)
+    else:
+        console.print("[bold red]The lower bound is ABOVE the theoretical ε.[/bold red] No correct DP training can "
+                      "do that (except with probability 1 - confidence): this signals a bug in the privacy code or "
+                      "its accounting.", highlight=False)
 
 
 @cli.command()

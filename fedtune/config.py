@@ -77,6 +77,21 @@ class LoraConfig:
                           "carries little task signal; names absent from a model are skipped. A causal LM's "
                           "tied input/output embeddings are never trained."},
     )
+    aggregation: Literal["naive", "exact", "ffa"] = field(
+        default="naive",
+        metadata={"help": "How the server combines the clients' LoRA factors (docs/architecture.md). `naive`: the "
+                          "mean of A and of B separately, which is not the mean of the updates B·A. `exact`: the "
+                          "mean of the updates (alpha/r)·B·A, factored back to rank lora.r by truncated SVD. "
+                          "`ffa` (FFA-LoRA): A frozen at a random value shared through the seed; only B trains "
+                          "and travels, and the mean of B is then the mean of B·A. The DP-friendly choice."},
+    )
+    client_ranks: str = field(
+        default="",
+        metadata={"help": "Heterogeneous ranks, comma-separated (e.g. \"4,8,16\"): simulated client i trains "
+                          "rank client_ranks[i % len]; in deployment a node's node config `lora-rank` sets its "
+                          "own. Each is at most lora.r, the rank of the global adapter; each client gets the "
+                          "global adapter at its rank and returns its own. Empty: every client trains lora.r."},
+    )
 
     def __post_init__(self) -> None:
         _check(1 <= self.r <= 512, "lora.r", "use a rank from 1 to 512 (8 is a good start).")
@@ -84,6 +99,18 @@ class LoraConfig:
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "use a value in [0, 1).")
         _check(all(name.strip() for name in self.target_modules), "lora.target_modules",
                "module names must not be empty (an empty list picks the attention projections).")
+        _check(self.aggregation in ("naive", "exact", "ffa"), "lora.aggregation", "use `naive`, `exact` or `ffa`.")
+        parts = [part.strip() for part in self.client_ranks.split(",") if part.strip()]
+        _check(all(part.isascii() and part.isdigit() and int(part) >= 1 for part in parts), "lora.client_ranks",
+               f"got {self.client_ranks!r}; give positive whole numbers separated by commas, e.g. 4,8,16.")
+        object.__setattr__(self, "client_ranks", ",".join(str(int(part)) for part in parts))  # one spelling
+        _check(all(rank <= self.r for rank in self.ranks()), "lora.client_ranks",
+               f"each client rank must be at most lora.r = {self.r}, the rank of the global adapter; raise it "
+               f"with --lora-r {max(self.ranks(), default=self.r)}.")
+
+    def ranks(self) -> tuple[int, ...]:
+        """lora.client_ranks as numbers; empty when every client trains lora.r."""
+        return tuple(int(part) for part in self.client_ranks.split(",")) if self.client_ranks else ()
 
 
 @dataclass(frozen=True)
@@ -166,10 +193,45 @@ class TrainConfig:
         _check(0 < self.learning_rate < 1, "train.learning_rate", "use a value such as 5e-3.")
 
 
+SERVER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedavgm")  # they step on the mean update; state rides in checkpoints
+SERVER_LR_ADAPTIVE = 0.01  # fedadam, fedyogi: see StrategyConfig.server_learning_rate
+SERVER_LR_MOMENTUM = 1.0  # fedavgm
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: Literal["fedavg", "fedprox"] = field(default="fedavg", metadata={"help": "Server aggregation."})
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"] = field(
+        default="fedavg",
+        metadata={"help": "Server aggregation: `fedavg`, `fedprox` (a proximal term in each client), or a server "
+                          "optimizer stepping on the mean update: `fedadam`, `fedyogi` (adaptive, per coordinate) "
+                          "or `fedavgm` (server momentum)."})
     proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight mu (fedprox only)."})
+    server_learning_rate: float = field(
+        default=0.0,
+        metadata={"help": "fedadam, fedyogi, fedavgm: the server's step size on the mean update. 0: the strategy's "
+                          f"default, {SERVER_LR_ADAPTIVE} for fedadam and fedyogi (each adapter coordinate then moves "
+                          "about that much a round, the size of one round of client updates), "
+                          f"{SERVER_LR_MOMENTUM} for fedavgm (the mean update itself, plus momentum)."})
+    server_momentum: float = field(
+        default=0.9, metadata={"help": "fedavgm: momentum of the server's update (0: plain FedAvg steps)."})
+    beta_1: float = field(default=0.9, metadata={"help": "fedadam, fedyogi: decay of the first moment (momentum)."})
+    beta_2: float = field(default=0.99, metadata={"help": "fedadam, fedyogi: decay of the second moment."})
+    tau: float = field(
+        default=1e-3,
+        metadata={"help": "fedadam, fedyogi: added to the root of the second moment; coordinates whose updates are "
+                          "much smaller than tau take proportionally smaller steps (less adaptive)."})
+    robust: Literal["off", "trimmed-mean", "median"] = field(
+        default="off",
+        metadata={"help": "Combine the updates robustly before the strategy's own step: coordinate-wise "
+                          "`trimmed-mean` or `median`, every institution counting once (not by examples)."})
+    trim_fraction: float = field(
+        default=0.1,
+        metadata={"help": "robust = trimmed-mean: share of the updates dropped at each end, per coordinate."})
+    max_update_norm: float = field(
+        default=math.inf,
+        metadata={"help": "Reject an update whose L2 norm (reply minus the global adapter sent, over all tensors) "
+                          "exceeds this; the client is recorded as failed with the reason. inf: no bound."})
     fraction_train: float = field(default=1.0, metadata={"help": "Fraction of clients sampled to train each round."})
     clients_per_round: int = field(
         default=0, metadata={"help": "Clients sampled to train each round; 0 means fraction_train of all clients."})
@@ -181,12 +243,29 @@ class StrategyConfig:
                           "lower it so that a round can start while an institution is down."})
 
     def __post_init__(self) -> None:
-        _check(self.name in ("fedavg", "fedprox"), "strategy.name", "use `fedavg` or `fedprox`.")
+        _check(self.name in SERVER_STRATEGIES, "strategy.name", f"use one of {', '.join(SERVER_STRATEGIES)}.")
         _check(self.proximal_mu >= 0, "strategy.proximal_mu", "use mu >= 0.")
+        _check(0 <= self.server_learning_rate < math.inf, "strategy.server_learning_rate",
+               "use a positive step size such as 0.01 (0: the strategy's default).")
+        _check(0 <= self.server_momentum < 1, "strategy.server_momentum", "use a value in [0, 1), e.g. 0.9.")
+        _check(0 <= self.beta_1 < 1, "strategy.beta_1", "use a value in [0, 1), e.g. 0.9.")
+        _check(0 <= self.beta_2 < 1, "strategy.beta_2", "use a value in [0, 1), e.g. 0.99.")
+        _check(0 < self.tau < math.inf, "strategy.tau", "use a small positive number such as 1e-3.")
+        _check(self.robust in ("off", "trimmed-mean", "median"), "strategy.robust",
+               "use `off`, `trimmed-mean` or `median`.")
+        _check(0 <= self.trim_fraction < 0.5, "strategy.trim_fraction",
+               "use a share in [0, 0.5) of the updates to drop at each end, e.g. 0.1.")
+        _check(self.max_update_norm > 0, "strategy.max_update_norm", "use a positive L2 bound (inf: no bound).")
         _check(0 < self.fraction_train <= 1, "strategy.fraction_train", "use a value in (0, 1].")
         _check(0 <= self.fraction_evaluate <= 1, "strategy.fraction_evaluate", "use a value in [0, 1].")
         _check(self.clients_per_round >= 0, "strategy.clients_per_round", "use 0 (fraction_train) or a count.")
         _check(self.min_available_clients >= 0, "strategy.min_available_clients", "use 0 (all clients) or a count.")
+
+    def effective_server_learning_rate(self) -> float:
+        """server_learning_rate, or the strategy's default when it is 0."""
+        if self.server_learning_rate > 0:
+            return self.server_learning_rate
+        return SERVER_LR_MOMENTUM if self.name == "fedavgm" else SERVER_LR_ADAPTIVE
 
 
 @dataclass(frozen=True)
@@ -239,6 +318,16 @@ class DataConfig:
     partition_column: str = field(
         default="", metadata={"help": "Partition `column`: the column naming each record's institution."},
     )
+    canaries: int = field(
+        default=0,
+        metadata={"help": "Privacy audit (`fedtune audit`): random canary records, each put into training with "
+                          "probability 1/2 at a random client (simulation only). 0: none."},
+    )
+    canary_repeats: int = field(
+        default=1,
+        metadata={"help": "Copies of each member canary in its client's training data. Above 1 a canary is "
+                          "several records, which the record-level ε does not bound: without DP only."},
+    )
 
     def __post_init__(self) -> None:
         import codecs
@@ -275,6 +364,8 @@ class DataConfig:
                "the demo data has no such column; use it with --data.")
         _check(self.partition_column not in (self.text_column, self.label_column), "data.partition_column",
                "it must differ from the text and label columns.")
+        _check(0 <= self.canaries <= 100_000, "data.canaries", "use 0 (no audit canaries) to 100,000.")
+        _check(1 <= self.canary_repeats <= 1000, "data.canary_repeats", "use 1 to 1000 copies.")
 
 
 @dataclass(frozen=True)
@@ -311,7 +402,12 @@ class FedtuneConfig:
         _check(not (self.train.length_buckets and self.dp.enabled), "train.length_buckets",
                "length-bucketed batches are not Poisson samples, which DP-SGD's accounting assumes; use it with "
                "--no-dp, or drop it.")
+        _check(self.data.canary_repeats == 1 or not self.dp.enabled, "data.canary_repeats",
+               "a canary repeated k times is k records, so the record-level ε does not bound what an audit "
+               "measures; use 1 with DP-SGD, or repeat canaries only with --no-dp.")
         self._check_client_level_and_secagg()
+        self._check_strategy_composition()
+        self._check_lora_aggregation()
 
     def clients_sampled(self) -> int:
         """m: how many clients train each round."""
@@ -335,6 +431,53 @@ class FedtuneConfig:
             _check(self.clients_sampled() >= 2, "dp.secagg",
                    "secure aggregation needs at least 2 clients sampled per round; raise --clients, "
                    "--clients-per-round or strategy.fraction_train.")
+
+    def _check_strategy_composition(self) -> None:
+        """Combinations whose parts are each sound but whose composition is not (docs/architecture.md)."""
+        s, dp = self.strategy, self.dp
+        if dp.client_dp != "off":
+            _check(s.name not in SERVER_OPTIMIZERS, "strategy.name",
+                   f"{s.name} steps on the aggregate, but client-level DP adds its noise to the inner strategy's "
+                   "output, which must be the plain mean of the clipped updates; use fedavg or fedprox with "
+                   "--client-dp, or turn client-level DP off.")
+            _check(s.robust == "off", "strategy.robust",
+                   "client-level DP calibrates its noise to how far one institution can move a mean (C/m); a "
+                   "median or trimmed mean can move further, so the noise would not cover it. Use one or the other.")
+        if dp.secagg:
+            _check(s.robust == "off", "strategy.robust",
+                   "with secure aggregation the server sees only the sum of the updates, not the updates to "
+                   "combine robustly; drop --robust or --secagg.")
+            _check(s.max_update_norm == math.inf, "strategy.max_update_norm",
+                   "with secure aggregation the server never sees an update, so it cannot measure its norm; "
+                   "drop --max-update-norm or --secagg (clip in the clients with --client-dp fixed "
+                   "--client-dp-side client instead).")
+        if s.robust == "trimmed-mean":
+            m = self.clients_sampled()
+            _check(int(s.trim_fraction * m) >= 1, "strategy.trim_fraction",
+                   f"with {m} updates a round, a fraction of {s.trim_fraction:g} trims none (it drops "
+                   f"floor(fraction x {m}) at each end); use at least {1 / m:.3g}, or --robust median.")
+
+    def _check_lora_aggregation(self) -> None:
+        """LoRA-aware aggregation and heterogeneous ranks read each client's factors, at its own rank:
+        what the server must see, and which strategies they wrap (strategies/lora.py)."""
+        lora, s, dp = self.lora, self.strategy, self.dp
+        active = [("lora.aggregation", lora.aggregation == "exact"), ("lora.client_ranks", bool(lora.ranks()))]
+        for option in [option for option, on in active if on]:
+            what = "exact aggregation" if option == "lora.aggregation" else "heterogeneous ranks"
+            _check(not dp.secagg, option,
+                   f"{what} must read each client's factors, and with secure aggregation the server sees only "
+                   "their sum; drop --secagg, or use --lora-aggregation ffa at one rank (the sum of B is enough).")
+            how = ("exact aggregation combines their products" if option == "lora.aggregation" else
+                   "a rank-ρ update is rescaled by lora.r/ρ when read back at the global rank")
+            _check(dp.client_dp == "off", option,
+                   f"client-level DP bounds each update of the factors as sent, but {how}, so one institution "
+                   "could move the aggregate further than the noise covers. Use --lora-aggregation ffa at one "
+                   "rank with --client-dp.")
+        if lora.aggregation == "exact":
+            _check(s.name in ("fedavg", "fedprox") and s.robust == "off", "lora.aggregation",
+                   "exact replaces the mean of the LoRA factors by the mean of their products; a server optimizer "
+                   "or a robust rule would then apply to the head alone. Use fedavg or fedprox without --robust, "
+                   "or --lora-aggregation naive or ffa.")
 
     # ---- conversions -------------------------------------------------------------
     def to_nested(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ NORM_BIT = "norm_bit"  # Flower's KEY_NORM_BIT: the update was clipped (adaptive
 # ConfigRecord keys in the CLIENT_INFO reply record.
 CLIENT_NAME = "name"
 STATUS = "status"
+LORA_RANK = "lora_rank"  # heterogeneous ranks: the rank the client trains (the server sends it that rank next)
 STATUS_TRAINED = "trained"
 STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
 STATUS_FAILED = "failed"
@@ -47,6 +48,7 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"  # deployment: where the institution keeps its privacy state
 NODE_EPSILON_BUDGET = "epsilon-budget"  # deployment: the institution's own ε cap (tightens dp.epsilon_budget)
+NODE_LORA_RANK = "lora-rank"  # the institution's own LoRA rank (runs with lora.client_ranks)
 # Deployment: the institution's own data file; the rest default to the run's data.* options.
 DATA_PATH = "data-path"
 DATA_FORMAT = "data-format"

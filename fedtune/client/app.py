@@ -13,7 +13,8 @@ import secrets
 import zlib
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import constants as k
@@ -30,6 +31,7 @@ from fedtune.models.adapter import load_record, to_record
 from fedtune.models.build import build_model, load_tokenizer
 from fedtune.models.causal import build_causal_model, evaluate_lm
 from fedtune.models.evaluate import evaluate as evaluate_model
+from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import epsilon, other
 from fedtune.privacy.budget import client_dp, within_budget
 from fedtune.privacy.ledger import ledger_entry
@@ -102,11 +104,40 @@ def _local_data(cfg: FedtuneConfig, context: Context) -> tuple[TokenizedTexts, T
                        int(context.node_config[k.PARTITION_ID]))
 
 
-def _model(cfg: FedtuneConfig, arrays: ArrayRecord):
+def own_rank(cfg: FedtuneConfig, context: Context) -> int:
+    """The LoRA rank this institution trains: its node config `lora-rank` (deployment), else
+    lora.client_ranks[partition id % len] (simulation), else lora.r. A node's own rank in a run
+    without lora.client_ranks is refused: the server would reject every update of another rank."""
+    node, mixed = context.node_config, cfg.lora.ranks()
+    if k.NODE_LORA_RANK in node:
+        own = node[k.NODE_LORA_RANK]
+        if isinstance(own, bool) or not isinstance(own, int) or not 1 <= own <= cfg.lora.r:
+            raise ConfigError(f"Invalid node config `{k.NODE_LORA_RANK}`: {own!r}; use a rank from 1 to "
+                              f"lora.r = {cfg.lora.r}, the rank of the global adapter.")
+        if not mixed:
+            raise ConfigError(f"Node config `{k.NODE_LORA_RANK}` = {own}, but this run trains every client at "
+                              f"lora.r = {cfg.lora.r}. Remove it from the node config, or run with lora.client_ranks "
+                              "set (which lets each node train its own rank).")
+        return own
+    if mixed and k.PARTITION_ID in node:
+        return mixed[int(node[k.PARTITION_ID]) % len(mixed)]
+    return cfg.lora.r
+
+
+def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
+    """The (cached) model at this client's rank holding `arrays`. The server sends its rank, or the
+    global rank before it has heard from the client; a higher rank is viewed at the client's own
+    exactly as the server would (models/lora_factors.py), and a lower one is trained as sent."""
+    sent = ranks((name, tuple(array.shape)) for name, array in arrays.items())
+    rank = min(own_rank(cfg, context), *sent)
+    lora = cfg.lora if rank == cfg.lora.r else dataclasses.replace(cfg.lora, r=rank, client_ranks="")
     if cfg.model.task == "causal-lm":
-        model = build_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
+        model = build_causal_model(cfg.model, lora, seed=cfg.seed)
     else:
-        model = build_model(cfg.model, cfg.lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+        model = build_model(cfg.model, lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+    if sent and max(sent) > rank:
+        view = truncate({name: array.numpy() for name, array in arrays.items()}, rank)
+        arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in view.items()})
     load_record(model, arrays)
     return model
 
@@ -137,7 +168,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
             _remember(context, name, directory, state, ledger_entry(server_round, k.STATUS_DECLINED, metrics,
                                                                     cfg.dp.accountant))
             return _reply(msg, name, k.STATUS_DECLINED, metrics)
-    model = _model(cfg, msg.content[k.ARRAYS])
+    model = _model(cfg, msg.content[k.ARRAYS], context)
     seed = _round_seed(cfg, server_round, name)
     result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)), seed)
     state.history = result.history
@@ -145,7 +176,8 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     metrics = _report(cfg, result.history, len(train_data), result.loss, result.steps, result.sample_rate,
                       arrays.count_bytes())
     _remember(context, name, directory, state, ledger_entry(server_round, k.STATUS_TRAINED, metrics, cfg.dp.accountant))
-    return _reply(msg, name, k.STATUS_TRAINED, metrics, arrays)
+    stated = {k.LORA_RANK: own_rank(cfg, context)} if cfg.lora.ranks() else {}  # the rank to send it next
+    return _reply(msg, name, k.STATUS_TRAINED, metrics, arrays, stated)
 
 
 def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int:
@@ -183,8 +215,10 @@ def _report(cfg: FedtuneConfig, history, num_examples: int, loss: float, steps: 
     })
 
 
-def _reply(msg: Message, name: str, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord({k.CLIENT_NAME: name, k.STATUS: status})})
+def _reply(msg: Message, name: str, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None,
+           info: dict[str, int] | None = None) -> Message:
+    client = ConfigRecord({k.CLIENT_NAME: name, k.STATUS: status, **(info or {})})
+    content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: client})
     if arrays is not None:
         content[k.ARRAYS] = arrays
     return Message(content, reply_to=msg)
@@ -194,7 +228,7 @@ def _reply(msg: Message, name: str, status: str, metrics: MetricRecord, arrays: 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, _ = recipe(msg)
     _, val_data = _local_data(cfg, context)
-    model = _model(cfg, msg.content[k.ARRAYS])
+    model = _model(cfg, msg.content[k.ARRAYS], context)  # the global adapter at this client's rank
     score = evaluate_lm if cfg.model.task == "causal-lm" else evaluate_model  # causal-lm: next-token accuracy
     loss, accuracy = score(model, val_data) if len(val_data) else (0.0, 0.0)
     metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: loss, k.EVAL_ACCURACY: accuracy})

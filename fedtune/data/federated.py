@@ -16,6 +16,7 @@ from typing import Any
 
 from fedtune import constants as k
 from fedtune.config import DataConfig
+from fedtune.data.canaries import Canaries, canary_texts, place, plan_canaries
 from fedtune.data.demo import LABELS, make_demo_dataset
 from fedtune.data.loaders import LabeledTexts, listed, load_labeled_texts
 from fedtune.data.partition import (
@@ -39,6 +40,7 @@ class FederatedData:
     clients: tuple[ClientSplit, ...]
     client_ids: tuple[str, ...] = ()  # partition `column`: each client's value of data.partition_column
     skipped: tuple[str, ...] = ()  # invalid records left out of the data (data.skip_invalid_rows)
+    canaries: Canaries | None = None  # the privacy audit's canaries (data.canaries); members are in the records
 
     def select(self, indices) -> Texts:
         return [self.texts[i] for i in indices], [self.labels[i] for i in indices]
@@ -124,7 +126,19 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
     splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
     client_ids = tuple(groups[p[0]] for p in parts) if data.partition == "column" else ()
-    return FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped)
+    fed = FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped)
+    return with_canaries(fed, data.canaries, data.canary_repeats, seed) if data.canaries else fed
+
+
+def with_canaries(fed: FederatedData, count: int, repeats: int, seed: int) -> FederatedData:
+    """The federation with the audit's member canaries added to their clients' training data, after
+    every split was made (data/canaries.py); `fed.canaries` keeps all of them, in and out."""
+    plan = plan_canaries(count, len(fed.clients), repeats, seed)
+    texts, labels = canary_texts(count, len(fed.label_names), seed, taken=set(fed.texts))
+    members, splits = place(plan, len(fed.texts), fed.clients)
+    return dataclasses.replace(fed, texts=fed.texts + tuple(texts[i] for i in members),
+                               labels=fed.labels + tuple(labels[i] for i in members), clients=splits,
+                               canaries=Canaries(plan, tuple(zip(texts, labels, strict=True))))
 
 
 # ---- deployment: an institution's own file, named in its node config ---------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import DataConfig
+from fedtune.data.canaries import CANARY_GROUP, Canaries, canary_records, place, plan_canaries
 from fedtune.data.demo import COURSES, LABELS, SYMPTOMS, _urgency
 from fedtune.data.loaders import _check_file, _decode, infer_format, numbered
 from fedtune.data.partition import ClientSplit, check_partitions, holdout_split, partition_indices, split_client
@@ -186,6 +187,7 @@ class InstructData:
     server_test: tuple[int, ...]
     clients: tuple[ClientSplit, ...]
     skipped: tuple[str, ...] = ()
+    canaries: Canaries | None = None  # the privacy audit's canaries (data.canaries); members are in `chats`
 
     def select(self, indices: Sequence[int]) -> list[Conversation]:
         return [self.chats[i] for i in indices]
@@ -209,7 +211,23 @@ def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> Ins
                               shards_per_client=data.shards_per_client)
     splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
-    return InstructData(chats, groups, names, method, tuple(test), splits, skipped)
+    fed = InstructData(chats, groups, names, method, tuple(test), splits, skipped)
+    return with_canary_chats(fed, data.canaries, data.canary_repeats, seed) if data.canaries else fed
+
+
+def with_canary_chats(fed: InstructData, count: int, repeats: int, seed: int) -> InstructData:
+    """The instruction federation with the audit's member canaries (a question naming a random key, a
+    rare random phrase as the answer) in their clients' training data, after every split was made;
+    they form their own group in the partition summary, and `fed.canaries` keeps all of them."""
+    plan = plan_canaries(count, len(fed.clients), repeats, seed)
+    taken = {content for chat in fed.chats for _, content in chat.turns}
+    chats = tuple(Conversation((("user", question), ("assistant", answer)))
+                  for question, answer in canary_records(count, seed, taken))
+    members, splits = place(plan, len(fed.chats), fed.clients)
+    return dataclasses.replace(fed, chats=fed.chats + tuple(chats[i] for i in members),
+                               groups=fed.groups + (len(fed.group_names),) * len(members),
+                               group_names=fed.group_names + (CANARY_GROUP,), clients=splits,
+                               canaries=Canaries(plan, chats))
 
 
 def resolve_instructions(data: DataConfig) -> DataConfig:

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
+from fedtune.models.lora_factors import freeze_shared_a
 from fedtune.quiet import quiet_libraries
 
 quiet_libraries()
@@ -103,9 +104,12 @@ def _linear_names(model: torch.nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-@lru_cache(maxsize=2)
+# Several entries: under heterogeneous ranks (lora.client_ranks) one worker serves clients of several ranks,
+# each a model of its own; a run at one rank only ever fills one.
+@lru_cache(maxsize=4)
 def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int = 0) -> PeftModel:
-    """Base model + LoRA, on its device. Cached: one instance per process and config."""
+    """Base model + LoRA, on its device. Cached: one instance per process and config. Under
+    lora.aggregation = ffa, A is the seed's shared value and frozen (models/lora_factors.py)."""
     torch.manual_seed(seed)  # same head and LoRA init in every process
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(model.name_or_path), num_labels=num_labels)
@@ -118,4 +122,7 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
         target_modules=lora_targets(base, lora),
         modules_to_save=[m for m in lora.modules_to_save if m in present] or None,
     )
-    return get_peft_model(base, peft_config)
+    peft_model = get_peft_model(base, peft_config)
+    if lora.aggregation == "ffa":
+        freeze_shared_a(peft_model, seed)
+    return peft_model

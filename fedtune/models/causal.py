@@ -22,6 +22,7 @@ from fedtune.config import LoraConfig, ModelConfig
 from fedtune.data.text import IGNORE_INDEX, pad_batch
 from fedtune.errors import ConfigError
 from fedtune.models.build import lora_targets, resolve_model
+from fedtune.models.lora_factors import freeze_shared_a
 
 Chat = Sequence[dict[str, str]]
 
@@ -62,10 +63,13 @@ def fresh_causal_model(model: ModelConfig, lora: LoraConfig, seed: int = 0) -> P
         task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora_targets(base, lora), modules_to_save=_full_modules(base, lora) or None,
     )
-    return get_peft_model(base, peft_config)
+    peft_model = get_peft_model(base, peft_config)
+    if lora.aggregation == "ffa":
+        freeze_shared_a(peft_model, seed)  # A shared through the seed, never sent (models/lora_factors.py)
+    return peft_model
 
 
-_cached = lru_cache(maxsize=2)(fresh_causal_model)
+_cached = lru_cache(maxsize=4)(fresh_causal_model)  # several ranks per worker: see models/build.py
 
 
 def _full_modules(base: torch.nn.Module, lora: LoraConfig) -> list[str]:
@@ -114,3 +118,20 @@ def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[Chat],
                              pad_token_id=tokenizer.pad_token_id)
         replies.append(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return replies
+
+
+@torch.no_grad()
+def example_lm_losses(model: torch.nn.Module, data: Dataset, batch_size: int = 8) -> list[float]:
+    """Each conversation's own loss, in order: its mean cross-entropy over its answer tokens, as in
+    training (per_sequence_loss); NaN for one with no answer token left after truncation."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    for batch in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+        target = batch["labels"][:, 1:].to(device)
+        token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+        counts = (target != IGNORE_INDEX).sum(dim=1)
+        losses += (token_loss.sum(dim=1) / counts).tolist()  # 0/0 is NaN: nothing to score
+    return losses

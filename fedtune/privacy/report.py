@@ -28,6 +28,7 @@ from fedtune import constants as k
 from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import other
+from fedtune.privacy.audit import AUDIT_FILE
 from fedtune.privacy.ledger import UNIT
 from fedtune.server.run_dir import LEDGER, RunDirectory
 
@@ -78,6 +79,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "clients_over_budget": [c["name"] for c in clients if c["within_budget"] is False],
         "client_level": _clean(ledger["client_level"], True) if ledger.get("client_level") else None,
         "settings": settings,
+        "audit": _read_audit(run_dir),  # None unless `fedtune audit` made this run
         "clients": clients,
     }
 
@@ -214,6 +216,70 @@ def _float(value: float | str | None) -> float:
     return math.inf if value == INF else float(value or 0.0)
 
 
+# ---- the empirical audit (fedtune audit) -------------------------------------------------------
+AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
+              "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
+              "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
+
+
+def _read_audit(run_dir: Path) -> dict[str, Any] | None:
+    """audit.json's summary (not its per-canary lists); None when the run was not audited."""
+    path = run_dir / AUDIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        audit = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FedtuneError(f"{path} is not valid JSON ({err}). Run `fedtune audit` again, or remove the file.") from err
+    missing = [key for key in AUDIT_KEYS if key not in audit]
+    if missing:
+        raise FedtuneError(f"{path} is not a fedtune audit (no {', '.join(missing)}). Run `fedtune audit` again.")
+    return {key: audit[key] for key in AUDIT_KEYS}
+
+
+def _audit(r: dict[str, Any]) -> list[Block]:
+    a = r["audit"]
+    m, members, theoretical, bound = a["canaries"], a["canaries_in"], a["epsilon_theoretical"], a["epsilon_lower_bound"]
+    copies = a["canary_repeats"]
+    rows = [["canaries (in training / left out)", f"{m} ({members} / {m - members})"],
+            ["copies of each canary in training", str(copies)],
+            ["guesses made (\"in\" / \"out\")", f"{a['guesses']} ({a['guesses_in']} / {a['guesses_out']})"],
+            ["correct guesses", str(a["correct"])],
+            [f"**ε lower bound** (at δ = {_g(a['delta'])}, {a['confidence']:.0%} confidence)", f"**{bound:.2f}**"],
+            ["**theoretical ε** (largest of any institution)", f"**{_eps(theoretical)}**"],
+            ["membership-inference AUC", _g(a["auc"])],
+            ["true-positive rate at 1% false-positive rate", _g(a["tpr_at_fpr_0.01"])],
+            ["guess counts tried (Bonferroni correction)", str(a["hypotheses"])]]
+    blocks: list[Block] = [
+        f"`fedtune audit` checked this run empirically with the one-run method of Steinke, Nasr & Jagielski (2023). "
+        f"{m} canary records that occur nowhere in the real data were each put into training with probability 1/2, at "
+        f"a randomly chosen institution; after round {a['round']} each canary was scored by the final global "
+        f"adapter's loss on it (a lower loss: more likely trained on). The auditor guessed \"in\" for the "
+        f"{a['guesses_in']} lowest losses and \"out\" for the {a['guesses_out']} highest, abstaining on the rest; "
+        "how many of those guesses are right bounds ε from below.",
+        Table(["audit", "value"], rows),
+        "**The lower bound must stay at or below the theoretical ε.** The theoretical ε is proven to bound what any "
+        "attack can learn about one record; this audit is one such attack, and its bound holds with the stated "
+        "confidence. A lower bound above the theoretical ε therefore signals a bug: in the DP-SGD code, in the "
+        "accounting, or in an assumption the proof relies on.",
+    ]
+    if theoretical == INF:
+        blocks.append("Here the theoretical ε is ∞ (no DP-SGD), so any lower bound is consistent with it; the audit "
+                      + (f"shows ε ≥ {bound:.2f}: this run's training records are measurably exposed."
+                         if bound > 0 else "found no significant leakage, which does not show there is none."))
+    elif a["consistent"]:
+        blocks.append(f"Here ε ≥ {bound:.2f} was shown against a theoretical ε = {_eps(theoretical)}: consistent. "
+                      "A lower bound well below the theoretical ε is expected and does not show that ε is loose: one "
+                      "run and one attack reveal only part of what the guarantee covers.")
+    else:
+        blocks.append(f"**Here the lower bound, {bound:.2f}, is above the theoretical ε = {_eps(theoretical)}: this "
+                      "signals a bug.** Do not rely on this run's privacy guarantee until it is explained.")
+    if copies > 1:
+        blocks.append(f"Each member canary was {copies} records (DP-SGD was off, as repeats require), so the audit "
+                      "measured the exposure of a record seen that many times.")
+    return blocks
+
+
 # ---- plot -------------------------------------------------------------------------------------
 def plot_epsilon(report: dict[str, Any]) -> bytes:
     """PNG of cumulative ε against round: a line per client, or an envelope when there are many."""
@@ -288,6 +354,7 @@ def _sections(r: dict[str, Any]) -> list[tuple[str, list[Block]]]:
         ("Summary", _summary(r)),
         ("What is protected", _protected(r)),
         ("Privacy spent per institution", _spent(r)),
+        *([("Empirical privacy audit", _audit(r))] if r.get("audit") else []),
         ("Client-level differential privacy", _client_level(r)),
         ("How ε was computed", _method(r)),
         ("What the guarantee covers", _covers(r)),

@@ -30,7 +30,9 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
     """Run (or continue) the federation in `run`; returns the final checkpoint."""
     started = time.monotonic()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
-    inputs = RoundInputs(cfg, run, evaluator, console or Console(), timeout_s=cfg.round_timeout_s or None)
+    # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
+    console = console or Console(soft_wrap=True)
+    inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None)
     start = run.latest_checkpoint()
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))

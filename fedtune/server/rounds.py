@@ -37,6 +37,7 @@ from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.validate import reject_malformed
 from fedtune.strategies.client_dp import client_level_entry, restore_client_level
+from fedtune.strategies.server_opt import optimizer_state, restore_optimizer_state
 
 PULL_INTERVAL_S = 0.1
 NO_REPLY = "no reply before timeout (round_timeout_s)"
@@ -129,17 +130,25 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message],
 
 
 def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
-                      console: Console) -> list[Message]:
-    """Replace each malformed reply (server/validate.py) by an error reply naming what is wrong:
-    it is then recorded as failed, and left out of aggregation, like any other failure."""
-    kept, rejected = reject_malformed(replies, reference)
+                      console: Console, max_update_norm: float = math.inf, lower_rank: bool = False) -> list[Message]:
+    """Replace each malformed (or too large) reply (server/validate.py) by an error reply naming what
+    is wrong: it is then recorded as failed, and left out of aggregation, like any other failure.
+    A reply is checked against what its node was sent (heterogeneous ranks: its rank's view)."""
     by_node = {m.metadata.dst_node_id: m for m in instructions}  # one train message per node and round
+    sent = {node: m.content[k.ARRAYS] for node, m in by_node.items() if k.ARRAYS in m.content}
+    kept, rejected = reject_malformed(replies, reference, max_update_norm, sent, lower_rank)
     for reply, reason in rejected:
         node = reply.metadata.src_node_id
         console.print(f"round {round_}: rejected the update from node {node}: {reason}",
                       markup=False, highlight=False, soft_wrap=True)
         kept.append(failed_reply(by_node[node], f"update rejected: {reason}"))
     return kept
+
+
+def _mean_bytes_sent(messages: list[Message]) -> float:
+    """Adapter bytes per train message (heterogeneous ranks: a lower rank gets fewer); 0 if none."""
+    sizes = [m.content[k.ARRAYS].count_bytes() for m in messages if k.ARRAYS in m.content]
+    return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
@@ -156,6 +165,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     arrays = ArrayRecord(torch_state_dict=start.arrays)
     ledger = inputs.run.ledger_to_resume(start)
     restore_client_level(strategy, ledger.client_level)  # releases so far and the adaptive clipping norm
+    restore_optimizer_state(strategy, start.optimizer_state)  # FedAdam/FedYogi moments, FedAvgM momentum
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[eps]}"))
     # Live bars only on a terminal: in CI and other logs, the one line per round below is enough.
@@ -167,7 +177,8 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             messages = list(messages)
             train_exchange = secure_exchange if cfg.dp.secagg else exchange  # SecAgg+: server/secagg.py
             replies = train_exchange(grid, messages, f"round {round_}/{cfg.rounds} train", progress, inputs.timeout_s)
-            replies = _refuse_malformed(replies, arrays, messages, round_, inputs.console)
+            replies = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
+                                        cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()))
             record_privacy(ledger, round_, replies, state.node_names)
             _track_memory(inputs.worker_peak_rss_mb, replies)
             inputs.run.write_ledger(ledger)  # spent budget is on disk before anything else can fail
@@ -176,7 +187,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
                 reasons = "; ".join(r.error.reason for r in replies[:3]) or "no replies"
                 raise FedtuneError(f"Round {round_}: no client answered ({reasons}).")
             trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
-            bytes_down = arrays.count_bytes()
+            bytes_down = _mean_bytes_sent(messages) or arrays.count_bytes()
             train_metrics = None
             # Declined clients sent no update; the others are aggregated. Under client-level DP the
             # noised release happens even if none trained: skipping it would reveal that none did.
@@ -193,7 +204,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,
                              bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
-                               ledger.to_dict(), state.node_names)
+                               ledger.to_dict(), state.node_names, optimizer_state(strategy))
             inputs.run.commit(state)
             inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
     return state

@@ -41,17 +41,20 @@ class Checkpoint:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     ledger: dict[str, Any] = field(default_factory=dict)
     node_names: dict[int, str] = field(default_factory=dict)
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a server optimizer's moments
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         torch.save({"fedtune_version": __version__, "round": self.round, "arrays": self.arrays,
-                    "metrics": self.metrics, "ledger": self.ledger, "node_names": self.node_names}, buffer)
+                    "metrics": self.metrics, "ledger": self.ledger, "node_names": self.node_names,
+                    "optimizer_state": self.optimizer_state}, buffer)
         return buffer.getvalue()
 
     @classmethod
     def from_file(cls, path: Path) -> Checkpoint:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(data["round"], data["arrays"], data["metrics"], data["ledger"], data["node_names"])
+        return cls(data["round"], data["arrays"], data["metrics"], data["ledger"], data["node_names"],
+                   data.get("optimizer_state", {}))  # checkpoints from before server optimizers have none
 
 
 @dataclass(frozen=True)

@@ -3,21 +3,22 @@
 In deployment a reply comes from another institution's process: a bug, a version mismatch or a
 hostile client can send an update with missing or extra tensors, wrong shapes or dtypes, NaN or
 Inf, or metrics the strategy cannot weigh by. Flower's FedAvg would then fail the whole round
-(InconsistentMessageReplies) or, worse, average a NaN into the global model. Each check here
-names what is wrong, so the round loop can record the client as failed with that reason and go on
-with the others.
+(InconsistentMessageReplies) or, worse, average a NaN into the global model. An update can also be
+well formed but far too large (strategy.max_update_norm). Each check here names what is wrong, so
+the round loop can record the client as failed with that reason and go on with the others.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedtune import constants as k
+from fedtune.models.lora_factors import ranks, truncate
 
 MAX_LISTED = 3  # names shown in a reason before "and N more"
 
@@ -28,9 +29,13 @@ NON_NEGATIVE = (k.NUM_EXAMPLES, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER, k.MA
 STATUSES = (k.STATUS_TRAINED, k.STATUS_DECLINED)
 
 
-def reply_problem(reply: Message, reference: ArrayRecord) -> str | None:
+def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
+                  lower_rank: bool = False) -> str | None:
     """Why `reply` (a successful train reply) cannot be used, or None when it can. A trained reply
-    must carry exactly the tensors of `reference`, with the same shapes and dtypes, all finite."""
+    must carry exactly the tensors of `reference`, in its order, with the same shapes and dtypes,
+    all finite, and differ from it by at most `max_update_norm` (L2, over all tensors). With
+    `lower_rank` (heterogeneous ranks) its LoRA tensors may share one lower rank instead; it is
+    then compared with `reference` viewed at that rank."""
     content = reply.content
     info = content.get(k.CLIENT_INFO)
     if not isinstance(info, ConfigRecord) or not {k.CLIENT_NAME, k.STATUS} <= set(info.keys()):
@@ -43,7 +48,46 @@ def reply_problem(reply: Message, reference: ArrayRecord) -> str | None:
         return problem
     if len(content.array_records) != 1 or not isinstance(content.get(k.ARRAYS), ArrayRecord):
         return f"expected one ArrayRecord `{k.ARRAYS}`, got {sorted(content.array_records) or 'none'}"
-    return arrays_problem(content[k.ARRAYS], reference)
+    if lower_rank:
+        reference, problem = _at_reply_rank(content[k.ARRAYS], reference)
+        if problem:
+            return problem
+    problem = arrays_problem(content[k.ARRAYS], reference)
+    if problem or max_update_norm == math.inf:
+        return problem
+    norm = update_norm(content[k.ARRAYS], reference)
+    if norm > max_update_norm:
+        return f"update norm {norm:.4g} exceeds strategy.max_update_norm = {max_update_norm:g}"
+    return None
+
+
+def _at_reply_rank(arrays: ArrayRecord, reference: ArrayRecord) -> tuple[ArrayRecord, str | None]:
+    """`reference` at the rank of the reply's LoRA tensors (models/lora_factors.py: what a client of
+    that rank makes of what it was sent), or a reason when that rank is not one usable rank."""
+    sent = ranks((key, tuple(reference[key].shape)) for key in reference.keys())
+    found = ranks((key, tuple(arrays[key].shape)) for key in arrays.keys() if key in reference)
+    if len(sent) != 1 or not found:
+        return reference, None  # no LoRA tensors to compare: the usual checks name what is wrong
+    (sent_rank,) = sent
+    if len(found) > 1:
+        return reference, f"LoRA tensors of different ranks {sorted(found)}; expected one rank"
+    (rank,) = found
+    if not 1 <= rank <= sent_rank:
+        return reference, f"LoRA rank {rank}, expected 1 to {sent_rank} (the rank this client was sent)"
+    if rank == sent_rank:
+        return reference, None
+    view = truncate({key: array.numpy() for key, array in reference.items()}, rank)
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in view.items()}), None
+
+
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of arrays - reference over all tensors, in float64 (a float32 sum of squares can
+    overflow or lose the small entries)."""
+    total = 0.0
+    for key in reference.keys():
+        diff = arrays[key].numpy().astype(np.float64) - reference[key].numpy().astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
 
 
 def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
@@ -54,6 +98,9 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
         parts = [f"missing {_listed(missing)}"] if missing else []
         parts += [f"unexpected {_listed(extra)}"] if extra else []
         return f"wrong tensors: {'; '.join(parts)}"
+    if list(arrays.keys()) != list(reference.keys()):
+        # Flower's DP wrappers and FedAvgM pair an update's tensors with the global ones by position.
+        return "tensors in another order than the global adapter's"
     for key in reference.keys():
         got, want = arrays[key], reference[key]
         if tuple(got.shape) != tuple(want.shape):
@@ -88,9 +135,12 @@ def _metrics_problem(metrics: object, trained: bool) -> str | None:
     return None
 
 
-def reject_malformed(replies: Iterable[Message],
-                     reference: ArrayRecord) -> tuple[list[Message], list[tuple[Message, str]]]:
+def reject_malformed(replies: Iterable[Message], reference: ArrayRecord, max_update_norm: float = math.inf,
+                     sent: Mapping[int, ArrayRecord] | None = None,
+                     lower_rank: bool = False) -> tuple[list[Message], list[tuple[Message, str]]]:
     """Split a round's train replies into those fit to use and (reply, reason) for the others.
+    Each reply is checked against what its node was sent (`sent`, by node id; `reference` for a
+    node not in it): under heterogeneous ranks, not every node gets the global adapter as it is.
 
     Error replies pass through unchanged (they are failures already). Besides each reply's own
     checks, trained replies must agree on their metric keys, as Flower's aggregation requires:
@@ -98,7 +148,8 @@ def reject_malformed(replies: Iterable[Message],
     kept: list[Message] = []
     rejected: list[tuple[Message, str]] = []
     for reply in replies:
-        problem = None if reply.has_error() else reply_problem(reply, reference)
+        own = (sent or {}).get(reply.metadata.src_node_id, reference)
+        problem = None if reply.has_error() else reply_problem(reply, own, max_update_norm, lower_rank)
         if problem:
             rejected.append((reply, problem))
         else:

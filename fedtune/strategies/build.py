@@ -1,13 +1,17 @@
-"""Pick Flower's strategy by name, under Flower's client-level DP wrappers when asked.
+"""Pick Flower's strategy by name, under fedtune's robust-aggregation wrapper and Flower's
+client-level DP wrappers when asked (docs/architecture.md, "How strategies compose").
 FedProx's client half lives in client/train.py; client-level DP's in client/mods.py."""
 
 from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from fedtune.config import FedtuneConfig
+from fedtune.config import SERVER_OPTIMIZERS, FedtuneConfig
 from fedtune.strategies.client_dp import with_client_dp
+from fedtune.strategies.lora import with_lora_aggregation
 from fedtune.strategies.metrics import aggregate_metrics
+from fedtune.strategies.robust import RobustAggregation
+from fedtune.strategies.server_opt import build_server_optimizer
 
 
 def build_strategy(cfg: FedtuneConfig) -> Strategy:
@@ -17,11 +21,21 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
         train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics,
     )
-    if cfg.strategy.name == "fedprox":
-        strategy = FedProx(proximal_mu=cfg.strategy.proximal_mu, **common)
+    s = cfg.strategy
+    if s.name == "fedprox":
+        strategy = FedProx(proximal_mu=s.proximal_mu, **common)
+    elif s.name in SERVER_OPTIMIZERS:
+        strategy = build_server_optimizer(s.name, common, s.effective_server_learning_rate(), s.server_momentum,
+                                          s.beta_1, s.beta_2, s.tau)
     else:
         strategy = FedAvg(**common)
-    return strategy if cfg.dp.client_dp == "off" else with_client_dp(strategy, cfg)
+    if s.robust != "off":  # config.py refuses it with client-level DP and SecAgg+
+        strategy = RobustAggregation(strategy, s.robust, s.trim_fraction)
+    if cfg.dp.client_dp != "off":
+        strategy = with_client_dp(strategy, cfg)
+    # Outermost: replies of other ranks are lifted to the global rank before anything inside sees
+    # them (strategies/lora.py); config.py refuses exact and mixed ranks with client-level DP.
+    return with_lora_aggregation(strategy, cfg)
 
 
 def _sampling(cfg: FedtuneConfig) -> dict[str, float | int]:

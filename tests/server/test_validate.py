@@ -119,3 +119,26 @@ def test_reply_problem_accepts_what_the_client_app_sends():
     instruction = Message(RecordDict(), dst_node_id=4, message_type="train")
     sent = _reply(instruction, "clinic-d", k.STATUS_TRAINED, report, update)
     assert reply_problem(sent, ArrayRecord(torch_state_dict={n: torch.zeros_like(t) for n, t in state.items()})) is None
+
+
+def test_tensors_in_another_order_are_rejected():
+    """Flower's DP wrappers and FedAvgM pair tensors by position: lora_A and lora_B would swap roles."""
+    swapped = ArrayRecord({name: arrays()[name] for name in reversed(list(SHAPES))})
+    kept, rejected = reject_malformed([reply(1, update=swapped)], reference())
+    assert kept == [] and "another order" in rejected[0][1]
+
+
+def test_an_update_above_the_norm_bound_is_rejected_with_its_norm():
+    # An update filled with f differs from the zero reference by f * sqrt(68) (4*8 + 8*4 + 4 entries).
+    norm_of_one = math.sqrt(68)  # 8.246...
+    small, large = reply(1, update=arrays(1.0)), reply(2, update=arrays(1.5))
+    kept, rejected = reject_malformed([small, large], reference(), max_update_norm=10.0)
+    assert kept == [small]
+    assert rejected[0][0] is large
+    assert rejected[0][1] == f"update norm {1.5 * norm_of_one:.4g} exceeds strategy.max_update_norm = 10"
+    # the bound is on the update (reply minus the global adapter), not on the weights themselves
+    shifted = ArrayRecord({name: Array(np.full(shape, 100.0, dtype=np.float32)) for name, shape in SHAPES.items()})
+    kept, _ = reject_malformed([reply(3, update=arrays(100.5))], shifted, max_update_norm=0.5 * norm_of_one + 1e-3)
+    assert len(kept) == 1
+    kept, _ = reject_malformed([reply(3, update=arrays(100.5))], shifted, max_update_norm=0.5 * norm_of_one - 1e-3)
+    assert kept == []

@@ -1,0 +1,182 @@
+"""The empirical privacy audit's statistics: pure functions of canary scores and membership.
+
+The estimator is the one-run audit of Steinke, Nasr & Jagielski, "Privacy Auditing with One (1)
+Training Run" (NeurIPS 2023, arXiv 2305.08846). m canaries are each put into the training data
+independently with probability 1/2. After training, the auditor guesses "in" for the k+ canaries
+with the highest scores, "out" for the k- lowest, and abstains on the rest. If training is
+(ε, δ)-DP with respect to each canary, the number W of correct guesses among the r = k+ + k-
+guesses satisfies (their Theorem 5.2), for every v:
+
+    P[W ≥ v] ≤ f(v) + 2·m·δ · max_{1 ≤ i ≤ m} (f(v − i) − f(v)) / i,
+    f(v) = P[Binomial(r, e^ε / (1 + e^ε)) ≥ v].
+
+The right-hand side is a p-value for the hypothesis "the run is (ε, δ)-DP". The lower bound is the
+largest ε that the observed count still rejects at significance 1 − confidence.
+
+A higher score must mean "more likely in"; for the audit, the score is minus the canary's loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, special, stats
+
+AUDIT_FILE = "audit.json"  # in the run directory: written by `fedtune audit`, read by the privacy report
+EPSILON_CEILING = 100.0  # e^100: a bound beyond this says nothing more (and expit rounds to 1 in float64)
+
+
+@dataclass(frozen=True)
+class Guesses:
+    guesses_in: int  # k+: the highest scores, guessed "in"
+    guesses_out: int  # k-: the lowest scores, guessed "out"
+    correct: int
+
+    @property
+    def guesses(self) -> int:
+        return self.guesses_in + self.guesses_out
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    canaries: int  # m
+    members: int  # canaries that were put into training
+    guesses_in: int
+    guesses_out: int
+    correct: int
+    epsilon_lower_bound: float
+    confidence: float
+    delta: float
+    hypotheses: int  # (k+, k-) choices tried; each was tested at (1 - confidence) / hypotheses
+    auc: float | None  # None when all canaries are in, or all out
+    tpr_at_fpr: float | None
+    fpr: float
+
+    @property
+    def guesses(self) -> int:
+        return self.guesses_in + self.guesses_out
+
+
+def guess(scores: Sequence[float], members: Sequence[bool], guesses_in: int, guesses_out: int) -> Guesses:
+    """Guess "in" for the `guesses_in` highest scores, "out" for the `guesses_out` lowest, abstain on
+    the rest, and count the correct guesses. Ties are broken by canary order (a stable sort), which
+    is independent of membership since each canary's membership is an independent coin."""
+    m = len(scores)
+    if len(members) != m:
+        raise ValueError(f"{m} scores but {len(members)} membership flags")
+    if guesses_in < 0 or guesses_out < 0 or guesses_in + guesses_out > m:
+        raise ValueError(f"cannot make {guesses_in} + {guesses_out} guesses about {m} canaries")
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    member = np.asarray(members, dtype=bool)[order]
+    correct = int(member[:guesses_in].sum()) + int((~member[m - guesses_out:]).sum() if guesses_out else 0)
+    return Guesses(guesses_in, guesses_out, correct)
+
+
+def p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """Theorem 5.2's bound on P[W ≥ correct] for an (ε, δ)-DP run: the p-value of that hypothesis."""
+    if not 0 <= correct <= guesses <= canaries:
+        raise ValueError(f"need 0 <= correct ({correct}) <= guesses ({guesses}) <= canaries ({canaries})")
+    q = special.expit(epsilon)  # e^ε / (1 + e^ε): the accuracy of ε-DP randomized response
+    tail = stats.binom.sf(correct - 1, guesses, q)  # f(v) = P[Binomial(r, q) ≥ v]
+    if delta == 0 or correct == 0:
+        return float(min(tail, 1.0))
+    # f(v − i) − f(v) = P[v − i ≤ Binomial < v], the sum of the pmf at v−1 .. v−i: summed from the
+    # pmf, not as a difference of tails, which cancels catastrophically when q is near 1. For i ≥ v
+    # the difference stays 1 − f(v), so its ratio to i is largest at i = v and larger i add nothing.
+    below = np.cumsum(stats.binom.pmf(np.arange(correct - 1, -1, -1), guesses, q))
+    alpha = float(np.max(below / np.arange(1, correct + 1)))
+    return float(min(tail + 2 * canaries * delta * alpha, 1.0))
+
+
+def epsilon_lower_bound(canaries: int, guesses: int, correct: int, delta: float, significance: float) -> float:
+    """The largest ε at which `correct` of `guesses` right still has p-value ≤ significance (0 if
+    even ε = 0 is not rejected).
+
+    The p-value grows with ε in practice: the binomial tail does, and the δ term is small beside it
+    (the tests check that the bound falls as the confidence rises). Any ε below a rejected one is
+    rejected too, because (ε, δ)-DP implies (ε', δ)-DP for every ε' > ε, so the bound is where the
+    p-value crosses the significance level: bracketed by doubling, then found by Brent's method."""
+    if p_value(canaries, guesses, correct, 0.0, delta) > significance:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p_value(canaries, guesses, correct, hi, delta) <= significance:
+        if hi >= EPSILON_CEILING:
+            return EPSILON_CEILING
+        lo, hi = hi, min(2 * hi, EPSILON_CEILING)
+    return float(optimize.brentq(lambda eps: p_value(canaries, guesses, correct, eps, delta) - significance,
+                                 lo, hi, xtol=1e-6))
+
+
+def guess_counts(canaries: int) -> list[tuple[int, int]]:
+    """The (k+, k-) pairs the audit tries: r = k+ + k- on a 1-2-5 grid up to m, plus m itself, each
+    split evenly (k+ = ⌈r/2⌉) and as "in" guesses only. The paper's experiments likewise try several
+    numbers of guesses and keep the best; a short grid keeps the multiple-testing cost small."""
+    totals, step = {canaries}, 1
+    while step <= canaries:
+        totals.update(t for t in (step, 2 * step, 5 * step) if t <= canaries)
+        step *= 10
+    pairs = {(math.ceil(r / 2), r // 2) for r in totals} | {(r, 0) for r in totals}
+    return sorted(pairs, key=lambda pair: (sum(pair), pair))
+
+
+def audit(scores: Sequence[float], members: Sequence[bool], delta: float, confidence: float = 0.95,
+          fpr: float = 0.01) -> AuditResult:
+    """The ε lower bound over the guess counts of `guess_counts`, with AUC and TPR at `fpr`.
+
+    Trying several guess counts and keeping the best is a multiple test. It is accounted for by a
+    Bonferroni correction: each of the H choices is tested at significance (1 − confidence) / H, so
+    the chance that any of them overstates ε is at most 1 − confidence, and the reported bound (the
+    largest of the H) holds at the stated confidence."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    m = len(scores)
+    if m == 0:
+        raise ValueError("no canaries to audit")
+    pairs = guess_counts(m)
+    significance = (1 - confidence) / len(pairs)
+    best: tuple[float, float, Guesses] | None = None  # (bound, -p-value at ε = 0, guesses): the largest wins
+    for k_in, k_out in pairs:
+        made = guess(scores, members, k_in, k_out)
+        bound = epsilon_lower_bound(m, made.guesses, made.correct, delta, significance)
+        # When no choice rejects even ε = 0, report the one with the most evidence (smallest p-value).
+        key = (bound, -p_value(m, made.guesses, made.correct, 0.0, delta), made)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    bound, _, chosen = best
+    return AuditResult(canaries=m, members=int(np.sum(np.asarray(members, dtype=bool))),
+                       guesses_in=chosen.guesses_in, guesses_out=chosen.guesses_out, correct=chosen.correct,
+                       epsilon_lower_bound=bound, confidence=confidence, delta=delta, hypotheses=len(pairs),
+                       auc=auc(scores, members), tpr_at_fpr=tpr_at_fpr(scores, members, fpr), fpr=fpr)
+
+
+def _split(scores: Sequence[float], members: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    values, member = np.asarray(scores, dtype=float), np.asarray(members, dtype=bool)
+    return values[member], values[~member]
+
+
+def auc(scores: Sequence[float], members: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of "in if score ≥ t": the probability that a random member outscores a
+    random non-member, ties counting one half (the Mann–Whitney statistic, from average ranks)."""
+    inside, outside = _split(scores, members)
+    if not len(inside) or not len(outside):
+        return None
+    ranks = stats.rankdata(np.concatenate([inside, outside]))  # ties get their average rank
+    wins = ranks[: len(inside)].sum() - len(inside) * (len(inside) + 1) / 2
+    return float(wins / (len(inside) * len(outside)))
+
+
+def tpr_at_fpr(scores: Sequence[float], members: Sequence[bool], fpr: float = 0.01) -> float | None:
+    """The highest true-positive rate of a threshold rule "in if score > t" whose false-positive rate is
+    at most `fpr` (no interpolation between thresholds). With fewer than 1/fpr non-members it allows
+    no false positive at all: the share of members above every non-member."""
+    inside, outside = _split(scores, members)
+    if not len(inside) or not len(outside):
+        return None
+    allowed = math.floor(fpr * len(outside) + 1e-9)  # false positives allowed (1e-9: 0.01 * 100 is not 1 in binary)
+    if allowed >= len(outside):
+        return 1.0
+    threshold = np.sort(outside)[::-1][allowed]  # the highest non-member score that must stay below t
+    return float(np.mean(inside > threshold))

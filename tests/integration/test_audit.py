@@ -1,0 +1,70 @@
+"""`fedtune audit` end to end on tiny federations: memorised canaries without DP give a clearly positive
+ε lower bound; with strong DP-SGD the bound stays at or below the run's theoretical ε."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_simulate import fedtune
+
+pytestmark = pytest.mark.integration
+
+# Two clients, two rounds, 15 short demo texts and 60 canaries: the canaries are most of the data, so
+# that a few local epochs are enough to memorise the members when nothing stops it.
+TINY = """
+rounds = 2
+clients = 2
+[model]
+max_length = 20
+[lora]
+r = 4
+[train]
+batch_size = 8
+learning_rate = 0.005
+local_epochs = 2
+[data]
+demo_examples = 20
+test_fraction = 0.25
+partition = "iid"
+"""
+REQUIRED = {"epsilon_lower_bound", "epsilon_theoretical", "delta", "canaries", "guesses", "correct", "auc",
+            "tpr_at_fpr_0.01"}
+
+
+def audited(tmp_path: Path, *args: str) -> tuple[Path, dict]:
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "run"
+    result = fedtune("audit", "--config", str(tmp_path / "tiny.toml"), "--canaries", "60", "--out", str(out), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(out / "audit.json")
+    assert "ε lower bound" in result.stderr
+    record = json.loads((out / "audit.json").read_text())
+    assert REQUIRED <= set(record) and record["canaries"] == 60
+    assert 0 <= record["correct"] <= record["guesses"] <= 60
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["audit"]["epsilon_lower_bound"] == record["epsilon_lower_bound"]
+    assert "## Empirical privacy audit" in (out / "privacy_report.md").read_text()
+    return out, record
+
+
+def test_memorised_canaries_without_dp_give_a_clearly_positive_bound(tmp_path):
+    out, record = audited(tmp_path, "--no-dp", "--canary-repeats", "8")
+    assert record["epsilon_theoretical"] == "inf" and record["consistent"]
+    assert record["epsilon_lower_bound"] > 0.8
+    assert record["auc"] > 0.9
+    # the member canaries reached their clients: 8 copies each on top of the demo texts
+    summary = json.loads((out / "partition_summary.json").read_text())
+    members = sum(record["canary_members"])
+    assert sum(c["train"] for c in summary["clients"]) == 15 - sum(c["val"] for c in summary["clients"]) + 8 * members
+
+
+def test_strong_dp_keeps_the_bound_at_or_below_the_theoretical_epsilon(tmp_path):
+    out, record = audited(tmp_path, "--noise-multiplier", "3")
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    spent = max(e["epsilon"] for entries in ledger["clients"].values() for e in entries)
+    assert record["epsilon_theoretical"] == pytest.approx(spent) and 0 < spent < 10
+    assert record["epsilon_lower_bound"] <= record["epsilon_theoretical"]
+    assert record["consistent"] and record["delta"] == 1e-5

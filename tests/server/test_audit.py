@@ -1,0 +1,131 @@
+"""The server's side of `fedtune audit`: canary losses from the final adapter, the theoretical ε from
+the ledger, audit.json, and the command's exit statuses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedtune.cli import cli
+from fedtune.config import DataConfig, DPConfig, FedtuneConfig
+from fedtune.data.text import TokenizedTexts, tokenize
+from fedtune.models.adapter import trainable_state
+from fedtune.models.build import load_tokenizer
+from fedtune.models.evaluate import evaluate, example_losses
+from fedtune.privacy.audit import AUDIT_FILE, AuditResult
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.report import build_report, render_markdown
+from fedtune.server.audit import audit_record, run_audit, theoretical_epsilon
+from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+
+def ledger(dp_enabled=True, **epsilons) -> PrivacyLedger:
+    book = PrivacyLedger("prv", dp_enabled)
+    for name, values in epsilons.items():
+        for round_, eps in enumerate(values, start=1):
+            book.record(name, {"round": round_, "status": "trained", "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                               "sample_rate": 0.25, "steps": 4, "delta": 1e-5, "epsilon": eps, "epsilon_rdp": eps})
+    return book
+
+
+def test_theoretical_epsilon_is_the_largest_any_institution_spent():
+    assert theoretical_epsilon(ledger(a=[1.0, 2.0], b=[2.5])) == 2.5
+    assert theoretical_epsilon(ledger(dp_enabled=False, a=[None])) == math.inf
+    assert theoretical_epsilon(ledger(a=[1.0], b=[None])) == math.inf  # one institution trained without noise
+    assert theoretical_epsilon(ledger()) == 0.0
+
+
+def test_example_losses_average_to_the_evaluation_loss(tiny_model, tokenized):
+    data = TokenizedTexts(tokenized.input_ids[:12], tokenized.labels[:12])
+    losses = example_losses(tiny_model, data, batch_size=5)  # batches of uneven padding
+    assert len(losses) == len(data)
+    assert sum(losses) / len(losses) == pytest.approx(evaluate(tiny_model, data)[0], rel=1e-5)
+
+
+def test_run_audit_scores_every_canary_with_the_last_checkpoint(tmp_path, tiny_model):
+    cfg = FedtuneConfig(rounds=1, clients=2, data=DataConfig(demo_examples=60, canaries=12))
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    with torch.no_grad():  # a final adapter that differs from the model's current weights
+        arrays = {name: value + 0.01 for name, value in trainable_state(tiny_model).items()}
+    run.commit(Checkpoint(1, arrays, [], ledger(a=[1.5], b=[3.25]).to_dict()))
+    record = run_audit(run, confidence=0.9)
+    assert json.loads((run.path / AUDIT_FILE).read_text()) == record
+    assert (record["canaries"], record["epsilon_theoretical"], record["confidence"]) == (12, 3.25, 0.9)
+    assert record["delta"] == cfg.dp.delta and record["round"] == 1
+    assert record["consistent"] is (record["epsilon_lower_bound"] <= 3.25)
+    from fedtune.data.federated import federated_data
+
+    canaries = federated_data(cfg.data, 2, 0).canaries
+    assert record["canary_members"] == list(canaries.members) and record["canaries_in"] == sum(canaries.members)
+    # each loss is what the evaluation of that canary alone gives under the checkpoint's adapter
+    tokenizer = load_tokenizer("")
+    for i in (0, 5, 11):
+        text, label = canaries.records[i]
+        alone = evaluate(tiny_model, tokenize(tokenizer, [text], [label], 64))[0]
+        assert record["canary_losses"][i] == pytest.approx(alone, rel=1e-5)
+    report = build_report(run.path)  # the privacy report shows it beside the theoretical ε
+    assert report["audit"]["epsilon_theoretical"] == 3.25 and "canary_losses" not in report["audit"]
+    text = render_markdown(report)
+    assert "## Empirical privacy audit" in text and "must stay at or below the theoretical ε" in text
+
+
+def test_run_without_canaries_cannot_be_audited(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig(data=DataConfig(demo_examples=60)))
+    run.commit(Checkpoint(1, {}, [], ledger(a=[1.0]).to_dict()))
+    with pytest.raises(Exception, match="no canaries"):
+        run_audit(run, 0.95)
+
+
+def _result(bound: float) -> AuditResult:
+    return AuditResult(canaries=100, members=52, guesses_in=25, guesses_out=25, correct=45,
+                       epsilon_lower_bound=bound, confidence=0.95, delta=1e-5, hypotheses=13, auc=0.8,
+                       tpr_at_fpr=0.1, fpr=0.01)
+
+
+def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_path):
+    cfg = FedtuneConfig(data=DataConfig(canaries=100))
+    assert audit_record(_result(0.9), 1.0, cfg, 3)["consistent"] is True
+    assert audit_record(_result(1.2), 1.0, cfg, 3)["consistent"] is False
+    assert audit_record(_result(5.0), math.inf, cfg, 3)["epsilon_theoretical"] == "inf"
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig(dp=DPConfig()))
+    run.commit(Checkpoint(1, {}, [], ledger(a=[1.0]).to_dict()))
+    (run.path / AUDIT_FILE).write_text(json.dumps(audit_record(_result(1.2), 1.0, cfg, 1)))
+    text = " ".join(render_markdown(build_report(run.path)).split())
+    assert "is above the theoretical ε = 1.00: this signals a bug" in text
+
+
+def _fake_audit(monkeypatch, consistent: bool) -> None:
+    record = {**audit_record(_result(1.2 if not consistent else 0.5), 1.0, FedtuneConfig(), 1)}
+    monkeypatch.setattr("fedtune.cli._simulate", lambda *args: None)
+    monkeypatch.setattr("fedtune.server.audit.run_audit", lambda run, confidence: record)
+    monkeypatch.setattr("fedtune.privacy.report.write_report", lambda run_dir: run_dir / "privacy_report.md")
+    monkeypatch.setattr("fedtune.server.run_dir.RunDirectory.existing", classmethod(lambda cls, path: cls(path)))
+
+
+@pytest.mark.parametrize("consistent, status", [(True, 0), (False, 1)])
+def test_audit_exits_1_when_the_bound_exceeds_the_theoretical_epsilon(monkeypatch, tmp_path, consistent, status):
+    _fake_audit(monkeypatch, consistent)
+    result = CliRunner().invoke(cli, ["audit", "--out", str(tmp_path / "run")])
+    assert result.exit_code == status, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "run" / AUDIT_FILE)
+    assert ("ABOVE the theoretical ε" in result.stderr) is not consistent
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--confidence", "1.5"], "--confidence"),
+    (["--canaries", "1"], "--canaries"),
+    (["--no-dp", "--noise-multiplier", "2"], "--no-dp and --noise-multiplier"),
+    (["--canary-repeats", "4"], "data.canary_repeats"),
+    (["--resume", "elsewhere"], "not both"),
+    ([], "--out RUN_DIR"),
+])
+def test_bad_audit_options_exit_2_naming_the_option(tmp_path, args, says):
+    out = ["--out", str(tmp_path / "never")] if args else []
+    result = CliRunner().invoke(cli, ["audit", *out, *args])
+    assert result.exit_code == 2
+    assert says in " ".join(result.stderr.split())
+    assert not (tmp_path / "never").exists()
