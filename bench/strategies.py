@@ -7,7 +7,7 @@ Only the strategy changes between the rows of a column:
   fedavg                 example-weighted mean
   fedprox                fedavg + proximal term mu = PROX_MU in every client
   fedadam, fedyogi       server Adam / Yogi on the mean update (fedtune's defaults: eta 0.01,
-                         beta 0.9 / 0.99, tau 1e-3)
+                         beta 0.9 / 0.99, tau 1e-4)
   fedavgm                server momentum (fedtune's defaults: eta 1.0, momentum 0.9)
   fedavg+median          coordinate-wise median of the updates instead of their mean
 Every run is `fedtune simulate` in a subprocess, scored on the same server hold-out after every

@@ -218,9 +218,10 @@ class StrategyConfig:
     beta_1: float = field(default=0.9, metadata={"help": "fedadam, fedyogi: decay of the first moment (momentum)."})
     beta_2: float = field(default=0.99, metadata={"help": "fedadam, fedyogi: decay of the second moment."})
     tau: float = field(
-        default=1e-3,
-        metadata={"help": "fedadam, fedyogi: added to the root of the second moment; coordinates whose updates are "
-                          "much smaller than tau take proportionally smaller steps (less adaptive)."})
+        default=1e-4,
+        metadata={"help": "fedadam, fedyogi: added to the root of the second moment, which in the first rounds is "
+                          "only about 0.1 x a coordinate's update (it is not bias-corrected); coordinates below "
+                          "tau take proportionally smaller steps, so a larger tau is less adaptive."})
     robust: Literal["off", "trimmed-mean", "median"] = field(
         default="off",
         metadata={"help": "Combine the updates robustly before the strategy's own step: coordinate-wise "

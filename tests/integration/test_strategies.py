@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.config import StrategyConfig
 from tests.integration.test_simulate import TINY, fedtune
 
 pytestmark = pytest.mark.integration
@@ -35,17 +36,19 @@ def test_fedadam_with_robust_median_runs_and_resumes_with_its_moments(tmp_path):
     first, second = _checkpoint(run, 1), _checkpoint(run, 2)
     names = list(second["arrays"])
     assert set(second["optimizer_state"]) == {f"{m}/{n}" for m in ("m_t", "v_t") for n in names}
-    # The resumed round continued round 1's moments. With β1 = 0.9, β2 = 0.99 (the defaults):
-    # m2 = 0.9 m1 + 0.1 Δ2 gives Δ2; then v2 must be 0.99 v1 + 0.01 Δ2², which fails if m and v restarted from 0.
-    # And the step is Flower's FedAdam one: x2 = x1 + η2 m2 / (√v2 + τ), η2 = 0.01 √(1 - 0.99³) / (1 - 0.9³).
-    eta2 = 0.01 * math.sqrt(1 - 0.99 ** 3) / (1 - 0.9 ** 3)
+    # The resumed round continued round 1's moments: m2 = b1 m1 + (1 - b1) Δ2 gives Δ2, and then
+    # v2 = b2 v1 + (1 - b2) Δ2² must hold, which it does not if m and v restarted from zero. The step
+    # is Flower's FedAdam one: x2 = x1 + η2 m2 / (√v2 + τ), η2 = η √(1 - b2³) / (1 - b1³).
+    s = StrategyConfig(name="fedadam")  # the run's defaults
+    b1, b2, tau = s.beta_1, s.beta_2, s.tau
+    eta2 = s.effective_server_learning_rate() * math.sqrt(1 - b2 ** 3) / (1 - b1 ** 3)
     for name in names:
         m1, v1 = (first["optimizer_state"][f"{m}/{name}"].double().numpy() for m in ("m_t", "v_t"))
         m2, v2 = (second["optimizer_state"][f"{m}/{name}"].double().numpy() for m in ("m_t", "v_t"))
-        delta2 = (m2 - 0.9 * m1) / 0.1
-        np.testing.assert_allclose(v2, 0.99 * v1 + 0.01 * delta2 ** 2, rtol=1e-3, atol=1e-9)
+        delta2 = (m2 - b1 * m1) / (1 - b1)
+        np.testing.assert_allclose(v2, b2 * v1 + (1 - b2) * delta2 ** 2, rtol=1e-3, atol=1e-9)
         step = second["arrays"][name].double().numpy() - first["arrays"][name].double().numpy()
-        np.testing.assert_allclose(step, eta2 * m2 / (np.sqrt(v2) + 1e-3), rtol=1e-3, atol=1e-7)
+        np.testing.assert_allclose(step, eta2 * m2 / (np.sqrt(v2) + tau), rtol=1e-3, atol=5e-7)
         assert second["arrays"][name].dtype == torch.float32
 
 
