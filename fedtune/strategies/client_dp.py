@@ -44,15 +44,16 @@ from fedtune.privacy.client_level import (
     adaptive_noise_inputs,
     combined_noise_multiplier,
 )
+from fedtune.strategies.wrapper import StrategyWrapper
 
 
-class ZeroFilledMean(Strategy):
+class ZeroFilledMean(StrategyWrapper):
     """Aggregate train replies as global + (sum of updates) / m, m fixed; forward everything else.
 
     Metrics still come from the inner strategy (example-weighted loss, worst ε)."""
 
     def __init__(self, strategy: FedAvg, num_sampled_clients: int) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.num_sampled_clients = num_sampled_clients
         self.current_arrays = ArrayRecord()
 
@@ -82,16 +83,6 @@ class ZeroFilledMean(Strategy):
         mean = {n: Array(np.asarray(b + acc / m, dtype=t)) for n, b, acc, t in zip(names, base, total, dtypes,
                                                                                      strict=True)}
         return ArrayRecord(mean), metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 class _ClientLevel:

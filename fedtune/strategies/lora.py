@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.models.lora_factors import LORA_A, LORA_B, lift, payload_rank, truncate
+from fedtune.strategies.wrapper import StrategyWrapper
 
 State = dict[str, np.ndarray]
 
@@ -108,13 +109,13 @@ def exact_average(states: Sequence[State], weights: Sequence[float], reference: 
     return out
 
 
-class RankAwareLora(Strategy):
+class RankAwareLora(StrategyWrapper):
     """Heterogeneous ranks around `strategy`: each node gets the global adapter at its own rank, and
     each reply is lifted back to the global rank before `strategy` aggregates it as usual.
     Subclasses change what becomes of the aggregate through one hook, `combine`."""
 
     def __init__(self, strategy: Strategy, global_rank: int) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.global_rank = global_rank
         self.node_ranks: dict[int, int] = {}  # learnt from replies; a node not heard from gets the global rank
         self.current_arrays = ArrayRecord()
@@ -149,12 +150,6 @@ class RankAwareLora(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return self._at_node_ranks(self.strategy.configure_evaluate(server_round, arrays, config, grid), arrays)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def _at_node_ranks(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         """Give each message to a node of lower rank the global adapter at that rank. Flower's FedAvg

@@ -29,12 +29,12 @@ from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fedtune import constants as k
+from fedtune.strategies.wrapper import StrategyWrapper
 
 Method = Literal["median", "trimmed-mean"]
 
@@ -46,17 +46,13 @@ def combine(tensors: list[np.ndarray], method: Method, trim_fraction: float) -> 
     return np.asarray(result, dtype=tensors[0].dtype)
 
 
-class RobustAggregation(Strategy):
+class RobustAggregation(StrategyWrapper):
     """Replace the mean of the updates by a robust combination; the inner strategy steps on it."""
 
     def __init__(self, strategy: FedAvg, method: Method, trim_fraction: float = 0.1) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.method = method
         self.trim_fraction = trim_fraction
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -79,13 +75,3 @@ class RobustAggregation(Strategy):
                       dst_node_id=first.dst_node_id, message_type=first.message_type)
         arrays, _ = inner.aggregate_train(server_round, [one])
         return arrays, metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
