@@ -375,7 +375,12 @@ class FedtuneConfig:
     clients: int = field(default=10, metadata={"help": "Simulated institutions."})
     seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
     out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})
-    num_cpus_per_client: float = field(default=2.0, metadata={"help": "Ray CPUs per virtual client (sets workers)."})
+    # 1 CPU: one single-threaded worker per core. On this 2-core machine two 1-thread workers train
+    # 1.3x faster than one 2-thread worker (bench/simulation_throughput.py): small matmuls scale
+    # poorly across threads, and one worker's gaps between clients are filled by the other.
+    num_cpus_per_client: float = field(
+        default=1.0, metadata={"help": "Ray CPUs per virtual client; workers = CPUs / this, each with this many "
+                                       "torch threads. Raise it if each worker's model does not fit in memory."})
     round_timeout_s: float = field(
         default=3600.0,
         metadata={"help": "Seconds the server waits for the replies of each round's training (and again for "

@@ -41,6 +41,10 @@ LORA_RANK = "lora_rank"  # heterogeneous ranks: the rank the client trains (the 
 STATUS_TRAINED = "trained"
 STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
 STATUS_FAILED = "failed"
+# Trained (so it spent ε), but the server refused the update (server/validate.py): not aggregated.
+STATUS_REJECTED = "rejected"
+# The statuses whose rounds ran DP-SGD steps and so spent privacy budget.
+SPENT_STATUSES = (STATUS_TRAINED, STATUS_REJECTED)
 SECAGG_INFO_PREFIX = "client."  # SecAgg+: CLIENT_INFO entries travel in the legacy FitRes metrics as client.<key>
 
 # Node config keys (Flower sets the first two in simulation).

@@ -76,6 +76,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "clients_declined": [c["name"] for c in clients if c["rounds_declined"]],
         "rounds_declined": sum(c["rounds_declined"] for c in clients),
         "rounds_failed": sum(c["rounds_failed"] for c in clients),
+        "rounds_rejected": sum(c["rounds_rejected"] for c in clients),
         "clients_over_budget": [c["name"] for c in clients if c["within_budget"] is False],
         "client_level": _clean(ledger["client_level"], True) if ledger.get("client_level") else None,
         "settings": settings,
@@ -125,7 +126,8 @@ def _settings(run_dir: Path) -> dict[str, Any]:
 def _client(name: str, entries: list[dict[str, Any]], kind: str, dp_on: bool, rounds: int,
             settings: dict[str, Any]) -> dict[str, Any]:
     """One institution: its cumulative ε (the latest entry that carries one) and its parameters."""
-    trained = [e for e in entries if e["status"] == k.STATUS_TRAINED]
+    # Rounds that ran DP-SGD: trained, or trained but the update refused by the server (still spent).
+    trained = [e for e in entries if e["status"] in k.SPENT_STATUSES]
     reported = [e for e in entries if "epsilon" in e]  # failed rounds report nothing
     latest = reported[-1] if reported else {}
     last = trained[-1] if trained else {}
@@ -146,6 +148,7 @@ def _client(name: str, entries: list[dict[str, Any]], kind: str, dp_on: bool, ro
         "rounds_trained": sum(e["status"] == k.STATUS_TRAINED for e in committed),
         "rounds_declined": sum(e["status"] == k.STATUS_DECLINED for e in committed),
         "rounds_failed": sum(e["status"] == k.STATUS_FAILED for e in committed),
+        "rounds_rejected": sum(e["status"] == k.STATUS_REJECTED for e in committed),
         "rounds_interrupted": len(entries) - len(committed),
         "within_budget": None if not dp_on or budget is None else _float(eps) <= _float(budget),
         "records_at_most": _records_at_most(trained, settings.get("batch_size")),
@@ -412,9 +415,10 @@ def _facts(r: dict[str, Any]) -> list[str]:
         facts = [f"No institution sent a model update trained on its records in {_count(rounds, 'round')}, so no "
                  f"privacy was spent (ε = 0); {budget_text}."]
     else:
+        ran = top["rounds_trained"] + top["rounds_rejected"] + top["rounds_interrupted"]
         facts = [f"The institution that spent the most privacy (`{top['name']}`) reached "
                  f"ε = {_eps(r['epsilon_max'])} at δ = {_g(r['delta'])} after {_count(rounds, 'round')} "
-                 f"(it trained in {top['rounds_trained'] + top['rounds_interrupted']} of them); {budget_text}."]
+                 f"(it trained in {ran} of them); {budget_text}."]
     if r["clients_over_budget"]:
         facts.append(f"**{_count(len(r['clients_over_budget']), 'institution')} went over the budget**: "
                      f"{', '.join(r['clients_over_budget'])}.")
@@ -426,6 +430,9 @@ def _facts(r: dict[str, Any]) -> list[str]:
     if r["rounds_failed"]:
         facts.append(f"{_count(r['rounds_failed'], 'training round')} failed at an institution; a failed round "
                      "sends no update.")
+    if r["rounds_rejected"]:
+        facts.append(f"The server refused {_count(r['rounds_rejected'], 'trained update')} (the reasons are in the "
+                     "per-round detail); those rounds ran DP-SGD, so their ε counts in full.")
     return facts
 
 
@@ -451,11 +458,14 @@ def _protected(r: dict[str, Any]) -> list[Block]:
 def _spent(r: dict[str, Any]) -> list[Block]:
     kind, other_kind = r["accountant"]["name"].upper(), r["accountant"]["other"].upper()
     interrupted = any(c["rounds_interrupted"] for c in r["clients"])
+    rejected = any(c["rounds_rejected"] for c in r["clients"])
     header = ["institution", f"ε ({kind})", f"ε ({other_kind})", "δ", "σ", "C", "q", "steps",
-              "trained", "declined", "failed", *(["interrupted"] if interrupted else []), "within budget"]
+              "trained", *(["rejected"] if rejected else []), "declined", "failed",
+              *(["interrupted"] if interrupted else []), "within budget"]
     rows = [[f"`{c['name']}`", _eps(c["epsilon"]), _eps(c["epsilon_other"]), _g(c["delta"]),
              _g(c["noise_multiplier"]) + ("*" if c["parameters_changed"] else ""), _g(c["max_grad_norm"]),
-             _g(c["sample_rate"]), str(c["steps"]), str(c["rounds_trained"]), str(c["rounds_declined"]),
+             _g(c["sample_rate"]), str(c["steps"]), str(c["rounds_trained"]),
+             *([str(c["rounds_rejected"])] if rejected else []), str(c["rounds_declined"]),
              str(c["rounds_failed"]), *([str(c["rounds_interrupted"])] if interrupted else []),
              {True: "yes", False: "**no**", None: "–"}[c["within_budget"]]] for c in r["clients"]]
     if not rows:
@@ -470,6 +480,8 @@ def _spent(r: dict[str, Any]) -> list[Block]:
         "σ (noise multiplier), C (clipping norm) and q (sampling rate) are from its latest trained round "
         "(* where they changed between rounds: see the per-round detail); steps are all local DP-SGD steps "
         "it ran. Declined and failed rounds send no update and cost nothing."
+        + (" Rejected rounds were trained, but the server refused the update (too large or malformed); "
+           "they cost ε like any trained round." if rejected else "")
         + (" Interrupted rounds were trained and reported, but the run crashed before the server committed "
            "them; their steps count." if interrupted else ""))
     return blocks

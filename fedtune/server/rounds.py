@@ -9,15 +9,17 @@ strategy or strategy wrapper plugs in unchanged.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -35,7 +37,7 @@ from fedtune.privacy.ledger import PrivacyLedger, ledger_entry
 from fedtune.server.evaluate import Scores, ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.secagg import secure_exchange
-from fedtune.server.validate import reject_malformed
+from fedtune.server.validate import reject_malformed, reported_spending
 from fedtune.strategies.client_dp import client_level_entry, restore_client_level
 from fedtune.strategies.server_opt import optimizer_state, restore_optimizer_state
 
@@ -57,7 +59,7 @@ class RoundInputs:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
-             timeout_s: float | None) -> list[Message]:
+             timeout_s: float | None, max_in_flight: int | None = None) -> list[Message]:
     """Push `messages`, then pull replies until all are back (or the timeout), with a bar.
 
     Every message gets exactly one reply, attributed to the node it was sent to: one that could
@@ -65,23 +67,41 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
     hangs), is answered here with an error reply naming why, so the caller records that node as
     failed and goes on with the others. Errors the SuperLink makes itself (e.g. "node
     unavailable" once a node's heartbeat lapses) come from the SuperLink's own node id; they are
-    re-addressed to the node they are about."""
-    messages = list(messages)
-    sent = set(filter(None, grid.push_messages(messages)))  # the grid sets each message's id
-    by_id = {m.metadata.message_id: m for m in messages if m.metadata.message_id in sent}
-    replies = [failed_reply(m, NOT_SENT) for m in messages if m.metadata.message_id not in sent]
-    pending = set(by_id)
-    task = progress.add_task(label, total=len(messages), eps="")
+    re-addressed to the node they are about.
+
+    `max_in_flight` keeps at most that many messages pushed and unanswered (None: push all at
+    once). Simulation needs it: see in_flight_limit."""
+    waiting = list(messages)
+    by_id: dict[str, Message] = {}
+    replies: list[Message] = []
+    pending: set[str] = set()
+    task = progress.add_task(label, total=len(waiting), eps="")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending and (deadline is None or time.monotonic() < deadline):
-        got = [m for m in grid.pull_messages(pending) if m.metadata.reply_to_message_id in pending]
+    while (waiting or pending) and (deadline is None or time.monotonic() < deadline):
+        room = len(waiting) if max_in_flight is None else max(0, max_in_flight - len(pending))
+        batch, waiting = waiting[:room], waiting[room:]
+        sent = set(filter(None, grid.push_messages(batch))) if batch else set()  # the grid sets each id
+        by_id.update({m.metadata.message_id: m for m in batch if m.metadata.message_id in sent})
+        replies.extend(failed_reply(m, NOT_SENT) for m in batch if m.metadata.message_id not in sent)
+        pending |= sent
+        got = [m for m in grid.pull_messages(pending) if m.metadata.reply_to_message_id in pending] if pending else []
         replies.extend(_from_addressee(m, by_id[m.metadata.reply_to_message_id]) for m in got)
         pending -= {m.metadata.reply_to_message_id for m in got}
         progress.update(task, completed=len(replies), eps=_epsilon_so_far(replies))
-        if pending:
+        if pending and not got:
             time.sleep(PULL_INTERVAL_S)
     progress.remove_task(task)
-    return replies + [failed_reply(by_id[message_id], NO_REPLY) for message_id in sorted(pending)]
+    unsent = [failed_reply(m, NO_REPLY) for m in waiting]  # the phase timed out before they could be sent
+    return replies + [failed_reply(by_id[message_id], NO_REPLY) for message_id in sorted(pending)] + unsent
+
+
+def in_flight_limit(grid: Grid) -> int | None:
+    """How many messages to keep in flight at once: all of them (None) against a real SuperLink,
+    whose nodes train in parallel; a few per CPU in Flower's simulation, whose in-memory
+    SuperLink scans every registered node against every stored message ten times a second
+    (vce_api.add_messages_to_queue): with 100 messages in flight that scan takes a core, and it
+    grows with the registered nodes. The simulation's workers can take at most one per CPU anyway."""
+    return 4 * (os.cpu_count() or 1) if isinstance(grid, InMemoryGrid) else None
 
 
 def failed_reply(instruction: Message, reason: str, code: int = ErrorCode.UNKNOWN) -> Message:
@@ -111,38 +131,56 @@ def _track_memory(peaks: dict[int, float], replies: list[Message]) -> None:
             peaks[int(m[k.PID])] = max(peaks.get(int(m[k.PID]), 0.0), float(m[k.PEAK_RSS_MB]))
 
 
-def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message],
-                   node_names: dict[int, str]) -> None:
-    """One ledger entry per client that answered (trained) or failed this round."""
+def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], node_names: dict[int, str],
+                   refused: dict[int, tuple[str, MetricRecord]] | None = None) -> None:
+    """One ledger entry per client that answered (trained or declined), failed, or had its update
+    refused this round. `refused` (from _refuse_malformed) holds, by node, the name and privacy
+    figures a refused reply reported: that client trained, so its entry carries the ε it spent."""
     for reply in replies:
         node = reply.metadata.src_node_id
-        if reply.has_error():
+        if reply.has_error() and node in (refused or {}):
+            name, metrics = refused[node]
+            _learn_name(ledger, node_names, node, name)
+            entry = ledger_entry(round_, k.STATUS_REJECTED, metrics, ledger.accountant)
+            ledger.record(name, {**entry, "reason": reply.error.reason})
+        elif reply.has_error():
             ledger.record(node_names.get(node, f"node-{node}"),
                           {"round": round_, "status": k.STATUS_FAILED, "reason": reply.error.reason})
-            continue
-        name = str(reply.content[k.CLIENT_INFO][k.CLIENT_NAME])
-        node_names[node] = name
-        if f"node-{node}" in ledger.clients:  # failures recorded before the node's name was known
-            ledger.clients[name] = sorted([*ledger.clients.pop(f"node-{node}"), *ledger.clients.get(name, [])],
-                                          key=lambda e: e["round"])
-        status = str(reply.content[k.CLIENT_INFO][k.STATUS])
-        ledger.record(name, ledger_entry(round_, status, reply.content[k.METRICS], ledger.accountant))
+        else:
+            name = str(reply.content[k.CLIENT_INFO][k.CLIENT_NAME])
+            _learn_name(ledger, node_names, node, name)
+            status = str(reply.content[k.CLIENT_INFO][k.STATUS])
+            ledger.record(name, ledger_entry(round_, status, reply.content[k.METRICS], ledger.accountant))
+
+
+def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:
+    """Remember a node's client name, and move failures recorded before it was known under it."""
+    node_names[node] = name
+    if f"node-{node}" in ledger.clients:
+        ledger.clients[name] = sorted([*ledger.clients.pop(f"node-{node}"), *ledger.clients.get(name, [])],
+                                      key=lambda e: e["round"])
 
 
 def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
-                      console: Console, max_update_norm: float = math.inf, lower_rank: bool = False) -> list[Message]:
+                      console: Console, max_update_norm: float = math.inf, lower_rank: bool = False,
+                      ) -> tuple[list[Message], dict[int, tuple[str, MetricRecord]]]:
     """Replace each malformed (or too large) reply (server/validate.py) by an error reply naming what
-    is wrong: it is then recorded as failed, and left out of aggregation, like any other failure.
+    is wrong, left out of aggregation like any other failure. Also returns, by node, the name and
+    privacy figures of refused replies that still report them well formed (record_privacy).
     A reply is checked against what its node was sent (heterogeneous ranks: its rank's view)."""
     by_node = {m.metadata.dst_node_id: m for m in instructions}  # one train message per node and round
     sent = {node: m.content[k.ARRAYS] for node, m in by_node.items() if k.ARRAYS in m.content}
     kept, rejected = reject_malformed(replies, reference, max_update_norm, sent, lower_rank)
+    refused = {}
     for reply, reason in rejected:
         node = reply.metadata.src_node_id
         console.print(f"round {round_}: rejected the update from node {node}: {reason}",
                       markup=False, highlight=False, soft_wrap=True)
         kept.append(failed_reply(by_node[node], f"update rejected: {reason}"))
-    return kept
+        spending = reported_spending(reply)
+        if spending:
+            refused[node] = spending
+    return kept, refused
 
 
 def _mean_bytes_sent(messages: list[Message]) -> float:
@@ -175,11 +213,14 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve())})
             messages = strategy.configure_train(round_, arrays, config, grid)
             messages = list(messages)
-            train_exchange = secure_exchange if cfg.dp.secagg else exchange  # SecAgg+: server/secagg.py
-            replies = train_exchange(grid, messages, f"round {round_}/{cfg.rounds} train", progress, inputs.timeout_s)
-            replies = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
-                                        cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()))
-            record_privacy(ledger, round_, replies, state.node_names)
+            label = f"round {round_}/{cfg.rounds} train"
+            if cfg.dp.secagg:  # SecAgg+ (server/secagg.py) needs every participant's message at once
+                replies = secure_exchange(grid, messages, label, progress, inputs.timeout_s)
+            else:
+                replies = exchange(grid, messages, label, progress, inputs.timeout_s, in_flight_limit(grid))
+            replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
+                                                 cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()))
+            record_privacy(ledger, round_, replies, state.node_names, refused)
             _track_memory(inputs.worker_peak_rss_mb, replies)
             inputs.run.write_ledger(ledger)  # spent budget is on disk before anything else can fail
             answered = [r for r in replies if not r.has_error()]
@@ -198,7 +239,8 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             train_s = time.monotonic() - round_started
             eval_config = ConfigRecord(dict(config))
             eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
-                                    f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s)
+                                    f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s,
+                                    in_flight_limit(grid))
             client_eval = strategy.aggregate_evaluate(round_, eval_replies)
             scores = inputs.evaluate(arrays, round_)
             row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,

@@ -116,6 +116,20 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
     return None
 
 
+def reported_spending(reply: Message) -> tuple[str, MetricRecord] | None:
+    """The client's name and privacy figures from a trained reply, when its client record and
+    metrics are well formed, else None. A refused update was still trained: its client spent ε,
+    and the ledger must say so even though the update is not aggregated."""
+    info = reply.content.get(k.CLIENT_INFO)
+    if (not isinstance(info, ConfigRecord) or k.CLIENT_NAME not in info.keys()
+            or info.get(k.STATUS) != k.STATUS_TRAINED):
+        return None
+    metrics = reply.content.get(k.METRICS)
+    if _metrics_problem(metrics, trained=True):
+        return None
+    return str(info[k.CLIENT_NAME]), metrics
+
+
 def _metrics_problem(metrics: object, trained: bool) -> str | None:
     if not isinstance(metrics, MetricRecord):
         return f"no MetricRecord `{k.METRICS}`"

@@ -40,6 +40,10 @@ def declined(round_, eps):
     return {**trained(round_, eps, sample_rate=0.0), "status": "declined", "sample_rate": 0.0, "steps": 0}
 
 
+def rejected(round_, eps, **extra):
+    return {**trained(round_, eps, **extra), "status": "rejected", "reason": "update rejected: update norm 9"}
+
+
 def failed(round_):
     return {"round": round_, "status": "failed", "reason": "worker died"}
 
@@ -104,6 +108,20 @@ def test_max_is_each_clients_latest_cumulative_epsilon_from_the_main_accountant(
     assert (y["rounds_trained"], y["rounds_interrupted"], y["steps"]) == (1, 1, 8)
     assert client(report, "z")["epsilon"] == 5.0
     assert "interrupted before commit" in render_markdown(report)
+
+
+def test_a_rejected_round_was_trained_and_counts(tmp_path):
+    """The server refused r's round-2 update, but r ran DP-SGD for it: its ε (4.0, the maximum),
+    steps and parameters count, and the text says the refused rounds cost ε."""
+    run = make_run(tmp_path, {"r": [trained(1, 2.0), rejected(2, 4.0, sigma=1.2)], "s": [trained(1, 3.0)]})
+    report = build_report(run)
+    r = client(report, "r")
+    assert (report["epsilon_max"], report["epsilon_max_client"], report["rounds_rejected"]) == (4.0, "r", 1)
+    assert (r["rounds_trained"], r["rounds_rejected"], r["rounds_failed"], r["steps"]) == (1, 1, 0, 8)
+    assert (r["noise_multiplier"], r["parameters_changed"], r["epsilon_by_round"]) == (1.2, True, [0.0, 2.0, 4.0])
+    text = render_markdown(report)
+    assert "refused 1 trained update" in text and "their ε counts in full" in text
+    assert "| rejected |" in text and "update rejected: update norm 9" in text
 
 
 def test_a_target_epsilon_caps_the_budget(tmp_path):

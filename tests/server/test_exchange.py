@@ -75,6 +75,36 @@ def test_a_silent_node_gets_a_failed_reply_at_the_timeout_and_the_others_count()
     assert by_node[3].has_error() and by_node[3].error.reason == NO_REPLY
 
 
+class CountingGrid(FakeGrid):
+    """A FakeGrid that records the most messages it ever held unanswered at once."""
+
+    most_in_flight = 0
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        self.most_in_flight = max(self.most_in_flight, len(self.inbox))
+        return ids
+
+
+def test_a_limit_on_messages_in_flight_still_answers_every_message():
+    """Simulation keeps only a few messages in flight (in_flight_limit); every node still gets
+    its message and its reply, and a node the grid cannot reach still fails at once."""
+    grid = CountingGrid(answering=set(range(1, 8)), unreachable=frozenset({8}))
+    with Progress(disable=True) as progress:
+        replies = exchange(grid, instructions(range(1, 9)), "train", progress, timeout_s=5, max_in_flight=2)
+    assert grid.most_in_flight == 2
+    assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == list(range(1, 8))
+    assert [(r.metadata.src_node_id, r.error.reason) for r in replies if r.has_error()] == [(8, NOT_SENT)]
+
+
+def test_messages_never_sent_before_the_timeout_fail_with_the_timeout_reason():
+    grid = CountingGrid(answering=set())  # nobody answers: the first two wait, the rest are never pushed
+    with Progress(disable=True) as progress:
+        replies = exchange(grid, instructions([1, 2, 3, 4]), "train", progress, timeout_s=0.3, max_in_flight=2)
+    assert grid.most_in_flight == 2
+    assert sorted((r.metadata.src_node_id, r.error.reason) for r in replies) == [(n, NO_REPLY) for n in (1, 2, 3, 4)]
+
+
 def test_a_reply_with_a_malformed_epsilon_does_not_stop_the_exchange():
     grid = FakeGrid(answering={1}, metrics={**METRICS, k.EPSILON: [1.0, 2.0]})
     with Progress() as progress:  # enabled: the progress line reads each reply's ε
@@ -115,7 +145,9 @@ def test_failures_are_in_the_ledger_and_join_the_client_once_its_name_is_known()
     assert [(e["round"], e["status"]) for e in ledger.clients["clinic-1"]] == [(1, "trained"), (2, "trained")]
 
 
-def test_a_malformed_update_becomes_a_failure_with_its_reason_in_the_ledger():
+def test_a_refused_update_is_left_out_but_its_spent_epsilon_stays_in_the_ledger():
+    """Node 2's update has a NaN: it trained (and spent ε 1.5), so the ledger says `rejected`
+    with that ε. Node 3's metrics are unusable too: nothing trustworthy to record, so `failed`."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
     from rich.console import Console
@@ -123,20 +155,26 @@ def test_a_malformed_update_becomes_a_failure_with_its_reason_in_the_ledger():
     from fedtune.server.rounds import _refuse_malformed
 
     reference = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
-    sent = instructions([1, 2])
+    sent = instructions([1, 2, 3])
     FakeGrid(answering=set()).push_messages(sent)
+    no_epsilon = {key: value for key, value in METRICS.items() if key != k.EPSILON}
     replies = []
-    for msg, values in zip(sent, ([1.0, 2.0, 3.0], [1.0, float("nan"), 3.0]), strict=True):
-        content = RecordDict({k.METRICS: MetricRecord(METRICS), k.ARRAYS: ArrayRecord(
+    for msg, values, metrics in zip(sent, ([1.0, 2.0, 3.0], [1.0, float("nan"), 3.0], [1.0, 2.0, 3.0]),
+                                    (METRICS, METRICS, no_epsilon), strict=True):
+        content = RecordDict({k.METRICS: MetricRecord(metrics), k.ARRAYS: ArrayRecord(
             {"w": Array(np.array(values, dtype=np.float32))}), k.CLIENT_INFO: ConfigRecord(
             {k.CLIENT_NAME: f"clinic-{msg.metadata.dst_node_id}", k.STATUS: k.STATUS_TRAINED})})
         replies.append(Message(content, reply_to=msg))
     console = Console(record=True, width=200)
-    checked = _refuse_malformed(replies, reference, sent, 1, console)
-    assert [r.has_error() for r in checked] == [False, True]
-    assert checked[1].metadata.src_node_id == 2 and "w has NaN or Inf" in checked[1].error.reason
+    checked, refused = _refuse_malformed(replies, reference, sent, 1, console)
+    assert [(r.metadata.src_node_id, r.has_error()) for r in checked] == [(1, False), (2, True), (3, True)]
+    assert "w has NaN or Inf" in checked[1].error.reason and "metrics lack epsilon" in checked[2].error.reason
     assert "rejected the update from node 2: w has NaN or Inf values" in console.export_text()
+    assert set(refused) == {2}
     ledger = PrivacyLedger("prv", True)
-    record_privacy(ledger, 1, checked, {2: "clinic-2"})
-    assert ledger.clients["clinic-2"][0]["status"] == "failed"
-    assert ledger.clients["clinic-2"][0]["reason"].startswith("update rejected: w has NaN")
+    record_privacy(ledger, 1, checked, {}, refused)
+    (entry,) = ledger.clients["clinic-2"]
+    assert (entry["status"], entry["epsilon"], entry["steps"]) == ("rejected", 1.5, 2)
+    assert entry["reason"].startswith("update rejected: w has NaN")
+    assert [e["status"] for e in ledger.clients["node-3"]] == ["failed"]
+    assert ledger.epsilon_max() == 1.5
