@@ -27,7 +27,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/fedtune simulate
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12
 
 lint: setup
 	$(BIN)/python -m ruff check .

@@ -4,9 +4,11 @@ One workload, run four ways in this one process, side by side:
   100 clients x 16 examples of the built-in demo data, 2 rounds, every client sampled, LoRA r=8,
   batch size 8, one local epoch per round, no client-side evaluation.
   (a)    fedtune simulate, DP off            (a_dp) the same with DP-SGD on (sigma=1, C=1)
+         (fedtune's default resources: one single-threaded worker per core)
   (b)    one central loop over the same examples, same model and batch size: the ceiling
   (c)    a plain Flower app written the way Flower's quickstarts are: the model is built inside
-         the client function on every call, and batches are padded to the fixed maximum length
+         the client function on every call, batches are padded to the fixed maximum length, and
+         the Simulation Engine runs with Flower's default client resources (2 CPUs per client)
 Throughput is examples trained per second of round time (Ray start-up excluded for (a) and
 (c) alike: both are timed inside their ServerApp). Also reported: useful (non-padding) tokens per
 second, and model-FLOP utilization (MFU) against a matrix-multiply peak measured in this run.
@@ -53,7 +55,7 @@ from fedtune.data.federated import federated_data  # noqa: E402
 from fedtune.data.text import pad_batch, tokenize  # noqa: E402
 from fedtune.models.build import build_model, default_model_dir, load_tokenizer  # noqa: E402
 from fedtune.server.run_dir import RunDirectory  # noqa: E402
-from fedtune.simulation.engine import backend_config, preflight, simulate  # noqa: E402
+from fedtune.simulation.engine import preflight, simulate  # noqa: E402
 
 ROUNDS, BATCH, RANK, MAX_LENGTH = 2, 8, 8, 64
 PEAK_SIZE, PEAK_REPEATS = 1024, 20  # square fp32 matmuls for the peak; about a second on 2 cores
@@ -189,8 +191,10 @@ def plain_flower_apps(cfg: FedtuneConfig, timing: dict) -> tuple[ServerApp, Clie
 def run_plain_flower(cfg: FedtuneConfig) -> tuple[int, float, None]:
     timing: dict = {}
     server, client = plain_flower_apps(cfg, timing)
+    # Flower's default client resources (2 CPUs per virtual client), as a quickstart app gets them;
+    # only Ray's log level is set, as for (a).
     run_simulation(server_app=server, client_app=client, num_supernodes=cfg.clients,
-                   backend_config=backend_config(cfg))
+                   backend_config={"init_args": {"logging_level": "ERROR", "log_to_driver": True}})
     fed = federated_data(cfg.data, cfg.clients, cfg.seed)
     return sum(len(s.train) for s in fed.clients) * ROUNDS, timing["seconds"], None  # no warm state to measure
 

@@ -96,8 +96,8 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
 
 
 def in_flight_limit(grid: Grid) -> int | None:
-    """How many messages to keep in flight at once: all of them (None) against a real SuperLink,
-    whose nodes train in parallel; a few per CPU in Flower's simulation, whose in-memory
+    """How many messages to keep in flight at once: all of them (None) against a SuperLink, whose
+    nodes train in parallel; a few per CPU on `fedtune simulate`'s grid, whose in-memory
     SuperLink scans every registered node against every stored message ten times a second
     (vce_api.add_messages_to_queue): with 100 messages in flight that scan takes a core, and it
     grows with the registered nodes. The simulation's workers can take at most one per CPU anyway."""

@@ -53,6 +53,8 @@ def backend_config(cfg: FedtuneConfig) -> dict:
     return {
         "client_resources": {"num_cpus": min(cfg.num_cpus_per_client, cpus),
                              "num_gpus": 1.0 if cfg.model.device == "cuda" else 0.0},
+        # No runtime_env here: Flower's RayBackend passes its own to ray.init, and a second one
+        # fails the start ("multiple values for keyword argument 'runtime_env'").
         "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
     }
 

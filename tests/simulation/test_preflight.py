@@ -27,3 +27,8 @@ def test_backend_never_asks_for_more_cpus_than_the_machine_has():
     cfg = FedtuneConfig().with_overrides({"num_cpus_per_client": 512.0})
     resources = backend_config(cfg)
     assert resources["client_resources"]["num_cpus"] <= resources["init_args"]["num_cpus"]
+
+
+
+def test_one_single_threaded_worker_per_core_by_default():
+    assert backend_config(FedtuneConfig())["client_resources"]["num_cpus"] == 1
