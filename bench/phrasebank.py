@@ -239,6 +239,20 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def parse_with_data_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add --data, --runs-dir and --results (shared with bench/strategies.py), parse, and check --data."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"[default: {DEFAULT_DATA}]")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="Keep the fedtune run directories here (default: a temporary directory); "
+                             "a run found there with the same config is resumed, or reused when complete.")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help=f"Where the JSON and PNG go [default: {RESULTS}].")
+    args = parser.parse_args()
+    if not args.data.is_file():
+        parser.error(f"{args.data} does not exist; pass the Financial PhraseBank file with --data.")
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8,
@@ -248,15 +262,7 @@ def main() -> None:
                         help="Smoke check: 1 pass of (a), 1 round of (b) and of (c), texts cut to 32 tokens.")
     parser.add_argument("--parallel", action="store_true",
                         help="Run (a), (b) and (c) at the same time (less time in all; contended wall times).")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"[default: {DEFAULT_DATA}]")
-    parser.add_argument("--runs-dir", type=Path, default=None,
-                        help="Keep the run directories of (b) and (c) here (default: a temporary directory); "
-                             "a run found there with the same config is resumed, or reused when complete.")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help=f"Where the JSON and PNG go [default: {RESULTS}].")
-    args = parser.parse_args()
-    if not args.data.is_file():
-        parser.error(f"{args.data} does not exist; pass the Financial PhraseBank file with --data.")
+    args = parse_with_data_arguments(parser)
     rounds, dp_rounds = (1, 1) if args.quick else (args.rounds, args.dp_rounds)
     data = data_config(args.data.resolve())
     max_length = 32 if args.quick else MAX_LENGTH

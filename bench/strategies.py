@@ -30,13 +30,12 @@ from pathlib import Path
 
 from phrasebank import (  # bench/phrasebank.py: the split, the recipes and the subprocess runner
     CLIENTS,
-    DEFAULT_DATA,
-    RESULTS,
     SEED,
     TARGET_EPSILON,
     data_config,
     federation,
     finish_fedtune,
+    parse_with_data_arguments,
     settings,
     start_fedtune,
 )
@@ -161,15 +160,7 @@ def main() -> None:
                         help="Runs at a time (each uses Ray workers; contended wall times above 1) [default: 1].")
     parser.add_argument("--quick", action="store_true",
                         help="Smoke check: 2 rounds each, texts cut to 32 tokens, fewer strategies.")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"[default: {DEFAULT_DATA}]")
-    parser.add_argument("--runs-dir", type=Path, default=None,
-                        help="Keep the run directories here (default: a temporary directory); a run found there "
-                             "with the same config is resumed, or reused when complete.")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help=f"Where the JSON and PNG go [default: {RESULTS}].")
-    args = parser.parse_args()
-    if not args.data.is_file():
-        parser.error(f"{args.data} does not exist; pass the Financial PhraseBank file with --data.")
+    args = parse_with_data_arguments(parser)
     chosen = args.strategies or ",".join(QUICK if args.quick else STRATEGIES)
     strategies = [s.strip() for s in chosen.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
