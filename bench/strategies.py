@@ -2,7 +2,7 @@
 
 Data and recipes are bench/phrasebank.py's: 20 clients, Dirichlet alpha=0.5, 20% held out for the
 server; without DP its (b) recipe (LoRA r=8, 5 rounds), with DP its (c) recipe (DP-SGD in every
-client, each solving for the sigma that spends epsilon = 8 over the planned rounds; 20 rounds).
+client, each solving for the sigma that spends epsilon = 8 over the planned rounds; 30 rounds).
 Only the strategy changes between the rows of a column:
   fedavg                 example-weighted mean
   fedprox                fedavg + proximal term mu = PROX_MU in every client
@@ -14,7 +14,7 @@ Every run is `fedtune simulate` in a subprocess, scored on the same server hold-
 round. Prints a table (final and best accuracy, ε), writes bench/results/strategies.json and
 strategies.png (accuracy per round), and prints as its last line the report as one JSON object.
 
-    python bench/strategies.py [--rounds 5] [--dp-rounds 20] [--strategies fedavg,fedadam] [--dp both]
+    python bench/strategies.py [--rounds 5] [--dp-rounds 30] [--strategies fedavg,fedadam] [--dp both]
                                [--jobs 1] [--quick] [--data PATH] [--runs-dir DIR]
 """
 
@@ -150,8 +150,8 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="Rounds without DP [default: 5, as phrasebank (b)].")
-    parser.add_argument("--dp-rounds", type=int, default=20,
-                        help="Rounds with DP-SGD [default: 20, as phrasebank (c)].")
+    parser.add_argument("--dp-rounds", type=int, default=30,
+                        help="Rounds with DP-SGD [default: 30, as phrasebank (c)].")
     parser.add_argument("--strategies", default=None,
                         help=f"Comma-separated rows out of {', '.join(STRATEGIES)} [default: all; with --quick: "
                              f"{', '.join(QUICK)}].")

@@ -51,9 +51,20 @@ class ModelConfig:
                           "truncated."},
     )
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "Where clients train."})
+    pooling: Literal["cls", "mean"] = field(
+        default="cls",
+        metadata={"help": "What the classification head reads (classification only). `cls`: the model's own "
+                          "head input (BERT: its pooler on the first token). `mean`: the mean of the last "
+                          "layer's states over each text's tokens, padding excluded, the way sentence-embedding "
+                          "checkpoints such as the default MiniLM were trained. Under DP-SGD on small clients "
+                          "`mean` learns much faster (docs/benchmarks.md). Needs a BERT-style model."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.task in ("classification", "causal-lm"), "model.task", "use `classification` or `causal-lm`.")
+        _check(self.pooling in ("cls", "mean"), "model.pooling", "use `cls` or `mean`.")
+        _check(self.pooling == "cls" or self.task == "classification", "model.pooling",
+               "`mean` applies to classification only; leave it `cls` for causal-lm.")
         _check(8 <= self.max_length <= 8192, "model.max_length", "use a value from 8 to 8192.")
         _check(self.device in ("cpu", "cuda"), "model.device", "use `cpu` or `cuda`.")
 
@@ -181,7 +192,16 @@ class DPConfig:
 class TrainConfig:
     local_epochs: int = field(default=1, metadata={"help": "Passes over its data each client makes per round."})
     batch_size: int = field(default=128, metadata={"help": "Expected (logical) batch size per step."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate for adapter and head."})
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw",
+        metadata={"help": "Client optimizer. `adamw` for most runs. `sgd` (plain, no momentum) for DP-SGD with "
+                          "few, large steps: AdamW rescales each coordinate by its mostly-noise second moment."},
+    )
+    learning_rate: float = field(
+        default=3e-3,
+        metadata={"help": "Client learning rate for adapter and head (AdamW: about 1e-3 to 1e-2; SGD: larger, "
+                          "about 0.1 to 10)."},
+    )
     length_buckets: bool = field(
         default=False,
         metadata={"help": "Batch texts of similar length together (less padding). Without DP only: DP-SGD's "
@@ -190,7 +210,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.local_epochs <= 100, "train.local_epochs", "use 1 to 100.")
         _check(1 <= self.batch_size <= 4096, "train.batch_size", "use 1 to 4096.")
-        _check(0 < self.learning_rate < 1, "train.learning_rate", "use a value such as 5e-3.")
+        _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", "use `adamw` or `sgd`.")
+        if self.optimizer == "adamw":
+            _check(0 < self.learning_rate < 1, "train.learning_rate", "with AdamW use a value such as 5e-3.")
+        else:
+            _check(0 < self.learning_rate <= 100, "train.learning_rate", "with SGD use a value from 0.1 to 10.")
 
 
 SERVER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")

@@ -1,4 +1,4 @@
-"""One client's local training for one round: AdamW on the adapter, DP-SGD when enabled,
+"""One client's local training for one round: AdamW (or SGD) on the adapter, DP-SGD when enabled,
 and the FedProx proximal step when the server asks for it."""
 
 from __future__ import annotations
@@ -57,13 +57,19 @@ def _stepped(optimizer: torch.optim.Optimizer) -> bool:
     return not getattr(optimizer, "_is_last_step_skipped", False)
 
 
+def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
                 proximal_mu: float, seed: int) -> TrainResult:
     torch.manual_seed(seed)  # Poisson sampling and dropout
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    optimizer = _optimizer(params, cfg.train.optimizer, cfg.train.learning_rate)
     batch_size = min(cfg.train.batch_size, len(data))
     if cfg.train.length_buckets:  # config allows it only without DP
         sampler = LengthBucketSampler([len(ids) for ids in data.input_ids], batch_size, seed)

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
 from fedtune.models.lora_factors import freeze_shared_a
+from fedtune.models.pooling import use_mean_pooling
 from fedtune.quiet import quiet_libraries
 
 quiet_libraries()
@@ -116,7 +117,9 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     # Opacus issue #820: move to the device *before* wrapping with peft, or the LoRA
     # parameters that Opacus hooks are not the ones that train.
     base.to(model.device)
-    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    if model.pooling == "mean":
+        use_mean_pooling(base)  # its pooler then has no weights, so it is never in modules_to_save
+    present = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if any(True for _ in m.parameters())}
     peft_config = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora_targets(base, lora),

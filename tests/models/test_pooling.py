@@ -1,0 +1,112 @@
+"""model.pooling = "mean": the head reads the mean of the real tokens' states, and it trains under DP-SGD."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedtune.client.train import train_round
+from fedtune.config import DPConfig, LoraConfig, ModelConfig, TrainConfig
+from fedtune.data.demo import LABELS
+from fedtune.errors import ConfigError
+from fedtune.models.build import build_model, load_tokenizer
+from fedtune.models.evaluate import evaluate
+from fedtune.models.pooling import use_mean_pooling
+
+MEAN = ModelConfig(pooling="mean")
+LAST_LAYER = LoraConfig(r=2, alpha=4.0, modules_to_save=(),
+                        target_modules=("layer.5.attention.self.query", "layer.5.attention.self.value"))
+
+
+@pytest.fixture(scope="module")
+def mean_model():
+    return build_model(MEAN, LAST_LAYER, num_labels=len(LABELS), seed=0)
+
+
+def _logits(model, texts, pad_to=None):
+    tokenizer = load_tokenizer("")
+    enc = tokenizer(texts, padding="max_length" if pad_to else True, max_length=pad_to, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+
+
+def test_padding_does_not_change_the_prediction(mean_model):
+    text = "Operating profit rose to EUR 13.1 mn."
+    alone = _logits(mean_model, [text])
+    padded = _logits(mean_model, [text, "a much longer neighbour " * 6], pad_to=64)[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_head_reads_the_masked_mean_of_the_last_layer(mean_model):
+    tokenizer = load_tokenizer("")
+    enc = tokenizer(["Sales fell.", "The company reported record quarterly sales."], padding=True,
+                    return_tensors="pt")
+    inner = mean_model.base_model.model
+    inner.eval()
+    with torch.no_grad():
+        states = inner.bert(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        expected = inner.classifier((states * mask).sum(1) / mask.sum(1))
+        got = mean_model(**enc).logits
+    torch.testing.assert_close(got, expected)
+    assert enc["attention_mask"][0].sum() < enc["attention_mask"][1].sum()  # the first text was padded
+
+
+def test_only_last_layer_lora_and_head_train(mean_model):
+    trained = [n for n, p in mean_model.named_parameters() if p.requires_grad]
+    assert trained and all("layer.5" in n or "classifier" in n for n in trained)
+    assert not any("pooler" in n for n, _ in mean_model.named_parameters())  # mean pooling has no weights
+
+
+def test_dp_sgd_with_plain_sgd_moves_lora_and_learns(mean_model, tokenized, tiny_cfg):
+    cfg = dataclasses.replace(
+        tiny_cfg, model=MEAN, lora=LAST_LAYER,
+        train=TrainConfig(optimizer="sgd", learning_rate=2.0, batch_size=4096, local_epochs=1),
+        dp=DPConfig(noise_multiplier=0.5, max_grad_norm=1.0))
+    start = {n: p.detach().clone() for n, p in mean_model.named_parameters() if p.requires_grad}
+    loss_before, _ = evaluate(mean_model, tokenized)
+    history = []
+    for seed in range(4):
+        result = train_round(mean_model, tokenized, cfg, history, proximal_mu=0.0, seed=seed)
+        history = result.history
+    loss_after, _ = evaluate(mean_model, tokenized)
+    assert result.sample_rate == 1.0 and result.steps == 1  # one full-batch step per round
+    moved = {n for n, p in mean_model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])}
+    assert any("lora_B" in n for n in moved) and any("classifier" in n for n in moved)
+    assert loss_after < loss_before
+
+
+def test_mean_pooling_needs_a_pooler_slot():
+    class NoPooler(torch.nn.Module):
+        base_model_prefix = "encoder"
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="model.pooling"):
+        use_mean_pooling(NoPooler())
+
+
+@pytest.mark.parametrize(("kwargs", "option"), [
+    (dict(pooling="max"), "model.pooling"),
+    (dict(pooling="mean", task="causal-lm"), "model.pooling"),
+])
+def test_pooling_is_validated(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "ok"), [
+    (dict(optimizer="sgd", learning_rate=3.0), True),
+    (dict(optimizer="adamw", learning_rate=3.0), False),
+    (dict(optimizer="sgd", learning_rate=500.0), False),
+    (dict(optimizer="lbfgs"), False),
+])
+def test_optimizer_and_its_learning_rate_are_validated(kwargs, ok):
+    if ok:
+        TrainConfig(**kwargs)
+    else:
+        with pytest.raises(ConfigError, match="train.optimizer|train.learning_rate"):
+            TrainConfig(**kwargs)
