@@ -42,8 +42,9 @@ def resolve_model(name_or_path: str, task: str = "classification") -> str:
     return str(default_model_dir())
 
 
-def check_model(name_or_path: str, task: str = "classification") -> None:
-    """Fail early, with a fix, if the model can be neither found locally nor on the hub."""
+def check_model(name_or_path: str, task: str = "classification", pooling: str = "cls") -> None:
+    """Fail early, with a fix, if the model can be neither found locally nor on the hub, or cannot
+    pool as model.pooling asks."""
     resolved = resolve_model(name_or_path, task)
     try:
         config = AutoConfig.from_pretrained(resolved)
@@ -55,6 +56,9 @@ def check_model(name_or_path: str, task: str = "classification") -> None:
         ) from err
     if task == "causal-lm":
         _check_causal_lm(resolved, config)
+    if pooling == "mean":
+        with torch.device("meta"):  # the architecture only: no weights are read or allocated
+            use_mean_pooling(AutoModelForSequenceClassification.from_config(config))
 
 
 def _check_causal_lm(resolved: str, config) -> None:

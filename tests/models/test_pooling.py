@@ -9,6 +9,7 @@ from fedtune.client.train import train_round
 from fedtune.config import DPConfig, LoraConfig, ModelConfig, TrainConfig
 from fedtune.data.demo import LABELS
 from fedtune.errors import ConfigError
+from fedtune.models.adapter import load_record, to_record
 from fedtune.models.build import build_model, load_tokenizer
 from fedtune.models.evaluate import evaluate
 from fedtune.models.pooling import use_mean_pooling
@@ -18,9 +19,13 @@ LAST_LAYER = LoraConfig(r=2, alpha=4.0, modules_to_save=(),
                         target_modules=("layer.5.attention.self.query", "layer.5.attention.self.value"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def mean_model():
-    return build_model(MEAN, LAST_LAYER, num_labels=len(LABELS), seed=0)
+    """The process-cached model; its trainable weights are restored after each test."""
+    model = build_model(MEAN, LAST_LAYER, num_labels=len(LABELS), seed=0)
+    saved = to_record(model)
+    yield model
+    load_record(model, saved)
 
 
 def _logits(model, texts, pad_to=None):
@@ -110,3 +115,15 @@ def test_optimizer_and_its_learning_rate_are_validated(kwargs, ok):
     else:
         with pytest.raises(ConfigError, match="train.optimizer|train.learning_rate"):
             TrainConfig(**kwargs)
+
+
+def test_preflight_checks_that_the_model_can_mean_pool(tmp_path):
+    from transformers import DistilBertConfig
+
+    from fedtune.models.build import check_model
+
+    check_model("", "classification", "mean")  # the default MiniLM (BERT) can
+    DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="model.pooling.*DistilBertForSequenceClassification"):
+        check_model(str(tmp_path), "classification", "mean")  # its head reads the first token itself
+    check_model(str(tmp_path), "classification", "cls")
