@@ -71,7 +71,7 @@ PLAIN_TRAIN = TrainConfig(local_epochs=1, batch_size=16, learning_rate=3e-3)
 # trained to be read, trains LoRA only in the last layer (fewer noised dimensions, cheap backward),
 # and takes one full-batch plain-SGD step per round (Poisson q = 1): no client drift on non-IID
 # shards, and no AdamW rescaling of mostly-noise coordinates.
-DP_MODEL = ModelConfig(max_length=MAX_LENGTH, pooling="mean")
+DP_POOLING = "mean"
 DP_LORA = LoraConfig(r=2, alpha=4.0, modules_to_save=(),
                      target_modules=("layer.5.attention.self.query", "layer.5.attention.self.value"))
 DP_TRAIN = TrainConfig(local_epochs=1, batch_size=4096, optimizer="sgd", learning_rate=3.0)
@@ -89,7 +89,7 @@ def federation(data: DataConfig, rounds: int, max_length: int, private: bool,
     """(b), (c) or (d); the label list is fixed here, as `fedtune simulate` does before its run directory."""
     cfg = FedtuneConfig(
         rounds=rounds, clients=CLIENTS, seed=SEED,
-        model=dataclasses.replace(DP_MODEL, max_length=max_length) if private else ModelConfig(max_length=max_length),
+        model=ModelConfig(max_length=max_length, pooling=DP_POOLING if private else "cls"),
         lora=DP_LORA if private else PLAIN_LORA, train=DP_TRAIN if private else PLAIN_TRAIN,
         dp=DP if private else DPConfig(enabled=False),
         strategy=StrategyConfig(name=strategy, proximal_mu=PROX_MU, fraction_evaluate=0.0), data=data,

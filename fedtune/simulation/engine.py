@@ -20,7 +20,8 @@ from fedtune.server.run_dir import RunDirectory
 
 def preflight(cfg: FedtuneConfig) -> None:
     """Everything that can be checked before a run directory is made; raises FedtuneError."""
-    check_model(cfg.model.name_or_path, cfg.model.task, cfg.model.pooling)  # causal-lm: converts the default model on first use
+    # causal-lm: converts the default model on first use
+    check_model(cfg.model.name_or_path, cfg.model.task, cfg.model.pooling)
     federated = federated_instructions if cfg.model.task == "causal-lm" else federated_data
     fed = federated(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
     if cfg.dp.enabled:
