@@ -169,7 +169,9 @@ def _fedtune(args: list[str]) -> subprocess.Popen:
 
 def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path):
     config = tmp_path / "tiny.toml"
-    config.write_text('rounds = 1\n[train]\nbatch_size = 16\n[data]\ndemo_examples = 300\n')
+    # Several rounds, so that the run is still going when the signal comes even on a loaded machine
+    # (with one round, CI once saw the run finish first); Ctrl-C ends it long before the last.
+    config.write_text('rounds = 4\n[train]\nbatch_size = 16\n[data]\ndemo_examples = 300\n')
     out = tmp_path / "run"
     cli = _fedtune(["deploy-local", "--nodes", "3", "--config", str(config), "--out", str(out)])
     seen: dict[int, psutil.Process] = {}
