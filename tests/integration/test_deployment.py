@@ -162,9 +162,12 @@ def test_each_institution_keeps_its_own_ledger_matching_the_servers(faulty_run, 
 
 
 def _fedtune(args: list[str]) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a test run started in the background by a shell without
+    # job control (`bash .ci/run &`) inherits SIGINT ignored, and Python then never raises Ctrl-C.
     return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_deploy_local_stops_every_process_on_ctrl_c(tmp_path):
