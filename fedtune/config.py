@@ -188,6 +188,9 @@ class DPConfig:
         _check(self.epsilon_budget > 0, "dp.epsilon_budget", "use a positive ε such as 8 (inf: no cap).")
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = field(default=1, metadata={"help": "Passes over its data each client makes per round."})
@@ -202,15 +205,32 @@ class TrainConfig:
         metadata={"help": "Client learning rate for adapter and head (AdamW: about 1e-3 to 1e-2; SGD: larger, "
                           "about 0.1 to 10)."},
     )
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant",
+        metadata={"help": "The client learning rate across rounds: `constant`, or decayed towards zero by the "
+                          "last round, `linear` or `cosine` (as transformers' Trainer decays over one run). The "
+                          "server sends each round's rate; within a round it is constant."})
     length_buckets: bool = field(
         default=False,
         metadata={"help": "Batch texts of similar length together (less padding). Without DP only: DP-SGD's "
                           "accounting assumes Poisson sampling."})
 
+    def learning_rate_at(self, server_round: int, rounds: int) -> float:
+        """The client learning rate in round `server_round` of `rounds` (1-based). A decayed
+        schedule starts at learning_rate and stays above zero in the last round (linear: learning_rate
+        / rounds), so every round trains."""
+        done = (server_round - 1) / rounds
+        if self.lr_schedule == "linear":
+            return self.learning_rate * (1.0 - done)
+        if self.lr_schedule == "cosine":
+            return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * done))
+        return self.learning_rate
+
     def __post_init__(self) -> None:
         _check(1 <= self.local_epochs <= 100, "train.local_epochs", "use 1 to 100.")
         _check(1 <= self.batch_size <= 4096, "train.batch_size", "use 1 to 4096.")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", "use `adamw` or `sgd`.")
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", "use `constant`, `linear` or `cosine`.")
         if self.optimizer == "adamw":
             _check(0 < self.learning_rate < 1, "train.learning_rate", "with AdamW use a value such as 5e-3.")
         else:

@@ -12,6 +12,7 @@ CLIENT_INFO = "client"  # ConfigRecord in a reply: who answered and what it did
 # ConfigRecord keys sent by the server (besides the flat run config).
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+LEARNING_RATE = "learning-rate"  # this round's client learning rate (train.lr_schedule)
 CLIENT_STATE_DIR = "fedtune.client_state_dir"  # simulation: where clients keep their state files
 CLIPPING_NORM = "clipping_norm"  # Flower's KEY_CLIPPING_NORM: client-side client-level DP clipping
 CLIENT_DP = "dp.client_dp"  # the run-config key that tells the client mod fixed from adaptive

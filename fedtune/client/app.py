@@ -157,6 +157,9 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     train_data, _ = _local_data(cfg, context)
     state = load_state(context, name, directory)
     server_round = int(record[k.SERVER_ROUND])
+    if k.LEARNING_RATE in record:  # the round's rate under train.lr_schedule
+        rate = float(record[k.LEARNING_RATE])
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=rate))
     if cfg.dp.enabled:
         cfg = dataclasses.replace(cfg, dp=client_dp(cfg.dp, state.noise_multiplier, len(train_data),
                                                    cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds))

@@ -210,7 +210,9 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     with Progress(*columns, console=inputs.console, transient=True, disable=not inputs.console.is_terminal) as progress:
         for round_ in range(start.round + 1, cfg.rounds + 1):
             round_started = time.monotonic()
-            config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve())})
+            learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
+            config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve()),
+                                   k.LEARNING_RATE: learning_rate})
             messages = strategy.configure_train(round_, arrays, config, grid)
             messages = list(messages)
             label = f"round {round_}/{cfg.rounds} train"
@@ -245,6 +247,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             scores = inputs.evaluate(arrays, round_)
             row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,
                              bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
+            row["learning_rate"] = learning_rate
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
                                ledger.to_dict(), state.node_names, optimizer_state(strategy))
             inputs.run.commit(state)
