@@ -3,6 +3,8 @@
 Message content (RecordDict) keys, the keys inside them, and the client's Context state key.
 """
 
+WARM_UP = "query.warm_up"  # simulation: a worker loads the shared model before round 1 (server/warm_up.py)
+
 # RecordDict keys (the first two are Flower's defaults for FedAvg and friends).
 ARRAYS = "arrays"
 CONFIG = "config"

@@ -227,6 +227,19 @@ def _reply(msg: Message, name: str, status: str, metrics: MetricRecord, arrays: 
     return Message(content, reply_to=msg)
 
 
+@app.query(k.WARM_UP.split(".", 1)[1])
+def warm_up(msg: Message, context: Context) -> Message:
+    """Load what every client of this worker process shares (the imports, the base model with its
+    adapter, the tokenizer and the data split), so round 1 trains from the first client on."""
+    cfg, _ = recipe(msg)
+    if cfg.model.task == "causal-lm":
+        build_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
+    else:
+        build_model(cfg.model, cfg.lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+    _local_data(cfg, context)
+    return Message(RecordDict({k.METRICS: MetricRecord({k.PID: os.getpid()})}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, _ = recipe(msg)

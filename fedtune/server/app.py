@@ -23,12 +23,18 @@ from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.rounds import RoundInputs, initial_checkpoint, run_rounds
 from fedtune.server.run_dir import CONFIG, Checkpoint, RunDirectory
+from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
 
+WARM_UP_TIMEOUT_S = 600.0  # without round_timeout_s: a worker that needs longer starts in round 1
 
-def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None) -> Checkpoint:
-    """Run (or continue) the federation in `run`; returns the final checkpoint."""
+
+def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None,
+          warm_workers: int = 0) -> Checkpoint:
+    """Run (or continue) the federation in `run`; returns the final checkpoint. On the Simulation
+    Engine, `warm_workers` workers load the model while the server evaluates round 0."""
     started = time.monotonic()
+    warming = start_warm_up(grid, cfg, warm_workers) if warm_workers else set()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
     # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
     console = console or Console(soft_wrap=True)
@@ -42,16 +48,18 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
         inputs.console.print(f"round 0/{cfg.rounds}  acc={first['eval_accuracy']:.3f}{ppl}  (before training)")
     else:
         inputs.console.print(f"Resuming {run.path} after round {start.round}.")
+    waited = finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S) if warming else 0.0
     final = run_rounds(grid, build_strategy(cfg), inputs, start)
     model = inputs.evaluate.model
     load_record(model, ArrayRecord(torch_state_dict=final.arrays))
     save_adapter(model, run.adapter_dir)
     run.write_summary(_summary(final, base_model_bytes(model), time.monotonic() - started,
-                               inputs.worker_peak_rss_mb))
+                               inputs.worker_peak_rss_mb, waited))
     return final
 
 
-def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: dict[int, float]) -> dict:
+def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: dict[int, float],
+             warm_up_wait_s: float) -> dict:
     last, first = final.metrics[-1], final.metrics[0]
     server = peak_rss_mb()
     workers = [mb for pid, mb in worker_peaks.items() if pid != os.getpid()]  # clients in other processes
@@ -69,6 +77,8 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
         "base_model_bytes": base_bytes,
         "payload_fraction": last["bytes_up"] / base_bytes,
         "wall_time_s": round(wall_s, 1),
+        # Simulation: how long round 1 waited for the workers' start-up after the server's own (server/warm_up.py).
+        "warm_up_wait_s": round(warm_up_wait_s, 1),
         # Resident memory: the server process plus every client process that reported this session
         # (each one's own peak; an upper bound on what they held at once). Ray's own daemons are not counted.
         "peak_rss_mb": round(server + sum(workers), 1),
@@ -77,13 +87,14 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
     }
 
 
-def server_app(cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None) -> ServerApp:
+def server_app(cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None,
+               warm_workers: int = 0) -> ServerApp:
     """A ServerApp bound to an already validated config and run directory."""
     bound = ServerApp()
 
     @bound.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run, console)
+        serve(grid, cfg, run, console, warm_workers)
 
     return bound
 

@@ -60,6 +60,18 @@ def backend_config(cfg: FedtuneConfig) -> dict:
     }
 
 
+def simulation_workers(cfg: FedtuneConfig) -> int:
+    """How many worker processes the Ray backend starts for backend_config(cfg): as many as fit the
+    CPUs, and with cuda one per GPU (Flower's pool_size_from_resources, on this one machine)."""
+    resources = backend_config(cfg)["client_resources"]
+    workers = int((os.cpu_count() or 1) / resources["num_cpus"])
+    if resources["num_gpus"]:
+        import torch
+
+        workers = min(workers, torch.cuda.device_count())
+    return max(workers, 1)
+
+
 class _DropDeprecationNotice(logging.Filter):
     # Flower marks its Python simulation entry point deprecated in favour of `flwr run`; fedtune
     # offers both, so the notice would only confuse a `fedtune simulate` user.
@@ -81,7 +93,8 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     notice_filter = _DropDeprecationNotice()
     flwr_logger.addFilter(notice_filter)
     try:
-        run_simulation(server_app=server_app(cfg, run, console), client_app=client_app,
-                       num_supernodes=cfg.clients, backend_config=backend_config(cfg))
+        server = server_app(cfg, run, console, warm_workers=simulation_workers(cfg))
+        run_simulation(server_app=server, client_app=client_app, num_supernodes=cfg.clients,
+                       backend_config=backend_config(cfg))
     finally:
         flwr_logger.removeFilter(notice_filter)

@@ -21,6 +21,7 @@ r = 4
 [train]
 batch_size = 16
 learning_rate = 0.003
+lr_schedule = "linear"
 local_epochs = 2
 [dp]
 noise_multiplier = 0.6
@@ -61,6 +62,9 @@ def test_run_directory_holds_every_record(finished_run):
                 "bytes_up", "bytes_down"}
     assert all(required <= set(r) for r in rows)
     assert rows[-1]["num_clients"] == 3
+    assert [r["learning_rate"] for r in rows[1:]] == pytest.approx([0.003, 0.0015])  # linear decay
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert 0 <= summary["warm_up_wait_s"] < summary["wall_time_s"]
 
 
 def test_federation_learns(finished_run):
