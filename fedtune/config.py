@@ -209,7 +209,8 @@ class TrainConfig:
         default="constant",
         metadata={"help": "The client learning rate across rounds: `constant`, or decayed towards zero by the "
                           "last round, `linear` or `cosine` (as transformers' Trainer decays over one run). The "
-                          "server sends each round's rate; within a round it is constant."})
+                          "server sends each round's rate; within a round it is constant. A resume with more "
+                          "`rounds` spreads the schedule over the new total from the next round on."})
     length_buckets: bool = field(
         default=False,
         metadata={"help": "Batch texts of similar length together (less padding). Without DP only: DP-SGD's "

@@ -124,17 +124,21 @@ def own_rank(cfg: FedtuneConfig, context: Context) -> int:
     return cfg.lora.r
 
 
+def _cached_model(cfg: FedtuneConfig, rank: int):
+    """The worker's model with a LoRA adapter of `rank` (built once per process, models/build.py)."""
+    lora = cfg.lora if rank == cfg.lora.r else dataclasses.replace(cfg.lora, r=rank, client_ranks="")
+    if cfg.model.task == "causal-lm":
+        return build_causal_model(cfg.model, lora, seed=cfg.seed)
+    return build_model(cfg.model, lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+
+
 def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
     """The (cached) model at this client's rank holding `arrays`. The server sends its rank, or the
     global rank before it has heard from the client; a higher rank is viewed at the client's own
     exactly as the server would (models/lora_factors.py), and a lower one is trained as sent."""
     sent = ranks((name, tuple(array.shape)) for name, array in arrays.items())
     rank = min(own_rank(cfg, context), *sent)
-    lora = cfg.lora if rank == cfg.lora.r else dataclasses.replace(cfg.lora, r=rank, client_ranks="")
-    if cfg.model.task == "causal-lm":
-        model = build_causal_model(cfg.model, lora, seed=cfg.seed)
-    else:
-        model = build_model(cfg.model, lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+    model = _cached_model(cfg, rank)
     if sent and max(sent) > rank:
         view = truncate({name: array.numpy() for name, array in arrays.items()}, rank)
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in view.items()})
@@ -232,10 +236,7 @@ def warm_up(msg: Message, context: Context) -> Message:
     """Load what every client of this worker process shares (the imports, the base model with its
     adapter, the tokenizer and the data split), so round 1 trains from the first client on."""
     cfg, _ = recipe(msg)
-    if cfg.model.task == "causal-lm":
-        build_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
-    else:
-        build_model(cfg.model, cfg.lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+    _cached_model(cfg, own_rank(cfg, context))  # the rank this node trains, as round 1's _model builds it
     _local_data(cfg, context)
     return Message(RecordDict({k.METRICS: MetricRecord({k.PID: os.getpid()})}), reply_to=msg)
 

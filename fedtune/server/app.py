@@ -26,7 +26,7 @@ from fedtune.server.run_dir import CONFIG, Checkpoint, RunDirectory
 from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
 
-WARM_UP_TIMEOUT_S = 600.0  # without round_timeout_s: a worker that needs longer starts in round 1
+WARM_UP_TIMEOUT_S = 600.0  # only with round_timeout_s = 0 (no limit); otherwise the warm-up waits at most that
 
 
 def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None,
@@ -34,12 +34,13 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
     """Run (or continue) the federation in `run`; returns the final checkpoint. On the Simulation
     Engine, `warm_workers` workers load the model while the server evaluates round 0."""
     started = time.monotonic()
-    warming = start_warm_up(grid, cfg, warm_workers) if warm_workers else set()
+    start = run.latest_checkpoint()
+    rounds_left = start is None or start.round < cfg.rounds
+    warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
     # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
     console = console or Console(soft_wrap=True)
     inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None)
-    start = run.latest_checkpoint()
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))
         run.commit(start)
@@ -48,18 +49,20 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
         inputs.console.print(f"round 0/{cfg.rounds}  acc={first['eval_accuracy']:.3f}{ppl}  (before training)")
     else:
         inputs.console.print(f"Resuming {run.path} after round {start.round}.")
-    waited = finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S) if warming else 0.0
+    waited, failed = finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S) if warming else (0.0, 0)
+    if failed:
+        inputs.console.print(f"{failed} of {len(warming)} workers could not load the model ahead of round 1.")
     final = run_rounds(grid, build_strategy(cfg), inputs, start)
     model = inputs.evaluate.model
     load_record(model, ArrayRecord(torch_state_dict=final.arrays))
     save_adapter(model, run.adapter_dir)
     run.write_summary(_summary(final, base_model_bytes(model), time.monotonic() - started,
-                               inputs.worker_peak_rss_mb, waited))
+                               inputs.worker_peak_rss_mb, waited, failed))
     return final
 
 
 def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: dict[int, float],
-             warm_up_wait_s: float) -> dict:
+             warm_up_wait_s: float, warm_up_failed: int) -> dict:
     last, first = final.metrics[-1], final.metrics[0]
     server = peak_rss_mb()
     workers = [mb for pid, mb in worker_peaks.items() if pid != os.getpid()]  # clients in other processes
@@ -79,6 +82,7 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
         "wall_time_s": round(wall_s, 1),
         # Simulation: how long round 1 waited for the workers' start-up after the server's own (server/warm_up.py).
         "warm_up_wait_s": round(warm_up_wait_s, 1),
+        "warm_up_failed": warm_up_failed,  # workers whose warm-up replied with an error or not in time
         # Resident memory: the server process plus every client process that reported this session
         # (each one's own peak; an upper bound on what they held at once). Ray's own daemons are not counted.
         "peak_rss_mb": round(server + sum(workers), 1),

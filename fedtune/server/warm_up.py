@@ -34,13 +34,16 @@ def start_warm_up(grid: Grid, cfg: FedtuneConfig, workers: int) -> set[str]:
     return set(filter(None, grid.push_messages(messages)))
 
 
-def finish_warm_up(grid: Grid, sent: set[str], timeout_s: float) -> float:
-    """Wait for the warm-up replies (at most timeout_s); returns the seconds waited. A failed
-    warm-up is not an error here: the same failure reaches round 1, which reports it per client."""
+def finish_warm_up(grid: Grid, sent: set[str], timeout_s: float) -> tuple[float, int]:
+    """Wait for the warm-up replies (at most timeout_s); returns the seconds waited and how many
+    warm-ups failed (an error reply, or none in time). A failure does not stop the run: the same
+    cause reaches round 1, which reports it per client."""
     started = time.monotonic()
-    pending = set(sent)
+    pending, failed = set(sent), 0
     while pending and time.monotonic() - started < timeout_s:
-        pending -= {m.metadata.reply_to_message_id for m in grid.pull_messages(pending)}
+        replies = grid.pull_messages(pending)
+        pending -= {m.metadata.reply_to_message_id for m in replies}
+        failed += sum(m.has_error() for m in replies)
         if pending:
             time.sleep(POLL_S)
-    return time.monotonic() - started
+    return time.monotonic() - started, failed + len(pending)

@@ -65,6 +65,7 @@ def test_run_directory_holds_every_record(finished_run):
     assert [r["learning_rate"] for r in rows[1:]] == pytest.approx([0.003, 0.0015])  # linear decay
     summary = json.loads((finished_run / "summary.json").read_text())
     assert 0 <= summary["warm_up_wait_s"] < summary["wall_time_s"]
+    assert summary["warm_up_failed"] == 0  # every worker loaded the model before round 1
 
 
 def test_federation_learns(finished_run):

@@ -18,6 +18,7 @@ from fedtune.server.warm_up import finish_warm_up, start_warm_up
 pytestmark = pytest.mark.usefixtures("in_flower_run")
 
 CFG = FedtuneConfig.from_flat({"clients": 4, "dp.enabled": False, "data.demo_examples": 80, "lora.r": 2})
+MIXED = CFG.with_overrides({"lora.r": 4, "lora.client_ranks": "2,4"})  # node 0 trains rank 2
 
 
 class WorkerGrid:
@@ -59,16 +60,17 @@ def test_one_message_per_worker_each_to_another_node_with_the_run_config():
     assert FedtuneConfig.from_flat(dict(grid.pushed[0].content[k.CONFIG])) == CFG
 
 
-def test_after_the_warm_up_the_worker_holds_the_model_and_its_clients_data():
+@pytest.mark.parametrize("cfg", [CFG, MIXED], ids=["one-rank", "mixed-ranks"])
+def test_after_the_warm_up_the_worker_holds_the_model_and_its_clients_data(cfg):
     build_model.cache_clear()
     client_app.client_data.cache_clear()
     grid = WorkerGrid(nodes=4)
-    finish_warm_up(grid, start_warm_up(grid, CFG, workers=1), timeout_s=60)
+    assert finish_warm_up(grid, start_warm_up(grid, cfg, workers=1), timeout_s=60)[1] == 0
     assert build_model.cache_info().currsize == 1
     assert client_app.client_data.cache_info().currsize == 1
-    arrays = client_app.to_record(build_model(CFG.model, CFG.lora, len(LABELS), CFG.seed))
+    arrays = client_app.to_record(build_model(cfg.model, cfg.lora, len(LABELS), cfg.seed))  # the global rank
     before = build_model.cache_info()
-    client_app._model(CFG, arrays, Context(run_id=1, node_id=10, node_config={k.PARTITION_ID: 0},
+    client_app._model(cfg, arrays, Context(run_id=1, node_id=10, node_config={k.PARTITION_ID: 0},
                                            state=RecordDict(), run_config={}))
     after = build_model.cache_info()
     assert (after.hits, after.misses) == (before.hits + 1, before.misses)  # round 1's first client reuses it
@@ -78,5 +80,6 @@ def test_a_worker_that_never_answers_delays_round_1_by_the_timeout_only():
     grid = WorkerGrid(nodes=2, silent=True)
     sent = start_warm_up(grid, CFG, workers=2)
     started = time.monotonic()
-    waited = finish_warm_up(grid, sent, timeout_s=0.3)
+    waited, failed = finish_warm_up(grid, sent, timeout_s=0.3)
     assert 0.3 <= waited < 2 and time.monotonic() - started < 2
+    assert failed == 2
