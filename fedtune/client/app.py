@@ -238,7 +238,7 @@ def warm_up(msg: Message, context: Context) -> Message:
     cfg, _ = recipe(msg)
     _cached_model(cfg, own_rank(cfg, context))  # the rank this node trains, as round 1's _model builds it
     _local_data(cfg, context)
-    return Message(RecordDict({k.METRICS: MetricRecord({k.PID: os.getpid()})}), reply_to=msg)
+    return Message(RecordDict(), reply_to=msg)  # the reply only says this worker is ready
 
 
 @app.evaluate()
