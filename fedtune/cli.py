@@ -82,7 +82,7 @@ def simulate(
     task: Annotated[str | None, Opt(help="classification (labelled texts) or causal-lm (instruction tuning of a causal LM, loss on the answers; the built-in triage-advice demo when no --data) \\[default: classification].")] = None,
     model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6; causal-lm: SmolLM2-135M-Instruct).")] = None,
     max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
-    device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
+    device: Annotated[str | None, Opt(help="cpu or cuda (one GPU per worker; bf16 autocast where the GPU supports it).")] = None,
     pooling: Annotated[str | None, Opt(help=f"What the classification head reads: cls (the model's own head) or mean (mean of the token states; sentence-embedding models such as the default, and DP on small clients) \\[default: {D.model.pooling}].")] = None,
     lora_r: Annotated[int | None, Opt(help=f"LoRA rank; with --client-ranks, the rank of the global adapter \\[default: {D.lora.r}].")] = None,
     lora_aggregation: Annotated[str | None, Opt(help=f"How LoRA factors are combined: naive (mean of A and of B), exact (mean of the updates B·A, refactored to --lora-r by truncated SVD) or ffa (A frozen at a shared random value, only B trains and travels; DP-friendly) \\[default: {D.lora.aggregation}].")] = None,

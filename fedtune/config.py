@@ -50,7 +50,8 @@ class ModelConfig:
         metadata={"help": "Tokens kept per text (causal-lm: per formatted conversation); longer ones are "
                           "truncated."},
     )
-    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "Where clients train."})
+    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={
+        "help": "Where clients train; cuda trains under bf16 autocast where the GPU supports it."})
     pooling: Literal["cls", "mean"] = field(
         default="cls",
         metadata={"help": "What the classification head reads (classification only). `cls`: the model's own "

@@ -45,7 +45,8 @@ def _is_empty(batch) -> bool:
 
 def _mixed_precision(device: torch.device):
     """bf16 autocast for the forward pass on a GPU that supports it (weights, gradients and the
-    optimizer stay fp32; Opacus 1.6 computes per-sample gradients under autocast). A no-op on CPU."""
+    optimizer stay fp32; Opacus 1.6 computes per-sample gradients under autocast, in bf16, and
+    PrivateTraining.upcast_grad_samples casts them to fp32 before clipping). A no-op on CPU."""
     enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -95,6 +96,8 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
                         with _mixed_precision(device):
                             out = model(**{k: v.to(device) for k, v in batch.items()})
                         out.loss.backward()
+                        if private is not None:
+                            private.upcast_grad_samples()
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         losses.append(out.loss.item())

@@ -36,6 +36,17 @@ class PrivateTraining:
     def close(self) -> None:
         self.hooks.cleanup()
 
+    def upcast_grad_samples(self) -> None:
+        """Call between backward() and step(). Under bf16 autocast (`--device cuda`), Opacus 1.6
+        stores bf16 per-sample gradients and computes their norms and clip factors in bf16, so a
+        clipped gradient measured up to 0.5% above C here: more than the noise is calibrated for.
+        In the parameters' fp32, clipping holds as without autocast. A no-op when dtypes match."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                sample = getattr(p, "grad_sample", None)
+                if isinstance(sample, torch.Tensor) and sample.dtype != p.dtype:
+                    p.grad_sample = sample.to(p.dtype)
+
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  dp: DPConfig, history: History, noise_seed: int) -> PrivateTraining:

@@ -53,3 +53,33 @@ def test_physical_batches_split_memory_not_privacy(tiny_model, tokenized, tiny_c
         hook.remove()
     assert max(sizes) <= 5 and len(sizes) > split.steps, "logical batches were split into physical ones"
     assert split.steps == whole.steps == 2 and split.history == whole.history
+
+
+def test_dp_training_under_bf16_autocast_clips_in_fp32_and_moves_lora(tiny_model, tokenized, tiny_cfg, monkeypatch):
+    """What `--device cuda` runs (bf16 autocast around the forward pass), here on the CPU: the
+    forward really is bf16, Opacus clips fp32 per-sample gradients, and every LoRA matrix moves."""
+    from opacus.optimizers import DPOptimizer
+
+    import fedtune.client.train as train_module
+
+    monkeypatch.setattr(train_module, "_mixed_precision", lambda _device: torch.autocast("cpu", dtype=torch.bfloat16))
+    logits, clipped = set(), set()
+    clip_and_accumulate = DPOptimizer.clip_and_accumulate
+
+    def spy(optimizer):
+        clipped.update(g.dtype for g in optimizer.grad_samples)
+        return clip_and_accumulate(optimizer)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    cfg = dataclasses.replace(tiny_cfg, dp=DPConfig(noise_multiplier=1.0))
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters() if "lora_" in n}
+    hook = tiny_model.register_forward_hook(lambda _m, _args, out: logits.add(out.logits.dtype))
+    try:
+        result = train_round(tiny_model, tokenized, cfg, [], proximal_mu=0.0, seed=0)
+    finally:
+        hook.remove()
+    assert logits == {torch.bfloat16} and clipped == {torch.float32}
+    lora = {n: p for n, p in tiny_model.named_parameters() if "lora_" in n}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
+    assert all(not torch.equal(p, before[n]) for n, p in lora.items())
+    assert result.steps > 0 and result.history

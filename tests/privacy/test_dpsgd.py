@@ -20,8 +20,9 @@ def _subset(data: TokenizedTexts, n: int) -> TokenizedTexts:
     return TokenizedTexts(data.input_ids[:n], data.labels[:n])
 
 
-def _private_grads(model, data, dp: DPConfig, noise_seed: int):
-    """Run one DP-SGD pre-step on the first batch; returns (summed clipped grads, noised grads)."""
+def _private_grads(model, data, dp: DPConfig, noise_seed: int, bf16: bool = False):
+    """Run one DP-SGD pre-step on the first batch; returns (summed clipped grads, noised grads).
+    bf16: the forward pass under bf16 autocast, as `--device cuda` runs it (here on the CPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(data, batch_size=len(data), collate_fn=pad_batch)
     private = make_private(model, torch.optim.SGD(params, lr=0.1), loader, dp, [], noise_seed)
@@ -29,7 +30,10 @@ def _private_grads(model, data, dp: DPConfig, noise_seed: int):
         batch = pad_batch([data[i] for i in range(len(data))])
         model.train()
         torch.manual_seed(123)  # the same dropout masks in every call
-        model(**batch).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        private.upcast_grad_samples()  # as client/train.py does between backward and step
         private.optimizer.pre_step()  # clip -> accumulate -> add noise -> scale
         summed = [p.summed_grad.clone() for p in params]
         noised = [p.grad.clone() for p in params]
@@ -50,6 +54,17 @@ def test_each_per_sample_gradient_is_clipped_to_C(tiny_model, tokenized):
     assert _norm(summed) == pytest.approx(clip, rel=1e-3)
     summed4, _ = _private_grads(tiny_model, _subset(tokenized, 4), no_noise, 0)
     assert _norm(summed4) <= 4 * clip * (1 + 1e-4)
+
+
+def test_clipping_still_bounds_each_example_under_bf16_autocast(tiny_model, tokenized):
+    """Opacus keeps bf16 per-sample gradients under autocast and clipped them to up to 1.005 C
+    here; upcast to fp32 before clipping, each example's contribution stays within C."""
+    clip = 0.01
+    for i in range(4):
+        one = TokenizedTexts(tokenized.input_ids[i:i + 1], tokenized.labels[i:i + 1])
+        summed, _ = _private_grads(tiny_model, one, DPConfig(noise_multiplier=0.0, max_grad_norm=clip), 0, bf16=True)
+        assert all(g.dtype == torch.float32 for g in summed)
+        assert clip * (1 - 1e-3) <= _norm(summed) <= clip * (1 + 1e-5)
 
 
 def test_noise_is_present_and_seeded(tiny_model, tokenized):
