@@ -4,7 +4,7 @@ import pytest
 
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError, DataError
-from fedtune.simulation.engine import backend_config, preflight
+from fedtune.simulation.engine import backend_config, preflight, simulation_workers
 
 
 def test_delta_must_be_below_one_over_n():
@@ -29,6 +29,21 @@ def test_backend_never_asks_for_more_cpus_than_the_machine_has():
     assert resources["client_resources"]["num_cpus"] <= resources["init_args"]["num_cpus"]
 
 
-
 def test_one_single_threaded_worker_per_core_by_default():
     assert backend_config(FedtuneConfig())["client_resources"]["num_cpus"] == 1
+
+
+def test_cuda_without_a_visible_gpu_is_refused_before_anything_starts(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="`model.device`.*--device cpu"):
+        preflight(FedtuneConfig().with_overrides({"model.device": "cuda"}))
+
+
+def test_cuda_gives_each_worker_a_whole_gpu_and_no_more_workers_than_gpus(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    cuda = FedtuneConfig().with_overrides({"model.device": "cuda"})
+    assert backend_config(cuda)["client_resources"] == {"num_cpus": 1, "num_gpus": 1.0}
+    assert simulation_workers(cuda) == 2  # Ray fits 2 one-GPU workers, not 16 one-CPU ones
+    cpu = FedtuneConfig()
+    assert backend_config(cpu)["client_resources"]["num_gpus"] == 0.0 and simulation_workers(cpu) == 16
