@@ -65,3 +65,17 @@ def test_metric_aggregation_handles_zero_examples():
     rows = [RecordDict({"m": MetricRecord({k.NUM_EXAMPLES: 0, "eval_accuracy": 0.5})}),
             RecordDict({"m": MetricRecord({k.NUM_EXAMPLES: 0, "eval_accuracy": 1.0})})]
     assert aggregate_metrics(rows, k.NUM_EXAMPLES)["eval_accuracy"] == pytest.approx(0.75)
+
+
+def test_bytes_up_is_the_mean_payload_of_the_clients_that_sent_one():
+    """Payload size does not grow with a client's data (mixed LoRA ranks make payloads differ),
+    and a declined client sends nothing; ε and peak memory take the worst client."""
+    def row(examples: int, bytes_up: int, eps: float, rss: float, pid: int) -> RecordDict:
+        return RecordDict({"m": MetricRecord({k.NUM_EXAMPLES: examples, k.BYTES_UP: bytes_up, k.EPSILON: eps,
+                                              k.PEAK_RSS_MB: rss, k.PID: pid})})
+
+    rows = [row(100, 4000, 1.0, 900.0, 11), row(10, 2000, 3.0, 700.0, 12), row(0, 0, 2.0, 800.0, 13)]
+    out = aggregate_metrics(rows, k.NUM_EXAMPLES)
+    assert out[k.BYTES_UP] == pytest.approx(3000.0)  # not the example-weighted 3818
+    assert out[k.EPSILON] == 3.0 and out[k.PEAK_RSS_MB] == 900.0
+    assert k.PID not in out
