@@ -133,7 +133,8 @@ def simulate(
     _run_guarded(lambda: _simulate(config, out, resume, overrides))
 
 
-def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any]) -> None:
+def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any],
+              audit_hint: bool = True) -> None:
     from fedtune.data.federated import resolve_data
     from fedtune.data.instruct import resolve_instructions
     from fedtune.data.summary import save_partition_summary
@@ -171,6 +172,9 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
                   f"{cfg.strategy.name}{robust}{lora}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
+    if audit_hint and cfg.data.canaries:
+        console.print(f"This run planted {cfg.data.canaries} canaries: `fedtune audit --resume {run.path}` scores them.",
+                      soft_wrap=True)  # the path unbroken, to copy
     print(run.path)
 
 
@@ -238,7 +242,7 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
         raise ConfigError(f"Invalid option `--canaries`: {overrides['data.canaries']} canaries cannot tell members "
                           f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")
     target = out if resume is None else resume
-    _simulate(config, out, resume, overrides)
+    _simulate(config, out, resume, overrides, audit_hint=False)
     record = run_audit(RunDirectory.existing(target), confidence)
     write_report(target)
     _show_audit(record)

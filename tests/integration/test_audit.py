@@ -41,6 +41,7 @@ def audited(tmp_path: Path, *args: str) -> tuple[Path, dict]:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(out / "audit.json")
     assert "ε lower bound" in result.stderr
+    assert "scores them" not in result.stderr  # simulate's hint to run the audit is not for this run
     record = json.loads((out / "audit.json").read_text())
     assert REQUIRED <= set(record) and record["canaries"] == 60
     assert 0 <= record["correct"] <= record["guesses"] <= 60

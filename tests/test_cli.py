@@ -1,0 +1,28 @@
+"""`fedtune simulate` around the federation itself (in-process, with the Simulation Engine stubbed)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fedtune.cli import cli
+
+
+@pytest.fixture
+def no_federation(monkeypatch):
+    started = []
+    monkeypatch.setattr("fedtune.simulation.engine.simulate", lambda cfg, run, console: started.append(cfg))
+    return started
+
+
+@pytest.mark.parametrize("canaries, hint", [(12, True), (0, False)])
+def test_a_run_with_canaries_says_how_to_score_them(tmp_path, no_federation, canaries, hint):
+    config = tmp_path / "run.toml"
+    config.write_text(f"clients = 2\nrounds = 1\n[data]\ndemo_examples = 60\ncanaries = {canaries}\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["simulate", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert no_federation and no_federation[0].data.canaries == canaries
+    said = " ".join(result.stderr.split())
+    assert (f"fedtune audit --resume {out}` scores them" in said) == hint
+    assert result.stdout.strip().splitlines()[-1] == str(out)  # the run directory stays the last line
