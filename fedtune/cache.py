@@ -25,13 +25,17 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
 
 
-def cached_json(kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+def cached_json(kind: str, key: Any, compute: Callable[[], Any],
+                valid: Callable[[Any], bool] = lambda _value: True) -> Any:
     """compute(), stored under a hash of `key` (any JSON value that fixes the result) and read back
-    by every later call with the same key, in any process. An unreadable entry is rebuilt."""
+    by every later call with the same key, in any process. An entry that cannot be read, or that
+    `valid` refuses (say, edited by hand), is rebuilt."""
     digest = hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
     path = cache_root() / kind / f"{digest[:32]}.json"
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
+        if valid(value):
+            return value
     except (OSError, ValueError):
         pass
     value = compute()

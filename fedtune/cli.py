@@ -172,7 +172,7 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
                   f"{cfg.strategy.name}{robust}{lora}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
-    if audit_hint and cfg.data.canaries:
+    if audit_hint and cfg.data.canaries >= 2:  # what `fedtune audit` can score
         console.print(f"This run planted {cfg.data.canaries} canaries: `fedtune audit --resume {run.path}` scores them.",
                       soft_wrap=True)  # the path unbroken, to copy
     print(run.path)

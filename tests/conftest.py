@@ -12,6 +12,28 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, TrainConfig  # noqa: E402
 
 
+def _test_cache() -> None:
+    """The partitions that tests make go to a temporary cache, not the user's (fedtune/cache.py);
+    the converted default LM is shared through a link to the real cache's models/, since converting
+    it takes half a minute. Set before any test, so the fedtune processes they start inherit it."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from fedtune.cache import CACHE_ENV, cache_root
+
+    models = cache_root() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fedtune-test-cache-"))
+    (tmp / "models").symlink_to(models, target_is_directory=True)
+    os.environ[CACHE_ENV] = str(tmp)
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+
+
+_test_cache()
+
+
 @pytest.fixture
 def tiny_cfg() -> FedtuneConfig:
     return FedtuneConfig(

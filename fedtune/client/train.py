@@ -47,7 +47,8 @@ def _mixed_precision(device: torch.device):
     """bf16 autocast for the forward pass on a GPU that supports it (weights, gradients and the
     optimizer stay fp32; Opacus 1.6 computes per-sample gradients under autocast, in bf16, and
     PrivateTraining.upcast_grad_samples casts them to fp32 before clipping). A no-op on CPU."""
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # including_emulation=False: a GPU without bf16 units (V100, T4) stays in fp32 rather than emulate it
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 

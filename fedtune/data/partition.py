@@ -3,10 +3,12 @@
 Partitioning uses flwr-datasets' partitioners on an index column, so any of them can be
 swapped in; this module only adds the checks a user needs (empty or too-small partitions).
 
-The result is kept in fedtune's cache (fedtune/cache.py), keyed by everything that fixes it. The
-server partitions before the simulation starts, so its workers read the index lists instead of
-importing flwr-datasets and `datasets` (about 2 s of each worker's start-up: flwr-datasets'
-package imports pandas, seaborn and scipy).
+The result is kept in fedtune's cache (fedtune/cache.py), keyed by everything that fixes it: the
+partitioner and all its arguments, the pool's indices, labels and groups, and the versions of
+flwr-datasets, datasets and numpy (whose random streams it draws from). The server partitions
+before the simulation starts, so its workers read the index lists instead of importing
+flwr-datasets and `datasets` (about 1 s of each worker's start-up: flwr-datasets' package imports
+pandas and seaborn for its plots). Without a writable cache they partition again, as before.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fedtune.cache import cached_json
 from fedtune.errors import DataError
@@ -39,23 +42,18 @@ def holdout_split(num_examples: int, test_fraction: float, seed: int) -> tuple[l
     return order[num_test:], order[:num_test]
 
 
-def _partitioner(method: str, num_clients: int, alpha: float, seed: int, shards_per_client: int):
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        NaturalIdPartitioner,
-        ShardPartitioner,
-    )
-
+def _partitioner_spec(method: str, num_clients: int, alpha: float, seed: int,
+                      shards_per_client: int) -> tuple[str, dict[str, Any]]:
+    """The flwr-datasets partitioner for `method`: its class name and every argument it gets."""
     if method == "iid":
-        return IidPartitioner(num_partitions=num_clients)
+        return "IidPartitioner", {"num_partitions": num_clients}
     if method == "shard":  # label-sorted shards: each client sees only a few labels (McMahan et al. 2017)
-        return ShardPartitioner(num_partitions=num_clients, partition_by="label",
-                                num_shards_per_partition=shards_per_client, shuffle=True, seed=seed)
+        return "ShardPartitioner", {"num_partitions": num_clients, "partition_by": "label",
+                                    "num_shards_per_partition": shards_per_client, "shuffle": True, "seed": seed}
     if method == "column":
-        return NaturalIdPartitioner(partition_by="group")
-    return DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=alpha,
-                                min_partition_size=MIN_TRAIN_EXAMPLES, self_balancing=True, seed=seed)
+        return "NaturalIdPartitioner", {"partition_by": "group"}
+    return "DirichletPartitioner", {"num_partitions": num_clients, "partition_by": "label", "alpha": alpha,
+                                    "min_partition_size": MIN_TRAIN_EXAMPLES, "self_balancing": True, "seed": seed}
 
 
 def partition_indices(labels: Sequence[int], pool: Sequence[int], num_clients: int, method: str,
@@ -74,17 +72,28 @@ def partition_indices(labels: Sequence[int], pool: Sequence[int], num_clients: i
         raise DataError(f"Partition `shard` cuts the {len(pool)} training examples into clients x shards per "
                         f"client = {num_clients} x {shards_per_client} shards, more than there are examples. "
                         "Use fewer clients, a smaller --shards-per-client, or more data.")
-    key = ["partition-v1", importlib.metadata.version("flwr-datasets"), method, num_clients, alpha, seed,
-           shards_per_client, columns]
-    return cached_json("partitions", key, lambda: _partition(columns, num_clients, method, alpha, seed,
-                                                             shards_per_client))
+    spec = _partitioner_spec(method, num_clients, alpha, seed, shards_per_client)
+    versions = {name: importlib.metadata.version(name) for name in ("flwr-datasets", "datasets", "numpy")}
+    return cached_json("partitions", ["partition-v2", versions, method, spec, columns],
+                       lambda: _partition(columns, method, spec, num_clients),
+                       valid=lambda parts: _is_partition(parts, num_clients, columns["index"]))
 
 
-def _partition(columns: dict[str, list], num_clients: int, method: str, alpha: float, seed: int,
-               shards_per_client: int) -> list[list[int]]:
+def _is_partition(parts: Any, num_clients: int, pool: list[int]) -> bool:
+    """A cache entry is used only if it is a split of the pool into num_clients lists."""
+    if not (isinstance(parts, list) and len(parts) == num_clients and all(isinstance(p, list) for p in parts)):
+        return False
+    flat = [i for p in parts for i in p]
+    return all(type(i) is int for i in flat) and len(set(flat)) == len(flat) and set(flat) <= set(pool)
+
+
+def _partition(columns: dict[str, list], method: str, spec: tuple[str, dict[str, Any]],
+               num_clients: int) -> list[list[int]]:
+    import flwr_datasets.partitioner
     from datasets import Dataset
 
-    partitioner = _partitioner(method, num_clients, alpha, seed, shards_per_client)
+    name, arguments = spec
+    partitioner = getattr(flwr_datasets.partitioner, name)(**arguments)
     partitioner.dataset = Dataset.from_dict(columns)
     try:
         # flwr-datasets draws tqdm bars and warns about pyarrow options: noise for a fedtune user.

@@ -22,7 +22,7 @@ from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, 
 from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.rounds import RoundInputs, initial_checkpoint, run_rounds
-from fedtune.server.run_dir import CONFIG, Checkpoint, RunDirectory
+from fedtune.server.run_dir import CONFIG, SUMMARY, Checkpoint, RunDirectory
 from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
 
@@ -34,12 +34,15 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
     """Run (or continue) the federation in `run`; returns the final checkpoint. On the Simulation
     Engine, `warm_workers` workers load the model while the server evaluates round 0."""
     started = time.monotonic()
-    start = run.latest_checkpoint()
-    rounds_left = start is None or start.round < cfg.rounds
-    warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
-    evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
     # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
     console = console or Console(soft_wrap=True)
+    start = run.latest_checkpoint()
+    rounds_left = start is None or start.round < cfg.rounds
+    if not rounds_left and (run.path / SUMMARY).exists():  # keep the summary of the session that trained
+        console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.")
+        return start
+    warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
+    evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
     inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None)
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))

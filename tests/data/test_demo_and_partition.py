@@ -132,13 +132,39 @@ def test_a_partition_made_once_is_read_back_without_flwr_datasets(tmp_path):
     assert len(list((tmp_path / "partitions").iterdir())) == 1
 
 
-def test_cached_partitions_still_depend_on_every_input(tmp_path, monkeypatch):
+BASE = dict(labels=[i % 3 for i in range(60)], pool=list(range(60)), num_clients=4, method="dirichlet",
+            alpha=0.5, seed=0, groups=[f"g{i % 4}" for i in range(60)], shards_per_client=2)
+
+
+def _partition(**changes):
+    args = {**BASE, **changes}
+    return partition_indices(args.pop("labels"), args.pop("pool"), args.pop("num_clients"), args.pop("method"),
+                             args.pop("alpha"), args.pop("seed"), group_column="site", **args)
+
+
+@pytest.mark.parametrize("base, change", [
+    ({}, {"seed": 1}), ({}, {"alpha": 5.0}), ({}, {"num_clients": 5}), ({}, {"pool": list(range(51))}),
+    ({}, {"labels": [(i + 1) % 3 for i in range(60)]}), ({}, {"method": "iid"}),
+    ({"method": "shard"}, {"method": "shard", "shards_per_client": 3}),
+    ({"method": "column"}, {"method": "column", "groups": [f"g{(i + 1) % 4}" for i in range(60)]}),
+])
+def test_every_input_of_a_partition_is_in_its_cache_key(tmp_path, monkeypatch, base, change):
+    """Changing any one input is a new cache entry, never the old one read back, and it holds what
+    flwr-datasets gives with no cache at all."""
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "warm"))
+    _partition(**base)
+    changed = _partition(**change)
+    assert len(list((tmp_path / "warm" / "partitions").iterdir())) == 2
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cold"))
+    assert _partition(**change) == changed
+
+
+def test_a_cache_entry_that_is_no_partition_of_the_pool_is_recomputed(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
-    labels = [i % 3 for i in range(60)]
-    pool = list(range(60))
-    base = partition_indices(labels, pool, 4, "dirichlet", 0.5, 0)
-    assert partition_indices(labels, pool, 4, "dirichlet", 0.5, 0) == base
-    assert partition_indices(labels, pool, 4, "dirichlet", 0.5, 1) != base
-    assert partition_indices(labels, pool, 5, "dirichlet", 0.5, 0) != base
-    assert partition_indices(labels, pool[:-9], 4, "iid", 0.5, 0) != partition_indices(labels, pool, 4, "iid", 0.5, 0)
-    assert partition_indices([(i + 1) % 3 for i in range(60)], pool, 4, "dirichlet", 0.5, 0) != base
+    right = _partition()
+    (entry,) = (tmp_path / "partitions").iterdir()
+    wrongs = ("null", "[[0, 1], [1, 2], [3], [4]]", "[[0], [1], [2]]", "[[0], [1], [2], [999]]",
+              '[["0"], [1], [2], [3]]')
+    for wrong in wrongs:
+        entry.write_text(wrong)
+        assert _partition() == right
