@@ -100,7 +100,7 @@ def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_p
 
 def _fake_audit(monkeypatch, consistent: bool) -> None:
     record = {**audit_record(_result(1.2 if not consistent else 0.5), 1.0, FedtuneConfig(), 1)}
-    monkeypatch.setattr("fedtune.cli._simulate", lambda *args: None)
+    monkeypatch.setattr("fedtune.cli._simulate", lambda *args, **kwargs: None)
     monkeypatch.setattr("fedtune.server.audit.run_audit", lambda run, confidence: record)
     monkeypatch.setattr("fedtune.privacy.report.write_report", lambda run_dir: run_dir / "privacy_report.md")
     monkeypatch.setattr("fedtune.server.run_dir.RunDirectory.existing", classmethod(lambda cls, path: cls(path)))
