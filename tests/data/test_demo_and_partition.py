@@ -15,14 +15,6 @@ from fedtune.data.text import pad_batch
 from fedtune.errors import DataError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_cache(tmp_path_factory):
-    """Keep this module's many random partitions out of the user's cache (fedtune/cache.py)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 def test_demo_dataset_is_deterministic_and_uses_every_label():
     a, b = make_demo_dataset(400, seed=3), make_demo_dataset(400, seed=3)
     assert a == b and a != make_demo_dataset(400, seed=4)
