@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 import zlib
 from functools import lru_cache
 
@@ -187,12 +186,12 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     return _reply(msg, name, k.STATUS_TRAINED, metrics, arrays, stated)
 
 
-def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int:
-    """Seed for this round's Poisson sampling, dropout and DP noise. Under DP it is secret (OS
-    randomness) unless the run asks for reproducible noise: noise the server could regenerate
-    from the run seed would protect nothing against the server."""
+def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int | None:
+    """Seed for this round's Poisson sampling, dropout and DP noise (each derived from it
+    separately, privacy/dpsgd.py). Under DP, None: each drawn from the OS's secure randomness,
+    unless the run asks for reproducible noise, which the server can regenerate from the run seed."""
     if cfg.dp.enabled and not cfg.dp.reproducible_noise:
-        return secrets.randbits(63)
+        return None
     return zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
 
 

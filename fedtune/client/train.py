@@ -14,7 +14,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.data.buckets import LengthBucketSampler
 from fedtune.data.text import TokenizedTexts, pad_batch
 from fedtune.privacy.accountant import History
-from fedtune.privacy.dpsgd import make_private, step_on_empty_batch
+from fedtune.privacy.dpsgd import RoundSeeds, make_private, step_on_empty_batch
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,8 @@ def proximal_step(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], 
 
 
 def _is_empty(batch) -> bool:
-    """Poisson sampling may draw no example; Opacus then yields empty tensors (a dict shaped
-    like earlier batches, or a plain list if no batch came before)."""
-    return not isinstance(batch, dict) or batch["labels"].numel() == 0
+    """Poisson sampling may draw no example (privacy/dpsgd.py's loader then yields None)."""
+    return batch is None
 
 
 def _mixed_precision(device: torch.device):
@@ -65,24 +64,33 @@ def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def _loader(data: TokenizedTexts, cfg: FedtuneConfig, seeds: RoundSeeds) -> DataLoader:
+    """Batches without DP: shuffled, or grouped by length (config allows that only without DP)."""
+    batch_size = min(cfg.train.batch_size, len(data))
+    if cfg.train.length_buckets:
+        sampler = LengthBucketSampler([len(ids) for ids in data.input_ids], batch_size, seeds.sampling)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=pad_batch)
+    return DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=pad_batch,
+                      generator=seeds.generator("sampling"))
+
+
 def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
-                proximal_mu: float, seed: int) -> TrainResult:
-    torch.manual_seed(seed)  # Poisson sampling and dropout
+                proximal_mu: float, seed: int | None) -> TrainResult:
+    """One round of local training. `seed` None: secret randomness (DP-SGD's default); a number:
+    reproducible, with sampling, noise and dropout each derived from it separately."""
+    seeds = RoundSeeds.secret() if seed is None else RoundSeeds.derived(seed)
+    torch.manual_seed(seeds.model)  # dropout; sampling and noise have generators of their own
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = _optimizer(params, cfg.train.optimizer, cfg.train.learning_rate)
-    batch_size = min(cfg.train.batch_size, len(data))
-    if cfg.train.length_buckets:  # config allows it only without DP
-        sampler = LengthBucketSampler([len(ids) for ids in data.input_ids], batch_size, seed)
-        loader = DataLoader(data, batch_sampler=sampler, collate_fn=pad_batch)
-    else:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=pad_batch)
     model.train()
     private = None
     if cfg.dp.enabled:
-        private = make_private(model, optimizer, loader, cfg.dp, history, noise_seed=seed)
+        private = make_private(model, optimizer, data, cfg.train.batch_size, pad_batch, cfg.dp, history, seeds)
         optimizer, loader = private.optimizer, private.loader
+    else:
+        loader = _loader(data, cfg, seeds)
     losses, steps = [], 0
     try:
         with ExitStack() as stack:

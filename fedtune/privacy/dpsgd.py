@@ -1,21 +1,63 @@
 """Attach Opacus DP-SGD to one client's local training, continuing its privacy history.
 
-Only wiring: Opacus' PrivacyEngine does the per-sample gradients, clipping, noise and
-Poisson sampling; the accountant is restored from the client's saved history first, so
-the engine's steps add to what the client has already spent.
+Only wiring: Opacus' PrivacyEngine does the per-sample gradients, clipping and noise, and its
+UniformWithReplacementSampler the Poisson sampling; the accountant is restored from the client's
+saved history first, so the engine's steps add to what the client has already spent.
+
+Two things are wired by hand, each for a reason the analysis depends on:
+- Randomness. DP-SGD's proof assumes the noise is independent of which records were sampled.
+  Sampling, noise and dropout each get their own generator (RoundSeeds): secret OS randomness by
+  default, three streams derived from one seed with reproducible noise. Opacus would otherwise draw
+  the Poisson sampling from torch's global generator, which the caller also seeds.
+- The Poisson schedule. Opacus' DPDataLoader runs int(1/q) steps, which for about 6% of batch
+  counts k is k-1 (1/(1/k) < k in floating point), and then accounts q = 1/(k-1). The loader here
+  runs exactly the (q, steps) that privacy/budget.py forecasts, and Opacus accounts that q.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from torch.utils.data import DataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, Dataset
 
 from fedtune.config import DPConfig
 from fedtune.privacy.accountant import History, make_accountant, normalize
+from fedtune.privacy.budget import poisson_schedule
+
+STREAMS = ("sampling", "noise", "model")
+
+
+@dataclass(frozen=True)
+class RoundSeeds:
+    """Seeds of one round's three random streams: Poisson sampling, DP noise, and the model's own
+    randomness (dropout). Each is drawn or derived separately, so none predicts another."""
+
+    sampling: int
+    noise: int
+    model: int
+
+    @classmethod
+    def secret(cls) -> RoundSeeds:
+        """From the operating system's secure randomness; never sent anywhere."""
+        return cls(*(secrets.randbits(63) for _ in STREAMS))
+
+    @classmethod
+    def derived(cls, seed: int) -> RoundSeeds:
+        """Reproducible research runs: each stream's seed is SHA-256 of (seed, stream name). Anyone
+        who knows `seed` (the server does) can regenerate the noise."""
+        return cls(*(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+                     for name in STREAMS))
+
+    def generator(self, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(getattr(self, stream))
 
 
 @dataclass
@@ -24,14 +66,11 @@ class PrivateTraining:
     loader: DataLoader
     engine: PrivacyEngine
     hooks: Any  # Opacus GradSampleHooks; .cleanup() removes them from the shared model
+    sample_rate: float
 
     @property
     def history(self) -> History:
         return normalize(self.engine.accountant.history)
-
-    @property
-    def sample_rate(self) -> float:
-        return 1.0 / len(self.loader)
 
     def close(self) -> None:
         self.hooks.cleanup()
@@ -49,20 +88,40 @@ class PrivateTraining:
                     p.grad_sample = sample.to(p.dtype)
 
 
-def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 dp: DPConfig, history: History, noise_seed: int) -> PrivateTraining:
-    """DP-SGD around `model` (not wrapped: the cached model stays usable) with Poisson batches.
-    Leaves the model in training mode, which Opacus requires."""
+def _collate_or_empty(collate: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> Any:
+    return collate(items) if items else None  # None: Poisson sampling drew no record this step
+
+
+def poisson_loader(data: Dataset, batch_size: int, collate: Callable[[Sequence[Any]], Any],
+                   generator: torch.Generator) -> DataLoader:
+    """One epoch of Poisson batches at the schedule privacy/budget.py forecasts: k = ceil(n / B)
+    steps, each record joining each step independently with probability q = 1/k. An empty draw
+    is yielded as None (the step still happens: see step_on_empty_batch)."""
+    q, steps = poisson_schedule(len(data), batch_size, epochs=1)
+    sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=generator, steps=steps)
+    return DataLoader(data, batch_sampler=sampler, collate_fn=partial(_collate_or_empty, collate))
+
+
+def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Dataset, batch_size: int,
+                 collate: Callable[[Sequence[Any]], Any], dp: DPConfig, history: History,
+                 seeds: RoundSeeds) -> PrivateTraining:
+    """DP-SGD around `model` (not wrapped: the cached model stays usable) over Poisson batches of
+    `data`, with sampling and noise from their own generators. Leaves the model in training mode,
+    which Opacus requires."""
     model.train()
+    device = next(model.parameters()).device
+    loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"))
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant = make_accountant(dp.accountant, history)
-    hooks, dp_optimizer, dp_loader = engine.make_private(
+    # poisson_sampling=False: the loader already samples by Poisson; Opacus then accounts
+    # q = 1 / len(loader), which is exactly the loader's q.
+    hooks, dp_optimizer, _ = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True, wrap_model=False,
-        noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(noise_seed),
+        poisson_sampling=False, wrap_model=False, noise_generator=seeds.generator("noise", device),
     )
-    return PrivateTraining(dp_optimizer, dp_loader, engine, hooks)
+    hooks.forbid_grad_accumulation()  # as Opacus does for its own Poisson loader: one backward per step
+    return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader))
 
 
 def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:

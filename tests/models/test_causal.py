@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from fedtune.client.train import train_round
 from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, ModelConfig, TrainConfig
@@ -17,7 +16,7 @@ from fedtune.errors import ConfigError
 from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
 from fedtune.models.causal import evaluate_lm, fresh_causal_model
-from fedtune.privacy.dpsgd import make_private
+from fedtune.privacy.dpsgd import RoundSeeds, make_private
 
 
 def lm(path, **lora) -> torch.nn.Module:
@@ -73,8 +72,8 @@ def test_opacus_per_sample_gradients_are_each_examples_own(tiny_llama_dir, chats
         model(**pad_batch([data[i]])).loss.backward()
         alone.append({n: p.grad.clone() for n, p in params})
     model.zero_grad(set_to_none=True)
-    loader = DataLoader(data, batch_size=len(data), collate_fn=pad_batch)
-    private = make_private(model, torch.optim.SGD([p for _, p in params], lr=0.1), loader, DPConfig(), [], 0)
+    private = make_private(model, torch.optim.SGD([p for _, p in params], lr=0.1), data, len(data), pad_batch,
+                           DPConfig(), [], RoundSeeds.derived(0))
     try:
         model(**pad_batch([data[i] for i in range(len(data))])).loss.backward()  # 3-D activations in every layer
         for name, p in params:

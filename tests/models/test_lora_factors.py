@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset, default_collate
 
 from fedtune import constants as k
 from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, ModelConfig
@@ -19,7 +19,7 @@ from fedtune.data.demo import LABELS
 from fedtune.models.adapter import to_record
 from fedtune.models.build import build_model
 from fedtune.models.lora_factors import freeze_shared_a
-from fedtune.privacy.dpsgd import make_private
+from fedtune.privacy.dpsgd import RoundSeeds, make_private
 from fedtune.strategies.build import build_strategy
 
 
@@ -68,12 +68,13 @@ def test_dp_sgd_trains_and_noises_b_only_and_leaves_a_unchanged():
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 1  # lora_B only
     x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
-    private = make_private(model, torch.optim.SGD(params, lr=0.1), DataLoader(TensorDataset(x, y), batch_size=16),
-                           DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), [], noise_seed=0)
+    private = make_private(model, torch.optim.SGD(params, lr=0.1), TensorDataset(x, y), 16, default_collate,
+                           DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), [], RoundSeeds.derived(0))
     try:
         assert [p for group in private.optimizer.param_groups for p in group["params"]] == params
-        for xb, yb in private.loader:
-            if len(xb):
+        for batch in private.loader:
+            if batch is not None:  # an empty Poisson draw
+                xb, yb = batch
                 torch.nn.functional.cross_entropy(model(xb), yb).backward()
                 private.optimizer.step()
                 private.optimizer.zero_grad(set_to_none=True)

@@ -6,10 +6,12 @@ import math
 import pytest
 
 from fedtune.client.train import train_round
-from fedtune.config import DPConfig, TrainConfig
+from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
+from fedtune.data.text import TokenizedTexts
 from fedtune.privacy.accountant import epsilon
 from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
 from tests.privacy.independent import independent_epsilon
+from tests.privacy.noise_only import NoiseOnly
 
 
 @pytest.mark.parametrize("n, batch, epochs, expected", [
@@ -53,3 +55,17 @@ def test_target_epsilon_solves_sigma_that_spends_the_target_over_the_planned_rou
     assert not within_budget(resolved, [(resolved.noise_multiplier, q, steps)] * rounds, n, batch, epochs)
     assert client_dp(dp, 2.5, n, batch, epochs, rounds).noise_multiplier == 2.5, "a solved sigma is kept"
     assert client_dp(DPConfig(noise_multiplier=0.7), None, n, batch, epochs, rounds).noise_multiplier == 0.7
+
+
+@pytest.mark.parametrize("batches", [93, 99, 211])  # where int(1 / (1 / k)) is k - 1 in floating point
+def test_training_runs_the_schedule_the_forecast_plans(batches):
+    """Opacus' own Poisson loader runs int(1/q) steps: k - 1 of them, accounted at q = 1/(k-1), for
+    about 6% of batch counts k. The budget forecast plans k steps at 1/k; training must run exactly
+    that, or a client under a target ε declines a round it planned."""
+    data = TokenizedTexts(tuple((i % 4,) for i in range(batches)), (0,) * batches)
+    cfg = FedtuneConfig(clients=1, train=TrainConfig(batch_size=1, optimizer="sgd", learning_rate=1.0),
+                        dp=DPConfig(noise_multiplier=1.0, delta=1e-3, accountant="rdp"))
+    result = train_round(NoiseOnly(), data, cfg, [], proximal_mu=0.0, seed=0)
+    assert (result.sample_rate, result.steps) == poisson_schedule(batches, 1, 1) == (1 / batches, batches)
+    assert result.history == [(1.0, 1 / batches, batches)]
+    assert epsilon("rdp", result.history, 1e-3) == projected_epsilon(cfg.dp, [], batches, 1, 1)

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from torch.utils.data import DataLoader
 
 from fedtune.client.train import train_round
 from fedtune.config import DPConfig
 from fedtune.data.text import TokenizedTexts, pad_batch
 from fedtune.privacy.accountant import epsilon
-from fedtune.privacy.dpsgd import make_private
+from fedtune.privacy.dpsgd import RoundSeeds, make_private
 
 
 def _subset(data: TokenizedTexts, n: int) -> TokenizedTexts:
@@ -24,8 +23,8 @@ def _private_grads(model, data, dp: DPConfig, noise_seed: int, bf16: bool = Fals
     """Run one DP-SGD pre-step on the first batch; returns (summed clipped grads, noised grads).
     bf16: the forward pass under bf16 autocast, as `--device cuda` runs it (here on the CPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    loader = DataLoader(data, batch_size=len(data), collate_fn=pad_batch)
-    private = make_private(model, torch.optim.SGD(params, lr=0.1), loader, dp, [], noise_seed)
+    private = make_private(model, torch.optim.SGD(params, lr=0.1), data, len(data), pad_batch, dp, [],
+                           RoundSeeds.derived(noise_seed))
     try:
         batch = pad_batch([data[i] for i in range(len(data))])
         model.train()
