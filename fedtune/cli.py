@@ -50,6 +50,34 @@ def _privacy_report(run_dir: Path) -> None:
     print(path)
 
 
+@cli.command("privacy-verify")
+def privacy_verify(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate` (or `flwr run`).")],
+) -> None:
+    """An auditor's check of RUN_DIR/privacy_ledger.json: every client's ε recomputed from the
+    ledger's σ, q and steps with Google's dp-accounting (not Opacus, which the run used), ε never
+    decreasing, δ < 1/n, q and steps consistent with n and the batch size, no budget exceeded, and
+    coherent statuses. Exit 0 when all hold; otherwise exit 1 with one line per violation:
+    client, round, field, expected and found."""
+    _run_guarded(lambda: _privacy_verify(run_dir))
+
+
+def _privacy_verify(run_dir: Path) -> None:
+    from fedtune.privacy.verify import verify_run
+
+    result = verify_run(run_dir)
+    for violation in result.violations:
+        print(violation.line())
+    checked = f"{result.clients} clients, {result.entries} ledger entries"
+    if result.passed:
+        console.print(f"privacy-verify: OK ({checked}): every ε at least what dp-accounting computes from the "
+                      "ledger, never decreasing, within budget; δ < 1/n; q and steps consistent.", markup=False,
+                      soft_wrap=True)
+        return
+    console.print(f"privacy-verify: {len(result.violations)} violations in {checked}.", markup=False)
+    raise typer.Exit(1)
+
+
 @cli.command()
 def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,

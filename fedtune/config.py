@@ -465,6 +465,11 @@ class FedtuneConfig:
         """m: how many clients train each round."""
         return self.strategy.clients_per_round or max(int(self.clients * self.strategy.fraction_train), 1)
 
+    def rounds_per_client(self) -> int:
+        """Rounds each client is expected to train in: rounds x m / N. A target ε is spent over
+        these, not over every round, when only some clients train each round."""
+        return max(1, math.ceil(self.rounds * self.clients_sampled() / self.clients - 1e-9))
+
     def clients_evaluating(self) -> int:
         """How many of each round's sampled clients evaluate (0: client evaluation off)."""
         fraction = self.strategy.fraction_evaluate

@@ -4,6 +4,7 @@ Message content (RecordDict) keys, the keys inside them, and the client's Contex
 """
 
 WARM_UP = "query.warm_up"  # simulation: a worker loads the shared model before round 1 (server/warm_up.py)
+IDENTIFY = "query.identify"  # a node says its client name (server/spending.py)
 
 # RecordDict keys (the first two are Flower's defaults for FedAvg and friends).
 ARRAYS = "arrays"
@@ -16,6 +17,9 @@ SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 LEARNING_RATE = "learning-rate"  # this round's client learning rate (train.lr_schedule)
 CLIENT_STATE_DIR = "fedtune.client_state_dir"  # simulation: where clients keep their state files
+# The server's ledger record of this client's spending so far, JSON [[sigma, q, steps], ...]: a client
+# whose own state holds less has lost it (client/app.py).
+LEDGER_SPENT = "fedtune.ledger_spent"
 CLIPPING_NORM = "clipping_norm"  # Flower's KEY_CLIPPING_NORM: client-side client-level DP clipping
 CLIENT_DP = "dp.client_dp"  # the run-config key that tells the client mod fixed from adaptive
 ARRAY_NAMES = "fedtune.array_names"  # SecAgg+ FitIns config: the names of the legacy Parameters, in order
@@ -40,9 +44,13 @@ NORM_BIT = "norm_bit"  # Flower's KEY_NORM_BIT: the update was clipped (adaptive
 # ConfigRecord keys in the CLIENT_INFO reply record.
 CLIENT_NAME = "name"
 STATUS = "status"
+REASON = "reason"  # why a client refused, or failed after training (one line)
+ADOPTED_LEDGER_SPENDING = "adopted_ledger_spending"  # 1: the node lost its state and its operator adopted the ledger's
+POLICY = "policy"  # whose privacy policy the client applied: "node config" or "run config" (privacy/policy.py)
 LORA_RANK = "lora_rank"  # heterogeneous ranks: the rank the client trains (the server sends it that rank next)
 STATUS_TRAINED = "trained"
 STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
+STATUS_REFUSED = "refused"  # the request broke the institution's privacy policy (privacy/policy.py): no training
 STATUS_FAILED = "failed"
 # Trained (so it spent ε), but the server refused the update (server/validate.py): not aggregated.
 STATUS_REJECTED = "rejected"
@@ -54,7 +62,13 @@ SECAGG_INFO_PREFIX = "client."  # SecAgg+: CLIENT_INFO entries travel in the leg
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"  # deployment: where the institution keeps its privacy state
-NODE_EPSILON_BUDGET = "epsilon-budget"  # deployment: the institution's own ε cap (tightens dp.epsilon_budget)
+# The institution's own privacy policy (privacy/policy.py): whatever the server asks, never weaker than these.
+NODE_EPSILON_BUDGET = "epsilon-budget"  # its own ε cap (tightens dp.epsilon_budget)
+NODE_REQUIRE_DP = "require-dp"
+NODE_MAX_DELTA = "max-delta"
+NODE_MIN_NOISE_MULTIPLIER = "min-noise-multiplier"
+NODE_ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
+NODE_ADOPT_LEDGER_SPENDING = "adopt-ledger-spending"  # the operator's reset after the node lost its state
 NODE_LORA_RANK = "lora-rank"  # the institution's own LoRA rank (runs with lora.client_ranks)
 # Deployment: the institution's own data file; the rest default to the run's data.* options.
 DATA_PATH = "data-path"

@@ -1,8 +1,11 @@
 """The ClientApp: one institution's side of every round.
 
 The server sends the run's recipe (the flat config) with each message; the institution's
-own facts (its partition in simulation) come from Flower's node config. The same ClientApp
-serves `fedtune simulate` and `flwr run`.
+own facts (its data file or partition, its privacy policy, where it keeps its state) come from
+Flower's node config. Before training, a client checks the request against its privacy policy
+(privacy/policy.py) and its remembered spending against the server's ledger record of it
+(client/state.py), and replies `refused` with the reason when either does not hold. The same
+ClientApp serves `fedtune simulate` and `flwr run`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -20,8 +24,16 @@ from fedtune import constants as k
 from fedtune.client.chats import client_chats, own_file_chats
 from fedtune.client.mods import client_clipping_mod
 from fedtune.client.secagg import secagg_mod
-from fedtune.client.state import ClientState, load_state, save_state, state_dir, state_lock
-from fedtune.client.train import train_round
+from fedtune.client.state import (
+    ClientState,
+    known_history,
+    load_state,
+    lost_spending,
+    save_state,
+    spent_on_ledger,
+    state_lock,
+)
+from fedtune.client.train import lora_weights, moved, train_round
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import federated_data, label_names, local_data, node_data_config
 from fedtune.data.text import TokenizedTexts, tokenize
@@ -31,9 +43,10 @@ from fedtune.models.build import build_model, load_tokenizer
 from fedtune.models.causal import build_causal_model, evaluate_lm
 from fedtune.models.evaluate import evaluate as evaluate_model
 from fedtune.models.lora_factors import ranks, truncate
-from fedtune.privacy.accountant import epsilon, other
+from fedtune.privacy.accountant import History, epsilon, other
 from fedtune.privacy.budget import client_dp, within_budget
 from fedtune.privacy.ledger import ledger_entry
+from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
 
 app = ClientApp()
@@ -54,20 +67,6 @@ def client_name(context: Context) -> str:
     if k.PARTITION_ID in node:
         return f"client-{int(node[k.PARTITION_ID]):04d}"
     return f"node-{context.node_id}"  # deployment with data-path: no partition id
-
-
-def own_budget(cfg: FedtuneConfig, context: Context) -> FedtuneConfig:
-    """The run's DP settings under this institution's own ε cap (node config `epsilon-budget`).
-    It can only tighten the run's: the lower budget applies, and a dp.target_epsilon above it is
-    lowered to it, so the noise is solved for what the institution allows."""
-    if k.NODE_EPSILON_BUDGET not in context.node_config:
-        return cfg
-    own = context.node_config[k.NODE_EPSILON_BUDGET]
-    if isinstance(own, bool) or not isinstance(own, int | float) or not own > 0:
-        raise ConfigError(f"Invalid node config `{k.NODE_EPSILON_BUDGET}`: {own!r}; use a positive ε such as 8.0.")
-    budget = min(cfg.dp.epsilon_budget, float(own))
-    target = min(cfg.dp.target_epsilon, budget)
-    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, epsilon_budget=budget, target_epsilon=target))
 
 
 @lru_cache(maxsize=4096)
@@ -148,42 +147,93 @@ def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
 @app.train(mods=[secagg_mod, client_clipping_mod])  # each a no-op unless the server asks for it
 def train(msg: Message, context: Context) -> Message:
     cfg, record = recipe(msg)
-    cfg = own_budget(cfg, context)
+    policy = node_policy(context.node_config, cfg, str(record.get(k.CLIENT_STATE_DIR, "")))
+    cfg = dataclasses.replace(cfg, dp=policy.tighten(cfg.dp))
     name = client_name(context)
-    directory = state_dir(context, str(record.get(k.CLIENT_STATE_DIR, "")))
-    with state_lock(directory, name):  # load, train, save: one at a time per institution
-        return _train(msg, context, cfg, record, name, directory)
+    with state_lock(policy.state_dir, name):  # load, train, save: one at a time per institution
+        return _train(msg, context, cfg, record, name, policy)
 
 
 def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRecord, name: str,
-           directory: str) -> Message:
+           policy: PrivacyPolicy) -> Message:
     train_data, _ = _local_data(cfg, context)
-    state = load_state(context, name, directory)
-    server_round = int(record[k.SERVER_ROUND])
-    if k.LEARNING_RATE in record:  # the round's rate under train.lr_schedule
+    n, server_round = len(train_data), int(record[k.SERVER_ROUND])
+    state = load_state(context, name, policy.state_dir)
+    cfg = _round_config(cfg, record, state, n)
+    ledger = spent_on_ledger(record)
+    lost = lost_spending(state, ledger)
+    if lost and policy.adopt_ledger_spending:  # the operator's explicit reset: continue from the ledger
+        state.history, lost = list(ledger), None
+        round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
+    else:
+        round_ = _Round(msg, context, cfg, name, policy, server_round, n)
+    refusal = policy.refusal(cfg.dp, n) or (lost and f"{lost}. To continue from the ledger's record, set "
+                                                     f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config")
+    if refusal:  # its ε is reported from the fuller record, so the ledger never shows it lower
+        return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger), refusal)
+    if cfg.dp.enabled and not within_budget(cfg.dp, state.history, n, cfg.train.batch_size, cfg.train.local_epochs):
+        return round_.without_training(state, k.STATUS_DECLINED, state.history)
+    model = _model(cfg, msg.content[k.ARRAYS], context)
+    before = lora_weights(model)
+    result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)),
+                         _round_seed(cfg, server_round, name))
+    state.history = result.history  # spent, whatever happens next
+    arrays = to_record(model)
+    metrics = _report(cfg, result.history, n, result.loss, result.steps, result.sample_rate, arrays.count_bytes())
+    if not moved(before, model):  # fail closed (Opacus #820): an update no optimizer step reached
+        return round_.finish(state, k.STATUS_FAILED, metrics, reason=NOT_MOVED)
+    stated = {k.LORA_RANK: own_rank(cfg, context)} if cfg.lora.ranks() else {}  # the rank to send it next
+    return round_.finish(state, k.STATUS_TRAINED, metrics, arrays=arrays, info=stated)
+
+
+NOT_MOVED = ("no LoRA weight changed in local training (the optimizer did not reach them; Opacus issue #820), so "
+             "the update is not sent; the DP-SGD steps were taken and count")
+
+
+def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, n: int) -> FedtuneConfig:
+    """The run config as this round trains it: the round's learning rate (train.lr_schedule) and,
+    under a target ε, the σ this client solved for (kept in its state from its first round on)."""
+    if k.LEARNING_RATE in record:
         rate = float(record[k.LEARNING_RATE])
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=rate))
     if cfg.dp.enabled:
-        cfg = dataclasses.replace(cfg, dp=client_dp(cfg.dp, state.noise_multiplier, len(train_data),
-                                                   cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds))
-        if cfg.dp.target_epsilon > 0:
-            state.noise_multiplier = cfg.dp.noise_multiplier
-        if not within_budget(cfg.dp, state.history, len(train_data), cfg.train.batch_size, cfg.train.local_epochs):
-            metrics = _report(cfg, state.history, num_examples=0, loss=float("nan"), steps=0, sample_rate=0.0,
-                              bytes_up=0)
-            _remember(context, name, directory, state, ledger_entry(server_round, k.STATUS_DECLINED, metrics,
-                                                                    cfg.dp.accountant))
-            return _reply(msg, name, k.STATUS_DECLINED, metrics)
-    model = _model(cfg, msg.content[k.ARRAYS], context)
-    seed = _round_seed(cfg, server_round, name)
-    result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)), seed)
-    state.history = result.history
-    arrays = to_record(model)
-    metrics = _report(cfg, result.history, len(train_data), result.loss, result.steps, result.sample_rate,
-                      arrays.count_bytes())
-    _remember(context, name, directory, state, ledger_entry(server_round, k.STATUS_TRAINED, metrics, cfg.dp.accountant))
-    stated = {k.LORA_RANK: own_rank(cfg, context)} if cfg.lora.ranks() else {}  # the rank to send it next
-    return _reply(msg, name, k.STATUS_TRAINED, metrics, arrays, stated)
+        dp = client_dp(cfg.dp, state.noise_multiplier, n, cfg.train.batch_size, cfg.train.local_epochs,
+                       cfg.rounds_per_client())
+        if dp.target_epsilon > 0:
+            state.noise_multiplier = dp.noise_multiplier
+        cfg = dataclasses.replace(cfg, dp=dp)
+    return cfg
+
+
+@dataclass(frozen=True)
+class _Round:
+    """What a round's reply needs besides its outcome: it records the outcome in the client's own
+    ledger and state (durably, before replying) and builds the reply."""
+
+    msg: Message
+    context: Context
+    cfg: FedtuneConfig
+    name: str
+    policy: PrivacyPolicy
+    server_round: int
+    num_examples: int
+    notes: dict[str, int] = dataclasses.field(default_factory=dict)  # also in its ledger entry
+
+    def without_training(self, state: ClientState, status: str, history: History, reason: str = "") -> Message:
+        metrics = _report(self.cfg, history, self.num_examples, float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
+        return self.finish(state, status, metrics, reason=reason)
+
+    def finish(self, state: ClientState, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None,
+               reason: str = "", info: dict[str, int] | None = None) -> Message:
+        entry = ledger_entry(self.server_round, status, metrics, self.cfg.dp.accountant)
+        state.ledger.append({**entry, **self.notes, **({"reason": reason} if reason else {})})
+        save_state(self.context, self.name, self.policy.state_dir, state)
+        client = {k.CLIENT_NAME: self.name, k.STATUS: status, k.POLICY: self.policy.source,
+                  **({k.REASON: reason} if reason else {}), **self.notes, **(info or {})}
+        content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord(client)})
+        if arrays is not None:
+            content[k.ARRAYS] = arrays
+        return Message(content, reply_to=self.msg)
 
 
 def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int | None:
@@ -195,13 +245,7 @@ def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int | None:
     return zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
 
 
-def _remember(context: Context, name: str, directory: str, state: ClientState, entry: dict) -> None:
-    """Persist the privacy state, with this round in the institution's own ledger, before replying."""
-    state.ledger.append(entry)
-    save_state(context, name, directory, state)
-
-
-def _report(cfg: FedtuneConfig, history, num_examples: int, loss: float, steps: int, sample_rate: float,
+def _report(cfg: FedtuneConfig, history: History, num_examples: int, loss: float, steps: int, sample_rate: float,
             bytes_up: int) -> MetricRecord:
     """What a client tells the server each round: training summary and its privacy spend so far."""
     dp = cfg.dp
@@ -213,21 +257,13 @@ def _report(cfg: FedtuneConfig, history, num_examples: int, loss: float, steps: 
         k.NOISE_MULTIPLIER: dp.noise_multiplier if dp.enabled else 0.0,
         k.MAX_GRAD_NORM: dp.max_grad_norm if dp.enabled else 0.0,
         k.DELTA: dp.delta,
-        k.EPSILON: epsilon(dp.accountant, history, dp.delta) if dp.enabled else float("inf"),
-        k.EPSILON_OTHER: epsilon(other(dp.accountant), history, dp.delta) if dp.enabled else float("inf"),
+        # From the whole history: infinite once any round trained without noise (sigma = 0 in it).
+        k.EPSILON: epsilon(dp.accountant, history, dp.delta),
+        k.EPSILON_OTHER: epsilon(other(dp.accountant), history, dp.delta),
         k.BYTES_UP: bytes_up,
         k.PEAK_RSS_MB: peak_rss_mb(),
         k.PID: os.getpid(),
     })
-
-
-def _reply(msg: Message, name: str, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None,
-           info: dict[str, int] | None = None) -> Message:
-    client = ConfigRecord({k.CLIENT_NAME: name, k.STATUS: status, **(info or {})})
-    content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: client})
-    if arrays is not None:
-        content[k.ARRAYS] = arrays
-    return Message(content, reply_to=msg)
 
 
 @app.query(k.WARM_UP.split(".", 1)[1])
@@ -238,6 +274,13 @@ def warm_up(msg: Message, context: Context) -> Message:
     _cached_model(cfg, own_rank(cfg, context))  # the rank this node trains, as round 1's _model builds it
     _local_data(cfg, context)
     return Message(RecordDict(), reply_to=msg)  # the reply only says this worker is ready
+
+
+@app.query(k.IDENTIFY.split(".", 1)[1])
+def identify(msg: Message, context: Context) -> Message:
+    """Say which client this node is, so the server can send it the ledger's record of its
+    spending (server/spending.py). Only the name: the server knows nothing else from it."""
+    return Message(RecordDict({k.CLIENT_INFO: ConfigRecord({k.CLIENT_NAME: client_name(context)})}), reply_to=msg)
 
 
 @app.evaluate()

@@ -4,8 +4,13 @@ for (with --target-epsilon), and its own copy of its ledger entries.
 It lives in Flower's Context state (kept by the SuperNode / the Simulation Engine between
 rounds) and, when a state directory is known, in a file written atomically, so that it
 survives a restart of the whole run or of the institution's SuperNode. The file wins if both
-exist. The directory is the node config's `state-dir` (set by each institution in deployment),
-else the one the server names (simulation: inside the run directory).
+exist. The directory is the privacy policy's (privacy/policy.py): the node config's `state-dir`
+(each institution sets its own in deployment), else, for a node training on a partition of the
+run's own data, the one the server names (simulation: inside the run directory).
+
+The server's ledger also records what each client spent. A client whose own state holds less
+than that has lost it (a deleted file, a new machine, `lost_spending`): it refuses to train, since
+its ε would restart from nothing, until its operator explicitly adopts the ledger's record.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
-from fedtune.constants import CLIENT_STATE, NODE_STATE_DIR
+from fedtune import constants as k
 from fedtune.durable import write_json_atomic
 from fedtune.privacy.accountant import History, normalize
 
@@ -34,10 +39,6 @@ class ClientState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
         return cls(normalize(data.get("history", [])), data.get("noise_multiplier"), list(data.get("ledger", [])))
-
-
-def state_dir(context: Context, server_dir: str) -> str:
-    return str(context.node_config.get(NODE_STATE_DIR, server_dir))
 
 
 def _state_file(directory: str, client: str) -> Path | None:
@@ -65,14 +66,41 @@ def load_state(context: Context, client: str, directory: str) -> ClientState:
     path = _state_file(directory, client)
     if path is not None and path.is_file():
         return ClientState.from_dict(json.loads(path.read_text()))
-    if CLIENT_STATE in context.state:
-        return ClientState.from_dict(json.loads(context.state[CLIENT_STATE]["json"]))
+    if k.CLIENT_STATE in context.state:
+        return ClientState.from_dict(json.loads(context.state[k.CLIENT_STATE]["json"]))
     return ClientState()
 
 
 def save_state(context: Context, client: str, directory: str, state: ClientState) -> None:
     data = asdict(state)
-    context.state[CLIENT_STATE] = ConfigRecord({"json": json.dumps(data)})
+    context.state[k.CLIENT_STATE] = ConfigRecord({"json": json.dumps(data)})
     path = _state_file(directory, client)
     if path is not None:
         write_json_atomic(path, {"client": client, **data})
+
+
+def steps_in(history: History) -> int:
+    return sum(steps for _, _, steps in history)
+
+
+def spent_on_ledger(record: ConfigRecord) -> History:
+    """The server's ledger record of this client's spending, sent with each train message; empty
+    when the server has none (a new client, or one the server cannot name yet)."""
+    text = record.get(k.LEDGER_SPENT, "")
+    return normalize(json.loads(text)) if isinstance(text, str) and text else []
+
+
+def known_history(state: ClientState, ledger: History) -> History:
+    """The fuller of the two records of this client's spending (by steps): what its ε is at least."""
+    return ledger if steps_in(ledger) > steps_in(state.history) else state.history
+
+
+def lost_spending(state: ClientState, ledger: History) -> str | None:
+    """Why this node's own state cannot be the whole of its spending: it holds fewer DP-SGD steps
+    than the server's ledger records for it (a deleted file, a new machine); None when it holds at
+    least as many. More than the ledger is normal (a reply the server never got)."""
+    own, recorded = steps_in(state.history), steps_in(ledger)
+    if own >= recorded:
+        return None
+    return (f"this node's privacy state records {own} DP-SGD steps, but the server's ledger records {recorded} for "
+            "it: the state was lost or replaced, and its ε must not restart from it")

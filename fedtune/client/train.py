@@ -118,6 +118,18 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
         if private is not None:
             private.close()
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    if private is None:
-        return TrainResult(mean_loss, steps, 1.0 / len(loader), history)
+    if private is None:  # no noise: sigma = 0 in the history makes the client's ε infinite from now on
+        q = 1.0 / len(loader)
+        return TrainResult(mean_loss, steps, q, [*history, (0.0, q, steps)])
     return TrainResult(mean_loss, steps, private.sample_rate, private.history)
+
+
+def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable LoRA matrices, to tell afterwards whether training moved them."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+
+
+def moved(before: dict[str, torch.Tensor], model: torch.nn.Module) -> bool:
+    """Whether any LoRA matrix differs from `before` (False when there is none to move)."""
+    now = dict(model.named_parameters())
+    return any(not torch.equal(now[name].detach(), value) for name, value in before.items())

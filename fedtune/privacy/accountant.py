@@ -30,6 +30,18 @@ def normalize(history: Sequence[Sequence[float]]) -> History:
     return [(float(s), float(q), int(n)) for s, q, n in history]
 
 
+def merged(history: Sequence[Sequence[float]]) -> History:
+    """The same history with consecutive runs of equal (sigma, q) joined, as Opacus' accountants
+    keep it: the same ε, and the same cache key as the client's own record."""
+    out: History = []
+    for sigma, q, steps in normalize(history):
+        if out and out[-1][:2] == (sigma, q):
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+    return out
+
+
 def epsilon(kind: str, history: Sequence[Sequence[float]], delta: float) -> float:
     """Cumulative ε at `delta`; 0 before any step, inf if any step ran without noise."""
     return _epsilon(kind, tuple(normalize(history)), delta)

@@ -6,6 +6,7 @@ to privacy_ledger.json, the record an auditor reads.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from typing import Any
 
 from fedtune import constants as k
 from fedtune.durable import write_json_atomic
+from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import other
 
+LEDGER = "privacy_ledger.json"  # in the run directory
 UNIT = "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"
 
 
@@ -27,12 +30,29 @@ def ledger_entry(round_: int, status: str, metrics: Mapping[str, Any], accountan
     """One client's round as the ledger records it, from the metrics the client reports; the
     client keeps the same entry in its own state, the server in privacy_ledger.json."""
     return {
-        "round": round_, "status": status,
+        "round": round_, "status": status, "num_examples": int(metrics[k.NUM_EXAMPLES]),
         "noise_multiplier": float(metrics[k.NOISE_MULTIPLIER]), "max_grad_norm": float(metrics[k.MAX_GRAD_NORM]),
         "sample_rate": float(metrics[k.SAMPLE_RATE]), "steps": int(metrics[k.STEPS]),
         "delta": float(metrics[k.DELTA]), "epsilon": _finite_or_none(float(metrics[k.EPSILON])),
         f"epsilon_{other(accountant)}": _finite_or_none(float(metrics[k.EPSILON_OTHER])),
     }
+
+
+MAX_REASON = 500  # characters of a client's stated reason kept in an entry
+
+
+def client_notes(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reply's client record adds to its ledger entry: the reason it gave (refused, or failed
+    after training; one line), whose privacy policy it applied, and an operator's reset."""
+    notes: dict[str, Any] = {}
+    reason = str(info.get(k.REASON, "")).strip()
+    if reason:
+        notes["reason"] = " ".join(reason.split())[:MAX_REASON]
+    if info.get(k.POLICY) in ("node config", "run config"):
+        notes["policy"] = info[k.POLICY]
+    if info.get(k.ADOPTED_LEDGER_SPENDING):
+        notes["adopted_ledger_spending"] = True
+    return notes
 
 
 @dataclass
@@ -47,6 +67,12 @@ class PrivacyLedger:
     def record(self, client: str, entry: dict[str, Any]) -> None:
         clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in entry.items()}
         self.clients.setdefault(client, []).append(clean)
+
+    def spent(self, client: str) -> list[tuple[float, float, int]]:
+        """The (sigma, q, steps) runs of every entry of `client` that took DP-SGD steps, in order:
+        trained, rejected, failed after training, and interrupted rounds all ran them."""
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.clients.get(client, [])
+                if e.get("steps")]
 
     def epsilon_max(self) -> float | None:
         """Highest cumulative ε any client has spent so far (None when DP is off)."""
@@ -69,3 +95,23 @@ class PrivacyLedger:
 
     def write(self, path: Path) -> None:
         write_json_atomic(path, self.to_dict())
+
+
+def read_ledger(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR's privacy ledger as written (raises FedtuneError, saying what to do, if it is missing or damaged)."""
+    if not run_dir.is_dir():
+        raise FedtuneError(f"Run directory {run_dir} does not exist. Pass the directory that "
+                           "`fedtune simulate` printed on its last line.")
+    path = run_dir / LEDGER
+    if not path.is_file():
+        raise FedtuneError(f"{path} does not exist, so there is no privacy spending to report. Pass a run "
+                           "directory made by `fedtune simulate` (it writes the ledger from round 0 on).")
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FedtuneError(f"{path} is not valid JSON ({err}). Restore it from the latest checkpoint by "
+                           f"resuming the run, or pass another run directory.") from err
+    missing = [key for key in ("accountant", "dp_enabled", "clients") if key not in ledger]
+    if missing:
+        raise FedtuneError(f"{path} is not a fedtune privacy ledger (no {', '.join(missing)}).")
+    return ledger

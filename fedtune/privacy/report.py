@@ -29,7 +29,7 @@ from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_at
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import other
 from fedtune.privacy.audit import AUDIT_FILE
-from fedtune.privacy.ledger import UNIT
+from fedtune.privacy.ledger import UNIT, read_ledger
 from fedtune.server.run_dir import LEDGER, RunDirectory
 
 REPORT_MD, REPORT_JSON, REPORT_HTML, PLOT_PNG = (
@@ -45,7 +45,7 @@ EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_prv")
 def build_report(run_dir: Path) -> dict[str, Any]:
     """Every number the report states, from RUN_DIR/privacy_ledger.json and config.toml."""
     run_dir = Path(run_dir)
-    ledger = _read_ledger(run_dir)
+    ledger = read_ledger(run_dir)
     settings = _settings(run_dir)
     dp_on, kind = bool(ledger["dp_enabled"]), ledger["accountant"]
     entries = {name: [_clean(e, dp_on) for e in rows] for name, rows in sorted(ledger["clients"].items())}
@@ -83,25 +83,6 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "audit": _read_audit(run_dir),  # None unless `fedtune audit` made this run
         "clients": clients,
     }
-
-
-def _read_ledger(run_dir: Path) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise FedtuneError(f"Run directory {run_dir} does not exist. Pass the directory that "
-                           "`fedtune simulate` printed on its last line.")
-    path = run_dir / LEDGER
-    if not path.is_file():
-        raise FedtuneError(f"{path} does not exist, so there is no privacy spending to report. Pass a run "
-                           "directory made by `fedtune simulate` (it writes the ledger from round 0 on).")
-    try:
-        ledger = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FedtuneError(f"{path} is not valid JSON ({err}). Restore it from the latest checkpoint by "
-                           f"resuming the run, or pass another run directory.") from err
-    missing = [key for key in ("accountant", "dp_enabled", "clients") if key not in ledger]
-    if missing:
-        raise FedtuneError(f"{path} is not a fedtune privacy ledger (no {', '.join(missing)}).")
-    return ledger
 
 
 def _settings(run_dir: Path) -> dict[str, Any]:

@@ -33,10 +33,11 @@ from rich.progress import (
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
-from fedtune.privacy.ledger import PrivacyLedger, ledger_entry
+from fedtune.privacy.ledger import PrivacyLedger, client_notes, ledger_entry
 from fedtune.server.evaluate import Scores, ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.secagg import secure_exchange
+from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
 from fedtune.server.validate import reject_malformed, reported_spending
 from fedtune.strategies.client_dp import client_level_entry, restore_client_level
 from fedtune.strategies.server_opt import optimizer_state, restore_optimizer_state
@@ -147,10 +148,11 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             ledger.record(node_names.get(node, f"node-{node}"),
                           {"round": round_, "status": k.STATUS_FAILED, "reason": reply.error.reason})
         else:
-            name = str(reply.content[k.CLIENT_INFO][k.CLIENT_NAME])
+            info = reply.content[k.CLIENT_INFO]
+            name = str(info[k.CLIENT_NAME])
             _learn_name(ledger, node_names, node, name)
-            status = str(reply.content[k.CLIENT_INFO][k.STATUS])
-            ledger.record(name, ledger_entry(round_, status, reply.content[k.METRICS], ledger.accountant))
+            entry = ledger_entry(round_, str(info[k.STATUS]), reply.content[k.METRICS], ledger.accountant)
+            ledger.record(name, {**entry, **client_notes(info)})
 
 
 def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:
@@ -213,8 +215,10 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
             config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve()),
                                    k.LEARNING_RATE: learning_rate})
-            messages = strategy.configure_train(round_, arrays, config, grid)
-            messages = list(messages)
+            messages = list(strategy.configure_train(round_, arrays, config, grid))
+            if unknown := unnamed(messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
+                identify(grid, unknown, state.node_names, progress, inputs.timeout_s, exchange)
+            with_recorded_spending(messages, ledger, state.node_names)  # a client that lost its state refuses
             label = f"round {round_}/{cfg.rounds} train"
             if cfg.dp.secagg:  # SecAgg+ (server/secagg.py) needs every participant's message at once
                 replies = secure_exchange(grid, messages, label, progress, inputs.timeout_s)
@@ -223,12 +227,17 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
                                                  cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()))
             record_privacy(ledger, round_, replies, state.node_names, refused)
+            for name in flag_lost_state(ledger, round_, cfg.dp.delta):
+                inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
+                                     "its privacy state was lost (marked state_lost in the ledger)",
+                                     markup=False, highlight=False, soft_wrap=True)
             _track_memory(inputs.worker_peak_rss_mb, replies)
             inputs.run.write_ledger(ledger)  # spent budget is on disk before anything else can fail
             answered = [r for r in replies if not r.has_error()]
-            if not answered:
+            if messages and not answered:
                 reasons = "; ".join(r.error.reason for r in replies[:3]) or "no replies"
                 raise FedtuneError(f"Round {round_}: no client answered ({reasons}).")
+            _stop_if_all_refused(round_, answered)
             trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
             bytes_down = _mean_bytes_sent(messages) or arrays.count_bytes()
             train_metrics = None
@@ -255,6 +264,19 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     return state
 
 
+def _stop_if_all_refused(round_: int, answered: list[Message]) -> None:
+    """Every institution that answered refused the run's privacy settings (their own policies,
+    privacy/policy.py): no later round can train either, so the run stops and says why."""
+    refusals = [r.content[k.CLIENT_INFO] for r in answered
+                if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_REFUSED]
+    if answered and len(refusals) == len(answered):
+        reasons = "; ".join(f"{info[k.CLIENT_NAME]}: {info.get(k.REASON, 'no reason given')}" for info in refusals[:3])
+        more = f" (and {len(refusals) - 3} more)" if len(refusals) > 3 else ""
+        raise FedtuneError(f"Round {round_}: every institution refused to train under this run's privacy settings, "
+                           f"so the run stops. {reasons}{more}. Each refusal is in the privacy ledger; change the "
+                           "run's DP options, or the institutions' node config.")
+
+
 def _round_row(round_: int, scores: Scores, train: Any, client_eval: Any,
                ledger: PrivacyLedger, trained: list[Message], replies: list[Message],
                bytes_down: int, train_s: float = 0.0, round_s: float = 0.0) -> dict[str, Any]:
@@ -266,14 +288,19 @@ def _round_row(round_: int, scores: Scores, train: Any, client_eval: Any,
         "client_eval_loss": float(client_eval[k.EVAL_LOSS]) if client_eval else None,
         "epsilon_max": ledger.epsilon_max(),
         "num_clients": len(trained),
-        "num_failed": sum(r.has_error() for r in replies),
-        "num_declined": sum(not r.has_error() for r in replies) - len(trained),
+        "num_failed": sum(r.has_error() for r in replies) + _count_status(replies, k.STATUS_FAILED),
+        "num_declined": _count_status(replies, k.STATUS_DECLINED),
+        "num_refused": _count_status(replies, k.STATUS_REFUSED),
         "bytes_up": int(train[k.BYTES_UP]) if train else 0,  # per client (mean over those that trained)
         "bytes_down": int(bytes_down),  # per client
         "train_examples": sum(int(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in trained),
         "train_s": round(train_s, 3),  # configure, train on every sampled client, aggregate
         "round_s": round(round_s, 3),  # the same plus client and server evaluation
     }
+
+
+def _count_status(replies: list[Message], status: str) -> int:
+    return sum(not r.has_error() and r.content[k.CLIENT_INFO][k.STATUS] == status for r in replies)
 
 
 def _round_line(row: dict[str, Any], rounds: int) -> str:

@@ -21,11 +21,10 @@ from fedtune import __version__
 from fedtune.config import FedtuneConfig, dump_config, load_config
 from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import LEDGER, PrivacyLedger
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
-LEDGER = "privacy_ledger.json"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"

@@ -50,7 +50,7 @@ CLIPPING_RANGE = 8.0
 
 def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
                     timeout_s: float | None) -> list[Message]:
-    """Like server/rounds.py's `exchange` for train messages (distinct nodes, one shared content),
+    """Like server/rounds.py's `exchange` for train messages (distinct nodes, the same arrays),
     with the updates summed by SecAgg+; sampled nodes that did not finish it get error replies."""
     messages = list(messages)
     if not messages:
@@ -59,7 +59,7 @@ def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progres
     arrays: ArrayRecord = content[k.ARRAYS]
     round_ = int(content[k.CONFIG][k.SERVER_ROUND])
     task = progress.add_task(f"{label} (SecAgg+)", total=None, eps="")
-    relay = _Relay(messages, arrays, content[k.CONFIG], grid)
+    relay = _Relay(messages, arrays, grid)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=round_), strategy=relay,
                             client_manager=SimpleClientManager())
@@ -75,18 +75,19 @@ class _Relay(LegacyStrategy):
     """The legacy Strategy that SecAggPlusWorkflow drives: it samples nothing itself (the nodes
     and config come from our strategy's messages) and keeps the securely summed result."""
 
-    def __init__(self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> None:
+    def __init__(self, messages: list[Message], arrays: ArrayRecord, grid: Grid) -> None:
         self.messages = {m.metadata.dst_node_id: m for m in messages}
         self.names = list(arrays.keys())
         self.global_arrays = arrays
-        self.config = {**config, k.ARRAY_NAMES: self.names}
+        # Each node's own config: it carries the ledger's record of that client's spending alone.
+        self.configs = {node: {**m.content[k.CONFIG], k.ARRAY_NAMES: self.names} for node, m in self.messages.items()}
         self.grid = grid
         self.results: list[tuple[int, FitRes]] = []
         self.mean: list[np.ndarray] | None = None
         self.failure_reasons: list[str] = []
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
-        return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, dict(self.config))) for node in self.messages]
+        return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, self.configs[node])) for node in self.messages]
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Parameters | None, dict]:
         # SecAggPlusWorkflow has put the unmasked mean over all submitting clients into every FitRes

@@ -26,7 +26,10 @@ MAX_LISTED = 3  # names shown in a reason before "and N more"
 REQUIRED_METRICS = (k.NUM_EXAMPLES, k.TRAIN_LOSS, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER,
                     k.MAX_GRAD_NORM, k.DELTA, k.EPSILON, k.EPSILON_OTHER)
 NON_NEGATIVE = (k.NUM_EXAMPLES, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER, k.MAX_GRAD_NORM, k.DELTA)
-STATUSES = (k.STATUS_TRAINED, k.STATUS_DECLINED)
+# Replies that carry metrics: trained (with an update), or declined, refused or failed after training
+# (client/app.py) without one. Only `trained` replies are aggregated.
+STATUSES = (k.STATUS_TRAINED, k.STATUS_DECLINED, k.STATUS_REFUSED, k.STATUS_FAILED)
+MAX_REASON = 500  # characters of a client's reason kept in the ledger
 
 
 def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
@@ -43,6 +46,10 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
     status = info[k.STATUS]
     if status not in STATUSES:
         return f"unknown status {status!r}"
+    if not isinstance(info[k.CLIENT_NAME], str) or not info[k.CLIENT_NAME].strip():
+        return "the client's name is not a non-empty string"
+    if not isinstance(info.get(k.REASON, ""), str):
+        return f"`{k.REASON}` is not a string"
     problem = _metrics_problem(content.get(k.METRICS), trained=status == k.STATUS_TRAINED)
     if problem or status != k.STATUS_TRAINED:
         return problem
@@ -52,7 +59,7 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
         reference, problem = _at_reply_rank(content[k.ARRAYS], reference)
         if problem:
             return problem
-    problem = arrays_problem(content[k.ARRAYS], reference)
+    problem = arrays_problem(content[k.ARRAYS], reference) or _unmoved(content[k.ARRAYS], reference)
     if problem or max_update_norm == math.inf:
         return problem
     norm = update_norm(content[k.ARRAYS], reference)
@@ -113,6 +120,15 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
             return f"{key} cannot be decoded ({type(err).__name__})"
         if not np.isfinite(values).all():
             return f"{key} has NaN or Inf values"
+    return None
+
+
+def _unmoved(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
+    """Fail closed (Opacus #820): a reply that says it trained but carries its LoRA matrices exactly
+    as they were sent comes from training that never reached them; it is not averaged."""
+    lora = [key for key in reference.keys() if "lora_" in key]
+    if lora and all(np.array_equal(arrays[key].numpy(), reference[key].numpy()) for key in lora):
+        return "says it trained, but no LoRA weight changed (Opacus issue #820); the update is not used"
     return None
 
 

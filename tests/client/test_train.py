@@ -1,6 +1,7 @@
 """Local training learns, and FedProx keeps the client near the global weights."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from fedtune.client.train import train_round
 from fedtune.config import DPConfig, TrainConfig
 from fedtune.models.evaluate import evaluate
+from fedtune.privacy.accountant import epsilon
 
 
 @pytest.mark.parametrize("length_buckets", [False, True])
@@ -18,7 +20,9 @@ def test_local_training_without_dp_improves_accuracy(tiny_model, tokenized, tiny
     loss_before, acc_before = evaluate(tiny_model, tokenized)
     result = train_round(tiny_model, tokenized, cfg, [], proximal_mu=0.0, seed=0)
     loss_after, acc_after = evaluate(tiny_model, tokenized)
-    assert result.history == [] and result.steps == 4 * 8
+    assert result.steps == 4 * 8
+    assert result.history == [(0.0, 1 / 8, 32)], "steps without noise are on record"
+    assert math.isinf(epsilon("prv", result.history, 1e-5)), "so the client's ε is infinite from then on"
     assert loss_after < loss_before and acc_after > acc_before
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_simulate import TINY, fedtune
-from tests.privacy.independent import history_from_ledger, independent_epsilon
+from fedtune.privacy.independent import independent_epsilon
+from tests.integration.test_simulate import TINY, fedtune, history_from_ledger
 
 pytestmark = pytest.mark.integration
 TARGET = 3.0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.privacy.independent import history_from_ledger, independent_epsilon
+from fedtune.privacy.independent import independent_epsilon
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,11 @@ noise_multiplier = 0.6
 demo_examples = 360
 test_fraction = 0.25
 """
+
+
+def history_from_ledger(entries: list[dict]) -> list[tuple[float, float, int]]:
+    """The (sigma, q, steps) runs a client's ledger entries describe (rounds it took steps in)."""
+    return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries if e.get("steps")]
 
 
 def fedtune(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
 from fedtune.data.text import TokenizedTexts
 from fedtune.privacy.accountant import epsilon
 from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
-from tests.privacy.independent import independent_epsilon
+from fedtune.privacy.independent import independent_epsilon
 from tests.privacy.noise_only import NoiseOnly
 
 

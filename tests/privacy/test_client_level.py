@@ -14,8 +14,8 @@ from fedtune.privacy.client_level import (
     client_level_epsilon,
     combined_noise_multiplier,
 )
+from fedtune.privacy.independent import independent_epsilon
 from fedtune.privacy.ledger import PrivacyLedger
-from tests.privacy.independent import independent_epsilon
 
 
 @pytest.mark.parametrize("z, q, rounds, delta", [

@@ -4,7 +4,7 @@ independent implementation, built from the same sigma, q and steps."""
 import pytest
 
 from fedtune.privacy.accountant import epsilon
-from tests.privacy.independent import independent_epsilon
+from fedtune.privacy.independent import independent_epsilon
 
 DELTA = 1e-5
 

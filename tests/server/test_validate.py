@@ -107,9 +107,12 @@ def test_after_rejection_the_aggregate_is_finite_and_ignores_the_bad_update():
 def test_reply_problem_accepts_what_the_client_app_sends():
     """The checks agree with the ClientApp's own reply: the real metric keys, a real adapter."""
     import torch
+    from flwr.app import Context
 
-    from fedtune.client.app import _reply, _report
+    from fedtune.client.app import _report, _Round
+    from fedtune.client.state import ClientState
     from fedtune.config import FedtuneConfig
+    from fedtune.privacy.policy import PrivacyPolicy
 
     cfg = FedtuneConfig()
     state = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
@@ -117,7 +120,9 @@ def test_reply_problem_accepts_what_the_client_app_sends():
     report = _report(cfg, [(1.0, 0.1, 5)], num_examples=40, loss=0.9, steps=5, sample_rate=0.1,
                      bytes_up=update.count_bytes())
     instruction = Message(RecordDict(), dst_node_id=4, message_type="train")
-    sent = _reply(instruction, "clinic-d", k.STATUS_TRAINED, report, update)
+    context = Context(run_id=1, node_id=4, node_config={}, state=RecordDict(), run_config={})
+    round_ = _Round(instruction, context, cfg, "clinic-d", PrivacyPolicy(), server_round=1, num_examples=40)
+    sent = round_.finish(ClientState(), k.STATUS_TRAINED, report, arrays=update)
     assert reply_problem(sent, ArrayRecord(torch_state_dict={n: torch.zeros_like(t) for n, t in state.items()})) is None
 
 

@@ -34,7 +34,11 @@ def reply(node: int, state: dict[str, np.ndarray]) -> Message:
 
 
 def check(state: dict[str, np.ndarray], sent_rank: int = 8, lower_rank: bool = True,
-          max_update_norm: float = math.inf) -> str | None:
+          max_update_norm: float = math.inf, trained: bool = True) -> str | None:
+    """The reason `state` is refused as a reply to a node sent the global adapter at `sent_rank`.
+    `trained`: B moved a little, as training moves it (an unmoved reply is refused: fail closed)."""
+    if trained:
+        state = {name: value + np.float32(1e-3) if "lora_B" in name else value for name, value in state.items()}
     sent = {1: record(truncate(GLOBAL, sent_rank))}
     _, rejected = reject_malformed([reply(1, state)], record(GLOBAL), max_update_norm, sent, lower_rank)
     return rejected[0][1] if rejected else None
@@ -69,3 +73,11 @@ def test_the_update_norm_is_measured_from_what_the_client_held():
     moved = {**view, HEAD: view[HEAD] + np.array([3.0, 4.0, 0.0], dtype=np.float32)}  # norm 5 by hand
     assert check(moved, max_update_norm=5.01) is None
     assert "update norm 5" in check(moved, max_update_norm=4.99)
+
+
+def test_a_reply_whose_lora_weights_did_not_move_is_refused():
+    """Fail closed (Opacus #820): "trained" but the LoRA matrices are exactly as sent."""
+    assert "no LoRA weight changed" in check(GLOBAL, trained=False)
+    assert "no LoRA weight changed" in check(truncate(GLOBAL, 4), trained=False)
+    head_only = {**GLOBAL, HEAD: GLOBAL[HEAD] + 1.0}
+    assert "no LoRA weight changed" in check(head_only, trained=False)

@@ -1,0 +1,75 @@
+"""ε by an implementation independent of Opacus: Google's dp-accounting, for the same mechanism.
+
+fedtune's ledger and budgets use Opacus' accountants (privacy/accountant.py). An auditor who
+checks the ledger (`fedtune privacy-verify`, privacy/verify.py) should not have to trust the same
+code, so this module recomputes ε from the recorded (σ, q, steps) with dp-accounting instead:
+its PLD accountant where the run used Opacus' PRV (both near-exact numerical methods), its RDP
+accountant at Opacus' Rényi orders where the run used RDP. The mechanism is the same: each step
+a Poisson-subsampled Gaussian, under add/remove-one neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import dp_accounting as dpa
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from opacus.accountants import RDPAccountant
+
+PLD_DISCRETIZATION = 1e-3  # dp-accounting's pessimistic PLD: ε is rounded up, never down
+
+
+def _accountant(kind: str) -> dpa.PrivacyAccountant:
+    if kind == "prv":
+        return PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                             value_discretization_interval=PLD_DISCRETIZATION)
+    return RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    # dp-accounting's RDP warns (through absl) for every fractional order whose series does not
+    # converge and leaves that order out; one ε can print hundreds of such lines.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def epsilons_along(kind: str, runs: Iterable[Sequence[float]], delta: float) -> list[float]:
+    """The cumulative ε after each (sigma, q, steps) run of a history, composed incrementally;
+    inf from the first run without noise on."""
+    accountant, out, unbounded, composed = _accountant(kind), [], False, False
+    with _quiet():
+        for sigma, q, steps in runs:
+            if int(steps) > 0 and float(sigma) <= 0.0:
+                unbounded = True
+            elif int(steps) > 0:
+                accountant.compose(dpa.PoissonSampledDpEvent(float(q), dpa.GaussianDpEvent(float(sigma))), int(steps))
+                composed = True
+            out.append(math.inf if unbounded else float(accountant.get_epsilon(delta)) if composed else 0.0)
+    return out
+
+
+def independent_epsilon(kind: str, history: Sequence[Sequence[float]], delta: float) -> float:
+    """Cumulative ε of a whole history; 0 for none."""
+    along = epsilons_along(kind, history, delta)
+    return along[-1] if along else 0.0
+
+
+def independent_client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
+                                     delta: float) -> float:
+    """Client-level DP (privacy/client_level.py): `rounds` Poisson-subsampled Gaussian releases,
+    by dp-accounting's RDP accountant, as fedtune accounts them with Opacus' RDP."""
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return independent_epsilon("rdp", [(noise_multiplier, sample_rate, rounds)], delta)

@@ -1,0 +1,122 @@
+"""An institution's own privacy policy: the weakest protection it will train under, whatever the
+server's message asks for.
+
+The run config reaches a client inside the server's message, so in a deployment the coordinator
+chooses it. An institution that needs its guarantee to hold against the coordinator sets its
+limits in its SuperNode's node config; a request that breaks them is refused (the client records
+the refusal and replies `refused` with the reason) and no record is touched.
+
+Whose policy applies (`node_policy`):
+- A node that reads its own file (node config `data-path`) is an institution. Every key has a
+  strict default: DP-SGD required, reproducible noise refused, and a node-local `state-dir`
+  required for its privacy state.
+- A node that trains on a partition of the run's own dataset (`partition-id`, as `fedtune
+  simulate` and Flower's simulation give every node) holds no data of its own: the data is the
+  coordinator's. Keys its node config leaves out default to the run config, and its state goes
+  where the server names if it sets no `state-dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune import constants as k
+from fedtune.config import DPConfig, FedtuneConfig
+from fedtune.errors import ConfigError
+
+# Node config keys, their types and what each means (also the text of a refused value's error).
+KEYS: dict[str, tuple[type, str]] = {
+    k.NODE_STATE_DIR: (str, "a directory on this node for its privacy state, e.g. \"/secure/fedtune\""),
+    k.NODE_REQUIRE_DP: (bool, "true (train only under DP-SGD with noise) or false"),
+    k.NODE_EPSILON_BUDGET: (float, "a positive ε such as 8.0"),
+    k.NODE_MAX_DELTA: (float, "a δ in (0, 1) such as 1e-5"),
+    k.NODE_MIN_NOISE_MULTIPLIER: (float, "a noise multiplier >= 0 such as 0.8"),
+    k.NODE_ALLOW_REPRODUCIBLE_NOISE: (bool, "false (the default) or true"),
+    k.NODE_ADOPT_LEDGER_SPENDING: (bool, "true, once, after this node lost its privacy state"),
+}
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """What an institution allows. `source` says where it came from, for refusals and the report."""
+
+    state_dir: str = ""  # empty: no node-local place for the privacy state (an institution then refuses)
+    require_dp: bool = True
+    epsilon_budget: float = math.inf
+    max_delta: float = 1.0  # 1.0: no cap of its own; δ < 1/n is always checked
+    min_noise_multiplier: float = 0.0
+    allow_reproducible_noise: bool = False
+    adopt_ledger_spending: bool = False  # the operator's explicit reset after a lost state (client/app.py)
+    source: str = "node config"  # "node config" (an institution) or "run config" (a partition of the run's data)
+
+    def __post_init__(self) -> None:
+        if not self.epsilon_budget > 0:
+            raise ConfigError(f"Invalid node config `{k.NODE_EPSILON_BUDGET}`: {self.epsilon_budget!r}; use "
+                              f"{KEYS[k.NODE_EPSILON_BUDGET][1]}.")
+        if not 0 < self.max_delta <= 1:
+            raise ConfigError(f"Invalid node config `{k.NODE_MAX_DELTA}`: {self.max_delta!r}; use "
+                              f"{KEYS[k.NODE_MAX_DELTA][1]}.")
+        if not 0 <= self.min_noise_multiplier < math.inf:
+            raise ConfigError(f"Invalid node config `{k.NODE_MIN_NOISE_MULTIPLIER}`: {self.min_noise_multiplier!r}; "
+                              f"use {KEYS[k.NODE_MIN_NOISE_MULTIPLIER][1]}.")
+
+    @property
+    def institution(self) -> bool:
+        return self.source == "node config"
+
+    def refusal(self, dp: DPConfig, num_examples: int) -> str | None:
+        """Why a round under `dp` (σ already resolved) breaks this policy, or None. One sentence
+        naming the run option and the node config key, for the ledger and the operator."""
+        if self.institution and not self.state_dir:
+            return (f"no node-local `{k.NODE_STATE_DIR}` in the node config: this institution keeps its privacy "
+                    "state only on its own disk; set state-dir to a private directory")
+        if not dp.enabled or dp.noise_multiplier == 0:
+            if self.require_dp:
+                asked = "dp.enabled = false" if not dp.enabled else "dp.noise_multiplier = 0"
+                return f"the run asks for training without noise ({asked}), but `{k.NODE_REQUIRE_DP}` is true"
+            return None
+        if dp.reproducible_noise and not self.allow_reproducible_noise:
+            return ("the run asks for dp.reproducible_noise, noise derived from a seed the server knows, but "
+                    f"`{k.NODE_ALLOW_REPRODUCIBLE_NOISE}` is false")
+        if dp.delta > self.max_delta:
+            return f"the run asks for dp.delta = {dp.delta:g}, above `{k.NODE_MAX_DELTA}` = {self.max_delta:g}"
+        if dp.delta * num_examples >= 1:
+            return (f"the run asks for dp.delta = {dp.delta:g}, which is not below 1/n for this institution's "
+                    f"n = {num_examples} training records")
+        if dp.noise_multiplier < self.min_noise_multiplier:
+            return (f"the run's noise multiplier {dp.noise_multiplier:.4g} is below `{k.NODE_MIN_NOISE_MULTIPLIER}` "
+                    f"= {self.min_noise_multiplier:g}")
+        return None
+
+    def tighten(self, dp: DPConfig) -> DPConfig:
+        """The run's DP settings under this policy's ε budget: the lower budget applies, and a
+        target ε above it is lowered to it, so the noise is solved for what the institution allows."""
+        if self.epsilon_budget >= dp.epsilon_budget:
+            return dp
+        budget = self.epsilon_budget
+        return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=min(dp.target_epsilon, budget))
+
+
+def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state_dir: str) -> PrivacyPolicy:
+    """The policy this node trains under (see the module docstring for whose it is)."""
+    own = {key: _read(node_config, key) for key in KEYS if key in node_config}
+    values = {key.replace("-", "_"): value for key, value in own.items()}
+    if k.DATA_PATH in node_config or k.PARTITION_ID not in node_config:
+        return PrivacyPolicy(**values, source="node config")
+    run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=cfg.dp.epsilon_budget,
+               max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise)
+    return PrivacyPolicy(**{**run, **values}, source="run config")
+
+
+def _read(node_config: Mapping[str, Any], key: str) -> Any:
+    """One node config value, checked against its key's type (Flower parses TOML values)."""
+    value, (kind, hint) = node_config[key], KEYS[key]
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and (kind is not str or value.strip()):
+        return value
+    raise ConfigError(f"Invalid node config `{key}`: {value!r}; use {hint}.")

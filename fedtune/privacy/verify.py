@@ -1,0 +1,158 @@
+"""`fedtune privacy-verify RUN_DIR`: an auditor's check of a run's privacy ledger.
+
+It trusts neither the clients' reported ε nor Opacus. From each client's ledger entries alone
+(σ, q, steps, n, δ) and the run's config.toml it checks that:
+- every reported ε is at least what Google's dp-accounting computes for the recorded history
+  (privacy/independent.py), up to the two accountants' numerical difference (RELATIVE_SLACK);
+- a client's ε never decreases from one entry to the next;
+- δ < 1/n for the n records the client reported;
+- q and the steps match n, the batch size and the local epochs (privacy/budget.py's schedule);
+- no reported ε exceeds the run's budget;
+- each status is coherent: trained rounds took steps, declined and refused ones none, a refusal
+  says why, rounds come in order;
+- the client-level ε, when the run had client-level DP, matches dp-accounting too.
+
+Each violation names the client, the round, the field, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune import constants as k
+from fedtune.config import FedtuneConfig
+from fedtune.privacy.budget import poisson_schedule
+from fedtune.privacy.independent import epsilons_along, independent_client_level_epsilon
+from fedtune.privacy.ledger import read_ledger
+
+# A reported ε may sit this far below dp-accounting's figure before it counts as under-reported:
+# Opacus' PRV reports the upper end of its error interval (about +0.01) and dp-accounting's PLD
+# rounds pessimistically; measured apart by under 1% (tests/privacy/test_independent_accountant.py).
+RELATIVE_SLACK = 0.01
+ABSOLUTE_SLACK = 0.01
+NO_STEPS = (k.STATUS_DECLINED, k.STATUS_REFUSED)
+
+
+@dataclass(frozen=True)
+class Violation:
+    client: str
+    round: int | None
+    field: str
+    expected: str
+    found: str
+
+    def line(self) -> str:
+        where = "" if self.round is None else f" round {self.round}"
+        return f"{self.client}{where}: {self.field}: expected {self.expected}, found {self.found}"
+
+
+@dataclass(frozen=True)
+class Verification:
+    clients: int
+    entries: int
+    violations: list[Violation]
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "clients": self.clients, "entries": self.entries,
+                "violations": [asdict(v) | {"line": v.line()} for v in self.violations]}
+
+
+def verify_run(run_dir: Path) -> Verification:
+    """Check RUN_DIR's privacy ledger against its config (raises FedtuneError if either is unreadable)."""
+    from fedtune.server.run_dir import RunDirectory
+
+    ledger = read_ledger(Path(run_dir))
+    cfg = RunDirectory.existing(Path(run_dir)).config()
+    violations: list[Violation] = []
+    entries = 0
+    for name, rows in sorted(ledger["clients"].items()):
+        entries += len(rows)
+        violations += list(_client(name, rows, ledger["accountant"], bool(ledger["dp_enabled"]), cfg))
+    violations += list(_client_level(ledger.get("client_level")))
+    return Verification(len(ledger["clients"]), entries, violations)
+
+
+def _client(name: str, rows: list[dict[str, Any]], kind: str, dp_on: bool, cfg: FedtuneConfig) -> Iterator[Violation]:
+    reported = [row for row in rows if "epsilon" in row]  # failures the server recorded carry no figures
+    history = [(row["noise_multiplier"], row["sample_rate"], row["steps"]) for row in reported]
+    expected = epsilons_along(kind, history, cfg.dp.delta) if dp_on else [math.inf] * len(reported)
+    cap = min(cfg.dp.epsilon_budget, cfg.dp.target_epsilon) if cfg.dp.target_epsilon > 0 else cfg.dp.epsilon_budget
+    previous_round, highest = -1, 0.0
+    for row, independent in zip(reported, expected, strict=True):
+        bad = _Row(name, row)
+        if row["round"] < previous_round:
+            yield bad("round", f">= {previous_round} (entries in round order)", row["round"])
+        previous_round = row["round"]
+        yield from _status(bad, row, dp_on)
+        if row["steps"]:
+            yield from _schedule(bad, row, cfg)
+        found = math.inf if row["epsilon"] is None else float(row["epsilon"])
+        if found < highest * (1 - 1e-9):
+            yield bad("epsilon", f">= {highest:.4f} (a client's ε never decreases)", f"{found:.4f}")
+        if found < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
+            yield bad("epsilon", f"{_eps(independent)} (dp-accounting, from the ledger's σ, q and steps)", _eps(found))
+        if found > cap * (1 + 1e-9) and row["status"] != k.STATUS_REFUSED:
+            yield bad("epsilon", f"<= {cap:g} (the run's ε budget)", _eps(found))
+        highest = max(highest, found)
+
+
+class _Row:
+    """Makes the Violations of one ledger entry."""
+
+    def __init__(self, client: str, row: dict[str, Any]) -> None:
+        self.client, self.round = client, row.get("round")
+
+    def __call__(self, field: str, expected: Any, found: Any) -> Violation:
+        return Violation(self.client, self.round, field, str(expected), str(found))
+
+
+def _status(bad: _Row, row: dict[str, Any], dp_on: bool) -> Iterator[Violation]:
+    status, steps = row["status"], row["steps"]
+    if status not in (k.STATUS_TRAINED, k.STATUS_REJECTED, k.STATUS_FAILED, *NO_STEPS):
+        yield bad("status", "trained, rejected, failed, declined or refused", status)
+    elif status in NO_STEPS and steps:
+        yield bad("steps", f"0 (a {status} round trains nothing)", steps)
+    elif status in (k.STATUS_TRAINED, k.STATUS_REJECTED) and not steps:
+        yield bad("steps", f"> 0 (a {status} round ran local training)", steps)
+    if status == k.STATUS_REFUSED and not row.get("reason"):
+        yield bad("reason", "the institution's reason for refusing", "none")
+    if dp_on and status in (k.STATUS_TRAINED, k.STATUS_REJECTED) and row["noise_multiplier"] > 0 \
+            and row["epsilon"] is None:
+        yield bad("epsilon", "a finite ε (the round trained with noise)", "null")
+
+
+def _schedule(bad: _Row, row: dict[str, Any], cfg: FedtuneConfig) -> Iterator[Violation]:
+    n = row.get("num_examples")
+    if not isinstance(n, int) or n <= 0:
+        yield bad("num_examples", "the client's record count (written by fedtune >= 0.2)", n)
+        return
+    if row["delta"] * n >= 1:
+        yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} records)", f"{row['delta']:g}")
+    q, steps = poisson_schedule(n, cfg.train.batch_size, cfg.train.local_epochs)
+    if not math.isclose(row["sample_rate"], q, rel_tol=1e-9):
+        yield bad("sample_rate", f"{q:.6g} (n = {n}, batch size {cfg.train.batch_size})", f"{row['sample_rate']:.6g}")
+    if row["steps"] != steps:
+        yield bad("steps", f"{steps} (n = {n}, batch size {cfg.train.batch_size}, {cfg.train.local_epochs} "
+                           "local epochs)", row["steps"])
+
+
+def _client_level(entry: dict[str, Any] | None) -> Iterator[Violation]:
+    if not entry or entry.get("epsilon") is None:
+        return
+    independent = independent_client_level_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["rounds"],
+                                                    entry["delta"])
+    if entry["epsilon"] < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
+        yield Violation("client-level", None, "epsilon", f"{_eps(independent)} (dp-accounting RDP)",
+                        _eps(entry["epsilon"]))
+
+
+def _eps(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.4f}"

@@ -1,0 +1,79 @@
+"""The ledger's side of "ε never resets silently".
+
+Each client remembers its own spending (client/state.py), and the server's ledger records what
+each one reported. Two checks tie them together:
+- Before a round, every train message carries the ledger's record of its client's spending, so a
+  client whose own state holds less (lost or replaced) refuses to train (client/app.py). Nodes
+  the server cannot name yet (a resumed simulation gives every node a new id) are asked who
+  they are first, with one small `query.identify` message each.
+- After a round, the server recomputes each reporting client's ε from the ledger's (σ, q, steps)
+  with its own accountant, and marks an entry whose reported ε is below that `state_lost`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from rich.progress import Progress
+
+from fedtune import constants as k
+from fedtune.privacy.accountant import epsilon, merged
+from fedtune.privacy.ledger import PrivacyLedger
+
+# A reported ε may sit this far below the recomputed one before it counts as lost state: the two
+# come from the same accountant and history, so only floating-point rounding separates them.
+RELATIVE_TOLERANCE = 1e-6
+
+
+def unnamed(messages: list[Message], node_names: dict[int, str], ledger: PrivacyLedger) -> list[int]:
+    """The nodes among `messages`' destinations that must say who they are: unknown to the server
+    while the ledger holds spending by a client it cannot place on any known node."""
+    unplaced = set(ledger.clients) - set(node_names.values())
+    if not unplaced:
+        return []
+    return [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in node_names]
+
+
+def identify(grid: Grid, nodes: list[int], node_names: dict[int, str], progress: Progress,
+             timeout_s: float | None, exchange) -> None:
+    """Ask `nodes` their client names (`exchange` is the round loop's send-and-collect); a node
+    that does not answer stays unnamed and trains without a ledger record to compare with."""
+    queries = [Message(RecordDict(), dst_node_id=node, message_type=k.IDENTIFY) for node in nodes]
+    for reply in exchange(grid, queries, "identify", progress, timeout_s):
+        info = None if reply.has_error() else reply.content.get(k.CLIENT_INFO)
+        name = info.get(k.CLIENT_NAME) if isinstance(info, ConfigRecord) else None
+        if isinstance(name, str) and name.strip():
+            node_names[reply.metadata.src_node_id] = name
+
+
+def with_recorded_spending(messages: list[Message], ledger: PrivacyLedger, node_names: dict[int, str]) -> None:
+    """Give each train message its own copy of the config, holding the ledger's record of its
+    client's spending (nothing for a client the ledger does not know). Only that client's record
+    goes to it: what other institutions spent stays with the server."""
+    for message in messages:
+        name = node_names.get(message.metadata.dst_node_id)
+        spent = merged(ledger.spent(name)) if name else []
+        if spent:
+            content = message.content
+            config = ConfigRecord({**content[k.CONFIG], k.LEDGER_SPENT: json.dumps(spent)})
+            message.content = RecordDict({**{key: content[key] for key in content.keys()}, k.CONFIG: config})
+
+
+def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[str]:
+    """Recompute, for each client with an entry in `round_`, its ε from the ledger's history, and mark
+    the entry `state_lost` when the ε it reported is lower. Returns the names flagged."""
+    flagged = []
+    for name, entries in ledger.clients.items():
+        entry = next((e for e in reversed(entries) if e["round"] == round_ and e.get("epsilon") is not None), None)
+        if entry is None:
+            continue
+        history = merged(ledger.spent(name))
+        recomputed = epsilon(ledger.accountant, history, entry.get("delta", delta))
+        if math.isfinite(recomputed) and entry["epsilon"] < recomputed * (1 - RELATIVE_TOLERANCE):
+            entry["state_lost"] = True
+            entry["epsilon_recomputed"] = recomputed
+            flagged.append(name)
+    return flagged

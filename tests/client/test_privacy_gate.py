@@ -1,0 +1,108 @@
+"""Before training, a client checks the server's request against its own privacy policy and its
+remembered spending against the ledger's record of it; it refuses, with the reason on record,
+when either does not hold. After training, an update no optimizer step reached is not sent."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedtune import constants as k
+from fedtune.client import app as client_app
+from fedtune.client.state import load_state
+from fedtune.client.train import TrainResult
+from fedtune.config import FedtuneConfig
+from fedtune.data.demo import LABELS, make_demo_dataset
+from fedtune.models.adapter import to_record
+from fedtune.models.build import build_model
+
+pytestmark = pytest.mark.usefixtures("flower_run")
+RUN = {"clients": 2, "data.demo_examples": 80, "train.batch_size": 8, "lora.r": 2, "dp.delta": 1e-3}
+
+
+def _cfg(**options) -> FedtuneConfig:
+    return FedtuneConfig.from_flat({**RUN, "data.labels": list(LABELS), **options})
+
+
+def _message(cfg: FedtuneConfig, server_dir: str = "", **extra) -> Message:
+    model = build_model(cfg.model, cfg.lora, num_labels=len(LABELS), seed=cfg.seed)
+    config = {**cfg.to_flat(), k.SERVER_ROUND: 1, k.CLIENT_STATE_DIR: server_dir, **extra}
+    return Message(RecordDict({k.ARRAYS: to_record(model), k.CONFIG: ConfigRecord(config)}), dst_node_id=7,
+                   message_type="train")
+
+
+def _context(**node_config) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _institution(tmp_path, **node_config) -> Context:
+    """An institution's node: its own data file, and whatever else its operator set."""
+    path = tmp_path / "notes.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows((e.text, LABELS[e.label]) for e in make_demo_dataset(40, seed=3))
+    return _context(**{"client-name": "clinic-a", k.DATA_PATH: str(path), **node_config})
+
+
+def _status(reply: Message) -> tuple[str, str]:
+    info = reply.content[k.CLIENT_INFO]
+    return info[k.STATUS], info.get(k.REASON, "")
+
+
+def test_an_institution_refuses_a_run_without_dp_and_records_why(tmp_path):
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state")})
+    reply = client_app.train(_message(_cfg(**{"dp.enabled": False})), context)
+    status, reason = _status(reply)
+    assert status == k.STATUS_REFUSED and "require-dp" in reason
+    assert k.ARRAYS not in reply.content and reply.content[k.METRICS][k.STEPS] == 0
+    own = json.loads((tmp_path / "state" / "clinic-a.json").read_text())["ledger"]
+    assert [(e["status"], "require-dp" in e["reason"]) for e in own] == [(k.STATUS_REFUSED, True)]
+
+
+def test_an_institution_ignores_a_state_dir_the_server_names(tmp_path):
+    reply = client_app.train(_message(_cfg(), server_dir=str(tmp_path / "server-chosen")), _institution(tmp_path))
+    status, reason = _status(reply)
+    assert status == k.STATUS_REFUSED and "state-dir" in reason
+    assert not (tmp_path / "server-chosen").exists()
+
+
+def test_a_node_that_lost_its_state_refuses_and_reports_no_lower_epsilon(tmp_path):
+    """The review's case: a deleted state file made ε restart from nothing (4.39 -> 6.58 -> 4.39)."""
+    cfg, node = _cfg(), {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
+    first = client_app.train(_message(cfg, str(tmp_path)), _context(**node))
+    assert _status(first)[0] == k.STATUS_TRAINED
+    spent = first.content[k.METRICS]
+    ledger = [[spent[k.NOISE_MULTIPLIER], spent[k.SAMPLE_RATE], spent[k.STEPS]]]
+    (tmp_path / "client-0000.json").unlink()  # a new process (fresh Context) without its file
+    again = client_app.train(_message(cfg, str(tmp_path), **{k.LEDGER_SPENT: json.dumps(ledger)}), _context(**node))
+    status, reason = _status(again)
+    assert status == k.STATUS_REFUSED and "lost" in reason and k.NODE_ADOPT_LEDGER_SPENDING in reason
+    assert again.content[k.METRICS][k.EPSILON] == pytest.approx(spent[k.EPSILON])
+
+
+def test_the_operator_can_continue_from_the_ledgers_record(tmp_path):
+    cfg = _cfg()
+    node = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2, k.NODE_ADOPT_LEDGER_SPENDING: True}
+    ledger = [[1.0, 0.25, 4]]
+    reply = client_app.train(_message(cfg, str(tmp_path), **{k.LEDGER_SPENT: json.dumps(ledger)}), _context(**node))
+    assert _status(reply)[0] == k.STATUS_TRAINED
+    assert reply.content[k.CLIENT_INFO][k.ADOPTED_LEDGER_SPENDING] == 1
+    history = load_state(_context(**node), "client-0000", str(tmp_path)).history
+    assert history[0] == (1.0, 0.25, 4) and sum(s for _, _, s in history) > 4, "continued from the ledger's record"
+
+
+def test_training_that_moves_no_lora_weight_fails_closed_and_keeps_its_spending(tmp_path, monkeypatch):
+    """Opacus #820: steps were taken (they count) but the optimizer never reached LoRA."""
+    def no_op_round(model, data, cfg, history, proximal_mu, seed):
+        return TrainResult(0.5, 4, 0.25, [*history, (1.0, 0.25, 4)])
+
+    monkeypatch.setattr(client_app, "train_round", no_op_round)
+    reply = client_app.train(_message(_cfg(), str(tmp_path)), _context(**{k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}))
+    status, reason = _status(reply)
+    assert status == k.STATUS_FAILED and "#820" in reason
+    assert k.ARRAYS not in reply.content and reply.content[k.METRICS][k.STEPS] == 4
+    assert load_state(_context(), "client-0000", str(tmp_path)).history == [(1.0, 0.25, 4)]

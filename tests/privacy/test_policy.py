@@ -1,0 +1,98 @@
+"""An institution's own privacy policy (node config) bounds what the server's message may ask."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from fedtune.config import DPConfig, FedtuneConfig
+from fedtune.errors import ConfigError
+from fedtune.privacy.budget import within_budget
+from fedtune.privacy.policy import PrivacyPolicy, node_policy
+
+OWN_FILE = {"data-path": "/data/notes.csv", "state-dir": "/secure/fedtune"}  # an institution's node
+
+
+def policy(cfg: FedtuneConfig | None = None, server_dir: str = "runs/x/client_state", **node) -> PrivacyPolicy:
+    return node_policy(node, cfg or FedtuneConfig(), server_dir)
+
+
+def request(**dp) -> DPConfig:
+    return dataclasses.replace(DPConfig(), **dp)
+
+
+def test_an_institution_reading_its_own_file_has_strict_defaults():
+    own = policy(**OWN_FILE)
+    assert (own.source, own.state_dir, own.require_dp, own.allow_reproducible_noise) == \
+        ("node config", "/secure/fedtune", True, False)
+    assert own.refusal(request(), 1000) is None
+
+
+def test_an_institution_without_a_node_local_state_dir_refuses():
+    reason = policy(**{"data-path": "/data/notes.csv"}).refusal(request(), 1000)
+    assert "state-dir" in reason
+
+
+@pytest.mark.parametrize("asked, says", [
+    (dict(enabled=False), "dp.enabled = false"),
+    (dict(noise_multiplier=0.0), "dp.noise_multiplier = 0"),
+    (dict(reproducible_noise=True), "allow-reproducible-noise"),
+    (dict(delta=0.3), "not below 1/n"),
+])
+def test_whatever_the_server_asks_an_institution_never_trains_under_weaker_protection(asked, says):
+    """The review's cases: dp.enabled=false, reproducible noise and δ = 0.3 from the server."""
+    reason = policy(**OWN_FILE).refusal(request(**asked), 1000)
+    assert reason is not None and says in reason
+
+
+def test_own_limits_on_delta_and_sigma():
+    strict = policy(**OWN_FILE, **{"max-delta": 1e-6, "min-noise-multiplier": 0.8})
+    assert "max-delta" in strict.refusal(request(delta=1e-5), 100)
+    assert "min-noise-multiplier" in strict.refusal(request(delta=1e-7, noise_multiplier=0.5), 100)
+    assert strict.refusal(request(delta=1e-7, noise_multiplier=0.8), 100) is None
+
+
+def test_an_institution_may_allow_what_it_chooses():
+    relaxed = policy(**OWN_FILE, **{"require-dp": False, "allow-reproducible-noise": True})
+    assert relaxed.refusal(request(enabled=False), 100) is None
+    assert relaxed.refusal(request(reproducible_noise=True), 100) is None
+
+
+def test_a_partition_of_the_runs_own_data_follows_the_run_config():
+    """Simulation (and any node training on the run's own dataset): the data is the server's."""
+    cfg = FedtuneConfig.from_nested({"dp": {"enabled": False}})
+    simulated = policy(cfg, **{"partition-id": 0, "num-partitions": 3})
+    assert (simulated.source, simulated.state_dir, simulated.require_dp) == \
+        ("run config", "runs/x/client_state", False)
+    assert simulated.refusal(cfg.dp, 100) is None
+    pinned = policy(cfg, **{"partition-id": 0, "num-partitions": 3, "require-dp": True})  # a key set by its operator
+    assert "require-dp" in pinned.refusal(cfg.dp, 100)
+
+
+@pytest.mark.parametrize("run_budget, own, applied", [(math.inf, 4.0, 4.0), (3.0, 8.0, 3.0), (math.inf, 2, 2.0)])
+def test_the_lower_of_the_two_budgets_applies(run_budget, own, applied):
+    dp = request(epsilon_budget=run_budget)
+    assert policy(**OWN_FILE, **{"epsilon-budget": own}).tighten(dp).epsilon_budget == applied
+
+
+def test_a_run_target_above_the_institutions_budget_is_lowered_to_it():
+    dp = policy(**OWN_FILE, **{"epsilon-budget": 3.0}).tighten(request(target_epsilon=8.0))
+    assert (dp.target_epsilon, dp.epsilon_budget) == (3.0, 3.0)
+
+
+def test_a_tight_node_budget_makes_the_client_decline():
+    history = [(1.0, 0.1, 50)]  # one round already spent: (sigma, q, steps)
+    assert within_budget(DPConfig(), history, 400, 40, 1), "the run alone has no cap"
+    capped = policy(**OWN_FILE, **{"epsilon-budget": 0.5}).tighten(DPConfig())
+    assert not within_budget(capped, history, 400, 40, 1)
+
+
+@pytest.mark.parametrize("key, bad", [("epsilon-budget", 0), ("epsilon-budget", -1.0), ("epsilon-budget", "8"),
+                                      ("epsilon-budget", True), ("require-dp", "yes"), ("max-delta", 1.5),
+                                      ("min-noise-multiplier", -0.1), ("state-dir", " "),
+                                      ("allow-reproducible-noise", 1)])
+def test_an_invalid_node_config_value_is_refused_with_its_key(key, bad):
+    with pytest.raises(ConfigError, match=key):
+        policy(**{**OWN_FILE, key: bad})

@@ -1,0 +1,96 @@
+"""`fedtune privacy-verify`: every ledger figure is rechecked with dp-accounting and the run's config,
+and each violation names the client, round and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedtune.cli import cli
+from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
+from fedtune.privacy.accountant import epsilon, other
+from fedtune.privacy.client_level import ClientLevelAccount
+from fedtune.privacy.ledger import LEDGER, PrivacyLedger
+from fedtune.privacy.verify import verify_run
+from fedtune.server.run_dir import RunDirectory
+
+N, BATCH, DELTA = 64, 16, 1e-5  # q = 1/4, 4 steps a round
+
+
+def entries(rounds: int, sigma: float = 1.0, status: str = "trained", kind: str = "prv") -> list[dict]:
+    """A client's entries as fedtune writes them: ε from Opacus over the whole history so far."""
+    rows, history = [], []
+    for round_ in range(1, rounds + 1):
+        history.append((sigma, 0.25, 4))
+        rows.append({"round": round_, "status": status, "num_examples": N, "noise_multiplier": sigma,
+                     "max_grad_norm": 1.0, "sample_rate": 0.25, "steps": 4, "delta": DELTA,
+                     "epsilon": epsilon(kind, history, DELTA), f"epsilon_{other(kind)}": epsilon(other(kind), history,
+                                                                                                  DELTA)})
+    return rows
+
+
+def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), client_level=None):
+    cfg = FedtuneConfig(rounds=3, clients=len(clients), train=TrainConfig(batch_size=BATCH),
+                        dp=DPConfig(delta=DELTA, epsilon_budget=budget))
+    path = RunDirectory.create(tmp_path / "run", cfg).path
+    ledger = PrivacyLedger("prv", True, {name: rows for name, rows in clients.items()}, client_level)
+    (path / LEDGER).write_text(json.dumps(ledger.to_dict()))
+    return path
+
+
+def found(path) -> list[tuple[str, int | None, str]]:
+    return [(v.client, v.round, v.field) for v in verify_run(path).violations]
+
+
+def test_a_ledger_as_fedtune_writes_it_passes(tmp_path):
+    path = run(tmp_path, {"a": entries(3), "b": entries(2, sigma=1.4)})
+    result = CliRunner().invoke(cli, ["privacy-verify", str(path)])
+    assert result.exit_code == 0, result.output
+    assert verify_run(path).passed
+
+
+def test_an_epsilon_lowered_by_hand_is_named_with_client_and_round(tmp_path):
+    rows = entries(3)
+    rows[2]["epsilon"] *= 0.9  # still above round 2's, so only the recomputation sees it
+    path = run(tmp_path, {"a": rows, "b": entries(3)})
+    assert found(path) == [("a", 3, "epsilon")]
+    result = CliRunner().invoke(cli, ["privacy-verify", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[0].startswith("a round 3: epsilon: expected ")
+
+
+def test_an_epsilon_that_decreases_is_a_violation(tmp_path):
+    """The review's lost state: 4.39 -> 6.58 -> 4.39."""
+    rows = entries(3)
+    rows[2]["epsilon"] = rows[0]["epsilon"]
+    assert ("a", 3, "epsilon") in found(run(tmp_path, {"a": rows}))
+    assert any("never decreases" in v.expected for v in verify_run(tmp_path / "run").violations)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(num_examples=200_000), "delta"),  # δ = 1e-5 is not below 1/n
+    (dict(sample_rate=0.2), "sample_rate"),  # n = 64, B = 16: q = 1/4
+    (dict(steps=5), "steps"),
+    (dict(num_examples=None), "num_examples"),
+])
+def test_inconsistent_sampling_figures_are_violations(tmp_path, change, field):
+    rows = entries(2)
+    rows[1].update(change)
+    assert ("a", 2, field) in found(run(tmp_path, {"a": rows}))
+
+
+def test_a_budget_exceeded_and_incoherent_statuses_are_violations(tmp_path):
+    over = entries(3)
+    declined = entries(1) + [{**entries(2)[1], "status": "declined"}]  # a declined round with steps
+    refused = [{**entries(1)[0], "status": "refused", "steps": 0}]  # refused without a reason
+    path = run(tmp_path, {"a": over, "b": declined, "c": refused}, budget=over[1]["epsilon"] + 0.01)
+    assert set(found(path)) >= {("a", 3, "epsilon"), ("b", 2, "steps"), ("c", 1, "reason")}
+
+
+def test_the_client_level_epsilon_is_rechecked(tmp_path):
+    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 0.5, 10, 1e-3).to_dict()
+    assert verify_run(run(tmp_path / "ok", {"a": entries(1)}, client_level=account)).passed
+    lowered = {**account, "epsilon": account["epsilon"] / 2}
+    assert found(run(tmp_path / "low", {"a": entries(1)}, client_level=lowered)) == [("client-level", None, "epsilon")]
