@@ -1,12 +1,13 @@
 """Client-level DP accounting: the ε of the noised aggregate, for one institution as a whole.
 
 The mechanism (Flower's DP strategy wrappers, composed in strategies/client_dp.py) releases,
-each round, the mean over the m sampled institutions of their clipped updates (L2 norm <= C)
-plus Gaussian noise of std z*C/m: a Gaussian mechanism with noise multiplier z on the sum,
-whose sensitivity is C when one institution's contribution is replaced by nothing
-(add/remove or zero-out neighbouring, Kairouz et al. 2021). Institutions are sampled at
-rate q = m / N; R such releases compose. ε comes from Opacus' RDP accountant for the
-Poisson-subsampled Gaussian, the same analysis (and library) as the sample-level ε.
+each round, the sum of the cohort's clipped updates (L2 norm <= C) divided by m, the expected
+cohort size, plus Gaussian noise of std z*C/m: a Gaussian mechanism with noise multiplier z on
+the sum, whose sensitivity is C when one institution's contribution is replaced by nothing
+(add/remove or zero-out neighbouring, Kairouz et al. 2021). Each institution joins each round
+by its own coin flip with probability q = m / N (strategies/cohort.py): Poisson sampling, which
+is what the analysis assumes. R such releases compose. ε comes from Opacus' RDP accountant for
+the Poisson-subsampled Gaussian, the same analysis (and library) as the sample-level ε.
 
 Pure functions and one small record; nothing here knows about Flower.
 """
@@ -75,5 +76,7 @@ class ClientLevelAccount:
 
     def to_dict(self) -> dict[str, Any]:
         eps = self.epsilon
-        return {**asdict(self), "epsilon": None if math.isinf(eps) else eps, "accountant": ACCOUNTANT}
+        sampling = "poisson" if self.sample_rate < 1 else "every institution, every round"
+        return {**asdict(self), "epsilon": None if math.isinf(eps) else eps, "accountant": ACCOUNTANT,
+                "sampling": sampling}
 

@@ -216,10 +216,16 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve()),
                                    k.LEARNING_RATE: learning_rate})
             messages = list(strategy.configure_train(round_, arrays, config, grid))
-            if unknown := unnamed(messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
+            if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
                 identify(grid, unknown, state.node_names, progress, inputs.timeout_s, exchange)
             with_recorded_spending(messages, ledger, state.node_names)  # a client that lost its state refuses
             label = f"round {round_}/{cfg.rounds} train"
+            if cfg.dp.secagg and len(messages) == 1:
+                # A Poisson cohort of one (client-level DP): SecAgg+ cannot hide a single update, so that
+                # institution is not asked; the round is a noise-only release, which depends on no one's data.
+                inputs.console.print(f"round {round_}: one institution sampled; with SecAgg+ the round releases "
+                                     "noise only", markup=False, highlight=False)
+                messages = []
             if cfg.dp.secagg:  # SecAgg+ (server/secagg.py) needs every participant's message at once
                 replies = secure_exchange(grid, messages, label, progress, inputs.timeout_s)
             else:

@@ -28,13 +28,15 @@ from fedtune.privacy.ledger import PrivacyLedger
 RELATIVE_TOLERANCE = 1e-6
 
 
-def unnamed(messages: list[Message], node_names: dict[int, str], ledger: PrivacyLedger) -> list[int]:
+def unnamed(grid: Grid, messages: list[Message], node_names: dict[int, str], ledger: PrivacyLedger) -> list[int]:
     """The nodes among `messages`' destinations that must say who they are: unknown to the server
-    while the ledger holds spending by a client it cannot place on any known node."""
-    unplaced = set(ledger.clients) - set(node_names.values())
-    if not unplaced:
+    while the ledger holds spending by a client it cannot place on any connected node (a resumed
+    simulation's nodes all have new ids; the checkpoint's names belong to the old ones)."""
+    unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in node_names]
+    if not unknown:
         return []
-    return [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in node_names]
+    placed = {node_names[node] for node in grid.get_node_ids() if node in node_names}
+    return unknown if set(ledger.clients) - placed else []
 
 
 def identify(grid: Grid, nodes: list[int], node_names: dict[int, str], progress: Progress,

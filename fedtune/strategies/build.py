@@ -41,11 +41,16 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
 def _sampling(cfg: FedtuneConfig) -> dict[str, float | int]:
     """Flower samples max(int(connected * fraction), min_nodes). A fixed count is given as both
     fraction and minimum, so it is exact whatever the float rounding of count / clients; a
-    fraction stays a fraction of the clients connected at the time."""
+    fraction stays a fraction of the clients connected at the time. Under client-level DP every
+    connected node is asked, and strategies/cohort.py keeps each by its own coin flip."""
     s = cfg.strategy
     if s.clients_per_round:
         sampled, evaluating = cfg.clients_sampled(), cfg.clients_evaluating()
-        return dict(fraction_train=sampled / cfg.clients, min_train_nodes=sampled,
-                    fraction_evaluate=evaluating / cfg.clients, min_evaluate_nodes=max(evaluating, 1))
-    return dict(fraction_train=s.fraction_train, min_train_nodes=1,
-                fraction_evaluate=s.fraction_train * s.fraction_evaluate, min_evaluate_nodes=1)
+        sampling = dict(fraction_train=sampled / cfg.clients, min_train_nodes=sampled,
+                        fraction_evaluate=evaluating / cfg.clients, min_evaluate_nodes=max(evaluating, 1))
+    else:
+        sampling = dict(fraction_train=s.fraction_train, min_train_nodes=1,
+                        fraction_evaluate=s.fraction_train * s.fraction_evaluate, min_evaluate_nodes=1)
+    if cfg.dp.client_dp != "off":
+        sampling.update(fraction_train=1.0, min_train_nodes=1)
+    return sampling

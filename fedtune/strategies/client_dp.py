@@ -2,8 +2,9 @@
 
 The stack, outermost first:
     Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping  clip (server side), noise
-    ZeroFilledMean                                                         mean over the m sampled
-    FedAvg / FedProx                                                       sampling, messages, metrics
+    ZeroFilledMean                                                         sum over the cohort / m
+    PoissonCohort (strategies/cohort.py)                                   each node by a coin flip, q = m/N
+    FedAvg / FedProx                                                       messages to every node, metrics
 
 Flower's wrappers add noise of std z*C/m to whatever the inner strategy returns, which is right
 only if that is the unweighted mean of m clipped updates. FedAvg weights by examples (one large
@@ -44,15 +45,17 @@ from fedtune.privacy.client_level import (
     adaptive_noise_inputs,
     combined_noise_multiplier,
 )
+from fedtune.strategies.cohort import PoissonCohort
 from fedtune.strategies.wrapper import StrategyWrapper
 
 
 class ZeroFilledMean(StrategyWrapper):
-    """Aggregate train replies as global + (sum of updates) / m, m fixed; forward everything else.
+    """Aggregate train replies as global + (sum of updates) / m, m fixed (the expected number of
+    institutions per round, whatever the cohort's size); forward everything else.
 
     Metrics still come from the inner strategy (example-weighted loss, worst ε)."""
 
-    def __init__(self, strategy: FedAvg, num_sampled_clients: int) -> None:
+    def __init__(self, strategy: Strategy, num_sampled_clients: int) -> None:
         super().__init__(strategy)
         self.num_sampled_clients = num_sampled_clients
         self.current_arrays = ArrayRecord()
@@ -65,10 +68,7 @@ class ZeroFilledMean(StrategyWrapper):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        m = self.num_sampled_clients
-        if len(replies) > m:
-            raise FedtuneError(f"Round {server_round}: {len(replies)} updates for {m} sampled institutions; "
-                               "client-level DP is calibrated to m.")
+        m = self.num_sampled_clients  # the expected cohort: Poisson sampling may send more or fewer
         metrics = self.strategy.aggregate_train(server_round, replies)[1] if replies else None
         names = list(self.current_arrays.keys())
         base = [a.astype(np.float64) for a in self.current_arrays.to_numpy_ndarrays()]
@@ -198,11 +198,12 @@ _REPLY_COUNT_FILTER = _DropReplyCountWarning()
 
 
 def with_client_dp(strategy: FedAvg, cfg: FedtuneConfig) -> Strategy:
-    """`strategy` under client-level DP as cfg.dp asks (client_dp must not be `off`)."""
+    """`strategy` under client-level DP as cfg.dp asks (client_dp must not be `off`). `strategy`
+    asks every connected node to train (strategies/build.py); each is kept with probability m/N."""
     logging.getLogger("flwr").addFilter(_REPLY_COUNT_FILTER)  # once: addFilter keeps no duplicates
     dp = cfg.dp
     m = cfg.clients_sampled()
-    inner = ZeroFilledMean(strategy, m)
+    inner = ZeroFilledMean(PoissonCohort(strategy, m / cfg.clients) if m < cfg.clients else strategy, m)
     wrapper = WRAPPERS[(dp.client_dp, dp.client_dp_side)]
     accounting = dict(sample_rate=m / cfg.clients, delta=dp.delta)
     if dp.client_dp == "fixed":

@@ -28,7 +28,7 @@ def test_client_level_dp_run_finishes_and_the_ledger_accounts_it(tmp_path):
     assert ledger_of(out)["client_level"] == {
         "clipping": "fixed", "side": "server", "noise_multiplier": 0.8, "clipping_norm": 0.5, "sample_rate": 1.0,
         "rounds": 2, "delta": 1e-5, "epsilon": pytest.approx(client_level_epsilon(0.8, 1.0, 2, 1e-5)),
-        "accountant": "rdp"}
+        "accountant": "rdp", "sampling": "every institution, every round"}
     assert {e["status"] for entries in ledger_of(out)["clients"].values() for e in entries} == {"trained"}
     rows = rows_of(out)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["num_clients"] == 3

@@ -1,5 +1,7 @@
 """Crash safety: a run killed between rounds resumes; no client's ε is reset and no ledger
-entry is lost. Runs with --target-epsilon, so it also checks the solved sigma end to end."""
+entry is lost, even for a client whose state file was deleted meanwhile (it refuses to train
+rather than restart from ε = 0). Runs with --target-epsilon, so it also checks the solved sigma
+end to end, and `fedtune privacy-verify` passes on the result."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tests.integration.test_simulate import TINY, fedtune, history_from_ledger
 
 pytestmark = pytest.mark.integration
 TARGET = 3.0
+LOST = "client-0001"
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -48,10 +51,16 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
                        "--target-epsilon", str(TARGET)]), run / "checkpoints" / "round_0001.pt")
     before = _ledger(run)
     assert not (run / "summary.json").exists(), "the run really was cut short"
+    (run / "client_state" / f"{LOST}.json").unlink()  # one institution loses its privacy state
 
     result = fedtune("simulate", "--resume", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     after = _ledger(run)
+    lost = [e for e in after[LOST] if e["round"] > 1 and not e.get("interrupted")]
+    assert lost and all(e["status"] == "refused" and "lost" in e["reason"] for e in lost), \
+        "a client that lost its state refuses instead of restarting its ε from nothing"
+    verified = fedtune("privacy-verify", str(run))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
     for name, entries in after.items():
         assert entries[:len(before[name])] == before[name], "no entry written before the crash is lost"
@@ -62,6 +71,8 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
         assert spent[-1] == pytest.approx(independent_epsilon("prv", history_from_ledger(entries), 1e-5), rel=0.01)
         # The institution's own copy holds every round the server heard of (and any it spent on
         # while the server was down), and its last ε is the latest.
+        if name == LOST:
+            continue
         own = json.loads((run / "client_state" / f"{name}.json").read_text())["ledger"]
         heard = Counter(e["round"] for e in entries if e["status"] != "failed")
         assert not heard - Counter(e["round"] for e in own)

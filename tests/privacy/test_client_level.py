@@ -67,7 +67,7 @@ def test_account_to_dict_shape():
     assert account.to_dict() == {
         "clipping": "adaptive", "side": "client", "noise_multiplier": 1.0, "clipping_norm": 0.3,
         "sample_rate": 0.5, "rounds": 2, "delta": 1e-5, "epsilon": client_level_epsilon(1.0, 0.5, 2, 1e-5),
-        "accountant": "rdp"}
+        "accountant": "rdp", "sampling": "poisson"}
     assert ClientLevelAccount("fixed", "server", 0.0, 1.0, 1.0, 2, 1e-5).to_dict()["epsilon"] is None  # unbounded
 
 
