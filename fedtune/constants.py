@@ -54,8 +54,6 @@ STATUS_REFUSED = "refused"  # the request broke the institution's privacy policy
 STATUS_FAILED = "failed"
 # Trained (so it spent ε), but the server refused the update (server/validate.py): not aggregated.
 STATUS_REJECTED = "rejected"
-# The statuses whose rounds ran DP-SGD steps and so spent privacy budget.
-SPENT_STATUSES = (STATUS_TRAINED, STATUS_REJECTED)
 SECAGG_INFO_PREFIX = "client."  # SecAgg+: CLIENT_INFO entries travel in the legacy FitRes metrics as client.<key>
 
 # Node config keys (Flower sets the first two in simulation).

@@ -53,6 +53,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     delta = settings.get("delta") or next((e["delta"] for rows in entries.values() for e in rows if "delta" in e),
                                           None)
     clients = [_client(name, rows, kind, dp_on, rounds, settings) for name, rows in entries.items()]
+    policies = sorted({e["policy"] for rows in entries.values() for e in rows if e.get("policy")})
     top = max(clients, key=lambda c: _float(c["epsilon"]), default=None)
     top = top if top and _float(top["epsilon"]) > 0 else None  # nobody spent anything: no "top" client
     budget = settings.get("epsilon_cap")  # None: config.toml unreadable, budget unknown
@@ -61,9 +62,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "run_dir": str(run_dir.resolve()),
         "dp_enabled": dp_on,
         "unit": ledger.get("unit", UNIT),
-        "neighbouring_relation": "add/remove one record",
+        "neighbouring_relation": NEIGHBOURS,
         "accountant": _accountant(kind, delta),
         "sampling": "poisson",
+        "policies": policies,  # whose privacy policy the clients applied: "node config", "run config"
         "delta": delta,
         "epsilon_budget": budget,
         "target_epsilon": settings.get("target_epsilon"),
@@ -77,12 +79,29 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "rounds_declined": sum(c["rounds_declined"] for c in clients),
         "rounds_failed": sum(c["rounds_failed"] for c in clients),
         "rounds_rejected": sum(c["rounds_rejected"] for c in clients),
+        "rounds_refused": sum(c["rounds_refused"] for c in clients),
+        "clients_state_lost": [c["name"] for c in clients if c["state_lost"]],
         "clients_over_budget": [c["name"] for c in clients if c["within_budget"] is False],
         "client_level": _clean(ledger["client_level"], True) if ledger.get("client_level") else None,
         "settings": settings,
         "audit": _read_audit(run_dir),  # None unless `fedtune audit` made this run
+        "verification": _verification(run_dir),  # `fedtune privacy-verify`'s result
         "clients": clients,
     }
+
+
+NEIGHBOURS = ("add/remove one record of one institution, with that institution's record count n public: q, the "
+              "number of steps and the averaging depend on n, and n is reported to the server in the clear")
+
+
+def _verification(run_dir: Path) -> dict[str, Any] | None:
+    """privacy/verify.py's independent check of the ledger; None when config.toml cannot be read."""
+    from fedtune.privacy.verify import verify_run
+
+    try:
+        return verify_run(run_dir).to_dict()
+    except FedtuneError:
+        return None
 
 
 def _settings(run_dir: Path) -> dict[str, Any]:
@@ -107,8 +126,9 @@ def _settings(run_dir: Path) -> dict[str, Any]:
 def _client(name: str, entries: list[dict[str, Any]], kind: str, dp_on: bool, rounds: int,
             settings: dict[str, Any]) -> dict[str, Any]:
     """One institution: its cumulative ε (the latest entry that carries one) and its parameters."""
-    # Rounds that ran DP-SGD: trained, or trained but the update refused by the server (still spent).
-    trained = [e for e in entries if e["status"] in k.SPENT_STATUSES]
+    # Rounds that ran local steps: trained, trained but the update refused by the server (rejected),
+    # or failed after training (fail closed); all spent.
+    trained = [e for e in entries if e.get("steps")]
     reported = [e for e in entries if "epsilon" in e]  # failed rounds report nothing
     latest = reported[-1] if reported else {}
     last = trained[-1] if trained else {}
@@ -124,12 +144,16 @@ def _client(name: str, entries: list[dict[str, Any]], kind: str, dp_on: bool, ro
         "noise_multiplier": last.get("noise_multiplier"),
         "max_grad_norm": last.get("max_grad_norm"),
         "sample_rate": last.get("sample_rate"),
+        "num_examples": last.get("num_examples"),
+        "expected_batch": (last["num_examples"] * last["sample_rate"]) if last.get("num_examples") else None,
         "parameters_changed": len(params) > 1,
         "steps": sum(e["steps"] for e in trained),
         "rounds_trained": sum(e["status"] == k.STATUS_TRAINED for e in committed),
         "rounds_declined": sum(e["status"] == k.STATUS_DECLINED for e in committed),
         "rounds_failed": sum(e["status"] == k.STATUS_FAILED for e in committed),
         "rounds_rejected": sum(e["status"] == k.STATUS_REJECTED for e in committed),
+        "rounds_refused": sum(e["status"] == k.STATUS_REFUSED for e in committed),
+        "state_lost": any(e.get("state_lost") for e in entries),
         "rounds_interrupted": len(entries) - len(committed),
         "within_budget": None if not dp_on or budget is None else _float(eps) <= _float(budget),
         "records_at_most": _records_at_most(trained, settings.get("batch_size")),
@@ -140,13 +164,21 @@ def _client(name: str, entries: list[dict[str, Any]], kind: str, dp_on: bool, ro
 
 
 def _records_at_most(trained: list[dict[str, Any]], batch: int | None) -> int | None:
-    """Opacus' Poisson loader uses q = 1/ceil(n/B), so an institution holds at most B/q records."""
+    """The largest record count the institution reported; for ledgers without it, the bound from
+    the schedule (q = 1/ceil(n/B), so at most B/q records)."""
+    counts = [e["num_examples"] for e in trained if e.get("num_examples")]
+    if counts:
+        return max(counts)
     qs = [e["sample_rate"] for e in trained if e.get("sample_rate")]
     return round(batch / min(qs)) if batch and qs else None
 
 
 def _delta_check(trained: list[dict[str, Any]], batch: int | None, delta: float | None) -> bool | None:
-    """δ < 1/n, from the bounds B(1/q - 1) < n <= B/q; None when the ledger cannot tell."""
+    """δ < 1/n for the record counts reported; for ledgers without them, from the bounds
+    B(1/q - 1) < n <= B/q. None when the ledger cannot tell."""
+    counts = [e["num_examples"] for e in trained if e.get("num_examples")]
+    if counts and delta:
+        return all(delta * n < 1 for n in counts)
     qs = [e["sample_rate"] for e in trained if e.get("sample_rate")]
     if not (batch and qs and delta):
         return None
@@ -338,6 +370,7 @@ def _sections(r: dict[str, Any]) -> list[tuple[str, list[Block]]]:
         ("Summary", _summary(r)),
         ("What is protected", _protected(r)),
         ("Privacy spent per institution", _spent(r)),
+        ("Independent check", _independent_check(r)),
         *([("Empirical privacy audit", _audit(r))] if r.get("audit") else []),
         ("Client-level differential privacy", _client_level(r)),
         ("How ε was computed", _method(r)),
@@ -361,27 +394,47 @@ def _summary(r: dict[str, Any]) -> list[Block]:
     paragraphs = [("DP-SGD was on, but **" + ", ".join(unprotected) + " trained without noise (ε = ∞): their "
                    "records have no formal protection.** The other institutions' records" if unprotected else
                    "Each institution's records")
-                  + " are protected by sample-level differential privacy (DP-SGD): every model update an "
-                  "institution sent to the server would have been almost as likely had any one of its records "
-                  "been left out of, or added to, its data.",
-                  " ".join(_facts(r))]
-    if r["epsilon_max_client"] and r["epsilon_max"] != INF:
-        paragraphs.append(f"What ε means: the presence or absence of any one record changes the probability of "
-                          f"any outcome by a factor of at most e^ε (≈ {_ratio(r['epsilon_max'])} here), "
-                          "except with probability δ. Smaller ε is stronger protection.")
+                  + " are protected by sample-level differential privacy (DP-SGD): adding or removing any one of "
+                  "an institution's records changes the probability of any update it sent by at most a factor of "
+                  "e^ε, except with probability δ" + (f" (for the largest ε here, e^ε ≈ {_ratio(r['epsilon_max'])})."
+                                                     if r["epsilon_max_client"] and r["epsilon_max"] != INF else ".")
+                  + " Smaller ε is stronger protection; at the ε of most deployed systems (1 to 10) the factor is "
+                  "large, and the protection is against learning much about one record, not against any inference.",
+                  " ".join(_facts(r)), _against_whom(r)]
     cl = r["client_level"]
     paragraphs.append(
         "Client-level differential privacy was off: the guarantee is about individual records; it does not hide "
         "whether an institution took part, nor its data as a whole." if cl is None else
         f"Client-level differential privacy was on as well: the aggregated model also hides any one institution's "
         f"whole contribution, up to ε = {_eps(cl.get('epsilon'))} at δ = {_g(cl.get('delta'))}.")
-    seeded = r["settings"].get("reproducible_noise", True)
-    paragraphs.append("Not covered: the training loss, example counts and evaluation results that institutions "
-                      "reported to the server were sent as they are, without noise. "
-                      + ("The noise was derived from the run seed, which the server knows (reproducible_noise): "
-                         "the guarantee does not hold against the server. " if seeded else "")
-                      + "See the sections below.")
+    paragraphs.append("Not covered: the record counts, training losses and evaluation results that institutions "
+                      "reported to the server were sent as they are, without noise. See the sections below.")
     return paragraphs
+
+
+def _against_whom(r: dict[str, Any]) -> str:
+    """Against whom the guarantee holds, from the privacy policies the clients applied (ledger
+    `policy`, privacy/policy.py) and the run's noise seeding."""
+    if r["settings"].get("reproducible_noise", True):
+        return ("**Not against the server**: the run used `dp.reproducible_noise`, noise derived from a seed the "
+                "server knows, which it could regenerate and subtract; research use only. The guarantee still holds "
+                "against anyone who sees only the released model.")
+    policies = r["policies"]
+    if policies == ["node config"]:
+        return ("**Against the server**: the noise was added inside each institution before anything left it, under "
+                "the privacy policy in that institution's own node config: whatever the server asked, an institution "
+                "refused weaker settings (no DP, reproducible noise, δ or σ outside its limits). This holds provided "
+                "each institution runs unmodified fedtune with the node config its operator set.")
+    if policies == ["run config"]:
+        return ("**Who set the parameters**: the institutions trained on partitions of the coordinator's own dataset "
+                "(a simulation), under the run's config, so no institution enforced a policy of its own. The noise was "
+                "added before any update left a client; the guarantee holds against anyone who sees the updates or "
+                "the model, for the parameters recorded here.")
+    if not policies:
+        return ("**Against whom**: this ledger does not record whose privacy policy the clients applied (written by "
+                "an older fedtune); the noise was added inside each client before anything left it.")
+    return ("**Against whom**: some institutions applied their own node-config policy and some the run's config (see "
+            "the per-round detail, column policy); the guarantee holds against the server only for the former.")
 
 
 def _facts(r: dict[str, Any]) -> list[str]:
@@ -423,16 +476,17 @@ def _protected(r: dict[str, Any]) -> list[Block]:
     return [[
         "**Unit of privacy**: one record (one training example) of one institution: sample-level DP. "
         f"Ledger: \"{r['unit']}\".",
-        "**Neighbouring datasets**: an institution's data with one record added or removed (add/remove-one). "
-        "Opacus' accountants analyse each DP-SGD step as a Poisson-subsampled Gaussian mechanism under this "
-        "relation (RDP: Mironov, Talwar & Zhang 2019; PRV: Gopi, Lee & Wutschitz 2021). If you need "
-        "*replace-one* neighbours, a replacement is a removal plus an addition, so group privacy gives "
-        "(2ε, (1 + e^ε)·δ).",
+        "**Neighbouring datasets**: an institution's data with one record added or removed (add/remove-one), "
+        "**with its record count n treated as public**. Each institution's sampling rate q = 1/⌈n/B⌉, its number "
+        "of steps and the scaling of its update follow from n, and n is sent to the server in the clear; the "
+        "(ε, δ) holds between neighbouring datasets run with the recorded q and steps. Opacus' accountants analyse "
+        "each DP-SGD step as a Poisson-subsampled Gaussian mechanism under this relation (RDP: Mironov, Talwar & "
+        "Zhang 2019; PRV: Gopi, Lee & Wutschitz 2021). If you need *replace-one* neighbours, a replacement is a "
+        "removal plus an addition, so group privacy gives (2ε, (1 + e^ε)·δ).",
         "**Each institution has its own guarantee**, from its own accounting; ε is not summed across "
         "institutions. The unit is a record, not a person: a person with several records, at one institution or "
         "at several, is protected less (composition / group privacy).",
-        "**Against whom**: noise is added inside each institution before anything leaves it, so the guarantee "
-        "holds against the server and anyone who sees the updates or the resulting model.",
+        _against_whom(r),
     ]]
 
 
@@ -440,13 +494,15 @@ def _spent(r: dict[str, Any]) -> list[Block]:
     kind, other_kind = r["accountant"]["name"].upper(), r["accountant"]["other"].upper()
     interrupted = any(c["rounds_interrupted"] for c in r["clients"])
     rejected = any(c["rounds_rejected"] for c in r["clients"])
-    header = ["institution", f"ε ({kind})", f"ε ({other_kind})", "δ", "σ", "C", "q", "steps",
-              "trained", *(["rejected"] if rejected else []), "declined", "failed",
+    refused = any(c["rounds_refused"] for c in r["clients"])
+    header = ["institution", f"ε ({kind})", f"ε ({other_kind})", "δ", "σ", "C", "n", "q", "n·q", "steps",
+              "trained", *(["rejected"] if rejected else []), "declined", *(["refused"] if refused else []), "failed",
               *(["interrupted"] if interrupted else []), "within budget"]
     rows = [[f"`{c['name']}`", _eps(c["epsilon"]), _eps(c["epsilon_other"]), _g(c["delta"]),
              _g(c["noise_multiplier"]) + ("*" if c["parameters_changed"] else ""), _g(c["max_grad_norm"]),
-             _g(c["sample_rate"]), str(c["steps"]), str(c["rounds_trained"]),
-             *([str(c["rounds_rejected"])] if rejected else []), str(c["rounds_declined"]),
+             _g(c["num_examples"]), _g(c["sample_rate"]), _g(c["expected_batch"]), str(c["steps"]),
+             str(c["rounds_trained"]), *([str(c["rounds_rejected"])] if rejected else []), str(c["rounds_declined"]),
+             *([str(c["rounds_refused"])] if refused else []),
              str(c["rounds_failed"]), *([str(c["rounds_interrupted"])] if interrupted else []),
              {True: "yes", False: "**no**", None: "–"}[c["within_budget"]]] for c in r["clients"]]
     if not rows:
@@ -458,9 +514,12 @@ def _spent(r: dict[str, Any]) -> list[Block]:
                       f"{_eps(r['epsilon_max_other'])}.")
     blocks.append(
         "ε is cumulative: the institution's spending over every round it trained, as of its latest ledger entry. "
-        "σ (noise multiplier), C (clipping norm) and q (sampling rate) are from its latest trained round "
-        "(* where they changed between rounds: see the per-round detail); steps are all local DP-SGD steps "
-        "it ran. Declined and failed rounds send no update and cost nothing."
+        "σ (noise multiplier), C (clipping norm), n (its training records) and q (sampling rate) are from its "
+        "latest trained round (* where they changed between rounds: see the per-round detail); n·q is the "
+        "expected size of a Poisson batch; steps are all local DP-SGD steps it ran. Declined and refused rounds "
+        "train nothing and cost nothing. A failed round may have cost ε: a client that failed after training "
+        "(fail closed, or a crash) or whose reply came too late still took its steps; the client's own state "
+        "counts them, and its next report includes them, so they show up in its later ε."
         + (" Rejected rounds were trained, but the server refused the update (too large or malformed); "
            "they cost ε like any trained round." if rejected else "")
         + (" Interrupted rounds were trained and reported, but the run crashed before the server committed "
@@ -478,12 +537,40 @@ def _client_level(r: dict[str, Any]) -> list[Block]:
                 "dataset." + note]
     return [f"Client-level DP was **on**: each institution's whole update was clipped and Gaussian noise was "
             f"added to the aggregate, so the released global model hides any one institution's participation "
-            f"up to **ε = {_eps(cl.get('epsilon'))} at δ = {_g(cl.get('delta'))}**.",
+            f"up to **ε = {_eps(cl.get('epsilon'))} at δ = {_g(cl.get('delta'))}**. This is central DP: the server "
+            "adds the noise and is trusted with the updates it sees.",
             [f"clipping: {cl.get('clipping')} ({cl.get('side')} side), norm {_g(cl.get('clipping_norm'))}",
              f"noise multiplier: {_g(cl.get('noise_multiplier'))}",
-             f"sampling rate of institutions per round: {_g(cl.get('sample_rate'))}",
+             f"sampling of institutions: {_cohort(cl)}",
              f"rounds composed: {cl.get('rounds')}",
              f"accountant: {str(cl.get('accountant', '')).upper()}"]]
+
+
+def _cohort(cl: dict[str, Any]) -> str:
+    q = cl.get("sample_rate")
+    if q is not None and q >= 1:
+        return "every institution in every round (no amplification by sampling is claimed)"
+    if cl.get("sampling") == "poisson":
+        return (f"each institution joined each round by its own coin flip with probability q = {_g(q)} (Poisson "
+                "sampling, which the accounting assumes; the cohort size varied)")
+    return (f"rate q = {_g(q)}, by a fedtune older than Poisson sampling of institutions: it sampled a fixed number "
+            "per round, for which the Poisson accounting is not a proof")
+
+
+def _independent_check(r: dict[str, Any]) -> list[Block]:
+    v = r["verification"]
+    if v is None:
+        return ["Not run: config.toml could not be read, and the check needs the run's batch size and budget."]
+    intro = (f"`fedtune privacy-verify` recomputed every ε in the ledger ({v['entries']} entries of {v['clients']} "
+             "institutions) from its σ, q and steps with Google's dp-accounting, an implementation independent of "
+             "Opacus, and checked that no ε decreases, δ < 1/n, q and the steps match n and the batch size, no budget "
+             "was exceeded and the statuses are coherent.")
+    if v["passed"]:
+        return [intro + " **Every check passed.**"]
+    shown = [item["line"] for item in v["violations"][:20]]
+    more = len(v["violations"]) - len(shown)
+    return [intro + f" **It found {_count(len(v['violations']), 'violation')}; do not rely on the figures above until "
+            "each is explained:**", shown + ([f"… and {more} more (`fedtune privacy-verify`)"] if more else [])]
 
 
 def _method(r: dict[str, Any]) -> list[Block]:
@@ -510,10 +597,10 @@ def _method(r: dict[str, Any]) -> list[Block]:
         "**Composition**: each institution keeps one accountant history of (σ, q, steps) across all rounds and "
         "restarts; ε is computed from the whole history, over every local step it ran. Rounds it sat out add "
         "nothing.",
-        "**Sampling**: every institution trains with Opacus' Poisson sampling (`DPDataLoader`): each record joins "
-        "each step's batch independently with probability q = 1 / (batches per epoch). fedtune always asks "
-        "Opacus for it (`poisson_sampling=True`), so the sampling that the accountant assumes is the sampling "
-        "that ran. A step whose Poisson batch is empty is still taken (noise only) and counted.",
+        "**Sampling**: every institution trains with Poisson sampling (Opacus' `UniformWithReplacementSampler`): "
+        "each record joins each step's batch independently with probability q = 1/⌈n/B⌉, for exactly ⌈n/B⌉ steps "
+        "per local epoch, the schedule the accountant and the budget forecast use. A step whose Poisson batch is "
+        "empty is still taken (noise only) and counted.",
         "**Each step**: every record's gradient is clipped to L2 norm C, and Gaussian noise of standard "
         "deviation σ·C is added to their sum. All trained tensors go through it: the LoRA matrices, the "
         "classification head and the other modules trained in full (`lora.modules_to_save`).",
@@ -542,6 +629,12 @@ def _not_covered(r: dict[str, Any]) -> list[Block]:
          f"after evaluation, each round: `{k.NUM_EXAMPLES}`, `{k.EVAL_LOSS}` and `{k.EVAL_ACCURACY}` on the "
          "institution's local validation split. Validation records are never used in training, so DP-SGD gives "
          "them no protection at all;",
+         f"with every reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and process id), "
+         "when the reply arrived (how long the institution took to train, which grows with its data), and for a "
+         "refused or failed round the reason it gave;",
+         "in simulation, `partition_summary.json` and `partition.png`: each client's example count and label "
+         "histogram, computed by the coordinator from the dataset it split (no institution's private data when "
+         "institutions read their own files);",
          "whether an institution took part, declined or failed in each round (unless client-level DP is on, "
          "its participation is not hidden);",
          "the server's held-out data used for server-side evaluation (in simulation, the share "
@@ -555,29 +648,35 @@ def _assumptions(r: dict[str, Any]) -> list[Block]:
         "**δ must be well below 1/n** for an institution with n records (δ ≥ 1/n allows a mechanism that "
         f"publishes a whole record). {_delta_sentence(r)}",
         "**Composition over all local steps**: the accounting assumes each institution's history was kept "
-        "through the whole run (fedtune keeps it in the client's state and, in simulation, in `client_state/`). "
-        "A client that lost its state would under-report its ε.",
+        "through the whole run (fedtune keeps it in the client's state file and in Flower's context). A client "
+        "whose state holds less than the ledger records for it refuses to train until its operator adopts the "
+        "ledger's record (`adopt-ledger-spending`), and the server recomputes every reported ε from the ledger "
+        "and marks a lower one `state_lost`" + (f": **{', '.join(r['clients_state_lost'])}** reported one."
+                                                if r["clients_state_lost"] else "; none was."),
         "**Hyper-parameter tuning is not accounted**: if σ, C, the learning rate, the number of rounds or the "
         "budget were chosen by trying runs on the same private data, the real privacy cost is higher.",
         _randomness(r),
         "**Floating point**: the guarantee is for exact arithmetic; known floating-point attacks on the Gaussian "
         "mechanism are not mitigated (Opacus' `secure_mode` addresses them).",
-        "**Budget checks** use the same accountant: an institution declines a round whose projected ε after that "
-        "round would exceed the budget; ε is never reset.",
+        "**Budget checks** use the same accountant and the same schedule as training: an institution declines a "
+        "round whose projected ε after that round would exceed the budget.",
     ]
     return [items] if r["dp_enabled"] else ["None apply: without DP-SGD there is no guarantee to qualify."]
 
 
 def _randomness(r: dict[str, Any]) -> str:
     if r["settings"].get("reproducible_noise", True):
-        return ("**Randomness**: this run set `dp.reproducible_noise`: the DP noise and the Poisson sampling were "
-                "seeded from the run seed, the round and the institution's name. The server knows the seed and could "
-                "regenerate the noise, so the guarantee does not hold against the server; it still holds against "
-                "anyone who sees only the final adapter.")
-    return ("**Randomness**: in each round, each institution seeds PyTorch's generator for the DP noise and the "
-            "Poisson sampling from the operating system's secure randomness, and never sends the seed. PyTorch's "
-            "generator is not itself cryptographic (Opacus' `secure_mode` is off), which the standard analysis "
-            "does not require but a formal deployment may.")
+        return ("**Randomness** (research only): this run set `dp.reproducible_noise`: the Poisson sampling, the DP "
+                "noise and dropout each came from their own stream, derived from the run seed, the round and the "
+                "institution's name. The streams are independent of each other, but the server knows the seed and "
+                "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
+                "against anyone who sees only the final adapter.")
+    return ("**Randomness**: in each round, each institution draws three separate seeds from the operating "
+            "system's secure randomness, one each for the Poisson sampling, the DP noise and dropout, and never sends "
+            "them; the noise is therefore independent of which records were sampled, as the analysis assumes "
+            "(`tests/privacy/test_randomness.py` checks it statistically). PyTorch's generators are not themselves "
+            "cryptographic (Opacus' `secure_mode` is off), which the standard analysis does not require but a "
+            "formal deployment may.")
 
 
 def _delta_sentence(r: dict[str, Any]) -> str:
@@ -610,7 +709,8 @@ def _settings_table(r: dict[str, Any]) -> Table:
         rows.append(["config.toml", f"could not be read: {s['config_error']}"])
     else:
         rows += [["σ / C (configured)", f"{_g(s['noise_multiplier'])} / {_g(s['max_grad_norm'])}"],
-                 ["expected batch size B / local epochs", f"{s['batch_size']} / {s['local_epochs']}"],
+                 ["batch size B (the expected Poisson batch is n·q, per institution above) / local epochs",
+                  f"{s['batch_size']} / {s['local_epochs']}"],
                  ["fraction of institutions asked to train per round", _g(s["fraction_train"])],
                  ["client-level DP (configured)", s["client_dp"]],
                  ["secure aggregation (configured)", "on" if s["secagg"] else "off"], ["seed", str(s["seed"])]]
@@ -637,7 +737,11 @@ def _detail(r: dict[str, Any]) -> list[Block]:
 
 def _note(entry: dict[str, Any]) -> str:
     notes = [f"attempt {entry['attempt']}" if "attempt" in entry else "",
-             "interrupted before commit" if entry.get("interrupted") else "", str(entry.get("reason", ""))]
+             "interrupted before commit" if entry.get("interrupted") else "",
+             "reported ε below the ledger's record (state lost)" if entry.get("state_lost") else "",
+             "continued from the ledger's record (adopt-ledger-spending)"
+             if entry.get("adopted_ledger_spending") else "",
+             f"policy: {entry['policy']}" if entry.get("policy") else "", str(entry.get("reason", ""))]
     return "; ".join(n for n in notes if n)
 
 

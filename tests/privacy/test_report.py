@@ -11,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fedtune.cli import cli
-from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
+from fedtune.config import DPConfig, FedtuneConfig, TrainConfig, dump_config
 from fedtune.errors import FedtuneError
+from fedtune.privacy.accountant import epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.report import (
     PLOT_PNG,
@@ -241,3 +242,48 @@ def test_cli_exits_2_with_a_clear_message_on_a_missing_directory(tmp_path):
     assert result.exit_code == 2
     assert "does not exist" in result.output and "no-such-run" in result.output
     assert not missing.exists()
+
+
+def _text(tmp_path, entries, reproducible=False):
+    path = make_run(tmp_path, {"a": entries})
+    if reproducible:
+        cfg = RunDirectory.existing(path).config().with_overrides({"dp.reproducible_noise": True})
+        (path / "config.toml").write_text(dump_config(cfg))
+    return render_markdown(build_report(path))
+
+
+def test_the_report_states_the_factor_not_almost_as_likely(tmp_path):
+    """At ε = 8.4 the factor e^ε is about 4,400: "almost as likely" was not true."""
+    text = _text(tmp_path, [trained(1, 8.4)])
+    assert "almost as likely" not in text
+    assert "at most a factor of e^ε" in text and "4,447" in text
+
+
+@pytest.mark.parametrize("policy, reproducible, says, never", [
+    ("node config", False, "**Against the server**", "Not against the server"),
+    ("run config", False, "no institution enforced a policy of its own", "**Against the server**"),
+    ("node config", True, "**Not against the server**", "**Against the server**"),
+])
+def test_against_whom_follows_the_policy_in_force(tmp_path, policy, reproducible, says, never):
+    text = _text(tmp_path, [trained(1, 2.0, policy=policy)], reproducible=reproducible)
+    assert says in text and never not in text
+    assert "holds against the server and anyone" not in text  # the old unconditional sentence
+
+
+def test_the_report_says_only_what_is_true_about_costs_inputs_and_n(tmp_path):
+    text = _text(tmp_path, [trained(1, 2.0, num_examples=64), failed(2)])
+    assert "Declined and failed rounds send no update and cost nothing" not in text
+    assert "A failed round may have cost ε" in text
+    for must in ("peak_rss_mb", "partition_summary.json", "when the reply arrived", "record count n treated as public",
+                 "n·q", "separate seeds"):
+        assert must in text, must
+    assert "expected batch size B" not in text
+
+
+def test_the_independent_check_is_embedded(tmp_path):
+    history = [(1.0, 0.25, 4)]
+    right = trained(1, epsilon("prv", history, 1e-5), num_examples=64)
+    assert "**Every check passed.**" in _text(tmp_path / "ok", [right])
+    low = {**right, "epsilon": right["epsilon"] / 2}
+    text = _text(tmp_path / "low", [low])
+    assert "It found 1 violation" in text and "a round 1: epsilon: expected" in text
