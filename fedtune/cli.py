@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedtune import __version__
 from fedtune.config import FedtuneConfig, dump_config, load_config
@@ -335,6 +336,8 @@ def deploy_local(
     rounds: Annotated[int | None, Opt(help=f"Federated rounds (default: {D.rounds}, or the config file's).")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/deploy-<timestamp>).")] = None,
     config: Annotated[Path | None, Opt(help="TOML config file; only options listed in pyproject.toml's tool.flwr.app.config reach the ServerApp.")] = None,
+    no_dp: Annotated[bool, Opt("--no-dp", help="Ask the institutions to train without DP-SGD (each refuses if its node config says require-dp = true).")] = False,
+    node_config: Annotated[list[str] | None, Opt("--node-config", help="KEY=VALUE handed to every SuperNode's node config (repeatable), e.g. require-dp=true, epsilon-budget=8, max-delta=1e-5, min-noise-multiplier=0.8, allow-reproducible-noise=false, adopt-ledger-spending=true: each institution's own privacy policy, which the server's run config cannot weaken. Values are TOML (strings may be bare).")] = None,
     timeout: Annotated[float, Opt(help="Stop everything if the run has not finished after this many seconds.")] = 7200.0,
 ) -> None:
     """Run a federation on Flower's Deployment Engine on this machine: a SuperLink and one SuperNode
@@ -343,8 +346,14 @@ def deploy_local(
     Ctrl-C. The institutions' keys, state and logs are in RUN_DIR/deployment/; docs/deployment.md
     shows the same steps across machines. The last line printed is the run directory."""
     from fedtune.deploy.run import deploy_local as run_deployment
+    from fedtune.deploy.run import parse_node_config
 
-    run_dir, status = run_deployment(nodes, rounds, out, config, timeout, console)
+    try:
+        extra = parse_node_config(node_config or [])
+    except FedtuneError as err:
+        console.print(f"[bold red]Error:[/bold red] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    run_dir, status = run_deployment(nodes, rounds, out, config, timeout, console, node_config=extra, no_dp=no_dp)
     if run_dir is not None:
         print(run_dir)
     raise typer.Exit(status)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import string
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from fedtune import constants as k
 from fedtune.config import FedtuneConfig, load_config
 from fedtune.deploy.local import DeployError, LocalFederation, app_config_keys, app_dir
 from fedtune.deploy.processes import ProcessSet
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.privacy.ledger import read_ledger
+from fedtune.privacy.policy import KEYS as POLICY_KEYS
+from fedtune.privacy.policy import node_policy
 
 MAX_NODES = 26
 DEPLOYMENT = "deployment"  # inside the run directory: every institution's and the coordinator's files
@@ -43,6 +48,19 @@ def run_config(cfg: FedtuneConfig, declared: set[str]) -> dict[str, Any]:
     return {key: flat[key] for key in sorted(declared) if key in flat}
 
 
+def refusals(run_path: Path) -> str:
+    """" No institution trained: ..." naming each one's refusal, when the ledger ends in refusals only."""
+    try:
+        clients = read_ledger(run_path)["clients"]
+    except FedtuneError:
+        return ""
+    last = {name: entries[-1] for name, entries in clients.items() if entries}
+    if not last or any(entry["status"] != k.STATUS_REFUSED for entry in last.values()):
+        return ""
+    return " No institution trained: " + "; ".join(f"{name} refused ({entry.get('reason', 'no reason given')})"
+                                                  for name, entry in sorted(last.items())) + "."
+
+
 def _echo(console: Console, line: str) -> None:
     """A line of the ServerApp's log, with Flower's colours; Python-logging copies of Flower's own
     INFO and DEBUG lines are left to the log file."""
@@ -50,7 +68,30 @@ def _echo(console: Console, line: str) -> None:
         console.print(Text.from_ansi(line), highlight=False, soft_wrap=True)
 
 
-def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path | None) -> tuple[FedtuneConfig, Path]:
+# What --node-config may set on every SuperNode (each keeps its own state-dir).
+NODE_CONFIG_KEYS = (*(key for key in POLICY_KEYS if key != k.NODE_STATE_DIR), k.NODE_LORA_RANK)
+
+
+def parse_node_config(items: list[str]) -> dict[str, Any]:
+    """`--node-config KEY=VALUE` items as node config values (TOML; a bare word is a string)."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise ConfigError(f"Invalid option `--node-config`: {item!r}; give KEY=VALUE, e.g. require-dp=true.")
+        if key not in NODE_CONFIG_KEYS:
+            raise ConfigError(f"Invalid option `--node-config`: unknown key `{key}`; deploy-local hands every "
+                              f"institution one of: {', '.join(NODE_CONFIG_KEYS)}.")
+        try:
+            parsed[key] = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            parsed[key] = text
+    return parsed
+
+
+def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path | None,
+                node_config: dict[str, Any] | None = None, no_dp: bool = False) -> tuple[FedtuneConfig, Path]:
     """The validated config (one client per node) and the run directory to create; raises FedtuneError."""
     from fedtune.data.federated import resolve_data
     from fedtune.simulation.engine import preflight
@@ -58,7 +99,9 @@ def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path |
     if not 1 <= nodes <= MAX_NODES:
         raise ConfigError(f"Invalid option `--nodes`: {nodes}; use 1 to {MAX_NODES} (each is a process on this "
                           "machine; 3 is a good start).")
-    cfg = load_config(config).with_overrides({"clients": nodes, "rounds": rounds})
+    cfg = load_config(config).with_overrides({"clients": nodes, "rounds": rounds,
+                                              "dp.enabled": False if no_dp else None})
+    node_policy({**(node_config or {}), k.PARTITION_ID: 0}, cfg, "")  # a bad value stops here, naming its key
     target = (out or Path(cfg.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
     data = resolve_data(cfg.data)
     cfg = cfg.with_overrides({"out": str(target), "data.path": data.path, "data.labels": list(data.labels)})
@@ -67,14 +110,15 @@ def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path |
 
 
 def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path | None, timeout_s: float,
-                 console: Console) -> tuple[Path | None, int]:
+                 console: Console, node_config: dict[str, Any] | None = None,
+                 no_dp: bool = False) -> tuple[Path | None, int]:
     """Run the whole deployment; returns (run directory, exit status). Every process started is
     stopped before this returns: on success, on failure and on Ctrl-C."""
     from fedtune.server.run_dir import RunDirectory
 
     run_path: Path | None = None
     try:
-        cfg, target = prepare_run(nodes, rounds, out, config)
+        cfg, target = prepare_run(nodes, rounds, out, config, node_config, no_dp)
         app = app_dir()
         values = run_config(cfg, app_config_keys(app))
         run_path = RunDirectory.create(target, cfg).path
@@ -87,7 +131,7 @@ def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path 
                           highlight=False)
             ids = fed.register(names)
             for index, name in enumerate(names):
-                fed.start_node(name, {"partition-id": index, "num-partitions": nodes})
+                fed.start_node(name, {**(node_config or {}), "partition-id": index, "num-partitions": nodes})
                 console.print(f"{name}: SuperNode {ids[name]}, state in {fed.institutions[name].state_dir}",
                               highlight=False, soft_wrap=True)
             run_id = fed.submit(values)
@@ -95,7 +139,7 @@ def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path 
                           highlight=False, soft_wrap=True)
             status = fed.follow(run_id, timeout_s, echo=lambda line: _echo(console, line))
             if status != "finished:completed":
-                raise DeployError(f"Run {run_id} ended as {status}. The ServerApp's log is in "
+                raise DeployError(f"Run {run_id} ended as {status}.{refusals(run_path)} The ServerApp's log is in "
                                   f"{processes.log_dir}; finished rounds are saved in {run_path}.")
         console.print(f"Stopped the SuperLink and {nodes} SuperNodes.", highlight=False)
         return run_path, 0

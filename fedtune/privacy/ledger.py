@@ -17,6 +17,7 @@ from fedtune import constants as k
 from fedtune.durable import write_json_atomic
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import other
+from fedtune.privacy.policy import SOURCES as POLICY_SOURCES
 
 LEDGER = "privacy_ledger.json"  # in the run directory
 UNIT = "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"
@@ -48,7 +49,7 @@ def client_notes(info: Mapping[str, Any]) -> dict[str, Any]:
     reason = str(info.get(k.REASON, "")).strip()
     if reason:
         notes["reason"] = " ".join(reason.split())[:MAX_REASON]
-    if info.get(k.POLICY) in ("node config", "run config"):
+    if info.get(k.POLICY) in POLICY_SOURCES:
         notes["policy"] = info[k.POLICY]
     if info.get(k.ADOPTED_LEDGER_SPENDING):
         notes["adopted_ledger_spending"] = True

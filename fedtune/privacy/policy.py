@@ -28,6 +28,10 @@ from fedtune import constants as k
 from fedtune.config import DPConfig, FedtuneConfig
 from fedtune.errors import ConfigError
 
+# Whose policy a client applied (ledger `policy`): an institution's own; the run's, for a node training on
+# a partition of the run's own data; or the run's with limits the node's operator set in its node config.
+SOURCES = ("node config", "run config", "run config and node config")
+
 # Node config keys, their types and what each means (also the text of a refused value's error).
 KEYS: dict[str, tuple[type, str]] = {
     k.NODE_STATE_DIR: (str, "a directory on this node for its privacy state, e.g. \"/secure/fedtune\""),
@@ -51,7 +55,7 @@ class PrivacyPolicy:
     min_noise_multiplier: float = 0.0
     allow_reproducible_noise: bool = False
     adopt_ledger_spending: bool = False  # the operator's explicit reset after a lost state (client/app.py)
-    source: str = "node config"  # "node config" (an institution) or "run config" (a partition of the run's data)
+    source: str = SOURCES[0]  # one of SOURCES
 
     def __post_init__(self) -> None:
         if not self.epsilon_budget > 0:
@@ -66,7 +70,7 @@ class PrivacyPolicy:
 
     @property
     def institution(self) -> bool:
-        return self.source == "node config"
+        return self.source == SOURCES[0]
 
     def refusal(self, dp: DPConfig, num_examples: int) -> str | None:
         """Why a round under `dp` (σ already resolved) breaks this policy, or None. One sentence
@@ -106,10 +110,11 @@ def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state
     own = {key: _read(node_config, key) for key in KEYS if key in node_config}
     values = {key.replace("-", "_"): value for key, value in own.items()}
     if k.DATA_PATH in node_config or k.PARTITION_ID not in node_config:
-        return PrivacyPolicy(**values, source="node config")
+        return PrivacyPolicy(**values, source=SOURCES[0])
     run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=cfg.dp.epsilon_budget,
                max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise)
-    return PrivacyPolicy(**{**run, **values}, source="run config")
+    limits = set(own) - {k.NODE_STATE_DIR}
+    return PrivacyPolicy(**{**run, **values}, source=SOURCES[2] if limits else SOURCES[1])
 
 
 def _read(node_config: Mapping[str, Any], key: str) -> Any:

@@ -30,6 +30,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import other
 from fedtune.privacy.audit import AUDIT_FILE
 from fedtune.privacy.ledger import UNIT, read_ledger
+from fedtune.privacy.policy import SOURCES
 from fedtune.server.run_dir import LEDGER, RunDirectory
 
 REPORT_MD, REPORT_JSON, REPORT_HTML, PLOT_PNG = (
@@ -90,6 +91,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     }
 
 
+INSTITUTION_POLICY, RUN_POLICY = SOURCES[0], SOURCES[1]
 NEIGHBOURS = ("add/remove one record of one institution, with that institution's record count n public: q, the "
               "number of steps and the averaging depend on n, and n is reported to the server in the clear")
 
@@ -420,12 +422,12 @@ def _against_whom(r: dict[str, Any]) -> str:
                 "server knows, which it could regenerate and subtract; research use only. The guarantee still holds "
                 "against anyone who sees only the released model.")
     policies = r["policies"]
-    if policies == ["node config"]:
+    if policies == [INSTITUTION_POLICY]:
         return ("**Against the server**: the noise was added inside each institution before anything left it, under "
                 "the privacy policy in that institution's own node config: whatever the server asked, an institution "
                 "refused weaker settings (no DP, reproducible noise, δ or σ outside its limits). This holds provided "
                 "each institution runs unmodified fedtune with the node config its operator set.")
-    if policies == ["run config"]:
+    if policies == [RUN_POLICY]:
         return ("**Who set the parameters**: the institutions trained on partitions of the coordinator's own dataset "
                 "(a simulation), under the run's config, so no institution enforced a policy of its own. The noise was "
                 "added before any update left a client; the guarantee holds against anyone who sees the updates or "
@@ -433,8 +435,10 @@ def _against_whom(r: dict[str, Any]) -> str:
     if not policies:
         return ("**Against whom**: this ledger does not record whose privacy policy the clients applied (written by "
                 "an older fedtune); the noise was added inside each client before anything left it.")
-    return ("**Against whom**: some institutions applied their own node-config policy and some the run's config (see "
-            "the per-round detail, column policy); the guarantee holds against the server only for the former.")
+    return ("**Against whom**: not every client applied a policy of its own institution (see the per-round detail, "
+            "policy): some followed the run's config, within whatever limits their node config set. The noise was "
+            "added inside each client before anything left it; against the server, an institution is protected "
+            "only as far as the limits in its own node config go.")
 
 
 def _facts(r: dict[str, Any]) -> list[str]:

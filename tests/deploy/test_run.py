@@ -6,7 +6,7 @@ import pytest
 
 from fedtune.config import FedtuneConfig
 from fedtune.deploy.local import app_config_keys, app_dir, free_ports
-from fedtune.deploy.run import node_names, prepare_run, run_config
+from fedtune.deploy.run import node_names, parse_node_config, prepare_run, run_config
 from fedtune.errors import ConfigError
 
 
@@ -35,3 +35,20 @@ def test_names_and_ports():
     assert node_names(3) == ["clinic-a", "clinic-b", "clinic-c"]
     ports = free_ports(4)
     assert len(set(ports)) == 4 and all(1024 < p < 65536 for p in ports)
+
+
+def test_node_config_items_are_toml_values_for_known_keys():
+    assert parse_node_config(["require-dp=true", "epsilon-budget=8", "max-delta = 1e-6", "lora-rank=2"]) == {
+        "require-dp": True, "epsilon-budget": 8, "max-delta": 1e-6, "lora-rank": 2}
+
+
+@pytest.mark.parametrize("item, says", [("require-dp", "KEY=VALUE"), ("state-dir=/x", "unknown key"),
+                                        ("data-path=/x.csv", "unknown key"), ("colour=blue", "unknown key")])
+def test_a_bad_node_config_item_is_refused(item, says):
+    with pytest.raises(ConfigError, match=says):
+        parse_node_config([item])
+
+
+def test_a_bad_node_config_value_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match="require-dp"):
+        prepare_run(2, 1, tmp_path / "run", None, node_config={"require-dp": "yes"})

@@ -218,3 +218,20 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def test_institutions_that_require_dp_refuse_a_run_without_it(tmp_path):
+    """The server's run config asks for no DP; each institution's node config requires it: nobody
+    trains, each refusal is on record with its reason, and the command says why it stopped."""
+    out = tmp_path / "run"
+    cli = _fedtune(["deploy-local", "--nodes", "2", "--rounds", "1", "--no-dp", "--node-config", "require-dp=true",
+                    "--out", str(out)])
+    stdout, stderr = cli.communicate(timeout=600)
+    assert cli.returncode == 2, stderr[-3000:]
+    assert "No institution trained" in stderr and "require-dp" in stderr
+    for name, entries in _ledger(out).items():
+        assert [(e["status"], e["steps"]) for e in entries] == [("refused", 0)], name
+        assert "require-dp" in entries[0]["reason"]
+        own = json.loads((out / "deployment" / name / "state" / f"{name}.json").read_text())
+        assert own["history"] == [] and own["ledger"][-1]["status"] == "refused"
+    assert not (out / "checkpoints" / "round_0001.pt").exists(), "no round was committed"

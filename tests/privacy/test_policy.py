@@ -68,7 +68,7 @@ def test_a_partition_of_the_runs_own_data_follows_the_run_config():
         ("run config", "runs/x/client_state", False)
     assert simulated.refusal(cfg.dp, 100) is None
     pinned = policy(cfg, **{"partition-id": 0, "num-partitions": 3, "require-dp": True})  # a key set by its operator
-    assert "require-dp" in pinned.refusal(cfg.dp, 100)
+    assert pinned.source == "run config and node config" and "require-dp" in pinned.refusal(cfg.dp, 100)
 
 
 @pytest.mark.parametrize("run_budget, own, applied", [(math.inf, 4.0, 4.0), (3.0, 8.0, 3.0), (math.inf, 2, 2.0)])
