@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -159,7 +161,7 @@ def simulate(
         "data.shards_per_client": shards_per_client, "data.partition_column": partition_column,
         "data.test_fraction": test_fraction, "data.skip_invalid_rows": True if skip_invalid_rows else None,
     }
-    _run_guarded(lambda: _simulate(config, out, resume, overrides))
+    _run_guarded(lambda: _simulate(config, out, resume, overrides), simulation=True)
 
 
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any],
@@ -249,7 +251,7 @@ def audit(
         "data.demo_examples": examples, "train.local_epochs": local_epochs, "train.batch_size": batch_size,
         "train.learning_rate": learning_rate,
     }
-    _run_guarded(lambda: _audit(config, out, resume, confidence, overrides))
+    _run_guarded(lambda: _audit(config, out, resume, confidence, overrides), simulation=True)
 
 
 def _audit(config: Path | None, out: Path | None, resume: Path | None, confidence: float,
@@ -371,8 +373,13 @@ def _show_data(summary: dict[str, Any]) -> None:
         console.print(f"[yellow]Warning:[/yellow] {escape(warning)}", soft_wrap=True)
 
 
-def _run_guarded(action) -> None:
-    """User errors print one paragraph and exit 2; an interrupt says how to resume."""
+def _run_guarded(action, simulation: bool = False) -> None:
+    """User errors print one paragraph and exit 2; an interrupt says how to resume.
+
+    `simulation`: after Ctrl-C the process ends at once (os._exit) once the message is out. By then
+    the ServerApp has returned and every durable file is written (simulation/engine.py waits for
+    it), but flwr 1.42's Simulation Engine leaves a worker thread blocked in ray.get on the Ray it
+    has shut down, and Python would wait for that thread at exit forever."""
     try:
         action()
     except FedtuneError as err:
@@ -380,6 +387,10 @@ def _run_guarded(action) -> None:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("Interrupted. Finished rounds are saved; continue with `fedtune simulate --resume RUN_DIR`.")
+        if simulation:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         raise typer.Exit(130) from None
 
 

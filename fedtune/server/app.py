@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fedtune.data.instruct import resolve_instructions
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
 from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
-from fedtune.server.rounds import RoundInputs, initial_checkpoint, run_rounds
+from fedtune.server.rounds import RoundInputs, RunStopped, initial_checkpoint, run_rounds
 from fedtune.server.run_dir import CONFIG, SUMMARY, Checkpoint, RunDirectory
 from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
@@ -30,12 +31,24 @@ WARM_UP_TIMEOUT_S = 600.0  # only with round_timeout_s = 0 (no limit); otherwise
 
 
 def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None,
-          warm_workers: int = 0) -> Checkpoint:
+          warm_workers: int = 0, stop: threading.Event | None = None) -> Checkpoint | None:
     """Run (or continue) the federation in `run`; returns the final checkpoint. On the Simulation
-    Engine, `warm_workers` workers load the model while the server evaluates round 0."""
+    Engine, `warm_workers` workers load the model while the server evaluates round 0. Setting
+    `stop` (Ctrl-C) ends it within a poll interval: the rounds committed stay, the one in progress
+    is not committed (what its clients reported spending is in the ledger), and None is returned."""
+    try:
+        return _serve(grid, cfg, run, console or Console(soft_wrap=True), warm_workers, stop or threading.Event())
+    except RunStopped as stopped:
+        (console or Console(soft_wrap=True)).print(
+            f"Stopped during round {stopped.round}; rounds before it are saved. Continue with "
+            f"`fedtune simulate --resume {run.path}`.", markup=False, highlight=False, soft_wrap=True)
+        return None
+
+
+def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, warm_workers: int,
+           stop: threading.Event) -> Checkpoint:
     started = time.monotonic()
     # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
-    console = console or Console(soft_wrap=True)
     start = run.latest_checkpoint()
     rounds_left = start is None or start.round < cfg.rounds
     if not rounds_left and (run.path / SUMMARY).exists():  # keep the summary of the session that trained
@@ -43,7 +56,7 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
         return start
     warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
-    inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None)
+    inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None, stop=stop)
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))
         run.commit(start)
@@ -52,7 +65,8 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
         inputs.console.print(f"round 0/{cfg.rounds}  acc={first['eval_accuracy']:.3f}{ppl}  (before training)")
     else:
         inputs.console.print(f"Resuming {run.path} after round {start.round}.")
-    waited, failed = finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S) if warming else (0.0, 0)
+    waited, failed = (finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S, stop) if warming
+                      else (0.0, 0))
     if failed:
         inputs.console.print(f"{failed} of {len(warming)} workers could not load the model ahead of round 1.")
     final = run_rounds(grid, build_strategy(cfg), inputs, start)
@@ -94,14 +108,19 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
     }
 
 
-def server_app(cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None,
-               warm_workers: int = 0) -> ServerApp:
-    """A ServerApp bound to an already validated config and run directory."""
+def server_app(cfg: FedtuneConfig, run: RunDirectory, console: Console | None = None, warm_workers: int = 0,
+               stop: threading.Event | None = None, done: threading.Event | None = None) -> ServerApp:
+    """A ServerApp bound to an already validated config and run directory; `done` is set when it
+    returns, whichever way (the simulation waits for it after a Ctrl-C)."""
     bound = ServerApp()
 
     @bound.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run, console, warm_workers)
+        try:
+            serve(grid, cfg, run, console, warm_workers, stop)
+        finally:
+            if done is not None:
+                done.set()
 
     return bound
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,10 +58,20 @@ class RoundInputs:
     console: Console = field(default_factory=Console)
     timeout_s: float | None = None
     worker_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # per client process, this session
+    stop: threading.Event = field(default_factory=threading.Event)  # set on Ctrl-C: stop at once, commit nothing
+
+
+class RunStopped(Exception):
+    """The run was asked to stop (Ctrl-C) during round `round`; rounds before it are committed."""
+
+    def __init__(self, round_: int) -> None:
+        super().__init__(f"stopped during round {round_}")
+        self.round = round_
 
 
 def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
-             timeout_s: float | None, max_in_flight: int | None = None) -> list[Message]:
+             timeout_s: float | None, max_in_flight: int | None = None,
+             stop: threading.Event | None = None) -> list[Message]:
     """Push `messages`, then pull replies until all are back (or the timeout), with a bar.
 
     Every message gets exactly one reply, attributed to the node it was sent to: one that could
@@ -71,14 +82,15 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
     re-addressed to the node they are about.
 
     `max_in_flight` keeps at most that many messages pushed and unanswered (None: push all at
-    once). Simulation needs it: see in_flight_limit."""
+    once). Simulation needs it: see in_flight_limit. Once `stop` is set it returns at the next poll
+    with the replies that really came, and makes up none for the others: they did not fail."""
     waiting = list(messages)
     by_id: dict[str, Message] = {}
     replies: list[Message] = []
     pending: set[str] = set()
     task = progress.add_task(label, total=len(waiting), eps="")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while (waiting or pending) and (deadline is None or time.monotonic() < deadline):
+    while (waiting or pending) and (deadline is None or time.monotonic() < deadline) and not _stopping(stop):
         room = len(waiting) if max_in_flight is None else max(0, max_in_flight - len(pending))
         batch, waiting = waiting[:room], waiting[room:]
         sent = set(filter(None, grid.push_messages(batch))) if batch else set()  # the grid sets each id
@@ -92,8 +104,14 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
         if pending and not got:
             time.sleep(PULL_INTERVAL_S)
     progress.remove_task(task)
+    if _stopping(stop):
+        return replies
     unsent = [failed_reply(m, NO_REPLY) for m in waiting]  # the phase timed out before they could be sent
     return replies + [failed_reply(by_id[message_id], NO_REPLY) for message_id in sorted(pending)] + unsent
+
+
+def _stopping(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
 
 
 def in_flight_limit(grid: Grid) -> int | None:
@@ -218,6 +236,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             messages = list(strategy.configure_train(round_, arrays, config, grid))
             if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
                 identify(grid, unknown, state.node_names, progress, inputs.timeout_s, exchange)
+            _stop_here(inputs, round_)
             with_recorded_spending(messages, ledger, state.node_names)  # a client that lost its state refuses
             label = f"round {round_}/{cfg.rounds} train"
             if cfg.dp.secagg and len(messages) == 1:
@@ -229,7 +248,12 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             if cfg.dp.secagg:  # SecAgg+ (server/secagg.py) needs every participant's message at once
                 replies = secure_exchange(grid, messages, label, progress, inputs.timeout_s)
             else:
-                replies = exchange(grid, messages, label, progress, inputs.timeout_s, in_flight_limit(grid))
+                replies = exchange(grid, messages, label, progress, inputs.timeout_s, in_flight_limit(grid),
+                                   inputs.stop)
+            if inputs.stop.is_set():  # Ctrl-C: the replies that came are on record (they spent ε), nothing else
+                record_privacy(ledger, round_, replies, state.node_names)
+                inputs.run.write_ledger(ledger)
+                raise RunStopped(round_)
             replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
                                                  cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()))
             record_privacy(ledger, round_, replies, state.node_names, refused)
@@ -257,7 +281,8 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             eval_config = ConfigRecord(dict(config))
             eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
                                     f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s,
-                                    in_flight_limit(grid))
+                                    in_flight_limit(grid), inputs.stop)
+            _stop_here(inputs, round_)
             client_eval = strategy.aggregate_evaluate(round_, eval_replies)
             scores = inputs.evaluate(arrays, round_)
             row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,
@@ -268,6 +293,11 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             inputs.run.commit(state)
             inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
     return state
+
+
+def _stop_here(inputs: RoundInputs, round_: int) -> None:
+    if inputs.stop.is_set():
+        raise RunStopped(round_)
 
 
 def _stop_if_all_refused(round_: int, answered: list[Message]) -> None:

@@ -10,6 +10,7 @@ with the server's set-up and round-0 evaluation; what is left is reported as `wa
 
 from __future__ import annotations
 
+import threading
 import time
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -34,13 +35,14 @@ def start_warm_up(grid: Grid, cfg: FedtuneConfig, workers: int) -> set[str]:
     return set(filter(None, grid.push_messages(messages)))
 
 
-def finish_warm_up(grid: Grid, sent: set[str], timeout_s: float) -> tuple[float, int]:
+def finish_warm_up(grid: Grid, sent: set[str], timeout_s: float,
+                   stop: threading.Event | None = None) -> tuple[float, int]:
     """Wait for the warm-up replies (at most timeout_s); returns the seconds waited and how many
     warm-ups failed (an error reply, or none in time). A failure does not stop the run: the same
     cause reaches round 1, which reports it per client."""
     started = time.monotonic()
     pending, failed = set(sent), 0
-    while pending and time.monotonic() - started < timeout_s:
+    while pending and time.monotonic() - started < timeout_s and not (stop and stop.is_set()):
         replies = grid.pull_messages(pending)
         pending -= {m.metadata.reply_to_message_id for m in replies}
         failed += sum(m.has_error() for m in replies)

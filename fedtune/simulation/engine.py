@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 
@@ -79,8 +83,17 @@ class _DropDeprecationNotice(logging.Filter):
         return "run_simulation` function is deprecated" not in record.getMessage()
 
 
+STOP_WAIT_S = 60.0  # after Ctrl-C: the most the server thread gets to record what arrived and return
+
+
 def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
-    """Start the ServerApp and `cfg.clients` virtual SuperNodes running the ClientApp."""
+    """Start the ServerApp and `cfg.clients` virtual SuperNodes running the ClientApp.
+
+    Ctrl-C stops the whole run: Flower's Simulation Engine runs the ServerApp in a thread of its
+    own and shuts Ray down when the main thread is interrupted, but would leave that thread running
+    its rounds (each client then failing after round_timeout_s). The first Ctrl-C sets `stop`, which
+    the round loop checks at every poll, and this waits until the ServerApp has returned; a second
+    Ctrl-C only says that it is stopping, so the shutdown is never cut short."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
@@ -92,9 +105,39 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     flwr_logger.setLevel(logging.WARNING)
     notice_filter = _DropDeprecationNotice()
     flwr_logger.addFilter(notice_filter)
+    stop, done = threading.Event(), threading.Event()
     try:
-        server = server_app(cfg, run, console, warm_workers=simulation_workers(cfg))
-        run_simulation(server_app=server, client_app=client_app, num_supernodes=cfg.clients,
-                       backend_config=backend_config(cfg))
+        with _first_ctrl_c_stops(stop, console):
+            server = server_app(cfg, run, console, warm_workers=simulation_workers(cfg), stop=stop, done=done)
+            try:
+                run_simulation(server_app=server, client_app=client_app, num_supernodes=cfg.clients,
+                               backend_config=backend_config(cfg))
+            except KeyboardInterrupt:
+                stop.set()
+                done.wait(STOP_WAIT_S)  # Flower has already shut Ray down
+                raise
+            if stop.is_set():  # the signal came while Flower was finishing: same outcome
+                raise KeyboardInterrupt
     finally:
         flwr_logger.removeFilter(notice_filter)
+
+
+@contextmanager
+def _first_ctrl_c_stops(stop: threading.Event, console: Console) -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt once; later ones only say that the run is stopping."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (tests may call from another)
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if stop.is_set():
+            console.print("Stopping: saving the ledger and shutting the workers down; one moment.")
+            return
+        stop.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedtune.privacy.independent import independent_epsilon
@@ -81,3 +82,66 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
     for name in finished:  # a client that trained all planned rounds spent (almost) exactly its target
         if sum(e["status"] == "trained" for e in after[name]) == 3:
             assert after[name][-1]["epsilon"] == pytest.approx(TARGET, rel=0.01)
+
+
+def test_ctrl_c_stops_the_run_within_seconds_and_it_resumes(tmp_path):
+    """The first Ctrl-C stops everything: no later round is committed, no client is recorded as
+    failed for a round that never trained, no process is left, and the run resumes. (It used to
+    print "Interrupted." and keep the server running its rounds for round_timeout_s per phase.)"""
+    (tmp_path / "tiny.toml").write_text("round_timeout_s = 45.0\n" + TINY.replace("rounds = 2", "rounds = 4"))
+    run = tmp_path / "run"
+    args = ["simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(run)]
+    process = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 900
+        while not (run / "checkpoints" / "round_0001.pt").exists() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # into round 2's training
+        started = {p.pid: p for p in psutil.Process(process.pid).children(recursive=True)}
+        started.update({p.pid: p for p in psutil.process_iter() if _session(p) == process.pid})
+        signalled = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal sends Ctrl-C to the foreground group
+        _, stderr = process.communicate(timeout=120)
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr[-3000:]
+    assert took < 30, f"took {took:.0f} s to stop"
+    committed = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert committed[-1] in ("round_0001.pt", "round_0002.pt") and "round_0003.pt" not in committed
+    assert not [e for entries in _ledger(run).values() for e in entries if e["status"] == "failed"], \
+        "no client is recorded as failed for a round the run abandoned"
+    deadline = time.monotonic() + 30  # Ray's helpers exit on their own after the driver
+    while (left := [p for p in started.values() if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [_name(p) for p in left]
+    resumed = fedtune("simulate", "--resume", str(run), "--rounds", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def _session(proc: psutil.Process) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except (OSError, psutil.Error):
+        return None
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())[:120]
+    except psutil.Error:
+        return str(proc.pid)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
