@@ -39,7 +39,7 @@ from fedtune.server.evaluate import Scores, ServerEvaluator
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
-from fedtune.server.validate import reject_malformed, reported_spending
+from fedtune.server.validate import Schedule, bounded_weights, reject_malformed, reported_spending
 from fedtune.strategies.client_dp import client_level_entry, restore_client_level
 from fedtune.strategies.server_opt import optimizer_state, restore_optimizer_state
 
@@ -183,14 +183,14 @@ def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, na
 
 def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
                       console: Console, max_update_norm: float = math.inf, lower_rank: bool = False,
-                      ) -> tuple[list[Message], dict[int, tuple[str, MetricRecord]]]:
+                      schedule: Schedule | None = None) -> tuple[list[Message], dict[int, tuple[str, MetricRecord]]]:
     """Replace each malformed (or too large) reply (server/validate.py) by an error reply naming what
     is wrong, left out of aggregation like any other failure. Also returns, by node, the name and
     privacy figures of refused replies that still report them well formed (record_privacy).
     A reply is checked against what its node was sent (heterogeneous ranks: its rank's view)."""
     by_node = {m.metadata.dst_node_id: m for m in instructions}  # one train message per node and round
     sent = {node: m.content[k.ARRAYS] for node, m in by_node.items() if k.ARRAYS in m.content}
-    kept, rejected = reject_malformed(replies, reference, max_update_norm, sent, lower_rank)
+    kept, rejected = reject_malformed(replies, reference, max_update_norm, sent, lower_rank, schedule)
     refused = {}
     for reply, reason in rejected:
         node = reply.metadata.src_node_id
@@ -254,8 +254,10 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
                 record_privacy(ledger, round_, replies, state.node_names)
                 inputs.run.write_ledger(ledger)
                 raise RunStopped(round_)
+            mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
             replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
-                                                 cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()))
+                                                 cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
+                                                 schedule=Schedule.of(cfg, learning_rate, mu))
             record_privacy(ledger, round_, replies, state.node_names, refused)
             for name in flag_lost_state(ledger, round_, cfg.dp.delta):
                 inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
@@ -274,7 +276,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             # Declined clients sent no update; the others are aggregated. Under client-level DP the
             # noised release happens even if none trained: skipping it would reveal that none did.
             if trained or cfg.dp.client_dp != "off":
-                arrays, train_metrics = strategy.aggregate_train(round_, trained)
+                arrays, train_metrics = strategy.aggregate_train(round_, bounded_weights(trained))
                 ledger.client_level = client_level_entry(strategy)  # None without client-level DP
                 inputs.run.write_ledger(ledger)  # a noised release is on record before it is sent anywhere
             train_s = time.monotonic() - round_started

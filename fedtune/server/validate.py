@@ -3,24 +3,46 @@
 In deployment a reply comes from another institution's process: a bug, a version mismatch or a
 hostile client can send an update with missing or extra tensors, wrong shapes or dtypes, NaN or
 Inf, or metrics the strategy cannot weigh by. Flower's FedAvg would then fail the whole round
-(InconsistentMessageReplies) or, worse, average a NaN into the global model. An update can also be
-well formed but far too large (strategy.max_update_norm). Each check here names what is wrong, so
-the round loop can record the client as failed with that reason and go on with the others.
+(InconsistentMessageReplies) or, worse, average a NaN into the global model. Each check here names
+what is wrong, so the round loop can record the client as failed with that reason and go on.
+
+Every check is on what a reply carries, not on what it declares: each tensor is decoded (after its
+byte size is checked, so a huge payload is never loaded), and its real shape, dtype and values are
+compared with the global adapter's. Every reported number is checked for range and, under DP, for
+agreement with the run's schedule (q and steps follow from n, the batch size and the epochs).
+
+An update can also be well formed but far too large: beyond strategy.max_update_norm, or, when that
+is not set and clients train with AdamW, beyond what AdamW can move in the steps the client reports
+(`adam_bound`). Plain SGD has no such bound (DP-SGD's Gaussian noise is unbounded), so with
+optimizer = sgd only strategy.max_update_norm applies. A liar who reports a consistent but inflated
+n and steps loosens that bound; `bounded_weights` caps how much such a claim can weigh in the mean.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune import constants as k
+from fedtune.config import FedtuneConfig
 from fedtune.models.lora_factors import ranks, truncate
+from fedtune.privacy.budget import poisson_schedule
 
 MAX_LISTED = 3  # names shown in a reason before "and N more"
+MAX_COUNT = 10**9  # records or steps a client may report: more is a corrupt or hostile figure
+NPY_HEADER_BYTES = 4096  # a tensor's serialized bytes may exceed its values by at most this (the .npy header)
+WEIGHT_CAP = 10  # no client weighs more than this many times the round's (lower) median example count
+# AdamW (torch's betas 0.9, 0.999, no weight decay) moves one coordinate by at most lr x this in one step:
+# |m_hat / sqrt(v_hat)| <= (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2)) by Cauchy-Schwarz on the two
+# exponential averages (the supremum over the step count of the bias-corrected ratio).
+ADAM_STEP_BOUND = (1 - 0.9) / math.sqrt((1 - 0.999) * (1 - 0.9 ** 2 / 0.999))
 
 # What every reply must report: the ledger's privacy figures and the aggregation weight.
 REQUIRED_METRICS = (k.NUM_EXAMPLES, k.TRAIN_LOSS, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER,
@@ -29,11 +51,27 @@ NON_NEGATIVE = (k.NUM_EXAMPLES, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER, k.MA
 # Replies that carry metrics: trained (with an update), or declined, refused or failed after training
 # (client/app.py) without one. Only `trained` replies are aggregated.
 STATUSES = (k.STATUS_TRAINED, k.STATUS_DECLINED, k.STATUS_REFUSED, k.STATUS_FAILED)
-MAX_REASON = 500  # characters of a client's reason kept in the ledger
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the run config says one client's round is, to check the figures a reply reports."""
+
+    batch_size: int
+    local_epochs: int
+    adam_step: float | None = None  # AdamW: lr x ADAM_STEP_BOUND, one coordinate's largest move a step
+
+    @classmethod
+    def of(cls, cfg: FedtuneConfig, learning_rate: float, proximal_mu: float) -> Schedule:
+        # The proximal step pulls each coordinate back by lr·mu of its distance, which keeps the bound
+        # only while lr·mu <= 1 (then it never overshoots the anchor).
+        # Under SecAgg+ each reply carries the mean of the cohort's updates, not its own: no per-client bound.
+        adam = cfg.train.optimizer == "adamw" and learning_rate * proximal_mu <= 1 and not cfg.dp.secagg
+        return cls(cfg.train.batch_size, cfg.train.local_epochs, learning_rate * ADAM_STEP_BOUND if adam else None)
 
 
 def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
-                  lower_rank: bool = False) -> str | None:
+                  lower_rank: bool = False, schedule: Schedule | None = None) -> str | None:
     """Why `reply` (a successful train reply) cannot be used, or None when it can. A trained reply
     must carry exactly the tensors of `reference`, in its order, with the same shapes and dtypes,
     all finite, and differ from it by at most `max_update_norm` (L2, over all tensors). With
@@ -50,7 +88,7 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
         return "the client's name is not a non-empty string"
     if not isinstance(info.get(k.REASON, ""), str):
         return f"`{k.REASON}` is not a string"
-    problem = _metrics_problem(content.get(k.METRICS), trained=status == k.STATUS_TRAINED)
+    problem = _metrics_problem(content.get(k.METRICS), trained=status == k.STATUS_TRAINED, schedule=schedule)
     if problem or status != k.STATUS_TRAINED:
         return problem
     if len(content.array_records) != 1 or not isinstance(content.get(k.ARRAYS), ArrayRecord):
@@ -60,12 +98,25 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
         if problem:
             return problem
     problem = arrays_problem(content[k.ARRAYS], reference) or _unmoved(content[k.ARRAYS], reference)
-    if problem or max_update_norm == math.inf:
+    if problem:
         return problem
+    bound, what = max_update_norm, f"strategy.max_update_norm = {max_update_norm:g}"
+    if bound == math.inf and schedule is not None and schedule.adam_step is not None:
+        bound = adam_bound(schedule.adam_step, int(content[k.METRICS][k.STEPS]), reference)
+        what = f"{bound:.4g}, the most AdamW can move it in the {int(content[k.METRICS][k.STEPS])} steps reported"
+    if bound == math.inf:
+        return None
     norm = update_norm(content[k.ARRAYS], reference)
-    if norm > max_update_norm:
-        return f"update norm {norm:.4g} exceeds strategy.max_update_norm = {max_update_norm:g}"
+    if norm > bound:
+        return f"update norm {norm:.4g} exceeds {what}"
     return None
+
+
+def adam_bound(adam_step: float, steps: int, reference: ArrayRecord) -> float:
+    """The largest L2 norm an AdamW client's update can have after `steps` steps: each of the d
+    coordinates moves at most adam_step a step."""
+    coordinates = sum(int(np.prod(reference[key].shape)) for key in reference.keys())
+    return adam_step * steps * math.sqrt(coordinates)
 
 
 def _at_reply_rank(arrays: ArrayRecord, reference: ArrayRecord) -> tuple[ArrayRecord, str | None]:
@@ -109,17 +160,30 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
         # Flower's DP wrappers and FedAvgM pair an update's tensors with the global ones by position.
         return "tensors in another order than the global adapter's"
     for key in reference.keys():
-        got, want = arrays[key], reference[key]
-        if tuple(got.shape) != tuple(want.shape):
-            return f"wrong shape for {key}: {tuple(got.shape)}, expected {tuple(want.shape)}"
-        if got.dtype != want.dtype:
-            return f"wrong dtype for {key}: {got.dtype}, expected {want.dtype}"
-        try:
-            values = got.numpy()
-        except Exception as err:  # noqa: BLE001 - any decoding failure makes the tensor unusable
-            return f"{key} cannot be decoded ({type(err).__name__})"
-        if not np.isfinite(values).all():
-            return f"{key} has NaN or Inf values"
+        problem = _tensor_problem(key, arrays[key], reference[key].numpy())
+        if problem:
+            return problem
+    return None
+
+
+def _tensor_problem(key: str, got: Array, want: np.ndarray) -> str | None:
+    """Why the tensor a reply carries under `key` cannot stand for `want`: by its bytes and by the
+    array they decode to, whatever shape and dtype the Array declares."""
+    if not isinstance(got.data, bytes) or len(got.data) > want.nbytes + NPY_HEADER_BYTES:
+        size = len(got.data) if isinstance(got.data, bytes) else "no"
+        return f"{key} carries {size} bytes; a {tuple(want.shape)} {want.dtype} tensor needs {want.nbytes}"
+    try:
+        values = got.numpy()
+    except Exception as err:  # noqa: BLE001 - any decoding failure makes the tensor unusable
+        return f"{key} cannot be decoded ({type(err).__name__})"
+    if values.shape != want.shape:
+        return f"wrong shape for {key}: {values.shape}, expected {want.shape}"
+    if values.dtype != want.dtype:
+        return f"wrong dtype for {key}: {values.dtype}, expected {want.dtype}"
+    if tuple(got.shape) != values.shape or got.dtype != str(values.dtype):
+        return f"{key} declares {tuple(got.shape)} {got.dtype} but carries {values.shape} {values.dtype}"
+    if not np.isfinite(values).all():
+        return f"{key} has NaN or Inf values"
     return None
 
 
@@ -146,7 +210,7 @@ def reported_spending(reply: Message) -> tuple[str, MetricRecord] | None:
     return str(info[k.CLIENT_NAME]), metrics
 
 
-def _metrics_problem(metrics: object, trained: bool) -> str | None:
+def _metrics_problem(metrics: object, trained: bool, schedule: Schedule | None = None) -> str | None:
     if not isinstance(metrics, MetricRecord):
         return f"no MetricRecord `{k.METRICS}`"
     missing = [key for key in REQUIRED_METRICS if key not in metrics]
@@ -160,14 +224,51 @@ def _metrics_problem(metrics: object, trained: bool) -> str | None:
             return f"metric {key} is {value}, expected a finite number >= 0"
         if key in (k.EPSILON, k.EPSILON_OTHER) and (math.isnan(value) or value < 0):
             return f"metric {key} is {value}, expected >= 0 (inf when DP is off)"
+    for key in (k.NUM_EXAMPLES, k.STEPS):
+        if not float(metrics[key]).is_integer() or metrics[key] > MAX_COUNT:
+            return f"metric {key} is {metrics[key]}, expected a whole number up to {MAX_COUNT:.0e}"
+    if metrics[k.SAMPLE_RATE] > 1:
+        return f"metric {k.SAMPLE_RATE} is {metrics[k.SAMPLE_RATE]}, expected a probability (<= 1)"
+    if metrics[k.DELTA] >= 1 or (trained and metrics[k.DELTA] <= 0 < metrics[k.NOISE_MULTIPLIER]):
+        return f"metric {k.DELTA} is {metrics[k.DELTA]}, expected a δ in (0, 1)"
     if trained and metrics[k.NUM_EXAMPLES] <= 0:
         return f"trained but reports {k.NUM_EXAMPLES}={metrics[k.NUM_EXAMPLES]}: nothing to weigh the update by"
+    if trained and schedule is not None and metrics[k.NOISE_MULTIPLIER] > 0:
+        return _schedule_problem(metrics, schedule)
     return None
 
 
+def _schedule_problem(metrics: MetricRecord, schedule: Schedule) -> str | None:
+    """Under DP-SGD, q and the steps follow from n: q = 1/ceil(n/B), steps = epochs x ceil(n/B)."""
+    n = int(metrics[k.NUM_EXAMPLES])
+    q, steps = poisson_schedule(n, schedule.batch_size, schedule.local_epochs)
+    if not math.isclose(metrics[k.SAMPLE_RATE], q, rel_tol=1e-9) or metrics[k.STEPS] != steps:
+        return (f"reports q = {metrics[k.SAMPLE_RATE]:.6g} and {int(metrics[k.STEPS])} steps for n = {n}; the run's "
+                f"schedule gives q = {q:.6g} and {steps} steps")
+    return None
+
+
+def bounded_weights(replies: list[Message]) -> list[Message]:
+    """The trained replies as aggregation sees them: a reported example count above WEIGHT_CAP x the
+    round's lower median is counted as that much, so no single claim outweighs the rest. The
+    replies themselves (and the ledger's record of what each reported) are unchanged."""
+    if len(replies) < 2:
+        return replies
+    cap = WEIGHT_CAP * statistics.median_low(float(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in replies)
+    out = []
+    for reply in replies:
+        if reply.content[k.METRICS][k.NUM_EXAMPLES] > cap:
+            metrics = MetricRecord({**reply.content[k.METRICS], k.NUM_EXAMPLES: int(cap)})
+            reply = copy.copy(reply)
+            reply.content = RecordDict({**{key: reply.content[key] for key in reply.content.keys()},
+                                        k.METRICS: metrics})
+        out.append(reply)
+    return out
+
+
 def reject_malformed(replies: Iterable[Message], reference: ArrayRecord, max_update_norm: float = math.inf,
-                     sent: Mapping[int, ArrayRecord] | None = None,
-                     lower_rank: bool = False) -> tuple[list[Message], list[tuple[Message, str]]]:
+                     sent: Mapping[int, ArrayRecord] | None = None, lower_rank: bool = False,
+                     schedule: Schedule | None = None) -> tuple[list[Message], list[tuple[Message, str]]]:
     """Split a round's train replies into those fit to use and (reply, reason) for the others.
     Each reply is checked against what its node was sent (`sent`, by node id; `reference` for a
     node not in it): under heterogeneous ranks, not every node gets the global adapter as it is.
@@ -179,7 +280,7 @@ def reject_malformed(replies: Iterable[Message], reference: ArrayRecord, max_upd
     rejected: list[tuple[Message, str]] = []
     for reply in replies:
         own = (sent or {}).get(reply.metadata.src_node_id, reference)
-        problem = None if reply.has_error() else reply_problem(reply, own, max_update_norm, lower_rank)
+        problem = None if reply.has_error() else reply_problem(reply, own, max_update_norm, lower_rank, schedule)
         if problem:
             rejected.append((reply, problem))
         else:

@@ -10,7 +10,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune import constants as k
-from fedtune.server.validate import reject_malformed, reply_problem
+from fedtune.server.validate import (
+    ADAM_STEP_BOUND,
+    Schedule,
+    adam_bound,
+    bounded_weights,
+    reject_malformed,
+    reply_problem,
+)
 
 pytestmark = pytest.mark.usefixtures("in_flower_run")
 SHAPES = {"lora_A": (4, 8), "lora_B": (8, 4), "head": (4,)}
@@ -147,3 +154,101 @@ def test_an_update_above_the_norm_bound_is_rejected_with_its_norm():
     assert len(kept) == 1
     kept, _ = reject_malformed([reply(3, update=arrays(100.5))], shifted, max_update_norm=0.5 * norm_of_one - 1e-3)
     assert kept == []
+
+
+def _npy(values: np.ndarray) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def lying(name: str, carried: np.ndarray, declared_shape=None, declared_dtype: str = "float32") -> ArrayRecord:
+    """The adapter with `name` replaced by an Array that declares its reference shape and dtype but
+    carries `carried` (a hostile client builds the bytes itself)."""
+    fake = Array(dtype=declared_dtype, shape=declared_shape or SHAPES[name], stype="numpy.ndarray", data=_npy(carried))
+    record = arrays()
+    return ArrayRecord({key: fake if key == name else record[key] for key in record.keys()})
+
+
+@pytest.mark.parametrize("carried, says", [
+    (np.ones((8, 4), dtype=np.float32), "wrong shape for lora_A: (8, 4)"),  # would crash or broadcast in FedAvg
+    (np.ones((4, 8), dtype=np.float64), "wrong dtype for lora_A: float64"),  # the global adapter would turn float64
+    (np.ones((4, 8), dtype=np.float16), "wrong dtype for lora_A: float16"),
+    (np.ones((1000, 1000), dtype=np.float32), "carries 4000128 bytes"),  # far larger than declared
+])
+def test_a_tensor_is_judged_by_what_it_carries_not_what_it_declares(carried, says):
+    bad = reply(1, update=lying("lora_A", carried))
+    assert tuple(bad.content[k.ARRAYS]["lora_A"].shape) == (4, 8), "it declares the right shape"
+    _, rejected = reject_malformed([bad], reference())
+    assert rejected and says in rejected[0][1]
+
+
+def test_a_matching_declaration_with_other_bytes_is_refused():
+    honest_shape = np.ones((4, 8), dtype=np.float32)
+    kept, _ = reject_malformed([reply(1, update=lying("lora_A", honest_shape))], reference())
+    assert kept, "bytes that decode to what was declared are fine"
+    _, rejected = reject_malformed([reply(1, update=lying("lora_A", honest_shape, declared_dtype="float64"))],
+                                   reference())
+    assert "declares (4, 8) float64 but carries (4, 8) float32" in rejected[0][1]
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({k.NUM_EXAMPLES: 1e300}, "whole number"),  # would dominate the example-weighted mean
+    ({k.NUM_EXAMPLES: 40.5}, "whole number"),
+    ({k.STEPS: 1e12}, "whole number"),
+    ({k.SAMPLE_RATE: 1.5}, "probability"),
+    ({k.DELTA: 1.0}, "δ in (0, 1)"),
+    ({k.DELTA: 0.0}, "δ in (0, 1)"),
+])
+def test_every_reported_number_is_checked(changes, says):
+    _, rejected = reject_malformed([reply(1, metric_values=metrics(**changes))], reference())
+    assert rejected and says in rejected[0][1]
+
+
+def test_under_dp_q_and_steps_must_follow_from_n():
+    schedule = Schedule(batch_size=16, local_epochs=2)  # n = 50: ceil(50/16) = 4 batches, q = 1/4, 8 steps
+    good = metrics(**{k.NUM_EXAMPLES: 50, k.SAMPLE_RATE: 0.25, k.STEPS: 8})
+    kept, _ = reject_malformed([reply(1, metric_values=good)], reference(), schedule=schedule)
+    assert kept
+    inflated = metrics(**{k.NUM_EXAMPLES: 50_000, k.SAMPLE_RATE: 0.25, k.STEPS: 8})
+    _, rejected = reject_malformed([reply(1, metric_values=inflated)], reference(), schedule=schedule)
+    assert "the run's schedule gives q = 0.0003" in rejected[0][1]
+
+
+def test_without_a_set_bound_adamw_bounds_the_update_norm():
+    """A 1e30 update passed when the default bound was infinite; AdamW cannot move that far."""
+    schedule = Schedule(batch_size=16, local_epochs=2, adam_step=3e-3 * ADAM_STEP_BOUND)
+    steps = metrics(**{k.NUM_EXAMPLES: 50, k.SAMPLE_RATE: 0.25, k.STEPS: 8})
+    bound = adam_bound(schedule.adam_step, 8, reference())  # 8 steps x 0.0218 x sqrt(68)
+    assert bound == pytest.approx(8 * 3e-3 * 7.2703 * math.sqrt(68), rel=1e-4)
+    kept, _ = reject_malformed([reply(1, update=arrays(0.9 * bound / math.sqrt(68)), metric_values=steps)],
+                               reference(), schedule=schedule)
+    assert kept
+    _, rejected = reject_malformed([reply(1, update=arrays(1e30), metric_values=steps)], reference(),
+                                   schedule=schedule)
+    assert "the most AdamW can move it in the 8 steps reported" in rejected[0][1]
+
+
+def test_adamws_coordinate_bound_holds_for_torch_adamw():
+    """The bound's constant against torch itself: gradients built to push one coordinate hardest."""
+    import torch
+    worst = 0.0
+    for pattern in ([0.0] * 200 + [1.0], [1e-6] * 500 + [1.0] * 3, [(-1.0) ** t * (1 + t % 7) for t in range(400)]):
+        p = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([p], lr=1.0, weight_decay=0.0)
+        for g in pattern:
+            before = float(p)
+            p.grad = torch.tensor([g])
+            optimizer.step()
+            worst = max(worst, abs(float(p) - before))
+    assert 1.0 < worst <= ADAM_STEP_BOUND
+
+
+def test_no_single_claim_outweighs_the_rest():
+    replies = [reply(i, metric_values=metrics(**{k.NUM_EXAMPLES: n})) for i, n in enumerate((40, 60, 10**9))]
+    bounded = bounded_weights(replies)
+    assert [r.content[k.METRICS][k.NUM_EXAMPLES] for r in bounded] == [40, 60, 600]
+    assert replies[2].content[k.METRICS][k.NUM_EXAMPLES] == 10**9, "the reply itself (and its ledger entry) keeps it"
+    two = bounded_weights(replies[1:])  # with two clients the lower median is the honest one
+    assert [r.content[k.METRICS][k.NUM_EXAMPLES] for r in two] == [60, 600]
