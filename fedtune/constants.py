@@ -52,6 +52,7 @@ STATUS_TRAINED = "trained"
 STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
 STATUS_REFUSED = "refused"  # the request broke the institution's privacy policy (privacy/policy.py): no training
 STATUS_FAILED = "failed"
+STATUS_EXCLUDED = "excluded"  # not asked to train: its registered identity is in doubt (server/identity.py)
 # Trained (so it spent ε), but the server refused the update (server/validate.py): not aggregated.
 STATUS_REJECTED = "rejected"
 SECAGG_INFO_PREFIX = "client."  # SecAgg+: CLIENT_INFO entries travel in the legacy FitRes metrics as client.<key>

@@ -3,16 +3,20 @@
 One SuperLink (the coordinator) and one SuperNode per institution, each its own process with its
 own Flower home, on 127.0.0.1; TLS on every connection, from a development CA (certs.py);
 SuperNode authentication on: each institution's public key is registered with
-`flwr supernode register` before its node starts, and the SuperLink refuses any other key. The
+`flwr supernode register` before its node starts, and the SuperLink refuses any other key. Each
+runtime API (the SuperLink's, for the ServerApp, and every SuperNode's, for its ClientApp) hands
+out tasks only to a `flower-superexec` holding that machine's shared secret (`--isolation process
+--superexec-auth-secret-file`), so a process that merely reaches the port cannot take a task. The
 run is submitted with `flwr run` and followed with `flwr log`, as docs/deployment.md describes.
 fedtune adds no transport of its own.
 
 The working directory mirrors the machines involved:
 
     coordinator/  certs/ (CA, SuperLink certificate and key), keys/ (registered public keys),
-                  superlink.db, flwr-home/, cli-home/config.toml (the `flwr` connection)
+                  superexec.secret, superlink.db, flwr-home/, cli-home/config.toml (the `flwr` connection)
     <name>/       one per institution: its private key, the CA certificate, node-config.toml,
-                  state/<name>.json (its privacy state and own ledger), runtime-tls/, flwr-home/
+                  superexec.secret, state/<name>.json (its privacy state and own ledger), runtime-tls/,
+                  flwr-home/
     logs/         one log per process
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -46,6 +51,7 @@ HOST = "127.0.0.1"
 SUPERLINK = "superlink"
 START_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 120.0
+SECRET = "superexec.secret"  # a machine's SuperExec shared secret (raw bytes, mode 0600)
 
 
 class DeployError(FedtuneError):
@@ -79,6 +85,10 @@ class Institution:
     @property
     def node_config(self) -> Path:
         return self.directory / "node-config.toml"
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.directory / SECRET
 
 
 def app_dir() -> Path:
@@ -174,17 +184,33 @@ class LocalFederation:
     # ---- the coordinator ------------------------------------------------------------
     def start_superlink(self) -> Started:
         """The SuperLink with TLS and SuperNode authentication; returns once it answers."""
+        secret = write_secret(self.coordinator / SECRET)
         argv = [tool("flower-superlink"),
                 "--ssl-ca-certfile", str(self.certs / "ca.crt"),
                 "--ssl-certfile", str(self.certs / "server.crt"),
                 "--ssl-keyfile", str(self.certs / "server.key"),
                 "--enable-supernode-auth",
+                "--isolation", "process", "--superexec-auth-secret-file", str(secret),
                 "--host", HOST, "--port", str(self.port),
                 "--database", str(self.coordinator / "superlink.db"),
                 "--disable-runtime-dependency-installation"]
         started = self.processes.start(SUPERLINK, argv, self.env(self.coordinator / "flwr-home"), cwd=self.coordinator)
         self._wait_healthy(started)
+        self._start_superexec(SUPERLINK, self.port, self.certs / "ca.crt", secret, started,
+                              self.env(self.coordinator / "flwr-home"), self.coordinator)
         return started
+
+    def _start_superexec(self, owner: str, runtime_port: int, ca: Path, secret: Path, parent: Started,
+                         env: dict[str, str], cwd: Path) -> Started:
+        """The SuperExec that takes `owner`'s tasks from its runtime API (signed with the shared secret)
+        and runs each ServerApp or ClientApp as a subprocess; it exits with its parent."""
+        name = superexec_name(owner)
+        if name in self.processes.started and self.processes.started[name].running():
+            self.processes.stop([name], grace_s=2.0)  # the one its previous parent left behind
+        argv = [tool("flower-superexec"), "--runtime-api-address", f"{HOST}:{runtime_port}",
+                "--root-certificates", str(ca), "--superexec-auth-secret-file", str(secret),
+                "--parent-pid", str(parent.popen.pid)]
+        return self.processes.start(name, argv, env, cwd=cwd)
 
     def _wait_healthy(self, started: Started) -> None:
         context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
@@ -233,11 +259,13 @@ class LocalFederation:
         config = {"client-name": name, "state-dir": str(inst.state_dir), **node_config}
         inst.node_config.write_text(tomli_w.dumps(config))
         tls = inst.directory / "runtime-tls"
+        secret = write_secret(inst.superexec_secret) if not inst.superexec_secret.exists() else inst.superexec_secret
         argv = [tool("flower-supernode"),
                 "--superlink", f"{HOST}:{self.port}",
                 "--root-certificates", str(inst.directory / "ca.crt"),
                 "--auth-supernode-private-key", str(inst.private_key),
                 "--node-config", str(inst.node_config),
+                "--isolation", "process", "--superexec-auth-secret-file", str(secret),
                 "--host", HOST, "--port", str(inst.runtime_port),
                 "--ssl-certfile", str(tls / "server.crt"), "--ssl-keyfile", str(tls / "server.key"),
                 "--ssl-ca-certfile", str(tls / "ca.crt")]
@@ -245,7 +273,10 @@ class LocalFederation:
         # cores. With more OpenMP threads than cores, torch's threads spin-wait on each other, and a
         # round took over 10x the CPU time here.
         threads = max(1, (os.cpu_count() or 1) // len(self.institutions))
-        return self.processes.start(name, argv, self.env(inst.directory / "flwr-home", threads), cwd=inst.directory)
+        env = self.env(inst.directory / "flwr-home", threads)
+        started = self.processes.start(name, argv, env, cwd=inst.directory)
+        self._start_superexec(name, inst.runtime_port, tls / "ca.crt", secret, started, env, inst.directory)
+        return started
 
     # ---- the run -------------------------------------------------------------------
     def submit(self, run_config: Mapping[str, Any], label: str = "run") -> int:
@@ -285,6 +316,19 @@ class LocalFederation:
         finally:
             self.processes.stop([name], grace_s=2.0)
         raise DeployError(f"Run {run_id} did not finish within {timeout_s:.0f} s (last status: {status}).")
+
+
+def superexec_name(owner: str) -> str:
+    return f"{owner}-superexec"
+
+
+def write_secret(path: Path) -> Path:
+    """A new random SuperExec secret, readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path
 
 
 def _echo_new(log: Path, offset: int, echo: Callable[[str], None] | None) -> int:

@@ -36,6 +36,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger, client_notes, ledger_entry
 from fedtune.server.evaluate import Scores, ServerEvaluator
+from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
@@ -233,7 +234,9 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
             config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve()),
                                    k.LEARNING_RATE: learning_rate})
-            messages = list(strategy.configure_train(round_, arrays, config, grid))
+            registry = Registry.of(grid)  # who each node is registered as (deployment; nobody in simulation)
+            messages = _without_unidentified(registry, list(strategy.configure_train(round_, arrays, config, grid)),
+                                             ledger, state.node_keys, round_, inputs.console)
             if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
                 identify(grid, unknown, state.node_names, progress, inputs.timeout_s, exchange)
             _stop_here(inputs, round_)
@@ -258,6 +261,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
                                                  cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
                                                  schedule=Schedule.of(cfg, learning_rate, mu))
+            replies = _refuse_misnamed(replies, registry, messages)
             record_privacy(ledger, round_, replies, state.node_names, refused)
             for name in flag_lost_state(ledger, round_, cfg.dp.delta):
                 inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
@@ -291,10 +295,37 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
                              bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
             row["learning_rate"] = learning_rate
             state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
-                               ledger.to_dict(), state.node_names, optimizer_state(strategy))
+                               ledger.to_dict(), state.node_names, optimizer_state(strategy), state.node_keys)
             inputs.run.commit(state)
             inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
     return state
+
+
+def _without_unidentified(registry: Registry, messages: list[Message], ledger: PrivacyLedger,
+                          pins: dict[str, str], round_: int, console: Console) -> list[Message]:
+    """Drop the train messages to nodes whose registered identity cannot be trusted (server/identity.py),
+    recording each in the ledger under its registered name."""
+    excluded = registry.exclusions(pins)
+    kept = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node not in excluded:
+            kept.append(message)
+            continue
+        ledger.record(registry.names[node], {"round": round_, "status": k.STATUS_EXCLUDED, "reason": excluded[node]})
+        console.print(f"round {round_}: node {node} not asked to train: {excluded[node]}", markup=False,
+                      highlight=False, soft_wrap=True)
+    return kept
+
+
+def _refuse_misnamed(replies: list[Message], registry: Registry, instructions: list[Message]) -> list[Message]:
+    """A reply whose stated client name is not its node's registered name becomes a failure."""
+    by_node = {m.metadata.dst_node_id: m for m in instructions}
+    out = []
+    for reply in replies:
+        reason = None if reply.has_error() else registry.misnamed(reply)
+        out.append(failed_reply(by_node[reply.metadata.src_node_id], reason) if reason else reply)
+    return out
 
 
 def _stop_here(inputs: RoundInputs, round_: int) -> None:

@@ -41,19 +41,21 @@ class Checkpoint:
     ledger: dict[str, Any] = field(default_factory=dict)
     node_names: dict[int, str] = field(default_factory=dict)
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a server optimizer's moments
+    node_keys: dict[str, str] = field(default_factory=dict)  # institution -> its pinned key (server/identity.py)
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         torch.save({"fedtune_version": __version__, "round": self.round, "arrays": self.arrays,
                     "metrics": self.metrics, "ledger": self.ledger, "node_names": self.node_names,
-                    "optimizer_state": self.optimizer_state}, buffer)
+                    "optimizer_state": self.optimizer_state, "node_keys": self.node_keys}, buffer)
         return buffer.getvalue()
 
     @classmethod
     def from_file(cls, path: Path) -> Checkpoint:
         data = torch.load(path, map_location="cpu", weights_only=True)
         return cls(data["round"], data["arrays"], data["metrics"], data["ledger"], data["node_names"],
-                   data.get("optimizer_state", {}))  # checkpoints from before server optimizers have none
+                   data.get("optimizer_state", {}),  # checkpoints from before server optimizers have none
+                   data.get("node_keys", {}))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from fedtune.config import FedtuneConfig
-from fedtune.deploy.local import SUPERLINK, LocalFederation, app_config_keys, app_dir
+from fedtune.deploy.local import HOST, SUPERLINK, LocalFederation, app_config_keys, app_dir, superexec_name
 from fedtune.deploy.processes import ProcessSet
 from fedtune.deploy.run import run_config
 
@@ -53,8 +53,9 @@ def _wait_for(condition, what: str, timeout_s: float = WAIT_S, poll_s: float = 0
 
 
 def _child(processes: ProcessSet, name: str, command: str) -> psutil.Process | None:
-    """A live descendant of `name` running `command` (e.g. flwr-clientapp)."""
-    for proc in processes.tree(name)[1:]:
+    """A live descendant of `name` or of its SuperExec running `command` (e.g. flwr-clientapp)."""
+    owners = [n for n in (name, superexec_name(name)) if n in processes.started]
+    for proc in [p for owner in owners for p in processes.tree(owner)[1:]]:
         try:
             if any(command in part for part in proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
                 return proc
@@ -80,6 +81,36 @@ def federation(tmp_path_factory):
     assert not processes.leftovers(), "every process the fixture started is stopped"
 
 
+def _acquire_task(port: int, ca: Path) -> int:
+    """The HTTP status of an unsigned request for a task on a runtime API (what a SuperExec asks)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"https://{HOST}:{port}/v1/runtime/acquire-task", data=b"", method="POST",
+                                     headers={"content-type": "application/protobuf"})
+
+    def answer() -> int | None:
+        try:
+            with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except urllib.error.URLError:
+            return None  # the node's API is not up yet
+
+    return _wait_for(answer, f"the runtime API on port {port}", timeout_s=60, poll_s=0.5)
+
+
+def test_runtime_apis_refuse_a_caller_without_the_superexec_secret(federation):
+    """The review's finding: /v1/runtime/acquire-task answered 200 with no credentials, handing out
+    a pending task and its token to whoever reached the port."""
+    assert _acquire_task(federation.port, federation.certs / "ca.crt") == 401
+    for name in NAMES:
+        inst = federation.institutions[name]
+        assert _acquire_task(inst.runtime_port, inst.directory / "runtime-tls" / "ca.crt") == 401, name
+
+
 def test_an_unregistered_supernode_is_refused(federation):
     intruder = federation.processes.started["intruder"]
     code = intruder.popen.wait(timeout=120)
@@ -101,7 +132,8 @@ def faulty_run(federation) -> Path:
 
     # Mid-round 1: the victim has pulled its training message and is training.
     _wait_for(lambda: _child(processes, VICTIM, "flwr-clientapp"), f"{VICTIM} to start training")
-    processes.kill(VICTIM)
+    processes.kill(VICTIM)  # the institution's machine dies: its SuperNode and the SuperExec running its ClientApp
+    processes.kill(superexec_name(VICTIM))
     # Round 1 completes with the other two once the SuperLink reports the victim unavailable.
     _wait_for(lambda: (out / "checkpoints" / "round_0001.pt").exists(), "round 1 to be committed")
     # The ServerApp now waits for a third node before round 2 (no message is in flight): kill it.
