@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,20 @@ def test_ledger_records_every_client_every_round(finished_run):
             assert entries[r - 1]["epsilon"] == pytest.approx(independent, rel=0.01)
     eps_max = max(e["epsilon"] for entries in ledger["clients"].values() for e in entries)
     assert _rows(finished_run)[-1]["epsilon_max"] == pytest.approx(eps_max)
+
+
+def test_privacy_verify_passes_on_a_fresh_run_and_names_a_lowered_epsilon(finished_run, tmp_path):
+    verified = fedtune("privacy-verify", str(finished_run))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    ledger = json.loads((copy / "privacy_ledger.json").read_text())
+    name = sorted(ledger["clients"])[0]
+    ledger["clients"][name][-1]["epsilon"] *= 0.8  # lowered by hand
+    (copy / "privacy_ledger.json").write_text(json.dumps(ledger))
+    tampered = fedtune("privacy-verify", str(copy))
+    assert tampered.returncode == 1
+    assert tampered.stdout.startswith(f"{name} round 2: epsilon: expected ")
 
 
 def test_resume_continues_without_resetting_epsilon(finished_run):

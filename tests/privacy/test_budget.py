@@ -69,3 +69,20 @@ def test_training_runs_the_schedule_the_forecast_plans(batches):
     assert (result.sample_rate, result.steps) == poisson_schedule(batches, 1, 1) == (1 / batches, batches)
     assert result.history == [(1.0, 1 / batches, batches)]
     assert epsilon("rdp", result.history, 1e-3) == projected_epsilon(cfg.dp, [], batches, 1, 1)
+
+
+def test_a_target_epsilon_is_spent_over_the_rounds_a_client_is_expected_to_train():
+    """With 2 of 10 clients sampled a round, a client trains in about 2 of 10 rounds: solving σ for
+    all 10 spent far less than the target."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.client.app import _round_config
+    from fedtune.client.state import ClientState
+
+    cfg = FedtuneConfig.from_flat({"rounds": 10, "clients": 10, "strategy.clients_per_round": 2,
+                                   "dp.target_epsilon": 4.0, "train.batch_size": 16})
+    assert cfg.rounds_per_client() == 2
+    solved = _round_config(cfg, ConfigRecord({}), ClientState(), 64).dp.noise_multiplier
+    q, steps = poisson_schedule(64, 16, 1)
+    assert independent_epsilon("prv", [(solved, q, steps)] * 2, cfg.dp.delta) == pytest.approx(4.0, rel=0.02)
+    assert FedtuneConfig.from_flat({"rounds": 3}).rounds_per_client() == 3  # everyone every round
