@@ -243,6 +243,7 @@ SERVER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedavgm")  # they step on the mean update; state rides in checkpoints
 SERVER_LR_ADAPTIVE = 0.01  # fedadam, fedyogi: see StrategyConfig.server_learning_rate
 SERVER_LR_MOMENTUM = 1.0  # fedavgm
+MAX_SERVER_LEARNING_RATE = 10.0
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,9 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         _check(self.name in SERVER_STRATEGIES, "strategy.name", f"use one of {', '.join(SERVER_STRATEGIES)}.")
         _check(self.proximal_mu >= 0, "strategy.proximal_mu", "use mu >= 0.")
-        _check(0 <= self.server_learning_rate < math.inf, "strategy.server_learning_rate",
-               "use a positive step size such as 0.01 (0: the strategy's default).")
+        _check(0 <= self.server_learning_rate <= MAX_SERVER_LEARNING_RATE, "strategy.server_learning_rate",
+               f"use a positive step size up to {MAX_SERVER_LEARNING_RATE:g}, such as 0.01 (0: the strategy's "
+               "default); larger steps overshoot the mean update by orders of magnitude.")
         _check(0 <= self.server_momentum < 1, "strategy.server_momentum", "use a value in [0, 1), e.g. 0.9.")
         _check(0 <= self.beta_1 < 1, "strategy.beta_1", "use a value in [0, 1), e.g. 0.9.")
         _check(0 <= self.beta_2 < 1, "strategy.beta_2", "use a value in [0, 1), e.g. 0.99.")
@@ -613,6 +615,11 @@ def _build_section(section_cls: type, values: dict[str, Any], section: str, sour
     return section_cls(**kwargs)
 
 
+# The options for which inf means "no limit"; every other number must be finite (an infinite σ, C or
+# learning rate would only fail after clients had trained and spent ε).
+INFINITE_ALLOWED = frozenset({"dp.epsilon_budget", "strategy.max_update_norm"})
+
+
 def _coerce(value: Any, annotation: Any, option: str, source: str) -> Any:
     """Check one value against its annotation; ints are accepted for floats."""
     origin = typing.get_origin(annotation)
@@ -632,6 +639,11 @@ def _coerce(value: Any, annotation: Any, option: str, source: str) -> Any:
     if annotation is float:
         _check(isinstance(value, int | float) and not isinstance(value, bool), option,
                f"got {value!r} in {source}; give a number.")
+        _check(not math.isnan(value), option, f"got nan in {source}; give a number.")
+        _check(math.isfinite(value) or option in INFINITE_ALLOWED, option,
+               f"got {value} in {source}; give a finite number"
+               + (" (only dp.epsilon_budget and strategy.max_update_norm take inf, meaning no limit)." if
+                  option not in INFINITE_ALLOWED else "."))
         return float(value)
     if annotation is int:
         _check(isinstance(value, int) and not isinstance(value, bool), option,

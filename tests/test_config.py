@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, dump_config, load_config
@@ -66,3 +68,22 @@ def test_flower_app_config_in_pyproject_matches_the_defaults():
     defaults = FedtuneConfig().to_flat()
     assert {key: value for key, value in app_config.items() if key != "out"} == {
         key: defaults[key] for key in app_config if key != "out"}
+
+
+@pytest.mark.parametrize("option", ["dp.max_grad_norm", "dp.noise_multiplier", "dp.target_epsilon",
+                                    "strategy.proximal_mu", "dp.client_noise_multiplier",
+                                    "strategy.server_learning_rate", "train.learning_rate"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_infinite_or_nan_values_are_refused_at_the_boundary(option, value):
+    """They used to pass, and clients spent ε before the round failed (--target-epsilon inf ran at σ = 10)."""
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
+        FedtuneConfig().with_overrides({option: value})
+
+
+def test_inf_means_no_limit_only_where_documented_and_absurd_server_steps_are_refused():
+    cfg = FedtuneConfig().with_overrides({"dp.epsilon_budget": math.inf, "strategy.max_update_norm": math.inf})
+    assert math.isinf(cfg.dp.epsilon_budget) and math.isinf(cfg.strategy.max_update_norm)
+    with pytest.raises(ConfigError, match="server_learning_rate"):
+        FedtuneConfig().with_overrides({"strategy.name": "fedadam", "strategy.server_learning_rate": 1e308})
+    with pytest.raises(ConfigError, match="finite"):
+        FedtuneConfig.from_nested({"dp": {"noise_multiplier": math.inf}}, source="run.toml")
