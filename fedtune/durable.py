@@ -6,6 +6,7 @@ The standard library has no atomic write; this is the usual temp-file-then-renam
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,8 +32,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any, **options: Any) -> str:
+    """JSON that strict parsers accept: NaN and ±Infinity (which json.dumps writes by default) become
+    null, fedtune's "not a number / unbounded" in every file it writes."""
+    return json.dumps(_finite(obj), allow_nan=False, **options)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(value) for value in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, strict_json(obj, indent=2, sort_keys=False) + "\n")
 
 
 def replace_dir_atomic(staging: Path, target: Path) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -281,6 +282,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             # noised release happens even if none trained: skipping it would reveal that none did.
             if trained or cfg.dp.client_dp != "off":
                 arrays, train_metrics = strategy.aggregate_train(round_, bounded_weights(trained))
+                _refuse_non_finite(arrays, round_, cfg)
                 ledger.client_level = client_level_entry(strategy)  # None without client-level DP
                 inputs.run.write_ledger(ledger)  # a noised release is on record before it is sent anywhere
             train_s = time.monotonic() - round_started
@@ -326,6 +328,16 @@ def _refuse_misnamed(replies: list[Message], registry: Registry, instructions: l
         reason = None if reply.has_error() else registry.misnamed(reply)
         out.append(failed_reply(by_node[reply.metadata.src_node_id], reason) if reason else reply)
     return out
+
+
+def _refuse_non_finite(arrays: ArrayRecord, round_: int, cfg: FedtuneConfig) -> None:
+    """A global adapter with NaN or Inf is never committed or sent: every later round would inherit it.
+    Every update was finite (server/validate.py), so the strategy's own step produced it."""
+    bad = [key for key in arrays.keys() if not np.isfinite(arrays[key].numpy()).all()]
+    if bad:
+        raise FedtuneError(f"Round {round_}: the aggregated adapter has NaN or Inf values in {', '.join(bad[:3])}, "
+                           f"from the server's {cfg.strategy.name} step; nothing of this round was committed. Lower "
+                           "strategy.server_learning_rate (or use fedavg), then resume the run.")
 
 
 def _stop_here(inputs: RoundInputs, round_: int) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from fedtune import __version__
 from fedtune.config import FedtuneConfig, dump_config, load_config
-from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
+from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.ledger import LEDGER, PrivacyLedger
 
@@ -122,7 +122,7 @@ class RunDirectory:
         """Durably finish a round: checkpoint first, then the views derived from it."""
         write_bytes_atomic(self.checkpoint_path(checkpoint.round), checkpoint.to_bytes())
         PrivacyLedger.from_dict(checkpoint.ledger).write(self.path / LEDGER)
-        lines = "".join(json.dumps(row) + "\n" for row in checkpoint.metrics)
+        lines = "".join(strict_json(row) + "\n" for row in checkpoint.metrics)
         write_text_atomic(self.path / METRICS, lines)
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -73,3 +73,31 @@ def test_spending_reported_by_an_unfinished_round_survives_resume(tmp_path):
     assert [(e["round"], e.get("interrupted", False)) for e in entries] == [(1, False), (2, True)]
     assert ledger.epsilon_max() == 1.0, "the retried round starts from the budget already spent"
     assert run.ledger_to_resume(_checkpoint(2, 0.5)).clients["client-0000"][-1].get("interrupted") is None
+
+
+def test_every_json_file_is_strict_json(tmp_path):
+    """NaN and Infinity, which strict parsers reject, are written as null."""
+    import math
+
+    from fedtune.durable import strict_json, write_json_atomic
+
+    text = strict_json({"loss": math.nan, "eps": [math.inf, 1.5], "n": 3})
+    assert text == '{"loss": null, "eps": [null, 1.5], "n": 3}'
+    write_json_atomic(tmp_path / "x.json", {"eps": -math.inf})
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {"eps": None}
+
+
+def test_a_non_finite_aggregate_is_never_committed():
+    """The review's --strategy fedadam --server-learning-rate 1e308: NaN committed with exit 0."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedtune.config import FedtuneConfig
+    from fedtune.errors import FedtuneError
+    from fedtune.server.rounds import _refuse_non_finite
+
+    good = ArrayRecord({"lora_A": Array(np.ones(3, dtype=np.float32))})
+    _refuse_non_finite(good, 1, FedtuneConfig())
+    bad = ArrayRecord({"lora_A": Array(np.array([1.0, np.inf, 0.0], dtype=np.float32))})
+    with pytest.raises(FedtuneError, match="NaN or Inf values in lora_A.*nothing of this round was committed"):
+        _refuse_non_finite(bad, 2, FedtuneConfig())
