@@ -83,17 +83,18 @@ class _DropDeprecationNotice(logging.Filter):
         return "run_simulation` function is deprecated" not in record.getMessage()
 
 
-STOP_WAIT_S = 60.0  # after Ctrl-C: the most the server thread gets to record what arrived and return
+STOP_WAIT_S = 60.0  # after a second Ctrl-C: the most the server thread gets to record what arrived and return
 
 
 def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     """Start the ServerApp and `cfg.clients` virtual SuperNodes running the ClientApp.
 
-    Ctrl-C stops the whole run: Flower's Simulation Engine runs the ServerApp in a thread of its
-    own and shuts Ray down when the main thread is interrupted, but would leave that thread running
-    its rounds (each client then failing after round_timeout_s). The first Ctrl-C sets `stop`, which
-    the round loop checks at every poll, and this waits until the ServerApp has returned; a second
-    Ctrl-C only says that it is stopping, so the shutdown is never cut short."""
+    Ctrl-C stops the whole run. Flower's Simulation Engine runs the ServerApp in a thread of its own;
+    an interrupt in the main thread would shut Ray down under it and leave that thread running its
+    rounds (each client then failing after round_timeout_s). Instead the first Ctrl-C only sets
+    `stop`, which the round loop checks at every poll: the ServerApp returns, and Flower then ends
+    the simulation and shuts Ray down in its usual order, within seconds. A second Ctrl-C interrupts
+    the main thread, for a ServerApp that does not return."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
@@ -116,7 +117,7 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
                 stop.set()
                 done.wait(STOP_WAIT_S)  # Flower has already shut Ray down
                 raise
-            if stop.is_set():  # the signal came while Flower was finishing: same outcome
+            if stop.is_set():  # stopped by Ctrl-C: the ServerApp said where, the caller says how to go on
                 raise KeyboardInterrupt
     finally:
         flwr_logger.removeFilter(notice_filter)
@@ -124,17 +125,16 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
 
 @contextmanager
 def _first_ctrl_c_stops(stop: threading.Event, console: Console) -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt once; later ones only say that the run is stopping."""
+    """The first SIGINT sets `stop`; a second one raises KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread (tests may call from another)
         return
 
     def on_sigint(signum, frame) -> None:
         if stop.is_set():
-            console.print("Stopping: saving the ledger and shutting the workers down; one moment.")
-            return
+            raise KeyboardInterrupt
         stop.set()
-        raise KeyboardInterrupt
+        console.print("Stopping: the round in progress is not committed (Ctrl-C again to force).")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
