@@ -25,11 +25,6 @@ TABLE_ROWS = 12  # more clients than this are summarized, not listed
 TICKS = 40  # client names under the bars up to this many clients
 
 
-def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Tokens per text, special tokens included, before any truncation."""
-    return [len(ids) for ids in tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]]
-
-
 def partition_summary(fed: FederatedData, data: DataConfig, lengths: Sequence[int], max_length: int) -> dict[str, Any]:
     """Examples, label histogram and truncated texts for the server hold-out and every client."""
     names = fed.label_names

@@ -9,6 +9,26 @@ import torch
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = -100  # the label of a token that carries no loss (torch's and transformers' convention)
+# No token spans more characters than this: WordPiece turns a longer word into one [UNK], and BPE
+# and SentencePiece vocabularies hold far shorter pieces. Cutting a text to max_length x this many
+# characters before tokenizing keeps its first max_length tokens and bounds memory whatever its length
+# (a 50 MB text once took 4.7 GB in the server and 11 GB in a worker).
+CHARS_PER_TOKEN = 100
+
+
+def token_counts(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
+    """Tokens per text (special tokens included), counted on each text cut to what max_length tokens
+    can span; a text longer than that counts as at least max_length + 1 (it is truncated)."""
+    return _untruncated(tokenizer, texts, max_length)[1]
+
+
+def _untruncated(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each text cut to max_length x CHARS_PER_TOKEN characters, and its token count."""
+    limit = max_length * CHARS_PER_TOKEN
+    ids = tokenizer([text[:limit] for text in texts], truncation=False, add_special_tokens=True)["input_ids"]
+    counts = [len(row) if len(text) <= limit else max(len(row), max_length + 1)
+              for row, text in zip(ids, texts, strict=True)]
+    return ids, counts
 
 
 @dataclass(frozen=True)
@@ -34,10 +54,11 @@ def tokenize(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length:
     """Tokenize once; counts texts longer than `max_length` tokens (they are truncated)."""
     if not texts:  # e.g. a client's validation split when data.client_val_fraction is 0
         return TokenizedTexts((), ())
-    full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
-    num_truncated = sum(len(ids) > max_length for ids in full)
-    if num_truncated:
-        cut = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    full, counts = _untruncated(tokenizer, texts, max_length)  # memory bounded by max_length, not the texts
+    num_truncated = sum(n > max_length for n in counts)
+    if num_truncated:  # the tokenizer's own truncation keeps its special tokens where they belong
+        limit = max_length * CHARS_PER_TOKEN
+        cut = tokenizer([text[:limit] for text in texts], truncation=True, max_length=max_length)["input_ids"]
     else:
         cut = full
     return TokenizedTexts(tuple(tuple(ids) for ids in cut), tuple(int(y) for y in labels), num_truncated)

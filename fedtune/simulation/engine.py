@@ -16,7 +16,8 @@ from fedtune.config import FedtuneConfig
 from fedtune.data.chat import chat_summary
 from fedtune.data.federated import federated_data
 from fedtune.data.instruct import federated_instructions
-from fedtune.data.summary import partition_summary, token_lengths
+from fedtune.data.summary import partition_summary
+from fedtune.data.text import token_counts
 from fedtune.errors import ConfigError
 from fedtune.models.build import check_model, load_tokenizer
 from fedtune.server.run_dir import RunDirectory
@@ -49,7 +50,7 @@ def data_summary(cfg: FedtuneConfig) -> dict:
         return chat_summary(federated_instructions(cfg.data, cfg.clients, cfg.seed), cfg.data, tokenizer,
                             cfg.model.max_length)
     fed = federated_data(cfg.data, cfg.clients, cfg.seed)
-    lengths = token_lengths(load_tokenizer(cfg.model.name_or_path), fed.texts)
+    lengths = token_counts(load_tokenizer(cfg.model.name_or_path), fed.texts, cfg.model.max_length)
     return partition_summary(fed, cfg.data, lengths, cfg.model.max_length)
 
 
