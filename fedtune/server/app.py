@@ -64,6 +64,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
         ppl = f"  ppl={first['eval_perplexity']:.2f}" if "eval_perplexity" in first else ""
         inputs.console.print(f"round 0/{cfg.rounds}  acc={first['eval_accuracy']:.3f}{ppl}  (before training)")
     else:
+        run.check_resumable(start, cfg, dict(to_record(inputs.evaluate.model).to_torch_state_dict()))
         inputs.console.print(f"Resuming {run.path} after round {start.round}.")
     waited, failed = (finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S, stop) if warming
                       else (0.0, 0))

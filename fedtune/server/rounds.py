@@ -8,6 +8,7 @@ strategy or strategy wrapper plugs in unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -38,7 +39,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger, client_notes, ledger_entry
 from fedtune.server.evaluate import Scores, ServerEvaluator
 from fedtune.server.identity import Registry
-from fedtune.server.run_dir import Checkpoint, RunDirectory
+from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
 from fedtune.server.validate import Schedule, bounded_weights, reject_malformed, reported_spending
@@ -216,7 +217,8 @@ def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
     scores = inputs.evaluate(arrays, 0)
     ledger = PrivacyLedger(inputs.cfg.dp.accountant, inputs.cfg.dp.enabled)
     row = _round_row(0, scores, None, None, ledger, [], [], bytes_down=0)
-    return Checkpoint(0, dict(arrays.to_torch_state_dict()), [row], ledger.to_dict(), {})
+    return Checkpoint(0, dict(arrays.to_torch_state_dict()), [row], ledger.to_dict(), {},
+                      options=model_options(inputs.cfg))
 
 
 def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Checkpoint) -> Checkpoint:
@@ -296,8 +298,9 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,
                              bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
             row["learning_rate"] = learning_rate
-            state = Checkpoint(round_, dict(arrays.to_torch_state_dict()), [*state.metrics, row],
-                               ledger.to_dict(), state.node_names, optimizer_state(strategy), state.node_keys)
+            state = dataclasses.replace(state, round=round_, arrays=dict(arrays.to_torch_state_dict()),
+                                        metrics=[*state.metrics, row], ledger=ledger.to_dict(),
+                                        optimizer_state=optimizer_state(strategy))
             inputs.run.commit(state)
             inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
     return state

@@ -31,6 +31,16 @@ SUMMARY = "summary.json"
 CLIENT_STATE = "client_state"
 
 
+# The options that shape the adapter or what it means: a resume under other values would load it wrong.
+MODEL_OPTIONS = ("model.task", "model.name_or_path", "model.pooling", "lora.r", "lora.alpha", "lora.target_modules",
+                 "lora.modules_to_save", "lora.aggregation", "lora.client_ranks")
+
+
+def model_options(cfg: FedtuneConfig) -> dict[str, Any]:
+    flat = cfg.to_flat()
+    return {key: flat[key] for key in MODEL_OPTIONS}
+
+
 @dataclass
 class Checkpoint:
     """Everything needed to resume: the global trainable weights and the run's records."""
@@ -42,12 +52,14 @@ class Checkpoint:
     node_names: dict[int, str] = field(default_factory=dict)
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a server optimizer's moments
     node_keys: dict[str, str] = field(default_factory=dict)  # institution -> its pinned key (server/identity.py)
+    options: dict[str, Any] = field(default_factory=dict)  # the MODEL_OPTIONS the adapter was built with
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         torch.save({"fedtune_version": __version__, "round": self.round, "arrays": self.arrays,
                     "metrics": self.metrics, "ledger": self.ledger, "node_names": self.node_names,
-                    "optimizer_state": self.optimizer_state, "node_keys": self.node_keys}, buffer)
+                    "optimizer_state": self.optimizer_state, "node_keys": self.node_keys, "options": self.options},
+                   buffer)
         return buffer.getvalue()
 
     @classmethod
@@ -55,7 +67,7 @@ class Checkpoint:
         data = torch.load(path, map_location="cpu", weights_only=True)
         return cls(data["round"], data["arrays"], data["metrics"], data["ledger"], data["node_names"],
                    data.get("optimizer_state", {}),  # checkpoints from before server optimizers have none
-                   data.get("node_keys", {}))
+                   data.get("node_keys", {}), data.get("options", {}))
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,21 @@ class RunDirectory:
 
     def checkpoint_path(self, round_: int) -> Path:
         return self.path / CHECKPOINTS / f"round_{round_:04d}.pt"
+
+    def check_resumable(self, checkpoint: Checkpoint, cfg: FedtuneConfig, fresh: dict[str, torch.Tensor]) -> None:
+        """Refuse, before any round, a config.toml that no longer matches the checkpoint: the options that
+        shape the adapter, and the adapter's tensors themselves (names and shapes, against `fresh`,
+        the adapter the config builds)."""
+        now = model_options(cfg)
+        changed = [f"{key} = {checkpoint.options[key]!r} in the checkpoint, {now[key]!r} in {CONFIG}"
+                   for key in checkpoint.options if key in now and checkpoint.options[key] != now[key]]
+        if not changed and {n: tuple(t.shape) for n, t in checkpoint.arrays.items()} != \
+                {n: tuple(t.shape) for n, t in fresh.items()}:
+            changed = ["the adapter's tensors (names or shapes) differ from what the config builds"]
+        if changed:
+            raise ConfigError(f"{self.path / CONFIG} no longer matches round {checkpoint.round}'s checkpoint: "
+                              f"{'; '.join(changed)}. Put the checkpoint's values back to resume, or start a new run "
+                              "with --out. Nothing was trained.")
 
     def latest_checkpoint(self) -> Checkpoint | None:
         found = sorted((self.path / CHECKPOINTS).glob("round_*.pt"),

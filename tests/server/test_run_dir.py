@@ -101,3 +101,20 @@ def test_a_non_finite_aggregate_is_never_committed():
     bad = ArrayRecord({"lora_A": Array(np.array([1.0, np.inf, 0.0], dtype=np.float32))})
     with pytest.raises(FedtuneError, match="NaN or Inf values in lora_A.*nothing of this round was committed"):
         _refuse_non_finite(bad, 2, FedtuneConfig())
+
+
+def test_a_config_edited_against_its_checkpoint_is_refused_before_any_round(tmp_path):
+    """lora.r or pooling edited in config.toml was noticed only after clients had trained and spent ε."""
+    from fedtune.server.run_dir import model_options
+
+    cfg = FedtuneConfig()
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    arrays = {"lora_A": torch.zeros(4, 8)}
+    saved = Checkpoint(1, arrays, options=model_options(cfg))
+    run.check_resumable(saved, cfg, arrays)  # unchanged: fine
+    edited = cfg.with_overrides({"lora.r": 8, "model.pooling": "mean", "lora.modules_to_save": []})
+    with pytest.raises(ConfigError, match=r"model\.pooling = .cls. in the checkpoint.*lora\.r = 4 in the"):
+        run.check_resumable(saved, edited, arrays)
+    older = Checkpoint(1, arrays)  # written before the options were saved: the tensors still tell
+    with pytest.raises(ConfigError, match="tensors"):
+        run.check_resumable(older, cfg, {"lora_A": torch.zeros(8, 8)})
