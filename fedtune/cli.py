@@ -179,6 +179,8 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
             raise ConfigError(f"--resume continues a run with its saved config; only --rounds may change "
                               f"(got {', '.join(changed) or '--config/--out'}). Drop those options.")
         cfg = run.config().with_overrides({"rounds": overrides["rounds"]})
+        run.resume_point()  # a damaged checkpoint with none to fall back to, or a damaged ledger, stops here,
+        run.read_ledger()  # before anything in the run directory is rewritten
         preflight(cfg)
         write_text_atomic(run.path / CONFIG, dump_config(cfg))
     else:

@@ -26,3 +26,16 @@ def test_a_run_with_canaries_says_how_to_score_them(tmp_path, no_federation, can
     said = " ".join(result.stderr.split())
     assert (f"fedtune audit --resume {out}` scores them" in said) == hint
     assert result.stdout.strip().splitlines()[-1] == str(out)  # the run directory stays the last line
+
+
+def test_resuming_a_run_with_a_damaged_ledger_changes_nothing(tmp_path):
+    """config.toml used to be rewritten before the damaged file crashed the resume."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.run_dir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    (run.path / "privacy_ledger.json").write_text('{"clients": {')
+    before = (run.path / "config.toml").read_bytes()
+    result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path), "--rounds", "5"])
+    assert result.exit_code == 2 and "is damaged" in result.output and "Traceback" not in result.output
+    assert (run.path / "config.toml").read_bytes() == before

@@ -110,8 +110,8 @@ def read_ledger(run_dir: Path) -> dict[str, Any]:
     try:
         ledger = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FedtuneError(f"{path} is not valid JSON ({err}). Restore it from the latest checkpoint by "
-                           f"resuming the run, or pass another run directory.") from err
+        raise FedtuneError(f"{path} is not valid JSON ({err}). Restore it from a backup: resuming the run cannot "
+                           "rebuild it (the checkpoints hold only what was committed), and refuses to start.") from err
     missing = [key for key in ("accountant", "dp_enabled", "clients") if key not in ledger]
     if missing:
         raise FedtuneError(f"{path} is not a fedtune privacy ledger (no {', '.join(missing)}).")

@@ -49,7 +49,12 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
            stop: threading.Event) -> Checkpoint:
     started = time.monotonic()
     # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
-    start = run.latest_checkpoint()
+    start, damaged = run.resume_point()
+    run.read_ledger()  # a damaged ledger stops the run before anything is sent (server/run_dir.py)
+    if damaged:
+        console.print(f"Skipped damaged checkpoints: {'; '.join(damaged)}. Resuming from round "
+                      f"{start.round if start else 0}; spending reported after it stays in the ledger.",
+                      markup=False, highlight=False, soft_wrap=True)
     rounds_left = start is None or start.round < cfg.rounds
     if not rounds_left and (run.path / SUMMARY).exists():  # keep the summary of the session that trained
         console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.")

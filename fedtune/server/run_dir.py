@@ -121,9 +121,37 @@ class RunDirectory:
                               "with --out. Nothing was trained.")
 
     def latest_checkpoint(self) -> Checkpoint | None:
-        found = sorted((self.path / CHECKPOINTS).glob("round_*.pt"),
-                       key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
-        return Checkpoint.from_file(found[-1]) if found else None
+        return self.resume_point()[0]
+
+    def resume_point(self) -> tuple[Checkpoint | None, list[str]]:
+        """The newest checkpoint that loads, and what is wrong with each newer one (a crash or a full disk
+        can leave a damaged file). Falling back is safe for checkpoints: a round after the one resumed
+        from is trained again, and what its clients reported spending stays, from privacy_ledger.json."""
+        found = sorted((self.path / CHECKPOINTS).glob("round_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        damaged = []
+        for path in reversed(found):
+            try:
+                return Checkpoint.from_file(path), damaged
+            except Exception as err:  # noqa: BLE001 - any unreadable file is a damaged checkpoint
+                damaged.append(f"{path.name} ({type(err).__name__}: {_first_line(err)})")
+        if damaged:
+            raise ConfigError(f"No checkpoint in {self.path / CHECKPOINTS} can be read: {'; '.join(damaged)}. The "
+                              "run cannot be resumed; start a new one with --out (privacy_ledger.json keeps what its "
+                              "clients spent).")
+        return None, damaged
+
+    def read_ledger(self) -> PrivacyLedger | None:
+        """privacy_ledger.json as written, or None if there is none yet. A damaged ledger stops everything:
+        unlike a checkpoint it is never replaced by an older copy, which would forget spending."""
+        path = self.path / LEDGER
+        if not path.is_file():
+            return None
+        try:
+            return PrivacyLedger.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{path} is damaged ({type(err).__name__}: {_first_line(err)}), so the spending it "
+                              "records after the last checkpoint cannot be recovered, and resuming could undercount "
+                              "it. Restore it from a backup; nothing was changed.") from err
 
     def write_ledger(self, ledger: PrivacyLedger) -> None:
         """Record spending as soon as clients report it, before the round is committed."""
@@ -133,10 +161,9 @@ class RunDirectory:
         """The checkpoint's ledger plus any entries reported after it by a round that never
         finished (marked `interrupted`): the clients spent that budget, so it stays on record."""
         ledger = PrivacyLedger.from_dict(checkpoint.ledger)
-        path = self.path / LEDGER
-        if not path.is_file():
+        written = self.read_ledger()
+        if written is None:
             return ledger
-        written = PrivacyLedger.from_dict(json.loads(path.read_text()))
         for client, entries in written.clients.items():
             for entry in entries:
                 if entry["round"] > checkpoint.round:
@@ -154,3 +181,8 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / SUMMARY, summary)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else "empty"

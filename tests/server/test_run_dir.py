@@ -118,3 +118,26 @@ def test_a_config_edited_against_its_checkpoint_is_refused_before_any_round(tmp_
     older = Checkpoint(1, arrays)  # written before the options were saved: the tensors still tell
     with pytest.raises(ConfigError, match="tensors"):
         run.check_resumable(older, cfg, {"lora_A": torch.zeros(8, 8)})
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 truncated"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    """A 0-byte checkpoint printed only `Aborted.`; a truncated one an 811-line traceback."""
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    run.commit(Checkpoint(1, {"w": torch.ones(2)}, ledger=PrivacyLedger("prv", True).to_dict()))
+    run.checkpoint_path(2).write_bytes(damage)
+    start, damaged = run.resume_point()
+    assert start.round == 1 and damaged and damaged[0].startswith("round_0002.pt (")
+    run.checkpoint_path(1).write_bytes(damage)
+    with pytest.raises(ConfigError, match="No checkpoint .* can be read"):
+        run.resume_point()
+
+
+@pytest.mark.parametrize("text", ['{"clients": {', "{}", '{"accountant": "prv", "dp_enabled": true, "clients": 3}'])
+def test_a_damaged_ledger_stops_a_resume_and_is_never_replaced(tmp_path, text):
+    """A truncated ledger gave a 4,329-line traceback and a `{}` one KeyError."""
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    (run.path / "privacy_ledger.json").write_text(text)
+    with pytest.raises(ConfigError, match="damaged.*Restore it from a backup"):
+        run.read_ledger()
+    assert (run.path / "privacy_ledger.json").read_text() == text
