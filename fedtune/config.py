@@ -666,6 +666,17 @@ def load_config(path: Path | None) -> FedtuneConfig:
     return FedtuneConfig.from_nested(data, source=str(path))
 
 
+RUN_CONFIG = "config.toml"  # a run directory's resolved config
+
+
+def read_run_config(run_dir: Path) -> FedtuneConfig:
+    """The resolved config saved in a run directory."""
+    if not (Path(run_dir) / RUN_CONFIG).is_file():
+        raise ConfigError(f"{run_dir} is not a fedtune run directory (no {RUN_CONFIG}). Pass the directory that an "
+                          "earlier `fedtune simulate` printed on its last line.")
+    return load_config(Path(run_dir) / RUN_CONFIG)
+
+
 def dump_config(config: FedtuneConfig) -> str:
     """TOML text of the resolved config, stamped with the fedtune version."""
     return tomli_w.dumps({"fedtune_version": __version__, **config.to_nested()})

@@ -25,13 +25,13 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedtune import __version__
 from fedtune import constants as k
+from fedtune.config import read_run_config
 from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import other
 from fedtune.privacy.audit import AUDIT_FILE
-from fedtune.privacy.ledger import UNIT, read_ledger
+from fedtune.privacy.ledger import LEDGER, UNIT, read_ledger
 from fedtune.privacy.policy import SOURCES
-from fedtune.server.run_dir import LEDGER, RunDirectory
 
 REPORT_MD, REPORT_JSON, REPORT_HTML, PLOT_PNG = (
     "privacy_report.md", "privacy_report.json", "privacy_report.html", "privacy_epsilon.png")
@@ -109,7 +109,7 @@ def _verification(run_dir: Path) -> dict[str, Any] | None:
 def _settings(run_dir: Path) -> dict[str, Any]:
     """The run's privacy-relevant options; only `config_error` if config.toml cannot be read."""
     try:
-        cfg = RunDirectory.existing(run_dir).config()
+        cfg = read_run_config(run_dir)
     except FedtuneError as err:
         return {"config_error": str(err)}
     dp = cfg.dp

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import constants as k
-from fedtune.config import FedtuneConfig
+from fedtune.config import FedtuneConfig, read_run_config
 from fedtune.privacy.budget import poisson_schedule
 from fedtune.privacy.independent import epsilons_along, independent_client_level_epsilon
 from fedtune.privacy.ledger import read_ledger
@@ -67,10 +67,8 @@ class Verification:
 
 def verify_run(run_dir: Path) -> Verification:
     """Check RUN_DIR's privacy ledger against its config (raises FedtuneError if either is unreadable)."""
-    from fedtune.server.run_dir import RunDirectory
-
     ledger = read_ledger(Path(run_dir))
-    cfg = RunDirectory.existing(Path(run_dir)).config()
+    cfg = read_run_config(Path(run_dir))
     violations: list[Violation] = []
     entries = 0
     for name, rows in sorted(ledger["clients"].items()):

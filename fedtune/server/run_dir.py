@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from fedtune import __version__
-from fedtune.config import FedtuneConfig, dump_config, load_config
+from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_config
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.ledger import LEDGER, PrivacyLedger
 
-CONFIG = "config.toml"
+CONFIG = RUN_CONFIG
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
@@ -86,13 +86,11 @@ class RunDirectory:
 
     @classmethod
     def existing(cls, path: Path) -> RunDirectory:
-        if not (path / CONFIG).is_file():
-            raise ConfigError(f"{path} is not a fedtune run directory (no {CONFIG}). Pass the directory "
-                              "that an earlier `fedtune simulate` printed on its last line.")
+        read_run_config(path)  # a directory without a readable config.toml is no run directory
         return cls(path)
 
     def config(self) -> FedtuneConfig:
-        return load_config(self.path / CONFIG)
+        return read_run_config(self.path)
 
     @property
     def client_state_dir(self) -> Path:
