@@ -740,8 +740,7 @@ def _detail(r: dict[str, Any]) -> list[Block]:
 
 
 def _note(entry: dict[str, Any]) -> str:
-    notes = [f"attempt {entry['attempt']}" if "attempt" in entry else "",
-             "interrupted before commit" if entry.get("interrupted") else "",
+    notes = ["interrupted before commit" if entry.get("interrupted") else "",
              "reported ε below the ledger's record (state lost)" if entry.get("state_lost") else "",
              "continued from the ledger's record (adopt-ledger-spending)"
              if entry.get("adopted_ledger_spending") else "",

@@ -100,7 +100,7 @@ def test_max_is_each_clients_latest_cumulative_epsilon_from_the_main_accountant(
     entries (4), the first entry of each client (4), only trained entries (z would have 2)."""
     run = make_run(tmp_path, {
         "x": [trained(1, 4.0, other=9.0)],
-        "y": [trained(1, 3.0, other=3.2), trained(2, 6.0, other=6.4, interrupted=True, attempt=1)],
+        "y": [trained(1, 3.0, other=3.2), trained(2, 6.0, other=6.4, interrupted=True)],
         "z": [trained(1, 2.0), declined(2, 5.0), failed(3)],  # a declined entry carries ε so far
     })
     report = build_report(run)
