@@ -289,6 +289,11 @@ class StrategyConfig:
         default=0,
         metadata={"help": "Connected clients a round waits for before sampling; 0 means all `clients`. In deployment, "
                           "lower it so that a round can start while an institution is down."})
+    min_reply_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Share of a round's sampled clients that must answer (trained, declined or refused) for the "
+                          "round to be committed; below it (workers lost, institutions down) the run stops with the "
+                          "failures on record, and --resume continues once the cause is fixed. 0: commit any round."})
 
     def __post_init__(self) -> None:
         _check(self.name in SERVER_STRATEGIES, "strategy.name", f"use one of {', '.join(SERVER_STRATEGIES)}.")
@@ -309,6 +314,7 @@ class StrategyConfig:
         _check(0 <= self.fraction_evaluate <= 1, "strategy.fraction_evaluate", "use a value in [0, 1].")
         _check(self.clients_per_round >= 0, "strategy.clients_per_round", "use 0 (fraction_train) or a count.")
         _check(self.min_available_clients >= 0, "strategy.min_available_clients", "use 0 (all clients) or a count.")
+        _check(0 <= self.min_reply_fraction <= 1, "strategy.min_reply_fraction", "use a share in [0, 1], e.g. 0.5.")
 
     def effective_server_learning_rate(self) -> float:
         """server_learning_rate, or the strategy's default when it is 0."""

@@ -79,8 +79,12 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     model = inputs.evaluate.model
     load_record(model, ArrayRecord(torch_state_dict=final.arrays))
     save_adapter(model, run.adapter_dir)
-    run.write_summary(_summary(final, base_model_bytes(model), time.monotonic() - started,
-                               inputs.worker_peak_rss_mb, waited, failed))
+    summary = _summary(final, base_model_bytes(model), time.monotonic() - started, inputs.worker_peak_rss_mb,
+                       waited, failed)
+    run.write_summary(summary)
+    if summary["failed_client_rounds"]:
+        console.print(f"{summary['failed_client_rounds']} client-rounds failed (reasons in privacy_ledger.json).",
+                      markup=False, highlight=False)
     return final
 
 
@@ -98,6 +102,7 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
         **({"initial_eval_perplexity": first["eval_perplexity"], "final_eval_perplexity": last["eval_perplexity"]}
            if "eval_perplexity" in last else {}),
         "epsilon_max": last["epsilon_max"],
+        "failed_client_rounds": sum(row.get("num_failed", 0) for row in final.metrics),
         "client_level_epsilon": (final.ledger.get("client_level") or {}).get("epsilon"),  # None when off
         "bytes_up_per_client": last["bytes_up"],
         "base_model_bytes": base_bytes,

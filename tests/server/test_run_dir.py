@@ -141,3 +141,20 @@ def test_a_damaged_ledger_stops_a_resume_and_is_never_replaced(tmp_path, text):
     with pytest.raises(ConfigError, match="damaged.*Restore it from a backup"):
         run.read_ledger()
     assert (run.path / "privacy_ledger.json").read_text() == text
+
+
+@pytest.mark.usefixtures("in_flower_run")
+def test_a_round_that_too_few_sampled_clients_answer_is_not_committed():
+    """A worker killed for memory left 18 rounds with 1 of 20 clients each, and a worthless adapter."""
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+    from fedtune.errors import FedtuneError
+    from fedtune.server.rounds import _require_quorum
+
+    sent = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in range(4)]
+    ok = Message(RecordDict(), reply_to=sent[0])
+    lost = [Message(Error(code=0, reason="worker died"), reply_to=m) for m in sent[1:]]
+    with pytest.raises(FedtuneError, match="only 1 of the 4 sampled clients answered.*worker died.*--resume"):
+        _require_quorum(3, sent, [ok, *lost], 0.5)
+    _require_quorum(3, sent, [ok, *lost], 0.25)  # allowed by a lower share
+    _require_quorum(3, [], [], 0.5)  # an empty Poisson cohort (client-level DP) is no failure
