@@ -522,8 +522,9 @@ def _spent(r: dict[str, Any]) -> list[Block]:
         "latest trained round (* where they changed between rounds: see the per-round detail); n·q is the "
         "expected size of a Poisson batch; steps are all local DP-SGD steps it ran. Declined and refused rounds "
         "train nothing and cost nothing. A failed round may have cost ε: a client that failed after training "
-        "(fail closed, or a crash) or whose reply came too late still took its steps; the client's own state "
-        "counts them, and its next report includes them, so they show up in its later ε."
+        "(fail closed) or whose reply came too late took its steps and saved them in its own state before "
+        "replying, so its next report includes them; a client that crashed before saving released nothing from "
+        "that round."
         + (" Rejected rounds were trained, but the server refused the update (too large or malformed); "
            "they cost ε like any trained round." if rejected else "")
         + (" Interrupted rounds were trained and reported, but the run crashed before the server committed "

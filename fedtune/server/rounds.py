@@ -256,10 +256,6 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             else:
                 replies = exchange(grid, messages, label, progress, inputs.timeout_s, in_flight_limit(grid),
                                    inputs.stop)
-            if inputs.stop.is_set():  # Ctrl-C: the replies that came are on record (they spent ε), nothing else
-                record_privacy(ledger, round_, replies, state.node_names)
-                inputs.run.write_ledger(ledger)
-                raise RunStopped(round_)
             mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
             replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
                                                  cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
@@ -272,6 +268,7 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
                                      markup=False, highlight=False, soft_wrap=True)
             _track_memory(inputs.worker_peak_rss_mb, replies)
             inputs.run.write_ledger(ledger)  # spent budget is on disk before anything else can fail
+            _stop_here(inputs, round_)  # Ctrl-C: only the replies that really came are on record
             answered = [r for r in replies if not r.has_error()]
             _require_quorum(round_, messages, replies, cfg.strategy.min_reply_fraction)
             _stop_if_all_refused(round_, answered)
