@@ -27,8 +27,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from rich.console import Console  # noqa: E402
 
 from fedtune.config import DataConfig, FedtuneConfig, StrategyConfig, TrainConfig  # noqa: E402
+from fedtune.server.prepare import preflight  # noqa: E402
 from fedtune.server.run_dir import RunDirectory  # noqa: E402
-from fedtune.simulation.engine import preflight, simulate  # noqa: E402
+from fedtune.simulation.engine import simulate  # noqa: E402
 
 PER_CLIENT, TEST_FRACTION = 8, 0.05
 RUNS = (("registered_100_sampled_20", 100, 20), ("registered_1000_sampled_20", 1000, 20),

@@ -57,8 +57,9 @@ from fedtune.data.demo import LABELS  # noqa: E402
 from fedtune.data.federated import federated_data  # noqa: E402
 from fedtune.data.text import pad_batch, tokenize  # noqa: E402
 from fedtune.models.build import build_model, default_model_dir, load_tokenizer  # noqa: E402
+from fedtune.server.prepare import preflight  # noqa: E402
 from fedtune.server.run_dir import RunDirectory  # noqa: E402
-from fedtune.simulation.engine import preflight, simulate  # noqa: E402
+from fedtune.simulation.engine import simulate  # noqa: E402
 
 ROUNDS, BATCH, RANK, MAX_LENGTH = 2, 8, 8, 64
 PEAK_SIZE, PEAK_REPEATS = 1024, 20  # square fp32 matmuls for the peak; about a second on 2 cores

@@ -13,8 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtune import __version__
-from fedtune.config import FedtuneConfig, dump_config, load_config
-from fedtune.durable import write_text_atomic
+from fedtune.config import FedtuneConfig, load_config
 from fedtune.errors import ConfigError, FedtuneError
 
 cli = typer.Typer(
@@ -166,33 +165,19 @@ def simulate(
 
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any],
               audit_hint: bool = True) -> None:
-    from fedtune.data.federated import resolve_data
-    from fedtune.data.instruct import resolve_instructions
-    from fedtune.data.summary import save_partition_summary
-    from fedtune.server.run_dir import CONFIG, RunDirectory
-    from fedtune.simulation.engine import data_summary, preflight, simulate
+    from fedtune.server.prepare import continue_run, new_run
+    from fedtune.simulation.engine import simulate
 
     if resume is not None:
-        run = RunDirectory.existing(resume)
         changed = sorted(key for key, value in overrides.items() if value is not None and key != "rounds")
         if changed or config is not None or out is not None:
             raise ConfigError(f"--resume continues a run with its saved config; only --rounds may change "
                               f"(got {', '.join(changed) or '--config/--out'}). Drop those options.")
-        cfg = run.config().with_overrides({"rounds": overrides["rounds"]})
-        run.resume_point()  # a damaged checkpoint with none to fall back to, or a damaged ledger, stops here,
-        run.read_ledger()  # before anything in the run directory is rewritten
-        preflight(cfg)
-        write_text_atomic(run.path / CONFIG, dump_config(cfg))
+        cfg, run = continue_run(resume, overrides["rounds"])
     else:
         cfg = load_config(config).with_overrides(overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        # The label list is fixed here, for every client and evaluation (a causal LM has none).
-        data = resolve_instructions(cfg.data) if cfg.model.task == "causal-lm" else resolve_data(cfg.data)
-        cfg = cfg.with_overrides({"out": str(target), "data.path": data.path, "data.labels": list(data.labels)})
-        preflight(cfg)
-        summary = data_summary(cfg)
-        run = RunDirectory.create(target, cfg)
-        save_partition_summary(run.path, summary)
+        cfg, run, summary = new_run(cfg, target)  # fixes the label list for every client and evaluation
         _show_data(summary)
     noise = (f"target ε={cfg.dp.target_epsilon} per client" if cfg.dp.target_epsilon > 0
              else f"sigma={cfg.dp.noise_multiplier}")

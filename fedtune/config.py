@@ -22,6 +22,7 @@ import tomli_w
 
 from fedtune import __version__
 from fedtune.errors import ConfigError
+from fedtune.tasks import DEFAULT_TASK, TASKS
 
 Scalar = str | int | float | bool
 
@@ -33,8 +34,8 @@ def _check(ok: bool, option: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    task: Literal["classification", "causal-lm"] = field(
-        default="classification",
+    task: str = field(
+        default=DEFAULT_TASK,
         metadata={"help": "`classification`: label texts (data.text_column -> data.label_column); `causal-lm`: "
                           "instruction tuning of a causal language model on (instruction, input, response) "
                           "records or chats, with the loss on the responses only."},
@@ -62,10 +63,8 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.task in ("classification", "causal-lm"), "model.task", "use `classification` or `causal-lm`.")
+        _check(self.task in TASKS, "model.task", f"use one of {', '.join(f'`{name}`' for name in TASKS)}.")
         _check(self.pooling in ("cls", "mean"), "model.pooling", "use `cls` or `mean`.")
-        _check(self.pooling == "cls" or self.task == "classification", "model.pooling",
-               "`mean` applies to classification only; leave it `cls` for causal-lm.")
         _check(8 <= self.max_length <= 8192, "model.max_length", "use a value from 8 to 8192.")
         _check(self.device in ("cpu", "cuda"), "model.device", "use `cpu` or `cuda`.")
 

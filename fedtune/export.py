@@ -13,14 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord
-from peft import PeftModel
 
-from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record
-from fedtune.models.build import build_model, load_tokenizer
-from fedtune.models.causal import fresh_causal_model
 from fedtune.server.run_dir import RunDirectory
+from fedtune.tasks import get_task
 
 
 def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None = None) -> list[Path]:
@@ -34,9 +31,10 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
         raise ConfigError(f"{run_dir} has no finished round yet (no checkpoints/round_*.pt), so there is nothing "
                           "to export. Run it first, or continue it with --resume.")
     cfg = run.config()
-    model = _model(cfg)
+    task = get_task(cfg.model.task)
+    model = task.fresh_model(cfg.model, cfg.lora, cfg.data, cfg.seed)  # uncached: merging changes it
     load_record(model, ArrayRecord(torch_state_dict=checkpoint.arrays))
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.task)
+    tokenizer = task.tokenizer(cfg.model)
     written = []
     if adapter is not None:
         _write_dir(adapter, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
@@ -46,17 +44,6 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
         _write_dir(merged, lambda d: (full.save_pretrained(d), tokenizer.save_pretrained(d)))
         written.append(merged)
     return written
-
-
-def _model(cfg: FedtuneConfig) -> PeftModel:
-    """A fresh (uncached) PEFT model of the run's config, since merging changes it."""
-    if cfg.model.task == "causal-lm":
-        return fresh_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
-    labels = cfg.data.labels
-    model = build_model.__wrapped__(cfg.model, cfg.lora, num_labels=len(labels), seed=cfg.seed)
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {name: i for i, name in enumerate(labels)}
-    return model
 
 
 def _write_dir(target: Path, write: Callable[[Path], object]) -> None:

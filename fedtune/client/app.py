@@ -14,14 +14,13 @@ import dataclasses
 import os
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import constants as k
-from fedtune.client.chats import client_chats, own_file_chats
+from fedtune.client.data import local_data
 from fedtune.client.mods import client_clipping_mod
 from fedtune.client.secagg import secagg_mod
 from fedtune.client.state import (
@@ -34,20 +33,17 @@ from fedtune.client.state import (
     state_lock,
 )
 from fedtune.client.train import lora_weights, moved, train_round
-from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
-from fedtune.data.federated import federated_data, label_names, local_data, node_data_config
-from fedtune.data.text import TokenizedTexts, tokenize
+from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
-from fedtune.models.build import build_model, load_tokenizer
-from fedtune.models.causal import build_causal_model, evaluate_lm
-from fedtune.models.evaluate import evaluate as evaluate_model
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
 from fedtune.privacy.budget import client_dp, within_budget
 from fedtune.privacy.ledger import ledger_entry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
+from fedtune.tasks import get_task
+from fedtune.tasks.base import Scores
 
 app = ClientApp()
 RECIPE_KEYS = frozenset(FedtuneConfig().to_flat())  # the run-config keys among a message's config
@@ -67,39 +63,6 @@ def client_name(context: Context) -> str:
     if k.PARTITION_ID in node:
         return f"client-{int(node[k.PARTITION_ID]):04d}"
     return f"node-{context.node_id}"  # deployment with data-path: no partition id
-
-
-@lru_cache(maxsize=4096)
-def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: int,
-                partition: int) -> tuple[TokenizedTexts, TokenizedTexts]:
-    """(train, validation) for one simulated client, tokenized once per worker process."""
-    fed = federated_data(data, num_clients, seed)
-    split = fed.clients[partition]
-    tokenizer = load_tokenizer(model.name_or_path)
-    return (tokenize(tokenizer, *fed.select(split.train), model.max_length),
-            tokenize(tokenizer, *fed.select(split.val), model.max_length))
-
-
-@lru_cache(maxsize=16)
-def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> tuple[TokenizedTexts, TokenizedTexts]:
-    """(train, validation) from this institution's own file (deployment), tokenized once per process."""
-    tokenizer = load_tokenizer(model.name_or_path)
-    (train_texts, train_labels), (val_texts, val_labels) = local_data(data, seed)
-    return (tokenize(tokenizer, train_texts, train_labels, model.max_length),
-            tokenize(tokenizer, val_texts, val_labels, model.max_length))
-
-
-def _local_data(cfg: FedtuneConfig, context: Context) -> tuple[TokenizedTexts, TokenizedTexts]:
-    """The node's own file when its node config names one (`data-path`), else its simulated partition."""
-    if cfg.model.task == "causal-lm":  # instruction conversations (client/chats.py)
-        if k.DATA_PATH in context.node_config:
-            return own_file_chats(node_data_config(cfg.data, context.node_config), cfg.model, cfg.seed)
-        return client_chats(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
-                            int(context.node_config[k.PARTITION_ID]))
-    if k.DATA_PATH in context.node_config:
-        return own_file_data(node_data_config(cfg.data, context.node_config), cfg.model, cfg.seed)
-    return client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
-                       int(context.node_config[k.PARTITION_ID]))
 
 
 def own_rank(cfg: FedtuneConfig, context: Context) -> int:
@@ -125,9 +88,7 @@ def own_rank(cfg: FedtuneConfig, context: Context) -> int:
 def _cached_model(cfg: FedtuneConfig, rank: int):
     """The worker's model with a LoRA adapter of `rank` (built once per process, models/build.py)."""
     lora = cfg.lora if rank == cfg.lora.r else dataclasses.replace(cfg.lora, r=rank, client_ranks="")
-    if cfg.model.task == "causal-lm":
-        return build_causal_model(cfg.model, lora, seed=cfg.seed)
-    return build_model(cfg.model, lora, num_labels=len(label_names(cfg.data)), seed=cfg.seed)
+    return get_task(cfg.model.task).build_model(cfg.model, lora, cfg.data, cfg.seed)
 
 
 def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
@@ -156,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRecord, name: str,
            policy: PrivacyPolicy) -> Message:
-    train_data, _ = _local_data(cfg, context)
+    train_data, _ = local_data(cfg, context)
     n, server_round = len(train_data), int(record[k.SERVER_ROUND])
     state = load_state(context, name, policy.state_dir)
     cfg = _round_config(cfg, record, state, n)
@@ -272,7 +233,7 @@ def warm_up(msg: Message, context: Context) -> Message:
     adapter, the tokenizer and the data split), so round 1 trains from the first client on."""
     cfg, _ = recipe(msg)
     _cached_model(cfg, own_rank(cfg, context))  # the rank this node trains, as round 1's _model builds it
-    _local_data(cfg, context)
+    local_data(cfg, context)
     return Message(RecordDict(), reply_to=msg)  # the reply only says this worker is ready
 
 
@@ -286,9 +247,9 @@ def identify(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, _ = recipe(msg)
-    _, val_data = _local_data(cfg, context)
+    _, val_data = local_data(cfg, context)
     model = _model(cfg, msg.content[k.ARRAYS], context)  # the global adapter at this client's rank
-    score = evaluate_lm if cfg.model.task == "causal-lm" else evaluate_model  # causal-lm: next-token accuracy
-    loss, accuracy = score(model, val_data) if len(val_data) else (0.0, 0.0)
-    metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: loss, k.EVAL_ACCURACY: accuracy})
+    scores = get_task(cfg.model.task).evaluate(model, val_data) if len(val_data) else Scores(0.0, 0.0)
+    metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: scores.loss,
+                            k.EVAL_ACCURACY: scores.accuracy})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)

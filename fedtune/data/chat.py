@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import Dataset
 
 from fedtune.config import DataConfig
-from fedtune.data.federated import FederatedData
 from fedtune.data.instruct import Conversation, InstructData
 from fedtune.data.summary import partition_summary
 from fedtune.data.text import IGNORE_INDEX
@@ -84,6 +83,4 @@ def chat_summary(fed: InstructData, data: DataConfig, tokenizer, max_length: int
     """The partition summary of data/summary.py for instruction data: conversations per client, the
     demo's urgency mix, and conversations longer than `max_length` tokens."""
     lengths = [len(encode_chat(tokenizer, chat)[0]) for chat in fed.chats]
-    records = FederatedData(tuple(chat.response for chat in fed.chats), fed.groups, fed.group_names, fed.server_test,
-                            fed.clients, skipped=fed.skipped)
-    return partition_summary(records, dataclasses.replace(data, partition=fed.partition), lengths, max_length)
+    return partition_summary(fed, dataclasses.replace(data, partition=fed.partition), lengths, max_length)

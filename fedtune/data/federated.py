@@ -45,6 +45,14 @@ class FederatedData:
     def select(self, indices) -> Texts:
         return [self.texts[i] for i in indices], [self.labels[i] for i in indices]
 
+    @property
+    def groups(self) -> tuple[int, ...]:  # what the partition summary counts per client: the labels
+        return self.labels
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return self.label_names
+
 
 def source_records(data: DataConfig) -> LabeledTexts:
     """The checked records at data.path, read once per process (and again if the file changes)."""

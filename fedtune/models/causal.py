@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.data.text import IGNORE_INDEX, pad_batch
 from fedtune.errors import ConfigError
-from fedtune.models.build import lora_targets, resolve_model
+from fedtune.models.build import lora_targets
+from fedtune.models.default_lm import default_lm_dir
 from fedtune.models.lora_factors import freeze_shared_a
 
 Chat = Sequence[dict[str, str]]
@@ -53,7 +54,7 @@ def fresh_causal_model(model: ModelConfig, lora: LoraConfig, seed: int = 0) -> P
     """An uncached instance, for callers that change the model itself (merging, export)."""
     torch.manual_seed(seed)  # same LoRA init in every process
     # Opacus' per-sample gradients need the attention computed by plain modules (eager), not a fused kernel.
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(model.name_or_path, model.task),
+    base = AutoModelForCausalLM.from_pretrained(model.name_or_path or str(default_lm_dir()),
                                                 attn_implementation="eager", dtype=torch.float32)
     base.loss_function = per_sequence_loss
     # Opacus issue #820: move to the device *before* wrapping with peft, or the LoRA

@@ -17,13 +17,12 @@ from rich.console import Console
 
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
-from fedtune.data.federated import resolve_data
-from fedtune.data.instruct import resolve_instructions
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
 from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
+from fedtune.server.prepare import open_run
 from fedtune.server.rounds import RoundInputs, RunStopped, initial_checkpoint, run_rounds
-from fedtune.server.run_dir import CONFIG, SUMMARY, Checkpoint, RunDirectory
+from fedtune.server.run_dir import SUMMARY, Checkpoint, RunDirectory
 from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
 
@@ -143,9 +142,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: the config comes from [tool.flwr.app.config]."""
     cfg = FedtuneConfig.from_flat(dict(context.run_config), source="Flower run config")
-    # Fix the label list once: clients reading their own files get it from here (a causal LM has none).
-    data = resolve_instructions(cfg.data) if cfg.model.task == "causal-lm" else resolve_data(cfg.data)
-    cfg = cfg.with_overrides({"data.path": data.path, "data.labels": list(data.labels)})
-    out = Path(cfg.out or "runs/flwr-run")
-    run = RunDirectory.existing(out) if (out / CONFIG).is_file() else RunDirectory.create(out, cfg)
+    # The label list is fixed here once: clients reading their own files get it from the server.
+    cfg, run = open_run(cfg, Path(cfg.out or "runs/flwr-run"))
     serve(grid, cfg, run)

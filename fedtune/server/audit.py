@@ -22,39 +22,23 @@ from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.server.run_dir import LEDGER, RunDirectory
+from fedtune.tasks import get_task
 
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
 METHOD = ("one-run audit (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846, Theorem 5.2), guesses swept with a "
           "Bonferroni correction")
-SCORE = "minus the canary's loss under the final global adapter (causal-lm: mean cross-entropy over its answer tokens)"
 
 
 def canary_losses(cfg: FedtuneConfig, arrays: ArrayRecord) -> tuple[Canaries, list[float]]:
     """(the run's canaries, each one's loss under `arrays`), in canary order, on the server's model."""
     from fedtune.models.adapter import load_record
-    from fedtune.models.build import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.task)
-    if cfg.model.task == "causal-lm":
-        from fedtune.data.chat import tokenize_chats
-        from fedtune.data.instruct import federated_instructions
-        from fedtune.models.causal import build_causal_model, example_lm_losses
-
-        canaries = _canaries(federated_instructions(cfg.data, cfg.clients, cfg.seed).canaries)
-        model = build_causal_model(cfg.model, cfg.lora, seed=cfg.seed)
-        load_record(model, arrays)
-        return canaries, example_lm_losses(model, tokenize_chats(tokenizer, canaries.records, cfg.model.max_length))
-    from fedtune.data.federated import federated_data
-    from fedtune.data.text import tokenize
-    from fedtune.models.build import build_model
-    from fedtune.models.evaluate import example_losses
-
-    fed = federated_data(cfg.data, cfg.clients, cfg.seed)
-    canaries = _canaries(fed.canaries)
-    model = build_model(cfg.model, cfg.lora, num_labels=len(fed.label_names), seed=cfg.seed)
+    task = get_task(cfg.model.task)
+    canaries = _canaries(task.federation(cfg.data, cfg.clients, cfg.seed).canaries)
+    model = task.build_model(cfg.model, cfg.lora, cfg.data, cfg.seed)
     load_record(model, arrays)
-    texts, labels = zip(*canaries.records, strict=True)
-    return canaries, example_losses(model, tokenize(tokenizer, texts, labels, cfg.model.max_length))
+    scored = task.tokenize(task.tokenizer(cfg.model), task.canary_records(canaries), cfg.model.max_length)
+    return canaries, task.example_losses(model, scored)
 
 
 def _canaries(canaries: Canaries | None) -> Canaries:
@@ -101,7 +85,7 @@ def audit_record(result: AuditResult, epsilon: float, cfg: FedtuneConfig, round_
     return {
         "fedtune_version": __version__,
         "method": METHOD,
-        "score": SCORE,
+        "score": get_task(cfg.model.task).audit_score,
         "task": cfg.model.task,
         "round": round_,
         "canaries": result.canaries,

@@ -37,7 +37,7 @@ from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger, client_notes, ledger_entry
-from fedtune.server.evaluate import Scores, ServerEvaluator
+from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
 from fedtune.server.secagg import secure_exchange
@@ -45,6 +45,7 @@ from fedtune.server.spending import flag_lost_state, identify, unnamed, with_rec
 from fedtune.server.validate import Schedule, bounded_weights, reject_malformed, reported_spending
 from fedtune.strategies.client_dp import client_level_entry, restore_client_level
 from fedtune.strategies.server_opt import optimizer_state, restore_optimizer_state
+from fedtune.tasks.base import Scores
 
 PULL_INTERVAL_S = 0.1
 NO_REPLY = "no reply before timeout (round_timeout_s)"

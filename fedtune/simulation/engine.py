@@ -13,45 +13,7 @@ from contextlib import contextmanager
 from rich.console import Console
 
 from fedtune.config import FedtuneConfig
-from fedtune.data.chat import chat_summary
-from fedtune.data.federated import federated_data
-from fedtune.data.instruct import federated_instructions
-from fedtune.data.summary import partition_summary
-from fedtune.data.text import token_counts
-from fedtune.errors import ConfigError
-from fedtune.models.build import check_model, load_tokenizer
 from fedtune.server.run_dir import RunDirectory
-
-
-def preflight(cfg: FedtuneConfig) -> None:
-    """Everything that can be checked before a run directory is made; raises FedtuneError."""
-    # causal-lm: converts the default model on first use
-    check_model(cfg.model.name_or_path, cfg.model.task, cfg.model.pooling)
-    federated = federated_instructions if cfg.model.task == "causal-lm" else federated_data
-    fed = federated(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
-    if cfg.dp.enabled:
-        largest = max(len(split.train) for split in fed.clients)
-        if cfg.dp.delta >= 1.0 / largest:
-            raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client "
-                              f"with n={largest} records, so the guarantee would be meaningless. Use "
-                              f"--delta {1.0 / (10 * largest):.1e} or smaller.")
-    if cfg.model.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("Invalid option `model.device`: cuda was asked for but no GPU is visible. "
-                              "Use --device cpu.")
-
-
-def data_summary(cfg: FedtuneConfig) -> dict:
-    """Examples and labels per client, and texts longer than model.max_length (after preflight)."""
-    if cfg.model.task == "causal-lm":
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.task)
-        return chat_summary(federated_instructions(cfg.data, cfg.clients, cfg.seed), cfg.data, tokenizer,
-                            cfg.model.max_length)
-    fed = federated_data(cfg.data, cfg.clients, cfg.seed)
-    lengths = token_counts(load_tokenizer(cfg.model.name_or_path), fed.texts, cfg.model.max_length)
-    return partition_summary(fed, cfg.data, lengths, cfg.model.max_length)
 
 
 def backend_config(cfg: FedtuneConfig) -> dict:

@@ -251,12 +251,13 @@ def test_a_node_with_an_unknown_label_or_no_label_list_fails_clearly(tmp_path):
 def test_the_client_app_trains_on_its_own_file_without_a_partition_id(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from fedtune.client.app import _local_data, client_name
+    from fedtune.client.app import client_name
+    from fedtune.client.data import local_data
 
     path = write_csv(tmp_path / "mine.csv", n=30, labels=("pets", "sport"))
     cfg = FedtuneConfig().with_overrides({"data.path": "server.csv", "data.labels": ["money", "pets", "sport"]})
     context = Context(run_id=1, node_id=77, node_config={k.DATA_PATH: str(path)}, state=RecordDict(), run_config={})
-    train, val = _local_data(cfg, context)
+    train, val = local_data(cfg, context)
     assert len(train) + len(val) == 30 and set(train.labels) | set(val.labels) == {1, 2}
     assert client_name(context) == "node-77"
     simulated = Context(run_id=1, node_id=5, node_config={k.PARTITION_ID: 2, k.NUM_PARTITIONS: 3}, state=RecordDict(),

@@ -23,8 +23,9 @@ from fedtune.errors import DataError
 @pytest.fixture(scope="module")
 def tokenizer():
     from fedtune.models.build import load_tokenizer
+    from fedtune.models.default_lm import default_lm_dir
 
-    return load_tokenizer("", "causal-lm")  # SmolLM2's, with its ChatML template
+    return load_tokenizer(str(default_lm_dir()))  # SmolLM2's, with its ChatML template
 
 
 def _labelled(ids: list[int], labels: list[int]) -> list[int]:

@@ -15,8 +15,9 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedtune.models.build import load_tokenizer
+    from fedtune.models.default_lm import default_lm_dir
 
-    tokenizer = load_tokenizer("", "causal-lm")
+    tokenizer = load_tokenizer(str(default_lm_dir()))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,

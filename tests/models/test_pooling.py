@@ -94,13 +94,17 @@ def test_mean_pooling_needs_a_pooler_slot():
         use_mean_pooling(NoPooler())
 
 
-@pytest.mark.parametrize(("kwargs", "option"), [
-    (dict(pooling="max"), "model.pooling"),
-    (dict(pooling="mean", task="causal-lm"), "model.pooling"),
-])
-def test_pooling_is_validated(kwargs, option):
-    with pytest.raises(ConfigError, match=option):
-        ModelConfig(**kwargs)
+def test_pooling_is_validated():
+    with pytest.raises(ConfigError, match="model.pooling"):
+        ModelConfig(pooling="max")
+
+
+def test_mean_pooling_is_refused_for_a_causal_lm_before_anything_runs():
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.prepare import preflight
+
+    with pytest.raises(ConfigError, match="model.pooling"):
+        preflight(FedtuneConfig(model=ModelConfig(pooling="mean", task="causal-lm")))
 
 
 @pytest.mark.parametrize(("kwargs", "ok"), [
@@ -120,7 +124,10 @@ def test_optimizer_and_its_learning_rate_are_validated(kwargs, ok):
 def test_preflight_checks_that_the_model_can_mean_pool(tmp_path):
     from transformers import DistilBertConfig
 
-    from fedtune.models.build import check_model
+    from fedtune.tasks import get_task
+
+    def check_model(path: str, task: str, pooling: str) -> None:
+        get_task(task).check_model(ModelConfig(task=task, name_or_path=path, pooling=pooling))
 
     check_model("", "classification", "mean")  # the default MiniLM (BERT) can
     DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)

@@ -10,6 +10,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedtune import constants as k
 from fedtune.client import app as client_app
+from fedtune.client.data import client_data
 from fedtune.config import FedtuneConfig
 from fedtune.data.demo import LABELS
 from fedtune.models.build import build_model
@@ -63,11 +64,11 @@ def test_one_message_per_worker_each_to_another_node_with_the_run_config():
 @pytest.mark.parametrize("cfg", [CFG, MIXED], ids=["one-rank", "mixed-ranks"])
 def test_after_the_warm_up_the_worker_holds_the_model_and_its_clients_data(cfg):
     build_model.cache_clear()
-    client_app.client_data.cache_clear()
+    client_data.cache_clear()
     grid = WorkerGrid(nodes=4)
     assert finish_warm_up(grid, start_warm_up(grid, cfg, workers=1), timeout_s=60)[1] == 0
     assert build_model.cache_info().currsize == 1
-    assert client_app.client_data.cache_info().currsize == 1
+    assert client_data.cache_info().currsize == 1
     arrays = client_app.to_record(build_model(cfg.model, cfg.lora, len(LABELS), cfg.seed))  # the global rank
     before = build_model.cache_info()
     client_app._model(cfg, arrays, Context(run_id=1, node_id=10, node_config={k.PARTITION_ID: 0},

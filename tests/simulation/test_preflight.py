@@ -4,7 +4,8 @@ import pytest
 
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError, DataError
-from fedtune.simulation.engine import backend_config, preflight, simulation_workers
+from fedtune.server.prepare import preflight
+from fedtune.simulation.engine import backend_config, simulation_workers
 
 
 def test_delta_must_be_below_one_over_n():
@@ -35,7 +36,7 @@ def test_one_single_threaded_worker_per_core_by_default():
 
 def test_cuda_without_a_visible_gpu_is_refused_before_anything_starts(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(ConfigError, match="`model.device`.*--device cpu"):
+    with pytest.raises(ConfigError, match="`model.device`.*Use cpu"):
         preflight(FedtuneConfig().with_overrides({"model.device": "cuda"}))
 
 

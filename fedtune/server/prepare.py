@@ -1,0 +1,96 @@
+"""Setting a run up, the same way for every entry point: `fedtune simulate`/`audit` (cli.py),
+`fedtune deploy-local` (deploy/run.py) and `flwr run` (server/app.py).
+
+`resolve` fixes what every client must share (an absolute data.path; a classifier's label list),
+`preflight` checks everything that can fail before a run directory exists, and `new_run` /
+`open_run` make (or reopen) the run directory. Nothing is written before every check has passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError
+from fedtune.server.run_dir import CONFIG, RunDirectory
+from fedtune.tasks import get_task
+
+RESUMABLE = frozenset({"rounds"})  # the one option a run may change when it is continued
+
+
+def resolve(cfg: FedtuneConfig) -> FedtuneConfig:
+    """The config to save with a new run: the task's resolved data config."""
+    data = get_task(cfg.model.task).resolve_data(cfg.data)
+    return cfg.with_overrides({"data.path": data.path, "data.labels": list(data.labels)})
+
+
+def preflight(cfg: FedtuneConfig) -> None:
+    """Everything that can be checked before a run directory is made; raises FedtuneError."""
+    task = get_task(cfg.model.task)
+    task.check_config(cfg)
+    task.check_model(cfg.model)  # causal-lm: converts the default model on first use
+    fed = task.federation(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
+    if cfg.dp.enabled:
+        largest = max(len(split.train) for split in fed.clients)
+        if cfg.dp.delta >= 1.0 / largest:
+            raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client with "
+                              f"n={largest} records, so the guarantee would be meaningless. Use "
+                              f"{1.0 / (10 * largest):.1e} or smaller.")
+    if cfg.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("Invalid option `model.device`: cuda was asked for but no GPU is visible. Use cpu.")
+
+
+def data_summary(cfg: FedtuneConfig) -> dict[str, Any]:
+    """Examples and labels per client, and texts longer than model.max_length (after preflight)."""
+    task = get_task(cfg.model.task)
+    fed = task.federation(cfg.data, cfg.clients, cfg.seed)
+    return task.summary(fed, cfg.data, task.tokenizer(cfg.model), cfg.model.max_length)
+
+
+def new_run(cfg: FedtuneConfig, target: Path) -> tuple[FedtuneConfig, RunDirectory, dict[str, Any]]:
+    """Resolve and check `cfg`, then create the run directory `target` holding its config and the
+    partition summary; returns (the saved config, the run directory, the summary)."""
+    from fedtune.data.summary import save_partition_summary
+
+    cfg = resolve(cfg.with_overrides({"out": str(target)}))
+    preflight(cfg)
+    summary = data_summary(cfg)
+    run = RunDirectory.create(target, cfg)
+    save_partition_summary(run.path, summary)
+    return cfg, run, summary
+
+
+def continue_run(path: Path, rounds: int | None = None) -> tuple[FedtuneConfig, RunDirectory]:
+    """Reopen a run directory with its saved config (only the number of rounds may change); a damaged
+    checkpoint with none to fall back to, or a damaged ledger, stops here before anything is rewritten."""
+    from fedtune.config import dump_config
+    from fedtune.durable import write_text_atomic
+
+    run = RunDirectory.existing(path)
+    cfg = run.config().with_overrides({"rounds": rounds})
+    run.resume_point()
+    run.read_ledger()
+    preflight(cfg)
+    write_text_atomic(run.path / CONFIG, dump_config(cfg))
+    return cfg, run
+
+
+def open_run(cfg: FedtuneConfig, target: Path) -> tuple[FedtuneConfig, RunDirectory]:
+    """A new run at `target`, or the run already there when `cfg` is its config (rounds aside).
+    A different config is refused, naming the options that differ: continuing a run under other
+    settings would mix two recipes in one model and one privacy ledger."""
+    if not (target / CONFIG).is_file():
+        cfg, run, _ = new_run(cfg, target)
+        return cfg, run
+    saved = RunDirectory.existing(target).config().to_flat()
+    asked = resolve(cfg.with_overrides({"out": str(target)})).to_flat()
+    changed = sorted(key for key in saved.keys() | asked.keys()
+                     if key not in RESUMABLE and saved.get(key) != asked.get(key))
+    if changed:
+        raise ConfigError(f"{target} holds a run with another config ({', '.join(changed)} differ). Continue it "
+                          "with its own config (only `rounds` may change), or give a new run directory (`out`).")
+    return continue_run(target, cfg.rounds)

@@ -1,0 +1,129 @@
+"""The Task interface: everything about a federation that depends on what is learned.
+
+A task turns a data config into a federation (the server's hold-out and one split per client), an
+institution's own file into its (train, validation) records, records into a tokenized Dataset,
+and a model config into a PEFT model on its device; it scores a model on a Dataset. The records of
+a split are whatever the task's `select` returns; only the task itself looks inside them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from peft import PeftModel
+from torch.utils.data import Dataset
+from transformers import AutoConfig
+
+from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, ModelConfig
+from fedtune.data.canaries import Canaries
+from fedtune.data.partition import ClientSplit
+from fedtune.errors import ConfigError
+from fedtune.models.build import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Scores:
+    loss: float
+    accuracy: float  # causal-lm: next-token accuracy on answer tokens
+    perplexity: float | None = None  # tasks that predict tokens only
+
+    def row(self) -> dict[str, Any]:
+        """The metrics.jsonl fields; eval_perplexity only where the task has one."""
+        extra = {} if self.perplexity is None else {"eval_perplexity": self.perplexity}
+        return {"eval_accuracy": self.accuracy, "eval_loss": self.loss, **extra}
+
+
+class Federation(Protocol):
+    """A task's data, split: what every task's federation offers the rest of fedtune."""
+
+    server_test: tuple[int, ...]
+    clients: tuple[ClientSplit, ...]
+    skipped: tuple[str, ...]
+    canaries: Canaries | None
+
+    def select(self, indices: Sequence[int]) -> Any: ...
+
+
+class Task(ABC):
+    audit_score: ClassVar[str]  # how `fedtune audit` scores a canary, in words
+
+    # ---- the model -----------------------------------------------------------------------------
+    @abstractmethod
+    def default_model(self) -> str:
+        """The offline base model used when model.name_or_path is empty."""
+
+    def model_path(self, model: ModelConfig) -> str:
+        return model.name_or_path or self.default_model()
+
+    def tokenizer(self, model: ModelConfig):
+        return load_tokenizer(self.model_path(model))
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Fail early, with a fix, if the base model cannot be loaded or does not suit the task."""
+        path = self.model_path(model)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"Cannot load the base model `{path}` (model.name_or_path): {err}. Give a local directory "
+                "with config.json and weights, or a Hugging Face hub id while online; leave it empty for "
+                "the task's built-in offline model.") from err
+        self.check_architecture(path, config, model)
+
+    def check_architecture(self, path: str, config, model: ModelConfig) -> None:
+        """Task-specific checks of a loadable model (its class, its tokenizer); none by default."""
+        return None
+
+    def check_config(self, cfg: FedtuneConfig) -> None:
+        """Refuse options this task does not support (each field is already valid on its own); none by default."""
+        return None
+
+    @abstractmethod
+    def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
+        """Base model + LoRA on model.device; one cached instance per process and config."""
+
+    @abstractmethod
+    def fresh_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
+        """An uncached instance, for callers that change the model itself (merging, export)."""
+
+    # ---- the data ------------------------------------------------------------------------------
+    @abstractmethod
+    def resolve_data(self, data: DataConfig) -> DataConfig:
+        """The data config to save with a new run: an absolute data.path and whatever every client
+        must share (a classifier's label list)."""
+
+    @abstractmethod
+    def federation(self, data: DataConfig, num_clients: int, seed: int) -> Federation:
+        """The server hold-out and per-client splits, deterministic in (data, num_clients, seed)."""
+
+    @abstractmethod
+    def own_records(self, data: DataConfig, seed: int) -> tuple[Any, Any]:
+        """Deployment: (train, validation) records of an institution's own file at data.path."""
+
+    @abstractmethod
+    def tokenize(self, tokenizer, records: Any, max_length: int) -> Dataset:
+        """Records (as `select` returns them) as a Dataset that train and evaluate accept."""
+
+    @abstractmethod
+    def canary_records(self, canaries: Canaries) -> Any:
+        """The audit's canaries as records that `tokenize` accepts."""
+
+    @abstractmethod
+    def summary(self, fed: Federation, data: DataConfig, tokenizer, max_length: int) -> dict[str, Any]:
+        """The partition summary (data/summary.py) of `fed`."""
+
+    # ---- scoring -------------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, dataset: Dataset) -> Scores: ...
+
+    @abstractmethod
+    def example_losses(self, model: torch.nn.Module, dataset: Dataset) -> list[float]:
+        """Each record's own loss, in order (the audit's canary scores)."""
+
+    def sample_answers(self, model: torch.nn.Module, tokenizer, records: Any) -> list[dict[str, str]]:
+        """A few held-out records answered by the model, saved each round; none by default."""
+        return []
