@@ -283,7 +283,7 @@ def _show_data(summary: dict[str, Any]) -> None:
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     for warning in warnings:
-        console.print(f"[yellow]Warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        console.print(f"[yellow]Warning:[/yellow] {escape(explain(warning))}", soft_wrap=True)
 
 
 def _run_guarded(action, simulation: bool = False) -> None:

@@ -140,11 +140,8 @@ def overrides(options: dict[str, Any]) -> dict[str, Any]:
     return {name.replace("__", "."): value for name, value in options.items()}
 
 
-def flag(key: str) -> str:
-    """How the command line spells a config key: --delta for dp.delta, --dp/--no-dp for dp.enabled."""
-    return OPTIONS[key].flag
-
-
+# How the command line spells a config key: --delta for dp.delta, --dp/--no-dp for dp.enabled.
+FLAGS_OF_KEYS = {**{key: option.flag for key, option in OPTIONS.items()}, "out": "--out"}
 _KEY = re.compile(r"`([a-z_0-9.]+)`|(?<![\w.-])((?:model|lora|dp|train|strategy|data)\.[a-z_0-9]+)(?![\w=])")
 
 
@@ -154,9 +151,9 @@ def explain(message: str) -> str:
 
     def add_flag(match: re.Match[str]) -> str:
         key = match.group(1) or match.group(2)
-        if key not in OPTIONS or key in seen:
+        if key not in FLAGS_OF_KEYS or key in seen:
             return match.group(0)
         seen.add(key)
-        return f"{match.group(0)} ({flag(key)})"
+        return f"{match.group(0)} ({FLAGS_OF_KEYS[key]})"
 
     return _KEY.sub(add_flag, message)

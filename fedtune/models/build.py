@@ -66,7 +66,7 @@ def _check_causal_lm(resolved: str, config) -> None:
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(f"The base model `{resolved}` ({config.model_type}) is not a causal language model, "
-                          "which task causal-lm needs. Pass one with --model, or leave it empty for SmolLM2.")
+                          "which task causal-lm needs. Name one in model.name_or_path, or leave it empty for SmolLM2.")
     if getattr(load_tokenizer(resolved), "chat_template", None) is None:
         raise ConfigError(f"The tokenizer of `{resolved}` has no chat template, which task causal-lm formats "
                           "instructions with. Use an instruction-tuned (chat) model.")
@@ -117,7 +117,7 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     lora.aggregation = ffa, A is the seed's shared value and frozen (models/lora_factors.py)."""
     torch.manual_seed(seed)  # same head and LoRA init in every process
     # fp32 whatever dtype the checkpoint was saved in: a bf16 head would be clipped in bf16 by Opacus
-    # (privacy/dpsgd.py); --device cuda gets its bf16 from autocast instead.
+    # (privacy/dpsgd.py); model.device cuda gets its bf16 from autocast instead.
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(model.name_or_path), num_labels=num_labels, dtype=torch.float32)
     # Opacus issue #820: move to the device *before* wrapping with peft, or the LoRA
