@@ -66,11 +66,16 @@ class Option:
     default: Any
 
     @property
+    def section(self) -> str:
+        return self.key.split(".")[0] if "." in self.key else ""
+
+    @property
     def param(self) -> str:
         """The command function's parameter name: the key with `__` for the dot."""
         return self.key.replace(".", "__")
 
     def parameter(self) -> inspect.Parameter:
+        """The typer option, for a command function's signature; None when not given."""
         choices = typing.get_args(self.annotation) if typing.get_origin(self.annotation) is Literal else None
         python_type = {bool: bool, int: int, float: float}.get(self.annotation, str)
         listed = " Comma-separated." if typing.get_origin(self.annotation) is tuple else ""
@@ -79,10 +84,6 @@ class Option:
                             click_type=click.Choice(choices) if choices else None)
         return inspect.Parameter(self.param, inspect.Parameter.KEYWORD_ONLY, default=None,
                                  annotation=Annotated[python_type | None, info])
-
-    @property
-    def section(self) -> str:
-        return self.key.split(".")[0] if "." in self.key else ""
 
 
 def _shown(value: Any) -> str:
