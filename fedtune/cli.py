@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtune import __version__
-from fedtune.config import FedtuneConfig, load_config
+from fedtune.config import load_config
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.options import AUDIT, DEPLOY, SIMULATE, config_options, explain, overrides
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -23,7 +24,6 @@ cli = typer.Typer(
 console = Console(stderr=True)
 
 Opt = typer.Option
-D = FedtuneConfig()  # shown as defaults in --help; the config file, then options, override them
 
 
 @cli.command()
@@ -81,86 +81,18 @@ def _privacy_verify(run_dir: Path) -> None:
 
 
 @cli.command()
+@config_options(SIMULATE)
 def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
-    clients: Annotated[int | None, Opt(help=f"Number of simulated institutions \\[default: {D.clients}].")] = None,
-    rounds: Annotated[int | None, Opt(help=f"Federated rounds; with --resume, extend the run to this many \\[default: {D.rounds}].")] = None,
-    clients_per_round: Annotated[int | None, Opt(help="Clients sampled to train each round (and evaluate, see strategy.fraction_evaluate) \\[default: all].")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/<timestamp>).")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for data, client sampling and DP noise.")] = None,
-    no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off (it is on by default).")] = False,
-    resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round.")] = None,
-    strategy: Annotated[str | None, Opt(help=f"Aggregation: fedavg, fedprox, or a server optimizer on the mean update: fedadam, fedyogi, fedavgm (momentum) \\[default: {D.strategy.name}].")] = None,
-    proximal_mu: Annotated[float | None, Opt(help=f"FedProx proximal weight mu \\[default: {D.strategy.proximal_mu}].")] = None,
-    server_learning_rate: Annotated[float | None, Opt(help="fedadam, fedyogi, fedavgm: the server's step size \\[default: 0.01; fedavgm 1.0]. Their beta_1, beta_2 and tau are set in the config file (strategy section).")] = None,
-    server_momentum: Annotated[float | None, Opt(help=f"fedavgm: server momentum \\[default: {D.strategy.server_momentum}].")] = None,
-    robust: Annotated[str | None, Opt(help="Combine updates robustly before the strategy's step: trimmed-mean or median, per coordinate, each institution counting once \\[default: off].")] = None,
-    trim_fraction: Annotated[float | None, Opt(help=f"--robust trimmed-mean: share of updates dropped at each end \\[default: {D.strategy.trim_fraction}].")] = None,
-    max_update_norm: Annotated[float | None, Opt(help="Reject (and record as failed, with the reason) an update whose L2 norm, over all tensors, exceeds this \\[default: no bound].")] = None,
-    noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma \\[default: {D.dp.noise_multiplier}].")] = None,
-    max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C \\[default: {D.dp.max_grad_norm}].")] = None,
-    delta: Annotated[float | None, Opt(help=f"DP delta; must be below 1/n for every client \\[default: {D.dp.delta}].")] = None,
-    accountant: Annotated[str | None, Opt(help=f"Privacy accountant: prv or rdp \\[default: {D.dp.accountant}].")] = None,
-    epsilon_budget: Annotated[float | None, Opt(help="Per-client ε cap; a client declines rounds beyond it.")] = None,
-    target_epsilon: Annotated[float | None, Opt(help="Instead of --noise-multiplier: each client solves for the sigma that spends this ε over all planned rounds (and caps its budget there).")] = None,
-    physical_batch_size: Annotated[int | None, Opt(help="Most examples per forward/backward pass under DP-SGD (Opacus BatchMemoryManager); saves memory, same privacy \\[default: no limit].")] = None,
-    client_dp: Annotated[str | None, Opt(help=f"Client-level DP on the aggregate (one institution as a whole): off, fixed or adaptive clipping of each update, Gaussian noise on the sum; works with or without --no-dp \\[default: {D.dp.client_dp}].")] = None,
-    client_dp_side: Annotated[str | None, Opt(help=f"Client-level DP: clip updates on the server or in each client \\[default: {D.dp.client_dp_side}].")] = None,
-    client_noise_multiplier: Annotated[float | None, Opt(help=f"Client-level DP: noise std / update clipping norm, z \\[default: {D.dp.client_noise_multiplier}].")] = None,
-    client_clipping_norm: Annotated[float | None, Opt(help=f"Client-level DP: L2 bound on each update (the start value when adaptive) \\[default: {D.dp.client_clipping_norm}].")] = None,
-    secagg: Annotated[bool, Opt("--secagg", help="Secure aggregation of the adapter updates (Flower SecAgg+): the server sees only their sum, each institution counting once; with --client-dp, clip on the client side. See docs/privacy.md.")] = False,
-    task: Annotated[str | None, Opt(help="classification (labelled texts) or causal-lm (instruction tuning of a causal LM, loss on the answers; the built-in triage-advice demo when no --data) \\[default: classification].")] = None,
-    model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: offline MiniLM-L6; causal-lm: SmolLM2-135M-Instruct).")] = None,
-    max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
-    device: Annotated[str | None, Opt(help="cpu or cuda (one GPU per worker; bf16 autocast where the GPU supports it).")] = None,
-    pooling: Annotated[str | None, Opt(help=f"What the classification head reads: cls (the model's own head) or mean (mean of the token states; sentence-embedding models such as the default, and DP on small clients) \\[default: {D.model.pooling}].")] = None,
-    lora_r: Annotated[int | None, Opt(help=f"LoRA rank; with --client-ranks, the rank of the global adapter \\[default: {D.lora.r}].")] = None,
-    lora_aggregation: Annotated[str | None, Opt(help=f"How LoRA factors are combined: naive (mean of A and of B), exact (mean of the updates B·A, refactored to --lora-r by truncated SVD) or ffa (A frozen at a shared random value, only B trains and travels; DP-friendly) \\[default: {D.lora.aggregation}].")] = None,
-    client_ranks: Annotated[str | None, Opt(help="Heterogeneous LoRA ranks, e.g. 4,8,16: simulated client i trains rank RANKS\\[i % count] (in deployment, a node's `lora-rank` node config); each at most --lora-r \\[default: all --lora-r].")] = None,
-    local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round \\[default: {D.train.local_epochs}].")] = None,
-    batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step \\[default: {D.train.batch_size}].")] = None,
-    optimizer: Annotated[str | None, Opt(help=f"Client optimizer: adamw, or sgd for DP-SGD with few large steps \\[default: {D.train.optimizer}].")] = None,
-    learning_rate: Annotated[float | None, Opt(help=f"Client learning rate (AdamW about 1e-3 to 1e-2, SGD about 0.1 to 10) \\[default: {D.train.learning_rate}].")] = None,
-    lr_schedule: Annotated[str | None, Opt(help=f"Client learning rate across rounds: constant, or decayed towards zero by the last round, linear or cosine \\[default: {D.train.lr_schedule}].")] = None,
-    length_buckets: Annotated[bool, Opt("--length-buckets", help="Batch texts of similar length together to pad less (with --no-dp only).")] = False,
-    examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset \\[default: {D.data.demo_examples}].")] = None,
-    data: Annotated[str | None, Opt("--data", help="Your labelled texts: a .csv, .jsonl/.json, .parquet or .txt (lines) file, a directory saved with datasets' save_to_disk, or a Hugging Face hub id with --format hf; with --task causal-lm, a .jsonl of instruction records or chats (default: the demo).")] = None,
-    data_format: Annotated[str | None, Opt("--format", help="csv, jsonl, parquet, lines or hf \\[default: from the suffix of --data].")] = None,
-    text_column: Annotated[str | None, Opt(help=f"Column (or JSON key) with the text \\[default: {D.data.text_column}].")] = None,
-    label_column: Annotated[str | None, Opt(help=f"Column (or JSON key) with the label \\[default: {D.data.label_column}].")] = None,
-    separator: Annotated[str | None, Opt(help="Format lines: `text<SEP>label` a line, split on the last SEP \\[default: tab].")] = None,
-    encoding: Annotated[str | None, Opt(help=f"Text encoding of the data file, e.g. latin-1 \\[default: {D.data.encoding}].")] = None,
-    skip_invalid_rows: Annotated[bool, Opt("--skip-invalid-rows", help="Leave out records with an empty text or label or a malformed line (counted in the summary) instead of stopping.")] = False,
-    partition: Annotated[str | None, Opt(help=f"Client data split: iid, dirichlet (over labels), shard (few labels per client) or column (one client per value of --partition-column) \\[default: {D.data.partition}].")] = None,
-    alpha: Annotated[float | None, Opt(help=f"Dirichlet concentration; smaller is more non-IID \\[default: {D.data.alpha}].")] = None,
-    shards_per_client: Annotated[int | None, Opt(help=f"Partition shard: label-sorted shards per client \\[default: {D.data.shards_per_client}].")] = None,
-    partition_column: Annotated[str | None, Opt(help="Partition column: the column naming each record's institution, e.g. hospital_id; --clients must equal its number of distinct values.")] = None,
-    test_fraction: Annotated[float | None, Opt(help=f"Share of the data held out for server-side evaluation \\[default: {D.data.test_fraction}].")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round; only --rounds may change, to extend it.")] = None,
+    **options: Any,
 ) -> None:
     """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo, or with
     --task causal-lm the triage-advice instruction demo, when no data is given). The last line
-    printed is the run directory."""
-    overrides = {
-        "clients": clients, "strategy.clients_per_round": clients_per_round, "rounds": rounds, "seed": seed, "dp.enabled": False if no_dp else None,
-        "strategy.name": strategy, "strategy.proximal_mu": proximal_mu,
-        "strategy.server_learning_rate": server_learning_rate, "strategy.server_momentum": server_momentum,
-        "strategy.robust": robust, "strategy.trim_fraction": trim_fraction, "strategy.max_update_norm": max_update_norm,
-        "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
-        "dp.accountant": accountant, "dp.epsilon_budget": epsilon_budget, "dp.target_epsilon": target_epsilon,
-        "dp.physical_batch_size": physical_batch_size, "dp.client_dp": client_dp, "dp.client_dp_side": client_dp_side,
-        "dp.client_noise_multiplier": client_noise_multiplier, "dp.client_clipping_norm": client_clipping_norm,
-        "dp.secagg": True if secagg else None, "model.task": task, "model.name_or_path": model, "model.max_length": max_length,
-        "model.device": device, "model.pooling": pooling, "lora.r": lora_r, "lora.aggregation": lora_aggregation, "lora.client_ranks": client_ranks,
-        "train.local_epochs": local_epochs,
-        "train.batch_size": batch_size, "train.optimizer": optimizer, "train.learning_rate": learning_rate,
-        "train.lr_schedule": lr_schedule, "train.length_buckets": True if length_buckets else None,
-        "data.demo_examples": examples, "data.partition": partition, "data.alpha": alpha,
-        "data.path": data, "data.format": data_format, "data.text_column": text_column,
-        "data.label_column": label_column, "data.separator": separator, "data.encoding": encoding,
-        "data.shards_per_client": shards_per_client, "data.partition_column": partition_column,
-        "data.test_fraction": test_fraction, "data.skip_invalid_rows": True if skip_invalid_rows else None,
-    }
-    _run_guarded(lambda: _simulate(config, out, resume, overrides), simulation=True)
+    printed is the run directory. Every option below is also a key of the config file, e.g.
+    --delta is `delta` in its \\[dp] table (dp.delta)."""
+    _run_guarded(lambda: _simulate(config, out, resume, overrides(options)), simulation=True)
 
 
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any],
@@ -200,29 +132,14 @@ DEFAULT_CANARIES = 500  # `fedtune audit` without --canaries (and no data.canari
 
 
 @cli.command()
+@config_options(AUDIT)
 def audit(
     out: Annotated[Path | None, Opt(help="Run directory to create; the audit is written into it as audit.json.")] = None,
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
-    clients: Annotated[int | None, Opt(help=f"Number of simulated institutions \\[default: {D.clients}].")] = None,
-    rounds: Annotated[int | None, Opt(help=f"Federated rounds \\[default: {D.rounds}].")] = None,
-    canaries: Annotated[int | None, Opt(help=f"Canary records m: random texts with random labels (causal-lm: a random key and phrase), each put into training with probability 1/2 at a random client \\[default: {DEFAULT_CANARIES}].")] = None,
-    canary_repeats: Annotated[int | None, Opt(help="Copies of each member canary in its client's data; above 1 with --no-dp only \\[default: 1].")] = None,
-    no_dp: Annotated[bool, Opt("--no-dp", help="Turn DP-SGD off: the theoretical ε is then ∞.")] = False,
-    noise_multiplier: Annotated[float | None, Opt(help=f"DP-SGD noise multiplier sigma \\[default: {D.dp.noise_multiplier}].")] = None,
-    max_grad_norm: Annotated[float | None, Opt(help=f"DP-SGD per-sample clipping norm C \\[default: {D.dp.max_grad_norm}].")] = None,
-    delta: Annotated[float | None, Opt(help=f"DP delta, for the ledger's ε and the audit's bound alike \\[default: {D.dp.delta}].")] = None,
+    canaries: Annotated[int | None, Opt(help=f"Canary records m: random texts with random labels (causal-lm: a random key and phrase), each put into training with probability 1/2 at a random client \\[default: data.canaries of --config, else {DEFAULT_CANARIES}].")] = None,
     confidence: Annotated[float, Opt(help="Confidence of the ε lower bound: the chance that it does not overstate the true ε.")] = 0.95,
     resume: Annotated[Path | None, Opt(help="Finish an interrupted audited run in this directory (like `fedtune simulate --resume`), then audit it.")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for data, canaries, their membership and client sampling.")] = None,
-    clients_per_round: Annotated[int | None, Opt(help="Clients sampled to train each round \\[default: all].")] = None,
-    task: Annotated[str | None, Opt(help="classification or causal-lm \\[default: classification].")] = None,
-    model: Annotated[str | None, Opt(help="Base model: local dir or hub id (default: the offline one for the task).")] = None,
-    max_length: Annotated[int | None, Opt(help="Tokens kept per text.")] = None,
-    data: Annotated[str | None, Opt("--data", help="Your data file, as for `fedtune simulate` (default: the demo).")] = None,
-    examples: Annotated[int | None, Opt(help=f"Size of the built-in demo dataset \\[default: {D.data.demo_examples}].")] = None,
-    local_epochs: Annotated[int | None, Opt(help=f"Local passes over each client's data per round \\[default: {D.train.local_epochs}].")] = None,
-    batch_size: Annotated[int | None, Opt(help=f"Expected batch size per local step \\[default: {D.train.batch_size}].")] = None,
-    learning_rate: Annotated[float | None, Opt(help=f"Client learning rate, AdamW \\[default: {D.train.learning_rate}].")] = None,
+    **options: Any,
 ) -> None:
     """Audit the run's privacy empirically: a federation with canaries, then the one-run audit
     (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it; the
@@ -230,15 +147,8 @@ def audit(
     Writes RUN_DIR/audit.json and the privacy report. The lower bound must stay at or below the
     theoretical ε: above it signals a bug, and the command exits with status 1 (2: a bad option).
     Other options come from --config. The last line printed is the path of audit.json."""
-    overrides = {
-        "clients": clients, "rounds": rounds, "seed": seed, "strategy.clients_per_round": clients_per_round,
-        "data.canaries": canaries, "data.canary_repeats": canary_repeats, "dp.enabled": False if no_dp else None,
-        "dp.noise_multiplier": noise_multiplier, "dp.max_grad_norm": max_grad_norm, "dp.delta": delta,
-        "model.task": task, "model.name_or_path": model, "model.max_length": max_length, "data.path": data,
-        "data.demo_examples": examples, "train.local_epochs": local_epochs, "train.batch_size": batch_size,
-        "train.learning_rate": learning_rate,
-    }
-    _run_guarded(lambda: _audit(config, out, resume, confidence, overrides), simulation=True)
+    given = {**overrides(options), "data.canaries": canaries}
+    _run_guarded(lambda: _audit(config, out, resume, confidence, given), simulation=True)
 
 
 def _audit(config: Path | None, out: Path | None, resume: Path | None, confidence: float,
@@ -320,14 +230,14 @@ def _export(run_dir: Path, adapter: Path | None, merged: Path | None) -> None:
 
 
 @cli.command("deploy-local")
+@config_options(DEPLOY)
 def deploy_local(
     nodes: Annotated[int, Opt(help="Institutions: one SuperNode each, with its own slice of the demo data.")] = 3,
-    rounds: Annotated[int | None, Opt(help=f"Federated rounds (default: {D.rounds}, or the config file's).")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/deploy-<timestamp>).")] = None,
-    config: Annotated[Path | None, Opt(help="TOML config file; only options listed in pyproject.toml's tool.flwr.app.config reach the ServerApp.")] = None,
-    no_dp: Annotated[bool, Opt("--no-dp", help="Ask the institutions to train without DP-SGD (each refuses if its node config says require-dp = true).")] = False,
-    node_config: Annotated[list[str] | None, Opt("--node-config", help="KEY=VALUE handed to every SuperNode's node config (repeatable), e.g. require-dp=true, epsilon-budget=8, max-delta=1e-5, min-noise-multiplier=0.8, allow-reproducible-noise=false, adopt-ledger-spending=true: each institution's own privacy policy, which the server's run config cannot weaken. Values are TOML (strings may be bare).")] = None,
+    config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
+    node_config: Annotated[list[str] | None, Opt("--node-config", help="KEY=VALUE handed to every SuperNode's node config (repeatable), e.g. require-dp=true, epsilon-budget=8, max-delta=1e-5, min-noise-multiplier=0.8, allow-reproducible-noise=false, adopt-ledger-spending=true: each institution's own privacy policy, which the server's run config cannot weaken (--no-dp then asks, and an institution with require-dp=true refuses). Values are TOML (strings may be bare).")] = None,
     timeout: Annotated[float, Opt(help="Stop everything if the run has not finished after this many seconds.")] = 7200.0,
+    **options: Any,
 ) -> None:
     """Run a federation on Flower's Deployment Engine on this machine: a SuperLink and one SuperNode
     per institution on 127.0.0.1, TLS on every connection, only registered SuperNodes admitted;
@@ -342,7 +252,8 @@ def deploy_local(
     except FedtuneError as err:
         console.print(f"[bold red]Error:[/bold red] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(2) from None
-    run_dir, status = run_deployment(nodes, rounds, out, config, timeout, console, node_config=extra, no_dp=no_dp)
+    run_dir, status = run_deployment(nodes, out, config, timeout, console, node_config=extra,
+                                     overrides=overrides(options), explain=explain)
     if run_dir is not None:
         print(run_dir)
     raise typer.Exit(status)
@@ -357,7 +268,7 @@ def _show_data(summary: dict[str, Any]) -> None:
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     for warning in warnings:
-        console.print(f"[yellow]Warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        console.print(f"[yellow]Warning:[/yellow] {escape(explain(warning))}", soft_wrap=True)
 
 
 def _run_guarded(action, simulation: bool = False) -> None:
@@ -370,7 +281,7 @@ def _run_guarded(action, simulation: bool = False) -> None:
     try:
         action()
     except FedtuneError as err:
-        console.print(f"[bold red]Error:[/bold red] {err}", soft_wrap=True)
+        console.print(f"[bold red]Error:[/bold red] {escape(explain(str(err)))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("Interrupted. Finished rounds are saved; continue with `fedtune simulate --resume RUN_DIR`.")

@@ -116,8 +116,8 @@ class LoraConfig:
                f"got {self.client_ranks!r}; give positive whole numbers separated by commas, e.g. 4,8,16.")
         object.__setattr__(self, "client_ranks", ",".join(str(int(part)) for part in parts))  # one spelling
         _check(all(rank <= self.r for rank in self.ranks()), "lora.client_ranks",
-               f"each client rank must be at most lora.r = {self.r}, the rank of the global adapter; raise it "
-               f"with --lora-r {max(self.ranks(), default=self.r)}.")
+               f"each client rank must be at most lora.r = {self.r}, the rank of the global adapter; raise lora.r "
+               f"to {max(self.ranks(), default=self.r)}.")
 
     def ranks(self) -> tuple[int, ...]:
         """lora.client_ranks as numbers; empty when every client trains lora.r."""
@@ -390,7 +390,7 @@ class DataConfig:
             object.__setattr__(self, "source", "file")
         _check(self.source in ("demo", "file"), "data.source", "use `demo` or `file` (with data.path).")
         _check(self.source == "demo" or bool(self.path.strip()), "data.path",
-               "data.source is `file` but no path is given; pass --data FILE.")
+               "data.source is `file` but no path is given; set data.path to your data file.")
         _check(self.format in ("auto", "csv", "jsonl", "parquet", "lines", "hf"), "data.format",
                "use auto, csv, jsonl, parquet, lines or hf.")
         _check(bool(self.text_column) and bool(self.label_column), "data.text_column",
@@ -412,10 +412,9 @@ class DataConfig:
         _check(self.alpha > 0, "data.alpha", "use a positive concentration such as 0.5.")
         _check(1 <= self.shards_per_client <= 1000, "data.shards_per_client", "use 1 to 1000 (2 is typical).")
         _check(self.partition != "column" or bool(self.partition_column), "data.partition_column",
-               "partition `column` needs the column that names each record's institution, "
-               "e.g. --partition-column hospital_id.")
+               "partition `column` needs the column that names each record's institution, e.g. hospital_id.")
         _check(not self.partition_column or self.source == "file", "data.partition_column",
-               "the demo data has no such column; use it with --data.")
+               "the demo data has no such column; use it with your own data (data.path).")
         _check(self.partition_column not in (self.text_column, self.label_column), "data.partition_column",
                "it must differ from the text and label columns.")
         _check(0 <= self.canaries <= 100_000, "data.canaries", "use 0 (no audit canaries) to 100,000.")
@@ -460,10 +459,10 @@ class FedtuneConfig:
                f"{self.strategy.clients_per_round} is more than the {self.clients} clients; lower it.")
         _check(not (self.train.length_buckets and self.dp.enabled), "train.length_buckets",
                "length-bucketed batches are not Poisson samples, which DP-SGD's accounting assumes; use it with "
-               "--no-dp, or drop it.")
+               "dp.enabled = false, or drop it.")
         _check(self.data.canary_repeats == 1 or not self.dp.enabled, "data.canary_repeats",
                "a canary repeated k times is k records, so the record-level ε does not bound what an audit "
-               "measures; use 1 with DP-SGD, or repeat canaries only with --no-dp.")
+               "measures; use 1 with DP-SGD, or repeat canaries only with dp.enabled = false.")
         self._check_client_level_and_secagg()
         self._check_strategy_composition()
         self._check_lora_aggregation()
@@ -486,15 +485,15 @@ class FedtuneConfig:
         dp = self.dp
         if dp.client_dp != "off":
             _check(dp.delta < 1 / self.clients, "dp.delta", f"client-level DP uses it for each institution as a "
-                   f"whole, so it must be below 1/clients = {1 / self.clients:.3g}; use --delta "
+                   f"whole, so it must be below 1/clients = {1 / self.clients:.3g}; set it to "
                    f"{1 / (10 * self.clients):.1e} or smaller.")
         if dp.secagg:
             _check(dp.client_dp == "off" or dp.client_dp_side == "client", "dp.secagg",
                    "with secure aggregation the server never sees an update, so it cannot clip one: "
-                   "use --client-dp-side client.")
+                   "set dp.client_dp_side to `client`.")
             _check(self.clients_sampled() >= 2, "dp.secagg",
-                   "secure aggregation needs at least 2 clients sampled per round; raise --clients, "
-                   "--clients-per-round or strategy.fraction_train.")
+                   "secure aggregation needs at least 2 clients sampled per round; raise `clients`, "
+                   "strategy.clients_per_round or strategy.fraction_train.")
 
     def _check_strategy_composition(self) -> None:
         """Combinations whose parts are each sound but whose composition is not (docs/architecture.md)."""
@@ -503,23 +502,23 @@ class FedtuneConfig:
             _check(s.name not in SERVER_OPTIMIZERS, "strategy.name",
                    f"{s.name} steps on the aggregate, but client-level DP adds its noise to the inner strategy's "
                    "output, which must be the plain mean of the clipped updates; use fedavg or fedprox with "
-                   "--client-dp, or turn client-level DP off.")
+                   "dp.client_dp, or set dp.client_dp to `off`.")
             _check(s.robust == "off", "strategy.robust",
                    "client-level DP calibrates its noise to how far one institution can move a mean (C/m); a "
                    "median or trimmed mean can move further, so the noise would not cover it. Use one or the other.")
         if dp.secagg:
             _check(s.robust == "off", "strategy.robust",
                    "with secure aggregation the server sees only the sum of the updates, not the updates to "
-                   "combine robustly; drop --robust or --secagg.")
+                   "combine robustly; set strategy.robust to `off`, or dp.secagg to false.")
             _check(s.max_update_norm == math.inf, "strategy.max_update_norm",
                    "with secure aggregation the server never sees an update, so it cannot measure its norm; "
-                   "drop --max-update-norm or --secagg (clip in the clients with --client-dp fixed "
-                   "--client-dp-side client instead).")
+                   "leave strategy.max_update_norm at inf or set dp.secagg to false (or clip in the clients instead: "
+                   "dp.client_dp `fixed` with dp.client_dp_side `client`).")
         if s.robust == "trimmed-mean":
             m = self.clients_sampled()
             _check(int(s.trim_fraction * m) >= 1, "strategy.trim_fraction",
                    f"with {m} updates a round, a fraction of {s.trim_fraction:g} trims none (it drops "
-                   f"floor(fraction x {m}) at each end); use at least {1 / m:.3g}, or --robust median.")
+                   f"floor(fraction x {m}) at each end); use at least {1 / m:.3g}, or strategy.robust `median`.")
 
     def _check_lora_aggregation(self) -> None:
         """LoRA-aware aggregation and heterogeneous ranks read each client's factors, at its own rank:
@@ -530,18 +529,19 @@ class FedtuneConfig:
             what = "exact aggregation" if option == "lora.aggregation" else "heterogeneous ranks"
             _check(not dp.secagg, option,
                    f"{what} must read each client's factors, and with secure aggregation the server sees only "
-                   "their sum; drop --secagg, or use --lora-aggregation ffa at one rank (the sum of B is enough).")
+                   "their sum; set dp.secagg to false, or use lora.aggregation `ffa` at one rank (the sum of B is "
+                   "enough).")
             how = ("exact aggregation combines their products" if option == "lora.aggregation" else
                    "a rank-ρ update is rescaled by lora.r/ρ when read back at the global rank")
             _check(dp.client_dp == "off", option,
                    f"client-level DP bounds each update of the factors as sent, but {how}, so one institution "
-                   "could move the aggregate further than the noise covers. Use --lora-aggregation ffa at one "
-                   "rank with --client-dp.")
+                   "could move the aggregate further than the noise covers. Use lora.aggregation `ffa` at one "
+                   "rank with dp.client_dp.")
         if lora.aggregation == "exact":
             _check(s.name in ("fedavg", "fedprox") and s.robust == "off", "lora.aggregation",
                    "exact replaces the mean of the LoRA factors by the mean of their products; a server optimizer "
-                   "or a robust rule would then apply to the head alone. Use fedavg or fedprox without --robust, "
-                   "or --lora-aggregation naive or ffa.")
+                   "or a robust rule would then apply to the head alone. Use fedavg or fedprox with strategy.robust "
+                   "`off`, or lora.aggregation `naive` or `ffa`.")
 
     # ---- conversions -------------------------------------------------------------
     def to_nested(self) -> dict[str, Any]:

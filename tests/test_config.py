@@ -58,18 +58,6 @@ def test_int_accepted_for_float_but_bool_is_not_a_number():
         FedtuneConfig.from_flat({"dp.noise_multiplier": True})
 
 
-def test_flower_app_config_in_pyproject_matches_the_defaults():
-    """`flwr run .` must train the same recipe as `fedtune simulate`."""
-    import tomllib
-    from pathlib import Path
-
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    app_config = pyproject["tool"]["flwr"]["app"]["config"]
-    defaults = FedtuneConfig().to_flat()
-    assert {key: value for key, value in app_config.items() if key != "out"} == {
-        key: defaults[key] for key in app_config if key != "out"}
-
-
 @pytest.mark.parametrize("option", ["dp.max_grad_norm", "dp.noise_multiplier", "dp.target_epsilon",
                                     "strategy.proximal_mu", "dp.client_noise_multiplier",
                                     "strategy.server_learning_rate", "train.learning_rate"])

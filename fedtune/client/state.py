@@ -1,5 +1,5 @@
 """What a client remembers between rounds: its privacy history, the noise multiplier it solved
-for (with --target-epsilon), and its own copy of its ledger entries.
+for (with dp.target_epsilon), and its own copy of its ledger entries.
 
 It lives in Flower's Context state (kept by the SuperNode / the Simulation Engine between
 rounds) and, when a state directory is known, in a file written atomically, so that it

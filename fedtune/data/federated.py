@@ -82,7 +82,7 @@ def label_names(data: DataConfig) -> tuple[str, ...]:
     if data.source == "demo":
         if data.labels and data.labels != LABELS:
             raise DataError(f"data.labels is {list(data.labels)}, but the demo data's labels are fixed: "
-                            f"{list(LABELS)}. Remove data.labels, or use your own data with --data.")
+                            f"{list(LABELS)}. Remove data.labels, or use your own data (data.path).")
         return LABELS
     if data.labels:
         return data.labels
@@ -90,7 +90,7 @@ def label_names(data: DataConfig) -> tuple[str, ...]:
     found = set(records.labels)
     if len(found) < 2:
         raise DataError(f"{records.name} has a single label ({', '.join(found)}) in column `{data.label_column}`; "
-                        "a classifier needs at least two. Check --label-column (or --separator).")
+                        "a classifier needs at least two. Check data.label_column (or data.separator).")
     return sort_labels(found)
 
 

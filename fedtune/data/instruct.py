@@ -136,7 +136,8 @@ def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple
     fmt = infer_format(data.path, data.format)
     if fmt != "jsonl":
         raise DataError(f"{data.path}: the causal-lm task reads JSON Lines (one record a line, e.g. {EXAMPLE} or "
-                        f"{CHAT_EXAMPLE}), not {fmt}. Convert the file, or pass --format jsonl if it is JSON Lines.")
+                        f"{CHAT_EXAMPLE}), not {fmt}. Convert the file, or set data.format to `jsonl` if it is JSON "
+                        "Lines.")
     _check_file(data.path, fmt)
     text = _decode(data.path, data.encoding)
     unit = "record" if text.lstrip().startswith("[") else "line"
@@ -152,7 +153,7 @@ def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple
              for what, numbers in problems.items()]
     if found and not data.skip_invalid_rows:
         raise DataError(f"{data.path}: {'; '.join(found)}. Each record must look like {EXAMPLE} or {CHAT_EXAMPLE}. "
-                        f"Or pass --skip-invalid-rows to leave such {unit}s out.")
+                        f"Or set data.skip_invalid_rows to true to leave such {unit}s out.")
     if not chats:
         raise DataError(f"{data.path} has no usable records{': ' + '; '.join(found) if found else ''}. Each record "
                         f"must look like {EXAMPLE} or {CHAT_EXAMPLE}.")
@@ -207,7 +208,7 @@ def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> Ins
     else:
         if data.partition in ("shard", "column"):
             raise DataError(f"Partition `{data.partition}` needs a label or column per record; instruction records "
-                            "have neither, so the causal-lm task splits a file iid. Use --partition iid.")
+                            "have neither, so the causal-lm task splits a file iid. Set data.partition to `iid`.")
         chats, skipped = load_instructions(data)
         groups, names, method = (0,) * len(chats), ("instruction",), "iid"
     pool, test = holdout_split(len(chats), data.test_fraction, seed)

@@ -68,8 +68,8 @@ def infer_format(path: str, fmt: str = "auto") -> str:
     if found is None:
         if not p.exists():
             _missing(path)
-        raise DataError(f"Cannot tell the format of {path} from its suffix `{p.suffix}`. Pass --format "
-                        "csv, jsonl, parquet, lines (one `text<separator>label` a line) or hf.")
+        raise DataError(f"Cannot tell the format of {path} from its suffix `{p.suffix}`. Set data.format "
+                        "to csv, jsonl, parquet, lines (one `text<separator>label` a line) or hf.")
     return found
 
 
@@ -91,7 +91,7 @@ def load_labeled_texts(cfg: DataConfig) -> LabeledTexts:
 
 def _missing(path: str) -> NoReturn:
     raise DataError(f"Data file {path} does not exist (data.path). Check the path (relative paths start at "
-                    f"{os.getcwd()}); for a Hugging Face hub id, add --format hf.")
+                    f"{os.getcwd()}); for a Hugging Face hub id, set data.format to `hf`.")
 
 
 def _check_file(path: str, fmt: str) -> None:
@@ -101,13 +101,13 @@ def _check_file(path: str, fmt: str) -> None:
     if fmt == "hf":
         if not p.is_dir():
             raise DataError(f"{path} is a file, but format `hf` reads a directory written by "
-                            "Dataset.save_to_disk. Pass that directory, or the file with its own --format.")
+                            "Dataset.save_to_disk. Pass that directory, or the file with its own data.format.")
         return
     if p.is_dir():
-        raise DataError(f"{path} is a directory, not a {fmt} file. Pass the file itself, or --format hf for a "
+        raise DataError(f"{path} is a directory, not a {fmt} file. Pass the file itself, or data.format `hf` for a "
                         "dataset saved with save_to_disk.")
     if p.stat().st_size == 0:
-        raise DataError(f"{path} is empty (0 bytes). Point --data at a file that holds labelled texts.")
+        raise DataError(f"{path} is empty (0 bytes). Point data.path at a file that holds labelled texts.")
 
 
 def _required(cfg: DataConfig) -> list[str]:
@@ -115,8 +115,8 @@ def _required(cfg: DataConfig) -> list[str]:
 
 
 def _check_columns(name: str, columns: Sequence[str], cfg: DataConfig) -> None:
-    options = {cfg.text_column: "--text-column", cfg.label_column: "--label-column",
-               cfg.partition_column: "--partition-column"}
+    options = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column",
+               cfg.partition_column: "data.partition_column"}
     for column in _required(cfg):
         if column not in columns:
             raise DataError(f"{name} has no column `{column}`. Its columns are: {', '.join(map(str, columns))}. "
@@ -132,7 +132,7 @@ def _decode(path: str, encoding: str) -> str:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path} is not valid {encoding}: byte 0x{raw[err.start]:02x} on line {line} cannot be "
-                        "decoded. Pass the file's encoding, e.g. --encoding latin-1 (or cp1252, utf-16).") from err
+                        "decoded. Set data.encoding to the file's encoding, e.g. latin-1 (or cp1252, utf-16).") from err
 
 
 def _is_missing(value: Any) -> bool:
@@ -179,8 +179,8 @@ def _finish(cfg: DataConfig, table: _Table) -> LabeledTexts:
     """Check every record's values, then refuse the file or (data.skip_invalid_rows) leave the bad ones out."""
     name, unit = table.name, table.unit
     if not table.numbers and not table.problems:
-        raise DataError(f"{name} has no records (only a header or blank lines). Point --data at a file that "
-                        "holds labelled texts.")
+        raise DataError(f"{name} has no records (only a header or blank lines). Point data.path at a file "
+                        "that holds labelled texts.")
     if table.numbers:
         _check_columns(name, table.columns, cfg)
     fill = f"Fill them in or remove those {unit}s."
@@ -204,12 +204,13 @@ def _finish(cfg: DataConfig, table: _Table) -> LabeledTexts:
         found = [f"{_count(len(numbers), unit)} {what} ({numbered(unit, sorted(numbers))})"
                  for what, numbers in table.problems.items()]
         if not cfg.skip_invalid_rows:
-            raise DataError(f"{name}: {'; '.join(found)}. {' '.join(dict.fromkeys(table.fixes.values()))} Or pass "
-                            f"--skip-invalid-rows to leave such {unit}s out (the partition summary counts them).")
+            raise DataError(f"{name}: {'; '.join(found)}. {' '.join(dict.fromkeys(table.fixes.values()))} Or set "
+                            f"data.skip_invalid_rows to true to leave such {unit}s out (the partition summary "
+                            "counts them).")
         skipped = tuple(found)
     if not kept:
-        raise DataError(f"{name} has no valid records: {'; '.join(skipped)}. Fix the file or point --data at "
-                        "another.")
+        raise DataError(f"{name} has no valid records: {'; '.join(skipped)}. Fix the file or point data.path "
+                        "at another.")
     return LabeledTexts(name, unit, tuple(table.numbers[i] for i in kept), tuple(str(texts[i]) for i in kept),
                         tuple(converted[cfg.label_column][i] for i in kept),  # type: ignore[misc]
                         tuple(converted[cfg.partition_column][i] for i in kept) if cfg.partition_column else (),
@@ -222,8 +223,8 @@ def _read_lines(cfg: DataConfig) -> _Table:
     table = _Table(cfg.path, "line", [cfg.text_column, cfg.label_column],
                    values={cfg.text_column: [], cfg.label_column: []})
     no_separator = f"with no separator {cfg.separator!r}"
-    fix = (f"Each line must be `text{cfg.separator}label`; if the file uses another separator, pass it with "
-           "--separator.")
+    fix = (f"Each line must be `text{cfg.separator}label`; if the file uses another separator, set it in "
+           "data.separator.")
     for number, line in enumerate(io.StringIO(_decode(cfg.path, cfg.encoding), newline=None), start=1):
         if not line.strip():
             continue  # blank lines separate nothing
@@ -317,8 +318,8 @@ def _read_parquet(cfg: DataConfig) -> _Table:
         _check_columns(name, columns, cfg)
         table = parquet.read(columns=_required(cfg))
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{name} is not a readable Parquet file ({err}). Check the file, or pass its format "
-                        "with --format.") from err
+        raise DataError(f"{name} is not a readable Parquet file ({err}). Check the file, or set its format "
+                        "in data.format.") from err
     return _Table(name, "row", columns, list(range(1, table.num_rows + 1)), table.to_pydict())
 
 

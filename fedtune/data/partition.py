@@ -67,11 +67,11 @@ def partition_indices(labels: Sequence[int], pool: Sequence[int], num_clients: i
         columns["group"] = [groups[i] for i in pool]
     if num_clients > len(pool):
         raise DataError(f"There are {num_clients} clients but only {len(pool)} training examples, so "
-                        "some clients would get no data. Use fewer clients (--clients) or more data.")
+                        "some clients would get no data. Use fewer `clients` or more data.")
     if method == "shard" and num_clients * shards_per_client > len(pool):
         raise DataError(f"Partition `shard` cuts the {len(pool)} training examples into clients x shards per "
                         f"client = {num_clients} x {shards_per_client} shards, more than there are examples. "
-                        "Use fewer clients, a smaller --shards-per-client, or more data.")
+                        "Use fewer `clients`, a smaller data.shards_per_client, or more data.")
     spec = _partitioner_spec(method, num_clients, alpha, seed, shards_per_client)
     versions = {name: importlib.metadata.version(name) for name in ("flwr-datasets", "datasets", "numpy")}
     return cached_json("partitions", ["partition-v2", versions, method, spec, columns],
@@ -101,7 +101,7 @@ def _partition(columns: dict[str, list], method: str, spec: tuple[str, dict[str,
             warnings.simplefilter("ignore")
             parts = [list(partitioner.load_partition(cid)["index"]) for cid in range(num_clients)]
     except ValueError as err:
-        fix = {"dirichlet": "a larger --alpha", "shard": "a smaller --shards-per-client"}.get(method, "")
+        fix = {"dirichlet": "a larger data.alpha", "shard": "a smaller data.shards_per_client"}.get(method, "")
         raise DataError(f"The {method} partitioner could not give each of {num_clients} clients at least "
                         f"{MIN_TRAIN_EXAMPLES} examples ({err}). Use fewer clients, more data"
                         f"{', or ' + fix if fix else ''}.") from err
@@ -116,11 +116,11 @@ def _check_groups(groups: Sequence[str], pool: Sequence[int], num_clients: int, 
         return
     gone = [g for g in everywhere if g not in in_pool]
     note = (f" ({', '.join(gone[:5])} had so few records that all went to the server's hold-out; "
-            "lower --test-fraction)" if gone else "")
+            "lower data.test_fraction)" if gone else "")
     raise DataError(f"Partition `column` makes one client per distinct value of `{column}`, and the clients' "
                     f"data has {len(in_pool)} of them ({', '.join(in_pool[:10])}"
-                    f"{', ...' if len(in_pool) > 10 else ''}){note}, but --clients is {num_clients}. "
-                    f"Pass --clients {len(in_pool)}.")
+                    f"{', ...' if len(in_pool) > 10 else ''}){note}, but `clients` is {num_clients}. "
+                    f"Set `clients` to {len(in_pool)}.")
 
 
 def split_client(indices: Sequence[int], val_fraction: float, seed: int) -> ClientSplit:
@@ -138,4 +138,4 @@ def check_partitions(splits: Sequence[ClientSplit]) -> None:
     for cid, split in enumerate(splits):
         if len(split.train) == 0:
             raise DataError(f"Client {cid} has an empty training partition. Use fewer clients, more data, "
-                            "or a less skewed partition (--partition iid or a larger --alpha).")
+                            "or a less skewed partition (data.partition `iid` or a larger data.alpha).")

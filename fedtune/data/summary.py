@@ -91,12 +91,12 @@ def summary_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
         lines.append(f"  labels per client: min {min(labels_held)}, median {statistics.median(labels_held):g}; "
                      f"largest label's share: median {statistics.median(shares):.2f}, max {max(shares):.2f}")
         lines.append(f"  per-client counts: {SUMMARY_FILE} and {PLOT_FILE} in the run directory")
-    warnings = [f"left out invalid records (--skip-invalid-rows): {item}" for item in summary["skipped"]]
+    warnings = [f"left out invalid records (data.skip_invalid_rows): {item}" for item in summary["skipped"]]
     if summary["truncated"]:
         share = summary["truncated"] / summary["examples"]
         warnings.append(f"{summary['truncated']} of {summary['examples']} texts ({share:.1%}) are longer than "
                         f"model.max_length={summary['max_length']} tokens (the longest has "
-                        f"{summary['longest_tokens']}) and will be truncated; raise --max-length to keep more.")
+                        f"{summary['longest_tokens']}) and will be truncated; raise model.max_length to keep more.")
     return lines, warnings
 
 

@@ -8,6 +8,7 @@ import re
 import string
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,17 @@ def run_config(cfg: FedtuneConfig, declared: set[str]) -> dict[str, Any]:
         raise ConfigError(f"deploy-local passes options to the ServerApp through Flower's run config, which only "
                           f"knows the keys in pyproject.toml's [tool.flwr.app.config]; {', '.join(lost)} "
                           "is not there. Add it there (with its default value), or leave it at its default.")
-    return {key: flat[key] for key in sorted(declared) if key in flat}
+    return {key: _run_config_value(key, flat[key]) for key in sorted(declared) if key in flat}
+
+
+def _run_config_value(key: str, value: Any) -> Any:
+    """Flower's run config holds no lists: a list of names travels comma-separated, as in pyproject.toml."""
+    if not isinstance(value, list):
+        return value
+    if any("," in item for item in value):
+        raise ConfigError(f"`{key}` = {value} cannot travel through Flower's run config, which joins a list with "
+                          "commas; rename the entries that contain one.")
+    return ",".join(value)
 
 
 def refusals(run_path: Path) -> str:
@@ -90,32 +101,33 @@ def parse_node_config(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def prepare_run(nodes: int, rounds: int | None, out: Path | None, config: Path | None,
-                node_config: dict[str, Any] | None = None, no_dp: bool = False) -> tuple[FedtuneConfig, Path]:
-    """The resolved config (one client per node) and the run directory to create; raises FedtuneError.
-    The checks that need the data and the model run in server/prepare.py's new_run."""
+def prepare_run(nodes: int, out: Path | None, config: Path | None, node_config: dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[FedtuneConfig, Path]:
+    """The resolved config (the file's, then `overrides` by dotted key, one client per node) and the
+    run directory to create; raises FedtuneError. The checks that need the data and the model run in
+    server/prepare.py's new_run."""
     from fedtune.server.prepare import resolve
 
     if not 1 <= nodes <= MAX_NODES:
         raise ConfigError(f"Invalid option `--nodes`: {nodes}; use 1 to {MAX_NODES} (each is a process on this "
                           "machine; 3 is a good start).")
-    cfg = load_config(config).with_overrides({"clients": nodes, "rounds": rounds,
-                                              "dp.enabled": False if no_dp else None})
+    cfg = load_config(config).with_overrides({**(overrides or {}), "clients": nodes})
     node_policy({**(node_config or {}), k.PARTITION_ID: 0}, cfg, "")  # a bad value stops here, naming its key
     target = (out or Path(cfg.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
     return resolve(cfg.with_overrides({"out": str(target)})), target
 
 
-def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path | None, timeout_s: float,
-                 console: Console, node_config: dict[str, Any] | None = None,
-                 no_dp: bool = False) -> tuple[Path | None, int]:
+def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: float, console: Console,
+                 node_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 explain: Callable[[str], str] = str) -> tuple[Path | None, int]:
     """Run the whole deployment; returns (run directory, exit status). Every process started is
-    stopped before this returns: on success, on failure and on Ctrl-C."""
+    stopped before this returns: on success, on failure and on Ctrl-C. `explain` words an error
+    for whoever gave the options (the CLI adds each config key's flag)."""
     from fedtune.server.prepare import new_run
 
     run_path: Path | None = None
     try:
-        cfg, target = prepare_run(nodes, rounds, out, config, node_config, no_dp)
+        cfg, target = prepare_run(nodes, out, config, node_config, overrides)
         app = app_dir()
         values = run_config(cfg, app_config_keys(app))
         run_path = new_run(cfg, target)[1].path
@@ -144,5 +156,5 @@ def deploy_local(nodes: int, rounds: int | None, out: Path | None, config: Path 
         console.print("Interrupted: stopped the SuperLink and every SuperNode. Finished rounds are saved.")
         return run_path, 130
     except FedtuneError as err:
-        console.print(f"[bold red]Error:[/bold red] {escape(str(err))}", soft_wrap=True)
+        console.print(f"[bold red]Error:[/bold red] {escape(explain(str(err)))}", soft_wrap=True)
         return run_path, 2

@@ -82,7 +82,7 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     lora.aggregation = ffa, A is the seed's shared value and frozen (models/lora_factors.py)."""
     torch.manual_seed(seed)  # same head and LoRA init in every process
     # fp32 whatever dtype the checkpoint was saved in: a bf16 head would be clipped in bf16 by Opacus
-    # (privacy/dpsgd.py); --device cuda gets its bf16 from autocast instead.
+    # (privacy/dpsgd.py); model.device cuda gets its bf16 from autocast instead.
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(model.name_or_path), num_labels=num_labels, dtype=torch.float32)
     # Opacus issue #820: move to the device *before* wrapping with peft, or the LoRA

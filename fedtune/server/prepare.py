@@ -35,13 +35,14 @@ def preflight(cfg: FedtuneConfig) -> None:
         largest = max(len(split.train) for split in fed.clients)
         if cfg.dp.delta >= 1.0 / largest:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client with "
-                              f"n={largest} records, so the guarantee would be meaningless. Use "
-                              f"{1.0 / (10 * largest):.1e} or smaller.")
+                              f"n={largest} records, so the guarantee would be meaningless. Set it "
+                              f"to {1.0 / (10 * largest):.1e} or smaller.")
     if cfg.model.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("Invalid option `model.device`: cuda was asked for but no GPU is visible. Use cpu.")
+            raise ConfigError("Invalid option `model.device`: cuda was asked for but no GPU is visible. "
+                              "Set it to `cpu`.")
 
 
 def data_summary(cfg: FedtuneConfig) -> dict[str, Any]:

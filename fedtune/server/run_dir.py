@@ -78,8 +78,8 @@ class RunDirectory:
     def create(cls, path: Path, config: FedtuneConfig) -> RunDirectory:
         """A new run directory holding config.toml; refuses to reuse a non-empty one."""
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"Run directory {path} already exists and is not empty. Pass a new --out, "
-                              f"or continue that run with --resume {path}.")
+            raise ConfigError(f"Run directory {path} already exists and is not empty. Choose another run "
+                              f"directory (`out`), or continue that run with `fedtune simulate --resume {path}`.")
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / CONFIG, dump_config(config))
         return cls(path)
@@ -116,7 +116,7 @@ class RunDirectory:
         if changed:
             raise ConfigError(f"{self.path / CONFIG} no longer matches round {checkpoint.round}'s checkpoint: "
                               f"{'; '.join(changed)}. Put the checkpoint's values back to resume, or start a new run "
-                              "with --out. Nothing was trained.")
+                              "in another directory (`out`). Nothing was trained.")
 
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.resume_point()[0]
@@ -134,8 +134,8 @@ class RunDirectory:
                 damaged.append(f"{path.name} ({type(err).__name__}: {_first_line(err)})")
         if damaged:
             raise ConfigError(f"No checkpoint in {self.path / CHECKPOINTS} can be read: {'; '.join(damaged)}. The "
-                              "run cannot be resumed; start a new one with --out (privacy_ledger.json keeps what its "
-                              "clients spent).")
+                              "run cannot be resumed; start a new one in another directory, `out` "
+                              "(privacy_ledger.json keeps what its clients spent).")
         return None, damaged
 
     def read_ledger(self) -> PrivacyLedger | None:

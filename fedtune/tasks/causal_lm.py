@@ -46,7 +46,7 @@ class CausalLM(Task):
 
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise ConfigError(f"The base model `{path}` ({config.model_type}) is not a causal language model, which "
-                              "task causal-lm needs (model.name_or_path). Give one, or leave it empty for SmolLM2.")
+                              "task causal-lm needs. Name one in model.name_or_path, or leave it empty for SmolLM2.")
         if getattr(load_tokenizer(path), "chat_template", None) is None:
             raise ConfigError(f"The tokenizer of `{path}` has no chat template, which task causal-lm formats "
                               "instructions with. Use an instruction-tuned (chat) model.")

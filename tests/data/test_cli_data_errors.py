@@ -37,7 +37,7 @@ def run(*args: str):
     (lambda d: write_csv(d / "c.csv", [("x", "a")], header=("body", "label")), [],
      "no column `text`. Its columns are: body, label"),
     (lambda d: d / "notes.csv", ["--partition", "column", "--partition-column", "site", "--clients", "4"],
-     "Pass --clients 3"),
+     "Set `clients` to 3"),
     (lambda d: d / "notes.csv", ["--clients", "80"], "80 clients but only"),
     (lambda d: d / "notes.csv", ["--encoding", "klingon"], "data.encoding"),
 ])
@@ -54,4 +54,5 @@ def test_latin1_file_read_as_utf8_suggests_the_encoding(tmp_path):
     path.write_bytes("Le caf\u00e9 est bon@positive\nMauvais@negative\n".encode("latin-1"))
     out = tmp_path / "never"
     code, message = run("--data", str(path), "--separator", "@", "--out", str(out))
-    assert code == 2 and "--encoding latin-1" in message and not out.exists()
+    assert code == 2 and "data.encoding (--encoding) to the file's encoding, e.g. latin-1" in message
+    assert not out.exists()

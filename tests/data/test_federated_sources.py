@@ -136,7 +136,7 @@ def test_shards_give_each_client_few_labels(tmp_path):
 
 
 def test_shards_need_enough_examples(tmp_path):
-    with pytest.raises(DataError, match=r"4 x 20 shards.*--shards-per-client"):
+    with pytest.raises(DataError, match=r"4 x 20 shards.*data\.shards_per_client"):
         federated_data(cfg_for(write_csv(tmp_path / "d.csv", n=60), partition="shard", shards_per_client=20), 4, 0)
 
 
@@ -152,7 +152,7 @@ def test_column_partition_gives_one_client_per_value(tmp_path):
 def test_column_partition_needs_as_many_clients_as_values(tmp_path):
     path = write_csv(tmp_path / "d.csv", hospitals=3)
     with pytest.raises(DataError, match=r"one client per distinct value of `hospital_id`.*3 of them \(H0, H1, H2\).*"
-                                        r"--clients is 5\. Pass --clients 3"):
+                                        r"`clients` is 5\. Set `clients` to 3"):
         federated_data(cfg_for(path, partition="column", partition_column="hospital_id"), 5, 0)
 
 
@@ -165,7 +165,7 @@ def test_column_partition_says_when_a_value_went_wholly_to_the_hold_out(tmp_path
         try:
             federated_data(data, 3, seed)
         except DataError as err:
-            assert "H9 had so few records" in str(err) and "--test-fraction" in str(err)
+            assert "H9 had so few records" in str(err) and "data.test_fraction" in str(err)
             return
     pytest.fail("no seed put the lone record in the hold-out")
 
@@ -195,7 +195,7 @@ def test_summary_counts_every_example_and_truncated_text(tmp_path):
         assert c["hospital_id"] == fed.client_ids[cid]
     lines, warnings = summary_lines(summary)
     assert len(lines) == 3 + 3 and "money/pets/sport/weather" in lines[2]
-    assert warnings and "24 of 240 texts" in warnings[0] and "--max-length" in warnings[0]
+    assert warnings and "24 of 240 texts" in warnings[0] and "model.max_length" in warnings[0]
 
 
 def test_summary_of_many_clients_is_a_digest(tmp_path):

@@ -92,7 +92,7 @@ def test_bad_records_are_named_by_line(tmp_path):
     message = str(err.value)
     for what in ("that is not valid JSON (line 2)", "empty or missing `response` (or `output`) (line 3)",
                  "does not end with an assistant turn (line 4)", "role other than system, user and assistant "
-                 "(line 6)", "--skip-invalid-rows"):
+                 "(line 6)", "data.skip_invalid_rows"):
         assert what in message
     chats, skipped = load_instructions(DataConfig(path=str(path), skip_invalid_rows=True))
     assert len(chats) == 2 and len(skipped) == 4
@@ -121,5 +121,5 @@ def test_federated_split_is_disjoint_and_files_are_split_iid(tmp_path):
     assert sorted(seen) == list(range(100)) and fed.partition == "dirichlet"
     path = write_lines(tmp_path / "d.jsonl", [{"instruction": f"Q{i}?", "response": "A."} for i in range(30)])
     assert federated_instructions(DataConfig(path=str(path)), 2, 0).partition == "iid"
-    with pytest.raises(DataError, match="--partition iid"):
+    with pytest.raises(DataError, match="data.partition to `iid`"):
         federated_instructions(DataConfig(path=str(path), partition="shard"), 2, 0)

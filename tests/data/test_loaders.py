@@ -63,7 +63,7 @@ def test_format_is_inferred_from_the_suffix_or_refused(tmp_path):
         "csv", "jsonl", "jsonl", "parquet", "lines", "hf"]
     assert infer_format("whatever.xyz", "csv") == "csv"
     (tmp_path / "a.xlsx").write_text("x")
-    with pytest.raises(DataError, match=r"suffix `\.xlsx`.*--format"):
+    with pytest.raises(DataError, match=r"suffix `\.xlsx`.*data\.format"):
         infer_format(str(tmp_path / "a.xlsx"))
 
 
@@ -79,7 +79,7 @@ def test_lines_split_on_the_last_separator(tmp_path):
 def test_other_encodings_need_the_encoding_option(tmp_path):
     path = tmp_path / "d.txt"
     path.write_bytes("first ok@a\nCaf\u00e9 prices rose@b\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"d\.txt is not valid utf-8.*line 2.*--encoding latin-1"):
+    with pytest.raises(DataError, match=r"d\.txt is not valid utf-8.*line 2.*data\.encoding.*latin-1"):
         load(path, separator="@")
     assert load(path, separator="@", encoding="latin-1").texts[1] == "Caf\u00e9 prices rose"
     with pytest.raises(ConfigError, match="data.encoding"):
@@ -107,11 +107,11 @@ def test_missing_file_and_empty_file(tmp_path):
 
 def test_missing_column_lists_the_columns_that_exist(tmp_path):
     path = write_csv(tmp_path / "d.csv", ROWS, header=("sentence", "label"))
-    with pytest.raises(DataError, match=r"no column `text`\. Its columns are: sentence, label\. .*--text-column"):
+    with pytest.raises(DataError, match=r"no column `text`\. Its columns are: sentence, label\. .*data\.text_column"):
         load(path)
     assert load(path, text_column="sentence").texts[0] == "the cat sat"
     jsonl = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": 1}])
-    with pytest.raises(DataError, match=r"no column `label`\. Its columns are: text, y\. .*--label-column"):
+    with pytest.raises(DataError, match=r"no column `label`\. Its columns are: text, y\. .*data\.label_column"):
         load(jsonl)
 
 
@@ -238,7 +238,7 @@ def _check(path: Path, rows, first_lines, options, expect_text=lambda t: t):
         with pytest.raises(DataError) as err:
             load(path, **options)
         assert _first_named(str(err.value)) == bad_lines[0], str(err.value)
-        assert "--skip-invalid-rows" in str(err.value)
+        assert "data.skip_invalid_rows" in str(err.value)
     else:
         got = load(path, **options)
         assert list(zip(got.texts, got.labels, strict=True)) == good

@@ -21,13 +21,25 @@ def test_the_run_config_carries_every_declared_option_and_nothing_else():
 def test_an_option_the_app_does_not_declare_is_refused_not_dropped():
     cfg = FedtuneConfig().with_overrides({"lora.alpha": 32.0})
     with pytest.raises(ConfigError, match="lora.alpha"):
-        run_config(cfg, app_config_keys(app_dir()))
+        run_config(cfg, app_config_keys(app_dir()) - {"lora.alpha"})
+
+
+def test_lists_travel_comma_separated_since_flower_run_config_holds_none():
+    cfg = FedtuneConfig().with_overrides({"lora.target_modules": "query,value"})
+    values = run_config(cfg, app_config_keys(app_dir()))
+    assert values["lora.target_modules"] == "query,value" and values["data.labels"] == ""
+    assert FedtuneConfig.from_flat(values) == cfg
+
+
+def test_run_options_reach_the_config(tmp_path):
+    cfg, _ = prepare_run(2, tmp_path / "run", None, overrides={"rounds": 1, "lora.alpha": 16.0, "dp.delta": None})
+    assert (cfg.clients, cfg.rounds, cfg.lora.alpha, cfg.dp.delta) == (2, 1, 16.0, FedtuneConfig().dp.delta)
 
 
 @pytest.mark.parametrize("nodes", [0, 27])
 def test_node_count_is_checked_before_anything_is_made(tmp_path, nodes):
     with pytest.raises(ConfigError, match="--nodes"):
-        prepare_run(nodes, None, tmp_path / "run", None)
+        prepare_run(nodes, tmp_path / "run", None)
     assert not (tmp_path / "run").exists()
 
 
@@ -51,4 +63,4 @@ def test_a_bad_node_config_item_is_refused(item, says):
 
 def test_a_bad_node_config_value_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(ConfigError, match="require-dp"):
-        prepare_run(2, 1, tmp_path / "run", None, node_config={"require-dp": "yes"})
+        prepare_run(2, tmp_path / "run", None, node_config={"require-dp": "yes"}, overrides={"rounds": 1})

@@ -149,7 +149,7 @@ def test_resume_continues_without_resetting_epsilon(finished_run):
     (["--model", "/no/such/model"], "model.name_or_path"),
     (["--clients", "50", "--examples", "20"], "50 clients but only 18 training examples"),
     (["--noise-multiplier", "-1"], "dp.noise_multiplier"),
-    (["--strategy", "fedsgd"], "strategy.name"),
+    (["--strategy", "fedsgd"], "'fedsgd' is not one of 'fedavg'"),
     (["--delta", "0.5"], "dp.delta"),
 ])
 def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, args, says):

@@ -179,7 +179,7 @@ def test_normal_rounds_pass_through_the_secagg_mod():
 
 
 @pytest.mark.parametrize("overrides, says", [
-    ({"dp.client_dp": "fixed", "dp.client_dp_side": "server"}, "--client-dp-side client"),
+    ({"dp.client_dp": "fixed", "dp.client_dp_side": "server"}, "set dp.client_dp_side to `client`"),
     ({"clients": 1}, "at least 2 clients"),
     ({"clients": 4, "strategy.fraction_train": 0.25}, "at least 2 clients"),
 ])

@@ -36,7 +36,7 @@ def test_one_single_threaded_worker_per_core_by_default():
 
 def test_cuda_without_a_visible_gpu_is_refused_before_anything_starts(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(ConfigError, match="`model.device`.*Use cpu"):
+    with pytest.raises(ConfigError, match="`model.device`.*Set it to `cpu`"):
         preflight(FedtuneConfig().with_overrides({"model.device": "cuda"}))
 
 
