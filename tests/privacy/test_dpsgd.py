@@ -114,7 +114,7 @@ def test_epsilon_matches_opacus_rdp_analysis():
 
 def test_empty_poisson_batches_still_take_a_noised_counted_step(tiny_model, tokenized, tiny_cfg):
     """With q = 1/2 and 20 steps, Poisson sampling draws empty batches; each must still count."""
-    import fedtune.client.train as train_module
+    import fedtune.privacy.dpsgd as train_module
 
     empty_steps = []
     real_step = train_module.step_on_empty_batch
