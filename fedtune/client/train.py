@@ -1,20 +1,22 @@
 """One client's local training for one round: AdamW (or SGD) on the adapter, DP-SGD when enabled,
-and the FedProx proximal step when the server asks for it."""
+and the FedProx proximal step when the server asks for it. The loop is the same either way: it
+trains through PlainTraining here or privacy/dpsgd.py's PrivateTraining, which share one interface."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from fedtune.config import FedtuneConfig
 from fedtune.data.buckets import LengthBucketSampler
 from fedtune.data.text import TokenizedTexts, pad_batch
 from fedtune.privacy.accountant import History
-from fedtune.privacy.dpsgd import RoundSeeds, make_private, step_on_empty_batch
+from fedtune.privacy.dpsgd import RoundSeeds, make_private
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,50 @@ class TrainResult:
     steps: int
     sample_rate: float
     history: History  # the client's whole privacy history after this round
+
+
+class Training(Protocol):
+    """How train_round trains: for each of batches() (one epoch), forward and backward, then step().
+    steps counts the optimizer's real steps; history is the client's privacy history with them."""
+
+    steps: int
+    sample_rate: float
+
+    @property
+    def history(self) -> History: ...
+    def batches(self) -> Iterator[Any]: ...
+    def step(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class PlainTraining:
+    """Training without DP: each batch one optimizer step."""
+
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    prior: History  # the client's privacy history before this round
+    steps: int = 0
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0 / len(self.loader)
+
+    @property
+    def history(self) -> History:
+        """No noise: sigma = 0 in the history makes the client's ε infinite from now on."""
+        return [*self.prior, (0.0, self.sample_rate, self.steps)]
+
+    def batches(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def close(self) -> None:
+        pass
 
 
 def proximal_step(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], lr: float, mu: float) -> None:
@@ -37,11 +83,6 @@ def proximal_step(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], 
             p.sub_(lr * mu * (p - w0))
 
 
-def _is_empty(batch) -> bool:
-    """Poisson sampling may draw no example (privacy/dpsgd.py's loader then yields None)."""
-    return batch is None
-
-
 def _mixed_precision(device: torch.device):
     """bf16 autocast for the forward pass on a GPU that supports it (weights, gradients and the
     optimizer stay fp32; Opacus 1.6 computes per-sample gradients under autocast, in bf16, and
@@ -51,17 +92,18 @@ def _mixed_precision(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _stepped(optimizer: torch.optim.Optimizer) -> bool:
-    """False after a physical batch that BatchMemoryManager split off a larger logical batch:
-    Opacus then only accumulated clipped gradients and the real step comes later. Opacus
-    exposes this only as DPOptimizer._is_last_step_skipped."""
-    return not getattr(optimizer, "_is_last_step_skipped", False)
-
-
-def _optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def _optimizer(params: list[torch.nn.Parameter], cfg: FedtuneConfig, proximal_mu: float) -> torch.optim.Optimizer:
+    """The round's optimizer; with FedProx, every step it really takes (under DP-SGD: once per
+    logical batch, empty ones included) is followed by the proximal step."""
+    lr = cfg.train.learning_rate
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if proximal_mu > 0:
+        anchor = [p.detach().clone() for p in params]
+        optimizer.register_step_post_hook(lambda *_: proximal_step(params, anchor, lr, proximal_mu))
+    return optimizer
 
 
 def _loader(data: TokenizedTexts, cfg: FedtuneConfig, seeds: RoundSeeds) -> DataLoader:
@@ -74,6 +116,13 @@ def _loader(data: TokenizedTexts, cfg: FedtuneConfig, seeds: RoundSeeds) -> Data
                       generator=seeds.generator("sampling"))
 
 
+def _training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TokenizedTexts, cfg: FedtuneConfig,
+              history: History, seeds: RoundSeeds) -> Training:
+    if cfg.dp.enabled:
+        return make_private(model, optimizer, data, cfg.train.batch_size, pad_batch, cfg.dp, history, seeds)
+    return PlainTraining(optimizer, _loader(data, cfg, seeds), history)
+
+
 def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
                 proximal_mu: float, seed: int | None) -> TrainResult:
     """One round of local training. `seed` None: secret randomness (DP-SGD's default); a number:
@@ -81,47 +130,19 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
     seeds = RoundSeeds.secret() if seed is None else RoundSeeds.derived(seed)
     torch.manual_seed(seeds.model)  # dropout; sampling and noise have generators of their own
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = _optimizer(params, cfg.train.optimizer, cfg.train.learning_rate)
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], cfg, proximal_mu)
     model.train()
-    private = None
-    if cfg.dp.enabled:
-        private = make_private(model, optimizer, data, cfg.train.batch_size, pad_batch, cfg.dp, history, seeds)
-        optimizer, loader = private.optimizer, private.loader
-    else:
-        loader = _loader(data, cfg, seeds)
-    losses, steps = [], 0
-    try:
-        with ExitStack() as stack:
-            if private is not None and cfg.dp.physical_batch_size:
-                loader = stack.enter_context(BatchMemoryManager(
-                    data_loader=loader, max_physical_batch_size=cfg.dp.physical_batch_size, optimizer=optimizer))
-            for _ in range(cfg.train.local_epochs):
-                for batch in loader:
-                    if _is_empty(batch):
-                        step_on_empty_batch(optimizer)
-                    else:
-                        with _mixed_precision(device):
-                            out = model(**{k: v.to(device) for k, v in batch.items()})
-                        out.loss.backward()
-                        if private is not None:
-                            private.upcast_grad_samples()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        losses.append(out.loss.item())
-                    if _stepped(optimizer):
-                        if anchor:
-                            proximal_step(params, anchor, cfg.train.learning_rate, proximal_mu)
-                        steps += 1
-    finally:
-        if private is not None:
-            private.close()
+    losses = []
+    with closing(_training(model, optimizer, data, cfg, history, seeds)) as training:
+        for _ in range(cfg.train.local_epochs):
+            for batch in training.batches():
+                with _mixed_precision(device):
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+                training.step()
+                losses.append(loss.item())
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    if private is None:  # no noise: sigma = 0 in the history makes the client's ε infinite from now on
-        q = 1.0 / len(loader)
-        return TrainResult(mean_loss, steps, q, [*history, (0.0, q, steps)])
-    return TrainResult(mean_loss, steps, private.sample_rate, private.history)
+    return TrainResult(mean_loss, training.steps, training.sample_rate, training.history)
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Attach Opacus DP-SGD to one client's local training, continuing its privacy history.
 
-Only wiring: Opacus' PrivacyEngine does the per-sample gradients, clipping and noise, and its
+Mostly wiring: Opacus' PrivacyEngine does the per-sample gradients, clipping and noise, and its
 UniformWithReplacementSampler the Poisson sampling; the accountant is restored from the client's
-saved history first, so the engine's steps add to what the client has already spent.
+saved history first, so the engine's steps add to what the client has already spent. What Opacus
+leaves to the training loop (empty batches, physical batches, the bf16 upcast, which steps were
+real) is PrivateTraining's, so client/train.py runs the same loop with or without DP.
 
 Two things are wired by hand, each for a reason the analysis depends on:
 - Randomness. DP-SGD's proof assumes the noise is independent of which records were sampled.
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
@@ -62,11 +65,19 @@ class RoundSeeds:
 
 @dataclass
 class PrivateTraining:
+    """One round of DP-SGD behind the interface client/train.py trains through (its PlainTraining
+    is the same without DP): iterate batches(), run forward and backward on each, call step().
+    The phases Opacus leaves to its caller live here: empty Poisson batches, physical batches,
+    the fp32 upcast of per-sample gradients, telling a real step from an accumulating one, and the
+    privacy history the steps are added to."""
+
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     engine: PrivacyEngine
     hooks: Any  # Opacus GradSampleHooks; .cleanup() removes them from the shared model
     sample_rate: float
+    physical_batch_size: int = 0  # 0: each Poisson batch in one forward pass
+    steps: int = 0  # logical steps taken: each noised and counted by the accountant
 
     @property
     def history(self) -> History:
@@ -75,10 +86,40 @@ class PrivateTraining:
     def close(self) -> None:
         self.hooks.cleanup()
 
+    def batches(self) -> Iterator[Any]:
+        """One epoch of Poisson batches, each split into physical batches of at most
+        dp.physical_batch_size. An empty draw is stepped on here (noise only) and not yielded."""
+        for batch in self._physical_batches():
+            if batch is None:
+                step_on_empty_batch(self.optimizer)
+                self.steps += 1
+            else:
+                yield batch
+
+    def _physical_batches(self) -> DataLoader:
+        """Opacus' BatchMemoryManager without the context manager: its __enter__ returns this
+        loader and its __exit__ does nothing. The optimizer then steps once per logical batch."""
+        if not self.physical_batch_size:
+            return self.loader
+        return wrap_data_loader(data_loader=self.loader, max_batch_size=self.physical_batch_size,
+                                optimizer=self.optimizer)
+
+    def step(self) -> None:
+        """After backward(): clip, noise and step, or, for a physical batch that is not the last of
+        its logical batch, only clip and accumulate."""
+        self.upcast_grad_samples()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Opacus tells a real step from an accumulating one only by this private attribute, set by
+        # DPOptimizer.pre_step: True when BatchMemoryManager signalled that more of the logical batch follows.
+        if not self.optimizer._is_last_step_skipped:
+            self.steps += 1
+
     def upcast_grad_samples(self) -> None:
-        """Call between backward() and step(). Under bf16 autocast (model.device `cuda`), Opacus 1.6
-        stores bf16 per-sample gradients and computes their norms and clip factors in bf16, so a
-        clipped gradient measured up to 0.7% above C here: more than the noise is calibrated for.
+        """Between backward() and the optimizer's step (step() calls it). Under bf16 autocast
+        (model.device `cuda`), Opacus 1.6 stores bf16 per-sample gradients and computes their norms and
+        clip factors in bf16, so a clipped gradient measured up to 0.7% above C here: more than the
+        noise is calibrated for.
         In the parameters' fp32, clipping holds as without autocast. A no-op when dtypes match.
         Each is one tensor: under Poisson sampling Opacus refuses a second backward pass before a step."""
         for group in self.optimizer.param_groups:
@@ -121,7 +162,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
         poisson_sampling=False, wrap_model=False, noise_generator=seeds.generator("noise", device),
     )
     hooks.forbid_grad_accumulation()  # as Opacus does for its own Poisson loader: one backward per step
-    return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader))
+    return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader), dp.physical_batch_size)
 
 
 def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:

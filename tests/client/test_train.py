@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from fedtune.client.train import train_round
-from fedtune.config import DPConfig, TrainConfig
+from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
+from fedtune.data.text import TokenizedTexts
 from fedtune.models.evaluate import evaluate
 from fedtune.privacy.accountant import epsilon
+from tests.privacy.noise_only import NoiseOnly
 
 
 @pytest.mark.parametrize("length_buckets", [False, True])
@@ -87,3 +89,40 @@ def test_dp_training_under_bf16_autocast_clips_in_fp32_and_moves_lora(tiny_model
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
     assert all(not torch.equal(p, before[n]) for n, p in lora.items())
     assert result.steps > 0 and result.history
+
+
+@pytest.mark.parametrize("dp, kind", [(DPConfig(enabled=False), "PlainTraining"),
+                                      (DPConfig(noise_multiplier=1.0, delta=1e-3), "PrivateTraining")])
+def test_one_loop_trains_with_or_without_dp(monkeypatch, dp, kind):
+    """train_round asks the training object for batches and steps; which object it is (the one
+    choice, in _training) decides DP, and both report ceil(n/B) steps per epoch into the history."""
+    import fedtune.client.train as train_module
+
+    made = []
+    choose = train_module._training
+    monkeypatch.setattr(train_module, "_training", lambda *args: made.append(choose(*args)) or made[-1])
+    data = TokenizedTexts(tuple((i % 4,) for i in range(10)), (0,) * 10)
+    cfg = FedtuneConfig(clients=1, dp=dp, train=TrainConfig(batch_size=4, local_epochs=3))
+    result = train_round(NoiseOnly(), data, cfg, [(2.0, 0.5, 1)], proximal_mu=0.0, seed=0)
+    assert [type(t).__name__ for t in made] == [kind]
+    assert result.steps == made[0].steps == 3 * math.ceil(10 / 4)
+    assert result.sample_rate == pytest.approx(1 / 3)
+    assert result.history == [(2.0, 0.5, 1), (dp.noise_multiplier if dp.enabled else 0.0, result.sample_rate, 9)]
+
+
+def test_fedprox_follows_every_real_step_of_either_object(monkeypatch):
+    """The proximal step hangs on the optimizer's step, so it follows each step either object takes:
+    once per logical batch under physical batches, and after noise-only steps on empty batches."""
+    import fedtune.client.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "proximal_step", lambda *args: calls.append(1))
+    data = TokenizedTexts(tuple((i % 4,) for i in range(10)), (0,) * 10)
+    for dp in (DPConfig(enabled=False), DPConfig(noise_multiplier=1.0, delta=1e-3, physical_batch_size=1)):
+        calls.clear()
+        model = NoiseOnly()
+        cfg = FedtuneConfig(clients=1, dp=dp, train=TrainConfig(batch_size=4, local_epochs=2))
+        result = train_round(model, data, cfg, [], proximal_mu=1.0, seed=0)
+        assert len(calls) == result.steps == 6
+        if dp.enabled:
+            assert len(model.batches) > result.steps, "logical batches were split into physical ones"

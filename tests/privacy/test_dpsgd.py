@@ -2,6 +2,7 @@
 move (Opacus #820), and ε accumulates across rounds and matches Opacus' RDP analysis."""
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from fedtune.config import DPConfig
 from fedtune.data.text import TokenizedTexts, pad_batch
 from fedtune.privacy.accountant import epsilon
 from fedtune.privacy.dpsgd import RoundSeeds, make_private
+from tests.privacy.noise_only import NoiseOnly
 
 
 def _subset(data: TokenizedTexts, n: int) -> TokenizedTexts:
@@ -32,7 +34,7 @@ def _private_grads(model, data, dp: DPConfig, noise_seed: int, bf16: bool = Fals
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
-        private.upcast_grad_samples()  # as client/train.py does between backward and step
+        private.upcast_grad_samples()  # as PrivateTraining.step does between backward and the optimizer
         private.optimizer.pre_step()  # clip -> accumulate -> add noise -> scale
         summed = [p.summed_grad.clone() for p in params]
         noised = [p.grad.clone() for p in params]
@@ -114,7 +116,7 @@ def test_epsilon_matches_opacus_rdp_analysis():
 
 def test_empty_poisson_batches_still_take_a_noised_counted_step(tiny_model, tokenized, tiny_cfg):
     """With q = 1/2 and 20 steps, Poisson sampling draws empty batches; each must still count."""
-    import fedtune.client.train as train_module
+    import fedtune.privacy.dpsgd as train_module
 
     empty_steps = []
     real_step = train_module.step_on_empty_batch
@@ -129,3 +131,51 @@ def test_empty_poisson_batches_still_take_a_noised_counted_step(tiny_model, toke
     assert empty_steps, "seed 3 draws at least one empty batch"
     assert result.steps == 20 and result.history == [(1.0, 0.5, 20)]
     assert all(not torch.equal(p, before[n]) for n, p in tiny_model.named_parameters() if p.requires_grad)
+
+
+def _drive(private, model, epochs: int) -> int:
+    """train_round's loop, as PrivateTraining's interface asks; returns how often step() was called."""
+    calls = 0
+    for _ in range(epochs):
+        for batch in private.batches():
+            model(**batch).loss.backward()
+            private.step()
+            calls += 1
+    return calls
+
+
+def test_physical_batches_step_once_per_logical_batch():
+    """With physical batches of one record, step() runs once per forward pass, but the optimizer
+    steps (and the accountant counts) ceil(n/B) times per epoch, as without them."""
+    data = TokenizedTexts(tuple((i % 4,) for i in range(10)), (0,) * 10)
+    model = NoiseOnly()
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    real = []
+    sgd.register_step_post_hook(lambda *_: real.append(1))
+    dp = DPConfig(noise_multiplier=1.0, physical_batch_size=1)
+    private = make_private(model, sgd, data, 4, pad_batch, dp, [(2.0, 0.5, 1)], RoundSeeds.derived(0))
+    try:
+        calls = _drive(private, model, epochs=3)
+    finally:
+        private.close()
+    assert private.steps == len(real) == 3 * math.ceil(10 / 4) < calls
+    assert max(len(b) for b in model.batches) == 1
+    assert private.history == [(2.0, 0.5, 1), (1.0, 1 / 3, 9)]
+
+
+def test_an_empty_poisson_batch_is_stepped_on_inside_the_object():
+    """q = 1/2 over two records: some draws are empty. The loop never sees them, yet each is a
+    real, noised optimizer step, counted with the others."""
+    data = TokenizedTexts(((0,), (1,)), (0, 0))
+    model = NoiseOnly()
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    moves = [model.embedding.weight.detach().clone()]
+    sgd.register_step_post_hook(lambda opt, *_: moves.append(model.embedding.weight.detach().clone()))
+    private = make_private(model, sgd, data, 1, pad_batch, DPConfig(noise_multiplier=1.0), [], RoundSeeds.derived(3))
+    try:
+        calls = _drive(private, model, epochs=10)
+    finally:
+        private.close()
+    assert calls < private.steps == len(moves) - 1 == 20, "seed 3 draws at least one empty batch"
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(moves)), "every step adds noise"
+    assert private.history == [(1.0, 0.5, 20)]
