@@ -149,6 +149,8 @@ class PrivacyLedger:
         self.dp_enabled = dp_enabled
         self.unit = unit
         self._clients = {name: list(entries) for name, entries in (clients or {}).items()}
+        if any(not isinstance(e, LedgerEntry) for entries in self._clients.values() for e in entries):
+            raise TypeError("a ledger holds LedgerEntry objects (LedgerEntry.from_dict reads one written as JSON)")
         # Client-level DP (one institution as a whole), privacy/client_level.py's ClientLevelAccount.to_dict();
         # None when the run has no client-level DP.
         self._client_level = None if client_level is None else dict(client_level)
