@@ -39,7 +39,7 @@ from fedtune.models.adapter import load_record, to_record
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
 from fedtune.privacy.budget import client_dp, within_budget
-from fedtune.privacy.ledger import ledger_entry
+from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
 from fedtune.tasks import get_task
@@ -186,8 +186,9 @@ class _Round:
 
     def finish(self, state: ClientState, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None,
                reason: str = "", info: dict[str, int] | None = None) -> Message:
-        entry = ledger_entry(self.server_round, status, metrics, self.cfg.dp.accountant)
-        state.ledger.append({**entry, **self.notes, **({"reason": reason} if reason else {})})
+        state.ledger.append(LedgerEntry.from_report(
+            self.server_round, status, metrics, self.cfg.dp.accountant, reason=reason,
+            adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING))))
         save_state(self.context, self.name, self.policy.state_dir, state)
         client = {k.CLIENT_NAME: self.name, k.STATUS: status, k.POLICY: self.policy.source,
                   **({k.REASON: reason} if reason else {}), **self.notes, **(info or {})}

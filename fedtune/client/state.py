@@ -19,7 +19,7 @@ import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,23 @@ from flwr.app import ConfigRecord, Context
 from fedtune import constants as k
 from fedtune.durable import write_json_atomic
 from fedtune.privacy.accountant import History, normalize
+from fedtune.privacy.ledger import LedgerEntry
 
 
 @dataclass
 class ClientState:
     history: History = field(default_factory=list)  # Opacus accountant history: (sigma, q, steps) runs
     noise_multiplier: float | None = None  # solved once from dp.target_epsilon, then kept
-    ledger: list[dict[str, Any]] = field(default_factory=list)  # this client's own round entries
+    ledger: list[LedgerEntry] = field(default_factory=list)  # this client's own round entries
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
-        return cls(normalize(data.get("history", [])), data.get("noise_multiplier"), list(data.get("ledger", [])))
+        return cls(normalize(data.get("history", [])), data.get("noise_multiplier"),
+                   [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": [list(run) for run in self.history], "noise_multiplier": self.noise_multiplier,
+                "ledger": [entry.to_dict() for entry in self.ledger]}
 
 
 def _state_file(directory: str, client: str) -> Path | None:
@@ -72,7 +78,7 @@ def load_state(context: Context, client: str, directory: str) -> ClientState:
 
 
 def save_state(context: Context, client: str, directory: str, state: ClientState) -> None:
-    data = asdict(state)
+    data = state.to_dict()
     context.state[k.CLIENT_STATE] = ConfigRecord({"json": json.dumps(data)})
     path = _state_file(directory, client)
     if path is not None:

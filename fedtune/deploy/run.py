@@ -62,13 +62,13 @@ def _run_config_value(key: str, value: Any) -> Any:
 def refusals(run_path: Path) -> str:
     """" No institution trained: ..." naming each one's refusal, when the ledger ends in refusals only."""
     try:
-        clients = read_ledger(run_path)["clients"]
+        clients = read_ledger(run_path).clients
     except FedtuneError:
         return ""
     last = {name: entries[-1] for name, entries in clients.items() if entries}
-    if not last or any(entry["status"] != k.STATUS_REFUSED for entry in last.values()):
+    if not last or any(entry.status != k.STATUS_REFUSED for entry in last.values()):
         return ""
-    return " No institution trained: " + "; ".join(f"{name} refused ({entry.get('reason', 'no reason given')})"
+    return " No institution trained: " + "; ".join(f"{name} refused ({entry.reason or 'no reason given'})"
                                                   for name, entry in sorted(last.items())) + "."
 
 

@@ -28,9 +28,8 @@ from fedtune import constants as k
 from fedtune.config import read_run_config
 from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import FedtuneError
-from fedtune.privacy.accountant import other
 from fedtune.privacy.audit import AUDIT_FILE
-from fedtune.privacy.ledger import LEDGER, UNIT, read_ledger
+from fedtune.privacy.ledger import LEDGER, LedgerEntry, read_ledger
 from fedtune.privacy.policy import SOURCES
 
 REPORT_MD, REPORT_JSON, REPORT_HTML, PLOT_PNG = (
@@ -48,13 +47,13 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     ledger = read_ledger(run_dir)
     settings = _settings(run_dir)
-    dp_on, kind = bool(ledger["dp_enabled"]), ledger["accountant"]
-    entries = {name: [_clean(e, dp_on) for e in rows] for name, rows in sorted(ledger["clients"].items())}
-    rounds = max((e["round"] for rows in entries.values() for e in rows), default=0)
-    delta = settings.get("delta") or next((e["delta"] for rows in entries.values() for e in rows if "delta" in e),
+    dp_on, kind = ledger.dp_enabled, ledger.accountant
+    entries = dict(sorted(ledger.clients.items()))
+    rounds = max((e.round for rows in entries.values() for e in rows), default=0)
+    delta = settings.get("delta") or next((e.delta for rows in entries.values() for e in rows if e.delta is not None),
                                           None)
     clients = [_client(name, rows, kind, dp_on, rounds, settings) for name, rows in entries.items()]
-    policies = sorted({e["policy"] for rows in entries.values() for e in rows if e.get("policy")})
+    policies = sorted({e.policy for rows in entries.values() for e in rows if e.policy})
     top = max(clients, key=lambda c: _float(c["epsilon"]), default=None)
     top = top if top and _float(top["epsilon"]) > 0 else None  # nobody spent anything: no "top" client
     budget = settings.get("epsilon_cap")  # None: config.toml unreadable, budget unknown
@@ -62,7 +61,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "generated_by": f"fedtune {__version__}",
         "run_dir": str(run_dir.resolve()),
         "dp_enabled": dp_on,
-        "unit": ledger.get("unit", UNIT),
+        "unit": ledger.unit,
         "neighbouring_relation": NEIGHBOURS,
         "accountant": _accountant(kind, delta),
         "sampling": "poisson",
@@ -83,7 +82,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "rounds_refused": sum(c["rounds_refused"] for c in clients),
         "clients_state_lost": [c["name"] for c in clients if c["state_lost"]],
         "clients_over_budget": [c["name"] for c in clients if c["within_budget"] is False],
-        "client_level": _clean(ledger["client_level"], True) if ledger.get("client_level") else None,
+        "client_level": _clean(ledger.client_level, True) if ledger.client_level else None,
         "settings": settings,
         "audit": _read_audit(run_dir),  # None unless `fedtune audit` made this run
         "verification": _verification(run_dir),  # `fedtune privacy-verify`'s result
@@ -125,63 +124,64 @@ def _settings(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _client(name: str, entries: list[dict[str, Any]], kind: str, dp_on: bool, rounds: int,
+def _client(name: str, entries: tuple[LedgerEntry, ...], kind: str, dp_on: bool, rounds: int,
             settings: dict[str, Any]) -> dict[str, Any]:
     """One institution: its cumulative ε (the latest entry that carries one) and its parameters."""
     # Rounds that ran local steps: trained, trained but the update refused by the server (rejected),
     # or failed after training (fail closed); all spent.
-    trained = [e for e in entries if e.get("steps")]
-    reported = [e for e in entries if "epsilon" in e]  # failed rounds report nothing
-    latest = reported[-1] if reported else {}
-    last = trained[-1] if trained else {}
-    eps = latest.get("epsilon", 0.0) if dp_on else INF
+    trained = [e for e in entries if e.steps]
+    reported = [e for e in entries if e.reported]  # failed rounds report nothing
+    # Stand-ins when there is no such entry: nothing reported means nothing spent, no parameters known.
+    latest = reported[-1] if reported else LedgerEntry(0, "", epsilon=0.0, epsilon_other=0.0)
+    last = trained[-1] if trained else LedgerEntry(0, "")
+    eps = _num(latest.epsilon) if dp_on else INF
     budget = settings.get("epsilon_cap")
-    params = {(e["noise_multiplier"], e["max_grad_norm"], e["sample_rate"]) for e in trained}
-    committed = [e for e in entries if not e.get("interrupted")]
+    params = {(e.noise_multiplier, e.max_grad_norm, e.sample_rate) for e in trained}
+    committed = [e for e in entries if not e.interrupted]
     return {
         "name": name,
         "epsilon": eps,
-        "epsilon_other": latest.get(f"epsilon_{other(kind)}", 0.0) if dp_on else INF,
-        "delta": latest.get("delta", settings.get("delta")),
-        "noise_multiplier": last.get("noise_multiplier"),
-        "max_grad_norm": last.get("max_grad_norm"),
-        "sample_rate": last.get("sample_rate"),
-        "num_examples": last.get("num_examples"),
-        "expected_batch": (last["num_examples"] * last["sample_rate"]) if last.get("num_examples") else None,
+        "epsilon_other": _num(0.0 if latest.epsilon_other is None else latest.epsilon_other) if dp_on else INF,
+        "delta": settings.get("delta") if latest.delta is None else latest.delta,
+        "noise_multiplier": last.noise_multiplier,
+        "max_grad_norm": last.max_grad_norm,
+        "sample_rate": last.sample_rate,
+        "num_examples": last.num_examples,
+        "expected_batch": last.num_examples * last.sample_rate if last.num_examples else None,
         "parameters_changed": len(params) > 1,
-        "steps": sum(e["steps"] for e in trained),
-        "rounds_trained": sum(e["status"] == k.STATUS_TRAINED for e in committed),
-        "rounds_declined": sum(e["status"] == k.STATUS_DECLINED for e in committed),
-        "rounds_failed": sum(e["status"] == k.STATUS_FAILED for e in committed),
-        "rounds_rejected": sum(e["status"] == k.STATUS_REJECTED for e in committed),
-        "rounds_refused": sum(e["status"] == k.STATUS_REFUSED for e in committed),
-        "state_lost": any(e.get("state_lost") for e in entries),
+        "steps": sum(e.steps for e in trained),
+        "rounds_trained": sum(e.status == k.STATUS_TRAINED for e in committed),
+        "rounds_declined": sum(e.status == k.STATUS_DECLINED for e in committed),
+        "rounds_failed": sum(e.status == k.STATUS_FAILED for e in committed),
+        "rounds_rejected": sum(e.status == k.STATUS_REJECTED for e in committed),
+        "rounds_refused": sum(e.status == k.STATUS_REFUSED for e in committed),
+        "state_lost": any(e.state_lost for e in entries),
         "rounds_interrupted": len(entries) - len(committed),
         "within_budget": None if not dp_on or budget is None else _float(eps) <= _float(budget),
         "records_at_most": _records_at_most(trained, settings.get("batch_size")),
-        "delta_below_1_over_n": _delta_check(trained, settings.get("batch_size"), latest.get("delta")),
+        "delta_below_1_over_n": _delta_check(trained, settings.get("batch_size"), latest.delta),
         "epsilon_by_round": _curve(reported, rounds, dp_on),
-        "entries": entries,
+        "entries": [_clean(e.to_dict(), dp_on) for e in entries],
     }
 
 
-def _records_at_most(trained: list[dict[str, Any]], batch: int | None) -> int | None:
+def _records_at_most(trained: list[LedgerEntry], batch: int | None) -> int | None:
     """The largest record count the institution reported; for ledgers without it, the bound from
     the schedule (q = 1/ceil(n/B), so at most B/q records)."""
-    counts = [e["num_examples"] for e in trained if e.get("num_examples")]
+    counts = [e.num_examples for e in trained if e.num_examples]
     if counts:
         return max(counts)
-    qs = [e["sample_rate"] for e in trained if e.get("sample_rate")]
+    qs = [e.sample_rate for e in trained if e.sample_rate]
     return round(batch / min(qs)) if batch and qs else None
 
 
-def _delta_check(trained: list[dict[str, Any]], batch: int | None, delta: float | None) -> bool | None:
+def _delta_check(trained: list[LedgerEntry], batch: int | None, delta: float | None) -> bool | None:
     """δ < 1/n for the record counts reported; for ledgers without them, from the bounds
     B(1/q - 1) < n <= B/q. None when the ledger cannot tell."""
-    counts = [e["num_examples"] for e in trained if e.get("num_examples")]
+    counts = [e.num_examples for e in trained if e.num_examples]
     if counts and delta:
         return all(delta * n < 1 for n in counts)
-    qs = [e["sample_rate"] for e in trained if e.get("sample_rate")]
+    qs = [e.sample_rate for e in trained if e.sample_rate]
     if not (batch and qs and delta):
         return None
     q = min(qs)
@@ -192,11 +192,11 @@ def _delta_check(trained: list[dict[str, Any]], batch: int | None, delta: float 
     return None
 
 
-def _curve(reported: list[dict[str, Any]], rounds: int, dp_on: bool) -> list[float | str]:
+def _curve(reported: list[LedgerEntry], rounds: int, dp_on: bool) -> list[float | str]:
     """Cumulative ε after each round 0..rounds; a round the client sat out keeps the last value."""
     if not dp_on:
         return [INF] * (rounds + 1)
-    by_round = {e["round"]: e["epsilon"] for e in reported}  # a later entry (a rerun) wins
+    by_round = {e.round: _num(e.epsilon) for e in reported}  # a later entry (a rerun) wins
     curve, current = [], 0.0
     for round_ in range(rounds + 1):
         current = by_round.get(round_, current)

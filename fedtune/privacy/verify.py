@@ -27,7 +27,7 @@ from fedtune import constants as k
 from fedtune.config import FedtuneConfig, read_run_config
 from fedtune.privacy.budget import poisson_schedule
 from fedtune.privacy.independent import epsilons_along, independent_client_level_epsilon
-from fedtune.privacy.ledger import read_ledger
+from fedtune.privacy.ledger import LedgerEntry, read_ledger
 
 # A reported ε may sit this far below dp-accounting's figure before it counts as under-reported:
 # Opacus' PRV reports the upper end of its error interval (about +0.01) and dp-accounting's PLD
@@ -71,33 +71,35 @@ def verify_run(run_dir: Path) -> Verification:
     cfg = read_run_config(Path(run_dir))
     violations: list[Violation] = []
     entries = 0
-    for name, rows in sorted(ledger["clients"].items()):
+    clients = ledger.clients
+    for name, rows in sorted(clients.items()):
         entries += len(rows)
-        violations += list(_client(name, rows, ledger["accountant"], bool(ledger["dp_enabled"]), cfg))
-    violations += list(_client_level(ledger.get("client_level")))
-    return Verification(len(ledger["clients"]), entries, violations)
+        violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg))
+    violations += list(_client_level(ledger.client_level))
+    return Verification(len(clients), entries, violations)
 
 
-def _client(name: str, rows: list[dict[str, Any]], kind: str, dp_on: bool, cfg: FedtuneConfig) -> Iterator[Violation]:
-    reported = [row for row in rows if "epsilon" in row]  # failures the server recorded carry no figures
-    history = [(row["noise_multiplier"], row["sample_rate"], row["steps"]) for row in reported]
+def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
+            cfg: FedtuneConfig) -> Iterator[Violation]:
+    reported = [row for row in rows if row.reported]  # failures the server recorded carry no figures
+    history = [(row.noise_multiplier, row.sample_rate, row.steps) for row in reported]
     expected = epsilons_along(kind, history, cfg.dp.delta) if dp_on else [math.inf] * len(reported)
     cap = min(cfg.dp.epsilon_budget, cfg.dp.target_epsilon) if cfg.dp.target_epsilon > 0 else cfg.dp.epsilon_budget
     previous_round, highest = -1, 0.0
     for row, independent in zip(reported, expected, strict=True):
         bad = _Row(name, row)
-        if row["round"] < previous_round:
-            yield bad("round", f">= {previous_round} (entries in round order)", row["round"])
-        previous_round = row["round"]
+        if row.round < previous_round:
+            yield bad("round", f">= {previous_round} (entries in round order)", row.round)
+        previous_round = row.round
         yield from _status(bad, row, dp_on)
-        if row["steps"]:
+        if row.steps:
             yield from _schedule(bad, row, cfg)
-        found = math.inf if row["epsilon"] is None else float(row["epsilon"])
+        found = row.epsilon  # math.inf when unbounded
         if found < highest * (1 - 1e-9):
             yield bad("epsilon", f">= {highest:.4f} (a client's ε never decreases)", f"{found:.4f}")
         if found < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
             yield bad("epsilon", f"{_eps(independent)} (dp-accounting, from the ledger's σ, q and steps)", _eps(found))
-        if found > cap * (1 + 1e-9) and row["status"] != k.STATUS_REFUSED:
+        if found > cap * (1 + 1e-9) and row.status != k.STATUS_REFUSED:
             yield bad("epsilon", f"<= {cap:g} (the run's ε budget)", _eps(found))
         highest = max(highest, found)
 
@@ -105,41 +107,41 @@ def _client(name: str, rows: list[dict[str, Any]], kind: str, dp_on: bool, cfg: 
 class _Row:
     """Makes the Violations of one ledger entry."""
 
-    def __init__(self, client: str, row: dict[str, Any]) -> None:
-        self.client, self.round = client, row.get("round")
+    def __init__(self, client: str, row: LedgerEntry) -> None:
+        self.client, self.round = client, row.round
 
     def __call__(self, field: str, expected: Any, found: Any) -> Violation:
         return Violation(self.client, self.round, field, str(expected), str(found))
 
 
-def _status(bad: _Row, row: dict[str, Any], dp_on: bool) -> Iterator[Violation]:
-    status, steps = row["status"], row["steps"]
+def _status(bad: _Row, row: LedgerEntry, dp_on: bool) -> Iterator[Violation]:
+    status, steps = row.status, row.steps
     if status not in (k.STATUS_TRAINED, k.STATUS_REJECTED, k.STATUS_FAILED, *NO_STEPS):
         yield bad("status", "trained, rejected, failed, declined or refused", status)
     elif status in NO_STEPS and steps:
         yield bad("steps", f"0 (a {status} round trains nothing)", steps)
     elif status in (k.STATUS_TRAINED, k.STATUS_REJECTED) and not steps:
         yield bad("steps", f"> 0 (a {status} round ran local training)", steps)
-    if status == k.STATUS_REFUSED and not row.get("reason"):
+    if status == k.STATUS_REFUSED and not row.reason:
         yield bad("reason", "the institution's reason for refusing", "none")
-    if dp_on and status in (k.STATUS_TRAINED, k.STATUS_REJECTED) and row["noise_multiplier"] > 0 \
-            and row["epsilon"] is None:
+    if dp_on and status in (k.STATUS_TRAINED, k.STATUS_REJECTED) and row.noise_multiplier \
+            and math.isinf(row.epsilon):
         yield bad("epsilon", "a finite ε (the round trained with noise)", "null")
 
 
-def _schedule(bad: _Row, row: dict[str, Any], cfg: FedtuneConfig) -> Iterator[Violation]:
-    n = row.get("num_examples")
+def _schedule(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Violation]:
+    n = row.num_examples
     if not isinstance(n, int) or n <= 0:
         yield bad("num_examples", "the client's record count (written by fedtune >= 0.2)", n)
         return
-    if row["delta"] * n >= 1:
-        yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} records)", f"{row['delta']:g}")
+    if row.delta * n >= 1:
+        yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} records)", f"{row.delta:g}")
     q, steps = poisson_schedule(n, cfg.train.batch_size, cfg.train.local_epochs)
-    if not math.isclose(row["sample_rate"], q, rel_tol=1e-9):
-        yield bad("sample_rate", f"{q:.6g} (n = {n}, batch size {cfg.train.batch_size})", f"{row['sample_rate']:.6g}")
-    if row["steps"] != steps:
+    if not math.isclose(row.sample_rate, q, rel_tol=1e-9):
+        yield bad("sample_rate", f"{q:.6g} (n = {n}, batch size {cfg.train.batch_size})", f"{row.sample_rate:.6g}")
+    if row.steps != steps:
         yield bad("steps", f"{steps} (n = {n}, batch size {cfg.train.batch_size}, {cfg.train.local_epochs} "
-                           "local epochs)", row["steps"])
+                           "local epochs)", row.steps)
 
 
 def _client_level(entry: dict[str, Any] | None) -> Iterator[Violation]:

@@ -18,6 +18,7 @@ from rich.console import Console
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
+from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.prepare import open_run
@@ -64,6 +65,8 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))
         run.commit(start)
+        if run.read_ledger() is None:  # the ledger exists from round 0 on; one left by earlier rounds whose
+            PrivacyLedger.from_dict(start.ledger).save(run.path)  # checkpoints are gone is kept (ledger_to_resume)
         first = start.metrics[0]
         ppl = f"  ppl={first['eval_perplexity']:.2f}" if "eval_perplexity" in first else ""
         inputs.console.print(f"round 0/{cfg.rounds}  acc={first['eval_accuracy']:.3f}{ppl}  (before training)")
@@ -102,7 +105,7 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
            if "eval_perplexity" in last else {}),
         "epsilon_max": last["epsilon_max"],
         "failed_client_rounds": sum(row.get("num_failed", 0) for row in final.metrics),
-        "client_level_epsilon": (final.ledger.get("client_level") or {}).get("epsilon"),  # None when off
+        "client_level_epsilon": (PrivacyLedger.from_dict(final.ledger).client_level or {}).get("epsilon"),  # None: off
         "bytes_up_per_client": last["bytes_up"],
         "base_model_bytes": base_bytes,
         "payload_fraction": last["bytes_up"] / base_bytes,

@@ -7,7 +7,6 @@ The canaries and their exact membership are rebuilt from the run's saved config
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -20,8 +19,8 @@ from fedtune.data.canaries import Canaries
 from fedtune.durable import write_json_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit
-from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.server.run_dir import LEDGER, RunDirectory
+from fedtune.privacy.ledger import PrivacyLedger, read_ledger
+from fedtune.server.run_dir import RunDirectory
 from fedtune.tasks import get_task
 
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
@@ -54,8 +53,8 @@ def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     canary enjoys. ∞ without DP-SGD, or if any institution trained without noise."""
     if not ledger.dp_enabled:
         return math.inf
-    trained = [e for entries in ledger.clients.values() for e in entries if e.get("status") == k.STATUS_TRAINED]
-    if any(e.get("epsilon") is None for e in trained):  # the ledger writes null for an infinite ε
+    trained = [e for entries in ledger.clients.values() for e in entries if e.status == k.STATUS_TRAINED]
+    if any(e.epsilon is None or math.isinf(e.epsilon) for e in trained):
         return math.inf
     return float(ledger.epsilon_max() or 0.0)
 
@@ -71,7 +70,7 @@ def run_audit(run: RunDirectory, confidence: float) -> dict[str, Any]:
     # Higher score = more likely in. A canary with no loss to score (its answer truncated away) gives
     # no evidence of membership: it scores lowest.
     scores = [-loss if math.isfinite(loss) else -math.inf for loss in losses]
-    ledger = PrivacyLedger.from_dict(json.loads((run.path / LEDGER).read_text(encoding="utf-8")))
+    ledger = read_ledger(run.path)
     result = audit(scores, canaries.members, cfg.dp.delta, confidence)
     record = audit_record(result, theoretical_epsilon(ledger), cfg, checkpoint.round)
     record["canary_losses"] = [loss if math.isfinite(loss) else None for loss in losses]

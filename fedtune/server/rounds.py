@@ -36,7 +36,7 @@ from rich.progress import (
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
-from fedtune.privacy.ledger import PrivacyLedger, client_notes, ledger_entry
+from fedtune.privacy.ledger import PrivacyLedger, client_notes
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
@@ -164,25 +164,20 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
         if reply.has_error() and node in (refused or {}):
             name, metrics = refused[node]
             _learn_name(ledger, node_names, node, name)
-            entry = ledger_entry(round_, k.STATUS_REJECTED, metrics, ledger.accountant)
-            ledger.record(name, {**entry, "reason": reply.error.reason})
+            ledger.record_round(name, round_, k.STATUS_REJECTED, metrics, reason=reply.error.reason)
         elif reply.has_error():
-            ledger.record(node_names.get(node, f"node-{node}"),
-                          {"round": round_, "status": k.STATUS_FAILED, "reason": reply.error.reason})
+            ledger.record_failure(node_names.get(node, f"node-{node}"), round_, reply.error.reason)
         else:
             info = reply.content[k.CLIENT_INFO]
             name = str(info[k.CLIENT_NAME])
             _learn_name(ledger, node_names, node, name)
-            entry = ledger_entry(round_, str(info[k.STATUS]), reply.content[k.METRICS], ledger.accountant)
-            ledger.record(name, {**entry, **client_notes(info)})
+            ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
 
 
 def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:
     """Remember a node's client name, and move failures recorded before it was known under it."""
     node_names[node] = name
-    if f"node-{node}" in ledger.clients:
-        ledger.clients[name] = sorted([*ledger.clients.pop(f"node-{node}"), *ledger.clients.get(name, [])],
-                                      key=lambda e: e["round"])
+    ledger.attribute(f"node-{node}", name)
 
 
 def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
@@ -268,7 +263,11 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
                                      "its privacy state was lost (marked state_lost in the ledger)",
                                      markup=False, highlight=False, soft_wrap=True)
             _track_memory(inputs.worker_peak_rss_mb, replies)
-            inputs.run.write_ledger(ledger)  # spent budget is on disk before anything else can fail
+            # The round's one ledger write (a second one below under client-level DP): the spending the
+            # clients reported is on disk before anything else can fail (too few replies, aggregation,
+            # evaluation, a crash), and a resume keeps it (RunDirectory.ledger_to_resume). Committing the
+            # round below does not write the ledger again: nothing in it changes after this point.
+            ledger.save(inputs.run.path)
             _stop_here(inputs, round_)  # Ctrl-C: only the replies that really came are on record
             answered = [r for r in replies if not r.has_error()]
             _require_quorum(round_, messages, replies, cfg.strategy.min_reply_fraction)
@@ -281,8 +280,12 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             if trained or cfg.dp.client_dp != "off":
                 arrays, train_metrics = strategy.aggregate_train(round_, bounded_weights(trained))
                 _refuse_non_finite(arrays, round_, cfg)
-                ledger.client_level = client_level_entry(strategy)  # None without client-level DP
-                inputs.run.write_ledger(ledger)  # a noised release is on record before it is sent anywhere
+                release = client_level_entry(strategy)  # None without client-level DP
+                if release is not None:
+                    ledger.record_client_level(release)
+                    # Client-level DP's second write: this noised release is on record before it is
+                    # sent anywhere (client evaluation below sends it to the clients).
+                    ledger.save(inputs.run.path)
             train_s = time.monotonic() - round_started
             eval_config = ConfigRecord(dict(config))
             eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
@@ -313,7 +316,7 @@ def _without_unidentified(registry: Registry, messages: list[Message], ledger: P
         if node not in excluded:
             kept.append(message)
             continue
-        ledger.record(registry.names[node], {"round": round_, "status": k.STATUS_EXCLUDED, "reason": excluded[node]})
+        ledger.record_exclusion(registry.names[node], round_, excluded[node])
         console.print(f"round {round_}: node {node} not asked to train: {excluded[node]}", markup=False,
                       highlight=False, soft_wrap=True)
     return kept

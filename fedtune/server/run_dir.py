@@ -1,15 +1,15 @@
 """The run directory: the resolved config, per-round metrics, the privacy ledger, the PEFT
 adapter and a checkpoint per round.
 
-A round is committed by writing its checkpoint (atomically); the other files are views
-rewritten from the checkpoint's contents right after, so a crash at any point leaves a
-directory that `fedtune simulate --resume` continues from the last whole round.
+A round is committed by writing its checkpoint (atomically); metrics.jsonl is a view rewritten
+from the checkpoint's contents right after, so a crash at any point leaves a directory that
+`fedtune simulate --resume` continues from the last whole round. The privacy ledger is written
+by the round loop as clients report spending (PrivacyLedger.save), before the round is committed.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from fedtune import __version__
 from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_config
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
-from fedtune.privacy.ledger import LEDGER, PrivacyLedger
+from fedtune.privacy.ledger import PrivacyLedger
 
 CONFIG = RUN_CONFIG
 METRICS = "metrics.jsonl"
@@ -48,7 +48,7 @@ class Checkpoint:
     round: int
     arrays: dict[str, torch.Tensor]
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    ledger: dict[str, Any] = field(default_factory=dict)
+    ledger: dict[str, Any] = field(default_factory=dict)  # PrivacyLedger.to_dict(), as of this round
     node_names: dict[int, str] = field(default_factory=dict)
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a server optimizer's moments
     node_keys: dict[str, str] = field(default_factory=dict)  # institution -> its pinned key (server/identity.py)
@@ -139,41 +139,25 @@ class RunDirectory:
         return None, damaged
 
     def read_ledger(self) -> PrivacyLedger | None:
-        """privacy_ledger.json as written, or None if there is none yet. A damaged ledger stops everything:
-        unlike a checkpoint it is never replaced by an older copy, which would forget spending."""
-        path = self.path / LEDGER
-        if not path.is_file():
-            return None
-        try:
-            return PrivacyLedger.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ConfigError(f"{path} is damaged ({type(err).__name__}: {_first_line(err)}), so the spending it "
-                              "records after the last checkpoint cannot be recovered, and resuming could undercount "
-                              "it. Restore it from a backup; nothing was changed.") from err
-
-    def write_ledger(self, ledger: PrivacyLedger) -> None:
-        """Record spending as soon as clients report it, before the round is committed."""
-        ledger.write(self.path / LEDGER)
+        """privacy_ledger.json (PrivacyLedger.load): None if there is none yet; a damaged one raises
+        ConfigError and stops everything, before anything is sent or rewritten."""
+        return PrivacyLedger.load(self.path)
 
     def ledger_to_resume(self, checkpoint: Checkpoint) -> PrivacyLedger:
         """The checkpoint's ledger plus any entries reported after it by a round that never
         finished (marked `interrupted`): the clients spent that budget, so it stays on record."""
         ledger = PrivacyLedger.from_dict(checkpoint.ledger)
         written = self.read_ledger()
-        if written is None:
-            return ledger
-        for client, entries in written.clients.items():
-            for entry in entries:
-                if entry["round"] > checkpoint.round:
-                    ledger.record(client, {**entry, "interrupted": True})
-        if written.client_level and written.client_level["rounds"] > (ledger.client_level or {}).get("rounds", 0):
-            ledger.client_level = written.client_level  # a noised release made by that round still counts
+        if written is not None:
+            ledger.record_interrupted(written, checkpoint.round)
         return ledger
 
     def commit(self, checkpoint: Checkpoint) -> None:
-        """Durably finish a round: checkpoint first, then the views derived from it."""
+        """Durably finish a round: the checkpoint, then the metrics view derived from it. The privacy
+        ledger is not rewritten here: the round loop saved it, with everything the checkpoint holds,
+        before the round could be committed (server/rounds.py), and it can hold more (entries of
+        rounds that never finished), which a copy of the checkpoint's would forget."""
         write_bytes_atomic(self.checkpoint_path(checkpoint.round), checkpoint.to_bytes())
-        PrivacyLedger.from_dict(checkpoint.ledger).write(self.path / LEDGER)
         lines = "".join(strict_json(row) + "\n" for row in checkpoint.metrics)
         write_text_atomic(self.path / METRICS, lines)
 

@@ -69,13 +69,12 @@ def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[st
     the entry `state_lost` when the ε it reported is lower. Returns the names flagged."""
     flagged = []
     for name, entries in ledger.clients.items():
-        entry = next((e for e in reversed(entries) if e["round"] == round_ and e.get("epsilon") is not None), None)
+        entry = next((e for e in reversed(entries) if e.round == round_ and e.reported), None)
         if entry is None:
             continue
         history = merged(ledger.spent(name))
-        recomputed = epsilon(ledger.accountant, history, entry.get("delta", delta))
-        if math.isfinite(recomputed) and entry["epsilon"] < recomputed * (1 - RELATIVE_TOLERANCE):
-            entry["state_lost"] = True
-            entry["epsilon_recomputed"] = recomputed
+        recomputed = epsilon(ledger.accountant, history, delta if entry.delta is None else entry.delta)
+        if math.isfinite(recomputed) and entry.epsilon < recomputed * (1 - RELATIVE_TOLERANCE):
+            ledger.mark_state_lost(name, round_, recomputed)
             flagged.append(name)
     return flagged

@@ -6,6 +6,7 @@ import time
 from flwr.app import Context, RecordDict
 
 from fedtune.client.state import ClientState, load_state, save_state, state_lock
+from fedtune.privacy.ledger import LedgerEntry
 
 
 def _context(node_config: dict | None = None) -> Context:
@@ -13,7 +14,8 @@ def _context(node_config: dict | None = None) -> Context:
 
 
 def test_the_file_outlives_the_process_and_wins_over_context_state(tmp_path):
-    saved = ClientState([(1.0, 0.1, 10)], noise_multiplier=1.3, ledger=[{"round": 1, "epsilon": 0.5}])
+    entry = LedgerEntry(1, "trained", "prv", steps=10, epsilon=0.5, epsilon_other=0.6, adopted_ledger_spending=True)
+    saved = ClientState([(1.0, 0.1, 10)], noise_multiplier=1.3, ledger=[entry])
     save_state(_context(), "clinic-a", str(tmp_path), saved)
     fresh = _context()  # a restarted SuperNode: empty Context state
     assert load_state(fresh, "clinic-a", str(tmp_path)) == saved

@@ -16,6 +16,7 @@ from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
 from fedtune.models.causal import build_causal_model, example_lm_losses, fresh_causal_model
 from fedtune.privacy.audit import AUDIT_FILE
+from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.server.audit import run_audit
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 
@@ -43,6 +44,7 @@ def test_a_causal_lm_run_is_audited_on_its_canaries(tiny_llama_dir, tmp_path):
     ledger = {"accountant": "prv", "dp_enabled": True, "clients": {"a": [
         {"round": 1, "status": "trained", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.5,
          "steps": 2, "delta": 1e-5, "epsilon": 2.0, "epsilon_rdp": 2.1}]}, "client_level": None}
+    PrivacyLedger.from_dict(ledger).save(run.path)  # as the round loop saves it, before committing
     run.commit(Checkpoint(1, trainable_state(model), [], ledger))
     record = run_audit(run, 0.95)
     assert json.loads((run.path / AUDIT_FILE).read_text()) == record

@@ -74,7 +74,7 @@ def test_account_to_dict_shape():
 def test_ledger_carries_client_level_and_reads_older_ledgers():
     ledger = PrivacyLedger("rdp", True)
     assert ledger.to_dict()["client_level"] is None
-    ledger.client_level = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 1, 1e-5).to_dict()
+    ledger.record_client_level(ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 1, 1e-5).to_dict())
     again = PrivacyLedger.from_dict(ledger.to_dict())
     assert again.client_level == ledger.client_level
     older = {k: v for k, v in ledger.to_dict().items() if k != "client_level"}
@@ -89,8 +89,8 @@ def test_a_release_made_by_a_round_that_was_never_committed_still_counts(tmp_pat
 
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
     ledger = PrivacyLedger("rdp", True)
-    ledger.client_level = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 1, 1e-5).to_dict()
+    ledger.record_client_level(ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 1, 1e-5).to_dict())
     run.commit(Checkpoint(1, {"w": torch.zeros(2)}, [], ledger.to_dict(), {}))
-    ledger.client_level = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 2, 1e-5).to_dict()
-    run.write_ledger(ledger)  # round 2 released its aggregate, then the server died before committing
+    ledger.record_client_level(ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 2, 1e-5).to_dict())
+    ledger.save(run.path)  # round 2 released its aggregate, then the server died before committing
     assert run.ledger_to_resume(run.latest_checkpoint()).client_level["rounds"] == 2

@@ -14,7 +14,7 @@ from fedtune.cli import cli
 from fedtune.config import DPConfig, FedtuneConfig, TrainConfig, dump_config
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import epsilon
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import LEDGER, LedgerEntry, PrivacyLedger
 from fedtune.privacy.report import (
     PLOT_PNG,
     REPORT_HTML,
@@ -26,7 +26,7 @@ from fedtune.privacy.report import (
     render_markdown,
     write_report,
 )
-from fedtune.server.run_dir import LEDGER, RunDirectory
+from fedtune.server.run_dir import RunDirectory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,18 +50,13 @@ def failed(round_):
 
 
 def make_run(tmp_path, clients, dp_enabled=True, client_level=..., budget=8.0, delta=1e-5, target=0.0):
-    """A run directory with config.toml and a ledger of `clients` ({name: [entries]})."""
+    """A run directory with config.toml and a ledger of `clients` ({name: [entries as on disk]})."""
     cfg = FedtuneConfig(rounds=3, clients=len(clients) or 1, train=TrainConfig(batch_size=16),
                         dp=DPConfig(enabled=dp_enabled, epsilon_budget=budget, delta=delta, target_epsilon=target))
     run = RunDirectory.create(tmp_path / "run", cfg)
-    ledger = PrivacyLedger("prv", dp_enabled)
-    for name, entries in clients.items():
-        for entry in entries:
-            ledger.record(name, entry)
-    data = ledger.to_dict()
-    if client_level is not ...:
-        data["client_level"] = client_level
-    (run.path / LEDGER).write_text(json.dumps(data))
+    PrivacyLedger("prv", dp_enabled, {name: [LedgerEntry.from_dict(e, "prv") for e in entries]
+                                      for name, entries in clients.items()},
+                  None if client_level is ... else client_level).save(run.path)
     return run.path
 
 

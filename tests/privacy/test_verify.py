@@ -3,8 +3,6 @@ and each violation names the client, round and field."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
@@ -12,7 +10,7 @@ from fedtune.cli import cli
 from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
 from fedtune.privacy.accountant import epsilon, other
 from fedtune.privacy.client_level import ClientLevelAccount
-from fedtune.privacy.ledger import LEDGER, PrivacyLedger
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.privacy.verify import verify_run
 from fedtune.server.run_dir import RunDirectory
 
@@ -35,8 +33,9 @@ def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), 
     cfg = FedtuneConfig(rounds=3, clients=len(clients), train=TrainConfig(batch_size=BATCH),
                         dp=DPConfig(delta=DELTA, epsilon_budget=budget))
     path = RunDirectory.create(tmp_path / "run", cfg).path
-    ledger = PrivacyLedger("prv", True, {name: rows for name, rows in clients.items()}, client_level)
-    (path / LEDGER).write_text(json.dumps(ledger.to_dict()))
+    ledger = PrivacyLedger("prv", True, {name: [LedgerEntry.from_dict(row, "prv") for row in rows]
+                                         for name, rows in clients.items()}, client_level)
+    ledger.save(path)
     return path
 
 

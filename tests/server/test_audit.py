@@ -17,19 +17,28 @@ from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
 from fedtune.models.evaluate import evaluate, example_losses
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.privacy.report import build_report, render_markdown
 from fedtune.server.audit import audit_record, run_audit, theoretical_epsilon
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 
 
 def ledger(dp_enabled=True, **epsilons) -> PrivacyLedger:
-    book = PrivacyLedger("prv", dp_enabled)
-    for name, values in epsilons.items():
-        for round_, eps in enumerate(values, start=1):
-            book.record(name, {"round": round_, "status": "trained", "noise_multiplier": 1.0, "max_grad_norm": 1.0,
-                               "sample_rate": 0.25, "steps": 4, "delta": 1e-5, "epsilon": eps, "epsilon_rdp": eps})
-    return book
+    """Each named institution trained a round per ε given (None: unbounded)."""
+    return PrivacyLedger("prv", dp_enabled, {name: [
+        LedgerEntry(round_, "trained", "prv", noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=4,
+                    delta=1e-5, epsilon=_eps(eps), epsilon_other=_eps(eps))
+        for round_, eps in enumerate(values, start=1)] for name, values in epsilons.items()})
+
+
+def _eps(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def commit(run: RunDirectory, arrays: dict, book: PrivacyLedger) -> None:
+    """Round 1 committed, its spending in the ledger (the round loop saves it before committing)."""
+    book.save(run.path)
+    run.commit(Checkpoint(1, arrays, [], book.to_dict()))
 
 
 def test_theoretical_epsilon_is_the_largest_any_institution_spent():
@@ -51,7 +60,7 @@ def test_run_audit_scores_every_canary_with_the_last_checkpoint(tmp_path, tiny_m
     run = RunDirectory.create(tmp_path / "run", cfg)
     with torch.no_grad():  # a final adapter that differs from the model's current weights
         arrays = {name: value + 0.01 for name, value in trainable_state(tiny_model).items()}
-    run.commit(Checkpoint(1, arrays, [], ledger(a=[1.5], b=[3.25]).to_dict()))
+    commit(run, arrays, ledger(a=[1.5], b=[3.25]))
     record = run_audit(run, confidence=0.9)
     assert json.loads((run.path / AUDIT_FILE).read_text()) == record
     assert (record["canaries"], record["epsilon_theoretical"], record["confidence"]) == (12, 3.25, 0.9)
@@ -75,7 +84,7 @@ def test_run_audit_scores_every_canary_with_the_last_checkpoint(tmp_path, tiny_m
 
 def test_run_without_canaries_cannot_be_audited(tmp_path):
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig(data=DataConfig(demo_examples=60)))
-    run.commit(Checkpoint(1, {}, [], ledger(a=[1.0]).to_dict()))
+    commit(run, {}, ledger(a=[1.0]))
     with pytest.raises(Exception, match="no canaries"):
         run_audit(run, 0.95)
 
@@ -92,7 +101,7 @@ def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_p
     assert audit_record(_result(1.2), 1.0, cfg, 3)["consistent"] is False
     assert audit_record(_result(5.0), math.inf, cfg, 3)["epsilon_theoretical"] == "inf"
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig(dp=DPConfig()))
-    run.commit(Checkpoint(1, {}, [], ledger(a=[1.0]).to_dict()))
+    commit(run, {}, ledger(a=[1.0]))
     (run.path / AUDIT_FILE).write_text(json.dumps(audit_record(_result(1.2), 1.0, cfg, 1)))
     text = " ".join(render_markdown(build_report(run.path)).split())
     assert "is above the theoretical ε = 1.00: this signals a bug" in text

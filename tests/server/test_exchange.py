@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from rich.progress import Progress
 
 from fedtune import constants as k
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.server.rounds import NO_REPLY, NOT_SENT, exchange, record_privacy
 
 pytestmark = pytest.mark.usefixtures("in_flower_run")
@@ -128,7 +128,7 @@ def test_an_error_the_superlink_makes_is_attributed_to_the_node_it_is_about():
     assert [(r.metadata.src_node_id, r.error.reason, r.error.code) for r in failed] == [(3, "Node Unavailable", 5)]
     ledger = PrivacyLedger("prv", True)
     record_privacy(ledger, 1, replies, {3: "clinic-3"})
-    assert ledger.clients["clinic-3"] == [{"round": 1, "status": "failed", "reason": "Node Unavailable"}]
+    assert ledger.clients["clinic-3"] == (LedgerEntry(1, k.STATUS_FAILED, "prv", reason="Node Unavailable"),)
     assert "node-1" not in ledger.clients
 
 
@@ -137,12 +137,12 @@ def test_failures_are_in_the_ledger_and_join_the_client_once_its_name_is_known()
     with Progress(disable=True) as progress:
         round1 = exchange(FakeGrid(answering={1}), instructions([1, 7]), "train", progress, timeout_s=0.2)
         record_privacy(ledger, 1, round1, names)
-        assert ledger.clients["node-7"] == [{"round": 1, "status": k.STATUS_FAILED, "reason": NO_REPLY}]
+        assert ledger.clients["node-7"] == (LedgerEntry(1, k.STATUS_FAILED, "prv", reason=NO_REPLY),)
         round2 = exchange(FakeGrid(answering={1, 7}), instructions([1, 7]), "train", progress, timeout_s=5)
         record_privacy(ledger, 2, round2, names)
     assert "node-7" not in ledger.clients
-    assert [(e["round"], e["status"]) for e in ledger.clients["clinic-7"]] == [(1, "failed"), (2, "trained")]
-    assert [(e["round"], e["status"]) for e in ledger.clients["clinic-1"]] == [(1, "trained"), (2, "trained")]
+    assert [(e.round, e.status) for e in ledger.clients["clinic-7"]] == [(1, "failed"), (2, "trained")]
+    assert [(e.round, e.status) for e in ledger.clients["clinic-1"]] == [(1, "trained"), (2, "trained")]
 
 
 def test_a_refused_update_is_left_out_but_its_spent_epsilon_stays_in_the_ledger():
@@ -174,7 +174,7 @@ def test_a_refused_update_is_left_out_but_its_spent_epsilon_stays_in_the_ledger(
     ledger = PrivacyLedger("prv", True)
     record_privacy(ledger, 1, checked, {}, refused)
     (entry,) = ledger.clients["clinic-2"]
-    assert (entry["status"], entry["epsilon"], entry["steps"]) == ("rejected", 1.5, 2)
-    assert entry["reason"].startswith("update rejected: w has NaN")
-    assert [e["status"] for e in ledger.clients["node-3"]] == ["failed"]
+    assert (entry.status, entry.epsilon, entry.steps) == ("rejected", 1.5, 2)
+    assert entry.reason.startswith("update rejected: w has NaN")
+    assert [e.status for e in ledger.clients["node-3"]] == ["failed"]
     assert ledger.epsilon_max() == 1.5

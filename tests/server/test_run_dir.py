@@ -5,22 +5,27 @@ import json
 import pytest
 import torch
 
+from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 
 
+def _trained(round_: int, eps: float) -> LedgerEntry:
+    return LedgerEntry(round_, "trained", "prv", num_examples=64, noise_multiplier=1.0, max_grad_norm=1.0,
+                       sample_rate=0.25, steps=4, delta=1e-5, epsilon=eps, epsilon_other=eps * 1.1)
+
+
 def _checkpoint(round_: int, eps: float) -> Checkpoint:
-    ledger = PrivacyLedger("prv", True)
-    for r in range(1, round_ + 1):
-        ledger.record("client-0000", {"round": r, "status": "trained", "epsilon": eps * r})
+    ledger = PrivacyLedger("prv", True, {"client-0000": [_trained(r, eps * r) for r in range(1, round_ + 1)]})
     rows = [{"round": r, "eval_accuracy": 0.1 * r} for r in range(round_ + 1)]
     return Checkpoint(round_, {"w": torch.full((2,), float(round_))}, rows, ledger.to_dict(), {7: "client-0000"})
 
 
-def test_commit_writes_checkpoint_and_views(tmp_path):
+def test_commit_writes_checkpoint_and_views_but_leaves_the_ledger_to_its_owner(tmp_path):
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    PrivacyLedger.from_dict(_checkpoint(2, 0.5).ledger).save(run.path)  # the round loop's save, before committing
     run.commit(_checkpoint(1, 0.5))
     run.commit(_checkpoint(2, 0.5))
     latest = run.latest_checkpoint()
@@ -52,13 +57,14 @@ def test_refuses_to_reuse_a_non_empty_directory_or_resume_a_foreign_one(tmp_path
 
 def test_ledger_epsilon_max_and_non_finite_values():
     ledger = PrivacyLedger("rdp", True)
-    ledger.record("a", {"round": 1, "epsilon": 1.5})
-    ledger.record("b", {"round": 1, "epsilon": 2.5})
-    ledger.record("b", {"round": 2, "status": "failed"})
+    ledger.record_round("a", 1, "trained", _metrics(1.5))
+    ledger.record_round("b", 1, "trained", _metrics(2.5))
+    ledger.record_failure("b", 2, "worker died")
     assert ledger.epsilon_max() == 2.5
     off = PrivacyLedger("rdp", False)
-    off.record("a", {"round": 1, "epsilon": float("inf")})
-    assert off.epsilon_max() is None and off.clients["a"][0]["epsilon"] is None
+    off.record_round("a", 1, "trained", _metrics(float("inf")))
+    assert off.epsilon_max() is None and off.clients["a"][0].epsilon == float("inf")
+    assert off.to_dict()["clients"]["a"][0]["epsilon"] is None, "an unbounded ε is null on disk"
 
 
 def test_spending_reported_by_an_unfinished_round_survives_resume(tmp_path):
@@ -66,13 +72,20 @@ def test_spending_reported_by_an_unfinished_round_survives_resume(tmp_path):
     committed = _checkpoint(1, 0.5)
     run.commit(committed)
     pending = PrivacyLedger.from_dict(committed.ledger)
-    pending.record("client-0000", {"round": 2, "status": "trained", "epsilon": 1.0})
-    run.write_ledger(pending)  # round 2 reported, then the server died before committing it
+    pending.record_round("client-0000", 2, "trained", _metrics(1.0))
+    pending.save(run.path)  # round 2 reported, then the server died before committing it
     ledger = run.ledger_to_resume(run.latest_checkpoint())
     entries = ledger.clients["client-0000"]
-    assert [(e["round"], e.get("interrupted", False)) for e in entries] == [(1, False), (2, True)]
+    assert [(e.round, e.interrupted) for e in entries] == [(1, False), (2, True)]
+    assert ledger.spent("client-0000") == [(1.0, 0.25, 4), (1.0, 0.25, 4)], "the interrupted round's steps count"
     assert ledger.epsilon_max() == 1.0, "the retried round starts from the budget already spent"
-    assert run.ledger_to_resume(_checkpoint(2, 0.5)).clients["client-0000"][-1].get("interrupted") is None
+    assert not run.ledger_to_resume(_checkpoint(2, 0.5)).clients["client-0000"][-1].interrupted
+
+
+def _metrics(eps: float) -> dict:
+    """A client's reply metrics (client/app.py's _report) with cumulative ε `eps`."""
+    return {k.NUM_EXAMPLES: 64, k.NOISE_MULTIPLIER: 1.0, k.MAX_GRAD_NORM: 1.0, k.SAMPLE_RATE: 0.25, k.STEPS: 4,
+            k.DELTA: 1e-5, k.EPSILON: eps, k.EPSILON_OTHER: eps * 1.1}
 
 
 def test_every_json_file_is_strict_json(tmp_path):
