@@ -421,6 +421,14 @@ class DataConfig:
         _check(1 <= self.canary_repeats <= 1000, "data.canary_repeats", "use 1 to 1000 copies.")
 
 
+# What a client trains by: its model, adapter, local training, DP-SGD and data (to rebuild its
+# partition) sections, the seed, and what rounds_per_client() needs (a target ε is spent over the
+# rounds a client is expected to train in). Aggregation, timeouts and the run directory stay on
+# the server; a client rebuilding its config gets their defaults, which it never reads.
+CLIENT_SECTIONS = ("model", "lora", "train", "dp", "data")
+CLIENT_KEYS = ("seed", "rounds", "clients", "strategy.clients_per_round", "strategy.fraction_train")
+
+
 @dataclass(frozen=True)
 class FedtuneConfig:
     rounds: int = field(default=3, metadata={"help": "Federated rounds."})
@@ -553,6 +561,11 @@ class FedtuneConfig:
                     if isinstance(value, tuple):
                         section[key] = list(value)
         return out
+
+    def client_flat(self) -> dict[str, Scalar | list[str]]:
+        """The part of to_flat() that the server sends its clients with every message (CLIENT_KEYS)."""
+        return {key: value for key, value in self.to_flat().items()
+                if key in CLIENT_KEYS or key.split(".", 1)[0] in CLIENT_SECTIONS}
 
     def to_flat(self) -> dict[str, Scalar | list[str]]:
         """Dotted keys, as in Flower's run_config and the ConfigRecord sent to clients."""

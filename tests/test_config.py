@@ -75,3 +75,15 @@ def test_inf_means_no_limit_only_where_documented_and_absurd_server_steps_are_re
         FedtuneConfig().with_overrides({"strategy.name": "fedadam", "strategy.server_learning_rate": 1e308})
     with pytest.raises(ConfigError, match="finite"):
         FedtuneConfig.from_nested({"dp": {"noise_multiplier": math.inf}}, source="run.toml")
+
+
+def test_clients_are_sent_only_what_they_train_by_and_rebuild_it_exactly():
+    cfg = FedtuneConfig().with_overrides({"rounds": 7, "clients": 12, "strategy.clients_per_round": 4,
+                                          "strategy.name": "fedadam", "round_timeout_s": 90.0, "out": "/srv/run",
+                                          "dp.target_epsilon": 8.0, "lora.r": 8, "data.demo_examples": 300})
+    sent = cfg.client_flat()
+    assert not {"strategy.name", "round_timeout_s", "out", "num_cpus_per_client"} & set(sent)
+    rebuilt = FedtuneConfig.from_flat(sent)
+    assert (rebuilt.model, rebuilt.lora, rebuilt.train, rebuilt.dp, rebuilt.data, rebuilt.seed) == (
+        cfg.model, cfg.lora, cfg.train, cfg.dp, cfg.data, cfg.seed)
+    assert rebuilt.rounds_per_client() == cfg.rounds_per_client() == 3  # a target ε is spent over these

@@ -14,6 +14,8 @@ import dataclasses
 import os
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -46,14 +48,22 @@ from fedtune.tasks import get_task
 from fedtune.tasks.base import Scores
 
 app = ClientApp()
-RECIPE_KEYS = frozenset(FedtuneConfig().to_flat())  # the run-config keys among a message's config
+RECIPE_KEYS = frozenset(FedtuneConfig().client_flat())  # the run-config keys among a message's config
 
 
 def recipe(message: Message) -> tuple[FedtuneConfig, ConfigRecord]:
-    """The run config the server sent, and the full incoming ConfigRecord."""
+    """The run config the server sent (FedtuneConfig.client_flat), and the full incoming ConfigRecord."""
     record = message.content[k.CONFIG]
-    flat = {key: value for key, value in record.items() if key in RECIPE_KEYS}
-    return FedtuneConfig.from_flat(flat, source="server message"), record
+    sent = tuple(sorted((key, tuple(value) if isinstance(value, list) else value)
+                        for key, value in record.items() if key in RECIPE_KEYS))
+    return _parsed(sent), record
+
+
+@lru_cache(maxsize=64)
+def _parsed(sent: tuple[tuple[str, Any], ...]) -> FedtuneConfig:
+    """Parsed and validated once per worker and distinct recipe, not on every message."""
+    return FedtuneConfig.from_flat({key: list(value) if isinstance(value, tuple) else value for key, value in sent},
+                                   source="server message")
 
 
 def client_name(context: Context) -> str:

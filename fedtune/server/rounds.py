@@ -43,8 +43,7 @@ from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
 from fedtune.server.validate import Schedule, bounded_weights, reject_malformed, reported_spending
-from fedtune.strategies.client_dp import client_level_entry, restore_client_level
-from fedtune.strategies.server_opt import optimizer_state, restore_optimizer_state
+from fedtune.strategies.wrapper import load_state_dict, state_dict
 from fedtune.tasks.base import Scores
 
 PULL_INTERVAL_S = 0.1
@@ -217,92 +216,153 @@ def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
                       options=model_options(inputs.cfg))
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How this run's messages travel, chosen once per run: through SecAgg+ for training when
+    dp.secagg is on (server/secagg.py needs every participant's message at once), otherwise pushed
+    and pulled by `exchange`, with at most `max_in_flight` in flight (in_flight_limit)."""
+
+    grid: Grid
+    progress: Progress
+    timeout_s: float | None
+    stop: threading.Event
+    secure: bool
+    max_in_flight: int | None
+
+    @classmethod
+    def of(cls, grid: Grid, inputs: RoundInputs, progress: Progress) -> Transport:
+        return cls(grid, progress, inputs.timeout_s, inputs.stop, inputs.cfg.dp.secagg, in_flight_limit(grid))
+
+    def send(self, messages: Iterable[Message], label: str) -> list[Message]:
+        return exchange(self.grid, messages, label, self.progress, self.timeout_s, self.max_in_flight, self.stop)
+
+    def train(self, messages: list[Message], label: str) -> list[Message]:
+        if self.secure:
+            return secure_exchange(self.grid, messages, label, self.progress, self.timeout_s)
+        return self.send(messages, label)
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What a round's training phase leaves for aggregation and the round's row."""
+
+    messages: list[Message]  # the train messages sent
+    replies: list[Message]  # one per message: an answer, or an error reply naming why not
+    trained: list[Message]  # the answers that carry an update
+
+
 def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Checkpoint) -> Checkpoint:
     """Run rounds start.round+1 .. cfg.rounds, committing each; returns the last checkpoint."""
-    cfg, state = inputs.cfg, start
-    arrays = ArrayRecord(torch_state_dict=start.arrays)
+    state = start
     ledger = inputs.run.ledger_to_resume(start)
-    restore_client_level(strategy, ledger.client_level)  # releases so far and the adaptive clipping norm
-    restore_optimizer_state(strategy, start.optimizer_state)  # FedAdam/FedYogi moments, FedAvgM momentum
+    # Server optimizer moments from the checkpoint; client-level DP's releases so far and adaptive
+    # clipping norm from the ledger (strategies/wrapper.py: each layer takes its own part).
+    load_state_dict(strategy, {"server_optimizer": start.optimizer_state, "client_level": ledger.client_level})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[eps]}"))
     # Live bars only on a terminal: in CI and other logs, the one line per round below is enough.
     with Progress(*columns, console=inputs.console, transient=True, disable=not inputs.console.is_terminal) as progress:
-        for round_ in range(start.round + 1, cfg.rounds + 1):
-            round_started = time.monotonic()
-            learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
-            config = ConfigRecord({**cfg.to_flat(), k.CLIENT_STATE_DIR: str(inputs.run.client_state_dir.resolve()),
-                                   k.LEARNING_RATE: learning_rate})
-            registry = Registry.of(grid)  # who each node is registered as (deployment; nobody in simulation)
-            messages = _without_unidentified(registry, list(strategy.configure_train(round_, arrays, config, grid)),
-                                             ledger, state.node_keys, round_, inputs.console)
-            if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
-                identify(grid, unknown, state.node_names, progress, inputs.timeout_s, exchange)
-            _stop_here(inputs, round_)
-            with_recorded_spending(messages, ledger, state.node_names)  # a client that lost its state refuses
-            label = f"round {round_}/{cfg.rounds} train"
-            if cfg.dp.secagg and len(messages) == 1:
-                # A Poisson cohort of one (client-level DP): SecAgg+ cannot hide a single update, so that
-                # institution is not asked; the round is a noise-only release, which depends on no one's data.
-                inputs.console.print(f"round {round_}: one institution sampled; with SecAgg+ the round releases "
-                                     "noise only", markup=False, highlight=False)
-                messages = []
-            if cfg.dp.secagg:  # SecAgg+ (server/secagg.py) needs every participant's message at once
-                replies = secure_exchange(grid, messages, label, progress, inputs.timeout_s)
-            else:
-                replies = exchange(grid, messages, label, progress, inputs.timeout_s, in_flight_limit(grid),
-                                   inputs.stop)
-            mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
-            replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
-                                                 cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
-                                                 schedule=Schedule.of(cfg, learning_rate, mu))
-            replies = _refuse_misnamed(replies, registry, messages)
-            record_privacy(ledger, round_, replies, state.node_names, refused)
-            for name in flag_lost_state(ledger, round_, cfg.dp.delta):
-                inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
-                                     "its privacy state was lost (marked state_lost in the ledger)",
-                                     markup=False, highlight=False, soft_wrap=True)
-            _track_memory(inputs.worker_peak_rss_mb, replies)
-            # The round's one ledger write (a second one below under client-level DP): the spending the
-            # clients reported is on disk before anything else can fail (too few replies, aggregation,
-            # evaluation, a crash), and a resume keeps it (RunDirectory.ledger_to_resume). Committing the
-            # round below does not write the ledger again: nothing in it changes after this point.
-            ledger.save(inputs.run.path)
-            _stop_here(inputs, round_)  # Ctrl-C: only the replies that really came are on record
-            answered = [r for r in replies if not r.has_error()]
-            _require_quorum(round_, messages, replies, cfg.strategy.min_reply_fraction)
-            _stop_if_all_refused(round_, answered)
-            trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
-            bytes_down = _mean_bytes_sent(messages) or arrays.count_bytes()
-            train_metrics = None
-            # Declined clients sent no update; the others are aggregated. Under client-level DP the
-            # noised release happens even if none trained: skipping it would reveal that none did.
-            if trained or cfg.dp.client_dp != "off":
-                arrays, train_metrics = strategy.aggregate_train(round_, bounded_weights(trained))
-                _refuse_non_finite(arrays, round_, cfg)
-                release = client_level_entry(strategy)  # None without client-level DP
-                if release is not None:
-                    ledger.record_client_level(release)
-                    # Client-level DP's second write: this noised release is on record before it is
-                    # sent anywhere (client evaluation below sends it to the clients).
-                    ledger.save(inputs.run.path)
-            train_s = time.monotonic() - round_started
-            eval_config = ConfigRecord(dict(config))
-            eval_replies = exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid),
-                                    f"round {round_}/{cfg.rounds} evaluate", progress, inputs.timeout_s,
-                                    in_flight_limit(grid), inputs.stop)
-            _stop_here(inputs, round_)
-            client_eval = strategy.aggregate_evaluate(round_, eval_replies)
-            scores = inputs.evaluate(arrays, round_)
-            row = _round_row(round_, scores, train_metrics, client_eval, ledger, trained, replies,
-                             bytes_down, train_s=train_s, round_s=time.monotonic() - round_started)
-            row["learning_rate"] = learning_rate
-            state = dataclasses.replace(state, round=round_, arrays=dict(arrays.to_torch_state_dict()),
-                                        metrics=[*state.metrics, row], ledger=ledger.to_dict(),
-                                        optimizer_state=optimizer_state(strategy))
-            inputs.run.commit(state)
-            inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
+        transport = Transport.of(grid, inputs, progress)
+        for round_ in range(start.round + 1, inputs.cfg.rounds + 1):
+            state = _round(round_, transport, strategy, inputs, state, ledger)
     return state
+
+
+def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundInputs, state: Checkpoint,
+           ledger: PrivacyLedger) -> Checkpoint:
+    """One round, from the train messages to its commit; returns the committed checkpoint."""
+    cfg, started = inputs.cfg, time.monotonic()
+    arrays = ArrayRecord(torch_state_dict=state.arrays)
+    learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
+    config = ConfigRecord({**client_config(cfg, inputs.run, transport.grid), k.LEARNING_RATE: learning_rate})
+    phase = _train(round_, transport, strategy, inputs, state, ledger, arrays, config)
+    bytes_down = _mean_bytes_sent(phase.messages) or arrays.count_bytes()
+    arrays, train_metrics = _aggregate(round_, strategy, inputs, ledger, arrays, phase.trained)
+    train_s = time.monotonic() - started
+    eval_replies = transport.send(strategy.configure_evaluate(round_, arrays, ConfigRecord(dict(config)),
+                                                              transport.grid), f"round {round_}/{cfg.rounds} evaluate")
+    _stop_here(inputs, round_)
+    client_eval = strategy.aggregate_evaluate(round_, eval_replies)
+    scores = inputs.evaluate(arrays, round_)
+    row = _round_row(round_, scores, train_metrics, client_eval, ledger, phase.trained, phase.replies,
+                     bytes_down, train_s=train_s, round_s=time.monotonic() - started)
+    row["learning_rate"] = learning_rate
+    state = dataclasses.replace(state, round=round_, arrays=dict(arrays.to_torch_state_dict()),
+                                metrics=[*state.metrics, row], ledger=ledger.to_dict(),
+                                optimizer_state=state_dict(strategy).get("server_optimizer", {}))
+    inputs.run.commit(state)
+    inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
+    return state
+
+
+def client_config(cfg: FedtuneConfig, run: RunDirectory, grid: Grid) -> dict[str, Any]:
+    """What each train and evaluate message tells the clients: the options they train by
+    (FedtuneConfig.client_flat), and in simulation where the clients keep their state (in the run
+    directory; a deployed institution names its own in its node config)."""
+    flat: dict[str, Any] = cfg.client_flat()
+    if isinstance(grid, InMemoryGrid):
+        flat[k.CLIENT_STATE_DIR] = str(run.client_state_dir.resolve())
+    return flat
+
+
+def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundInputs, state: Checkpoint,
+           ledger: PrivacyLedger, arrays: ArrayRecord, config: ConfigRecord) -> _Trained:
+    """Send the round's train messages, check and record every reply, and save the ledger."""
+    cfg, grid = inputs.cfg, transport.grid
+    registry = Registry.of(grid)  # who each node is registered as (deployment; nobody in simulation)
+    messages = _without_unidentified(registry, list(strategy.configure_train(round_, arrays, config, grid)),
+                                     ledger, state.node_keys, round_, inputs.console)
+    if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
+        identify(unknown, state.node_names, transport.send)
+    _stop_here(inputs, round_)
+    with_recorded_spending(messages, ledger, state.node_names)  # a client that lost its state refuses
+    if cfg.dp.secagg and len(messages) == 1:
+        # A Poisson cohort of one (client-level DP): SecAgg+ cannot hide a single update, so that
+        # institution is not asked; the round is a noise-only release, which depends on no one's data.
+        inputs.console.print(f"round {round_}: one institution sampled; with SecAgg+ the round releases "
+                             "noise only", markup=False, highlight=False)
+        messages = []
+    replies = transport.train(messages, f"round {round_}/{cfg.rounds} train")
+    mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
+    replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
+                                         cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
+                                         schedule=Schedule.of(cfg, float(config[k.LEARNING_RATE]), mu))
+    replies = _refuse_misnamed(replies, registry, messages)
+    record_privacy(ledger, round_, replies, state.node_names, refused)
+    for name in flag_lost_state(ledger, round_, cfg.dp.delta):
+        inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
+                             "its privacy state was lost (marked state_lost in the ledger)",
+                             markup=False, highlight=False, soft_wrap=True)
+    _track_memory(inputs.worker_peak_rss_mb, replies)
+    # The round's one ledger write (a second one in _aggregate under client-level DP): the spending the
+    # clients reported is on disk before anything else can fail (too few replies, aggregation,
+    # evaluation, a crash), and a resume keeps it (RunDirectory.ledger_to_resume). Committing the
+    # round does not write the ledger again: nothing in it changes after this point.
+    ledger.save(inputs.run.path)
+    _stop_here(inputs, round_)  # Ctrl-C: only the replies that really came are on record
+    answered = [r for r in replies if not r.has_error()]
+    _require_quorum(round_, messages, replies, cfg.strategy.min_reply_fraction)
+    _stop_if_all_refused(round_, answered)
+    trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
+    return _Trained(messages, replies, trained)
+
+
+def _aggregate(round_: int, strategy: Strategy, inputs: RoundInputs, ledger: PrivacyLedger, arrays: ArrayRecord,
+               trained: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+    """The new global arrays (unchanged when no one trained) and the training metrics. Declined
+    clients sent no update. Under client-level DP the noised release happens even if none trained:
+    skipping it would reveal that none did."""
+    if not trained and inputs.cfg.dp.client_dp == "off":
+        return arrays, None
+    arrays, metrics = strategy.aggregate_train(round_, bounded_weights(trained))
+    _refuse_non_finite(arrays, round_, inputs.cfg)
+    release = state_dict(strategy).get("client_level")  # None without client-level DP
+    if release is not None:
+        ledger.record_client_level(release)
+        # Client-level DP's second write: this noised release is on record before it is sent
+        # anywhere (client evaluation sends it to the clients).
+        ledger.save(inputs.run.path)
+    return arrays, metrics
 
 
 def _without_unidentified(registry: Registry, messages: list[Message], ledger: PrivacyLedger,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from rich.progress import Progress
 
 from fedtune import constants as k
 from fedtune.privacy.accountant import epsilon, merged
@@ -39,12 +39,12 @@ def unnamed(grid: Grid, messages: list[Message], node_names: dict[int, str], led
     return unknown if set(ledger.clients) - placed else []
 
 
-def identify(grid: Grid, nodes: list[int], node_names: dict[int, str], progress: Progress,
-             timeout_s: float | None, exchange) -> None:
-    """Ask `nodes` their client names (`exchange` is the round loop's send-and-collect); a node
-    that does not answer stays unnamed and trains without a ledger record to compare with."""
+def identify(nodes: list[int], node_names: dict[int, str],
+             send: Callable[[list[Message], str], list[Message]]) -> None:
+    """Ask `nodes` their client names (`send` is the round loop's send-and-collect, Transport.send);
+    a node that does not answer stays unnamed and trains without a ledger record to compare with."""
     queries = [Message(RecordDict(), dst_node_id=node, message_type=k.IDENTIFY) for node in nodes]
-    for reply in exchange(grid, queries, "identify", progress, timeout_s):
+    for reply in send(queries, "identify"):
         info = None if reply.has_error() else reply.content.get(k.CLIENT_INFO)
         name = info.get(k.CLIENT_NAME) if isinstance(info, ConfigRecord) else None
         if isinstance(name, str) and name.strip():

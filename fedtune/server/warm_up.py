@@ -30,7 +30,7 @@ def start_warm_up(grid: Grid, cfg: FedtuneConfig, workers: int) -> set[str]:
     while len(nodes := grid.get_node_ids()) < wanted and time.monotonic() < deadline:
         time.sleep(POLL_S)  # the simulated SuperNodes register as the ServerApp starts
     nodes = sorted(nodes)[:workers]
-    messages = [Message(RecordDict({k.CONFIG: ConfigRecord(cfg.to_flat())}), dst_node_id=node,
+    messages = [Message(RecordDict({k.CONFIG: ConfigRecord(cfg.client_flat())}), dst_node_id=node,
                         message_type=k.WARM_UP) for node in nodes]
     return set(filter(None, grid.push_messages(messages)))
 

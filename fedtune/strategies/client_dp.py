@@ -86,7 +86,10 @@ class ZeroFilledMean(StrategyWrapper):
 
 
 class _ClientLevel:
-    """Counts noised releases and describes them for the ledger. Mixed into Flower's wrappers."""
+    """Counts noised releases and describes them for the ledger. Mixed into Flower's wrappers.
+    Its state (strategies/wrapper.py) is the ledger's `client_level` entry."""
+
+    STATE_KEY = "client_level"
 
     clipping: str
     side: str
@@ -113,7 +116,10 @@ class _ClientLevel:
         return ClientLevelAccount(self.clipping, self.side, self.accounted_noise_multiplier(),  # type: ignore[arg-type]
                                   float(self.clipping_norm), self.sample_rate, self.releases, self.delta)
 
-    def restore(self, entry: dict[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return self.account().to_dict()
+
+    def load_state_dict(self, entry: dict[str, Any]) -> None:
         """Continue from a ledger's `client_level` entry; refuse one written under other settings."""
         mine = self.account().to_dict()
         changed = [key for key in ("clipping", "side", "noise_multiplier", "sample_rate", "delta")
@@ -211,14 +217,3 @@ def with_client_dp(strategy: FedAvg, cfg: FedtuneConfig) -> Strategy:
     z_in, count_noise = adaptive_noise_inputs(dp.client_noise_multiplier, m)
     return wrapper(inner, z_in, m, initial_clipping_norm=dp.client_clipping_norm,
                    clipped_count_stddev=count_noise, **accounting)
-
-
-def client_level_entry(strategy: Strategy) -> dict[str, Any] | None:
-    """The ledger's `client_level` entry for `strategy`; None without client-level DP."""
-    return strategy.account().to_dict() if isinstance(strategy, _ClientLevel) else None
-
-
-def restore_client_level(strategy: Strategy, entry: dict[str, Any] | None) -> None:
-    """On resume: continue counting releases (and the adaptive norm) from the ledger."""
-    if entry is not None and isinstance(strategy, _ClientLevel):
-        strategy.restore(entry)

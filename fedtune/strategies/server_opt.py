@@ -13,7 +13,7 @@ What fedtune adds around it:
    numpy float64), which would double every later message and fail the check that a client's
    tensors have the global ones' dtype (server/validate.py).
 2. The optimizer's state (m and v, or the momentum b) is saved in every round's checkpoint and
-   restored on `--resume` (`optimizer_state` / `restore_optimizer_state`), so a resumed run
+   restored on `--resume` (`state_dict` / `load_state_dict`), so a resumed run
    continues the same optimizer instead of restarting its moments from zero.
 3. FedAvgM steps from the arrays sent in the round it aggregates. Flower's takes them from the first
    configure_train only and afterwards assumes that its own last output is what went out.
@@ -31,7 +31,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
 from flwr.serverapp.strategy import FedYogi as FlowerFedYogi
-from flwr.serverapp.strategy import Strategy
 
 from fedtune.errors import FedtuneError
 
@@ -43,6 +42,7 @@ class _Resumable:
     first step)."""
 
     STATE: tuple[str, ...] = ()
+    STATE_KEY = "server_optimizer"  # its part of the strategy's state (strategies/wrapper.py)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -117,28 +117,3 @@ def build_server_optimizer(name: str, common: dict[str, Any], learning_rate: flo
     adaptive = FedAdam if name == "fedadam" else FedYogi
     # eta_l is Flower's record of the clients' learning rate; FedOpt never uses it.
     return adaptive(eta=learning_rate, beta_1=beta_1, beta_2=beta_2, tau=tau, **common)
-
-
-def _innermost_optimizer(strategy: Strategy) -> _Resumable | None:
-    """The server optimizer at the bottom of a stack of wrappers (each holds `.strategy`), if any."""
-    while not isinstance(strategy, _Resumable):
-        strategy = getattr(strategy, "strategy", None)
-        if strategy is None:
-            return None
-    return strategy
-
-
-def optimizer_state(strategy: Strategy) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of the strategy's server optimizer; empty without one."""
-    optimizer = _innermost_optimizer(strategy)
-    return optimizer.state_dict() if optimizer is not None else {}
-
-
-def restore_optimizer_state(strategy: Strategy, state: dict[str, torch.Tensor]) -> None:
-    """On resume: continue the server optimizer from the checkpoint's state."""
-    optimizer = _innermost_optimizer(strategy)
-    if optimizer is None and state:
-        raise FedtuneError("The checkpoint holds a server optimizer's state but the run's strategy has none; "
-                           "resume the run with its own config.")
-    if optimizer is not None:
-        optimizer.load_state_dict(state)

@@ -24,9 +24,8 @@ from fedtune.strategies.client_dp import (
     ClientSideFixed,
     ServerSideAdaptive,
     ServerSideFixed,
-    client_level_entry,
-    restore_client_level,
 )
+from fedtune.strategies.wrapper import load_state_dict, state_dict
 
 SIZE = 4000  # elements in the big array: enough to measure a noise std to a few percent
 
@@ -90,7 +89,7 @@ def test_client_level_delta_must_be_below_one_over_the_number_of_clients():
 def test_off_is_plain_fedavg_and_has_no_ledger_entry():
     strategy = build_strategy(FedtuneConfig())
     assert type(strategy).__name__ == "FedAvg"
-    assert client_level_entry(strategy) is None
+    assert "client_level" not in state_dict(strategy)
 
 
 @pytest.mark.parametrize("clipping, side, cls", [
@@ -220,22 +219,23 @@ def test_ledger_entry_has_the_agreed_shape_and_resumes():
     strategy = build_strategy(cfg_for(z=1.1, c=0.8, clients=10, fraction=0.3))
     configure(strategy, g, nodes=10)
     strategy.aggregate_train(1, [reply(g, update_of_norm(1.0, 0))])
-    entry = client_level_entry(strategy)
+    entry = state_dict(strategy)["client_level"]
     assert entry == {"clipping": "fixed", "side": "server", "noise_multiplier": 1.1, "clipping_norm": 0.8,
                      "sample_rate": 0.3, "rounds": 1, "delta": 1e-5,
                      "epsilon": pytest.approx(client_level_epsilon(1.1, 0.3, 1, 1e-5)), "accountant": "rdp",
                      "sampling": "poisson"}
     fresh = build_strategy(cfg_for(z=1.1, c=0.8, clients=10, fraction=0.3))
-    restore_client_level(fresh, {**entry, "rounds": 7})
+    load_state_dict(fresh, {"client_level": {**entry, "rounds": 7}})
     assert fresh.releases == 7
     with pytest.raises(FedtuneError, match="noise_multiplier"):
-        restore_client_level(build_strategy(cfg_for(z=2.0, c=0.8, clients=10, fraction=0.3)), entry)
+        load_state_dict(build_strategy(cfg_for(z=2.0, c=0.8, clients=10, fraction=0.3)), {"client_level": entry})
 
 
 def test_adaptive_resume_continues_from_the_ledgers_norm():
     strategy = build_strategy(cfg_for("adaptive", z=1.0, c=1.0))
-    restore_client_level(strategy, {**client_level_entry(strategy), "clipping_norm": 0.25, "rounds": 3})
-    assert strategy.clipping_norm == 0.25 and client_level_entry(strategy)["clipping_norm"] == 0.25
+    load_state_dict(strategy, {"client_level": {**state_dict(strategy)["client_level"], "clipping_norm": 0.25,
+                                                "rounds": 3}})
+    assert strategy.clipping_norm == 0.25 and state_dict(strategy)["client_level"]["clipping_norm"] == 0.25
 
 
 # ---- the client mod -------------------------------------------------------------------------------------
@@ -291,3 +291,18 @@ def test_mod_passes_a_declined_reply_through():
     declined = client_reply(msg, None, g)
     out = client_clipping_mod(msg, context(), lambda m, c: declined)
     assert out is declined and not out.has_error()
+
+
+def test_the_client_level_state_is_found_under_any_outer_wrapper():
+    """The round loop asks the whole stack once (strategies/wrapper.py); an outer wrapper (say a
+    LoRA-aware one) must not hide the client-level layer, or its releases would go unrecorded."""
+    from fedtune.strategies.wrapper import StrategyWrapper
+
+    g = global_arrays()
+    inner = build_strategy(cfg_for(z=1.1, c=0.8, clients=10, fraction=0.3))
+    outer = StrategyWrapper(inner)
+    configure(outer, g, nodes=10)
+    outer.aggregate_train(1, [reply(g, update_of_norm(1.0, 0))])
+    assert state_dict(outer)["client_level"]["rounds"] == 1
+    load_state_dict(outer, {"client_level": {**state_dict(outer)["client_level"], "rounds": 4}})
+    assert inner.releases == 4

@@ -17,7 +17,8 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.strategies.build import build_strategy
-from fedtune.strategies.server_opt import FedAdam, FedAvgM, FedYogi, optimizer_state, restore_optimizer_state
+from fedtune.strategies.server_opt import FedAdam, FedAvgM, FedYogi
+from fedtune.strategies.wrapper import load_state_dict, state_dict
 
 pytestmark = pytest.mark.usefixtures("flower_run")
 
@@ -115,13 +116,13 @@ def test_state_survives_a_checkpoint_and_resume_continues_the_same_optimizer(mak
     x1 = first.aggregate_train(1, [reply(v, n) for v, n in ROUND_1])[0]
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
     run.commit(Checkpoint(1, dict(x1.to_torch_state_dict()), ledger=PrivacyLedger("prv", False).to_dict(),
-                          optimizer_state=optimizer_state(first)))
+                          optimizer_state=state_dict(first)["server_optimizer"]))
 
     checkpoint = run.latest_checkpoint()
     assert set(checkpoint.optimizer_state) == {f"{a}/w" for a in type(first).STATE}
     for resumed, restored in ((make(), True), (make(), False)):
         if restored:
-            restore_optimizer_state(resumed, checkpoint.optimizer_state)
+            load_state_dict(resumed, {"server_optimizer": checkpoint.optimizer_state})
         x1 = checkpoint.arrays["w"].numpy()
         resumed.configure_train(2, record(list(x1)), ConfigRecord(), GRID)
         x2 = resumed.aggregate_train(2, [reply(x1 + np.array(STEP_2, dtype=np.float32))])[0]["w"].numpy()
@@ -134,10 +135,10 @@ def test_state_survives_a_checkpoint_and_resume_continues_the_same_optimizer(mak
 def test_restore_finds_the_optimizer_under_a_wrapper_and_refuses_a_foreign_state():
     cfg = FedtuneConfig().with_overrides({"strategy.name": "fedadam", "strategy.robust": "median"})
     wrapped = build_strategy(cfg)
-    restore_optimizer_state(wrapped, {"m_t/w": torch.zeros(2), "v_t/w": torch.ones(2)})
+    load_state_dict(wrapped, {"server_optimizer": {"m_t/w": torch.zeros(2), "v_t/w": torch.ones(2)}})
     np.testing.assert_array_equal(wrapped.strategy.v_t["w"], [1.0, 1.0])
     with pytest.raises(FedtuneError, match="not FedAdam's"):
-        restore_optimizer_state(wrapped, {"momentum_vector/w": torch.zeros(2)})
-    with pytest.raises(FedtuneError, match="has none"):
-        restore_optimizer_state(build_strategy(FedtuneConfig()), {"m_t/w": torch.zeros(2)})
-    assert optimizer_state(build_strategy(FedtuneConfig())) == {}
+        load_state_dict(wrapped, {"server_optimizer": {"momentum_vector/w": torch.zeros(2)}})
+    with pytest.raises(FedtuneError, match="server_optimizer.*does not use"):
+        load_state_dict(build_strategy(FedtuneConfig()), {"server_optimizer": {"m_t/w": torch.zeros(2)}})
+    assert state_dict(build_strategy(FedtuneConfig())) == {}
