@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from fedtune import __version__
 from fedtune.config import load_config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.options import AUDIT, DEPLOY, SIMULATE, config_options, explain, overrides
+
+if TYPE_CHECKING:
+    from fedtune.privacy.report import ReportData
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -43,13 +46,27 @@ def privacy_report(
 
 
 def _privacy_report(run_dir: Path) -> None:
-    from fedtune.privacy.report import REPORT_HTML, build_report, headline, write_report
+    from fedtune.privacy.report import REPORT_HTML, REPORT_MD, headline
 
-    report = build_report(run_dir)
-    path = write_report(run_dir, report)
+    report = _write_report(run_dir)
     console.print(f"Privacy report: {headline(report)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"Open {run_dir / REPORT_HTML} for the full report with the ε plot.", markup=False, soft_wrap=True)
-    print(path)
+    print(run_dir / REPORT_MD)
+
+
+def _write_report(run_dir: Path) -> ReportData:
+    """Build RUN_DIR's privacy report and write its four files, each atomically; all are rendered
+    before any is written, so a failure leaves the old report whole. Returns its numbers."""
+    from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
+    from fedtune.privacy.report import PLOT_PNG, REPORT_HTML, REPORT_JSON, REPORT_MD, build_report, report_contents
+
+    report = build_report(run_dir)
+    contents = report_contents(report)
+    write_bytes_atomic(run_dir / PLOT_PNG, contents.png)
+    write_json_atomic(run_dir / REPORT_JSON, report.to_dict())
+    write_text_atomic(run_dir / REPORT_HTML, contents.html)
+    write_text_atomic(run_dir / REPORT_MD, contents.markdown)
+    return report
 
 
 @cli.command("privacy-verify")
@@ -154,7 +171,6 @@ def audit(
 def _audit(config: Path | None, out: Path | None, resume: Path | None, confidence: float,
            overrides: dict[str, Any]) -> None:
     from fedtune.privacy.audit import AUDIT_FILE
-    from fedtune.privacy.report import write_report
     from fedtune.server.audit import run_audit
     from fedtune.server.run_dir import RunDirectory
 
@@ -172,7 +188,7 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
     target = out if resume is None else resume
     _simulate(config, out, resume, overrides, audit_hint=False)
     record = run_audit(RunDirectory.existing(target), confidence)
-    write_report(target)
+    _write_report(target)
     _show_audit(record)
     print(target / AUDIT_FILE)
     if not record["consistent"]:

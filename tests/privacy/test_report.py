@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -20,11 +21,11 @@ from fedtune.privacy.report import (
     REPORT_HTML,
     REPORT_JSON,
     REPORT_MD,
+    ClientRow,
     build_report,
+    markdown,
     plot_epsilon,
-    render_html,
-    render_markdown,
-    write_report,
+    report_contents,
 )
 from fedtune.server.run_dir import RunDirectory
 
@@ -70,24 +71,24 @@ def three_clients(tmp_path):
 
 
 def client(report, name):
-    return next(c for c in report["clients"] if c["name"] == name)
+    return next(c for c in report.clients if c.name == name)
 
 
 def test_numbers_match_the_ledger(three_clients):
     report = build_report(three_clients)
-    assert (report["epsilon_max"], report["epsilon_max_client"]) == (3.0, "a")
-    assert report["epsilon_max_other"] == pytest.approx(3.3)
+    assert (report.epsilon_max, report.epsilon_max_client) == (3.0, "a")
+    assert report.epsilon_max_other == pytest.approx(3.3)
     a, b, c = (client(report, n) for n in "abc")
-    assert (a["steps"], a["rounds_trained"], a["rounds_declined"], a["rounds_failed"]) == (12, 3, 0, 0)
-    assert (b["noise_multiplier"], b["sample_rate"], b["steps"], b["rounds_declined"]) == (1.0, 0.125, 8, 2)
-    assert b["epsilon"] == 2.5 and b["epsilon_by_round"] == [0.0, 2.5, 2.5, 2.5]
-    assert (c["noise_multiplier"], c["parameters_changed"], c["rounds_failed"], c["steps"]) == (1.3, True, 1, 8)
-    assert c["epsilon_by_round"] == [0.0, 1.5, 1.5, 2.9]
-    assert report["clients_declined"] == ["b"] and report["rounds_declined"] == 2
-    assert report["rounds_failed"] == 1 and report["clients_over_budget"] == []
-    assert report["epsilon_budget"] == 8.0 and report["rounds_in_ledger"] == 3
-    assert report["client_level"] is None
-    assert json.loads(json.dumps(report, allow_nan=False)) == report
+    assert (a.steps, a.rounds_trained, a.rounds_declined, a.rounds_failed) == (12, 3, 0, 0)
+    assert (b.noise_multiplier, b.sample_rate, b.steps, b.rounds_declined) == (1.0, 0.125, 8, 2)
+    assert b.epsilon == 2.5 and b.epsilon_by_round == (0.0, 2.5, 2.5, 2.5)
+    assert (c.noise_multiplier, c.parameters_changed, c.rounds_failed, c.steps) == (1.3, True, 1, 8)
+    assert c.epsilon_by_round == (0.0, 1.5, 1.5, 2.9)
+    assert report.clients_declined == ("b",) and report.rounds_declined == 2
+    assert report.rounds_failed == 1 and report.clients_over_budget == ()
+    assert report.epsilon_budget == 8.0 and report.rounds_in_ledger == 3
+    assert report.client_level is None
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False)) == report.to_dict()
 
 
 def test_max_is_each_clients_latest_cumulative_epsilon_from_the_main_accountant(tmp_path):
@@ -99,11 +100,11 @@ def test_max_is_each_clients_latest_cumulative_epsilon_from_the_main_accountant(
         "z": [trained(1, 2.0), declined(2, 5.0), failed(3)],  # a declined entry carries ε so far
     })
     report = build_report(run)
-    assert (report["epsilon_max"], report["epsilon_max_client"]) == (6.0, "y")
+    assert (report.epsilon_max, report.epsilon_max_client) == (6.0, "y")
     y = client(report, "y")
-    assert (y["rounds_trained"], y["rounds_interrupted"], y["steps"]) == (1, 1, 8)
-    assert client(report, "z")["epsilon"] == 5.0
-    assert "interrupted before commit" in render_markdown(report)
+    assert (y.rounds_trained, y.rounds_interrupted, y.steps) == (1, 1, 8)
+    assert client(report, "z").epsilon == 5.0
+    assert "interrupted before commit" in markdown(report)
 
 
 def test_a_rejected_round_was_trained_and_counts(tmp_path):
@@ -112,23 +113,23 @@ def test_a_rejected_round_was_trained_and_counts(tmp_path):
     run = make_run(tmp_path, {"r": [trained(1, 2.0), rejected(2, 4.0, sigma=1.2)], "s": [trained(1, 3.0)]})
     report = build_report(run)
     r = client(report, "r")
-    assert (report["epsilon_max"], report["epsilon_max_client"], report["rounds_rejected"]) == (4.0, "r", 1)
-    assert (r["rounds_trained"], r["rounds_rejected"], r["rounds_failed"], r["steps"]) == (1, 1, 0, 8)
-    assert (r["noise_multiplier"], r["parameters_changed"], r["epsilon_by_round"]) == (1.2, True, [0.0, 2.0, 4.0])
-    text = render_markdown(report)
+    assert (report.epsilon_max, report.epsilon_max_client, report.rounds_rejected) == (4.0, "r", 1)
+    assert (r.rounds_trained, r.rounds_rejected, r.rounds_failed, r.steps) == (1, 1, 0, 8)
+    assert (r.noise_multiplier, r.parameters_changed, r.epsilon_by_round) == (1.2, True, (0.0, 2.0, 4.0))
+    text = markdown(report)
     assert "refused 1 trained update" in text and "their ε counts in full" in text
     assert "| rejected |" in text and "update rejected: update norm 9" in text
 
 
 def test_a_target_epsilon_caps_the_budget(tmp_path):
     report = build_report(make_run(tmp_path, {"a": [trained(1, 4.5)]}, budget=math.inf, target=4.0))
-    assert report["epsilon_budget"] == 4.0 and report["settings"]["epsilon_budget"] == "inf"
-    assert report["clients_over_budget"] == ["a"] and client(report, "a")["within_budget"] is False
-    assert "went over the budget" in render_markdown(report)
+    assert report.epsilon_budget == 4.0 and report.settings.epsilon_budget == "inf"
+    assert report.clients_over_budget == ("a",) and client(report, "a").within_budget is False
+    assert "went over the budget" in markdown(report)
 
 
 def test_markdown_starts_with_a_plain_language_summary(three_clients):
-    text = render_markdown(build_report(three_clients))
+    text = markdown(build_report(three_clients))
     lines = [line for line in text.splitlines() if line]
     assert lines[0].startswith("# Privacy report") and lines[1] == "## Summary"
     assert lines[2].startswith("Each institution's records are protected by sample-level differential privacy")
@@ -144,10 +145,10 @@ def test_markdown_starts_with_a_plain_language_summary(three_clients):
 
 def test_html_is_one_file_with_the_plot_embedded(three_clients):
     report = build_report(three_clients)
-    page = render_html(report, plot_epsilon(report))
+    page = report_contents(report).html
     match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert match and base64.b64decode(match.group(1)).startswith(PNG_MAGIC)
-    assert "http" not in page.replace(report["run_dir"], "") and "<script" not in page
+    assert "http" not in page.replace(report.run_dir, "") and "<script" not in page
     assert "<strong>Maximum across institutions: ε = 3.00</strong>" in page
 
 
@@ -155,74 +156,77 @@ def test_dp_off_says_there_is_no_guarantee(tmp_path):
     off = {"round": 1, "status": "trained", "noise_multiplier": 0.0, "max_grad_norm": 0.0, "sample_rate": 0.25,
            "steps": 4, "delta": 1e-5, "epsilon": math.inf, "epsilon_rdp": math.inf}
     report = build_report(make_run(tmp_path, {"a": [off]}, dp_enabled=False, budget=math.inf))
-    assert report["epsilon_max"] == "inf" and client(report, "a")["epsilon"] == "inf"
-    assert client(report, "a")["entries"][0]["epsilon"] == "inf"  # the ledger's null, spelled out
-    assert report["epsilon_budget"] == "inf"
-    text = render_markdown(report)
+    assert report.epsilon_max == "inf" and client(report, "a").epsilon == "inf"
+    assert client(report, "a").entries[0]["epsilon"] == "inf"  # the ledger's null, spelled out
+    assert report.epsilon_budget == "inf"
+    text = markdown(report)
     assert "There is no formal privacy guarantee (ε = ∞)" in text.split("## What is protected")[0]
     assert plot_epsilon(report).startswith(PNG_MAGIC)
-    json.dumps(report, allow_nan=False)
+    json.dumps(report.to_dict(), allow_nan=False)
 
 
 def test_client_level_is_reported_when_present(tmp_path):
     level = {"clipping": "fixed", "side": "server", "noise_multiplier": 0.8, "clipping_norm": 1.0,
              "sample_rate": 1.0, "rounds": 3, "delta": 1e-3, "epsilon": 7.25, "accountant": "rdp"}
     report = build_report(make_run(tmp_path, {"a": [trained(1, 1.0)]}, client_level=level))
-    assert report["client_level"]["epsilon"] == 7.25
-    text = render_markdown(report)
+    assert report.client_level["epsilon"] == 7.25
+    text = markdown(report)
     assert "Client-level DP was **on**" in text and "ε = 7.25 at δ = 0.001" in text
 
 
 @pytest.mark.parametrize("level", [None, ...], ids=["null", "missing"])
 def test_client_level_off_when_null_or_missing(tmp_path, level):
     report = build_report(make_run(tmp_path, {"a": [trained(1, 1.0)]}, client_level=level))
-    assert report["client_level"] is None
-    assert "Client-level differential privacy was off" in render_markdown(report)
+    assert report.client_level is None
+    assert "Client-level differential privacy was off" in markdown(report)
 
 
 def test_an_unreadable_config_leaves_the_budget_unknown_and_an_unnoised_client_unprotected(tmp_path):
     run = make_run(tmp_path, {"a": [trained(1, math.inf, other=math.inf, sigma=0.0)], "b": [trained(1, 2.0)]})
     (run / "config.toml").write_text("rounds = [")
     report = build_report(run)
-    assert "config_error" in report["settings"] and report["epsilon_budget"] is None
-    assert (report["epsilon_max"], report["epsilon_max_client"]) == ("inf", "a")
-    assert client(report, "b")["within_budget"] is None
-    summary = render_markdown(report).split("## What is protected")[0]
+    assert report.settings.config_error and report.epsilon_budget is None
+    assert (report.epsilon_max, report.epsilon_max_client) == ("inf", "a")
+    assert client(report, "b").within_budget is None
+    summary = markdown(report).split("## What is protected")[0]
     assert "a trained without noise (ε = ∞)" in summary and "budget is unknown" in summary
 
 
 def test_delta_against_one_over_n_from_the_sampling_rate(tmp_path):
     """With B = 16 and q = 1/2 a client holds 17 to 32 records."""
     ok = build_report(make_run(tmp_path / "ok", {"a": [trained(1, 1.0, q=0.5)]}, delta=1e-5))
-    assert client(ok, "a")["records_at_most"] == 32 and client(ok, "a")["delta_below_1_over_n"] is True
+    assert client(ok, "a").records_at_most == 32 and client(ok, "a").delta_below_1_over_n is True
     bad = build_report(make_run(tmp_path / "bad", {"a": [trained(1, 1.0, q=0.5, delta=0.1)]}, delta=0.1))
-    assert client(bad, "a")["delta_below_1_over_n"] is False
-    assert "**It does not hold** for a" in render_markdown(bad)
+    assert client(bad, "a").delta_below_1_over_n is False
+    assert "**It does not hold** for a" in markdown(bad)
     unsure = build_report(make_run(tmp_path / "unsure", {"a": [trained(1, 1.0, q=0.5, delta=0.04)]}, delta=0.04))
-    assert client(unsure, "a")["delta_below_1_over_n"] is None
+    assert client(unsure, "a").delta_below_1_over_n is None
 
 
 def test_many_clients_are_plotted_as_an_envelope_and_detailed_only_at_the_top(tmp_path):
     clients = {f"c{i:03d}": [trained(1, i / 10), trained(2, i / 5)] for i in range(60)}
     report = build_report(make_run(tmp_path, clients))
     assert plot_epsilon(report).startswith(PNG_MAGIC)
-    detail = render_markdown(report).split("## Per-round detail")[1]
+    detail = markdown(report).split("## Per-round detail")[1]
     assert "`c059`" in detail and "`c000`" not in detail and "every entry of all 60" in detail
 
 
-def test_write_report_writes_all_four_files(three_clients):
-    path = write_report(three_clients)
-    assert path == three_clients / REPORT_MD and path.read_text().startswith("# Privacy report")
-    assert json.loads((three_clients / REPORT_JSON).read_text())["epsilon_max"] == 3.0
+def test_the_cli_writes_all_four_files(three_clients):
+    result = CliRunner().invoke(cli, ["privacy-report", str(three_clients)])
+    assert result.exit_code == 0, result.output
+    assert (three_clients / REPORT_MD).read_text() == markdown(build_report(three_clients))
+    assert json.loads((three_clients / REPORT_JSON).read_text()) == build_report(three_clients).to_dict()
     assert (three_clients / PLOT_PNG).read_bytes().startswith(PNG_MAGIC)
     assert "data:image/png;base64," in (three_clients / REPORT_HTML).read_text()
 
 
 def test_a_run_without_a_ledger_is_refused_and_nothing_is_written(tmp_path):
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig()).path
-    with pytest.raises(FedtuneError, match=re.escape(str(run / LEDGER))):
-        write_report(run)
+    result = CliRunner().invoke(cli, ["privacy-report", str(run)])
+    assert result.exit_code == 2 and LEDGER in result.output
     assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+    with pytest.raises(FedtuneError, match=re.escape(str(run / LEDGER))):
+        build_report(run)
 
 
 def test_cli_prints_the_markdown_path_last(three_clients):
@@ -244,7 +248,7 @@ def _text(tmp_path, entries, reproducible=False):
     if reproducible:
         cfg = RunDirectory.existing(path).config().with_overrides({"dp.reproducible_noise": True})
         (path / "config.toml").write_text(dump_config(cfg))
-    return render_markdown(build_report(path))
+    return markdown(build_report(path))
 
 
 def test_the_report_states_the_factor_not_almost_as_likely(tmp_path):
@@ -282,3 +286,26 @@ def test_the_independent_check_is_embedded(tmp_path):
     low = {**right, "epsilon": right["epsilon"] / 2}
     text = _text(tmp_path / "low", [low])
     assert "It found 1 violation" in text and "a round 1: epsilon: expected" in text
+
+
+REPORT_KEYS = ("generated_by", "run_dir", "dp_enabled", "unit", "neighbouring_relation", "accountant", "sampling",
+               "policies", "delta", "epsilon_budget", "target_epsilon", "rounds_planned", "rounds_in_ledger",
+               "epsilon_max", "epsilon_max_client", "epsilon_max_other", "clients_declined", "rounds_declined",
+               "rounds_failed", "rounds_rejected", "rounds_refused", "clients_state_lost", "clients_over_budget",
+               "client_level", "settings", "audit", "verification", "clients")
+
+
+def test_the_numbers_are_typed_and_their_dict_is_the_report_json(three_clients):
+    """privacy_report.json keeps its keys and their order; every part is a frozen dataclass."""
+    report = build_report(three_clients)
+    assert isinstance(report.clients[0], ClientRow) and report.verification.passed in (True, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.epsilon_max = 0.0
+    data = report.to_dict()
+    assert tuple(data) == REPORT_KEYS
+    assert data["clients_declined"] == ["b"] and data["clients"][0]["epsilon_by_round"] == [0.0, 1.0, 2.0, 3.0]
+    assert list(data["accountant"]) == ["name", "other", "bound", "eps_error", "delta_error"]
+    assert data["settings"]["epsilon_cap"] == 8.0 and "config_error" not in data["settings"]
+    assert data["verification"] == report.verification.to_dict() and data["audit"] is None
+    (three_clients / "config.toml").write_text("rounds = [")
+    assert list(build_report(three_clients).to_dict()["settings"]) == ["config_error"]

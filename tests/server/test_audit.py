@@ -18,7 +18,7 @@ from fedtune.models.build import load_tokenizer
 from fedtune.models.evaluate import evaluate, example_losses
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedtune.privacy.report import build_report, render_markdown
+from fedtune.privacy.report import build_report, markdown
 from fedtune.server.audit import audit_record, run_audit, theoretical_epsilon
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 
@@ -77,8 +77,8 @@ def test_run_audit_scores_every_canary_with_the_last_checkpoint(tmp_path, tiny_m
         alone = evaluate(tiny_model, tokenize(tokenizer, [text], [label], 64))[0]
         assert record["canary_losses"][i] == pytest.approx(alone, rel=1e-5)
     report = build_report(run.path)  # the privacy report shows it beside the theoretical ε
-    assert report["audit"]["epsilon_theoretical"] == 3.25 and "canary_losses" not in report["audit"]
-    text = render_markdown(report)
+    assert report.audit.epsilon_theoretical == 3.25 and "canary_losses" not in report.to_dict()["audit"]
+    text = markdown(report)
     assert "## Empirical privacy audit" in text and "must stay at or below the theoretical ε" in text
 
 
@@ -103,7 +103,7 @@ def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_p
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig(dp=DPConfig()))
     commit(run, {}, ledger(a=[1.0]))
     (run.path / AUDIT_FILE).write_text(json.dumps(audit_record(_result(1.2), 1.0, cfg, 1)))
-    text = " ".join(render_markdown(build_report(run.path)).split())
+    text = " ".join(markdown(build_report(run.path)).split())
     assert "is above the theoretical ε = 1.00: this signals a bug" in text
 
 
@@ -111,7 +111,7 @@ def _fake_audit(monkeypatch, consistent: bool) -> None:
     record = {**audit_record(_result(1.2 if not consistent else 0.5), 1.0, FedtuneConfig(), 1)}
     monkeypatch.setattr("fedtune.cli._simulate", lambda *args, **kwargs: None)
     monkeypatch.setattr("fedtune.server.audit.run_audit", lambda run, confidence: record)
-    monkeypatch.setattr("fedtune.privacy.report.write_report", lambda run_dir: run_dir / "privacy_report.md")
+    monkeypatch.setattr("fedtune.cli._write_report", lambda run_dir: None)
     monkeypatch.setattr("fedtune.server.run_dir.RunDirectory.existing", classmethod(lambda cls, path: cls(path)))
 
 

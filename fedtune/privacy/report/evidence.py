@@ -1,0 +1,160 @@
+"""The report's evidence: the spending table, the independent check, the empirical audit, the run's
+settings and the per-round detail. Like prose.py, these take the typed numbers and return blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.privacy.ledger import LEDGER
+from fedtune.privacy.report.figures import count, eps, g
+from fedtune.privacy.report.numbers import INF, REPORT_JSON, AuditSummary, ReportData, as_float
+from fedtune.privacy.report.render import Block, Table
+
+DETAIL_CLIENTS = 50  # per-round tables for at most this many clients (the JSON has every entry)
+
+
+def spent(r: ReportData) -> list[Block]:
+    kind, other_kind = r.accountant.name.upper(), r.accountant.other.upper()
+    interrupted = any(c.rounds_interrupted for c in r.clients)
+    rejected = any(c.rounds_rejected for c in r.clients)
+    refused = any(c.rounds_refused for c in r.clients)
+    header = ["institution", f"ε ({kind})", f"ε ({other_kind})", "δ", "σ", "C", "n", "q", "n·q", "steps",
+              "trained", *(["rejected"] if rejected else []), "declined", *(["refused"] if refused else []), "failed",
+              *(["interrupted"] if interrupted else []), "within budget"]
+    rows = [[f"`{c.name}`", eps(c.epsilon), eps(c.epsilon_other), g(c.delta),
+             g(c.noise_multiplier) + ("*" if c.parameters_changed else ""), g(c.max_grad_norm),
+             g(c.num_examples), g(c.sample_rate), g(c.expected_batch), str(c.steps),
+             str(c.rounds_trained), *([str(c.rounds_rejected)] if rejected else []), str(c.rounds_declined),
+             *([str(c.rounds_refused)] if refused else []),
+             str(c.rounds_failed), *([str(c.rounds_interrupted)] if interrupted else []),
+             {True: "yes", False: "**no**", None: "–"}[c.within_budget]] for c in r.clients]
+    if not rows:
+        return ["The ledger has no entries: no round has been trained yet."]
+    blocks: list[Block] = [Table(header, rows)]
+    if r.dp_enabled and r.epsilon_max_client:
+        blocks.append(f"**Maximum across institutions: ε = {eps(r.epsilon_max)}** (`{r.epsilon_max_client}`) "
+                      f"by the {kind} accountant; the largest ε by the {other_kind} accountant is "
+                      f"{eps(r.epsilon_max_other)}.")
+    blocks.append(
+        "ε is cumulative: the institution's spending over every round it trained, as of its latest ledger entry. "
+        "σ (noise multiplier), C (clipping norm), n (its training records) and q (sampling rate) are from its "
+        "latest trained round (* where they changed between rounds: see the per-round detail); n·q is the "
+        "expected size of a Poisson batch; steps are all local DP-SGD steps it ran. Declined and refused rounds "
+        "train nothing and cost nothing. A failed round may have cost ε: a client that failed after training "
+        "(fail closed) or whose reply came too late took its steps and saved them in its own state before "
+        "replying, so its next report includes them; a client that crashed before saving released nothing from "
+        "that round."
+        + (" Rejected rounds were trained, but the server refused the update (too large or malformed); "
+           "they cost ε like any trained round." if rejected else "")
+        + (" Interrupted rounds were trained and reported, but the run crashed before the server committed "
+           "them; their steps count." if interrupted else ""))
+    return blocks
+
+
+def independent_check(r: ReportData) -> list[Block]:
+    v = r.verification
+    if v is None:
+        return ["Not run: config.toml could not be read, and the check needs the run's batch size and budget."]
+    intro = (f"`fedtune privacy-verify` recomputed every ε in the ledger ({v.entries} entries of {v.clients} "
+             "institutions) from its σ, q and steps with Google's dp-accounting, an implementation independent of "
+             "Opacus, and checked that no ε decreases, δ < 1/n, q and the steps match n and the batch size, no budget "
+             "was exceeded and the statuses are coherent.")
+    if v.passed:
+        return [intro + " **Every check passed.**"]
+    shown = [item.line() for item in v.violations[:20]]
+    more = len(v.violations) - len(shown)
+    return [intro + f" **It found {count(len(v.violations), 'violation')}; do not rely on the figures above until "
+            "each is explained:**", shown + ([f"… and {more} more (`fedtune privacy-verify`)"] if more else [])]
+
+
+def empirical_audit(a: AuditSummary) -> list[Block]:
+    m, members, theoretical, bound = a.canaries, a.canaries_in, a.epsilon_theoretical, a.epsilon_lower_bound
+    copies = a.canary_repeats
+    rows = [["canaries (in training / left out)", f"{m} ({members} / {m - members})"],
+            ["copies of each canary in training", str(copies)],
+            ["guesses made (\"in\" / \"out\")", f"{a.guesses} ({a.guesses_in} / {a.guesses_out})"],
+            ["correct guesses", str(a.correct)],
+            [f"**ε lower bound** (at δ = {g(a.delta)}, {a.confidence:.0%} confidence)", f"**{bound:.2f}**"],
+            ["**theoretical ε** (largest of any institution)", f"**{eps(theoretical)}**"],
+            ["membership-inference AUC", g(a.auc)],
+            ["true-positive rate at 1% false-positive rate", g(a.tpr_at_fpr_001)],
+            ["guess counts tried (Bonferroni correction)", str(a.hypotheses)]]
+    blocks: list[Block] = [
+        f"`fedtune audit` checked this run empirically with the one-run method of Steinke, Nasr & Jagielski (2023). "
+        f"{m} canary records that occur nowhere in the real data were each put into training with probability 1/2, at "
+        f"a randomly chosen institution; after round {a.round} each canary was scored by the final global "
+        f"adapter's loss on it (a lower loss: more likely trained on). The auditor guessed \"in\" for the "
+        f"{a.guesses_in} lowest losses and \"out\" for the {a.guesses_out} highest, abstaining on the rest; "
+        "how many of those guesses are right bounds ε from below.",
+        Table(["audit", "value"], rows),
+        "**The lower bound must stay at or below the theoretical ε.** The theoretical ε is proven to bound what any "
+        "attack can learn about one record; this audit is one such attack, and its bound holds with the stated "
+        "confidence. A lower bound above the theoretical ε therefore signals a bug: in the DP-SGD code, in the "
+        "accounting, or in an assumption the proof relies on.",
+    ]
+    if theoretical == INF:
+        blocks.append("Here the theoretical ε is ∞ (no DP-SGD), so any lower bound is consistent with it; the audit "
+                      + (f"shows ε ≥ {bound:.2f}: this run's training records are measurably exposed."
+                         if bound > 0 else "found no significant leakage, which does not show there is none."))
+    elif a.consistent:
+        blocks.append(f"Here ε ≥ {bound:.2f} was shown against a theoretical ε = {eps(theoretical)}: consistent. "
+                      "A lower bound well below the theoretical ε is expected and does not show that ε is loose: one "
+                      "run and one attack reveal only part of what the guarantee covers.")
+    else:
+        blocks.append(f"**Here the lower bound, {bound:.2f}, is above the theoretical ε = {eps(theoretical)}: this "
+                      "signals a bug.** Do not rely on this run's privacy guarantee until it is explained.")
+    if copies > 1:
+        blocks.append(f"Each member canary was {copies} records (DP-SGD was off, as repeats require), so the audit "
+                      "measured the exposure of a record seen that many times.")
+    return blocks
+
+
+def settings_table(r: ReportData) -> Table:
+    s = r.settings
+    rows = [["run directory", f"`{r.run_dir}`"], ["report generated by", r.generated_by],
+            ["DP-SGD (sample-level)", "on" if r.dp_enabled else "**off**"],
+            ["accountant", r.accountant.name.upper()], ["δ", g(r.delta)],
+            ["ε budget per institution",
+             {INF: "none (∞)", None: "unknown"}.get(r.epsilon_budget, g(r.epsilon_budget))],
+            ["target ε (σ solved per institution; also caps the budget)",
+             g(r.target_epsilon) if r.target_epsilon else "none (σ set directly)"],
+            ["rounds (planned / in the ledger)", f"{g(r.rounds_planned)} / {r.rounds_in_ledger}"],
+            ["institutions (configured / in the ledger)", f"{g(s.clients)} / {len(r.clients)}"]]
+    if s.config_error is not None:
+        rows.append(["config.toml", f"could not be read: {s.config_error}"])
+    else:
+        rows += [["σ / C (configured)", f"{g(s.noise_multiplier)} / {g(s.max_grad_norm)}"],
+                 ["batch size B (the expected Poisson batch is n·q, per institution above) / local epochs",
+                  f"{s.batch_size} / {s.local_epochs}"],
+                 ["fraction of institutions asked to train per round", g(s.fraction_train)],
+                 ["client-level DP (configured)", s.client_dp],
+                 ["secure aggregation (configured)", "on" if s.secagg else "off"], ["seed", str(s.seed)]]
+    return Table(["setting", "value"], rows)
+
+
+def detail(r: ReportData) -> list[Block]:
+    clients = sorted(r.clients, key=lambda c: as_float(c.epsilon), reverse=True)
+    shown = clients if len(clients) <= DETAIL_CLIENTS else clients[:10]
+    blocks: list[Block] = []
+    if len(shown) < len(clients):
+        blocks.append(f"The {len(shown)} institutions with the highest ε; every entry of all {len(clients)} is in "
+                      f"`{REPORT_JSON}` and `{LEDGER}`.")
+    other_key = f"epsilon_{r.accountant.other}"
+    for c in sorted(shown, key=lambda c: c.name):
+        rows = [[str(e["round"]), e["status"], g(e.get("noise_multiplier")), g(e.get("max_grad_norm")),
+                 g(e.get("sample_rate")), g(e.get("steps")), eps(e.get("epsilon")), eps(e.get(other_key)),
+                 _note(e)] for e in c.entries]
+        blocks += [f"**`{c.name}`**",
+                   Table(["round", "status", "σ", "C", "q", "steps", "ε", f"ε ({r.accountant.other.upper()})",
+                          "note"], rows)]
+    return blocks or ["No entries."]
+
+
+def _note(entry: dict[str, Any]) -> str:
+    notes = ["interrupted before commit" if entry.get("interrupted") else "",
+             "reported ε below the ledger's record (state lost)" if entry.get("state_lost") else "",
+             "continued from the ledger's record (adopt-ledger-spending)"
+             if entry.get("adopted_ledger_spending") else "",
+             f"policy: {entry['policy']}" if entry.get("policy") else "", str(entry.get("reason", ""))]
+    return "; ".join(n for n in notes if n)

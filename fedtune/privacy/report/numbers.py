@@ -1,0 +1,393 @@
+"""Every number the privacy report states, typed, from a run directory.
+
+`build_report` is the only part of the report that reads files: the privacy ledger (through
+`read_ledger`), config.toml (`read_run_config`), `privacy-verify`'s check of the ledger and, when
+`fedtune audit` made the run, audit.json. The numbers are JSON-ready as they stand: ∞ is always
+the string "inf" and None means "not applicable"; `ReportData.to_dict()` is privacy_report.json.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedtune import __version__
+from fedtune import constants as k
+from fedtune.config import read_run_config
+from fedtune.errors import FedtuneError
+from fedtune.privacy.audit import AUDIT_FILE
+from fedtune.privacy.ledger import LedgerEntry, read_ledger
+
+if TYPE_CHECKING:  # verify.py loads dp-accounting: imported when the check runs
+    from fedtune.privacy.verify import Verification
+
+REPORT_MD, REPORT_JSON, REPORT_HTML, PLOT_PNG = (
+    "privacy_report.md", "privacy_report.json", "privacy_report.html", "privacy_epsilon.png")
+INF = "inf"
+EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_prv")
+NEIGHBOURS = ("add/remove one record of one institution, with that institution's record count n public: q, the "
+              "number of steps and the averaging depend on n, and n is reported to the server in the clear")
+AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
+              "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
+              "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
+
+Epsilon = float | str  # a cumulative ε, or INF
+
+
+def as_float(value: float | str | None) -> float:
+    """An ε or budget as a number to compare or sort by: INF is math.inf, None is 0."""
+    return math.inf if value == INF else float(value or 0.0)
+
+
+def _plain(value: Any) -> Any:
+    """A field as privacy_report.json holds it: parts by their own to_dict, tuples as lists."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _fields_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's privacy-relevant options from config.toml; all None (and `config_error` set) if
+    it cannot be read."""
+
+    rounds: int | None = None
+    clients: int | None = None
+    seed: int | None = None
+    accountant: str | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    delta: float | None = None
+    epsilon_budget: Epsilon | None = None
+    target_epsilon: float | None = None  # None: σ set directly
+    epsilon_cap: Epsilon | None = None  # a client declines past it: the target ε also caps the budget
+    batch_size: int | None = None
+    local_epochs: int | None = None
+    fraction_train: float | None = None
+    client_dp: str | None = None
+    secagg: bool | None = None
+    reproducible_noise: bool | None = None
+    config_error: str | None = None
+
+    @property
+    def noise_from_seed(self) -> bool:
+        """The run set `dp.reproducible_noise`, or its config cannot tell (then assume it did)."""
+        return self.reproducible_noise is not False
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.config_error is not None:
+            return {"config_error": self.config_error}
+        return {key: value for key, value in _fields_dict(self).items() if key != "config_error"}
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """Which accountant gave the main ε, and the parameters of its bound."""
+
+    name: str  # "prv" or "rdp"
+    other: str  # the cross-check beside it
+    bound: str
+    eps_error: float | None = None  # PRV
+    delta_error: float | None = None  # PRV
+    orders: int | None = None  # RDP
+    order_min: float | None = None  # RDP
+    order_max: float | None = None  # RDP
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("eps_error", "delta_error") if self.name == "prv" else ("orders", "order_min", "order_max")
+        return {key: getattr(self, key) for key in ("name", "other", "bound", *keys)}
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    """audit.json's summary (AUDIT_KEYS; not its per-canary lists)."""
+
+    round: int
+    method: str
+    canaries: int
+    canaries_in: int
+    canary_repeats: int
+    guesses: int
+    guesses_in: int
+    guesses_out: int
+    correct: int
+    epsilon_lower_bound: float
+    epsilon_theoretical: Epsilon
+    delta: float
+    confidence: float
+    hypotheses: int
+    auc: float | None
+    tpr_at_fpr_001: float | None  # "tpr_at_fpr_0.01": the true-positive rate at 1% false positives
+    consistent: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(zip(AUDIT_KEYS, (getattr(self, f.name) for f in fields(self)), strict=True))
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    """One institution: its cumulative ε (the latest entry that carries one) and its parameters."""
+
+    name: str
+    epsilon: Epsilon
+    epsilon_other: Epsilon
+    delta: float | None
+    noise_multiplier: float | None  # σ, C, q and n: of its latest trained round
+    max_grad_norm: float | None
+    sample_rate: float | None
+    num_examples: int | None
+    expected_batch: float | None
+    parameters_changed: bool
+    steps: int
+    rounds_trained: int
+    rounds_declined: int
+    rounds_failed: int
+    rounds_rejected: int
+    rounds_refused: int
+    state_lost: bool
+    rounds_interrupted: int
+    within_budget: bool | None
+    records_at_most: int | None
+    delta_below_1_over_n: bool | None
+    epsilon_by_round: tuple[Epsilon, ...]  # after each round 0..rounds_in_ledger
+    entries: tuple[dict[str, Any], ...]  # its ledger entries as the JSON states them (∞ as INF)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportData:
+    """Every number the report states; `to_dict()` is privacy_report.json."""
+
+    generated_by: str
+    run_dir: str
+    dp_enabled: bool
+    unit: str
+    neighbouring_relation: str = NEIGHBOURS
+    accountant: Accountant
+    sampling: str = "poisson"
+    policies: tuple[str, ...]  # whose privacy policy the clients applied: "node config", "run config"
+    delta: float | None
+    epsilon_budget: Epsilon | None  # None: config.toml unreadable, budget unknown
+    target_epsilon: float | None
+    rounds_planned: int | None
+    rounds_in_ledger: int
+    epsilon_max: Epsilon
+    epsilon_max_client: str | None
+    epsilon_max_other: Epsilon
+    clients_declined: tuple[str, ...]
+    rounds_declined: int
+    rounds_failed: int
+    rounds_rejected: int
+    rounds_refused: int
+    clients_state_lost: tuple[str, ...]
+    clients_over_budget: tuple[str, ...]
+    client_level: dict[str, Any] | None  # the ledger's client-level accounting, ∞ as INF
+    settings: Settings
+    audit: AuditSummary | None  # None unless `fedtune audit` made this run
+    verification: Verification | None  # `fedtune privacy-verify`'s result; None: config unreadable
+    clients: tuple[ClientRow, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
+
+
+def build_report(run_dir: Path) -> ReportData:
+    """Every number the report states, from RUN_DIR/privacy_ledger.json and config.toml."""
+    run_dir = Path(run_dir)
+    ledger = read_ledger(run_dir)
+    settings = _settings(run_dir)
+    dp_on, kind = ledger.dp_enabled, ledger.accountant
+    entries = dict(sorted(ledger.clients.items()))
+    rounds = max((e.round for rows in entries.values() for e in rows), default=0)
+    delta = settings.delta or next((e.delta for rows in entries.values() for e in rows if e.delta is not None), None)
+    clients = tuple(_client(name, rows, dp_on, rounds, settings) for name, rows in entries.items())
+    top = max(clients, key=lambda c: as_float(c.epsilon), default=None)
+    top = top if top and as_float(top.epsilon) > 0 else None  # nobody spent anything: no "top" client
+    return ReportData(
+        generated_by=f"fedtune {__version__}",
+        run_dir=str(run_dir.resolve()),
+        dp_enabled=dp_on,
+        unit=ledger.unit,
+        accountant=_accountant(kind, delta),
+        policies=tuple(sorted({e.policy for rows in entries.values() for e in rows if e.policy})),
+        delta=delta,
+        epsilon_budget=settings.epsilon_cap,
+        target_epsilon=settings.target_epsilon,
+        rounds_planned=settings.rounds,
+        rounds_in_ledger=rounds,
+        epsilon_max=(top.epsilon if top else 0.0) if dp_on else INF,
+        epsilon_max_client=top.name if top and dp_on else None,
+        epsilon_max_other=max((c.epsilon_other for c in clients), key=as_float, default=0.0) if dp_on else INF,
+        clients_declined=tuple(c.name for c in clients if c.rounds_declined),
+        rounds_declined=sum(c.rounds_declined for c in clients),
+        rounds_failed=sum(c.rounds_failed for c in clients),
+        rounds_rejected=sum(c.rounds_rejected for c in clients),
+        rounds_refused=sum(c.rounds_refused for c in clients),
+        clients_state_lost=tuple(c.name for c in clients if c.state_lost),
+        clients_over_budget=tuple(c.name for c in clients if c.within_budget is False),
+        client_level=_clean(ledger.client_level, True) if ledger.client_level else None,
+        settings=settings,
+        audit=_read_audit(run_dir),
+        verification=_verification(run_dir),
+        clients=clients,
+    )
+
+
+def _verification(run_dir: Path) -> Verification | None:
+    """privacy/verify.py's independent check of the ledger; None when config.toml cannot be read."""
+    from fedtune.privacy.verify import verify_run
+
+    try:
+        return verify_run(run_dir)
+    except FedtuneError:
+        return None
+
+
+def _settings(run_dir: Path) -> Settings:
+    try:
+        cfg = read_run_config(run_dir)
+    except FedtuneError as err:
+        return Settings(config_error=str(err))
+    dp = cfg.dp
+    cap = min(dp.epsilon_budget, dp.target_epsilon) if dp.target_epsilon > 0 else dp.epsilon_budget
+    return Settings(
+        rounds=cfg.rounds, clients=cfg.clients, seed=cfg.seed, accountant=dp.accountant,
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, delta=dp.delta,
+        epsilon_budget=_num(dp.epsilon_budget), target_epsilon=dp.target_epsilon or None, epsilon_cap=_num(cap),
+        batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
+        fraction_train=cfg.strategy.fraction_train, client_dp=dp.client_dp, secagg=dp.secagg,
+        reproducible_noise=dp.reproducible_noise,
+    )
+
+
+def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: int, settings: Settings) -> ClientRow:
+    # Rounds that ran local steps: trained, trained but the update refused by the server (rejected),
+    # or failed after training (fail closed); all spent.
+    trained = [e for e in entries if e.steps]
+    reported = [e for e in entries if e.reported]  # failed rounds report nothing
+    # Stand-ins when there is no such entry: nothing reported means nothing spent, no parameters known.
+    latest = reported[-1] if reported else LedgerEntry(0, "", epsilon=0.0, epsilon_other=0.0)
+    last = trained[-1] if trained else LedgerEntry(0, "")
+    eps = _num(latest.epsilon) if dp_on else INF
+    budget = settings.epsilon_cap
+    params = {(e.noise_multiplier, e.max_grad_norm, e.sample_rate) for e in trained}
+    committed = [e for e in entries if not e.interrupted]
+    return ClientRow(
+        name=name,
+        epsilon=eps,
+        epsilon_other=_num(0.0 if latest.epsilon_other is None else latest.epsilon_other) if dp_on else INF,
+        delta=settings.delta if latest.delta is None else latest.delta,
+        noise_multiplier=last.noise_multiplier,
+        max_grad_norm=last.max_grad_norm,
+        sample_rate=last.sample_rate,
+        num_examples=last.num_examples,
+        expected_batch=last.num_examples * last.sample_rate if last.num_examples else None,
+        parameters_changed=len(params) > 1,
+        steps=sum(e.steps for e in trained),
+        rounds_trained=sum(e.status == k.STATUS_TRAINED for e in committed),
+        rounds_declined=sum(e.status == k.STATUS_DECLINED for e in committed),
+        rounds_failed=sum(e.status == k.STATUS_FAILED for e in committed),
+        rounds_rejected=sum(e.status == k.STATUS_REJECTED for e in committed),
+        rounds_refused=sum(e.status == k.STATUS_REFUSED for e in committed),
+        state_lost=any(e.state_lost for e in entries),
+        rounds_interrupted=len(entries) - len(committed),
+        within_budget=None if not dp_on or budget is None else as_float(eps) <= as_float(budget),
+        records_at_most=_records_at_most(trained, settings.batch_size),
+        delta_below_1_over_n=_delta_check(trained, settings.batch_size, latest.delta),
+        epsilon_by_round=_curve(reported, rounds, dp_on),
+        entries=tuple(_clean(e.to_dict(), dp_on) for e in entries),
+    )
+
+
+def _records_at_most(trained: list[LedgerEntry], batch: int | None) -> int | None:
+    """The largest record count the institution reported; for ledgers without it, the bound from
+    the schedule (q = 1/ceil(n/B), so at most B/q records)."""
+    counts = [e.num_examples for e in trained if e.num_examples]
+    if counts:
+        return max(counts)
+    qs = [e.sample_rate for e in trained if e.sample_rate]
+    return round(batch / min(qs)) if batch and qs else None
+
+
+def _delta_check(trained: list[LedgerEntry], batch: int | None, delta: float | None) -> bool | None:
+    """δ < 1/n for the record counts reported; for ledgers without them, from the bounds
+    B(1/q - 1) < n <= B/q. None when the ledger cannot tell."""
+    counts = [e.num_examples for e in trained if e.num_examples]
+    if counts and delta:
+        return all(delta * n < 1 for n in counts)
+    qs = [e.sample_rate for e in trained if e.sample_rate]
+    if not (batch and qs and delta):
+        return None
+    q = min(qs)
+    if delta * batch / q < 1:
+        return True
+    if delta * (batch * (1 / q - 1) + 1) >= 1:
+        return False
+    return None
+
+
+def _curve(reported: list[LedgerEntry], rounds: int, dp_on: bool) -> tuple[Epsilon, ...]:
+    """Cumulative ε after each round 0..rounds; a round the client sat out keeps the last value."""
+    if not dp_on:
+        return (INF,) * (rounds + 1)
+    by_round = {e.round: _num(e.epsilon) for e in reported}  # a later entry (a rerun) wins
+    curve, current = [], 0.0
+    for round_ in range(rounds + 1):
+        current = by_round.get(round_, current)
+        curve.append(current)
+    return tuple(curve)
+
+
+def _accountant(kind: str, delta: float | None) -> Accountant:
+    if kind == "prv":
+        eps_error = inspect.signature(PRVAccountant.get_epsilon).parameters["eps_error"].default
+        return Accountant("prv", "rdp", "upper end of a numerical error interval", eps_error=eps_error,
+                          delta_error=delta / 1000 if delta else None)
+    alphas = RDPAccountant.DEFAULT_ALPHAS
+    return Accountant("rdp", "prv", "upper bound (minimum over a finite set of Rényi orders)",
+                      orders=len(alphas), order_min=min(alphas), order_max=max(alphas))
+
+
+def _clean(entry: dict[str, Any], dp_on: bool) -> dict[str, Any]:
+    """A ledger entry with ∞ spelled "inf": the ledger writes null for an infinite ε."""
+    out = {key: _num(v) for key, v in entry.items()}
+    for key in EPSILON_KEYS:
+        if key in out and (out[key] is None or not dp_on):
+            out[key] = INF
+    return out
+
+
+def _num(value: Any) -> Any:
+    """JSON-safe: ∞ becomes "inf", NaN becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else INF
+    return value
+
+
+def _read_audit(run_dir: Path) -> AuditSummary | None:
+    """audit.json's summary; None when the run was not audited."""
+    path = run_dir / AUDIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        audit = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FedtuneError(f"{path} is not valid JSON ({err}). Run `fedtune audit` again, or remove the file.") from err
+    missing = [key for key in AUDIT_KEYS if key not in audit]
+    if missing:
+        raise FedtuneError(f"{path} is not a fedtune audit (no {', '.join(missing)}). Run `fedtune audit` again.")
+    return AuditSummary(*(audit[key] for key in AUDIT_KEYS))

@@ -1,0 +1,314 @@
+"""The report's prose: what was guaranteed, to whom, and under which assumptions.
+
+Every sentence here is a claim an institution signs. The functions take the typed numbers
+(numbers.py) and return blocks (render.py): written for a compliance reader first (a plain-language
+summary) and an engineer second (the details, evidence.py). Nothing here reads or writes a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedtune import constants as k
+from fedtune.privacy.policy import SOURCES
+from fedtune.privacy.report import evidence
+from fedtune.privacy.report.figures import count, eps, g, ratio
+from fedtune.privacy.report.numbers import INF, PLOT_PNG, ReportData
+from fedtune.privacy.report.render import Block, Plot, Section
+
+INSTITUTION_POLICY, RUN_POLICY = SOURCES[0], SOURCES[1]
+
+
+def title(r: ReportData) -> str:
+    return f"Privacy report: {Path(r.run_dir).name}"
+
+
+def headline(report: ReportData) -> str:
+    """One line: the largest ε, the budget and the declines (also the CLI's summary)."""
+    if not report.dp_enabled:
+        return "DP-SGD was off: no formal privacy guarantee (ε = ∞)."
+    budget = {INF: "no ε budget", None: "budget unknown"}.get(report.epsilon_budget,
+                                                             f"budget ε = {g(report.epsilon_budget)}")
+    top = report.epsilon_max_client
+    spent = f"max ε = {eps(report.epsilon_max)} ({top})" if top else "no privacy spent (ε = 0)"
+    return (f"{spent} at δ = {g(report.delta)}, {report.accountant.name.upper()} accountant; {budget}; "
+            f"{count(len(report.clients_declined), 'institution')} declined rounds.")
+
+
+def sections(r: ReportData) -> list[Section]:
+    return [
+        ("Summary", _summary(r)),
+        ("What is protected", _protected(r)),
+        ("Privacy spent per institution", evidence.spent(r)),
+        ("Independent check", evidence.independent_check(r)),
+        *([("Empirical privacy audit", evidence.empirical_audit(r.audit))] if r.audit else []),
+        ("Client-level differential privacy", _client_level(r)),
+        ("How ε was computed", _method(r)),
+        ("What the guarantee covers", _covers(r)),
+        ("What the guarantee does not cover", _not_covered(r)),
+        ("Assumptions and limits", _assumptions(r)),
+        ("Run settings", [evidence.settings_table(r)]),
+        ("ε per round", [Plot("Cumulative ε per institution and round", PLOT_PNG)]),
+        ("Per-round detail", evidence.detail(r)),
+    ]
+
+
+def _summary(r: ReportData) -> list[Block]:
+    n, rounds = len(r.clients), r.rounds_in_ledger
+    if not r.dp_enabled:
+        return [f"**Differential privacy was OFF for this run.** There is no formal privacy guarantee "
+                f"(ε = ∞). The model updates that the {count(n, 'institution')} sent to the server in "
+                f"{count(rounds, 'round')} were computed from their records without clipping or noise, and "
+                "can reveal information about individual records."]
+    unprotected = [c.name for c in r.clients if c.epsilon == INF]
+    paragraphs = [("DP-SGD was on, but **" + ", ".join(unprotected) + " trained without noise (ε = ∞): their "
+                   "records have no formal protection.** The other institutions' records" if unprotected else
+                   "Each institution's records")
+                  + " are protected by sample-level differential privacy (DP-SGD): adding or removing any one of "
+                  "an institution's records changes the probability of any update it sent by at most a factor of "
+                  "e^ε, except with probability δ" + (f" (for the largest ε here, e^ε ≈ {ratio(r.epsilon_max)})."
+                                                     if r.epsilon_max_client and r.epsilon_max != INF else ".")
+                  + " Smaller ε is stronger protection; at the ε of most deployed systems (1 to 10) the factor is "
+                  "large, and the protection is against learning much about one record, not against any inference.",
+                  " ".join(_facts(r)), _against_whom(r)]
+    cl = r.client_level
+    paragraphs.append(
+        "Client-level differential privacy was off: the guarantee is about individual records; it does not hide "
+        "whether an institution took part, nor its data as a whole." if cl is None else
+        f"Client-level differential privacy was on as well: the aggregated model also hides any one institution's "
+        f"whole contribution, up to ε = {eps(cl.get('epsilon'))} at δ = {g(cl.get('delta'))}.")
+    paragraphs.append("Not covered: the record counts, training losses and evaluation results that institutions "
+                      "reported to the server were sent as they are, without noise. See the sections below.")
+    return paragraphs
+
+
+def _against_whom(r: ReportData) -> str:
+    """Against whom the guarantee holds, from the privacy policies the clients applied (ledger
+    `policy`, privacy/policy.py) and the run's noise seeding."""
+    if r.settings.noise_from_seed:
+        return ("**Not against the server**: the run used `dp.reproducible_noise`, noise derived from a seed the "
+                "server knows, which it could regenerate and subtract; research use only. The guarantee still holds "
+                "against anyone who sees only the released model.")
+    policies = r.policies
+    if policies == (INSTITUTION_POLICY,):
+        return ("**Against the server**: the noise was added inside each institution before anything left it, under "
+                "the privacy policy in that institution's own node config: whatever the server asked, an institution "
+                "refused weaker settings (no DP, reproducible noise, δ or σ outside its limits). This holds provided "
+                "each institution runs unmodified fedtune with the node config its operator set.")
+    if policies == (RUN_POLICY,):
+        return ("**Who set the parameters**: the institutions trained on partitions of the coordinator's own dataset "
+                "(a simulation), under the run's config, so no institution enforced a policy of its own. The noise was "
+                "added before any update left a client; the guarantee holds against anyone who sees the updates or "
+                "the model, for the parameters recorded here.")
+    if not policies:
+        return ("**Against whom**: this ledger does not record whose privacy policy the clients applied (written by "
+                "an older fedtune); the noise was added inside each client before anything left it.")
+    return ("**Against whom**: not every client applied a policy of its own institution (see the per-round detail, "
+            "policy): some followed the run's config, within whatever limits their node config set. The noise was "
+            "added inside each client before anything left it; against the server, an institution is protected "
+            "only as far as the limits in its own node config go.")
+
+
+def _facts(r: ReportData) -> list[str]:
+    """The summary's numbers in words: the largest ε, the budget, declines and failures."""
+    rounds, budget = r.rounds_in_ledger, r.epsilon_budget
+    budget_text = {INF: "no ε budget was set", None: "the ε budget is unknown (config.toml could not be read)"}.get(
+        budget, f"the budget per institution was ε = {g(budget)}")
+    top = next((c for c in r.clients if c.name == r.epsilon_max_client), None)
+    if rounds == 0:
+        facts = [f"No round has been trained yet, so no privacy was spent (ε = 0); {budget_text}."]
+    elif top is None:
+        facts = [f"No institution sent a model update trained on its records in {count(rounds, 'round')}, so no "
+                 f"privacy was spent (ε = 0); {budget_text}."]
+    else:
+        ran = top.rounds_trained + top.rounds_rejected + top.rounds_interrupted
+        facts = [f"The institution that spent the most privacy (`{top.name}`) reached "
+                 f"ε = {eps(r.epsilon_max)} at δ = {g(r.delta)} after {count(rounds, 'round')} "
+                 f"(it trained in {ran} of them); {budget_text}."]
+    if r.clients_over_budget:
+        facts.append(f"**{count(len(r.clients_over_budget), 'institution')} went over the budget**: "
+                     f"{', '.join(r.clients_over_budget)}.")
+    elif budget not in (INF, None) and r.clients:
+        facts.append("Every institution stayed within the budget.")
+    if r.clients_declined:
+        facts.append(f"{count(len(r.clients_declined), 'institution')} declined "
+                     f"{count(r.rounds_declined, 'round')} in total to stay within budget.")
+    if r.rounds_failed:
+        facts.append(f"{count(r.rounds_failed, 'training round')} failed at an institution; a failed round "
+                     "sends no update.")
+    if r.rounds_rejected:
+        facts.append(f"The server refused {count(r.rounds_rejected, 'trained update')} (the reasons are in the "
+                     "per-round detail); those rounds ran DP-SGD, so their ε counts in full.")
+    return facts
+
+
+def _protected(r: ReportData) -> list[Block]:
+    if not r.dp_enabled:
+        return ["Nothing is formally protected: DP-SGD was off (`dp.enabled = false`)."]
+    return [[
+        "**Unit of privacy**: one record (one training example) of one institution: sample-level DP. "
+        f"Ledger: \"{r.unit}\".",
+        "**Neighbouring datasets**: an institution's data with one record added or removed (add/remove-one), "
+        "**with its record count n treated as public**. Each institution's sampling rate q = 1/⌈n/B⌉, its number "
+        "of steps and the scaling of its update follow from n, and n is sent to the server in the clear; the "
+        "(ε, δ) holds between neighbouring datasets run with the recorded q and steps. Opacus' accountants analyse "
+        "each DP-SGD step as a Poisson-subsampled Gaussian mechanism under this relation (RDP: Mironov, Talwar & "
+        "Zhang 2019; PRV: Gopi, Lee & Wutschitz 2021). If you need *replace-one* neighbours, a replacement is a "
+        "removal plus an addition, so group privacy gives (2ε, (1 + e^ε)·δ).",
+        "**Each institution has its own guarantee**, from its own accounting; ε is not summed across "
+        "institutions. The unit is a record, not a person: a person with several records, at one institution or "
+        "at several, is protected less (composition / group privacy).",
+        _against_whom(r),
+    ]]
+
+
+def _client_level(r: ReportData) -> list[Block]:
+    cl = r.client_level
+    if cl is None:
+        asked = r.settings.client_dp
+        note = (f" The config asked for it (`dp.client_dp = {asked}`), but the ledger holds no client-level "
+                "accounting, so no client-level guarantee is claimed." if asked not in (None, "off") else "")
+        return ["Client-level DP was **off**: no guarantee hides an institution's participation or its whole "
+                "dataset." + note]
+    return [f"Client-level DP was **on**: each institution's whole update was clipped and Gaussian noise was "
+            f"added to the aggregate, so the released global model hides any one institution's participation "
+            f"up to **ε = {eps(cl.get('epsilon'))} at δ = {g(cl.get('delta'))}**. This is central DP: the server "
+            "adds the noise and is trusted with the updates it sees.",
+            [f"clipping: {cl.get('clipping')} ({cl.get('side')} side), norm {g(cl.get('clipping_norm'))}",
+             f"noise multiplier: {g(cl.get('noise_multiplier'))}",
+             f"sampling of institutions: {_cohort(cl)}",
+             f"rounds composed: {cl.get('rounds')}",
+             f"accountant: {str(cl.get('accountant', '')).upper()}"]]
+
+
+def _cohort(cl: dict[str, Any]) -> str:
+    q = cl.get("sample_rate")
+    if q is not None and q >= 1:
+        return "every institution in every round (no amplification by sampling is claimed)"
+    if cl.get("sampling") == "poisson":
+        return (f"each institution joined each round by its own coin flip with probability q = {g(q)} (Poisson "
+                "sampling, which the accounting assumes; the cohort size varied)")
+    return (f"rate q = {g(q)}, by a fedtune older than Poisson sampling of institutions: it sampled a fixed number "
+            "per round, for which the Poisson accounting is not a proof")
+
+
+def _method(r: ReportData) -> list[Block]:
+    if not r.dp_enabled:
+        return ["No accountant ran: DP-SGD was off, so ε is infinite."]
+    a = r.accountant
+    if a.name == "prv":
+        accountant = (f"**PRV accountant** (Opacus `PRVAccountant`, Gopi et al. 2021). It composes the privacy-loss "
+                      f"distributions of all steps numerically (FFT on a discretised domain) and returns "
+                      f"`get_epsilon(δ, eps_error={a.eps_error:g})`: the upper end of its error interval, that is "
+                      f"ε computed at δ − δ/1000 (δ/1000 = {g(a.delta_error)}) plus {a.eps_error:g}. By the "
+                      f"method's error analysis the exact ε at δ lies inside that interval, so the reported value "
+                      f"does not understate it; it overstates it by at most the interval's width, about "
+                      f"{2 * a.eps_error:g}.")
+    else:
+        accountant = (f"**RDP accountant** (Opacus `RDPAccountant`, Mironov et al. 2019). It adds up Rényi DP over "
+                      f"all steps at {a.orders} orders from {a.order_min:g} to {a.order_max:g} and converts "
+                      f"to (ε, δ) at the best of them (Balle et al. 2020). The result is an upper bound, "
+                      f"conservative: the true ε is lower, and the PRV figure beside it is usually tighter.")
+    return [[
+        accountant,
+        f"**The other accountant** ({a.other.upper()}) was run on the same history; its ε is shown beside the "
+        "main one as a cross-check. Budgets and declines use the main accountant.",
+        "**Composition**: each institution keeps one accountant history of (σ, q, steps) across all rounds and "
+        "restarts; ε is computed from the whole history, over every local step it ran. Rounds it sat out add "
+        "nothing.",
+        "**Sampling**: every institution trains with Poisson sampling (Opacus' `UniformWithReplacementSampler`): "
+        "each record joins each step's batch independently with probability q = 1/⌈n/B⌉, for exactly ⌈n/B⌉ steps "
+        "per local epoch, the schedule the accountant and the budget forecast use. A step whose Poisson batch is "
+        "empty is still taken (noise only) and counted.",
+        "**Each step**: every record's gradient is clipped to L2 norm C, and Gaussian noise of standard "
+        "deviation σ·C is added to their sum. All trained tensors go through it: the LoRA matrices, the "
+        "classification head and the other modules trained in full (`lora.modules_to_save`).",
+    ]]
+
+
+def _covers(r: ReportData) -> list[Block]:
+    if not r.dp_enabled:
+        return ["Nothing: without DP-SGD there is no formal guarantee for any release."]
+    return [[
+        "every round's adapter update (LoRA matrices and trained head) that each institution sent to the server;",
+        "by post-processing, everything computed from those updates alone: the aggregated adapter of every round, "
+        "the checkpoints, the final adapter in `adapter/`, and the server's evaluation of them on its held-out data;",
+        "FedProx's proximal step, which only uses the previous global adapter (post-processing).",
+    ]]
+
+
+def _not_covered(r: ReportData) -> list[Block]:
+    return [
+        "These are sent to the server as they are, without noise, and are not covered by ε:",
+        [f"after training, each round: `{k.NUM_EXAMPLES}` (size of the training set), `{k.TRAIN_LOSS}` (mean "
+         f"loss over the round's batches, computed from the records), `{k.STEPS}`, `{k.SAMPLE_RATE}` (which "
+         f"also reveals the training-set size roughly), `{k.NOISE_MULTIPLIER}`, `{k.MAX_GRAD_NORM}`, `{k.DELTA}`, "
+         f"`{k.EPSILON}`, `{k.EPSILON_OTHER}`, `{k.BYTES_UP}`, and the institution's name and status "
+         "(trained or declined);",
+         f"after evaluation, each round: `{k.NUM_EXAMPLES}`, `{k.EVAL_LOSS}` and `{k.EVAL_ACCURACY}` on the "
+         "institution's local validation split. Validation records are never used in training, so DP-SGD gives "
+         "them no protection at all;",
+         f"with every reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and process id), "
+         "when the reply arrived (how long the institution took to train, which grows with its data), and for a "
+         "refused or failed round the reason it gave;",
+         "in simulation, `partition_summary.json` and `partition.png`: each client's example count and label "
+         "histogram, computed by the coordinator from the dataset it split (no institution's private data when "
+         "institutions read their own files);",
+         "whether an institution took part, declined or failed in each round (unless client-level DP is on, "
+         "its participation is not hidden);",
+         "the server's held-out data used for server-side evaluation (in simulation, the share "
+         "`data.test_fraction` set aside before the data is split among institutions) is no institution's "
+         "training data and is outside the guarantee; so are the public base model and its pre-training data."],
+    ]
+
+
+def _assumptions(r: ReportData) -> list[Block]:
+    items = [
+        "**δ must be well below 1/n** for an institution with n records (δ ≥ 1/n allows a mechanism that "
+        f"publishes a whole record). {_delta_sentence(r)}",
+        "**Composition over all local steps**: the accounting assumes each institution's history was kept "
+        "through the whole run (fedtune keeps it in the client's state file and in Flower's context). A client "
+        "whose state holds less than the ledger records for it refuses to train until its operator adopts the "
+        "ledger's record (`adopt-ledger-spending`), and the server recomputes every reported ε from the ledger "
+        "and marks a lower one `state_lost`" + (f": **{', '.join(r.clients_state_lost)}** reported one."
+                                                if r.clients_state_lost else "; none was."),
+        "**Hyper-parameter tuning is not accounted**: if σ, C, the learning rate, the number of rounds or the "
+        "budget were chosen by trying runs on the same private data, the real privacy cost is higher.",
+        _randomness(r),
+        "**Floating point**: the guarantee is for exact arithmetic; known floating-point attacks on the Gaussian "
+        "mechanism are not mitigated (Opacus' `secure_mode` addresses them).",
+        "**Budget checks** use the same accountant and the same schedule as training: an institution declines a "
+        "round whose projected ε after that round would exceed the budget.",
+    ]
+    return [items] if r.dp_enabled else ["None apply: without DP-SGD there is no guarantee to qualify."]
+
+
+def _randomness(r: ReportData) -> str:
+    if r.settings.noise_from_seed:
+        return ("**Randomness** (research only): this run set `dp.reproducible_noise`: the Poisson sampling, the DP "
+                "noise and dropout each came from their own stream, derived from the run seed, the round and the "
+                "institution's name. The streams are independent of each other, but the server knows the seed and "
+                "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
+                "against anyone who sees only the final adapter.")
+    return ("**Randomness**: in each round, each institution draws three separate seeds from the operating "
+            "system's secure randomness, one each for the Poisson sampling, the DP noise and dropout, and never sends "
+            "them; the noise is therefore independent of which records were sampled, as the analysis assumes "
+            "(`tests/privacy/test_randomness.py` checks it statistically). PyTorch's generators are not themselves "
+            "cryptographic (Opacus' `secure_mode` is off), which the standard analysis does not require but a "
+            "formal deployment may.")
+
+
+def _delta_sentence(r: ReportData) -> str:
+    checks = {c.name: c.delta_below_1_over_n for c in r.clients if c.steps}
+    if not checks:
+        return "No institution trained, so there is nothing to check."
+    failed = [name for name, ok in checks.items() if ok is False]
+    unknown = [name for name, ok in checks.items() if ok is None]
+    if failed:
+        return f"**It does not hold** for {', '.join(failed)}: their sampling rate shows n ≥ 1/δ."
+    if unknown:
+        return (f"The ledger cannot confirm it for {', '.join(unknown)}; check δ < 1/n against their record "
+                "counts.")
+    return (f"It holds for every institution that trained: q and the batch size B bound each one's records "
+            f"(n ≤ B/q), and δ = {g(r.delta)} < 1/n for all.")
