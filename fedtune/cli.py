@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,  # a traceback must never print local values (keys, paths, data)
     help="Federated, differentially private LoRA fine-tuning on Flower, peft and Opacus.",
 )
 console = Console(stderr=True)
@@ -298,6 +299,11 @@ def _run_guarded(action, simulation: bool = False) -> None:
         action()
     except FedtuneError as err:
         console.print(f"[bold red]Error:[/bold red] {escape(explain(str(err)))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as err:  # e.g. --out under a file or on a read-only disk; writes are atomic, nothing is half-written
+        where = f" {err.filename}" if err.filename else ""
+        console.print(f"[bold red]Error:[/bold red] cannot use{escape(where)}: {escape(err.strerror or str(err))}. "
+                      "Check the path and its permissions, and that the disk has room.", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("Interrupted. Finished rounds are saved; continue with `fedtune simulate --resume RUN_DIR`.")

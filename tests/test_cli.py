@@ -39,3 +39,23 @@ def test_resuming_a_run_with_a_damaged_ledger_changes_nothing(tmp_path):
     result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path), "--rounds", "5"])
     assert result.exit_code == 2 and "is damaged" in result.output and "Traceback" not in result.output
     assert (run.path / "config.toml").read_bytes() == before
+
+
+def test_an_out_directory_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, no_federation):
+    """An --out under a file used to end in hundreds of lines of traceback with local variables."""
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "run"
+    result = CliRunner().invoke(cli, ["simulate", "--clients", "2", "--examples", "40", "--out", str(out)])
+    assert result.exit_code == 2 and not no_federation
+    said = " ".join(result.stderr.split())
+    assert f"Error: cannot use {out}" in said and "Traceback" not in result.output
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+
+
+def test_a_message_with_markup_like_text_is_printed_as_it_is(tmp_path, no_federation):
+    weird = tmp_path / "[bold]notes.csv"
+    weird.write_text("text,label\nchest pain,urgent\ncough,routine\n")
+    result = CliRunner().invoke(cli, ["simulate", "--data", str(weird), "--text-column", "[/b]",
+                                      "--out", str(tmp_path / "run")])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "[bold]notes.csv" in said and "[/b]" in said, said

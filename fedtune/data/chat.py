@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from fedtune.config import DataConfig
 from fedtune.data.instruct import Conversation, InstructData
 from fedtune.data.summary import partition_summary
-from fedtune.data.text import IGNORE_INDEX
+from fedtune.data.text import CHARS_PER_TOKEN, IGNORE_INDEX
 from fedtune.errors import DataError
 
 
@@ -69,18 +69,38 @@ def encode_chat(tokenizer, chat: Conversation) -> tuple[list[int], list[int]]:
 
 def tokenize_chats(tokenizer, chats: Sequence[Conversation], max_length: int) -> TokenizedChats:
     """Tokenize once, keeping the first `max_length` tokens; counts conversations that were longer.
-    A conversation cut inside its prompt keeps no labelled token, so it adds nothing to the loss."""
+    A conversation cut inside its prompt keeps no labelled token, so it adds nothing to the loss.
+    Each turn is first cut to what max_length tokens can span (data/text.py's CHARS_PER_TOKEN), so
+    memory is bounded by max_length, not by the longest text."""
     ids, labels, truncated = [], [], 0
     for chat in chats:
-        chat_ids, chat_labels = encode_chat(tokenizer, chat)
-        truncated += len(chat_ids) > max_length
+        cut = cut_turns(chat, max_length)
+        chat_ids, chat_labels = encode_chat(tokenizer, cut)
+        truncated += len(chat_ids) > max_length or cut is not chat
         ids.append(tuple(chat_ids[:max_length]))
         labels.append(tuple(chat_labels[:max_length]))
     return TokenizedChats(tuple(ids), tuple(labels), truncated)
 
 
+def cut_turns(chat: Conversation, max_length: int) -> Conversation:
+    """`chat` with each turn cut to max_length x CHARS_PER_TOKEN characters (`chat` itself if none
+    is longer). A turn that long holds at least max_length tokens, so what is cut lies past the
+    first max_length tokens of the conversation, which is all that is kept."""
+    limit = max_length * CHARS_PER_TOKEN
+    if all(len(content) <= limit for _, content in chat.turns):
+        return chat
+    return Conversation(tuple((role, content[:limit]) for role, content in chat.turns))
+
+
+def _token_count(tokenizer, chat: Conversation, max_length: int) -> int:
+    """Tokens of `chat`, counted on its cut turns; a cut one counts as at least max_length + 1 (truncated)."""
+    cut = cut_turns(chat, max_length)
+    count = len(encode_chat(tokenizer, cut)[0])
+    return count if cut is chat else max(count, max_length + 1)
+
+
 def chat_summary(fed: InstructData, data: DataConfig, tokenizer, max_length: int) -> dict[str, Any]:
     """The partition summary of data/summary.py for instruction data: conversations per client, the
     demo's urgency mix, and conversations longer than `max_length` tokens."""
-    lengths = [len(encode_chat(tokenizer, chat)[0]) for chat in fed.chats]
+    lengths = [_token_count(tokenizer, chat, max_length) for chat in fed.chats]
     return partition_summary(fed, dataclasses.replace(data, partition=fed.partition), lengths, max_length)

@@ -145,6 +145,7 @@ class LocalFederation:
     def prepare(self, names: Sequence[str]) -> None:
         """Certificates, one key pair per institution, the flwr connection, free ports."""
         self.port, *ports = free_ports(1 + len(names))
+        private_dir(self.coordinator)  # superlink.db, the SuperExec secret and the flwr home: the coordinator's only
         make_dev_certificates(self.certs)
         (self.coordinator / "keys").mkdir(parents=True, exist_ok=True)
         for name, port in zip(names, ports, strict=True):
@@ -159,7 +160,7 @@ class LocalFederation:
         """An institution's directory: it makes its own key pair and loopback TLS certificate and
         receives the CA certificate; only its public key goes to the coordinator."""
         inst = Institution(name, self.work / name, runtime_port or free_ports(1)[0])
-        inst.directory.mkdir(parents=True, exist_ok=False)
+        private_dir(inst.directory, exist_ok=False)  # its key, node config and privacy state: its own only
         make_node_key_pair(inst.directory, name)
         make_dev_certificates(inst.directory / "runtime-tls")  # its SuperNode's own loopback API
         shutil.copy(self.certs / "ca.crt", inst.directory / "ca.crt")
@@ -257,7 +258,7 @@ class LocalFederation:
         added to `node_config`."""
         inst = self.institutions[name]
         config = {"client-name": name, "state-dir": str(inst.state_dir), **node_config}
-        inst.node_config.write_text(tomli_w.dumps(config))
+        write_private(inst.node_config, tomli_w.dumps(config))
         tls = inst.directory / "runtime-tls"
         secret = write_secret(inst.superexec_secret) if not inst.superexec_secret.exists() else inst.superexec_secret
         argv = [tool("flower-supernode"),
@@ -320,6 +321,22 @@ class LocalFederation:
 
 def superexec_name(owner: str) -> str:
     return f"{owner}-superexec"
+
+
+def private_dir(path: Path, exist_ok: bool = True) -> Path:
+    """A directory only its owner can enter (0700), parents made as usual. What Flower creates in it
+    later with its own mode (superlink.db) is then out of other users' reach too."""
+    path.mkdir(parents=True, exist_ok=exist_ok)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (0600) from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    path.chmod(0o600)  # an existing file keeps its old mode through O_CREAT
 
 
 def write_secret(path: Path) -> Path:

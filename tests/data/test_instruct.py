@@ -123,3 +123,31 @@ def test_federated_split_is_disjoint_and_files_are_split_iid(tmp_path):
     assert federated_instructions(DataConfig(path=str(path)), 2, 0).partition == "iid"
     with pytest.raises(DataError, match="data.partition to `iid`"):
         federated_instructions(DataConfig(path=str(path), partition="shard"), 2, 0)
+
+
+def test_a_huge_turn_is_cut_before_the_chat_template_sees_it(tokenizer):
+    """Memory follows max_length, not the text (issue: a 50 MB text took 11 GB in a worker): the
+    tokenizer only ever sees max_length x CHARS_PER_TOKEN characters of a turn, and the tokens kept
+    are exactly those of the whole conversation."""
+    from fedtune.data.chat import _token_count, cut_turns
+    from fedtune.data.text import CHARS_PER_TOKEN
+
+    huge = Conversation((("user", "chest pain and fever " * 40_000), ("assistant", "Emergency: call now.")))
+    seen: list[int] = []
+    render = tokenizer.apply_chat_template
+
+    class Watching:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def apply_chat_template(self, messages, **kwargs):
+            seen.append(max(len(m["content"]) for m in messages))
+            return render(messages, **kwargs)
+
+    data = tokenize_chats(Watching(), [huge], max_length=32)
+    assert max(seen) <= 32 * CHARS_PER_TOKEN < len(huge.turns[0][1])
+    full_ids, full_labels = encode_chat(tokenizer, huge)
+    assert data.input_ids[0] == tuple(full_ids[:32]) and data.labels[0] == tuple(full_labels[:32])
+    assert data.num_truncated == 1 and _token_count(tokenizer, huge, 32) > 32
+    short = Conversation((("user", "cough"), ("assistant", "Self-care.")))
+    assert cut_turns(short, 32) is short

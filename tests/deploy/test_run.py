@@ -37,10 +37,19 @@ def test_run_options_reach_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("nodes", [0, 27])
-def test_node_count_is_checked_before_anything_is_made(tmp_path, nodes):
-    with pytest.raises(ConfigError, match="--nodes"):
-        prepare_run(nodes, tmp_path / "run", None)
-    assert not (tmp_path / "run").exists()
+def test_node_count_is_checked_before_anything_is_made(tmp_path, nodes, monkeypatch):
+    """Through the whole command: a bad count exits 2 with no run directory and no process started
+    (27 is a valid config otherwise, so without the check a deployment would start)."""
+    from rich.console import Console
+
+    from fedtune.deploy import run as deploy_run
+
+    started = []
+    monkeypatch.setattr(deploy_run.ProcessSet, "start", lambda self, *a, **kw: started.append(a))
+    console = Console(record=True, width=200)
+    run_dir, status = deploy_run.deploy_local(nodes, tmp_path / "run", None, 5.0, console)
+    assert (run_dir, status, started) == (None, 2, [])
+    assert "--nodes" in console.export_text() and not (tmp_path / "run").exists()
 
 
 def test_names_and_ports():
