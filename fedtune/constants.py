@@ -46,6 +46,7 @@ CLIENT_NAME = "name"
 STATUS = "status"
 REASON = "reason"  # why a client refused, or failed after training (one line)
 ADOPTED_LEDGER_SPENDING = "adopted_ledger_spending"  # 1: the node lost its state and its operator adopted the ledger's
+UNRECORDED = "unrecorded"  # JSON: the client's own ledger entries for spending the server's record lacks
 POLICY = "policy"  # whose privacy policy the client applied: "node config" or "run config" (privacy/policy.py)
 LORA_RANK = "lora_rank"  # heterogeneous ranks: the rank the client trains (the server sends it that rank next)
 STATUS_TRAINED = "trained"

@@ -11,6 +11,7 @@ ClientApp serves `fedtune simulate` and `flwr run`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from fedtune.client.state import (
     save_state,
     spent_on_ledger,
     state_lock,
+    unrecorded,
 )
 from fedtune.client.train import lora_weights, moved, train_round
 from fedtune.config import FedtuneConfig
@@ -138,6 +140,9 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
     else:
         round_ = _Round(msg, context, cfg, name, policy, server_round, n)
+    late = unrecorded(state, ledger)  # spending the server's ledger never recorded: reported with this reply
+    if late:
+        round_ = dataclasses.replace(round_, late=tuple(late))
     refusal = policy.refusal(cfg.dp, n) or (lost and f"{lost}. To continue from the ledger's record, set "
                                                      f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config")
     if refusal:  # its ε is reported from the fuller record, so the ledger never shows it lower
@@ -189,6 +194,7 @@ class _Round:
     server_round: int
     num_examples: int
     notes: dict[str, int] = dataclasses.field(default_factory=dict)  # also in its ledger entry
+    late: tuple[LedgerEntry, ...] = ()  # its own entries for spending the server has not recorded
 
     def without_training(self, state: ClientState, status: str, history: History, reason: str = "") -> Message:
         metrics = _report(self.cfg, history, self.num_examples, float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
@@ -201,7 +207,8 @@ class _Round:
             adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING))))
         save_state(self.context, self.name, self.policy.state_dir, state)
         client = {k.CLIENT_NAME: self.name, k.STATUS: status, k.POLICY: self.policy.source,
-                  **({k.REASON: reason} if reason else {}), **self.notes, **(info or {})}
+                  **({k.REASON: reason} if reason else {}), **self.notes, **(info or {}),
+                  **({k.UNRECORDED: json.dumps([e.to_dict() for e in self.late])} if self.late else {})}
         content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord(client)})
         if arrays is not None:
             content[k.ARRAYS] = arrays

@@ -101,6 +101,23 @@ def known_history(state: ClientState, ledger: History) -> History:
     return ledger if steps_in(ledger) > steps_in(state.history) else state.history
 
 
+def unrecorded(state: ClientState, ledger: History) -> list[LedgerEntry]:
+    """This client's own entries for spending that the server's record of it (`ledger`) lacks: the
+    newest entries that took steps, as many as add up exactly to the steps it is short of. That
+    happens when the server stopped before it recorded a reply (a crash during training), or when
+    this institution's state directory carried spending from another run. Empty when the record is
+    short of nothing, or when no newest entries add up to what it is short of."""
+    missing = steps_in(state.history) - steps_in(ledger)
+    picked: list[LedgerEntry] = []
+    for entry in reversed(state.ledger):
+        if missing <= 0:
+            break
+        if entry.steps:
+            picked.append(entry)
+            missing -= entry.steps
+    return picked[::-1] if missing == 0 else []
+
+
 def lost_spending(state: ClientState, ledger: History) -> str | None:
     """Why this node's own state cannot be the whole of its spending: it holds fewer DP-SGD steps
     than the server's ledger records for it (a deleted file, a new machine); None when it holds at

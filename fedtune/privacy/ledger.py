@@ -59,6 +59,10 @@ class LedgerEntry:
     state_lost: bool = False  # the ε it reported is below the ledger's own recomputation (server/spending.py)
     epsilon_recomputed: float | None = None  # that recomputation
     interrupted: bool = False  # reported in a round that was never committed: the spending still counts
+    # Reported by the client after the fact (PrivacyLedger.record_late): spending the server had no
+    # record of, from a reply it never got (a crash during training) or, with the same state
+    # directory, from another run. Its steps count like any other.
+    recorded_late: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as found
 
     @classmethod
@@ -119,13 +123,14 @@ class LedgerEntry:
             values[key] = _number(rest.pop(key, None), key)
         for key in ("reason", "policy"):
             values[key] = _text(rest.pop(key, None), key)
-        for key in ("adopted_ledger_spending", "state_lost", "interrupted"):
+        for key in ("adopted_ledger_spending", "state_lost", "interrupted", "recorded_late"):
             values[key] = bool(rest.pop(key, False))  # the client wrote adopted_ledger_spending as 1
         return cls(**values, extra=rest)
 
 
 _FIGURES = ("num_examples", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "epsilon")
-_NOTES = ("reason", "policy", "adopted_ledger_spending", "state_lost", "epsilon_recomputed", "interrupted")
+_NOTES = ("reason", "policy", "adopted_ledger_spending", "state_lost", "epsilon_recomputed", "interrupted",
+          "recorded_late")
 
 
 def client_notes(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,6 +206,15 @@ class PrivacyLedger:
                                         adopted_ledger_spending=adopted_ledger_spending)
         self._append(client, entry)
         return entry
+
+    def record_late(self, client: str, entries: Iterable[LedgerEntry]) -> None:
+        """Entries `client` reports for spending this ledger has no record of (client/state.py's
+        `unrecorded`): each kept as the client wrote it, marked recorded_late, so that the steps on
+        record add up to what the client spent. Entries without steps add nothing and are left out."""
+        for entry in entries:
+            if entry.steps and entry.reported:
+                self._append(client, dataclasses.replace(entry, accountant=entry.accountant or self.accountant,
+                                                         recorded_late=True))
 
     def record_failure(self, client: str, round_: int, reason: str) -> None:
         """`client` did not answer `round_` (no reply, an error reply, a reply refused before its

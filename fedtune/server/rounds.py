@@ -9,6 +9,7 @@ strategy or strategy wrapper plugs in unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import threading
@@ -36,7 +37,7 @@ from rich.progress import (
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
-from fedtune.privacy.ledger import PrivacyLedger, client_notes
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, client_notes
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
@@ -170,7 +171,22 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             info = reply.content[k.CLIENT_INFO]
             name = str(info[k.CLIENT_NAME])
             _learn_name(ledger, node_names, node, name)
+            ledger.record_late(name, unrecorded_entries(info))  # before this round's entry: they came first
             ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
+
+
+def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
+    """The entries a reply reports for spending the ledger has no record of (k.UNRECORDED); none
+    when it reports none, or reports them malformed: a client can only add to its own record, so a
+    bad list is dropped rather than failing the round."""
+    text = info.get(k.UNRECORDED)
+    if not isinstance(text, str):
+        return []
+    try:
+        rows = json.loads(text)
+        return [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
+    except (ValueError, KeyError, TypeError):
+        return []
 
 
 def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:

@@ -106,3 +106,31 @@ def test_training_that_moves_no_lora_weight_fails_closed_and_keeps_its_spending(
     assert status == k.STATUS_FAILED and "#820" in reason
     assert k.ARRAYS not in reply.content and reply.content[k.METRICS][k.STEPS] == 4
     assert load_state(_context(), "client-0000", str(tmp_path)).history == [(1.0, 0.25, 4)]
+
+
+def test_spending_the_server_never_recorded_is_reported_and_recorded_late(tmp_path):
+    """Issue: after a crash during training the ledger held 3 rounds' steps where 4 were run. The
+    client now reports its own entries for what the ledger lacks, and the ledger records them."""
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.server.rounds import record_privacy
+
+    cfg, node = _cfg(), {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
+    lost = client_app.train(_message(cfg, str(tmp_path)), _context(**node))  # its reply never reaches the ledger
+    assert _status(lost)[0] == k.STATUS_TRAINED and k.UNRECORDED not in lost.content[k.CLIENT_INFO]
+    again = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 2}), _context(**node))
+    late = json.loads(again.content[k.CLIENT_INFO][k.UNRECORDED])
+    assert [(e["round"], e["steps"]) for e in late] == [(1, lost.content[k.METRICS][k.STEPS])]
+
+    ledger = PrivacyLedger(cfg.dp.accountant, True)
+    again.metadata.__dict__["_src_node_id"] = 7  # as the SuperLink sets it
+    record_privacy(ledger, 2, [again], {})
+    entries = ledger.entries("client-0000")
+    assert [(e.round, e.recorded_late) for e in entries] == [(1, True), (2, False)]
+    history = load_state(_context(**node), "client-0000", str(tmp_path)).history
+    assert sum(s for _, _, s in ledger.spent("client-0000")) == sum(s for _, _, s in history)
+
+    # Once the ledger has it, nothing more is reported.
+    spent = [[e.noise_multiplier, e.sample_rate, e.steps] for e in entries]
+    third = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 3, k.LEDGER_SPENT: json.dumps(spent)}),
+                             _context(**node))
+    assert _status(third)[0] == k.STATUS_TRAINED and k.UNRECORDED not in third.content[k.CLIENT_INFO]

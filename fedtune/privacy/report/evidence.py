@@ -153,6 +153,8 @@ def detail(r: ReportData) -> list[Block]:
 
 def _note(entry: dict[str, Any]) -> str:
     notes = ["interrupted before commit" if entry.get("interrupted") else "",
+             "reported late: spent before the server recorded it (a reply it never got, or another run with "
+             "the same state directory)" if entry.get("recorded_late") else "",
              "reported ε below the ledger's record (state lost)" if entry.get("state_lost") else "",
              "continued from the ledger's record (adopt-ledger-spending)"
              if entry.get("adopted_ledger_spending") else "",
