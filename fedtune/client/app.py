@@ -28,6 +28,7 @@ from fedtune.client.mods import client_clipping_mod
 from fedtune.client.secagg import secagg_mod
 from fedtune.client.state import (
     ClientState,
+    DamagedState,
     known_history,
     load_state,
     lost_spending,
@@ -131,7 +132,13 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
            policy: PrivacyPolicy) -> Message:
     train_data, _ = local_data(cfg, context)
     n, server_round = len(train_data), int(record[k.SERVER_ROUND])
-    state = load_state(context, name, policy.state_dir)
+    try:
+        state = load_state(context, name, policy.state_dir)
+    except DamagedState as err:  # refused, and the file is left as it is: never overwritten with less
+        known = spent_on_ledger(record)
+        metrics = _report(cfg, known, n, float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
+        return _Round(msg, context, cfg, name, policy, server_round, n).reply(k.STATUS_REFUSED, metrics,
+                                                                                reason=str(err))
     cfg = _round_config(cfg, record, state, n)
     ledger = spent_on_ledger(record)
     lost = lost_spending(state, ledger)
@@ -206,6 +213,11 @@ class _Round:
             self.server_round, status, metrics, self.cfg.dp.accountant, reason=reason,
             adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING))))
         save_state(self.context, self.name, self.policy.state_dir, state)
+        return self.reply(status, metrics, arrays, reason, info)
+
+    def reply(self, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None, reason: str = "",
+              info: dict[str, int] | None = None) -> Message:
+        """The reply alone, with nothing recorded (finish records first)."""
         client = {k.CLIENT_NAME: self.name, k.STATUS: status, k.POLICY: self.policy.source,
                   **({k.REASON: reason} if reason else {}), **self.notes, **(info or {}),
                   **({k.UNRECORDED: json.dumps([e.to_dict() for e in self.late])} if self.late else {})}

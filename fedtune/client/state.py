@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context
 
 from fedtune import constants as k
 from fedtune.durable import write_json_atomic
+from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import History, normalize
 from fedtune.privacy.ledger import LedgerEntry
 
@@ -68,10 +69,21 @@ def state_lock(directory: str, client: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class DamagedState(FedtuneError):
+    """The client's state file cannot be read: its spending is unknown."""
+
+
 def load_state(context: Context, client: str, directory: str) -> ClientState:
     path = _state_file(directory, client)
     if path is not None and path.is_file():
-        return ClientState.from_dict(json.loads(path.read_text()))
+        try:
+            return ClientState.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON and Unicode errors are ValueErrors
+            raise DamagedState(
+                f"this node's privacy state file {path} is damaged ({type(err).__name__}), so what it spent is "
+                "unknown; the file is left as it is. Restore it from a backup; or move it away and set "
+                f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config to continue from the server's "
+                "ledger record") from err
     if k.CLIENT_STATE in context.state:
         return ClientState.from_dict(json.loads(context.state[k.CLIENT_STATE]["json"]))
     return ClientState()

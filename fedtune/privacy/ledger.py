@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,15 @@ from fedtune.privacy.policy import SOURCES as POLICY_SOURCES
 LEDGER = "privacy_ledger.json"  # in the run directory
 UNIT = "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"
 MAX_REASON = 500  # characters of a client's stated reason kept in an entry
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour codes, as Ray's tracebacks carry them
+
+
+def one_line(reason: str) -> str:
+    """A failure reason as the ledger keeps it: without colour codes, and of a multi-line text (a
+    traceback) only its last line, the exception itself; at most MAX_REASON characters."""
+    lines = [" ".join(line.split()) for line in ANSI.sub("", reason).splitlines()]
+    lines = [line for line in lines if line]
+    return (lines[-1] if lines else "")[:MAX_REASON]
 
 
 @dataclass(frozen=True)
@@ -219,7 +229,7 @@ class PrivacyLedger:
     def record_failure(self, client: str, round_: int, reason: str) -> None:
         """`client` did not answer `round_` (no reply, an error reply, a reply refused before its
         figures could be read), for `reason`: it reported nothing."""
-        self._append(client, LedgerEntry(round_, k.STATUS_FAILED, self.accountant, reason=reason))
+        self._append(client, LedgerEntry(round_, k.STATUS_FAILED, self.accountant, reason=one_line(reason)))
 
     def record_exclusion(self, client: str, round_: int, reason: str) -> None:
         """`client` was not asked to train in `round_`, for `reason` (server/identity.py)."""

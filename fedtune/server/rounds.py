@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from rich.progress import (
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError
-from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, client_notes
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, client_notes, one_line
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
@@ -50,6 +51,7 @@ from fedtune.tasks.base import Scores
 PULL_INTERVAL_S = 0.1
 NO_REPLY = "no reply before timeout (round_timeout_s)"
 NOT_SENT = "the message could not be sent to the node"
+FAILURES_LOG = "failures.log"  # in the run directory: the whole text of failures the ledger keeps one line of
 
 
 @dataclass
@@ -173,6 +175,16 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             _learn_name(ledger, node_names, node, name)
             ledger.record_late(name, unrecorded_entries(info))  # before this round's entry: they came first
             ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
+
+
+def _log_failures(log: Path, round_: int, replies: list[Message], node_names: dict[int, str]) -> None:
+    """The whole text of each failure whose ledger entry keeps one line of it (a worker's traceback)."""
+    long = [(r.metadata.src_node_id, r.error.reason) for r in replies
+            if r.has_error() and one_line(r.error.reason) != r.error.reason.strip()]
+    if long:
+        with log.open("a", encoding="utf-8") as out:
+            for node, reason in long:
+                out.write(f"--- round {round_}, {node_names.get(node, f'node-{node}')}\n{reason.rstrip()}\n")
 
 
 def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
@@ -345,6 +357,7 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
                                          schedule=Schedule.of(cfg, float(config[k.LEARNING_RATE]), mu))
     replies = _refuse_misnamed(replies, registry, messages)
     record_privacy(ledger, round_, replies, state.node_names, refused)
+    _log_failures(inputs.run.path / FAILURES_LOG, round_, replies, state.node_names)
     for name in flag_lost_state(ledger, round_, cfg.dp.delta):
         inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
                              "its privacy state was lost (marked state_lost in the ledger)",

@@ -134,3 +134,13 @@ def test_spending_the_server_never_recorded_is_reported_and_recorded_late(tmp_pa
     third = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 3, k.LEDGER_SPENT: json.dumps(spent)}),
                              _context(**node))
     assert _status(third)[0] == k.STATUS_TRAINED and k.UNRECORDED not in third.content[k.CLIENT_INFO]
+
+
+def test_a_damaged_state_file_is_named_refused_and_left_as_it_is(tmp_path):
+    cfg, node = _cfg(), {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
+    damaged = tmp_path / "client-0000.json"
+    damaged.write_text('{"history": [[1.0, 0.25')
+    reply = client_app.train(_message(cfg, str(tmp_path)), _context(**node))
+    status, reason = _status(reply)
+    assert status == k.STATUS_REFUSED and str(damaged) in reason and "damaged" in reason
+    assert damaged.read_text() == '{"history": [[1.0, 0.25' and k.ARRAYS not in reply.content

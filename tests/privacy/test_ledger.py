@@ -130,3 +130,14 @@ def test_an_entry_round_trips_on_its_own():
     assert LedgerEntry.from_dict(entry.to_dict()) == entry, "the client's own ledger names no accountant"
     assert set(entry.to_dict()) == {"round", "status", "num_examples", "noise_multiplier", "max_grad_norm",
                                     "sample_rate", "steps", "delta", "epsilon", "epsilon_rdp", "reason"}
+
+
+def test_a_failure_keeps_one_line_of_a_coloured_traceback():
+    from fedtune.privacy.ledger import one_line
+
+    traceback = ("\x1b[31mTraceback (most recent call last):\x1b[0m\n  File \"worker.py\", line 3, in run\n"
+                 "    train()\n\x1b[1mRuntimeError: CUDA out of memory\x1b[0m\n\n")
+    ledger = PrivacyLedger("rdp", True)
+    ledger.record_failure("clinic-a", 2, traceback)
+    assert ledger.entries("clinic-a")[0].reason == "RuntimeError: CUDA out of memory"
+    assert one_line("no reply before timeout") == "no reply before timeout"

@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from fedtune import constants as k
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedtune.server.rounds import NO_REPLY, NOT_SENT, exchange, record_privacy
+from fedtune.server.rounds import NO_REPLY, NOT_SENT, exchange, failed_reply, record_privacy
 
 pytestmark = pytest.mark.usefixtures("in_flower_run")
 
@@ -178,3 +178,20 @@ def test_a_refused_update_is_left_out_but_its_spent_epsilon_stays_in_the_ledger(
     assert entry.reason.startswith("update rejected: w has NaN")
     assert [e.status for e in ledger.clients["node-3"]] == ["failed"]
     assert ledger.epsilon_max() == 1.5
+
+
+def test_the_whole_traceback_goes_to_the_failures_log_and_one_line_to_the_ledger(tmp_path):
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.server.rounds import FAILURES_LOG, _log_failures
+
+    sent = Message(RecordDict(), dst_node_id=3, message_type="train")
+    sent.metadata.__dict__["_message_id"] = "m3"
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\nMemoryError: worker killed"
+    replies = [failed_reply(sent, trace), failed_reply(sent, NO_REPLY)]
+    for reply in replies:
+        reply.metadata.__dict__["_src_node_id"] = 3
+    ledger = PrivacyLedger("rdp", True)
+    record_privacy(ledger, 1, replies, {3: "clinic-c"})
+    _log_failures(tmp_path / FAILURES_LOG, 1, replies, {3: "clinic-c"})
+    assert [e.reason for e in ledger.entries("clinic-c")] == ["MemoryError: worker killed", NO_REPLY]
+    assert (tmp_path / FAILURES_LOG).read_text() == f"--- round 1, clinic-c\n{trace}\n"
