@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 from rich.console import Console
 
@@ -39,6 +41,27 @@ def simulation_workers(cfg: FedtuneConfig) -> int:
     return max(workers, 1)
 
 
+def require_ray_token() -> None:
+    """Make the Ray that the simulation starts refuse every caller without this process's token.
+
+    Ray's servers (GCS, raylets, workers) listen on every interface, and Ray 2.55 has no option to
+    bind them to loopback; anyone who could reach a port could submit work to the cluster, and read
+    what the clients hold. Ray's token authentication (RAY_AUTH_MODE=token) makes each of them
+    refuse a call without the token. The token is random, made once per process (Ray's loader
+    caches the first one it reads, so a second simulation in this process must use the same), and
+    lives only in the environment of this process and of the workers Ray starts from it. A user's
+    own Ray authentication settings are left as they are."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = _process_token()
+
+
+@lru_cache(maxsize=1)
+def _process_token() -> str:
+    return secrets.token_hex(32)
+
+
 class _DropDeprecationNotice(logging.Filter):
     # Flower marks its Python simulation entry point deprecated in favour of `flwr run`; fedtune
     # offers both, so the notice would only confuse a `fedtune simulate` user.
@@ -60,6 +83,7 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     the main thread, for a ServerApp that does not return."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    require_ray_token()
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import app as client_app
