@@ -22,7 +22,11 @@ def backend_config(cfg: FedtuneConfig) -> dict:
     cpus = os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": min(cfg.num_cpus_per_client, cpus),
-                             "num_gpus": 1.0 if cfg.model.device == "cuda" else 0.0},
+                             "num_gpus": 1.0 if cfg.model.device == "cuda" else 0.0,
+                             # Flower passes these to the worker actors' Ray options: a worker that dies
+                             # (killed for memory, say) is restarted, so later rounds have their clients
+                             # again; the message it held fails, and the round's quorum check counts it.
+                             "max_restarts": -1},
         # No runtime_env here: Flower's RayBackend passes its own to ray.init, and a second one
         # fails the start ("multiple values for keyword argument 'runtime_env'").
         "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},

@@ -44,7 +44,7 @@ def test_cuda_gives_each_worker_a_whole_gpu_and_no_more_workers_than_gpus(monkey
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     cuda = FedtuneConfig().with_overrides({"model.device": "cuda"})
-    assert backend_config(cuda)["client_resources"] == {"num_cpus": 1, "num_gpus": 1.0}
+    assert backend_config(cuda)["client_resources"] == {"num_cpus": 1, "num_gpus": 1.0, "max_restarts": -1}
     assert simulation_workers(cuda) == 2  # Ray fits 2 one-GPU workers, not 16 one-CPU ones
     cpu = FedtuneConfig()
     assert backend_config(cpu)["client_resources"]["num_gpus"] == 0.0 and simulation_workers(cpu) == 16
