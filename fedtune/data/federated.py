@@ -40,6 +40,7 @@ class FederatedData:
     clients: tuple[ClientSplit, ...]
     client_ids: tuple[str, ...] = ()  # partition `column`: each client's value of data.partition_column
     skipped: tuple[str, ...] = ()  # invalid records left out of the data (data.skip_invalid_rows)
+    notes: tuple[str, ...] = ()  # warnings about the values read (data/loaders.py)
     canaries: Canaries | None = None  # the privacy audit's canaries (data.canaries); members are in the records
 
     def select(self, indices) -> Texts:
@@ -120,6 +121,7 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
     names = label_names(data)
     groups: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
     if data.source == "demo":
         examples = make_demo_dataset(data.demo_examples, seed=seed)
         texts = tuple(e.text for e in examples)
@@ -127,14 +129,14 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
     else:
         records = source_records(data)
         texts, labels, groups = records.texts, tuple(encode_labels(records, names)), records.groups
-        skipped = records.skipped
+        skipped, notes = records.skipped, records.notes
     pool, test = holdout_split(len(texts), data.test_fraction, seed)
     parts = partition_indices(labels, pool, num_clients, data.partition, data.alpha, seed, groups=groups,
                               group_column=data.partition_column, shards_per_client=data.shards_per_client)
     splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
     client_ids = tuple(groups[p[0]] for p in parts) if data.partition == "column" else ()
-    fed = FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped)
+    fed = FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped, notes=notes)
     return with_canaries(fed, data.canaries, data.canary_repeats, seed) if data.canaries else fed
 
 

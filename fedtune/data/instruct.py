@@ -197,6 +197,10 @@ class InstructData:
     def client_ids(self) -> tuple[str, ...]:  # no partition by column for instruction records
         return ()
 
+    @property
+    def notes(self) -> tuple[str, ...]:  # no label column to warn about
+        return ()
+
 
 @lru_cache(maxsize=4)
 def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> InstructData:

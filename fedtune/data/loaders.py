@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class LabeledTexts:
     labels: tuple[str, ...]
     groups: tuple[str, ...] = ()  # values of data.partition_column, when it is set
     skipped: tuple[str, ...] = ()  # invalid records left out (data.skip_invalid_rows), described
+    notes: tuple[str, ...] = ()  # what the reader should know about the values (mixed label types)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -144,14 +146,27 @@ def _is_missing(value: Any) -> bool:
 
 
 def _as_name(value: Any) -> str | None:
-    """A label or group value as a name: 3 and 3.0 both become '3'; None if it is not a scalar."""
+    """A label or group value as a name, the same whichever format it came in: 3, 3.0 and the text
+    "3.0" (a CSV cell) all become '3'; None if it is not a scalar."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, str) and WHOLE_NUMBER.fullmatch(value.strip()):
+        return value.strip().split(".")[0]
     if isinstance(value, int | float | str):
         return str(value).strip()
     return None
+
+
+WHOLE_NUMBER = re.compile(r"-?\d+\.0+")  # a whole number written with a decimal point, e.g. "2.0"
+
+
+def _kinds(values: Sequence[Any]) -> list[str]:
+    """The kinds of value in a column, in words, when it mixes them (true/false, numbers, text)."""
+    kinds = {"true/false" if isinstance(v, bool) else "numbers" if isinstance(v, int | float) else "text"
+             for v in values if not _is_missing(v)}
+    return sorted(kinds) if len(kinds) > 1 else []
 
 
 @dataclass
@@ -214,7 +229,15 @@ def _finish(cfg: DataConfig, table: _Table) -> LabeledTexts:
     return LabeledTexts(name, unit, tuple(table.numbers[i] for i in kept), tuple(str(texts[i]) for i in kept),
                         tuple(converted[cfg.label_column][i] for i in kept),  # type: ignore[misc]
                         tuple(converted[cfg.partition_column][i] for i in kept) if cfg.partition_column else (),
-                        skipped)
+                        skipped, _label_notes(cfg, table))
+
+
+def _label_notes(cfg: DataConfig, table: _Table) -> tuple[str, ...]:
+    mixed = _kinds(table.values[cfg.label_column])
+    if not mixed:
+        return ()
+    return (f"column `{cfg.label_column}` of {table.name} mixes {' and '.join(mixed)}; each value became a label "
+            "name as written (true -> `true`, 2.0 -> `2`): check that the labels are the classes you meant",)
 
 
 # ---- formats -------------------------------------------------------------------------------------

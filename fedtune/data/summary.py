@@ -35,6 +35,7 @@ class Partitioned(Protocol):
     clients: tuple[ClientSplit, ...]
     client_ids: tuple[str, ...]  # partition `column`: each client's value of data.partition_column
     skipped: tuple[str, ...]
+    notes: tuple[str, ...]  # warnings about the values read
 
 
 def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int], max_length: int) -> dict[str, Any]:
@@ -61,6 +62,7 @@ def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int]
         "partition": {"method": data.partition, **method},
         "examples": len(fed.groups),
         "skipped": list(fed.skipped),
+        "notes": list(fed.notes),
         "max_length": max_length,
         "truncated": sum(n > max_length for n in lengths),
         "longest_tokens": max(lengths, default=0),
@@ -92,6 +94,7 @@ def summary_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
                      f"largest label's share: median {statistics.median(shares):.2f}, max {max(shares):.2f}")
         lines.append(f"  per-client counts: {SUMMARY_FILE} and {PLOT_FILE} in the run directory")
     warnings = [f"left out invalid records (data.skip_invalid_rows): {item}" for item in summary["skipped"]]
+    warnings += summary.get("notes", [])
     if summary["truncated"]:
         share = summary["truncated"] / summary["examples"]
         warnings.append(f"{summary['truncated']} of {summary['examples']} texts ({share:.1%}) are longer than "

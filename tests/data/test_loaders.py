@@ -298,3 +298,21 @@ def test_lines_with_malformed_rows(rows, separator):
         path = Path(tmp) / "d.txt"
         path.write_text("".join(f"{t or ''}{separator}{y or ''}\n" for t, y in rows), encoding="utf-8")
         _check(path, rows, list(range(1, len(rows) + 1)), {"separator": separator}, expect_text=str.strip)
+
+
+def test_labels_read_the_same_from_csv_and_jsonl_and_mixed_types_are_warned_about(tmp_path):
+    """CSV used to keep "2" and "2.0" as two classes where JSON Lines merged them, and a JSON true
+    became a class without a word."""
+    from fedtune.config import DataConfig
+    from fedtune.data.loaders import load_labeled_texts
+
+    csv_file = tmp_path / "notes.csv"
+    csv_file.write_text("text,label\na,2\nb,2.0\nc,3\n")
+    jsonl_file = tmp_path / "notes.jsonl"
+    jsonl_file.write_text('{"text": "a", "label": 2}\n{"text": "b", "label": 2.0}\n{"text": "c", "label": "3"}\n'
+                          '{"text": "d", "label": true}\n')
+    from_csv = load_labeled_texts(DataConfig(path=str(csv_file)))
+    from_jsonl = load_labeled_texts(DataConfig(path=str(jsonl_file)))
+    assert from_csv.labels == ("2", "2", "3") and from_csv.notes == ()
+    assert from_jsonl.labels == ("2", "2", "3", "true")
+    assert len(from_jsonl.notes) == 1 and "mixes numbers and text and true/false" in from_jsonl.notes[0]
