@@ -102,8 +102,10 @@ class ProcessSet:
         self.stop(list(self.started), grace_s)
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes of this set still alive (for checks after stop_all)."""
-        return [p for started in self.started.values() for p in _tree(started.pid) if _alive(p)]
+        """Processes of this set still alive (for checks after stop_all): each started one and its
+        descendants, and also any process left in a session this set started, which finds an
+        orphan whose parent has died (it is re-parented to init, out of every tree)."""
+        return [p for p in _members(list(self.started.values())) if _alive(p)]
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -114,9 +116,23 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _members(started: Sequence[Started]) -> list[psutil.Process]:
+    """Each started process, its descendants, and every other process still in a session one of
+    them leads (an orphan re-parented to init is in no tree, but keeps its session)."""
+    found = {p.pid: p for s in started for p in _tree(s.pid)}
+    sessions = {s.pid for s in started}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in found and os.getsid(proc.pid) in sessions:
+                found[proc.pid] = proc
+        except (ProcessLookupError, PermissionError):
+            pass
+    return list(found.values())
+
+
 def _signal_all(started: Sequence[Started], sig: int, extra: Sequence[psutil.Process] = ()) -> list[psutil.Process]:
-    """Send `sig` to each process group and to every descendant found first; returns those."""
-    procs = [p for s in started if s.running() for p in _tree(s.pid)]
+    """Send `sig` to each process group and to every member found first (_members); returns those."""
+    procs = _members(started)
     procs += [p for p in extra if p not in procs]
     for s in started:
         try:

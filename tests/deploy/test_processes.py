@@ -74,3 +74,17 @@ def test_kill_is_immediate_and_a_killed_name_can_start_again(tmp_path):
         assert again != parent and _alive(again)
         with pytest.raises(RuntimeError, match="already running"):
             processes.start("node", [sys.executable, "-c", "pass"])
+
+
+def test_an_orphan_whose_parent_died_is_still_found_and_stopped(tmp_path):
+    """leftovers() used to look only below live parents, so a leak check could not see an orphan."""
+    orphan_maker = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
+    with ProcessSet(tmp_path) as processes:
+        parent = processes.start("parent", [sys.executable, "-c", orphan_maker])
+        parent.popen.wait(timeout=30)  # the parent is gone; its child lives on, re-parented
+        deadline = time.monotonic() + 30
+        while not processes.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = processes.leftovers()
+        assert len(orphans) == 1 and "sleep" in " ".join(orphans[0].cmdline())
+    assert not processes.leftovers() and not _alive(orphans[0].pid)
