@@ -189,14 +189,12 @@ class PrivacyLedger:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self._clients.get(client, []) if e.steps]
 
     def epsilon_max(self) -> float | None:
-        """Highest finite cumulative ε any client has spent so far (None when DP is off). An
-        unbounded ε (a round without noise) is not counted here: the audit's theoretical_epsilon
-        and the report state it."""
+        """Highest cumulative ε any client has reported so far (None when DP is off): math.inf once
+        any client trained without noise (σ = 0), so no figure ever understates what was spent."""
         if not self.dp_enabled:
             return None
-        spent = [e.epsilon for entries in self._clients.values() for e in entries
-                 if e.epsilon is not None and math.isfinite(e.epsilon)]
-        return max(spent, default=0.0)
+        return max((e.epsilon for entries in self._clients.values() for e in entries if e.epsilon is not None),
+                   default=0.0)
 
     def __eq__(self, other_: object) -> bool:
         if not isinstance(other_, PrivacyLedger):

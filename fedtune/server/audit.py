@@ -13,7 +13,6 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedtune import __version__
-from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.data.canaries import Canaries
 from fedtune.durable import write_json_atomic
@@ -51,12 +50,8 @@ def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     """The run's reported ε: the largest cumulative ε of any institution. A canary is one record of
     one institution, protected by that institution's own ε, so the largest is the bound that every
     canary enjoys. ∞ without DP-SGD, or if any institution trained without noise."""
-    if not ledger.dp_enabled:
-        return math.inf
-    trained = [e for entries in ledger.clients.values() for e in entries if e.status == k.STATUS_TRAINED]
-    if any(e.epsilon is None or math.isinf(e.epsilon) for e in trained):
-        return math.inf
-    return float(ledger.epsilon_max() or 0.0)
+    spent = ledger.epsilon_max()  # ∞ once anyone trained without noise
+    return math.inf if spent is None else float(spent)
 
 
 def run_audit(run: RunDirectory, confidence: float) -> dict[str, Any]:

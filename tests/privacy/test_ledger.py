@@ -141,3 +141,12 @@ def test_a_failure_keeps_one_line_of_a_coloured_traceback():
     ledger.record_failure("clinic-a", 2, traceback)
     assert ledger.entries("clinic-a")[0].reason == "RuntimeError: CUDA out of memory"
     assert one_line("no reply before timeout") == "no reply before timeout"
+
+
+def test_the_largest_epsilon_is_unbounded_once_anyone_trained_without_noise():
+    """metrics.jsonl and summary.json once showed a finite ε_max while a client's ε was ∞."""
+    assert a_ledger().epsilon_max() == math.inf  # b trained without noise in round 2
+    bounded = PrivacyLedger("prv", True)
+    bounded.record_round("a", 1, k.STATUS_TRAINED, metrics(1.0))
+    bounded.record_round("b", 1, k.STATUS_TRAINED, metrics(2.0))
+    assert bounded.epsilon_max() == 2.0 and PrivacyLedger("prv", False).epsilon_max() is None
