@@ -177,6 +177,16 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
 
 
+def name_registered(node_names: dict[int, str], registry: Registry, messages: list[Message]) -> None:
+    """Know each asked node by its registered name (deployment), which its replies must state too
+    (_refuse_misnamed): a node that fails before it ever answered is then recorded under its
+    institution's name, not as an extra `node-N`."""
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node in registry.names:
+            node_names.setdefault(node, registry.names[node])
+
+
 def _log_failures(log: Path, round_: int, replies: list[Message], node_names: dict[int, str]) -> None:
     """The whole text of each failure whose ledger entry keeps one line of it (a worker's traceback)."""
     long = [(r.metadata.src_node_id, r.error.reason) for r in replies
@@ -340,6 +350,7 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     registry = Registry.of(grid)  # who each node is registered as (deployment; nobody in simulation)
     messages = _without_unidentified(registry, list(strategy.configure_train(round_, arrays, config, grid)),
                                      ledger, state.node_keys, round_, inputs.console)
+    name_registered(state.node_names, registry, messages)
     if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
         identify(unknown, state.node_names, transport.send)
     _stop_here(inputs, round_)

@@ -45,3 +45,24 @@ def test_a_reply_stating_another_institutions_name_is_refused():
     reply = Message(RecordDict({k.CLIENT_INFO: ConfigRecord({k.CLIENT_NAME: "clinic-a", k.STATUS: "trained"})}),
                     reply_to=instruction)
     assert "registered as 'clinic-b'" in registry.misnamed(reply)
+
+
+def test_a_node_is_known_by_its_registered_name_before_it_ever_answers():
+    """A registered node that died before its first reply used to appear in the ledger as an extra
+    institution, `node-N`, beside its real name."""
+    from flwr.app import Message, RecordDict
+
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.server.identity import Registry
+    from fedtune.server.rounds import NO_REPLY, failed_reply, name_registered, record_privacy
+
+    registry = Registry({11: "clinic-a", 12: "clinic-b"}, {11: "k1", 12: "k2"})
+    sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (11, 13)]
+    names: dict[int, str] = {}
+    name_registered(names, registry, sent)
+    assert names == {11: "clinic-a"}  # 13 has no registration (simulation): it stays unnamed
+    ledger = PrivacyLedger("rdp", True)
+    reply = failed_reply(sent[0], NO_REPLY)
+    reply.metadata.__dict__["_src_node_id"] = 11
+    record_privacy(ledger, 1, [reply], names)
+    assert list(ledger.clients) == ["clinic-a"]
