@@ -22,7 +22,7 @@ import tomli_w
 
 from fedtune import __version__
 from fedtune.errors import ConfigError
-from fedtune.tasks import DEFAULT_TASK, TASKS
+from fedtune.tasks.registry import DEFAULT_TASK, TASKS
 
 Scalar = str | int | float | bool
 

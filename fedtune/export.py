@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record
 from fedtune.server.run_dir import RunDirectory
-from fedtune.tasks import get_task
+from fedtune.tasks.base import get_task
 
 
 def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None = None) -> list[Path]:

@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from fedtune.config import FedtuneConfig
-from fedtune.tasks import TASKS
+from fedtune.tasks.registry import TASKS
 
 # Flags that are not the field's name (`--max-length` for model.max_length is the rule).
 FLAGS = {

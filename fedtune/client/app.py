@@ -47,8 +47,7 @@ from fedtune.privacy.budget import client_dp, within_budget
 from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
-from fedtune.tasks import get_task
-from fedtune.tasks.base import Scores
+from fedtune.tasks.base import Scores, get_task
 
 app = ClientApp()
 RECIPE_KEYS = frozenset(FedtuneConfig().client_flat())  # the run-config keys among a message's config

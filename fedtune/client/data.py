@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from fedtune import constants as k
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import node_data_config
-from fedtune.tasks import get_task
+from fedtune.tasks.base import get_task
 
 
 @lru_cache(maxsize=4096)

@@ -20,7 +20,7 @@ from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit
 from fedtune.privacy.ledger import PrivacyLedger, read_ledger
 from fedtune.server.run_dir import RunDirectory
-from fedtune.tasks import get_task
+from fedtune.tasks.base import get_task
 
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
 METHOD = ("one-run audit (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846, Theorem 5.2), guesses swept with a "

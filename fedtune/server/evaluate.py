@@ -14,8 +14,7 @@ from flwr.app import ArrayRecord
 from fedtune.config import FedtuneConfig
 from fedtune.durable import write_json_atomic
 from fedtune.models.adapter import load_record
-from fedtune.tasks import get_task
-from fedtune.tasks.base import Scores
+from fedtune.tasks.base import Scores, get_task
 
 GENERATIONS = "generations"  # the run directory's folder of sample answers, one file per round
 

@@ -14,7 +14,7 @@ from typing import Any
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
 from fedtune.server.run_dir import CONFIG, RunDirectory
-from fedtune.tasks import get_task
+from fedtune.tasks.base import get_task
 
 RESUMABLE = frozenset({"rounds"})  # the one option a run may change when it is continued
 

@@ -8,6 +8,7 @@ a split are whatever the task's `select` returns; only the task itself looks ins
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from fedtune.data.canaries import Canaries
 from fedtune.data.partition import ClientSplit
 from fedtune.errors import ConfigError
 from fedtune.models.build import load_tokenizer
+from fedtune.tasks.registry import TASKS
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,8 @@ class Task(ABC):
     def sample_answers(self, model: torch.nn.Module, tokenizer, records: Any) -> list[dict[str, str]]:
         """A few held-out records answered by the model, saved each round; none by default."""
         return []
+
+
+def get_task(name: str) -> Task:
+    """The task called `name` (one of registry.TASKS; the config has checked it), imported on first use."""
+    return importlib.import_module(TASKS[name]).TASK

@@ -113,7 +113,7 @@ def test_evaluation_weights_every_answer_token_equally(tiny_llama_dir, chats):
 
 def test_a_model_without_a_chat_template_is_refused_before_a_run(tiny_llama_dir):
     from fedtune.models.build import default_model_dir
-    from fedtune.tasks import get_task
+    from fedtune.tasks.base import get_task
 
     def check_model(path: str, task: str) -> None:
         get_task(task).check_model(ModelConfig(task=task, name_or_path=path))

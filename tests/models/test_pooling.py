@@ -124,7 +124,7 @@ def test_optimizer_and_its_learning_rate_are_validated(kwargs, ok):
 def test_preflight_checks_that_the_model_can_mean_pool(tmp_path):
     from transformers import DistilBertConfig
 
-    from fedtune.tasks import get_task
+    from fedtune.tasks.base import get_task
 
     def check_model(path: str, task: str, pooling: str) -> None:
         get_task(task).check_model(ModelConfig(task=task, name_or_path=path, pooling=pooling))
