@@ -20,6 +20,7 @@ CLIENT_STATE_DIR = "fedtune.client_state_dir"  # simulation: where clients keep 
 # The server's ledger record of this client's spending so far, JSON [[sigma, q, steps], ...]: a client
 # whose own state holds less has lost it (client/app.py).
 LEDGER_SPENT = "fedtune.ledger_spent"
+LEDGER_ROUNDS = "fedtune.ledger_rounds"  # JSON [[round, steps], ...]: the client's entries with steps the ledger holds
 CLIPPING_NORM = "clipping_norm"  # Flower's KEY_CLIPPING_NORM: client-side client-level DP clipping
 CLIENT_DP = "dp.client_dp"  # the run-config key that tells the client mod fixed from adaptive
 ARRAY_NAMES = "fedtune.array_names"  # SecAgg+ FitIns config: the names of the legacy Parameters, in order

@@ -32,6 +32,7 @@ from fedtune.client.state import (
     known_history,
     load_state,
     lost_spending,
+    rounds_on_ledger,
     save_state,
     spent_on_ledger,
     state_lock,
@@ -146,7 +147,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
     else:
         round_ = _Round(msg, context, cfg, name, policy, server_round, n)
-    late = unrecorded(state, ledger)  # spending the server's ledger never recorded: reported with this reply
+    late = unrecorded(state, ledger, rounds_on_ledger(record))  # spending the ledger never recorded: reported now
     if late:
         round_ = dataclasses.replace(round_, late=tuple(late))
     refusal = policy.refusal(cfg.dp, n) or (lost and f"{lost}. To continue from the ledger's record, set "

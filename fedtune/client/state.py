@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,21 +114,33 @@ def known_history(state: ClientState, ledger: History) -> History:
     return ledger if steps_in(ledger) > steps_in(state.history) else state.history
 
 
-def unrecorded(state: ClientState, ledger: History) -> list[LedgerEntry]:
-    """This client's own entries for spending that the server's record of it (`ledger`) lacks: the
-    newest entries that took steps, as many as add up exactly to the steps it is short of. That
-    happens when the server stopped before it recorded a reply (a crash during training), or when
-    this institution's state directory carried spending from another run. Empty when the record is
-    short of nothing, or when no newest entries add up to what it is short of."""
+def rounds_on_ledger(record: ConfigRecord) -> list[tuple[int, int]] | None:
+    """(round, steps) of the entries with steps that the server's ledger holds for this client;
+    None when the server sent none (it could not name this client)."""
+    text = record.get(k.LEDGER_ROUNDS)
+    if not isinstance(text, str):
+        return None
+    return [(int(round_), int(steps)) for round_, steps in json.loads(text)]
+
+
+def unrecorded(state: ClientState, ledger: History, held: list[tuple[int, int]] | None) -> list[LedgerEntry]:
+    """This client's own entries for spending that the server's ledger lacks: those that took steps
+    and are not among the (round, steps) it holds (`held`). That happens when the server stopped
+    before it recorded a reply (a crash during training), recorded a timed-out reply as a failure,
+    or when this institution's state directory carried spending from another run. Reported only
+    when they add up exactly to the steps its record (`ledger`) is short of, so nothing is ever
+    counted twice; none when the server could not name this client (`held` None)."""
     missing = steps_in(state.history) - steps_in(ledger)
-    picked: list[LedgerEntry] = []
-    for entry in reversed(state.ledger):
-        if missing <= 0:
-            break
-        if entry.steps:
-            picked.append(entry)
-            missing -= entry.steps
-    return picked[::-1] if missing == 0 else []
+    if held is None or missing <= 0:
+        return []
+    left = Counter(held)
+    late = []
+    for entry in state.ledger:
+        if entry.steps and left[(entry.round, entry.steps)] > 0:
+            left[(entry.round, entry.steps)] -= 1
+        elif entry.steps:
+            late.append(entry)
+    return late if sum(entry.steps for entry in late) == missing else []
 
 
 def lost_spending(state: ClientState, ledger: History) -> str | None:

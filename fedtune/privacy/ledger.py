@@ -73,6 +73,7 @@ class LedgerEntry:
     # record of, from a reply it never got (a crash during training) or, with the same state
     # directory, from another run. Its steps count like any other.
     recorded_late: bool = False
+    recorded_round: int | None = None  # the server round it was recorded in, when that is not `round` (late ones)
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as found
 
     @classmethod
@@ -127,7 +128,7 @@ class LedgerEntry:
             "epsilon": _epsilon(rest.pop("epsilon")) if "epsilon" in rest else None,
             "epsilon_other": (_epsilon(rest.pop(f"epsilon_{other(own)}"))
                               if own is not None and f"epsilon_{other(own)}" in rest else None)}
-        for key in ("num_examples", "steps"):
+        for key in ("num_examples", "steps", "recorded_round"):
             values[key] = _integer(rest.pop(key, None), key)
         for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "delta", "epsilon_recomputed"):
             values[key] = _number(rest.pop(key, None), key)
@@ -140,7 +141,7 @@ class LedgerEntry:
 
 _FIGURES = ("num_examples", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "epsilon")
 _NOTES = ("reason", "policy", "adopted_ledger_spending", "state_lost", "epsilon_recomputed", "interrupted",
-          "recorded_late")
+          "recorded_late", "recorded_round")
 
 
 def client_notes(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,14 +216,20 @@ class PrivacyLedger:
         self._append(client, entry)
         return entry
 
-    def record_late(self, client: str, entries: Iterable[LedgerEntry]) -> None:
-        """Entries `client` reports for spending this ledger has no record of (client/state.py's
-        `unrecorded`): each kept as the client wrote it, marked recorded_late, so that the steps on
-        record add up to what the client spent. Entries without steps add nothing and are left out."""
+    def record_late(self, client: str, round_: int, entries: Iterable[LedgerEntry]) -> None:
+        """Entries `client` reports in `round_` for spending this ledger has no record of
+        (client/state.py's `unrecorded`; checked by server/rounds.py's unrecorded_entries): each kept
+        as the client wrote it, marked recorded_late and with the round it was recorded in, so that
+        the steps on record add up to what the client spent."""
         for entry in entries:
-            if entry.steps and entry.reported:
-                self._append(client, dataclasses.replace(entry, accountant=entry.accountant or self.accountant,
-                                                         recorded_late=True))
+            self._append(client, dataclasses.replace(entry, accountant=entry.accountant or self.accountant,
+                                                     reason=one_line(entry.reason or "") or None,
+                                                     recorded_late=True, recorded_round=round_))
+
+    def rounds_held(self, client: str) -> list[tuple[int, int]]:
+        """(round, steps) of each entry of `client` that took steps: what the client compares its own
+        entries with to find spending this ledger lacks (client/state.py's `unrecorded`)."""
+        return [(e.round, e.steps) for e in self._clients.get(client, []) if e.steps]
 
     def record_failure(self, client: str, round_: int, reason: str) -> None:
         """`client` did not answer `round_` (no reply, an error reply, a reply refused before its
@@ -253,7 +260,7 @@ class PrivacyLedger:
         budget; so is its client-level account, if it counts more noised releases."""
         for client, entries in written._clients.items():
             for entry in entries:
-                if entry.round > committed_round:
+                if (entry.recorded_round or entry.round) > committed_round:
                     self._append(client, dataclasses.replace(entry, interrupted=True))
         mine = (self._client_level or {}).get("rounds", 0)
         if written._client_level and written._client_level["rounds"] > mine:
@@ -308,6 +315,12 @@ class PrivacyLedger:
     def save(self, run_dir: Path) -> None:
         """Write RUN_DIR's ledger atomically (fedtune/durable.py): a crash leaves the old one or this one."""
         write_json_atomic(Path(run_dir) / LEDGER, self.to_dict())
+
+
+def epsilon_for_json(value: float | None) -> float | str | None:
+    """An ε as fedtune's JSON files write it: "inf" when unbounded, so that it is never mistaken for
+    null, which means DP off (JSON has no infinity)."""
+    return "inf" if value is not None and math.isinf(value) else value
 
 
 def read_ledger(run_dir: Path) -> PrivacyLedger:

@@ -18,7 +18,7 @@ from rich.console import Console
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import PrivacyLedger, epsilon_for_json
 from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.prepare import open_run
@@ -103,7 +103,7 @@ def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: di
         "final_eval_loss": last["eval_loss"],
         **({"initial_eval_perplexity": first["eval_perplexity"], "final_eval_perplexity": last["eval_perplexity"]}
            if "eval_perplexity" in last else {}),
-        "epsilon_max": last["epsilon_max"],
+        "epsilon_max": epsilon_for_json(last["epsilon_max"]),  # "inf" once anyone trained without noise
         "failed_client_rounds": sum(row.get("num_failed", 0) for row in final.metrics),
         "client_level_epsilon": (PrivacyLedger.from_dict(final.ledger).client_level or {}).get("epsilon"),  # None: off
         "bytes_up_per_client": last["bytes_up"],

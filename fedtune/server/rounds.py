@@ -44,7 +44,13 @@ from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
-from fedtune.server.validate import Schedule, bounded_weights, reject_malformed, reported_spending
+from fedtune.server.validate import (
+    Schedule,
+    bounded_weights,
+    late_entry_problem,
+    reject_malformed,
+    reported_spending,
+)
 from fedtune.strategies.wrapper import load_state_dict, state_dict
 from fedtune.tasks.base import Scores
 
@@ -157,15 +163,17 @@ def _track_memory(peaks: dict[int, float], replies: list[Message]) -> None:
 
 
 def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], node_names: dict[int, str],
-                   refused: dict[int, tuple[str, MetricRecord]] | None = None) -> None:
+                   refused: dict[int, tuple[str, MetricRecord, list[LedgerEntry]]] | None = None) -> None:
     """One ledger entry per client that answered (trained or declined), failed, or had its update
-    refused this round. `refused` (from _refuse_malformed) holds, by node, the name and privacy
-    figures a refused reply reported: that client trained, so its entry carries the ε it spent."""
+    refused this round, each after the spending the client reports the ledger lacks (recorded late).
+    `refused` (from _refuse_malformed) holds, by node, the name, privacy figures and late entries a
+    refused reply reported: that client trained, so its entry carries the ε it spent."""
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error() and node in (refused or {}):
-            name, metrics = refused[node]
+            name, metrics, late = refused[node]
             _learn_name(ledger, node_names, node, name)
+            ledger.record_late(name, round_, late)
             ledger.record_round(name, round_, k.STATUS_REJECTED, metrics, reason=reply.error.reason)
         elif reply.has_error():
             ledger.record_failure(node_names.get(node, f"node-{node}"), round_, reply.error.reason)
@@ -173,7 +181,7 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             info = reply.content[k.CLIENT_INFO]
             name = str(info[k.CLIENT_NAME])
             _learn_name(ledger, node_names, node, name)
-            ledger.record_late(name, unrecorded_entries(info))  # before this round's entry: they came first
+            ledger.record_late(name, round_, unrecorded_entries(info))  # before this round's entry: they came first
             ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
 
 
@@ -199,16 +207,17 @@ def _log_failures(log: Path, round_: int, replies: list[Message], node_names: di
 
 def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
     """The entries a reply reports for spending the ledger has no record of (k.UNRECORDED); none
-    when it reports none, or reports them malformed: a client can only add to its own record, so a
-    bad list is dropped rather than failing the round."""
+    when it reports none, or when any of them is malformed or implausible (late_entry_problem):
+    a client can only add to its own record, so a bad list is dropped rather than failing the round."""
     text = info.get(k.UNRECORDED)
     if not isinstance(text, str):
         return []
     try:
         rows = json.loads(text)
-        return [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
+        entries = [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
     except (ValueError, KeyError, TypeError):
         return []
+    return [] if any(late_entry_problem(entry) for entry in entries) else entries
 
 
 def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:
@@ -219,7 +228,8 @@ def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, na
 
 def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
                       console: Console, max_update_norm: float = math.inf, lower_rank: bool = False,
-                      schedule: Schedule | None = None) -> tuple[list[Message], dict[int, tuple[str, MetricRecord]]]:
+                      schedule: Schedule | None = None
+                      ) -> tuple[list[Message], dict[int, tuple[str, MetricRecord, list[LedgerEntry]]]]:
     """Replace each malformed (or too large) reply (server/validate.py) by an error reply naming what
     is wrong, left out of aggregation like any other failure. Also returns, by node, the name and
     privacy figures of refused replies that still report them well formed (record_privacy).
@@ -235,7 +245,7 @@ def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructio
         kept.append(failed_reply(by_node[node], f"update rejected: {reason}"))
         spending = reported_spending(reply)
         if spending:
-            refused[node] = spending
+            refused[node] = (*spending, unrecorded_entries(reply.content[k.CLIENT_INFO]))
     return kept, refused
 
 

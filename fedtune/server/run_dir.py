@@ -21,7 +21,7 @@ from fedtune import __version__
 from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_config
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import PrivacyLedger, epsilon_for_json
 
 CONFIG = RUN_CONFIG
 METRICS = "metrics.jsonl"
@@ -158,7 +158,9 @@ class RunDirectory:
         before the round could be committed (server/rounds.py), and it can hold more (entries of
         rounds that never finished), which a copy of the checkpoint's would forget."""
         write_bytes_atomic(self.checkpoint_path(checkpoint.round), checkpoint.to_bytes())
-        lines = "".join(strict_json(row) + "\n" for row in checkpoint.metrics)
+        lines = "".join(strict_json({**row, **({"epsilon_max": epsilon_for_json(row["epsilon_max"])}
+                                                 if "epsilon_max" in row else {})}) + "\n"
+                        for row in checkpoint.metrics)
         write_text_atomic(self.path / METRICS, lines)
 
     def write_summary(self, summary: dict[str, Any]) -> None:

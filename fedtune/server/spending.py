@@ -52,15 +52,17 @@ def identify(nodes: list[int], node_names: dict[int, str],
 
 
 def with_recorded_spending(messages: list[Message], ledger: PrivacyLedger, node_names: dict[int, str]) -> None:
-    """Give each train message its own copy of the config, holding the ledger's record of its
-    client's spending (nothing for a client the ledger does not know). Only that client's record
+    """Give each train message to a client the server can name its own copy of the config, holding
+    the ledger's record of that client's spending (empty for one it has no entry of) and the
+    (round, steps) of the entries it holds; a client the server cannot name gets neither, and so
+    neither refuses for lost state nor reports spending as unrecorded. Only that client's record
     goes to it: what other institutions spent stays with the server."""
     for message in messages:
         name = node_names.get(message.metadata.dst_node_id)
-        spent = merged(ledger.spent(name)) if name else []
-        if spent:
+        if name:
             content = message.content
-            config = ConfigRecord({**content[k.CONFIG], k.LEDGER_SPENT: json.dumps(spent)})
+            config = ConfigRecord({**content[k.CONFIG], k.LEDGER_SPENT: json.dumps(merged(ledger.spent(name))),
+                                   k.LEDGER_ROUNDS: json.dumps(ledger.rounds_held(name))})
             message.content = RecordDict({**{key: content[key] for key in content.keys()}, k.CONFIG: config})
 
 

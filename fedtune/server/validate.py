@@ -34,6 +34,7 @@ from fedtune import constants as k
 from fedtune.config import FedtuneConfig
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.budget import poisson_schedule
+from fedtune.privacy.ledger import LedgerEntry
 
 MAX_LISTED = 3  # names shown in a reason before "and N more"
 MAX_COUNT = 10**9  # records or steps a client may report: more is a corrupt or hostile figure
@@ -301,3 +302,22 @@ def reject_malformed(replies: Iterable[Message], reference: ArrayRecord, max_upd
 def _listed(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED])
     return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"
+
+
+LATE_STATUSES = (k.STATUS_TRAINED, k.STATUS_REJECTED, k.STATUS_FAILED)  # the outcomes that took steps
+
+
+def late_entry_problem(entry: LedgerEntry) -> str | None:
+    """What is wrong with an entry a client reports for spending the ledger lacks, or None: it must
+    be a round that took DP-SGD steps, with every figure the accountants need, each in its range,
+    as a reply's own metrics are (_metrics_problem)."""
+    if entry.status not in LATE_STATUSES or entry.round < 1 or entry.num_examples is None:
+        return f"an entry with status {entry.status!r}, round {entry.round} and n = {entry.num_examples}"
+    if entry.steps is None or not 1 <= entry.steps <= MAX_COUNT or not 1 <= entry.num_examples <= MAX_COUNT:
+        return f"{entry.steps} steps over {entry.num_examples} records"
+    figures = (entry.noise_multiplier, entry.max_grad_norm, entry.sample_rate, entry.delta)
+    if any(value is None or not math.isfinite(value) or value < 0 for value in figures):
+        return f"σ, C, q or δ missing, negative or not finite ({figures})"
+    if not 0 < entry.sample_rate <= 1 or not 0 < entry.delta < 1 or entry.epsilon is None or entry.epsilon < 0:
+        return f"q = {entry.sample_rate}, δ = {entry.delta}, ε = {entry.epsilon}"
+    return None

@@ -117,23 +117,36 @@ def test_spending_the_server_never_recorded_is_reported_and_recorded_late(tmp_pa
     cfg, node = _cfg(), {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
     lost = client_app.train(_message(cfg, str(tmp_path)), _context(**node))  # its reply never reaches the ledger
     assert _status(lost)[0] == k.STATUS_TRAINED and k.UNRECORDED not in lost.content[k.CLIENT_INFO]
-    again = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 2}), _context(**node))
+    unnamed = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 2}), _context(**node))
+    assert k.UNRECORDED not in unnamed.content[k.CLIENT_INFO], "a server that cannot name it sends no record"
+
+    ledger = PrivacyLedger(cfg.dp.accountant, True)  # the server names it now, and holds nothing of it
+    ledger.record_round("client-0000", 2, k.STATUS_TRAINED, unnamed.content[k.METRICS])
+    again = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 3, **_record_of(ledger)}),
+                             _context(**node))
     late = json.loads(again.content[k.CLIENT_INFO][k.UNRECORDED])
     assert [(e["round"], e["steps"]) for e in late] == [(1, lost.content[k.METRICS][k.STEPS])]
 
-    ledger = PrivacyLedger(cfg.dp.accountant, True)
-    again.metadata.__dict__["_src_node_id"] = 7  # as the SuperLink sets it
-    record_privacy(ledger, 2, [again], {})
+    again.metadata.__dict__["_src_node_id"] = 7
+    record_privacy(ledger, 3, [again], {})
     entries = ledger.entries("client-0000")
-    assert [(e.round, e.recorded_late) for e in entries] == [(1, True), (2, False)]
+    assert [(e.round, e.recorded_late, e.recorded_round) for e in entries] == [(2, False, None), (1, True, 3),
+                                                                               (3, False, None)]
     history = load_state(_context(**node), "client-0000", str(tmp_path)).history
     assert sum(s for _, _, s in ledger.spent("client-0000")) == sum(s for _, _, s in history)
 
     # Once the ledger has it, nothing more is reported.
-    spent = [[e.noise_multiplier, e.sample_rate, e.steps] for e in entries]
-    third = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 3, k.LEDGER_SPENT: json.dumps(spent)}),
-                             _context(**node))
-    assert _status(third)[0] == k.STATUS_TRAINED and k.UNRECORDED not in third.content[k.CLIENT_INFO]
+    fourth = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 4, **_record_of(ledger)}),
+                              _context(**node))
+    assert _status(fourth)[0] == k.STATUS_TRAINED and k.UNRECORDED not in fourth.content[k.CLIENT_INFO]
+
+
+def _record_of(ledger) -> dict[str, str]:
+    """What server/spending.py adds to a named client's train message."""
+    from fedtune.privacy.accountant import merged
+
+    return {k.LEDGER_SPENT: json.dumps(merged(ledger.spent("client-0000"))),
+            k.LEDGER_ROUNDS: json.dumps(ledger.rounds_held("client-0000"))}
 
 
 def test_a_damaged_state_file_is_named_refused_and_left_as_it_is(tmp_path):

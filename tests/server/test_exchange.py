@@ -3,10 +3,12 @@ and the ledger says why."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from rich.console import Console
 from rich.progress import Progress
 
 from fedtune import constants as k
@@ -195,3 +197,50 @@ def test_the_whole_traceback_goes_to_the_failures_log_and_one_line_to_the_ledger
     _log_failures(tmp_path / FAILURES_LOG, 1, replies, {3: "clinic-c"})
     assert [e.reason for e in ledger.entries("clinic-c")] == ["MemoryError: worker killed", NO_REPLY]
     assert (tmp_path / FAILURES_LOG).read_text() == f"--- round 1, clinic-c\n{trace}\n"
+
+
+def _late_reply(node: int, late: list[dict], status: str = k.STATUS_TRAINED) -> Message:
+    metrics = MetricRecord({k.NUM_EXAMPLES: 64, k.NOISE_MULTIPLIER: 1.0, k.MAX_GRAD_NORM: 1.0, k.SAMPLE_RATE: 0.25,
+                            k.STEPS: 4, k.DELTA: 1e-5, k.EPSILON: 2.0, k.EPSILON_OTHER: 2.1, k.TRAIN_LOSS: 0.5})
+    info = ConfigRecord({k.CLIENT_NAME: "clinic-a", k.STATUS: status, k.UNRECORDED: json.dumps(late)})
+    reply = Message(RecordDict({k.METRICS: metrics, k.CLIENT_INFO: info}),
+                    reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+LATE = {"round": 1, "status": k.STATUS_TRAINED, "num_examples": 64, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+        "sample_rate": 0.25, "steps": 4, "delta": 1e-5, "epsilon": 1.2, "epsilon_prv": 1.3}
+
+
+@pytest.mark.parametrize("bad", [{"steps": -50}, {"noise_multiplier": None}, {"sample_rate": 0.0},
+                                 {"status": k.STATUS_DECLINED}, {"steps": 0}, {"epsilon": -1.0}])
+def test_late_entries_that_do_not_hold_up_are_dropped_and_the_round_goes_on(bad):
+    """A hostile client once crashed the server before its ledger save (σ missing) or lowered its
+    own recomputed ε (negative steps)."""
+    ledger = PrivacyLedger("rdp", True)
+    record_privacy(ledger, 2, [_late_reply(5, [LATE, {**LATE, **bad}])], {})
+    assert [(e.round, e.recorded_late) for e in ledger.entries("clinic-a")] == [(2, False)]
+    assert [steps for _, _, steps in ledger.spent("clinic-a")] == [4]
+
+
+def test_late_entries_count_also_when_the_update_itself_is_rejected():
+    from fedtune.server.rounds import _refuse_malformed
+
+    reply = _late_reply(5, [LATE])
+    replies, refused = _refuse_malformed([reply], ArrayRecord(), [Message(RecordDict(), dst_node_id=5,
+                                                                          message_type="train")], 2, Console(),
+                                         max_update_norm=0.0)
+    ledger = PrivacyLedger("rdp", True)
+    record_privacy(ledger, 2, replies, {}, refused)
+    assert [(e.round, e.status, e.recorded_late) for e in ledger.entries("clinic-a")] == [
+        (1, k.STATUS_TRAINED, True), (2, k.STATUS_REJECTED, False)]
+
+
+def test_a_late_entry_of_a_round_never_committed_survives_the_resume():
+    written = PrivacyLedger("rdp", True)
+    record_privacy(written, 4, [_late_reply(5, [LATE])], {})  # round 4 reports round 1's spending, then a crash
+    resumed = PrivacyLedger("rdp", True)
+    resumed.record_interrupted(written, committed_round=3)
+    assert [(e.round, e.recorded_round, e.interrupted) for e in resumed.entries("clinic-a")] == [
+        (1, 4, True), (4, None, True)]
