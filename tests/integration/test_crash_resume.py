@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from fedtune.privacy.independent import independent_epsilon
-from tests.integration.test_simulate import TINY, fedtune, history_from_ledger
+from tests.integration.test_simulate import TINY, fedtune, fedtune_here, history_from_ledger
 
 pytestmark = pytest.mark.integration
 TARGET = 3.0
@@ -60,8 +60,8 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
     lost = [e for e in after[LOST] if e["round"] > 1 and not e.get("interrupted")]
     assert lost and all(e["status"] == "refused" and "lost" in e["reason"] for e in lost), \
         "a client that lost its state refuses instead of restarting its ε from nothing"
-    verified = fedtune("privacy-verify", str(run))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    code, stdout, stderr = fedtune_here("privacy-verify", str(run))
+    assert code == 0, stdout + stderr
     assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
     for name, entries in after.items():
         assert entries[:len(before[name])] == before[name], "no entry written before the crash is lost"
