@@ -154,12 +154,13 @@ def test_resume_continues_without_resetting_epsilon(finished_run):
         assert entries[2]["round"] == 3 and entries[2]["epsilon"] > entries[1]["epsilon"]
 
 
-def test_budget_cap_stops_clients_and_the_run_still_finishes(tmp_path):
+def test_budget_cap_stops_clients_and_the_run_still_finishes(tmp_path, tiny_classifier):
+    # On the tiny classifier: what a client spends depends on its data, σ and the batch size, not the model.
     (tmp_path / "tiny.toml").write_text(TINY.replace("rounds = 2", "rounds = 3"))
     out = tmp_path / "capped"
     budget = 4.0
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out),
-                     "--epsilon-budget", str(budget), "--noise-multiplier", "0.8")
+                     "--epsilon-budget", str(budget), "--noise-multiplier", "0.8", "--model", str(tiny_classifier))
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = json.loads((out / "privacy_ledger.json").read_text())["clients"]
     declined_somewhere = False
