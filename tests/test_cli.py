@@ -1,4 +1,5 @@
-"""`fedtune simulate` around the federation itself (in-process, with the Simulation Engine stubbed)."""
+"""`fedtune simulate` around the federation itself (in-process, with the Simulation Engine stubbed):
+what it says and refuses before a federation would start."""
 
 from __future__ import annotations
 
@@ -59,3 +60,30 @@ def test_a_message_with_markup_like_text_is_printed_as_it_is(tmp_path, no_federa
                                       "--out", str(tmp_path / "run")])
     said = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "[bold]notes.csv" in said and "[/b]" in said, said
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "/no/such/model"], "model.name_or_path"),
+    (["--clients", "50", "--examples", "20"], "50 clients but only 18 training examples"),
+    (["--noise-multiplier", "-1"], "dp.noise_multiplier"),
+    (["--strategy", "fedsgd"], "'fedsgd' is not one of 'fedavg'"),
+    (["--delta", "0.5"], "dp.delta"),
+])
+def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, no_federation, args, says):
+    out = tmp_path / "never"
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.stderr.split()) and "Traceback" not in result.output
+    assert not out.exists() and not no_federation
+
+
+def test_an_existing_run_directory_is_not_overwritten(tmp_path, no_federation):
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.run_dir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    before = {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()}
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(run.path)])
+    assert result.exit_code == 2 and "--resume" in result.stderr
+    assert not no_federation
+    assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before

@@ -1,8 +1,9 @@
 """A client's privacy state: survives a restart, and one training at a time per institution."""
 
+import fcntl
 import threading
-import time
 
+import pytest
 from flwr.app import Context, RecordDict
 
 from fedtune.client.state import ClientState, load_state, save_state, state_lock
@@ -22,19 +23,48 @@ def test_the_file_outlives_the_process_and_wins_over_context_state(tmp_path):
     assert load_state(fresh, "clinic-b", str(tmp_path)) == ClientState()
 
 
-def test_state_lock_serializes_trainings_of_one_institution(tmp_path):
+def test_state_lock_serializes_trainings_of_one_institution(tmp_path, monkeypatch):
+    """While one training holds the lock, a second waits inside flock and starts only after the first
+    ends; ordered by events, not sleeps (state.py's flock call signals when the second one asks)."""
+    real_flock = fcntl.flock
+    first_holds, second_asks = threading.Event(), threading.Event()
+
+    def flock(fd, operation):
+        if operation == fcntl.LOCK_EX and threading.current_thread().name == "second":
+            second_asks.set()  # about to block: the first still holds the lock
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
     order = []
 
-    def hold(tag: str, delay: float) -> None:
-        time.sleep(delay)
+    def first() -> None:
         with state_lock(str(tmp_path), "clinic-a"):
-            order.append(f"{tag} start")
-            time.sleep(0.3)
-            order.append(f"{tag} end")
+            order.append("first start")
+            first_holds.set()
+            assert second_asks.wait(timeout=30), "the second training never asked for the lock"
+            # No one else can take it meanwhile (another process or thread opens the file anew).
+            with open(tmp_path / "clinic-a.lock") as probe, pytest.raises(BlockingIOError):
+                real_flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            order.append("first end")
 
-    threads = [threading.Thread(target=hold, args=("first", 0.0)), threading.Thread(target=hold, args=("second", 0.1))]
+    def second() -> None:
+        assert first_holds.wait(timeout=30)
+        with state_lock(str(tmp_path), "clinic-a"):
+            order.append("second start")
+            order.append("second end")
+
+    errors = []
+
+    def run(target):
+        try:
+            target()
+        except BaseException as err:  # surfaced below: a thread's failure does not fail the test by itself
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(f,), name=f.__name__) for f in (first, second)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=60)
+    assert not errors, errors
     assert order == ["first start", "first end", "second start", "second end"]

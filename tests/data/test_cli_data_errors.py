@@ -4,6 +4,7 @@ before any run directory exists (in-process: these stop long before Flower start
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -55,4 +56,13 @@ def test_latin1_file_read_as_utf8_suggests_the_encoding(tmp_path):
     out = tmp_path / "never"
     code, message = run("--data", str(path), "--separator", "@", "--out", str(out))
     assert code == 2 and "data.encoding (--encoding) to the file's encoding, e.g. latin-1" in message
+    assert not out.exists()
+
+
+def test_a_bad_instruction_file_stops_before_the_run(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f'{json.dumps({"instruction": "Q?", "response": "A."})}\n{json.dumps({"instruction": "Q?"})}\n')
+    out = tmp_path / "never"
+    code, message = run("--task", "causal-lm", "--data", str(path), "--out", str(out))
+    assert code == 2 and "(line 2)" in message and "`response`" in message, message
     assert not out.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_simulate import fedtune
+from tests.integration.test_simulate import fedtune, fedtune_here
 
 pytestmark = pytest.mark.integration
 
@@ -94,10 +94,10 @@ def test_merged_export_loads_with_transformers_and_generates(finished_run, tmp_p
 
     from fedtune.models.default_lm import default_lm_dir
 
-    result = fedtune("export", str(finished_run), "--merged", str(tmp_path / "merged"),
-                     "--adapter", str(tmp_path / "adapter"), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "merged")
+    code, stdout, stderr = fedtune_here("export", str(finished_run), "--merged", str(tmp_path / "merged"),
+                                        "--adapter", str(tmp_path / "adapter"))
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == str(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Triage: chest pain."}],
@@ -110,13 +110,3 @@ def test_merged_export_loads_with_transformers_and_generates(finished_run, tmp_p
         torch.testing.assert_close(merged(**prompt).logits, adapted(**prompt).logits, rtol=1e-4, atol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(default_lm_dir())
         assert not torch.allclose(base(**prompt).logits, merged(**prompt).logits, atol=1e-3)
-
-
-def test_a_bad_instruction_file_stops_before_the_run(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(f'{json.dumps({"instruction": "Q?", "response": "A."})}\n{json.dumps({"instruction": "Q?"})}\n')
-    out = tmp_path / "never"
-    result = fedtune("simulate", "--task", "causal-lm", "--data", str(path), "--out", str(out), timeout=900)
-    assert result.returncode == 2
-    assert "(line 2)" in result.stderr and "`response`" in result.stderr
-    assert not out.exists()

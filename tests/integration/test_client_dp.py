@@ -1,4 +1,5 @@
-"""Client-level DP end to end: a tiny federation through Flower's Simulation Engine."""
+"""Client-level DP end to end: a tiny federation through Flower's Simulation Engine (on the tiny
+classifier: these check the accounting and the secure sum, not learning)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tests.integration.test_simulate import TINY, fedtune
 
 pytestmark = pytest.mark.integration
 
+
 def ledger_of(out) -> dict:
     return json.loads((out / "privacy_ledger.json").read_text())
 
@@ -19,11 +21,12 @@ def rows_of(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_client_level_dp_run_finishes_and_the_ledger_accounts_it(tmp_path):
+def test_client_level_dp_run_finishes_and_the_ledger_accounts_it(tmp_path, tiny_classifier):
     (tmp_path / "tiny.toml").write_text(TINY)
     out = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--client-dp", "fixed",
-                     "--client-noise-multiplier", "0.8", "--client-clipping-norm", "0.5")
+                     "--client-noise-multiplier", "0.8", "--client-clipping-norm", "0.5",
+                     "--model", str(tiny_classifier))
     assert result.returncode == 0, result.stderr[-3000:]
     assert ledger_of(out)["client_level"] == {
         "clipping": "fixed", "side": "server", "noise_multiplier": 0.8, "clipping_norm": 0.5, "sample_rate": 1.0,
@@ -34,14 +37,15 @@ def test_client_level_dp_run_finishes_and_the_ledger_accounts_it(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["num_clients"] == 3
 
 
-def test_secagg_with_client_side_clipping_and_declining_clients(tmp_path):
+def test_secagg_with_client_side_clipping_and_declining_clients(tmp_path, tiny_classifier):
     # After round 1 the clients have spent ε 10 to 13.5 (sample level); a budget of 15 lets only the
     # smallest spender train round 2, so the others take part in SecAgg+ with zero updates.
     (tmp_path / "tiny.toml").write_text(TINY)
     out = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--secagg",
                      "--epsilon-budget", "15", "--client-dp", "fixed", "--client-dp-side", "client",
-                     "--client-noise-multiplier", "0.5", "--client-clipping-norm", "1.0")
+                     "--client-noise-multiplier", "0.5", "--client-clipping-norm", "1.0",
+                     "--model", str(tiny_classifier))
     assert result.returncode == 0, result.stderr[-3000:]
     ledger = ledger_of(out)
     statuses = [[e["status"] for e in entries] for entries in ledger["clients"].values()]

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from fedtune.privacy.independent import independent_epsilon
-from tests.integration.test_simulate import TINY, fedtune, history_from_ledger
+from tests.integration.test_simulate import TINY, fedtune, fedtune_here, history_from_ledger
 
 pytestmark = pytest.mark.integration
 TARGET = 3.0
@@ -45,11 +45,14 @@ def _ledger(run: Path) -> dict[str, list[dict]]:
     return json.loads((run / "privacy_ledger.json").read_text())["clients"]
 
 
-def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
+def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path, tiny_classifier):
+    # On the tiny classifier (what is spent depends on data, σ and batch size, not the model); 3 rounds, so
+    # the run is still going when it is killed even if round 2 is quick.
     (tmp_path / "tiny.toml").write_text(TINY.replace("rounds = 2", "rounds = 3"))
     run = tmp_path / "run"
     _kill_when(_start(["simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(run),
-                       "--target-epsilon", str(TARGET)]), run / "checkpoints" / "round_0001.pt")
+                       "--target-epsilon", str(TARGET), "--model", str(tiny_classifier)]),
+               run / "checkpoints" / "round_0001.pt")
     before = _ledger(run)
     assert not (run / "summary.json").exists(), "the run really was cut short"
     (run / "client_state" / f"{LOST}.json").unlink()  # one institution loses its privacy state
@@ -60,8 +63,8 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path):
     lost = [e for e in after[LOST] if e["round"] > 1 and not e.get("interrupted")]
     assert lost and all(e["status"] == "refused" and "lost" in e["reason"] for e in lost), \
         "a client that lost its state refuses instead of restarting its ε from nothing"
-    verified = fedtune("privacy-verify", str(run))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    code, stdout, stderr = fedtune_here("privacy-verify", str(run))
+    assert code == 0, stdout + stderr
     assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
     for name, entries in after.items():
         assert entries[:len(before[name])] == before[name], "no entry written before the crash is lost"
@@ -121,9 +124,10 @@ def test_ctrl_c_stops_the_run_within_seconds_and_it_resumes(tmp_path):
     while (left := [p for p in started.values() if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [_name(p) for p in left]
-    resumed = fedtune("simulate", "--resume", str(run), "--rounds", "3")
+    last = int(committed[-1].removeprefix("round_").removesuffix(".pt"))
+    resumed = fedtune("simulate", "--resume", str(run), "--rounds", str(last + 1))  # one more round to train
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == list(range(last + 2))
 
 
 def _session(proc: psutil.Process) -> int | None:

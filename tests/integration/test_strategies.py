@@ -1,5 +1,6 @@
 """Server optimizers, robust aggregation and the update-norm bound end to end: tiny federations
-through Flower's Simulation Engine, driven by the `fedtune` command."""
+through Flower's Simulation Engine, driven by the `fedtune` command, on the tiny classifier (they
+check the server's arithmetic and the ledger, not learning)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ def _checkpoint(run, round_: int) -> dict:
     return torch.load(run / "checkpoints" / f"round_{round_:04d}.pt", weights_only=True)
 
 
-def test_fedadam_with_robust_median_runs_and_resumes_with_its_moments(tmp_path):
+def test_fedadam_with_robust_median_runs_and_resumes_with_its_moments(tmp_path, tiny_classifier):
     (tmp_path / "tiny.toml").write_text(ONE_ROUND)
     run = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(run),
-                     "--strategy", "fedadam", "--robust", "median")
+                     "--strategy", "fedadam", "--robust", "median", "--model", str(tiny_classifier))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fedadam with robust median" in result.stderr
     result = fedtune("simulate", "--resume", str(run), "--rounds", "2")
@@ -52,11 +53,11 @@ def test_fedadam_with_robust_median_runs_and_resumes_with_its_moments(tmp_path):
         assert second["arrays"][name].dtype == torch.float32
 
 
-def test_updates_above_the_norm_bound_are_rejected_with_the_reason_in_the_ledger(tmp_path):
+def test_updates_above_the_norm_bound_are_rejected_with_the_reason_in_the_ledger(tmp_path, tiny_classifier):
     (tmp_path / "tiny.toml").write_text(ONE_ROUND)
     run = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(run),
-                     "--max-update-norm", "1e-6")
+                     "--max-update-norm", "1e-6", "--model", str(tiny_classifier))
     assert result.returncode == 2  # every update rejected: the round cannot aggregate
     assert "only 0 of the 3 sampled clients answered" in result.stderr
     assert "exceeds strategy.max_update_norm" in result.stderr
