@@ -18,7 +18,7 @@ from fedtune import constants as k
 from fedtune.config import DataConfig
 from fedtune.data.canaries import Canaries, canary_texts, place, plan_canaries
 from fedtune.data.demo import LABELS, make_demo_dataset
-from fedtune.data.loaders import LabeledTexts, listed, load_labeled_texts
+from fedtune.data.loaders import LabeledTexts, as_label_name, listed, load_labeled_texts
 from fedtune.data.partition import (
     ClientSplit,
     check_partitions,
@@ -104,7 +104,8 @@ def resolve_data(data: DataConfig) -> DataConfig:
 
 def encode_labels(records: LabeledTexts, names: Sequence[str]) -> list[int]:
     """Label ids under the run's label list; a label outside it is a DataError naming the rows."""
-    ids = {name: i for i, name in enumerate(names)}
+    # A list saved before labels were normalised may name "2.0" where the file's label now reads "2".
+    ids = {**{as_label_name(name): i for i, name in enumerate(names)}, **{name: i for i, name in enumerate(names)}}
     unknown = [i for i, label in enumerate(records.labels) if label not in ids]
     if unknown:
         values = sorted({records.labels[i] for i in unknown})

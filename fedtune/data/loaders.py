@@ -145,7 +145,7 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in MISSING_TEXTS
 
 
-def _as_name(value: Any) -> str | None:
+def as_label_name(value: Any) -> str | None:
     """A label or group value as a name, the same whichever format it came in: 3, 3.0 and the text
     "3.0" (a CSV cell) all become '3'; None if it is not a scalar."""
     if isinstance(value, bool):
@@ -202,7 +202,7 @@ def _finish(cfg: DataConfig, table: _Table) -> LabeledTexts:
     kept: list[int] = []
     converted: dict[str, list[str | None]] = {}
     for column in _required(cfg)[1:]:
-        converted[column] = [None if _is_missing(v) else _as_name(v) for v in table.values[column]]
+        converted[column] = [None if _is_missing(v) else as_label_name(v) for v in table.values[column]]
     texts = table.values[cfg.text_column]
     for i, number in enumerate(table.numbers):
         ok = not _is_missing(texts[i]) and isinstance(texts[i], str | int | float)

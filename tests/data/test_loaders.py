@@ -316,3 +316,15 @@ def test_labels_read_the_same_from_csv_and_jsonl_and_mixed_types_are_warned_abou
     assert from_csv.labels == ("2", "2", "3") and from_csv.notes == ()
     assert from_jsonl.labels == ("2", "2", "3", "true")
     assert len(from_jsonl.notes) == 1 and "mixes numbers and text and true/false" in from_jsonl.notes[0]
+
+
+def test_a_label_list_saved_before_labels_were_normalised_still_encodes(tmp_path):
+    """A run started when a CSV's "2.0" stayed "2.0" saved that name in data.labels; resuming it
+    must still find the (now "2") labels."""
+    from fedtune.config import DataConfig
+    from fedtune.data.federated import encode_labels
+    from fedtune.data.loaders import load_labeled_texts
+
+    csv_file = tmp_path / "notes.csv"
+    csv_file.write_text("text,label\na,2.0\nb,3.0\nc,2.0\n")
+    assert encode_labels(load_labeled_texts(DataConfig(path=str(csv_file))), ("2.0", "3.0")) == [0, 1, 0]
