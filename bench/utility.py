@@ -1,7 +1,8 @@
 """Issue #19's utility table: what do federation and DP-SGD cost, on three real data sets? (not a test)
 
 Rows (ROWS), each fedtune's defaults (or a --recipe TOML applied to every row) plus only what the
-row needs:
+row needs; the DP rows then get fedtune's private recipe (fedtune/recipe.py, docs/recipe.md) for
+every option neither the TOML, the row nor --rounds sets, exactly as `fedtune simulate` would:
   central       one client holding every training record, DP off
   central-dp8   one client, DP-SGD at target ε = 8: the same DP code path as a federation
   fed           20 clients, Dirichlet α = 0.5, DP off
@@ -36,21 +37,19 @@ Writes bench/results/utility.json (+ utility.png: accuracy against ε per data s
 as horizontal lines), prints a table per data set, and as its last line the report as one JSON object.
 
     python bench/utility.py [--mode validation|test] [--datasets phrasebank banking77 medical]
-        [--rows central fed-dp8 ...] [--seeds 0 1 2] [--rounds 30] [--recipe recipe.toml] [--quick]
+        [--rows central fed-dp8 ...] [--seeds 0 1 2] [--rounds N] [--recipe recipe.toml] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import random
 import statistics
 import sys
 import tempfile
-import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -62,10 +61,11 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from strategies import run_all  # noqa: E402
 
-from fedtune.config import DataConfig, FedtuneConfig, load_config  # noqa: E402
-from fedtune.data.federated import federated_data, resolve_data, sort_labels  # noqa: E402
+from fedtune.config import DataConfig, FedtuneConfig, given_keys, load_config  # noqa: E402
+from fedtune.data.federated import federated_data, sort_labels  # noqa: E402
 from fedtune.data.loaders import load_labeled_texts  # noqa: E402
 from fedtune.data.partition import holdout_split  # noqa: E402
+from fedtune.server.prepare import resolve  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DATASETS = {  # name -> fedtune data options that read it; `test`: its own test split, if it has one
@@ -77,7 +77,7 @@ DATASETS = {  # name -> fedtune data options that read it; `test`: its own test 
                 "text_column": "medical_abstract", "label_column": "condition_label"},
 }
 SPLIT_SEED, TEST_FRACTION, VAL_FRACTION = 19, 0.2, 0.2
-CLIENTS, ALPHA, ROUNDS, LATE = 20, 0.5, 30, 5
+CLIENTS, ALPHA, LATE = 20, 0.5, 5
 ROWS = {  # name -> (ε for the plot, or None; overrides on top of the recipe)
     "central": (None, {"clients": 1, "data.partition": "iid", "dp.enabled": False}),
     "central-dp8": (8.0, {"clients": 1, "data.partition": "iid", "dp.enabled": True, "dp.target_epsilon": 8.0}),
@@ -153,18 +153,21 @@ def check_holdout(cfg: FedtuneConfig, scored: Records) -> dict:
 # ---- runs --------------------------------------------------------------------------------------
 
 def run_config(base: FedtuneConfig, row: str, data_path: Path, fraction: float, labels: tuple[str, ...],
-               seed: int, rounds: int, quick: bool) -> FedtuneConfig:
-    """The recipe, the row's overrides, and the data options that read this script's CSV."""
-    overrides = {**ROWS[row][1], "rounds": rounds, "seed": seed, "data.source": "file", "data.path": str(data_path),
+               seed: int, rounds: int | None, quick: bool, given: frozenset[str]) -> FedtuneConfig:
+    """The recipe file, the row's overrides, and the data options that read this script's CSV; then
+    fedtune's own resolution (server/prepare.py), so a DP row gets the private recipe for whatever
+    neither the file (`given`), the row nor --rounds sets, exactly as `fedtune simulate` would."""
+    overrides = {**ROWS[row][1], "seed": seed, "data.source": "file", "data.path": str(data_path),
                  "data.format": "csv", "data.text_column": "text", "data.label_column": "label",
                  "data.encoding": "utf-8", "data.skip_invalid_rows": False, "data.partition_column": "",
                  "data.test_fraction": fraction, "data.labels": list(labels)}
+    if rounds is not None:
+        overrides["rounds"] = rounds
     if quick:
         overrides.update({"model.max_length": QUICK["max_length"]})
         if overrides["clients"] > 1:
             overrides["clients"] = QUICK["clients"]
-    cfg = base.with_overrides(overrides)
-    return dataclasses.replace(cfg, data=resolve_data(cfg.data))
+    return resolve(base.with_overrides(overrides), given | frozenset(overrides))
 
 
 def score(result: dict) -> dict:
@@ -197,16 +200,19 @@ def run_dataset(name: str, args: argparse.Namespace, base: FedtuneConfig, runs: 
     train, scored = mode_split(parts, args.mode, args.quick)
     labels = sort_labels({label for _, label in parts["train"] + parts["val"]})
     jobs, checks = {}, {}
+    given = given_keys(args.recipe, {})
     for seed in args.seeds:
         path = runs / f"{name}_{args.mode}_s{seed}.csv"
         fraction = write_federation_csv(path, train, scored, seed)
         for row in args.rows:
             jobs[f"{name}/s{seed}/{row}"] = run_config(base, row, path, fraction, labels, seed, args.rounds,
-                                                       args.quick)
+                                                       args.quick, given)
             checks[f"{name}/s{seed}/{row}"] = check_holdout(jobs[f"{name}/s{seed}/{row}"], scored)
     results = {key: score(result) for key, result in run_all(jobs, runs, args.jobs, console).items()}
     rows = {row: {**summarize([results[f"{name}/s{s}/{row}"] for s in args.seeds]), "epsilon": ROWS[row][0],
-                  "clients": jobs[f"{name}/s{args.seeds[0]}/{row}"].clients, "overrides": ROWS[row][1]}
+                  "clients": jobs[f"{name}/s{args.seeds[0]}/{row}"].clients, "overrides": ROWS[row][1],
+                  "rounds": jobs[f"{name}/s{args.seeds[0]}/{row}"].rounds,
+                  "chosen": list(jobs[f"{name}/s{args.seeds[0]}/{row}"].recipe.chosen)}
             for row in args.rows}
     majority = Counter(label for _, label in scored).most_common(1)[0][1] / len(scored)
     return {"sizes": {split: len(records) for split, records in parts.items()}, "labels": len(labels),
@@ -220,11 +226,12 @@ def show(report: dict, console: Console) -> None:
     for name, data in report["datasets"].items():
         table = Table(title=f"{name} ({report['mode']} mode: {data['train']} training records, {data['scored']} "
                             f"scored, {data['labels']} labels, majority class {data['majority_accuracy']:.3f}), "
-                            f"{report['rounds']} rounds, seeds {' '.join(map(str, report['seeds']))}")
-        for column in ("row", "clients", "ε target", "ε spent", "final acc", "best acc", "late spread", "wall s"):
+                            f"rounds {report['rounds'] or 'per row'}, seeds {' '.join(map(str, report['seeds']))}")
+        for column in ("row", "clients", "rounds", "ε target", "ε spent", "final acc", "best acc", "late spread",
+                       "wall s"):
             table.add_column(column, no_wrap=True)
         for row, r in data["rows"].items():
-            table.add_row(row, str(r["clients"]), f"{r['epsilon']:g}" if r["epsilon"] else "off",
+            table.add_row(row, str(r["clients"]), str(r["rounds"]), f"{r['epsilon']:g}" if r["epsilon"] else "off",
                           f"{r['epsilon_max']:.2f}" if "epsilon_max" in r else "",
                           f"{r['final']['mean']:.3f} ± {r['final']['std']:.3f}",
                           f"{r['best']['mean']:.3f} ± {r['best']['std']:.3f}",
@@ -274,7 +281,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="[default: all]")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="[default: 0 1 2; 0 with --quick]")
     parser.add_argument("--rounds", type=int, default=None,
-                        help=f"Rounds of every row [default: the recipe's `rounds`, else {ROUNDS}; 2 with --quick].")
+                        help="Rounds of every row [default: each row's own: the recipe file's `rounds`, else "
+                             "fedtune's private recipe under DP and fedtune's default without; 2 with --quick].")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="A fedtune TOML config applied to every row before the row's own options.")
     parser.add_argument("--quick", action="store_true",
@@ -288,8 +296,7 @@ def parse() -> argparse.Namespace:
     args = parser.parse_args()
     args.datasets = args.datasets or (["phrasebank"] if args.quick else list(DATASETS))
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    recipe_rounds = tomllib.loads(args.recipe.read_text()).get("rounds") if args.recipe else None
-    args.rounds = args.rounds or (QUICK["rounds"] if args.quick else recipe_rounds or ROUNDS)
+    args.rounds = args.rounds or (QUICK["rounds"] if args.quick else None)
     return args
 
 

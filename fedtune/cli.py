@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtune import __version__
-from fedtune.config import load_config
+from fedtune.config import given_keys, load_config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.options import AUDIT, DEPLOY, SIMULATE, config_options, explain, overrides
 
@@ -127,8 +127,12 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     else:
         cfg = load_config(config).with_overrides(overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg, run, summary = new_run(cfg, target)  # fixes the label list for every client and evaluation
+        # fixes the label list for every client and evaluation, and the private recipe's choices
+        cfg, run, summary = new_run(cfg, target, given_keys(config, overrides))
         _show_data(summary)
+        if cfg.recipe.chosen:  # the reasons are in config.toml's recipe.chosen
+            console.print("Private recipe (docs/recipe.md; why each: recipe.chosen in config.toml): "
+                          + ", ".join(note.split(":", 1)[0] for note in cfg.recipe.chosen), highlight=False)
     noise = (f"target ε={cfg.dp.target_epsilon} per client" if cfg.dp.target_epsilon > 0
              else f"sigma={cfg.dp.noise_multiplier}")
     dp = f"{noise}, C={cfg.dp.max_grad_norm}" if cfg.dp.enabled else "off"

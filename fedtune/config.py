@@ -357,7 +357,7 @@ class DataConfig:
         metadata={"help": "Label names in id order. Empty: the distinct labels of the data, sorted; fixed "
                           "when a run starts (saved in config.toml and labels.json) and sent to every client."},
     )
-    demo_examples: int = field(default=6000, metadata={"help": "Size of the generated demo dataset."})
+    demo_examples: int = field(default=2000, metadata={"help": "Size of the generated demo dataset."})
     test_fraction: float = field(default=0.1, metadata={"help": "Share held out for server-side evaluation."})
     client_val_fraction: float = field(default=0.1, metadata={"help": "Share of client data kept for validation."})
     partition: Literal["iid", "dirichlet", "shard", "column"] = field(
@@ -421,6 +421,22 @@ class DataConfig:
         _check(1 <= self.canary_repeats <= 1000, "data.canary_repeats", "use 1 to 1000 copies.")
 
 
+@dataclass(frozen=True)
+class RecipeConfig:
+    mode: Literal["auto", "off"] = field(
+        default="auto",
+        metadata={"help": "`auto`: under DP-SGD, the training options you leave at their defaults are chosen for "
+                          "your data by fedtune's private recipe (target ε 8, then LoRA, optimizer, learning rate and "
+                          "rounds; docs/recipe.md), and recipe.chosen records each choice and why. Options you set "
+                          "are kept. `off`: the defaults as they are."})
+    chosen: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Written by fedtune when a run starts: each option the recipe chose, its value and why."})
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("auto", "off"), "recipe.mode", "use `auto` or `off`.")
+
+
 # What a client trains by: its model, adapter, local training, DP-SGD and data (to rebuild its
 # partition) sections, the seed, and what rounds_per_client() needs (a target ε is spent over the
 # rounds a client is expected to train in). Aggregation, timeouts and the run directory stay on
@@ -453,6 +469,7 @@ class FedtuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     def __post_init__(self) -> None:
         _check(1 <= self.rounds <= 100_000, "rounds", "use at least 1 round.")
@@ -693,6 +710,16 @@ def read_run_config(run_dir: Path) -> FedtuneConfig:
         raise ConfigError(f"{run_dir} is not a fedtune run directory (no {RUN_CONFIG}). Pass the directory that an "
                           "earlier `fedtune simulate` printed on its last line.")
     return load_config(Path(run_dir) / RUN_CONFIG)
+
+
+def given_keys(path: Path | None, overrides: dict[str, Any]) -> frozenset[str]:
+    """The dotted keys a user gave by hand: those in the config file (already read by load_config) and
+    the overrides that are not None. The private recipe (fedtune/recipe.py) leaves them as given."""
+    keys = {key for key, value in overrides.items() if value is not None}
+    if path is not None:
+        for key, value in tomllib.loads(path.read_text(encoding="utf-8")).items():
+            keys |= {f"{key}.{name}" for name in value} if isinstance(value, dict) else {key}
+    return frozenset(keys)
 
 
 def dump_config(config: FedtuneConfig) -> str:

@@ -23,6 +23,7 @@ from fedtune.tasks.registry import TASKS
 # Flags that are not the field's name (`--max-length` for model.max_length is the rule).
 FLAGS = {
     "model.name_or_path": "--model",
+    "recipe.mode": "--recipe",
     "lora.r": "--lora-r",
     "lora.alpha": "--lora-alpha",
     "lora.dropout": "--lora-dropout",
@@ -39,6 +40,7 @@ FLAGS = {
 NO_OPTION = {
     "out": "each command declares --out itself, as a path (audit and deploy-local give it their own meaning)",
     "data.source": "derived: `file` whenever data.path (--data) is set",
+    "recipe.chosen": "written by the private recipe when a run starts (fedtune/recipe.py)",
     "data.labels": "derived: fixed from the data when the run starts (a config file may still give them)",
 }
 
@@ -57,7 +59,7 @@ NOT_DEPLOYED = {
 CHOICES = {"model.task": tuple(TASKS)}  # str fields whose values come from a registry, not a Literal
 
 PANELS = {"": "Run", "model": "Model", "lora": "LoRA", "dp": "Differential privacy", "train": "Client training",
-          "strategy": "Aggregation", "data": "Data"}
+          "strategy": "Aggregation", "data": "Data", "recipe": "Run"}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    import torch
+
+    torch.set_num_threads(1)
+
 from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, TrainConfig  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from fedtune import constants as k
-from fedtune.config import FedtuneConfig, load_config
+from fedtune.config import FedtuneConfig, given_keys, load_config
 from fedtune.deploy.local import DeployError, LocalFederation, app_config_keys, app_dir
 from fedtune.deploy.processes import ProcessSet
 from fedtune.errors import ConfigError, FedtuneError
@@ -28,6 +28,9 @@ from fedtune.privacy.policy import node_policy
 MAX_NODES = 26
 DEPLOYMENT = "deployment"  # inside the run directory: every institution's and the coordinator's files
 DERIVED = frozenset({"data.labels", "data.source"})  # the ServerApp derives these again from data.path
+# Never sent: the private recipe's reasons are prose (commas and all) in the run directory's config.toml,
+# and the ServerApp, given the values they explain, finds nothing left to choose.
+NOT_SENT = frozenset({"recipe.chosen"})
 PY_LOGGING_COPY = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):")
 
 
@@ -41,12 +44,12 @@ def run_config(cfg: FedtuneConfig, declared: set[str]) -> dict[str, Any]:
     so it is an error rather than silently ignored."""
     flat, defaults = cfg.to_flat(), FedtuneConfig().to_flat()
     lost = sorted(key for key, value in flat.items()
-                  if key not in declared and key not in DERIVED and value != defaults[key])
+                  if key not in declared and key not in DERIVED | NOT_SENT and value != defaults[key])
     if lost:
         raise ConfigError(f"deploy-local passes options to the ServerApp through Flower's run config, which only "
                           f"knows the keys in pyproject.toml's [tool.flwr.app.config]; {', '.join(lost)} "
                           "is not there. Add it there (with its default value), or leave it at its default.")
-    return {key: _run_config_value(key, flat[key]) for key in sorted(declared) if key in flat}
+    return {key: _run_config_value(key, flat[key]) for key in sorted(declared - NOT_SENT) if key in flat}
 
 
 def _run_config_value(key: str, value: Any) -> Any:
@@ -114,7 +117,8 @@ def prepare_run(nodes: int, out: Path | None, config: Path | None, node_config: 
     cfg = load_config(config).with_overrides({**(overrides or {}), "clients": nodes})
     node_policy({**(node_config or {}), k.PARTITION_ID: 0}, cfg, "")  # a bad value stops here, naming its key
     target = (out or Path(cfg.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
-    return resolve(cfg.with_overrides({"out": str(target)})), target
+    pinned = given_keys(config, {**(overrides or {}), "clients": nodes, "out": str(target)})
+    return resolve(cfg.with_overrides({"out": str(target)}), pinned), target
 
 
 def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: float, console: Console,

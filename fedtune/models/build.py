@@ -19,6 +19,7 @@ from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
 from fedtune.models.lora_factors import freeze_shared_a
 from fedtune.models.pooling import use_mean_pooling
+from fedtune.models.prefix_cache import cache_frozen_prefix
 from fedtune.quiet import quiet_libraries
 
 quiet_libraries()
@@ -99,4 +100,5 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     peft_model = get_peft_model(base, peft_config)
     if lora.aggregation == "ffa":
         freeze_shared_a(peft_model, seed)
+    cache_frozen_prefix(peft_model)  # LoRA in the upper layers only: the frozen ones below run once per text
     return peft_model

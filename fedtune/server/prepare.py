@@ -13,16 +13,29 @@ from typing import Any
 
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
+from fedtune.recipe import Facts, apply_recipe
 from fedtune.server.run_dir import CONFIG, RunDirectory
 from fedtune.tasks.base import get_task
 
 RESUMABLE = frozenset({"rounds"})  # the one option a run may change when it is continued
+DERIVED = frozenset({"recipe.chosen"})  # follows from the others: never named as a difference
 
 
-def resolve(cfg: FedtuneConfig) -> FedtuneConfig:
-    """The config to save with a new run: the task's resolved data config."""
+def resolve(cfg: FedtuneConfig, pinned: frozenset[str] | None = None) -> FedtuneConfig:
+    """The config to save with a new run: the task's resolved data config, then the private recipe's
+    choices for every option not in `pinned` (the options given by hand; None: those that differ from
+    the defaults, fedtune/recipe.py)."""
     data = get_task(cfg.model.task).resolve_data(cfg.data)
-    return cfg.with_overrides({"data.path": data.path, "data.labels": list(data.labels)})
+    cfg = cfg.with_overrides({"data.path": data.path, "data.labels": list(data.labels)})
+    return apply_recipe(cfg, pinned, facts)
+
+
+def facts(cfg: FedtuneConfig) -> Facts:
+    """What the server knows of a run about to start, for the private recipe."""
+    fed = get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed)
+    return Facts(labels=len(cfg.data.labels), clients=cfg.clients_sampled(),
+                 records=tuple(len(split.train) for split in fed.clients),
+                 epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta)
 
 
 def preflight(cfg: FedtuneConfig) -> None:
@@ -52,12 +65,14 @@ def data_summary(cfg: FedtuneConfig) -> dict[str, Any]:
     return task.summary(fed, cfg.data, task.tokenizer(cfg.model), cfg.model.max_length)
 
 
-def new_run(cfg: FedtuneConfig, target: Path) -> tuple[FedtuneConfig, RunDirectory, dict[str, Any]]:
-    """Resolve and check `cfg`, then create the run directory `target` holding its config and the
-    partition summary; returns (the saved config, the run directory, the summary)."""
+def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = None,
+            ) -> tuple[FedtuneConfig, RunDirectory, dict[str, Any]]:
+    """Resolve and check `cfg` (`pinned`: the options given by hand, see resolve), then create the run
+    directory `target` holding its config and the partition summary; returns (the saved config, the
+    run directory, the summary)."""
     from fedtune.data.summary import save_partition_summary
 
-    cfg = resolve(cfg.with_overrides({"out": str(target)}))
+    cfg = resolve(cfg.with_overrides({"out": str(target)}), pinned)
     preflight(cfg)
     summary = data_summary(cfg)
     run = RunDirectory.create(target, cfg)
@@ -88,9 +103,10 @@ def open_run(cfg: FedtuneConfig, target: Path) -> tuple[FedtuneConfig, RunDirect
         cfg, run, _ = new_run(cfg, target)
         return cfg, run
     saved = RunDirectory.existing(target).config().to_flat()
-    asked = resolve(cfg.with_overrides({"out": str(target)})).to_flat()
+    # resolved at the saved number of rounds, which the private recipe's learning rate depends on
+    asked = resolve(cfg.with_overrides({"out": str(target), "rounds": saved["rounds"]})).to_flat()
     changed = sorted(key for key in saved.keys() | asked.keys()
-                     if key not in RESUMABLE and saved.get(key) != asked.get(key))
+                     if key not in RESUMABLE | DERIVED and saved.get(key) != asked.get(key))
     if changed:
         raise ConfigError(f"{target} holds a run with another config ({', '.join(changed)} differ). Continue it "
                           "with its own config (only `rounds` may change), or give a new run directory (`out`).")

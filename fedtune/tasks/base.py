@@ -84,6 +84,12 @@ class Task(ABC):
         """Refuse options this task does not support (each field is already valid on its own); none by default."""
         return None
 
+    def private_recipe(self, cfg: FedtuneConfig, facts, pinned: frozenset[str]) -> dict[str, tuple[Any, str]]:
+        """What this task trains by under DP-SGD (fedtune/recipe.py): dotted key -> (value, why), for
+        a config whose target ε is set; the keys in `pinned` were given by hand and are kept whatever this
+        returns. None by default: the options' own defaults."""
+        return {}
+
     @abstractmethod
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         """Base model + LoRA on model.device; one cached instance per process and config."""

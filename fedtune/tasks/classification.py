@@ -3,19 +3,30 @@ labels, through a classification head on the base model's pooled states."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from peft import PeftModel
 
-from fedtune.config import DataConfig, LoraConfig, ModelConfig
+from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, ModelConfig
 from fedtune.data.canaries import Canaries
 from fedtune.data.federated import FederatedData, Texts, federated_data, label_names, local_data, resolve_data
 from fedtune.data.summary import partition_summary
 from fedtune.data.text import TokenizedTexts, token_counts, tokenize
+from fedtune.errors import ConfigError
 from fedtune.models.build import build_model, default_model_dir
 from fedtune.models.evaluate import evaluate, example_losses
 from fedtune.models.pooling import use_mean_pooling
+from fedtune.recipe import (
+    BASE_LEARNING_RATE,
+    RECIPE_RANK,
+    RECIPE_ROUNDS,
+    Facts,
+    noise_to_signal,
+    recipe_learning_rate,
+    recipe_sigma,
+)
 from fedtune.tasks.base import Scores, Task
 
 
@@ -31,6 +42,63 @@ class Classification(Task):
 
             with torch.device("meta"):  # the architecture only: no weights are read or allocated
                 use_mean_pooling(AutoModelForSequenceClassification.from_config(config))
+
+    def private_recipe(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> dict[str, tuple[Any, str]]:
+        """docs/recipe.md: one full-batch SGD step a round on LoRA in the last layer, read by mean pooling."""
+        choices: dict[str, tuple[Any, str]] = {}
+        last_layer, hidden = self._last_layer_attention(cfg.model)
+        if last_layer:
+            choices.update({
+                "model.pooling": ("mean", "the head reads the mean of the token states, which a sentence encoder "
+                                          "was trained to give; a pooler's output is nearly one shared vector"),
+                "lora.target_modules": (last_layer, "LoRA in the last layer only: few noised values, and the frozen "
+                                                    "layers below run once per text (models/prefix_cache.py)"),
+                "lora.modules_to_save": ([], "no pooler to train under mean pooling"),
+                "lora.r": (RECIPE_RANK, "rank 2 is enough for one layer, and every trained value is noised"),
+                "lora.alpha": (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default rank"),
+            })
+        rounds = cfg.rounds if "rounds" in pinned else RECIPE_ROUNDS
+        per_client = max(1, math.ceil(rounds * facts.clients / cfg.clients - 1e-9))  # as rounds_per_client()
+        sigma = recipe_sigma(facts, per_client) if facts.epsilon else cfg.dp.noise_multiplier
+        # trained values: LoRA's A and B on two projections of the last layer, and the head
+        values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels if last_layer else 0
+        ratio = noise_to_signal(facts, sigma, values) if values else 1.0
+        choices.update({
+            "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
+                                       "noise under DP"),
+            "train.batch_size": (4096, "every record in every step (Poisson q = 1, up to 4,096 records): the least "
+                                       "noise per record for a given ε"),
+            "train.local_epochs": (1, "one step a round: several steps on a non-IID shard fit its own label prior"),
+            "train.learning_rate": (
+                recipe_learning_rate(ratio),
+                f"{BASE_LEARNING_RATE} / √(1 + r²) with r = σ√(m·d)/N = {ratio:.2f}, the noise on a round's mean "
+                f"update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round, d {values} "
+                f"trained values, N {sum(facts.records)} records)"),
+            "train.lr_schedule": ("cosine", "decayed towards zero by the last round, so late rounds settle "
+                                            "instead of swinging with the noise"),
+            "rounds": (RECIPE_ROUNDS, "the noise-to-signal ratio of full-batch DP-SGD does not depend on the number "
+                                      "of steps; 30 is where the tuned runs settle"),
+        })
+        return choices
+
+    def _last_layer_attention(self, model: ModelConfig) -> tuple[list[str], int]:
+        """The query and value projections of a BERT-style encoder's last layer, when mean pooling suits the
+        model, and its hidden size; [] otherwise (the recipe then leaves LoRA's placement and the pooling
+        alone)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        try:
+            config = AutoConfig.from_pretrained(self.model_path(model))
+            with torch.device("meta"):  # the architecture only
+                meta = AutoModelForSequenceClassification.from_config(config)
+            use_mean_pooling(meta)
+        except (OSError, ValueError, ConfigError):
+            return [], 0  # preflight's check_model then names the problem with the model, if there is one
+        last = getattr(config, "num_hidden_layers", 0) - 1
+        suffixes = [name[name.index(f"layer.{last}."):] for name, module in meta.named_modules()
+                    if isinstance(module, torch.nn.Linear) and f".layer.{last}." in name
+                    and name.rsplit(".", 1)[-1] in ("query", "value")]
+        return (sorted(suffixes), config.hidden_size) if len(suffixes) == 2 else ([], 0)
 
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         return build_model(model, lora, num_labels=len(label_names(data)), seed=seed)

@@ -1,0 +1,212 @@
+"""A fast, in-process emulator of fedtune's private recipe, for choosing its rules (issue #19; not a test).
+
+Why it is exact enough to tune on. Under the recipe every client takes one full-batch DP-SGD step a
+round (Poisson q = 1) from the same global adapter, and FedAvg weights each client by its n_i records:
+
+    client i:  θ_i = θ - lr · (Σ_{x ∈ D_i} clip_C(g_x) + z_i) / n_i,      z_i ~ N(0, σ² C² I)
+    server:    θ'  = Σ_i (n_i / N) θ_i = θ - lr · (Σ_x clip_C(g_x) + Σ_i z_i) / N
+
+so a round is one step of central full-batch DP-GD whose noise has std σ·C·√m (m clients; σ is the
+same for every client, as each solves for the same q = 1 and number of steps). One client (m = 1) is
+central DP, and distributed DP (each client adds σ/√m, the sum carries σ) is the same step as m = 1.
+LoRA's naive averaging of A and of B is exact here: one step from a shared point is linear in it.
+
+And why it is fast. The recipe trains LoRA in the last layer only, so the frozen layers below it
+give every record the same input to that layer in every round: it is computed once and cached, and
+a round runs only the last layer and the head (per-sample gradients by Opacus' GradSampleModule).
+
+    python bench/dp_emulator.py --datasets phrasebank banking77 medical --lrs 1 3 --rounds 30
+        [--clients 20] [--epsilon 8] [--seeds 0] [--mode validation]
+
+Scores the validation split (utility.py's splits; never the test split unless --mode test) and prints
+one JSON line per run with its accuracy curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utility import mode_split, splits  # noqa: E402
+
+from fedtune.config import LoraConfig, ModelConfig, TrainConfig  # noqa: E402
+from fedtune.data.federated import sort_labels  # noqa: E402
+from fedtune.models.build import build_model, load_tokenizer  # noqa: E402
+
+LAST = 5  # MiniLM-L6's last layer
+
+
+class Tail(torch.nn.Module):
+    """The last encoder layer (with its LoRA), masked mean pooling and the head of a PEFT classifier."""
+
+    def __init__(self, peft_model: torch.nn.Module) -> None:
+        super().__init__()
+        inner = peft_model.base_model.model
+        self.layer = inner.bert.encoder.layer[LAST]
+        self.classifier = inner.classifier
+        self.dropout = inner.dropout
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        out = self.layer(hidden, attention_mask=additive)
+        out = out[0] if isinstance(out, tuple) else out
+        weights = mask.to(out.dtype).unsqueeze(-1)
+        pooled = (out * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(pooled))
+
+
+def cached_inputs(model, tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of the last layer for every text (its frozen prefix run once), and the masks."""
+    hidden, masks = [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(texts), 256):
+            enc = tokenizer(texts[start:start + 256], truncation=True, max_length=max_length,
+                            padding="max_length", return_tensors="pt")
+            out = model.base_model.model.bert(**enc, output_hidden_states=True)
+            hidden.append(out.hidden_states[LAST])
+            masks.append(enc["attention_mask"])
+    return torch.cat(hidden), torch.cat(masks)
+
+
+def chunks(hidden, mask, labels, size=512):
+    for start in range(0, len(labels), size):
+        m = mask[start:start + size]
+        width = int(m.sum(1).max())
+        yield hidden[start:start + size, :width], m[:, :width], labels[start:start + size]
+
+
+def clipped_sum(tail: GradSampleModule, params, hidden, mask, labels, clip: float | None):
+    """Σ_x clip_C(g_x) over every record (clip None: the plain gradient sum, no DP)."""
+    total = [torch.zeros_like(p) for p in params]
+    tail.train()
+    for h, m, y in chunks(hidden, mask, labels):
+        loss = torch.nn.functional.cross_entropy(tail(h, m), y, reduction="sum")
+        loss.backward()
+        grads = [p.grad_sample for p in params]
+        if clip is not None:
+            norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+            grads = [g * factor.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+        for t, g in zip(total, grads, strict=True):
+            t += g.sum(0)
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+    return total
+
+
+def accuracy(tail, hidden, mask, labels) -> float:
+    tail.eval()
+    right = 0
+    with torch.no_grad():
+        for h, m, y in chunks(hidden, mask, labels, 1024):
+            right += int((tail(h, m).argmax(-1) == y).sum())
+    return right / len(labels)
+
+
+def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
+            clip: float = 1.0, delta: float = 1e-5, r: int = 2, train_fraction: float = 0.9,
+            schedule: str = "constant") -> dict:
+    """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP."""
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=(),
+                      target_modules=(f"layer.{LAST}.attention.self.query", f"layer.{LAST}.attention.self.value"))
+    model = build_model(ModelConfig(pooling="mean"), lora, len(data["labels"]), seed)
+    tail = GradSampleModule(Tail(model))
+    params = [p for p in tail.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    # fedtune clients keep data.client_val_fraction (10%) of their records aside: train on the rest
+    n = int(len(data["train_y"]) * train_fraction)
+    hidden, mask, labels = data["train_h"][:n], data["train_m"][:n], data["train_y"][:n]
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds,
+                                 accountant="prv") if epsilon else 0.0
+    noise = torch.Generator().manual_seed(10_000 + seed)
+    curve = [accuracy(tail, data["val_h"], data["val_m"], data["val_y"])]
+    t0 = time.time()
+    rates = TrainConfig(optimizer="sgd", learning_rate=lr, lr_schedule=schedule)
+    for round_ in range(1, rounds + 1):
+        lr_now = rates.learning_rate_at(round_, rounds)
+        grads = clipped_sum(tail, params, hidden, mask, labels, clip if epsilon else None)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if epsilon:
+                    g += torch.randn(g.shape, generator=noise) * sigma * clip * math.sqrt(clients)
+                p -= lr_now * g / n
+        curve.append(accuracy(tail, data["val_h"], data["val_m"], data["val_y"]))
+    with torch.no_grad():
+        for p, s in zip(params, start, strict=True):
+            p.copy_(s)  # build_model's cache hands the same model to the next run
+    tail._close()  # and its modules must not keep this wrapper's hooks
+    late = curve[-5:]
+    return {"lr": lr, "schedule": schedule, "rounds": rounds, "clients": clients, "epsilon": epsilon,
+            "sigma": round(sigma, 3),
+            "seed": seed, "r": r, "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
+            "curve": [round(a, 3) for a in curve], "wall_s": round(time.time() - t0, 1)}
+
+
+def records(name: str, mode: str, demo_examples: int) -> tuple[list, list]:
+    """(train, scored) records; `demo`: fedtune's generated demo set, 20% held out as in a run."""
+    if name != "demo":
+        return mode_split(splits(name), mode, quick=False)
+    from fedtune.data.demo import make_demo_dataset
+    from fedtune.data.partition import holdout_split
+
+    examples = [(e.text, str(e.label)) for e in make_demo_dataset(demo_examples, seed=0)]
+    train_idx, held_idx = holdout_split(len(examples), 0.2, 0)
+    return [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+
+
+def load(name: str, mode: str, max_length: int, demo_examples: int = 6000) -> dict:
+    train, scored = records(name, mode, demo_examples)
+    labels = sort_labels({label for _, label in train + scored})
+    index = {label: i for i, label in enumerate(labels)}
+    model = build_model(ModelConfig(pooling="mean"), LoraConfig(r=2, alpha=4.0, modules_to_save=()), len(labels), 0)
+    tokenizer = load_tokenizer("")
+    th, tm = cached_inputs(model, tokenizer, [t for t, _ in train], max_length)
+    vh, vm = cached_inputs(model, tokenizer, [t for t, _ in scored], max_length)
+    return {"labels": labels, "train_h": th, "train_m": tm, "train_y": torch.tensor([index[y] for _, y in train]),
+            "val_h": vh, "val_m": vm, "val_y": torch.tensor([index[y] for _, y in scored])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["phrasebank", "banking77", "medical"])
+    parser.add_argument("--mode", default="validation", choices=["validation", "test"])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[3.0])
+    parser.add_argument("--rounds", nargs="+", type=int, default=[30])
+    parser.add_argument("--clients", nargs="+", type=int, default=[20])
+    parser.add_argument("--epsilon", nargs="+", type=float, default=[8.0], help="0: no DP")
+    parser.add_argument("--r", nargs="+", type=int, default=[2])
+    parser.add_argument("--schedules", nargs="+", default=["constant"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--demo-examples", type=int, default=6000)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("EMULATOR_THREADS", "2")))
+    for name in args.datasets:
+        data = load(name, args.mode, args.max_length, args.demo_examples)
+        for eps in args.epsilon:
+            for clients in args.clients:
+                for rounds in args.rounds:
+                    for lr in args.lrs:
+                        for r in args.r:
+                            for schedule in args.schedules:
+                                for seed in args.seeds:
+                                    result = emulate(data, lr, rounds, clients, eps or None, seed, r=r,
+                                                     schedule=schedule)
+                                    print(json.dumps({"dataset": name, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The private recipe: under DP, what the user left alone is chosen for the data, and why is recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedtune.config import DataConfig, FedtuneConfig, given_keys
+from fedtune.recipe import BASE_LEARNING_RATE, DEFAULT_TARGET_EPSILON, Facts, apply_recipe, recipe_learning_rate
+from fedtune.server.prepare import facts, resolve
+
+CFG = FedtuneConfig(clients=4, data=DataConfig(demo_examples=200))
+GIVEN = frozenset({"clients", "data.demo_examples"})
+
+
+def _chosen_keys(cfg: FedtuneConfig) -> list[str]:
+    return [note.split(" = ", 1)[0] for note in cfg.recipe.chosen]
+
+
+def test_a_default_dp_run_gets_a_budget_and_the_last_layer_recipe_with_reasons():
+    cfg = resolve(CFG, GIVEN)
+    assert cfg.dp.target_epsilon == DEFAULT_TARGET_EPSILON  # no default run spends an unbounded ε
+    assert cfg.model.pooling == "mean" and cfg.lora.r == 2 and cfg.lora.modules_to_save == ()
+    assert cfg.lora.target_modules == ("layer.5.attention.self.query", "layer.5.attention.self.value")
+    assert (cfg.train.optimizer, cfg.train.batch_size, cfg.train.local_epochs) == ("sgd", 4096, 1)
+    assert set(_chosen_keys(cfg)) >= {"dp.target_epsilon", "train.learning_rate", "rounds", "model.pooling"}
+    assert all(": " in note and len(note.split(": ", 1)[1]) > 10 for note in cfg.recipe.chosen)  # each says why
+
+
+def test_options_given_by_hand_are_kept():
+    cfg = resolve(CFG.with_overrides({"train.learning_rate": 0.5, "dp.noise_multiplier": 1.3, "rounds": 7}),
+                  GIVEN | {"train.learning_rate", "dp.noise_multiplier", "rounds"})
+    assert cfg.train.learning_rate == 0.5 and cfg.rounds == 7
+    assert cfg.dp.target_epsilon == 0 and cfg.dp.noise_multiplier == 1.3  # a σ given by hand is not replaced
+    assert not {"train.learning_rate", "rounds", "dp.target_epsilon"} & set(_chosen_keys(cfg))
+
+
+def test_a_default_value_given_by_hand_is_kept_too(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nlearning_rate = 0.003\noptimizer = \"adamw\"\n")
+    cfg = resolve(CFG, GIVEN | given_keys(toml, {"rounds": None}))
+    assert (cfg.train.optimizer, cfg.train.learning_rate) == ("adamw", 0.003)
+    assert cfg.model.pooling == "mean"  # the rest of the recipe still applies
+
+
+def test_without_a_hand_given_list_the_options_that_differ_from_the_defaults_count_as_given():
+    """`flwr run` sees every key in its run config, so only a value off the default tells."""
+    cfg = resolve(CFG.with_overrides({"train.learning_rate": 0.5}))
+    assert cfg.train.learning_rate == 0.5 and cfg.train.optimizer == "sgd"
+
+
+def test_a_budget_below_eight_is_the_target():
+    cfg = resolve(CFG.with_overrides({"dp.epsilon_budget": 3.0}), GIVEN | {"dp.epsilon_budget"})
+    assert cfg.dp.target_epsilon == 3.0
+
+
+def test_off_without_dp_or_when_switched_off_nothing_changes():
+    for cfg in (CFG.with_overrides({"dp.enabled": False}), CFG.with_overrides({"recipe.mode": "off"})):
+        resolved = resolve(cfg, GIVEN)
+        assert resolved.recipe.chosen == ()
+        assert dataclasses.replace(resolved, data=cfg.data) == cfg
+
+
+def test_applying_it_twice_changes_nothing():
+    once = resolve(CFG, GIVEN)
+    assert resolve(once) == once and resolve(once, GIVEN) == once
+
+
+def test_a_causal_lm_run_gets_only_the_budget():
+    cfg = resolve(CFG.with_overrides({"model.task": "causal-lm"}), GIVEN)
+    assert _chosen_keys(cfg) == ["dp.target_epsilon"] and cfg.train.optimizer == "adamw"
+
+
+def test_the_facts_are_what_the_partition_reports():
+    cfg = resolve(CFG, GIVEN)
+    known = facts(cfg)
+    assert isinstance(known, Facts) and known.labels == 4 and known.clients == 4
+    assert len(known.records) == 4 and sum(known.records) < 200  # the server's hold-out is not a client's
+    assert apply_recipe(cfg, GIVEN, facts) == cfg
+
+
+def test_the_learning_rate_shrinks_as_the_noise_on_the_mean_update_grows():
+    """r = σ√(m·d)/N: fewer records, or the same records split over more institutions, mean more noise."""
+    def rate(clients: int, examples: int) -> float:
+        cfg = CFG.with_overrides({"clients": clients, "data.demo_examples": examples})
+        return resolve(cfg, GIVEN).train.learning_rate
+
+    assert recipe_learning_rate(0.0) == BASE_LEARNING_RATE
+    assert rate(20, 300) < rate(20, 3000) < BASE_LEARNING_RATE
+    assert rate(20, 3000) < rate(2, 3000)
+    assert rate(20, 300) < 0.5 * BASE_LEARNING_RATE  # r ≈ 3 there: a third of the step
