@@ -70,6 +70,9 @@ def apply_recipe(cfg: FedtuneConfig, pinned: frozenset[str] | None, facts_of) ->
                     if key not in pinned}
     cfg = _with(cfg, task_choices)
     notes = tuple(f"{key} = {_shown(value)}: {why}" for key, (value, why) in {**choices, **task_choices}.items())
+    # never empty once applied, so a later resolution (the ServerApp's, which can only tell given options
+    # by their values) keeps what was given here instead of choosing again
+    notes = notes or ("nothing: every option the recipe sets was given",)
     return dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, chosen=notes))
 
 
@@ -89,7 +92,8 @@ def _shown(value: Any) -> str:
 RECIPE_ROUNDS = 30
 RECIPE_RANK = 2  # LoRA's rank in the last layer: every trained value is noised, so few of them
 # The SGD rate when the noise on a round's mean update is small next to its signal (see
-# noise_to_signal); the three data sets of docs/recipe.md were tuned on their validation splits.
+# noise_to_signal): lr 3 at PhraseBank's r = 0.73 (docs/benchmarks.md), i.e. 3 x √(1 + 0.73²). How
+# far it was checked on the validation splits of the other sets is in docs/recipe.md.
 BASE_LEARNING_RATE = 3.6
 
 

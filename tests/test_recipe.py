@@ -88,3 +88,11 @@ def test_the_learning_rate_shrinks_as_the_noise_on_the_mean_update_grows():
     assert rate(20, 300) < rate(20, 3000) < BASE_LEARNING_RATE
     assert rate(20, 3000) < rate(2, 3000)
     assert rate(20, 300) < 0.5 * BASE_LEARNING_RATE  # r ≈ 3 there: a third of the step
+
+
+def test_a_run_whose_every_recipe_option_was_given_is_not_chosen_for_again_later():
+    """deploy-local resolves with the keys typed; the ServerApp later sees only values, and a σ of 1.0
+    typed by hand looks like the default there. The record of the first resolution keeps it."""
+    cfg = resolve(CFG.with_overrides({"model.task": "causal-lm"}), GIVEN | {"dp.noise_multiplier"})
+    assert cfg.dp.target_epsilon == 0 and cfg.recipe.chosen
+    assert resolve(cfg) == cfg
