@@ -104,8 +104,10 @@ def noise_to_signal(facts: Facts, sigma: float, trained_values: int) -> float:
     most C each) plus Gaussian noise of std σC per trained value, divided by n_i. FedAvg weighs it by
     n_i / N, so the round's update is (Σ clipped gradients + Σ_i noise_i) / N: a mean of norm at most C
     plus noise of norm about σC·√(m·d) / N (m institutions, d trained values, N records). The ratio of
-    the two, σ·√(m·d) / N, is what a learning rate must respect."""
-    return sigma * (facts.clients * trained_values) ** 0.5 / max(sum(facts.records), 1)
+    the two, σ·√(m·d) / N, is what a learning rate must respect. When m of M institutions train each
+    round, N is a round's expected records: the M institutions' total times m / M."""
+    records = sum(facts.records) * facts.clients / max(len(facts.records), 1)
+    return sigma * (facts.clients * trained_values) ** 0.5 / max(records, 1.0)
 
 
 def recipe_learning_rate(ratio: float) -> float:

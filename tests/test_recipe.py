@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from fedtune.config import DataConfig, FedtuneConfig, given_keys
-from fedtune.recipe import BASE_LEARNING_RATE, DEFAULT_TARGET_EPSILON, Facts, apply_recipe, recipe_learning_rate
+from fedtune.recipe import (
+    BASE_LEARNING_RATE,
+    DEFAULT_TARGET_EPSILON,
+    Facts,
+    apply_recipe,
+    noise_to_signal,
+    recipe_learning_rate,
+)
 from fedtune.server.prepare import facts, resolve
 
 CFG = FedtuneConfig(clients=4, data=DataConfig(demo_examples=200))
@@ -96,3 +105,10 @@ def test_a_run_whose_every_recipe_option_was_given_is_not_chosen_for_again_later
     cfg = resolve(CFG.with_overrides({"model.task": "causal-lm"}), GIVEN | {"dp.noise_multiplier"})
     assert cfg.dp.target_epsilon == 0 and cfg.recipe.chosen
     assert resolve(cfg) == cfg
+
+
+def test_sampling_fewer_institutions_a_round_means_fewer_records_a_round_and_more_noise():
+    full = Facts(labels=4, clients=20, records=(100,) * 20, epsilon=8.0, delta=1e-5)
+    sampled = dataclasses.replace(full, clients=5)
+    # σ√(m·d)/N with N the round's records: 5 institutions of 100 against 20 of 100
+    assert noise_to_signal(sampled, 3.0, 4000) == pytest.approx(noise_to_signal(full, 3.0, 4000) * 2.0)

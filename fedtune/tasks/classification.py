@@ -73,7 +73,8 @@ class Classification(Task):
                 recipe_learning_rate(ratio),
                 f"{BASE_LEARNING_RATE} / √(1 + r²) with r = σ√(m·d)/N = {ratio:.2f}, the noise on a round's mean "
                 f"update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round, d {values} "
-                f"trained values, N {sum(facts.records)} records)"),
+                f"trained values, N {round(sum(facts.records) * facts.clients / len(facts.records))} records a "
+                f"round)"),
             "train.lr_schedule": ("cosine", "decayed towards zero by the last round, so late rounds settle "
                                             "instead of swinging with the noise"),
             "rounds": (RECIPE_ROUNDS, "the noise-to-signal ratio of full-batch DP-SGD does not depend on the number "
