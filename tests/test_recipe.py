@@ -112,3 +112,12 @@ def test_sampling_fewer_institutions_a_round_means_fewer_records_a_round_and_mor
     sampled = dataclasses.replace(full, clients=5)
     # σ√(m·d)/N with N the round's records: 5 institutions of 100 against 20 of 100
     assert noise_to_signal(sampled, 3.0, 4000) == pytest.approx(noise_to_signal(full, 3.0, 4000) * 2.0)
+
+
+def test_a_classifier_that_is_not_a_bert_style_encoder_gets_only_the_budget(tmp_path):
+    """The last-layer rules and the SGD rate were tuned on BERT-style encoders; DistilBERT has no pooler."""
+    from transformers import DistilBertConfig
+
+    DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
+    cfg = resolve(CFG.with_overrides({"model.name_or_path": str(tmp_path)}), GIVEN | {"model.name_or_path"})
+    assert _chosen_keys(cfg) == ["dp.target_epsilon"] and cfg.train.optimizer == "adamw"

@@ -79,10 +79,9 @@ class FrozenPrefix(torch.nn.Module):
     @torch.no_grad()
     def _compute(self, missing: list, states: dict) -> None:
         """The prefix for texts not yet cached, in batches of equal length (so no padding, no mask)."""
-        by_length: dict[int, list] = {}
-        for item in missing:
-            if item[0] not in states:
-                by_length.setdefault(item[3], {})[item[0]] = item
+        by_length: dict[int, dict] = {}
+        for item in missing:  # a text twice in one batch is computed once
+            by_length.setdefault(item[3], {})[item[0]] = item
         for n, items in by_length.items():
             ids = torch.stack([item[1][:n] for item in items.values()])
             types = torch.stack([item[2][:n] for item in items.values()])

@@ -38,31 +38,28 @@ class Classification(Task):
 
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         if model.pooling == "mean":
-            from transformers import AutoModelForSequenceClassification
-
-            with torch.device("meta"):  # the architecture only: no weights are read or allocated
-                use_mean_pooling(AutoModelForSequenceClassification.from_config(config))
+            use_mean_pooling(_meta_classifier(config))
 
     def private_recipe(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: one full-batch SGD step a round on LoRA in the last layer, read by mean pooling."""
-        choices: dict[str, tuple[Any, str]] = {}
         last_layer, hidden = self._last_layer_attention(cfg.model)
-        if last_layer:
-            choices.update({
-                "model.pooling": ("mean", "the head reads the mean of the token states, which a sentence encoder "
-                                          "was trained to give; a pooler's output is nearly one shared vector"),
-                "lora.target_modules": (last_layer, "LoRA in the last layer only: few noised values, and the frozen "
-                                                    "layers below run once per text (models/prefix_cache.py)"),
-                "lora.modules_to_save": ([], "no pooler to train under mean pooling"),
-                "lora.r": (RECIPE_RANK, "rank 2 is enough for one layer, and every trained value is noised"),
-                "lora.alpha": (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default rank"),
-            })
+        if not last_layer:
+            return {}  # not a BERT-style encoder: its rate and layers were never tuned, so only the budget is set
+        choices: dict[str, tuple[Any, str]] = {
+            "model.pooling": ("mean", "the head reads the mean of the token states, which a sentence encoder "
+                                      "was trained to give; a pooler's output is nearly one shared vector"),
+            "lora.target_modules": (last_layer, "LoRA in the last layer only: few noised values, and the frozen "
+                                                "layers below run once per text (models/prefix_cache.py)"),
+            "lora.modules_to_save": ([], "no pooler to train under mean pooling"),
+            "lora.r": (RECIPE_RANK, "rank 2 is enough for one layer, and every trained value is noised"),
+            "lora.alpha": (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default rank"),
+        }
         rounds = cfg.rounds if "rounds" in pinned else RECIPE_ROUNDS
         per_client = max(1, math.ceil(rounds * facts.clients / cfg.clients - 1e-9))  # as rounds_per_client()
         sigma = recipe_sigma(facts, per_client) if facts.epsilon else cfg.dp.noise_multiplier
         # trained values: LoRA's A and B on two projections of the last layer, and the head
-        values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels if last_layer else 0
-        ratio = noise_to_signal(facts, sigma, values) if values else 1.0
+        values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels
+        ratio = noise_to_signal(facts, sigma, values)
         choices.update({
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP"),
@@ -84,14 +81,12 @@ class Classification(Task):
 
     def _last_layer_attention(self, model: ModelConfig) -> tuple[list[str], int]:
         """The query and value projections of a BERT-style encoder's last layer, when mean pooling suits the
-        model, and its hidden size; [] otherwise (the recipe then leaves LoRA's placement and the pooling
-        alone)."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        model, and its hidden size; ([], 0) otherwise (the recipe then sets the budget only)."""
+        from transformers import AutoConfig
 
         try:
             config = AutoConfig.from_pretrained(self.model_path(model))
-            with torch.device("meta"):  # the architecture only
-                meta = AutoModelForSequenceClassification.from_config(config)
+            meta = _meta_classifier(config)
             use_mean_pooling(meta)
         except (OSError, ValueError, ConfigError):
             return [], 0  # preflight's check_model then names the problem with the model, if there is one
@@ -136,6 +131,14 @@ class Classification(Task):
 
     def example_losses(self, model: torch.nn.Module, dataset: TokenizedTexts) -> list[float]:
         return example_losses(model, dataset)
+
+
+def _meta_classifier(config) -> torch.nn.Module:
+    """The classifier's architecture on the meta device: no weights are read or allocated."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 TASK = Classification()
