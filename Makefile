@@ -29,7 +29,7 @@ demo: setup
 # Two pytest workers (pytest-xdist): the federations spend much of their time starting Ray and loading
 # models, which the other worker's tests fill; tests/conftest.py gives each worker one torch thread.
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=12
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=12
 
 lint: setup
 	$(BIN)/python -m ruff check .

@@ -304,12 +304,14 @@ class LocalFederation:
         try:
             while time.monotonic() < deadline:
                 offset = _echo_new(stream.log, offset, echo)
-                if not self.processes.started[SUPERLINK].running():
-                    raise DeployError(f"The SuperLink stopped during the run:\n"
-                                      f"{self.processes.started[SUPERLINK].log_tail()}")
+                self._require_superlink(wait_s=0.0)
                 stream_done = not stream.running()
                 if stream_done or time.monotonic() - last_check > 30:
-                    status, last_check = self.status(run_id), time.monotonic()
+                    try:
+                        status, last_check = self.status(run_id), time.monotonic()
+                    except DeployError:
+                        self._require_superlink(wait_s=5.0)  # a crash: say so, not that `flwr` failed
+                        raise
                     if status.startswith("finished"):
                         _echo_new(stream.log, offset, echo)
                         return status
@@ -317,6 +319,17 @@ class LocalFederation:
         finally:
             self.processes.stop([name], grace_s=2.0)
         raise DeployError(f"Run {run_id} did not finish within {timeout_s:.0f} s (last status: {status}).")
+
+    def _require_superlink(self, wait_s: float) -> None:
+        """Raise DeployError if the SuperLink process has stopped (or stops within `wait_s`)."""
+        superlink = self.processes.started[SUPERLINK]
+        if wait_s:
+            try:
+                superlink.popen.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                return
+        if not superlink.running():
+            raise DeployError(f"The SuperLink stopped during the run (see {superlink.log}):\n{superlink.log_tail()}")
 
 
 def superexec_name(owner: str) -> str:

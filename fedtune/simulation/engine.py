@@ -87,6 +87,11 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     the main thread, for a ServerApp that does not return."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # When this process is killed (SIGKILL, the OOM killer), Ray's GCS and raylet die with it, but its
+    # DashboardAgent and RuntimeEnvAgent first try to report the raylet's death to the dead GCS and
+    # wait out the GCS reconnect timeout, 60 s by default. On this one machine the GCS lives and dies
+    # with this process, so waiting for it to come back is pointless; 10 s lets them exit soon after.
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
     require_ray_token()
     from flwr.simulation import run_simulation
 

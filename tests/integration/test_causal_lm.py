@@ -12,7 +12,8 @@ import pytest
 
 from tests.integration.test_simulate import fedtune, fedtune_here
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("causal-lm")]
 
 TINY = """
 rounds = 1

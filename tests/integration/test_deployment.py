@@ -22,11 +22,12 @@ import psutil
 import pytest
 
 from fedtune.config import FedtuneConfig
-from fedtune.deploy.local import HOST, SUPERLINK, LocalFederation, app_config_keys, app_dir, superexec_name
+from fedtune.deploy.local import HOST, SUPERLINK, DeployError, LocalFederation, app_config_keys, app_dir, superexec_name
 from fedtune.deploy.processes import ProcessSet
 from fedtune.deploy.run import run_config
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("deployment")]
 
 NAMES = ["clinic-a", "clinic-b", "clinic-c"]
 VICTIM = "clinic-c"  # the institution whose SuperNode dies mid-round
@@ -276,3 +277,21 @@ def test_institutions_that_require_dp_refuse_a_run_without_it(tmp_path):
         own = json.loads((out / "deployment" / name / "state" / f"{name}.json").read_text())
         assert own["history"] == [] and own["ledger"][-1]["status"] == "refused"
     assert not (out / "checkpoints" / "round_0001.pt").exists(), "no round was committed"
+
+
+def test_a_superlink_crash_ends_the_wait_and_leaves_no_process(federation, tiny_classifier):
+    """The review's finding: after the SuperLink crashed, deploy-local left the ServerApp process
+    running. The SuperLink is killed alone mid-run, as a crash would; following the run stops with
+    the reason, and stopping the set ends every process, the ServerApp included (it is orphaned,
+    out of every process tree, and found by its session). Last in this module: it ends the SuperLink."""
+    fed, processes = federation, federation.processes
+    values = run_config(TINY.with_overrides({"out": str(fed.work / "crashed-link"),
+                                             "model.name_or_path": str(tiny_classifier)}), app_config_keys(fed.app))
+    run_id = fed.submit(values, label="crashed-link")
+    serverapp = _wait_for(lambda: _child(processes, SUPERLINK, "flwr-serverapp"), "the ServerApp process")
+    os.kill(processes.started[SUPERLINK].pid, signal.SIGKILL)
+    with pytest.raises(DeployError, match="SuperLink stopped during the run"):
+        fed.follow(run_id, WAIT_S)
+    processes.stop_all(grace_s=5.0)
+    assert not _alive(serverapp), _cmdline(serverapp)
+    assert not processes.leftovers(), [_cmdline(p) for p in processes.leftovers()]

@@ -15,6 +15,9 @@ import textwrap
 
 import pytest
 
+# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("ray-cluster")
+
 CLUSTER = textwrap.dedent("""
     import os, signal, subprocess, sys, time
     from fedtune.config import FedtuneConfig
