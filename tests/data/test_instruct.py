@@ -19,9 +19,6 @@ from fedtune.data.instruct import (
 from fedtune.data.text import IGNORE_INDEX, pad_batch
 from fedtune.errors import DataError
 
-# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("instruct")
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

@@ -12,8 +12,7 @@ import pytest
 
 from tests.integration.test_simulate import fedtune, fedtune_here
 
-# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("causal-lm")]
+pytestmark = pytest.mark.integration
 
 TINY = """
 rounds = 1

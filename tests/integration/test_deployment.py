@@ -26,8 +26,7 @@ from fedtune.deploy.local import HOST, SUPERLINK, DeployError, LocalFederation, 
 from fedtune.deploy.processes import ProcessSet
 from fedtune.deploy.run import run_config
 
-# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("deployment")]
+pytestmark = pytest.mark.integration
 
 NAMES = ["clinic-a", "clinic-b", "clinic-c"]
 VICTIM = "clinic-c"  # the institution whose SuperNode dies mid-round

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 from fedtune.cli import cli
 from fedtune.privacy.independent import independent_epsilon
 
-# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("simulate")]
+pytestmark = pytest.mark.integration
 
 TINY = """
 rounds = 2

@@ -18,9 +18,6 @@ from fedtune.models.build import load_tokenizer
 from fedtune.models.causal import evaluate_lm, fresh_causal_model
 from fedtune.privacy.dpsgd import RoundSeeds, make_private
 
-# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("causal-model")
-
 
 def lm(path, **lora) -> torch.nn.Module:
     return fresh_causal_model(ModelConfig(task="causal-lm", name_or_path=str(path)), LoraConfig(r=2, **lora))

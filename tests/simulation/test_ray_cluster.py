@@ -15,9 +15,6 @@ import textwrap
 
 import pytest
 
-# One xdist worker runs this whole module, so its module-scoped fixture is set up once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("ray-cluster")
-
 CLUSTER = textwrap.dedent("""
     import os, signal, subprocess, sys, time
     from fedtune.config import FedtuneConfig
