@@ -126,7 +126,23 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    enabled: bool = field(default=True, metadata={"help": "Sample-level DP-SGD (Opacus) in every client."})
+    enabled: bool = field(default=True, metadata={"help": "DP-SGD (Opacus) in every client."})
+    unit: Literal["record", "user"] = field(
+        default="record",
+        metadata={"help": "What the guarantee protects: `record` (adding or removing one record) or `user` "
+                          "(adding or removing one person and all of their records; needs data.user_column)."},
+    )
+    max_records_per_user: int = field(
+        default=16,
+        metadata={"help": "Unit `user`: records of a sampled user that one step uses; a user with more gets a "
+                          "random k of them each step. Changes compute and utility, not the guarantee."},
+    )
+    user_gradient: Literal["mean", "clipped_mean"] = field(
+        default="mean",
+        metadata={"help": "Unit `user`: each sampled user's gradient is the `mean` of their records' gradients, "
+                          "clipped to max_grad_norm, or the mean of their records' gradients each clipped first "
+                          "(`clipped_mean`). Either way one user adds at most max_grad_norm to a step."},
+    )
     noise_multiplier: float = field(default=1.0, metadata={"help": "Gaussian noise std / clipping norm (sigma)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
     delta: float = field(default=1e-5, metadata={"help": "Target delta; below 1/n for a client with n records."})
@@ -178,6 +194,9 @@ class DPConfig:
         _check(self.target_epsilon <= self.epsilon_budget, "dp.target_epsilon",
                f"it exceeds dp.epsilon_budget={self.epsilon_budget}; lower it or raise the budget.")
         _check(self.physical_batch_size >= 0, "dp.physical_batch_size", "use 0 (no limit) or a positive size.")
+        _check(self.unit in ("record", "user"), "dp.unit", "use `record` or `user`.")
+        _check(1 <= self.max_records_per_user <= 10_000, "dp.max_records_per_user", "use 1 to 10,000 (16 is typical).")
+        _check(self.user_gradient in ("mean", "clipped_mean"), "dp.user_gradient", "use `mean` or `clipped_mean`.")
         _check(self.client_dp in ("off", "fixed", "adaptive"), "dp.client_dp", "use `off`, `fixed` or `adaptive`.")
         _check(self.client_dp_side in ("server", "client"), "dp.client_dp_side", "use `server` or `client`.")
         _check(self.client_noise_multiplier >= 0, "dp.client_noise_multiplier", "use sigma >= 0.")
@@ -372,6 +391,12 @@ class DataConfig:
     partition_column: str = field(
         default="", metadata={"help": "Partition `column`: the column naming each record's institution."},
     )
+    user_column: str = field(
+        default="",
+        metadata={"help": "The column naming the person each record is about (e.g. patient_id). Set, a person's "
+                          "records stay together: at one client, and wholly in or out of the server's hold-out. "
+                          "Needed by dp.unit `user`."},
+    )
     canaries: int = field(
         default=0,
         metadata={"help": "Privacy audit (`fedtune audit`): random canary records, each put into training with "
@@ -416,6 +441,10 @@ class DataConfig:
         _check(not self.partition_column or self.source == "file", "data.partition_column",
                "the demo data has no such column; use it with your own data (data.path).")
         _check(self.partition_column not in (self.text_column, self.label_column), "data.partition_column",
+               "it must differ from the text and label columns.")
+        _check(not self.user_column or self.source == "file", "data.user_column",
+               "the demo data has no such column; use it with your own data (data.path).")
+        _check(self.user_column not in (self.text_column, self.label_column), "data.user_column",
                "it must differ from the text and label columns.")
         _check(0 <= self.canaries <= 100_000, "data.canaries", "use 0 (no audit canaries) to 100,000.")
         _check(1 <= self.canary_repeats <= 1000, "data.canary_repeats", "use 1 to 1000 copies.")
@@ -485,6 +514,12 @@ class FedtuneConfig:
         _check(not (self.train.length_buckets and self.dp.enabled), "train.length_buckets",
                "length-bucketed batches are not Poisson samples, which DP-SGD's accounting assumes; use it with "
                "dp.enabled = false, or drop it.")
+        _check(self.dp.unit == "record" or bool(self.data.user_column), "dp.unit",
+               "unit `user` protects each person's records together, so fedtune must know whose each record is: "
+               "name that column in data.user_column (--user-column), e.g. patient_id.")
+        _check(self.dp.unit == "record" or not self.data.canaries, "data.canaries",
+               "the audit plants canary records, not canary users, so it cannot measure a user-level guarantee "
+               "yet; audit with dp.unit `record`.")
         _check(self.data.canary_repeats == 1 or not self.dp.enabled, "data.canary_repeats",
                "a canary repeated k times is k records, so the record-level ε does not bound what an audit "
                "measures; use 1 with DP-SGD, or repeat canaries only with dp.enabled = false.")

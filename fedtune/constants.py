@@ -70,6 +70,7 @@ NODE_MAX_DELTA = "max-delta"
 NODE_MIN_NOISE_MULTIPLIER = "min-noise-multiplier"
 NODE_ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
 NODE_ADOPT_LEDGER_SPENDING = "adopt-ledger-spending"  # the operator's reset after the node lost its state
+NODE_PRIVACY_UNIT = "privacy-unit"  # `user`: refuse a run whose guarantee covers only single records
 NODE_LORA_RANK = "lora-rank"  # the institution's own LoRA rank (runs with lora.client_ranks)
 # Deployment: the institution's own data file; the rest default to the run's data.* options.
 DATA_PATH = "data-path"
@@ -78,6 +79,7 @@ DATA_TEXT_COLUMN = "text-column"
 DATA_LABEL_COLUMN = "label-column"
 DATA_SEPARATOR = "separator"
 DATA_ENCODING = "encoding"
+DATA_USER_COLUMN = "user-column"  # whose record each is, in the institution's own file (dp.unit `user`)
 
 # Context.state key under which a client keeps its privacy state.
 CLIENT_STATE = "fedtune.client"

@@ -31,6 +31,7 @@ FLAGS = {
     "lora.target_modules": "--lora-target-modules",
     "lora.modules_to_save": "--lora-modules-to-save",
     "dp.enabled": "--dp/--no-dp",
+    "dp.unit": "--privacy-unit",
     "strategy.name": "--strategy",
     "data.path": "--data",
     "data.demo_examples": "--examples",

@@ -36,7 +36,7 @@ class Facts:
 
     labels: int  # 0 for a task without labels
     clients: int  # institutions sampled per round
-    records: tuple[int, ...]  # each institution's training records
+    records: tuple[int, ...]  # each institution's training records (users, under dp.unit `user`)
     epsilon: float  # the target ε each institution spends over the run
     delta: float
 

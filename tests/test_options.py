@@ -25,6 +25,7 @@ EXAMPLES: dict[str, Any] = {"lora.client_ranks": "2", "data.encoding": "latin-1"
 ALONGSIDE: dict[str, dict[str, Any]] = {
     "train.length_buckets": {"dp.enabled": False}, "data.canary_repeats": {"dp.enabled": False},
     "data.partition_column": {"data.path": "notes.csv"}, "data.source": {"data.path": "notes.csv"},
+    "data.user_column": {"data.path": "notes.csv"}, "dp.unit": {"data.path": "notes.csv", "data.user_column": "pid"},
 }
 
 

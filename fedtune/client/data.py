@@ -1,5 +1,6 @@
 """A client's (train, validation) data, tokenized once per process: its simulated partition of the
-run's data, or (deployment) the institution's own file named by node config `data-path`."""
+run's data, or (deployment) the institution's own file named by node config `data-path`. Under
+dp.unit `user` the training records come grouped by user (data/users.py)."""
 
 from __future__ import annotations
 
@@ -11,32 +12,47 @@ from torch.utils.data import Dataset
 from fedtune import constants as k
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import node_data_config
+from fedtune.data.users import group_by_user
+from fedtune.errors import DataError
 from fedtune.tasks.base import get_task
+
+Split = tuple[Dataset, Dataset, tuple[str, ...]]  # train, validation, the user of each training record
 
 
 @lru_cache(maxsize=4096)
-def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: int,
-                partition: int) -> tuple[Dataset, Dataset]:
-    """(train, validation) of one simulated client."""
+def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: int, partition: int) -> Split:
+    """(train, validation, users) of one simulated client."""
     task = get_task(model.task)
     fed = task.federation(data, num_clients, seed)
     split, tokenizer = fed.clients[partition], task.tokenizer(model)
+    users = tuple(fed.users[i] for i in split.train) if fed.users else ()
     return (task.tokenize(tokenizer, fed.select(split.train), model.max_length),
-            task.tokenize(tokenizer, fed.select(split.val), model.max_length))
+            task.tokenize(tokenizer, fed.select(split.val), model.max_length), users)
 
 
 @lru_cache(maxsize=16)
-def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dataset, Dataset]:
-    """(train, validation) from this institution's own file; the records never leave the process."""
+def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> Split:
+    """(train, validation, users) from this institution's own file; the records never leave the process."""
     task = get_task(model.task)
     tokenizer = task.tokenizer(model)
-    train, val = task.own_records(data, seed)
-    return task.tokenize(tokenizer, train, model.max_length), task.tokenize(tokenizer, val, model.max_length)
+    train, val, users = task.own_records(data, seed)
+    return task.tokenize(tokenizer, train, model.max_length), task.tokenize(tokenizer, val, model.max_length), users
 
 
 def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:
-    """The node's own file when its node config names one (`data-path`), else its simulated partition."""
+    """The node's own file when its node config names one (`data-path`), else its simulated partition;
+    under dp.unit `user`, its training records grouped by user."""
     if k.DATA_PATH in context.node_config:
-        return own_file_data(node_data_config(cfg.data, context.node_config), cfg.model, cfg.seed)
-    return client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
-                       int(context.node_config[k.PARTITION_ID]))
+        data = node_data_config(cfg.data, context.node_config)
+        train, val, users = own_file_data(data, cfg.model, cfg.seed)
+    else:
+        data = cfg.data
+        train, val, users = client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
+                                        int(context.node_config[k.PARTITION_ID]))
+    if cfg.dp.unit != "user":
+        return train, val
+    if not users:  # config.py requires data.user_column; a node's own file may still lack ids
+        raise DataError(f"The run protects each user's records together (dp.unit `user`), but {data.path} names "
+                        "no user for its records. Name the column with data.user_column, or node config "
+                        f"`{k.DATA_USER_COLUMN}` for a node's own file.")
+    return group_by_user(train, users), val

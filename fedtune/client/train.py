@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from fedtune.config import FedtuneConfig
 from fedtune.data.buckets import LengthBucketSampler
 from fedtune.data.text import TokenizedTexts, pad_batch
+from fedtune.data.users import UserRecords
 from fedtune.privacy.accountant import History
 from fedtune.privacy.dpsgd import RoundSeeds, make_private
 
@@ -106,8 +107,10 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: FedtuneConfig, proximal_mu
     return optimizer
 
 
-def _loader(data: TokenizedTexts, cfg: FedtuneConfig, seeds: RoundSeeds) -> DataLoader:
-    """Batches without DP: shuffled, or grouped by length (config allows that only without DP)."""
+def _loader(data: TokenizedTexts | UserRecords, cfg: FedtuneConfig, seeds: RoundSeeds) -> DataLoader:
+    """Batches without DP: shuffled, or grouped by length (config allows that only without DP). Records
+    grouped by user are trained as records: without DP there is no user to protect."""
+    data = data.records if isinstance(data, UserRecords) else data
     batch_size = min(cfg.train.batch_size, len(data))
     if cfg.train.length_buckets:
         sampler = LengthBucketSampler([len(ids) for ids in data.input_ids], batch_size, seeds.sampling)

@@ -26,6 +26,7 @@ from fedtune.data.partition import (
     partition_indices,
     split_client,
 )
+from fedtune.data.users import by_user, own_split
 from fedtune.errors import DataError
 
 Texts = tuple[list[str], list[int]]
@@ -42,6 +43,7 @@ class FederatedData:
     skipped: tuple[str, ...] = ()  # invalid records left out of the data (data.skip_invalid_rows)
     notes: tuple[str, ...] = ()  # warnings about the values read (data/loaders.py)
     canaries: Canaries | None = None  # the privacy audit's canaries (data.canaries); members are in the records
+    users: tuple[str, ...] = ()  # data.user_column: whose record each is (empty when it is not set)
 
     def select(self, indices) -> Texts:
         return [self.texts[i] for i in indices], [self.labels[i] for i in indices]
@@ -60,15 +62,15 @@ def source_records(data: DataConfig) -> LabeledTexts:
     path = Path(data.path)
     stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
     return _records(data.path, data.format, data.text_column, data.label_column, data.separator, data.encoding,
-                    data.skip_invalid_rows, data.partition_column, stamp)
+                    data.skip_invalid_rows, data.partition_column, data.user_column, stamp)
 
 
 @lru_cache(maxsize=4)
 def _records(path: str, fmt: str, text_column: str, label_column: str, separator: str, encoding: str,
-             skip_invalid_rows: bool, partition_column: str, stamp: Any) -> LabeledTexts:
+             skip_invalid_rows: bool, partition_column: str, user_column: str, stamp: Any) -> LabeledTexts:
     return load_labeled_texts(DataConfig(path=path, format=fmt, text_column=text_column, label_column=label_column,
                                          separator=separator, encoding=encoding, skip_invalid_rows=skip_invalid_rows,
-                                         partition_column=partition_column))
+                                         partition_column=partition_column, user_column=user_column))
 
 
 def sort_labels(names: Collection[str]) -> tuple[str, ...]:
@@ -131,13 +133,17 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
         records = source_records(data)
         texts, labels, groups = records.texts, tuple(encode_labels(records, names)), records.groups
         skipped, notes = records.skipped, records.notes
-    pool, test = holdout_split(len(texts), data.test_fraction, seed)
-    parts = partition_indices(labels, pool, num_clients, data.partition, data.alpha, seed, groups=groups,
-                              group_column=data.partition_column, shards_per_client=data.shards_per_client)
-    splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
+    users = records.users if data.source == "file" else ()
+    if users:  # a person's records stay together: data/users.py
+        test, splits, parts = by_user(labels, users, groups, data, num_clients, seed)
+    else:
+        pool, test = holdout_split(len(texts), data.test_fraction, seed)
+        parts = partition_indices(labels, pool, num_clients, data.partition, data.alpha, seed, groups=groups,
+                                  group_column=data.partition_column, shards_per_client=data.shards_per_client)
+        splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
     client_ids = tuple(groups[p[0]] for p in parts) if data.partition == "column" else ()
-    fed = FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped, notes=notes)
+    fed = FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped, notes=notes, users=users)
     return with_canaries(fed, data.canaries, data.canary_repeats, seed) if data.canaries else fed
 
 
@@ -155,7 +161,7 @@ def with_canaries(fed: FederatedData, count: int, repeats: int, seed: int) -> Fe
 # ---- deployment: an institution's own file, named in its node config ---------------------------
 
 NODE_DATA_KEYS = {k.DATA_FORMAT: "format", k.DATA_TEXT_COLUMN: "text_column", k.DATA_LABEL_COLUMN: "label_column",
-                  k.DATA_SEPARATOR: "separator", k.DATA_ENCODING: "encoding"}
+                  k.DATA_SEPARATOR: "separator", k.DATA_ENCODING: "encoding", k.DATA_USER_COLUMN: "user_column"}
 
 
 def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataConfig:
@@ -167,17 +173,18 @@ def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataCo
                                partition="iid", partition_column="", **own)
 
 
-def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts]:
-    """(train, validation) texts and label ids from this node's own file; they never leave the process."""
+def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ...]]:
+    """(train, validation) texts and label ids from this node's own file, and whose each training
+    record is (data.user_column; empty when it is not set). Validation holds whole users."""
     if not data.labels:
         raise DataError(f"This client reads its own file {data.path}, but the server sent no label list "
                         "(data.labels), so label ids could not match the other clients'. Start the run with a "
                         "fedtune server, which fixes the list from its data.")
     records = load_labeled_texts(data)
     ids = encode_labels(records, data.labels)
-    split = split_client(range(len(records)), data.client_val_fraction, seed)
+    split = own_split(len(records), records.users, data.client_val_fraction, seed)
 
     def pick(part: Sequence[int]) -> Texts:
         return [records.texts[i] for i in part], [ids[i] for i in part]
 
-    return pick(split.train), pick(split.val)
+    return pick(split.train), pick(split.val), tuple(records.users[i] for i in split.train) if records.users else ()

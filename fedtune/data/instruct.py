@@ -189,6 +189,7 @@ class InstructData:
     clients: tuple[ClientSplit, ...]
     skipped: tuple[str, ...] = ()
     canaries: Canaries | None = None  # the privacy audit's canaries (data.canaries); members are in `chats`
+    users: tuple[str, ...] = ()  # no user column for instruction records (CausalLM.check_config)
 
     def select(self, indices: Sequence[int]) -> list[Conversation]:
         return [self.chats[i] for i in indices]
@@ -246,8 +247,9 @@ def resolve_instructions(data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, labels=())
 
 
-def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    """Deployment: (train, validation) conversations from this node's own file; they never leave the process."""
+def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], tuple[()]]:
+    """Deployment: (train, validation) conversations from this node's own file (they never leave the
+    process), and no users (CausalLM.check_config)."""
     chats, _ = load_instructions(data)
     split = split_client(range(len(chats)), data.client_val_fraction, seed)
-    return [chats[i] for i in split.train], [chats[i] for i in split.val]
+    return [chats[i] for i in split.train], [chats[i] for i in split.val], ()

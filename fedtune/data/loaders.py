@@ -40,6 +40,7 @@ class LabeledTexts:
     groups: tuple[str, ...] = ()  # values of data.partition_column, when it is set
     skipped: tuple[str, ...] = ()  # invalid records left out (data.skip_invalid_rows), described
     notes: tuple[str, ...] = ()  # what the reader should know about the values (mixed label types)
+    users: tuple[str, ...] = ()  # values of data.user_column (whose record each is), when it is set
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -81,9 +82,10 @@ def load_labeled_texts(cfg: DataConfig) -> LabeledTexts:
     if fmt != "hf" or Path(cfg.path).exists():
         _check_file(cfg.path, fmt)
     if fmt == "lines":
-        if cfg.partition_column:
-            raise DataError(f"{cfg.path} is in `lines` format, which has no columns, so data.partition_column "
-                            f"`{cfg.partition_column}` cannot be read. Use a CSV, JSONL or Parquet file.")
+        for option, column in (("data.partition_column", cfg.partition_column), ("data.user_column", cfg.user_column)):
+            if column:
+                raise DataError(f"{cfg.path} is in `lines` format, which has no columns, so {option} `{column}` "
+                                "cannot be read. Use a CSV, JSONL or Parquet file.")
     reader = {"lines": _read_lines, "csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet,
               "hf": _read_hf}[fmt]
     return _finish(cfg, reader(cfg))
@@ -113,12 +115,13 @@ def _check_file(path: str, fmt: str) -> None:
 
 
 def _required(cfg: DataConfig) -> list[str]:
-    return [c for c in (cfg.text_column, cfg.label_column, cfg.partition_column) if c]
+    return list(dict.fromkeys(c for c in (cfg.text_column, cfg.label_column, cfg.partition_column, cfg.user_column)
+                              if c))
 
 
 def _check_columns(name: str, columns: Sequence[str], cfg: DataConfig) -> None:
-    options = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column",
-               cfg.partition_column: "data.partition_column"}
+    options = {cfg.user_column: "data.user_column", cfg.partition_column: "data.partition_column",
+               cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
     for column in _required(cfg):
         if column not in columns:
             raise DataError(f"{name} has no column `{column}`. Its columns are: {', '.join(map(str, columns))}. "
@@ -229,7 +232,8 @@ def _finish(cfg: DataConfig, table: _Table) -> LabeledTexts:
     return LabeledTexts(name, unit, tuple(table.numbers[i] for i in kept), tuple(str(texts[i]) for i in kept),
                         tuple(converted[cfg.label_column][i] for i in kept),  # type: ignore[misc]
                         tuple(converted[cfg.partition_column][i] for i in kept) if cfg.partition_column else (),
-                        skipped, _label_notes(cfg, table))
+                        skipped, _label_notes(cfg, table),
+                        tuple(converted[cfg.user_column][i] for i in kept) if cfg.user_column else ())
 
 
 def _label_notes(cfg: DataConfig, table: _Table) -> tuple[str, ...]:

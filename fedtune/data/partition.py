@@ -58,24 +58,25 @@ def _partitioner_spec(method: str, num_clients: int, alpha: float, seed: int,
 
 def partition_indices(labels: Sequence[int], pool: Sequence[int], num_clients: int, method: str,
                       alpha: float, seed: int, *, groups: Sequence[str] = (), group_column: str = "",
-                      shards_per_client: int = 2) -> list[list[int]]:
+                      shards_per_client: int = 2, unit: str = "examples") -> list[list[int]]:
     """Split `pool` (indices into `labels`) over `num_clients` clients. Method `column` gives client i
-    the records whose `groups` value is the i-th in sorted order."""
+    the records whose `groups` value is the i-th in sorted order. `unit`: what an index is, in messages
+    (data/users.py partitions users)."""
     columns = {"index": list(pool), "label": [labels[i] for i in pool]}
     if method == "column":
         _check_groups(groups, pool, num_clients, group_column)
         columns["group"] = [groups[i] for i in pool]
     if num_clients > len(pool):
-        raise DataError(f"There are {num_clients} clients but only {len(pool)} training examples, so "
+        raise DataError(f"There are {num_clients} clients but only {len(pool)} training {unit}, so "
                         "some clients would get no data. Use fewer `clients` or more data.")
     if method == "shard" and num_clients * shards_per_client > len(pool):
-        raise DataError(f"Partition `shard` cuts the {len(pool)} training examples into clients x shards per "
-                        f"client = {num_clients} x {shards_per_client} shards, more than there are examples. "
+        raise DataError(f"Partition `shard` cuts the {len(pool)} training {unit} into clients x shards per "
+                        f"client = {num_clients} x {shards_per_client} shards, more than there are {unit}. "
                         "Use fewer `clients`, a smaller data.shards_per_client, or more data.")
     spec = _partitioner_spec(method, num_clients, alpha, seed, shards_per_client)
     versions = {name: importlib.metadata.version(name) for name in ("flwr-datasets", "datasets", "numpy")}
     return cached_json("partitions", ["partition-v2", versions, method, spec, columns],
-                       lambda: _partition(columns, method, spec, num_clients),
+                       lambda: _partition(columns, method, spec, num_clients, unit),
                        valid=lambda parts: _is_partition(parts, num_clients, columns["index"]))
 
 
@@ -88,7 +89,7 @@ def _is_partition(parts: Any, num_clients: int, pool: list[int]) -> bool:
 
 
 def _partition(columns: dict[str, list], method: str, spec: tuple[str, dict[str, Any]],
-               num_clients: int) -> list[list[int]]:
+               num_clients: int, unit: str) -> list[list[int]]:
     import flwr_datasets.partitioner
     from datasets import Dataset
 
@@ -103,7 +104,7 @@ def _partition(columns: dict[str, list], method: str, spec: tuple[str, dict[str,
     except ValueError as err:
         fix = {"dirichlet": "a larger data.alpha", "shard": "a smaller data.shards_per_client"}.get(method, "")
         raise DataError(f"The {method} partitioner could not give each of {num_clients} clients at least "
-                        f"{MIN_TRAIN_EXAMPLES} examples ({err}). Use fewer clients, more data"
+                        f"{MIN_TRAIN_EXAMPLES} {unit} ({err}). Use fewer clients, more data"
                         f"{', or ' + fix if fix else ''}.") from err
     return parts
 

@@ -36,6 +36,7 @@ class Partitioned(Protocol):
     client_ids: tuple[str, ...]  # partition `column`: each client's value of data.partition_column
     skipped: tuple[str, ...]
     notes: tuple[str, ...]  # warnings about the values read
+    users: tuple[str, ...]  # data.user_column: whose record each is; empty when not set
 
 
 def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int], max_length: int) -> dict[str, Any]:
@@ -53,6 +54,9 @@ def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int]
                "train": len(split.train), "val": len(split.val)}
         if fed.client_ids:
             row[data.partition_column] = fed.client_ids[cid]
+        if fed.users:  # n of user-level accounting: the users each client trains on
+            row["train_users"] = len({fed.users[i] for i in split.train})
+            row["val_users"] = len({fed.users[i] for i in split.val})
         clients.append(row)
     method = {"dirichlet": {"alpha": data.alpha}, "shard": {"shards_per_client": data.shards_per_client},
               "column": {"column": data.partition_column}}.get(data.partition, {})
@@ -68,6 +72,8 @@ def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int]
         "longest_tokens": max(lengths, default=0),
         "server_test": describe(fed.server_test),
         "clients": clients,
+        **({"user_column": data.user_column, "users": len(set(fed.users)),
+            "most_records_per_user": max(Counter(fed.users).values())} if fed.users else {}),
     }
 
 
@@ -79,7 +85,17 @@ def summary_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = [f"data: {summary['examples']} examples from {summary['source']}, {len(names)} labels "
              f"({listed(names, 8)}); server hold-out {summary['server_test']['examples']}",
              f"partition {method['method']}{f' ({detail})' if detail else ''} over {len(clients)} clients:"]
-    if len(clients) <= TABLE_ROWS:
+    if "users" in summary:
+        lines.insert(1, f"users: {summary['users']} in column `{summary['user_column']}`, each one's records at one "
+                        f"client (at most {summary['most_records_per_user']} records a user)")
+    if len(clients) <= TABLE_ROWS and "users" in summary:
+        width = max(len(c["client"]) for c in clients)
+        lines.append(f"  {'client'.ljust(width)}  train  users    val  {'/'.join(names)}")
+        for c in clients:
+            counts = "/".join(str(n) for n in c["labels"].values())
+            lines.append(f"  {c['client'].ljust(width)}  {c['train']:5d}  {c['train_users']:5d}  {c['val']:5d}  "
+                         f"{counts}")
+    elif len(clients) <= TABLE_ROWS:
         width = max(len(c["client"]) for c in clients)
         lines.append(f"  {'client'.ljust(width)}  train    val  {'/'.join(names)}")
         for c in clients:

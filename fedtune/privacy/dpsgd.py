@@ -14,6 +14,14 @@ Two things are wired by hand, each for a reason the analysis depends on:
 - The Poisson schedule. Opacus' DPDataLoader runs int(1/q) steps, which for about 6% of batch
   counts k is k-1 (1/(1/k) < k in floating point), and then accounts q = 1/(k-1). The loader here
   runs exactly the (q, steps) that privacy/budget.py forecasts, and Opacus accounts that q.
+- User-level DP-SGD (dp.unit `user`; Charles et al. 2024, "Fine-Tuning Large Language Models with
+  User-Level Differential Privacy", user-level sampling). Poisson sampling draws users, not
+  records; a sampled user brings at most dp.max_records_per_user of their records (a random subset
+  when they have more). Opacus computes per-record gradients, and before its clipping each user's
+  are combined into one (PrivateTraining.combine_by_user), so Opacus clips, sums and noises one
+  gradient per user, and its accountant counts q over users. Adding or removing one user changes
+  the noised sum by at most C, the sensitivity the noise is calibrated to: the same Gaussian
+  mechanism as record-level DP-SGD, with a user in place of a record.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,10 +40,12 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
 from fedtune.config import DPConfig
+from fedtune.data.users import UserRecords
 from fedtune.privacy.accountant import History, make_accountant, normalize
 from fedtune.privacy.budget import poisson_schedule
 
 STREAMS = ("sampling", "noise", "model")
+USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each record's user, not a model input
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,9 @@ class PrivateTraining:
     hooks: Any  # Opacus GradSampleHooks; .cleanup() removes them from the shared model
     sample_rate: float
     physical_batch_size: int = 0  # 0: each Poisson batch in one forward pass
+    user_gradient: str = ""  # dp.unit `user`: dp.user_gradient; empty: record-level
     steps: int = 0  # logical steps taken: each noised and counted by the accountant
+    _owners: torch.Tensor | None = field(default=None, init=False, repr=False)  # each record's user in the batch
 
     @property
     def history(self) -> History:
@@ -94,6 +106,7 @@ class PrivateTraining:
                 step_on_empty_batch(self.optimizer)
                 self.steps += 1
             else:
+                self._owners = batch.pop(USER_INDEX, None)
                 yield batch
 
     def _physical_batches(self) -> DataLoader:
@@ -108,6 +121,8 @@ class PrivateTraining:
         """After backward(): clip, noise and step, or, for a physical batch that is not the last of
         its logical batch, only clip and accumulate."""
         self.upcast_grad_samples()
+        if self.user_gradient:
+            self.combine_by_user()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Opacus tells a real step from an accumulating one only by this private attribute, set by
@@ -129,6 +144,25 @@ class PrivateTraining:
                     p.grad_sample = sample.to(p.dtype)
 
 
+    def combine_by_user(self) -> None:
+        """Replace the per-record gradients of the batch by one gradient per user, which Opacus then
+        clips to C, sums and noises. `mean`: the mean of the user's record gradients (the gradient of
+        their mean loss); `clipped_mean`: the mean of those gradients each clipped to C first. Both
+        are means, so a user's gradient does not grow with their record count."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]
+                  if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+        owners = self._owners.to(params[0].grad_sample.device)
+        users = int(owners.max()) + 1
+        weight = 1.0 / torch.bincount(owners, minlength=users).to(params[0].dtype)[owners]
+        if self.user_gradient == "clipped_mean":
+            norms = torch.stack([p.grad_sample.reshape(len(owners), -1).norm(2, dim=1) for p in params], dim=1)
+            weight = weight * (self.optimizer.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+        for p in params:
+            sample = p.grad_sample
+            combined = torch.zeros((users, *sample.shape[1:]), dtype=sample.dtype, device=sample.device)
+            p.grad_sample = combined.index_add_(0, owners, sample * weight.view(-1, *[1] * (sample.dim() - 1)))
+
+
 def _collate_or_empty(collate: Callable[[Sequence[Any]], Any], items: Sequence[Any]) -> Any:
     return collate(items) if items else None  # None: Poisson sampling drew no record this step
 
@@ -143,15 +177,48 @@ def poisson_loader(data: Dataset, batch_size: int, collate: Callable[[Sequence[A
     return DataLoader(data, batch_sampler=sampler, collate_fn=partial(_collate_or_empty, collate))
 
 
+def user_loader(data: UserRecords, batch_size: int, collate: Callable[[Sequence[Any]], Any], max_records: int,
+                generator: torch.Generator) -> DataLoader:
+    """One epoch of Poisson batches of users, at the schedule privacy/budget.py forecasts for
+    n = the number of users and batch_size users a step. A sampled user with more than `max_records`
+    records brings a random `max_records` of them. An empty draw is yielded as None."""
+    q, steps = poisson_schedule(len(data), batch_size, epochs=1)
+    sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=generator, steps=steps)
+    return DataLoader(data, batch_sampler=sampler,
+                      collate_fn=partial(_collate_users, data.records, collate, max_records, generator))
+
+
+def _collate_users(records: Dataset, collate: Callable[[Sequence[Any]], Any], max_records: int,
+                   generator: torch.Generator, sampled: Sequence[tuple[int, ...]]) -> Any:
+    """The records of the sampled users (at most max_records each) as one batch, with USER_INDEX."""
+    if not sampled:
+        return None
+    items, owners = [], []
+    for slot, positions in enumerate(sampled):
+        if len(positions) > max_records:
+            keep = torch.randperm(len(positions), generator=generator)[:max_records].sort().values
+            positions = tuple(positions[i] for i in keep.tolist())
+        items += [records[p] for p in positions]
+        owners += [slot] * len(positions)
+    batch = collate(items)
+    batch[USER_INDEX] = torch.tensor(owners)
+    return batch
+
+
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Dataset, batch_size: int,
                  collate: Callable[[Sequence[Any]], Any], dp: DPConfig, history: History,
                  seeds: RoundSeeds) -> PrivateTraining:
     """DP-SGD around `model` (not wrapped: the cached model stays usable) over Poisson batches of
-    `data`, with sampling and noise from their own generators. Leaves the model in training mode,
-    which Opacus requires."""
+    `data`, with sampling and noise from their own generators. `data` grouped by user (UserRecords):
+    user-level DP-SGD, which samples users and clips each one's gradient. Leaves the model in
+    training mode, which Opacus requires."""
     model.train()
     device = next(model.parameters()).device
-    loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"))
+    by_user = isinstance(data, UserRecords)
+    if by_user:
+        loader = user_loader(data, batch_size, collate, dp.max_records_per_user, seeds.generator("sampling"))
+    else:
+        loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"))
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant = make_accountant(dp.accountant, history)
     # poisson_sampling=False: the loader already samples by Poisson; Opacus then accounts
@@ -162,7 +229,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
         poisson_sampling=False, wrap_model=False, noise_generator=seeds.generator("noise", device),
     )
     hooks.forbid_grad_accumulation()  # as Opacus does for its own Poisson loader: one backward per step
-    return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader), dp.physical_batch_size)
+    return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader), dp.physical_batch_size,
+                           user_gradient=dp.user_gradient if by_user else "")
 
 
 def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:

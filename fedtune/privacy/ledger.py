@@ -26,7 +26,10 @@ from fedtune.privacy.accountant import History, other
 from fedtune.privacy.policy import SOURCES as POLICY_SOURCES
 
 LEDGER = "privacy_ledger.json"  # in the run directory
-UNIT = "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"
+# What one client's (ε, δ) protects (dp.unit): `record`, adding or removing one record; `user`, adding or
+# removing one user with all of their records. Ledgers before dp.unit existed described `record` in words.
+UNITS = ("record", "user")
+OLD_RECORD_UNIT = "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"
 MAX_REASON = 500  # characters of a client's stated reason kept in an entry
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour codes, as Ray's tracebacks carry them
 
@@ -54,7 +57,7 @@ class LedgerEntry:
     accountant: str | None = None
     # What the client reported. None: not reported (a failure or exclusion the server recorded
     # for a client that did not answer, or a ledger written before the figure existed).
-    num_examples: int | None = None  # n, the client's record count
+    num_examples: int | None = None  # n: the client's count of the ledger's unit (records, or users)
     noise_multiplier: float | None = None  # σ
     max_grad_norm: float | None = None  # C
     sample_rate: float | None = None  # q
@@ -160,7 +163,7 @@ class PrivacyLedger:
     copies (`clients`, `entries`)."""
 
     def __init__(self, accountant: str, dp_enabled: bool, clients: Mapping[str, Iterable[LedgerEntry]] | None = None,
-                 client_level: Mapping[str, Any] | None = None, unit: str = UNIT) -> None:
+                 client_level: Mapping[str, Any] | None = None, unit: str = "record") -> None:
         self.accountant = accountant
         self.dp_enabled = dp_enabled
         self.unit = unit
@@ -294,7 +297,11 @@ class PrivacyLedger:
         if client_level is not None and not isinstance(client_level, Mapping):
             raise TypeError("client_level must be an object or null")
         entries = {str(name): [LedgerEntry.from_dict(e, accountant) for e in rows] for name, rows in clients.items()}
-        return cls(accountant, data["dp_enabled"], entries, client_level, data.get("unit", UNIT))
+        unit = data.get("unit", OLD_RECORD_UNIT)
+        unit = "record" if unit == OLD_RECORD_UNIT else unit
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, not {unit!r}")
+        return cls(accountant, data["dp_enabled"], entries, client_level, unit)
 
     @classmethod
     def load(cls, run_dir: Path) -> PrivacyLedger | None:

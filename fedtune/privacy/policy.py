@@ -41,6 +41,7 @@ KEYS: dict[str, tuple[type, str]] = {
     k.NODE_MIN_NOISE_MULTIPLIER: (float, "a noise multiplier >= 0 such as 0.8"),
     k.NODE_ALLOW_REPRODUCIBLE_NOISE: (bool, "false (the default) or true"),
     k.NODE_ADOPT_LEDGER_SPENDING: (bool, "true, once, after this node lost its privacy state"),
+    k.NODE_PRIVACY_UNIT: (str, "\"user\" (train only under user-level DP) or \"record\" (either unit)"),
 }
 
 
@@ -55,6 +56,7 @@ class PrivacyPolicy:
     min_noise_multiplier: float = 0.0
     allow_reproducible_noise: bool = False
     adopt_ledger_spending: bool = False  # the operator's explicit reset after a lost state (client/app.py)
+    privacy_unit: str = "record"  # the narrowest unit it accepts: `user` refuses record-level runs
     source: str = SOURCES[0]  # one of SOURCES
 
     def __post_init__(self) -> None:
@@ -67,6 +69,9 @@ class PrivacyPolicy:
         if not 0 <= self.min_noise_multiplier < math.inf:
             raise ConfigError(f"Invalid node config `{k.NODE_MIN_NOISE_MULTIPLIER}`: {self.min_noise_multiplier!r}; "
                               f"use {KEYS[k.NODE_MIN_NOISE_MULTIPLIER][1]}.")
+        if self.privacy_unit not in ("record", "user"):
+            raise ConfigError(f"Invalid node config `{k.NODE_PRIVACY_UNIT}`: {self.privacy_unit!r}; use "
+                              f"{KEYS[k.NODE_PRIVACY_UNIT][1]}.")
 
     @property
     def institution(self) -> bool:
@@ -74,7 +79,8 @@ class PrivacyPolicy:
 
     def refusal(self, dp: DPConfig, num_examples: int) -> str | None:
         """Why a round under `dp` (σ already resolved) breaks this policy, or None. One sentence
-        naming the run option and the node config key, for the ledger and the operator."""
+        naming the run option and the node config key, for the ledger and the operator.
+        `num_examples`: n, the count of dp.unit (records, or users)."""
         if self.institution and not self.state_dir:
             return (f"no node-local `{k.NODE_STATE_DIR}` in the node config: this institution keeps its privacy "
                     "state only on its own disk; set state-dir to a private directory")
@@ -86,11 +92,14 @@ class PrivacyPolicy:
         if dp.reproducible_noise and not self.allow_reproducible_noise:
             return ("the run asks for dp.reproducible_noise, noise derived from a seed the server knows, but "
                     f"`{k.NODE_ALLOW_REPRODUCIBLE_NOISE}` is false")
+        if self.privacy_unit == "user" and dp.unit != "user":
+            return (f"the run protects single records (dp.unit = {dp.unit}), but `{k.NODE_PRIVACY_UNIT}` is "
+                    "\"user\": this institution trains only under user-level DP")
         if dp.delta > self.max_delta:
             return f"the run asks for dp.delta = {dp.delta:g}, above `{k.NODE_MAX_DELTA}` = {self.max_delta:g}"
         if dp.delta * num_examples >= 1:
             return (f"the run asks for dp.delta = {dp.delta:g}, which is not below 1/n for this institution's "
-                    f"n = {num_examples} training records")
+                    f"n = {num_examples} training {dp.unit}s")
         if dp.noise_multiplier < self.min_noise_multiplier:
             return (f"the run's noise multiplier {dp.noise_multiplier:.4g} is below `{k.NODE_MIN_NOISE_MULTIPLIER}` "
                     f"= {self.min_noise_multiplier:g}")

@@ -70,6 +70,8 @@ def verify_run(run_dir: Path) -> Verification:
     ledger = read_ledger(Path(run_dir))
     cfg = read_run_config(Path(run_dir))
     violations: list[Violation] = []
+    if ledger.unit != cfg.dp.unit:  # every ε below is of the config's unit: the ledger must claim that one
+        violations.append(Violation("ledger", None, "unit", f"{cfg.dp.unit} (the run's dp.unit)", ledger.unit))
     entries = 0
     clients = ledger.clients
     for name, rows in sorted(clients.items()):
@@ -132,10 +134,10 @@ def _status(bad: _Row, row: LedgerEntry, dp_on: bool) -> Iterator[Violation]:
 def _schedule(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Violation]:
     n = row.num_examples
     if not isinstance(n, int) or n <= 0:
-        yield bad("num_examples", "the client's record count (written by fedtune >= 0.2)", n)
+        yield bad("num_examples", f"the client's {cfg.dp.unit} count (written by fedtune >= 0.2)", n)
         return
     if row.delta * n >= 1:
-        yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} records)", f"{row.delta:g}")
+        yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} {cfg.dp.unit}s)", f"{row.delta:g}")
     q, steps = poisson_schedule(n, cfg.train.batch_size, cfg.train.local_epochs)
     if not math.isclose(row.sample_rate, q, rel_tol=1e-9):
         yield bad("sample_rate", f"{q:.6g} (n = {n}, batch size {cfg.train.batch_size})", f"{row.sample_rate:.6g}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import FedtuneConfig
+from fedtune.data.users import train_units
 from fedtune.errors import ConfigError
 from fedtune.recipe import Facts, apply_recipe
 from fedtune.server.run_dir import CONFIG, RunDirectory
@@ -34,7 +35,7 @@ def facts(cfg: FedtuneConfig) -> Facts:
     """What the server knows of a run about to start, for the private recipe."""
     fed = get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed)
     return Facts(labels=len(cfg.data.labels), clients=cfg.clients_sampled(),
-                 records=tuple(len(split.train) for split in fed.clients),
+                 records=tuple(train_units(fed, cfg.dp.unit)),
                  epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta)
 
 
@@ -45,10 +46,10 @@ def preflight(cfg: FedtuneConfig) -> None:
     task.check_model(cfg.model)  # causal-lm: converts the default model on first use
     fed = task.federation(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
     if cfg.dp.enabled:
-        largest = max(len(split.train) for split in fed.clients)
+        largest = max(train_units(fed, cfg.dp.unit))
         if cfg.dp.delta >= 1.0 / largest:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client with "
-                              f"n={largest} records, so the guarantee would be meaningless. Set it "
+                              f"n={largest} {cfg.dp.unit}s, so the guarantee would be meaningless. Set it "
                               f"to {1.0 / (10 * largest):.1e} or smaller.")
     if cfg.model.device == "cuda":
         import torch

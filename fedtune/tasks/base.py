@@ -46,6 +46,7 @@ class Federation(Protocol):
     clients: tuple[ClientSplit, ...]
     skipped: tuple[str, ...]
     canaries: Canaries | None
+    users: tuple[str, ...]  # data.user_column: whose record each is; empty when not set
 
     def select(self, indices: Sequence[int]) -> Any: ...
 
@@ -109,8 +110,9 @@ class Task(ABC):
         """The server hold-out and per-client splits, deterministic in (data, num_clients, seed)."""
 
     @abstractmethod
-    def own_records(self, data: DataConfig, seed: int) -> tuple[Any, Any]:
-        """Deployment: (train, validation) records of an institution's own file at data.path."""
+    def own_records(self, data: DataConfig, seed: int) -> tuple[Any, Any, tuple[str, ...]]:
+        """Deployment: (train, validation) records of an institution's own file at data.path, and
+        the user of each training record (data.user_column; empty when not set)."""
 
     @abstractmethod
     def tokenize(self, tokenizer, records: Any, max_length: int) -> Dataset:

@@ -223,10 +223,10 @@ def test_a_node_reads_its_own_file_with_the_runs_labels(tmp_path):
     node = {k.DATA_PATH: str(path), k.DATA_FORMAT: "csv"}
     own = node_data_config(run_data, node)
     assert own.path == str(path) and own.labels == run_data.labels
-    (train_texts, train_ids), (val_texts, val_ids) = local_data(own, seed=0)
+    (train_texts, train_ids), (val_texts, val_ids), users = local_data(own, seed=0)
     assert len(train_texts) + len(val_texts) == 50 and len(val_texts) == 5
     assert {run_data.labels[i] for i in train_ids + val_ids} == {"pets", "sport"}
-    assert set(train_texts).isdisjoint(val_texts)
+    assert set(train_texts).isdisjoint(val_texts) and users == ()
 
 
 def test_node_config_can_name_its_own_columns(tmp_path):
@@ -234,7 +234,7 @@ def test_node_config_can_name_its_own_columns(tmp_path):
     path.write_text('{"body": "a note", "y": "pets"}\n{"body": "another", "y": "sport"}\n')
     run_data = dataclasses.replace(DataConfig(), labels=tuple(sorted(TOPICS)))
     own = node_data_config(run_data, {k.DATA_PATH: str(path), k.DATA_TEXT_COLUMN: "body", k.DATA_LABEL_COLUMN: "y"})
-    (texts, ids), _ = local_data(own, seed=0)
+    (texts, ids), _, _ = local_data(own, seed=0)
     assert len(texts) == 1 and own.source == "file"
 
 

@@ -86,6 +86,7 @@ def test_a_resume_keeps_the_spending_of_a_round_never_committed():
     '{"accountant": "prv", "dp_enabled": true, "clients": {"a": [{"round": "one", "status": "trained"}]}}',
     '{"accountant": "prv", "dp_enabled": true, "clients": {"a": [{"status": "trained"}]}}',
     '{"accountant": "prv", "dp_enabled": true, "clients": {"a": [{"round": 1, "status": "trained", "epsilon": "x"}]}}',
+    '{"unit": "patient", "accountant": "prv", "dp_enabled": true, "clients": {}}',
 ])
 def test_a_damaged_ledger_raises_and_is_left_untouched(tmp_path, text):
     (tmp_path / LEDGER).write_text(text)
@@ -118,7 +119,10 @@ def test_ledgers_written_by_earlier_versions_load_and_keep_every_key(tmp_path):
         ("rdp", 1.1, None, True)
     assert second.epsilon == math.inf and second.extra == {"note_from_the_future": [1, 2]}
     assert third.reason == "worker died" and not third.reported
-    assert ledger.client_level is None and ledger.spent("a") == [(1.0, 0.25, 4)]
+    assert ledger.client_level is None and ledger.spent("a") == [(1.0, 0.25, 4)] and ledger.unit == "record"
+    worded = {**old, "unit": "one record of one institution (sample-level DP; add/remove-one neighbouring datasets)"}
+    assert PrivacyLedger.from_dict(worded).unit == "record"  # how the unit was written before dp.unit
+    assert PrivacyLedger.from_dict({**old, "unit": "user"}).unit == "user"
     ledger.save(tmp_path)  # a resume rewrites it: nothing on record is dropped
     again = json.loads((tmp_path / LEDGER).read_text())
     assert again["clients"]["a"][1] == old["clients"]["a"][1]

@@ -54,6 +54,18 @@ def test_own_limits_on_delta_and_sigma():
     assert strict.refusal(request(delta=1e-7, noise_multiplier=0.8), 100) is None
 
 
+def test_an_institution_may_require_user_level_dp():
+    hospital = policy(**OWN_FILE, **{"privacy-unit": "user"})
+    reason = hospital.refusal(request(), 1000)
+    assert "dp.unit = record" in reason and "privacy-unit" in reason
+    assert hospital.refusal(request(unit="user"), 1000) is None
+    assert "not below 1/n for this institution's n = 20 training users" in hospital.refusal(
+        request(unit="user", delta=0.1), 20)
+    assert policy(**OWN_FILE).refusal(request(unit="user"), 1000) is None  # either unit by default
+    with pytest.raises(ConfigError, match="privacy-unit.*\"user\""):
+        policy(**OWN_FILE, **{"privacy-unit": "patient"})
+
+
 def test_an_institution_may_allow_what_it_chooses():
     relaxed = policy(**OWN_FILE, **{"require-dp": False, "allow-reproducible-noise": True})
     assert relaxed.refusal(request(enabled=False), 100) is None

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedtune.cli import cli
-from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
+from fedtune.config import DataConfig, DPConfig, FedtuneConfig, TrainConfig
 from fedtune.privacy.accountant import epsilon, other
 from fedtune.privacy.client_level import ClientLevelAccount
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
@@ -29,12 +29,14 @@ def entries(rounds: int, sigma: float = 1.0, status: str = "trained", kind: str 
     return rows
 
 
-def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), client_level=None):
+def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), client_level=None,
+        unit: str = "record", ledger_unit: str | None = None):
     cfg = FedtuneConfig(rounds=3, clients=len(clients), train=TrainConfig(batch_size=BATCH),
-                        dp=DPConfig(delta=DELTA, epsilon_budget=budget))
+                        dp=DPConfig(delta=DELTA, epsilon_budget=budget, unit=unit),
+                        data=DataConfig(path="notes.csv", user_column="patient_id" if unit == "user" else ""))
     path = RunDirectory.create(tmp_path / "run", cfg).path
     ledger = PrivacyLedger("prv", True, {name: [LedgerEntry.from_dict(row, "prv") for row in rows]
-                                         for name, rows in clients.items()}, client_level)
+                                         for name, rows in clients.items()}, client_level, ledger_unit or unit)
     ledger.save(path)
     return path
 
@@ -48,6 +50,14 @@ def test_a_ledger_as_fedtune_writes_it_passes(tmp_path):
     result = CliRunner().invoke(cli, ["privacy-verify", str(path)])
     assert result.exit_code == 0, result.output
     assert verify_run(path).passed
+
+
+def test_a_user_level_ledger_verifies_and_must_claim_the_runs_unit(tmp_path):
+    assert verify_run(run(tmp_path / "user", {"a": entries(3)}, unit="user")).passed  # n counts users
+    assert found(run(tmp_path / "claims", {"a": entries(3)}, unit="record", ledger_unit="user")) == \
+        [("ledger", None, "unit")]
+    assert found(run(tmp_path / "hides", {"a": entries(3)}, unit="user", ledger_unit="record")) == \
+        [("ledger", None, "unit")]
 
 
 def test_an_epsilon_lowered_by_hand_is_named_with_client_and_round(tmp_path):

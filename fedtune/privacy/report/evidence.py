@@ -38,7 +38,8 @@ def spent(r: ReportData) -> list[Block]:
                       f"{eps(r.epsilon_max_other)}.")
     blocks.append(
         "ε is cumulative: the institution's spending over every round it trained, as of its latest ledger entry. "
-        "σ (noise multiplier), C (clipping norm), n (its training records) and q (sampling rate) are from its "
+        f"σ (noise multiplier), C (clipping norm), n (its training {'users' if r.unit == 'user' else 'records'}) "
+        "and q (sampling rate) are from its "
         "latest trained round (* where they changed between rounds: see the per-round detail); n·q is the "
         "expected size of a Poisson batch; steps are all local DP-SGD steps it ran. Declined and refused rounds "
         "train nothing and cost nothing. A failed round may have cost ε: a client that failed after training "

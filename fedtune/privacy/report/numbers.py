@@ -79,6 +79,10 @@ class Settings:
     client_dp: str | None = None
     secagg: bool | None = None
     reproducible_noise: bool | None = None
+    unit: str | None = None  # dp.unit
+    user_column: str | None = None  # data.user_column, when set
+    max_records_per_user: int | None = None  # dp.max_records_per_user (unit `user`)
+    user_gradient: str | None = None  # dp.user_gradient (unit `user`)
     config_error: str | None = None
 
     @property
@@ -270,7 +274,9 @@ def _settings(run_dir: Path) -> Settings:
         epsilon_budget=_num(dp.epsilon_budget), target_epsilon=dp.target_epsilon or None, epsilon_cap=_num(cap),
         batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
         fraction_train=cfg.strategy.fraction_train, client_dp=dp.client_dp, secagg=dp.secagg,
-        reproducible_noise=dp.reproducible_noise,
+        reproducible_noise=dp.reproducible_noise, unit=dp.unit, user_column=cfg.data.user_column or None,
+        max_records_per_user=dp.max_records_per_user if dp.unit == "user" else None,
+        user_gradient=dp.user_gradient if dp.unit == "user" else None,
     )
 
 

@@ -65,8 +65,11 @@ def _summary(r: ReportData) -> list[Block]:
     paragraphs = [("DP-SGD was on, but **" + ", ".join(unprotected) + " trained without noise (ε = ∞): their "
                    "records have no formal protection.** The other institutions' records" if unprotected else
                    "Each institution's records")
-                  + " are protected by sample-level differential privacy (DP-SGD): adding or removing any one of "
-                  "an institution's records changes the probability of any update it sent by at most a factor of "
+                  + (" are protected by sample-level differential privacy (DP-SGD): adding or removing any one of "
+                     "an institution's records changes" if r.unit != "user" else
+                     " are protected person by person, by user-level differential privacy (user-level DP-SGD): "
+                     "adding or removing any one person with all of their records at an institution changes")
+                  + " the probability of any update it sent by at most a factor of "
                   "e^ε, except with probability δ" + (f" (for the largest ε here, e^ε ≈ {ratio(r.epsilon_max)})."
                                                      if r.epsilon_max_client and r.epsilon_max != INF else ".")
                   + " Smaller ε is stronger protection; at the ε of most deployed systems (1 to 10) the factor is "
@@ -146,6 +149,8 @@ def _facts(r: ReportData) -> list[str]:
 def _protected(r: ReportData) -> list[Block]:
     if not r.dp_enabled:
         return ["Nothing is formally protected: DP-SGD was off (`dp.enabled = false`)."]
+    if r.unit == "user":
+        return [_protected_users(r)]
     return [[
         "**Unit of privacy**: one record (one training example) of one institution: sample-level DP. "
         f"Ledger: \"{r.unit}\".",
@@ -161,6 +166,34 @@ def _protected(r: ReportData) -> list[Block]:
         "at several, is protected less (composition / group privacy).",
         _against_whom(r),
     ]]
+
+
+def _protected_users(r: ReportData) -> list[str]:
+    """The guarantee under dp.unit `user` (privacy/dpsgd.py derives its sensitivity)."""
+    s = r.settings
+    column = f"`{s.user_column}`" if s.user_column else "the user column"
+    how = ("the mean of the gradients of those records" if s.user_gradient == "mean" else
+           "the mean of those records' gradients, each clipped to C first")
+    return [
+        f"**Unit of privacy**: one person: each patient's (or customer's) records together, at one institution "
+        f"(user-level DP, `dp.unit = user`; a record's person is named by {column}). Ledger: \"{r.unit}\".",
+        "**Neighbouring datasets**: an institution's data with one person added or removed, **with all of their "
+        "records** (add/remove-one user), with its number of users n treated as public. Each DP-SGD step samples "
+        "users, each independently with probability q = 1/⌈n/B⌉ (B: users a step), and uses at most "
+        f"k = {s.max_records_per_user} records of each sampled user (a random k of a user with more). A user's "
+        f"gradient is {how}, clipped to C; the step adds Gaussian noise of standard deviation σC to the sum over "
+        "users. Adding or removing one user therefore changes that sum by at most C however many records they "
+        "have, and Opacus' accountants analyse each step as a Poisson-subsampled Gaussian mechanism over users "
+        "(user-level sampling, Charles et al. 2024, \"Fine-Tuning Large Language Models with User-Level "
+        "Differential Privacy\").",
+        "**What one person can and cannot learn**: whoever sees the updates or the released model cannot tell, "
+        "beyond the factor e^ε (except with probability δ), whether a given person's records, all of them, were "
+        "in an institution's training data; so whatever is specific to that person, such as a rare diagnosis in "
+        "their notes, is protected to that degree. It does not hide what holds across many people, which is what "
+        "the model learns. **Each institution has its own guarantee**: a person with records at two institutions "
+        "is protected at each, and their ε adds up across them (composition).",
+        _against_whom(r),
+    ]
 
 
 def _client_level(r: ReportData) -> list[Block]:
@@ -241,7 +274,8 @@ def _covers(r: ReportData) -> list[Block]:
 def _not_covered(r: ReportData) -> list[Block]:
     return [
         "These are sent to the server as they are, without noise, and are not covered by ε:",
-        [f"after training, each round: `{k.NUM_EXAMPLES}` (size of the training set), `{k.TRAIN_LOSS}` (mean "
+        [f"after training, each round: `{k.NUM_EXAMPLES}` (size of the training set, in {_units(r)}), "
+         f"`{k.TRAIN_LOSS}` (mean "
          f"loss over the round's batches, computed from the records), `{k.STEPS}`, `{k.SAMPLE_RATE}` (which "
          f"also reveals the training-set size roughly), `{k.NOISE_MULTIPLIER}`, `{k.MAX_GRAD_NORM}`, `{k.DELTA}`, "
          f"`{k.EPSILON}`, `{k.EPSILON_OTHER}`, `{k.BYTES_UP}`, and the institution's name and status "
@@ -265,8 +299,8 @@ def _not_covered(r: ReportData) -> list[Block]:
 
 def _assumptions(r: ReportData) -> list[Block]:
     items = [
-        "**δ must be well below 1/n** for an institution with n records (δ ≥ 1/n allows a mechanism that "
-        f"publishes a whole record). {_delta_sentence(r)}",
+        f"**δ must be well below 1/n** for an institution with n {_units(r)} (δ ≥ 1/n allows a mechanism that "
+        f"publishes a whole {_units(r)[:-1]}). {_delta_sentence(r)}",
         "**Composition over all local steps**: the accounting assumes each institution's history was kept "
         "through the whole run (fedtune keeps it in the client's state file and in Flower's context). A client "
         "whose state holds less than the ledger records for it refuses to train until its operator adopts the "
@@ -299,6 +333,11 @@ def _randomness(r: ReportData) -> str:
             "formal deployment may.")
 
 
+def _units(r: ReportData) -> str:
+    """What n counts: the ledger's unit, in the plural."""
+    return "users" if r.unit == "user" else "records"
+
+
 def _delta_sentence(r: ReportData) -> str:
     checks = {c.name: c.delta_below_1_over_n for c in r.clients if c.steps}
     if not checks:
@@ -308,7 +347,7 @@ def _delta_sentence(r: ReportData) -> str:
     if failed:
         return f"**It does not hold** for {', '.join(failed)}: their sampling rate shows n ≥ 1/δ."
     if unknown:
-        return (f"The ledger cannot confirm it for {', '.join(unknown)}; check δ < 1/n against their record "
-                "counts.")
-    return (f"It holds for every institution that trained: q and the batch size B bound each one's records "
+        return (f"The ledger cannot confirm it for {', '.join(unknown)}; check δ < 1/n against their "
+                f"{_units(r)[:-1]} counts.")
+    return (f"It holds for every institution that trained: q and the batch size B bound each one's {_units(r)} "
             f"(n ≤ B/q), and δ = {g(r.delta)} < 1/n for all.")

@@ -1,0 +1,110 @@
+"""A person's records kept together (data.user_column): the federation's splits by user, and a
+client's training records grouped by user, which user-level DP-SGD samples (privacy/dpsgd.py).
+
+Every split here is a split of users, not of records: the server's hold-out, each client's share and
+each client's own validation part hold whole users. So one person's records are never at two
+clients (a person belongs to one institution), and never both trained on and held out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from fedtune.config import DataConfig
+from fedtune.data.loaders import listed
+from fedtune.data.partition import ClientSplit, holdout_split, partition_indices, split_client
+from fedtune.errors import DataError
+
+
+@dataclass(frozen=True)
+class UserRecords(Dataset):
+    """One client's training records grouped by person: item u is the positions in `records` of user
+    u's records. Its length is the number of users, the n that user-level accounting counts."""
+
+    records: Dataset
+    users: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, user: int) -> tuple[int, ...]:
+        return self.users[user]
+
+    @property
+    def num_records(self) -> int:
+        return len(self.records)
+
+
+def train_units(fed, unit: str) -> list[int]:
+    """Each client's n under dp.unit: its training records, or (`user`) its training users."""
+    if unit == "user":
+        return [len({fed.users[i] for i in split.train}) for split in fed.clients]
+    return [len(split.train) for split in fed.clients]
+
+
+def group_by_user(records: Dataset, user_ids: Sequence[str]) -> UserRecords:
+    """`records` (in the order of `user_ids`, one id per record) grouped by user, users in order of
+    first appearance."""
+    positions: dict[str, list[int]] = {}
+    for position, user in enumerate(user_ids):
+        positions.setdefault(user, []).append(position)
+    return UserRecords(records, tuple(tuple(p) for p in positions.values()))
+
+
+def records_by_user(users: Sequence[str]) -> tuple[list[str], list[list[int]]]:
+    """(user ids sorted, each one's record indices in order)."""
+    members: dict[str, list[int]] = {}
+    for i, user in enumerate(users):
+        members.setdefault(user, []).append(i)
+    ids = sorted(members)
+    return ids, [members[user] for user in ids]
+
+
+def by_user(labels: Sequence[int], users: Sequence[str], groups: Sequence[str], data: DataConfig, num_clients: int,
+            seed: int) -> tuple[tuple[int, ...], tuple[ClientSplit, ...], list[list[int]]]:
+    """(server hold-out, client splits, client partitions), all as record indices, with every split
+    made over users: the partitioner sees one row per user, labelled with the user's most common
+    label (for `dirichlet` and `shard`) and, for `column`, the user's one institution."""
+    ids, records = records_by_user(users)
+    user_labels = [Counter(labels[i] for i in rows).most_common(1)[0][0] for rows in records]
+    user_groups = _institution_of_each(ids, records, groups, data) if data.partition == "column" else ()
+    pool, test = holdout_split(len(ids), data.test_fraction, seed)
+    parts = partition_indices(user_labels, pool, num_clients, data.partition, data.alpha, seed, groups=user_groups,
+                              group_column=data.partition_column, shards_per_client=data.shards_per_client,
+                              unit="users")
+
+    def expand(chosen: Sequence[int]) -> tuple[int, ...]:
+        return tuple(i for user in chosen for i in records[user])
+
+    splits = []
+    for cid, part in enumerate(parts):
+        split = split_client(part, data.client_val_fraction, seed + cid)
+        splits.append(ClientSplit(expand(split.train), expand(split.val)))
+    return expand(test), tuple(splits), [list(expand(part)) for part in parts]
+
+
+def own_split(num_records: int, users: Sequence[str], val_fraction: float, seed: int) -> ClientSplit:
+    """An institution's own file (deployment) split into training and validation records: by user
+    when `users` names each record's user, else by record."""
+    if not users:
+        return split_client(range(num_records), val_fraction, seed)
+    ids, records = records_by_user(users)
+    split = split_client(range(len(ids)), val_fraction, seed)
+    return ClientSplit(*(tuple(i for user in part for i in records[user]) for part in (split.train, split.val)))
+
+
+def _institution_of_each(ids: Sequence[str], records: Sequence[Sequence[int]], groups: Sequence[str],
+                         data: DataConfig) -> list[str]:
+    """Each user's value of data.partition_column; a user found at two institutions is refused."""
+    found = [sorted({groups[i] for i in rows}) for rows in records]
+    spanning = [f"{user} ({', '.join(values)})" for user, values in zip(ids, found, strict=True) if len(values) > 1]
+    if spanning:
+        raise DataError(f"Users named in `{data.user_column}` (data.user_column) have records at more than one "
+                        f"institution of `{data.partition_column}` (data.partition_column): {listed(spanning)}. "
+                        "Each person's records must be at one institution, so that one client's user-level "
+                        "guarantee covers all of them: fix those rows of the institution column.")
+    return [values[0] for values in found]
