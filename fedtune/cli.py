@@ -158,7 +158,7 @@ DEFAULT_CANARIES = 500  # `fedtune audit` without --canaries (and no data.canari
 def audit(
     out: Annotated[Path | None, Opt(help="Run directory to create; the audit is written into it as audit.json.")] = None,
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
-    canaries: Annotated[int | None, Opt(help=f"Canary records m: random texts with random labels (causal-lm: a random key and phrase), each put into training with probability 1/2 at a random client \\[default: data.canaries of --config, else {DEFAULT_CANARIES}].")] = None,
+    canaries: Annotated[int | None, Opt(help=f"Canary records m: random texts with random labels (causal-lm: a random key and phrase), each put into training with probability 1/2 at a random client; under --privacy-unit user each is a canary user, its --canary-repeats copies sharing one id \\[default: data.canaries of --config, else {DEFAULT_CANARIES}].")] = None,
     confidence: Annotated[float, Opt(help="Confidence of the ε lower bound: the chance that it does not overstate the true ε.")] = 0.95,
     resume: Annotated[Path | None, Opt(help="Finish an interrupted audited run in this directory (like `fedtune simulate --resume`), then audit it.")] = None,
     **options: Any,
@@ -210,12 +210,14 @@ def _show_audit(record: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     m, members = record["canaries"], record["canaries_in"]
-    table.add_row("canaries (in / out)", f"{m} ({members} / {m - members})"
+    what = "canary users" if record.get("unit") == "user" else "canaries"
+    table.add_row(f"{what} (in / out)", f"{m} ({members} / {m - members})"
                   + (f", {record['canary_repeats']} copies each" if record["canary_repeats"] > 1 else ""))
     table.add_row("guesses (in / out)", f"{record['guesses']} ({record['guesses_in']} / {record['guesses_out']})")
     table.add_row("correct guesses", str(record["correct"]))
     table.add_row(f"ε lower bound ({record['confidence']:.0%} confidence)", number(record["epsilon_lower_bound"]))
-    table.add_row(f"ε theoretical (max over institutions, δ = {record['delta']:g})", number(record["epsilon_theoretical"]))
+    table.add_row(f"ε theoretical ({record.get('unit', 'record')}-level, max over institutions, δ = {record['delta']:g})",
+                  number(record["epsilon_theoretical"]))
     table.add_row("membership-inference AUC", number(record["auc"]))
     table.add_row("TPR at 1% FPR", number(record["tpr_at_fpr_0.01"]))
     console.print(table)

@@ -405,7 +405,8 @@ class DataConfig:
     canary_repeats: int = field(
         default=1,
         metadata={"help": "Copies of each member canary in its client's training data. Above 1 a canary is "
-                          "several records, which the record-level ε does not bound: without DP only."},
+                          "several records, which the record-level ε does not bound: without DP, or under "
+                          "dp.unit `user`, where the copies are one canary user's records."},
     )
 
     def __post_init__(self) -> None:
@@ -517,12 +518,10 @@ class FedtuneConfig:
         _check(self.dp.unit == "record" or bool(self.data.user_column), "dp.unit",
                "unit `user` protects each person's records together, so fedtune must know whose each record is: "
                "name that column in data.user_column (--user-column), e.g. patient_id.")
-        _check(self.dp.unit == "record" or not self.data.canaries, "data.canaries",
-               "the audit plants canary records, not canary users, so it cannot measure a user-level guarantee "
-               "yet; audit with dp.unit `record`.")
-        _check(self.data.canary_repeats == 1 or not self.dp.enabled, "data.canary_repeats",
+        _check(self.data.canary_repeats == 1 or not self.dp.enabled or self.dp.unit == "user", "data.canary_repeats",
                "a canary repeated k times is k records, so the record-level ε does not bound what an audit "
-               "measures; use 1 with DP-SGD, or repeat canaries only with dp.enabled = false.")
+               "measures; use 1 with DP-SGD, repeat canaries with dp.enabled = false, or audit user-level DP "
+               "(dp.unit = user), where each canary is one user whose k copies share an id.")
         self._check_client_level_and_secagg()
         self._check_strategy_composition()
         self._check_lora_aggregation()

@@ -149,13 +149,24 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
 
 def with_canaries(fed: FederatedData, count: int, repeats: int, seed: int) -> FederatedData:
     """The federation with the audit's member canaries added to their clients' training data, after
-    every split was made (data/canaries.py); `fed.canaries` keeps all of them, in and out."""
+    every split was made (data/canaries.py); `fed.canaries` keeps all of them, in and out. With a
+    user column, each canary is a user of its own, whose copies share its id (CANARY_USER)."""
     plan = plan_canaries(count, len(fed.clients), repeats, seed)
     texts, labels = canary_texts(count, len(fed.label_names), seed, taken=set(fed.texts))
     members, splits = place(plan, len(fed.texts), fed.clients)
+    taken = set(fed.users)
+    users = fed.users + tuple(canary_user(i, taken) for i in members) if fed.users else ()
     return dataclasses.replace(fed, texts=fed.texts + tuple(texts[i] for i in members),
-                               labels=fed.labels + tuple(labels[i] for i in members), clients=splits,
+                               labels=fed.labels + tuple(labels[i] for i in members), clients=splits, users=users,
                                canaries=Canaries(plan, tuple(zip(texts, labels, strict=True))))
+
+
+def canary_user(canary: int, users: Collection[str]) -> str:
+    """The user id of canary `canary`: one no real record's user has."""
+    name = f"fedtune-canary-{canary:06d}"
+    while name in users:
+        name = "_" + name
+    return name
 
 
 # ---- deployment: an institution's own file, named in its node config ---------------------------

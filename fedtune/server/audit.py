@@ -48,8 +48,8 @@ def _canaries(canaries: Canaries | None) -> Canaries:
 
 def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     """The run's reported ε: the largest cumulative ε of any institution. A canary is one record of
-    one institution, protected by that institution's own ε, so the largest is the bound that every
-    canary enjoys. ∞ without DP-SGD, or if any institution trained without noise."""
+    one institution (under dp.unit `user`, one user with all of its copies), protected by that
+    institution's own ε, so the largest is the bound that every canary enjoys. ∞ without DP-SGD, or if any institution trained without noise."""
     spent = ledger.epsilon_max()  # ∞ once anyone trained without noise
     return math.inf if spent is None else float(spent)
 
@@ -85,6 +85,7 @@ def audit_record(result: AuditResult, epsilon: float, cfg: FedtuneConfig, round_
         "canaries": result.canaries,
         "canaries_in": result.members,  # of them, how many were put into training
         "canary_repeats": cfg.data.canary_repeats,
+        "unit": cfg.dp.unit,  # what a canary is: a record, or a user whose copies share one id
         "guesses": result.guesses,
         "guesses_in": result.guesses_in,
         "guesses_out": result.guesses_out,

@@ -91,9 +91,27 @@ def test_user_level_dp_needs_a_user_column_and_a_file():
         FedtuneConfig().with_overrides({"dp.unit": "user", "data.path": "notes.csv"})
     with pytest.raises(ConfigError, match="data.user_column.*demo data"):
         DataConfig(user_column="patient_id")
-    with pytest.raises(ConfigError, match="data.canaries.*canary users"):
-        FedtuneConfig().with_overrides({"dp.unit": "user", "data.path": "n.csv", "data.user_column": "p",
-                                        "data.canaries": 10})
+    with pytest.raises(ConfigError, match="data.canary_repeats.*dp.unit = user"):
+        FedtuneConfig().with_overrides({"data.canary_repeats": 3})
+    FedtuneConfig().with_overrides({"dp.unit": "user", "data.path": "n.csv", "data.user_column": "p",
+                                    "data.canaries": 10, "data.canary_repeats": 3})  # canary users: accepted
+
+
+def test_a_canary_user_is_one_user_whose_copies_share_its_id(tmp_path):
+    from fedtune.client.data import client_data
+    from fedtune.config import ModelConfig
+
+    data = resolve_data(DataConfig(path=str(write_notes(tmp_path / "notes.csv")), user_column="patient_id",
+                                   canaries=12, canary_repeats=3))
+    fed = federated_data(data, 3, seed=0)
+    real = len(fed.texts) - sum(fed.canaries.members)
+    canary_users = set(fed.users[real:])
+    assert len(canary_users) == sum(fed.canaries.members) and not canary_users & set(fed.users[:real])
+    for cid, split in enumerate(fed.clients):
+        _, _, users = client_data(data, ModelConfig(max_length=16), 3, 0, cid)
+        planted = [u for u in users if u in canary_users]
+        assert len(planted) == 3 * len(fed.canaries.plan.at_client(cid))  # each canary user: 3 records
+        assert all(planted.count(u) == 3 for u in planted)
 
 
 def test_a_user_at_two_institutions_is_refused_under_column_partitioning(tmp_path):

@@ -59,3 +59,22 @@ def test_a_user_level_run_accounts_users_and_verifies(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     text = (out / "privacy_report.md").read_text()
     assert "**Unit of privacy**: one person" in text and "with all of their records" in text
+
+
+def test_the_audit_plants_canary_users_and_bounds_the_user_level_epsilon(tmp_path):
+    notes = write_notes(tmp_path / "notes.csv", users=40)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "audit"
+    result = fedtune("audit", "--config", str(tmp_path / "tiny.toml"), "--data", str(notes), "--user-column",
+                     "patient_id", "--privacy-unit", "user", "--canaries", "16", "--canary-repeats", "3",
+                     "--clients", "2", "--rounds", "1", "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["unit"] == "user" and audit["canary_repeats"] == 3 and audit["consistent"]
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    summary = json.loads((out / "partition_summary.json").read_text())
+    members = sum(audit["canary_members"])
+    planted = sum(entries[-1]["num_examples"] for entries in ledger["clients"].values())
+    assert planted == sum(row["train_users"] for row in summary["clients"])
+    assert summary["users"] == 40 + members  # each member canary is one more user, its 3 copies together
+    assert "canary users (in / out)" in result.stderr
