@@ -49,7 +49,8 @@ def _canaries(canaries: Canaries | None) -> Canaries:
 def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     """The run's reported ε: the largest cumulative ε of any institution. A canary is one record of
     one institution (under dp.unit `user`, one user with all of its copies), protected by that
-    institution's own ε, so the largest is the bound that every canary enjoys. ∞ without DP-SGD, or if any institution trained without noise."""
+    institution's own ε, so the largest is the bound that every canary enjoys. ∞ without DP-SGD, or
+    if any institution trained without noise."""
     spent = ledger.epsilon_max()  # ∞ once anyone trained without noise
     return math.inf if spent is None else float(spent)
 

@@ -107,7 +107,7 @@ def test_a_canary_user_is_one_user_whose_copies_share_its_id(tmp_path):
     real = len(fed.texts) - sum(fed.canaries.members)
     canary_users = set(fed.users[real:])
     assert len(canary_users) == sum(fed.canaries.members) and not canary_users & set(fed.users[:real])
-    for cid, split in enumerate(fed.clients):
+    for cid in range(len(fed.clients)):
         _, _, users = client_data(data, ModelConfig(max_length=16), 3, 0, cid)
         planted = [u for u in users if u in canary_users]
         assert len(planted) == 3 * len(fed.canaries.plan.at_client(cid))  # each canary user: 3 records
