@@ -88,6 +88,11 @@ def summary_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
     if "users" in summary:
         lines.insert(1, f"users: {summary['users']} in column `{summary['user_column']}`, each one's records at one "
                         f"client (at most {summary['most_records_per_user']} records a user)")
+        if summary.get("users_above_k"):
+            lines.insert(2, f"  {summary['users_above_k']} training users have more than dp.max_records_per_user = "
+                            f"{summary['max_records_per_user']} records: each step uses a random "
+                            f"{summary['max_records_per_user']} of theirs ({summary['records_above_k']} of their records "
+                            "are beyond that k)")
     if len(clients) <= TABLE_ROWS and "users" in summary:
         width = max(len(c["client"]) for c in clients)
         lines.append(f"  {'client'.ljust(width)}  train  users    val  {'/'.join(names)}")

@@ -63,7 +63,20 @@ def data_summary(cfg: FedtuneConfig) -> dict[str, Any]:
     """Examples and labels per client, and texts longer than model.max_length (after preflight)."""
     task = get_task(cfg.model.task)
     fed = task.federation(cfg.data, cfg.clients, cfg.seed)
-    return task.summary(fed, cfg.data, task.tokenizer(cfg.model), cfg.model.max_length)
+    summary = task.summary(fed, cfg.data, task.tokenizer(cfg.model), cfg.model.max_length)
+    if cfg.dp.enabled and cfg.dp.unit == "user":
+        summary.update(records_beyond_k(fed, cfg.dp.max_records_per_user))
+    return summary
+
+
+def records_beyond_k(fed, k: int) -> dict[str, int]:
+    """Under user-level DP: the training users with more than k records, whose steps each use a random k
+    of them (privacy/dpsgd.py), and how many records that leaves out of each step."""
+    from collections import Counter
+
+    sizes = Counter(fed.users[i] for split in fed.clients for i in split.train).values()
+    return {"max_records_per_user": k, "users_above_k": sum(n > k for n in sizes),
+            "records_above_k": sum(max(n - k, 0) for n in sizes)}
 
 
 def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = None,

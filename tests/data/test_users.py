@@ -63,6 +63,15 @@ def test_the_summary_counts_users_per_client(tmp_path):
     for row, split in zip(summary["clients"], fed.clients, strict=True):
         assert row["train_users"] == len(_users_of(fed, split.train)) < row["train"]
     assert "users:" in "\n".join(summary_lines(summary)[0])
+    from fedtune.server.prepare import records_beyond_k
+
+    sizes = [len([i for i in split.train if fed.users[i] == u]) for split in fed.clients
+             for u in {fed.users[i] for i in split.train}]
+    beyond = records_beyond_k(fed, 3)
+    assert beyond == {"max_records_per_user": 3, "users_above_k": sum(n > 3 for n in sizes),
+                      "records_above_k": sum(n - 3 for n in sizes if n > 3)} and beyond["users_above_k"] > 0
+    summary.update(beyond)
+    assert "have more than dp.max_records_per_user = 3" in "\n".join(summary_lines(summary)[0])
 
 
 def test_grouping_keeps_each_users_positions():
@@ -139,3 +148,20 @@ def test_an_institutions_own_file_is_split_by_user(tmp_path):
     assert len(users) == len(train_texts) and val_texts
     val_users = {text.split("patient ")[1].split(":")[0] for text in val_texts}
     assert {f"P{int(u):03d}" for u in val_users}.isdisjoint(users)
+
+
+def test_a_node_groups_its_own_file_by_the_column_its_node_config_names(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedtune.client.data import local_data as node_data
+    from fedtune.data.users import UserRecords
+
+    notes = write_notes(tmp_path / "notes.csv", users=30)
+    cfg = FedtuneConfig().with_overrides({"data.path": "server.csv", "data.labels": list(sorted(LABELS)),
+                                          "data.user_column": "person", "dp.unit": "user"})
+    node = {k.DATA_PATH: str(notes), k.DATA_USER_COLUMN: "patient_id"}  # its own file names the column otherwise
+    train, val = node_data(cfg, Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={}))
+    assert isinstance(train, UserRecords) and len(train) < train.num_records and len(val)
+    without = {k.DATA_PATH: str(notes), k.DATA_USER_COLUMN: ""}
+    with pytest.raises(DataError, match="names no user for its records.*user-column"):
+        node_data(cfg, Context(run_id=1, node_id=7, node_config=without, state=RecordDict(), run_config={}))
