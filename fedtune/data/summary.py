@@ -91,8 +91,8 @@ def summary_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
         if summary.get("users_above_k"):
             lines.insert(2, f"  {summary['users_above_k']} training users have more than dp.max_records_per_user = "
                             f"{summary['max_records_per_user']} records: each step uses a random "
-                            f"{summary['max_records_per_user']} of theirs ({summary['records_above_k']} of their records "
-                            "are beyond that k)")
+                            f"{summary['max_records_per_user']} of theirs ({summary['records_above_k']} of their "
+                            "records are beyond that k)")
     if len(clients) <= TABLE_ROWS and "users" in summary:
         width = max(len(c["client"]) for c in clients)
         lines.append(f"  {'client'.ljust(width)}  train  users    val  {'/'.join(names)}")
