@@ -517,7 +517,7 @@ class FedtuneConfig:
                "dp.enabled = false, or drop it.")
         _check(self.dp.unit == "record" or bool(self.data.user_column), "dp.unit",
                "unit `user` protects each person's records together, so fedtune must know whose each record is: "
-               "name that column in data.user_column (--user-column), e.g. patient_id.")
+               "name that column in data.user_column, e.g. patient_id.")
         _check(self.data.canary_repeats == 1 or not self.dp.enabled or self.dp.unit == "user", "data.canary_repeats",
                "a canary repeated k times is k records, so the record-level ε does not bound what an audit "
                "measures; use 1 with DP-SGD, repeat canaries with dp.enabled = false, or audit user-level DP "
