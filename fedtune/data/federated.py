@@ -26,7 +26,7 @@ from fedtune.data.partition import (
     partition_indices,
     split_client,
 )
-from fedtune.data.users import by_user, own_split
+from fedtune.data.users import by_user, canary_user, own_split
 from fedtune.errors import DataError
 
 Texts = tuple[list[str], list[int]]
@@ -159,14 +159,6 @@ def with_canaries(fed: FederatedData, count: int, repeats: int, seed: int) -> Fe
     return dataclasses.replace(fed, texts=fed.texts + tuple(texts[i] for i in members),
                                labels=fed.labels + tuple(labels[i] for i in members), clients=splits, users=users,
                                canaries=Canaries(plan, tuple(zip(texts, labels, strict=True))))
-
-
-def canary_user(canary: int, users: Collection[str]) -> str:
-    """The user id of canary `canary`: one no real record's user has."""
-    name = f"fedtune-canary-{canary:06d}"
-    while name in users:
-        name = "_" + name
-    return name
 
 
 # ---- deployment: an institution's own file, named in its node config ---------------------------

@@ -21,8 +21,9 @@ from typing import Any
 from fedtune.config import DataConfig
 from fedtune.data.canaries import CANARY_GROUP, Canaries, canary_records, place, plan_canaries
 from fedtune.data.demo import COURSES, LABELS, SYMPTOMS, _urgency
-from fedtune.data.loaders import _check_file, _decode, infer_format, numbered
+from fedtune.data.loaders import _check_file, _decode, _is_missing, as_label_name, infer_format, numbered
 from fedtune.data.partition import ClientSplit, check_partitions, holdout_split, partition_indices, split_client
+from fedtune.data.users import by_user, canary_user, own_split
 from fedtune.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -131,8 +132,9 @@ def make_demo_instructions(num_examples: int, seed: int = 0) -> list[tuple[dict[
 
 # ---- a user's file --------------------------------------------------------------------------------
 
-def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple[str, ...]]:
-    """(conversations, skipped-record descriptions) from a JSON Lines file (or a .json array)."""
+def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple[str, ...], tuple[str, ...]]:
+    """(conversations, skipped-record descriptions, each conversation's user: the value of its key
+    data.user_column, or () when that is not set) from a JSON Lines file (or a .json array)."""
     fmt = infer_format(data.path, data.format)
     if fmt != "jsonl":
         raise DataError(f"{data.path}: the causal-lm task reads JSON Lines (one record a line, e.g. {EXAMPLE} or "
@@ -141,12 +143,15 @@ def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple
     _check_file(data.path, fmt)
     text = _decode(data.path, data.encoding)
     unit = "record" if text.lstrip().startswith("[") else "line"
-    chats, problems = [], {}
+    chats, users, problems = [], [], {}
     for number, record in _records(data.path, text):
         try:
             if record is NOT_JSON:
                 raise ValueError("that is not valid JSON")
-            chats.append(conversation(record))
+            chat = conversation(record)
+            if data.user_column:
+                users.append(_user_of(record, data.user_column))
+            chats.append(chat)
         except ValueError as err:
             problems.setdefault(str(err), []).append(number)
     found = [f"{len(numbers)} {unit}{'' if len(numbers) == 1 else 's'} {what} ({numbered(unit, numbers)})"
@@ -157,7 +162,15 @@ def load_instructions(data: DataConfig) -> tuple[tuple[Conversation, ...], tuple
     if not chats:
         raise DataError(f"{data.path} has no usable records{': ' + '; '.join(found) if found else ''}. Each record "
                         f"must look like {EXAMPLE} or {CHAT_EXAMPLE}.")
-    return tuple(chats), tuple(found)
+    return tuple(chats), tuple(found), tuple(users)
+
+
+def _user_of(record: dict, key: str) -> str:
+    """A record's user id (data.user_column); ValueError when it is missing or empty."""
+    user = None if _is_missing(record.get(key)) else as_label_name(record.get(key))
+    if not user:
+        raise ValueError(f"with an empty or missing `{key}` (data.user_column)")
+    return user
 
 
 def _records(name: str, text: str) -> Iterable[tuple[int, Any]]:
@@ -189,7 +202,7 @@ class InstructData:
     clients: tuple[ClientSplit, ...]
     skipped: tuple[str, ...] = ()
     canaries: Canaries | None = None  # the privacy audit's canaries (data.canaries); members are in `chats`
-    users: tuple[str, ...] = ()  # no user column for instruction records (CausalLM.check_config)
+    users: tuple[str, ...] = ()  # data.user_column: whose conversation each is; empty when not set
 
     def select(self, indices: Sequence[int]) -> list[Conversation]:
         return [self.chats[i] for i in indices]
@@ -214,14 +227,18 @@ def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> Ins
         if data.partition in ("shard", "column"):
             raise DataError(f"Partition `{data.partition}` needs a label or column per record; instruction records "
                             "have neither, so the causal-lm task splits a file iid. Set data.partition to `iid`.")
-        chats, skipped = load_instructions(data)
+        chats, skipped, users = load_instructions(data)
         groups, names, method = (0,) * len(chats), ("instruction",), "iid"
-    pool, test = holdout_split(len(chats), data.test_fraction, seed)
-    parts = partition_indices(groups, pool, num_clients, method, data.alpha, seed,
-                              shards_per_client=data.shards_per_client)
-    splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
+    if data.source == "file" and users:  # a person's conversations stay together (data/users.py)
+        test, splits, _ = by_user(groups, users, (), data, num_clients, seed, method=method)
+    else:
+        users = ()
+        pool, test = holdout_split(len(chats), data.test_fraction, seed)
+        parts = partition_indices(groups, pool, num_clients, method, data.alpha, seed,
+                                  shards_per_client=data.shards_per_client)
+        splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
-    fed = InstructData(chats, groups, names, method, tuple(test), splits, skipped)
+    fed = InstructData(chats, groups, names, method, tuple(test), splits, skipped, users=users)
     return with_canary_chats(fed, data.canaries, data.canary_repeats, seed) if data.canaries else fed
 
 
@@ -234,9 +251,11 @@ def with_canary_chats(fed: InstructData, count: int, repeats: int, seed: int) ->
     chats = tuple(Conversation((("user", question), ("assistant", answer)))
                   for question, answer in canary_records(count, seed, taken))
     members, splits = place(plan, len(fed.chats), fed.clients)
+    taken_users = set(fed.users)
+    users = fed.users + tuple(canary_user(i, taken_users) for i in members) if fed.users else ()
     return dataclasses.replace(fed, chats=fed.chats + tuple(chats[i] for i in members),
                                groups=fed.groups + (len(fed.group_names),) * len(members),
-                               group_names=fed.group_names + (CANARY_GROUP,), clients=splits,
+                               group_names=fed.group_names + (CANARY_GROUP,), clients=splits, users=users,
                                canaries=Canaries(plan, chats))
 
 
@@ -247,9 +266,10 @@ def resolve_instructions(data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, labels=())
 
 
-def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], tuple[()]]:
+def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], tuple[str, ...]]:
     """Deployment: (train, validation) conversations from this node's own file (they never leave the
-    process), and no users (CausalLM.check_config)."""
-    chats, _ = load_instructions(data)
-    split = split_client(range(len(chats)), data.client_val_fraction, seed)
-    return [chats[i] for i in split.train], [chats[i] for i in split.val], ()
+    process), split by user when data.user_column is set, and the user of each training one."""
+    chats, _, users = load_instructions(data)
+    split = own_split(len(chats), users, data.client_val_fraction, seed)
+    return ([chats[i] for i in split.train], [chats[i] for i in split.val],
+            tuple(users[i] for i in split.train) if users else ())

@@ -9,7 +9,7 @@ clients (a person belongs to one institution), and never both trained on and hel
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
@@ -64,16 +64,26 @@ def records_by_user(users: Sequence[str]) -> tuple[list[str], list[list[int]]]:
     return ids, [members[user] for user in ids]
 
 
+def canary_user(canary: int, users: Collection[str]) -> str:
+    """The user id of audit canary `canary` (a canary is a user of its own): one no real record has."""
+    name = f"fedtune-canary-{canary:06d}"
+    while name in users:
+        name = "_" + name
+    return name
+
+
 def by_user(labels: Sequence[int], users: Sequence[str], groups: Sequence[str], data: DataConfig, num_clients: int,
-            seed: int) -> tuple[tuple[int, ...], tuple[ClientSplit, ...], list[list[int]]]:
+            seed: int, method: str = "") -> tuple[tuple[int, ...], tuple[ClientSplit, ...], list[list[int]]]:
     """(server hold-out, client splits, client partitions), all as record indices, with every split
-    made over users: the partitioner sees one row per user, labelled with the user's most common
-    label (for `dirichlet` and `shard`) and, for `column`, the user's one institution."""
+    made over users: the partitioner (`method`, default data.partition) sees one row per user, labelled
+    with the user's most common label (for `dirichlet` and `shard`) and, for `column`, the user's one
+    institution."""
+    method = method or data.partition
     ids, records = records_by_user(users)
     user_labels = [Counter(labels[i] for i in rows).most_common(1)[0][0] for rows in records]
-    user_groups = _institution_of_each(ids, records, groups, data) if data.partition == "column" else ()
+    user_groups = _institution_of_each(ids, records, groups, data) if method == "column" else ()
     pool, test = holdout_split(len(ids), data.test_fraction, seed)
-    parts = partition_indices(user_labels, pool, num_clients, data.partition, data.alpha, seed, groups=user_groups,
+    parts = partition_indices(user_labels, pool, num_clients, method, data.alpha, seed, groups=user_groups,
                               group_column=data.partition_column, shards_per_client=data.shards_per_client,
                               unit="users")
 

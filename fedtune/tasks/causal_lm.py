@@ -55,10 +55,6 @@ class CausalLM(Task):
         if cfg.model.pooling != "cls":
             raise ConfigError(f"Invalid option `model.pooling`: `{cfg.model.pooling}` applies to classification "
                               "only; leave it `cls` for causal-lm.")
-        if cfg.data.user_column:
-            raise ConfigError("Invalid option `data.user_column`: causal-lm does not read a user column yet, so "
-                              "its records cannot be grouped by person; user-level DP (dp.unit `user`) is "
-                              "available for classification. Remove data.user_column.")
 
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         return build_causal_model(model, lora, seed=seed)
@@ -72,7 +68,8 @@ class CausalLM(Task):
     def federation(self, data: DataConfig, num_clients: int, seed: int) -> InstructData:
         return federated_instructions(data, num_clients, seed)
 
-    def own_records(self, data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], tuple[()]]:
+    def own_records(self, data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation],
+                                                                tuple[str, ...]]:
         return local_instructions(data, seed)
 
     def tokenize(self, tokenizer, records: list[Conversation], max_length: int) -> TokenizedChats:

@@ -94,7 +94,7 @@ def test_bad_records_are_named_by_line(tmp_path):
                  "does not end with an assistant turn (line 4)", "role other than system, user and assistant "
                  "(line 6)", "data.skip_invalid_rows"):
         assert what in message
-    chats, skipped = load_instructions(DataConfig(path=str(path), skip_invalid_rows=True))
+    chats, skipped, _ = load_instructions(DataConfig(path=str(path), skip_invalid_rows=True))
     assert len(chats) == 2 and len(skipped) == 4
 
 
@@ -151,3 +151,22 @@ def test_a_huge_turn_is_cut_before_the_chat_template_sees_it(tokenizer):
     assert data.num_truncated == 1 and _token_count(tokenizer, huge, 32) > 32
     short = Conversation((("user", "cough"), ("assistant", "Self-care.")))
     assert cut_turns(short, 32) is short
+
+
+def test_a_users_conversations_stay_at_one_client_and_a_missing_id_is_named(tmp_path):
+    from fedtune.data.instruct import federated_instructions, local_instructions
+
+    rows = [{"instruction": f"Question {i} from patient {i % 25}?", "response": "Rest.", "patient": f"p{i % 25}"}
+            for i in range(150)]
+    path = write_lines(tmp_path / "chats.jsonl", rows)
+    data = DataConfig(path=str(path), user_column="patient", test_fraction=0.2)
+    fed = federated_instructions(data, 3, seed=0)
+    sides = [fed.server_test] + [part for split in fed.clients for part in (split.train, split.val)]
+    owners = [{fed.chats[i].turns[-2][1].split("patient ")[1].rstrip("?") for i in side} for side in sides]
+    assert sum(len(o) for o in owners) == 25 and set().union(*owners) == {str(u) for u in range(25)}
+    train, val, users = local_instructions(DataConfig(path=str(path), user_column="patient"), seed=0)
+    assert len(users) == len(train) and not {c.turns[-2][1].split("patient ")[1].rstrip("?") for c in val} & \
+        {u[1:] for u in users}
+    rows[7].pop("patient")
+    with pytest.raises(DataError, match="empty or missing `patient` \\(data.user_column\\) \\(line 8\\)"):
+        load_instructions(DataConfig(path=str(write_lines(tmp_path / "gap.jsonl", rows)), user_column="patient"))

@@ -12,6 +12,7 @@ from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, ModelConfig, Tra
 from fedtune.data.chat import TokenizedChats, tokenize_chats
 from fedtune.data.instruct import conversation, make_demo_instructions
 from fedtune.data.text import IGNORE_INDEX, pad_batch
+from fedtune.data.users import UserRecords
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
@@ -121,3 +122,26 @@ def test_a_model_without_a_chat_template_is_refused_before_a_run(tiny_llama_dir)
     check_model(str(tiny_llama_dir), "causal-lm")
     with pytest.raises(ConfigError, match="no chat template"):
         check_model(str(default_model_dir()), "causal-lm")  # MiniLM: an encoder with no chat template
+
+
+def test_user_level_dp_sgd_clips_each_users_conversations_together(tiny_llama_dir, chats):
+    """Causal LM under dp.unit `user`: one gradient per user of its conversations, clipped to C."""
+    model = lm(tiny_llama_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    users = UserRecords(chats, (tuple(range(8)), (8, 9), (10, 11)))
+    dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=1e-3, max_records_per_user=16)
+    private = make_private(model, torch.optim.SGD(params, lr=0.1), users, len(users), pad_batch, dp, [],
+                           RoundSeeds.derived(0))
+    try:
+        batch = next(iter(private.batches()))
+        assert len(batch["input_ids"]) == 12 and "user_index" not in batch
+        model(**batch).loss.backward()
+        private.upcast_grad_samples()
+        private.combine_by_user()
+        assert all(p.grad_sample.shape[0] == 3 for p in params)  # three users, not twelve conversations
+        private.optimizer.pre_step()
+        norm = sum(float(p.summed_grad.pow(2).sum()) for p in params) ** 0.5
+        assert norm <= 3 * 1e-3 * (1 + 1e-4)
+    finally:
+        private.close()
+    assert private.sample_rate == 1.0
