@@ -159,7 +159,8 @@ class DPConfig:
     physical_batch_size: int = field(
         default=0,
         metadata={"help": "Most examples per forward/backward pass (Opacus BatchMemoryManager); a Poisson "
-                          "batch larger than this is split, which changes memory, not privacy. 0: no limit."},
+                          "batch larger than this is split, which changes memory, not privacy. Under dp.unit "
+                          "`user` it counts users, each with up to dp.max_records_per_user records. 0: no limit."},
     )
     client_dp: Literal["off", "fixed", "adaptive"] = field(
         default="off",

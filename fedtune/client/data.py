@@ -51,8 +51,8 @@ def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:
                                         int(context.node_config[k.PARTITION_ID]))
     if cfg.dp.unit != "user":
         return train, val
-    if not users:  # config.py requires data.user_column; a node's own file may still lack ids
-        raise DataError(f"The run protects each user's records together (dp.unit `user`), but {data.path} names "
-                        "no user for its records. Name the column with data.user_column, or node config "
-                        f"`{k.DATA_USER_COLUMN}` for a node's own file.")
+    if not users:  # a node's own file names its user column in its own node config (node_data_config)
+        raise DataError(f"The run protects each user's records together (dp.unit `user`), but this node names no "
+                        f"column of {data.path} that says whose each record is: set node config "
+                        f"`{k.DATA_USER_COLUMN}` to it (e.g. {k.DATA_USER_COLUMN}=\"patient_id\").")
     return group_by_user(train, users), val

@@ -169,9 +169,13 @@ NODE_DATA_KEYS = {k.DATA_FORMAT: "format", k.DATA_TEXT_COLUMN: "text_column", k.
 
 def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataConfig:
     """The run's data config pointed at this node's own file (node config `data-path` and friends);
-    columns, separator and encoding default to the run's."""
+    text and label columns, separator and encoding default to the run's. The user column does not:
+    which column names a person in its own file is the institution's to say (node config
+    `user-column`), since a coordinator naming a per-record column would turn user-level DP back
+    into record-level."""
     own = {field: str(node_config[key]) for key, field in NODE_DATA_KEYS.items() if key in node_config}
     fmt = own.pop("format", "auto")
+    own.setdefault("user_column", "")
     return dataclasses.replace(data, source="file", path=str(node_config[k.DATA_PATH]), format=fmt,
                                partition="iid", partition_column="", **own)
 

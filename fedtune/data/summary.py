@@ -73,8 +73,15 @@ def partition_summary(fed: Partitioned, data: DataConfig, lengths: Sequence[int]
         "server_test": describe(fed.server_test),
         "clients": clients,
         **({"user_column": data.user_column, "users": len(set(fed.users)),
-            "most_records_per_user": max(Counter(fed.users).values())} if fed.users else {}),
+            "most_records_per_user": _most_records(fed)} if fed.users else {}),
     }
+
+
+def _most_records(fed: Partitioned) -> int:
+    """The most records any user has, counting every place a record is used (a repeated audit
+    canary is in its client's training data several times)."""
+    placed = [*fed.server_test, *(i for split in fed.clients for i in (*split.train, *split.val))]
+    return max(Counter(fed.users[i] for i in placed).values())
 
 
 def summary_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -16,12 +16,13 @@ Two things are wired by hand, each for a reason the analysis depends on:
   runs exactly the (q, steps) that privacy/budget.py forecasts, and Opacus accounts that q.
 - User-level DP-SGD (dp.unit `user`; Charles et al. 2024, "Fine-Tuning Large Language Models with
   User-Level Differential Privacy", user-level sampling). Poisson sampling draws users, not
-  records; a sampled user brings at most dp.max_records_per_user of their records (a random subset
-  when they have more). Opacus computes per-record gradients, and before its clipping each user's
-  are combined into one (PrivateTraining.combine_by_user), so Opacus clips, sums and noises one
-  gradient per user, and its accountant counts q over users. Adding or removing one user changes
-  the noised sum by at most C, the sensitivity the noise is calibrated to: the same Gaussian
-  mechanism as record-level DP-SGD, with a user in place of a record.
+  records; a sampled user brings at most dp.max_records_per_user of their records (a uniformly
+  random subset when they have more, drawn from a stream of its own). Opacus computes per-record
+  gradients, and before its clipping each user's are combined into one
+  (PrivateTraining.combine_by_user), so Opacus clips, sums and noises one gradient per user, and its
+  accountant counts q over users. Adding or removing one user changes the noised sum by at most C,
+  the sensitivity the noise is calibrated to: the same Gaussian mechanism as record-level DP-SGD,
+  with a user in place of a record (docs/privacy.md derives it).
 """
 
 from __future__ import annotations
@@ -44,18 +45,20 @@ from fedtune.data.users import UserRecords
 from fedtune.privacy.accountant import History, make_accountant, normalize
 from fedtune.privacy.budget import poisson_schedule
 
-STREAMS = ("sampling", "noise", "model")
+STREAMS = ("sampling", "noise", "model", "records")
 USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each record's user, not a model input
 
 
 @dataclass(frozen=True)
 class RoundSeeds:
-    """Seeds of one round's three random streams: Poisson sampling, DP noise, and the model's own
-    randomness (dropout). Each is drawn or derived separately, so none predicts another."""
+    """Seeds of one round's random streams: Poisson sampling, DP noise, the model's own randomness
+    (dropout), and (dp.unit `user`) which k records of a sampled user a step uses. Each is drawn or
+    derived separately, so none predicts another."""
 
     sampling: int
     noise: int
     model: int
+    records: int
 
     @classmethod
     def secret(cls) -> RoundSeeds:
@@ -178,14 +181,15 @@ def poisson_loader(data: Dataset, batch_size: int, collate: Callable[[Sequence[A
 
 
 def user_loader(data: UserRecords, batch_size: int, collate: Callable[[Sequence[Any]], Any], max_records: int,
-                generator: torch.Generator) -> DataLoader:
-    """One epoch of Poisson batches of users, at the schedule privacy/budget.py forecasts for
-    n = the number of users and batch_size users a step. A sampled user with more than `max_records`
-    records brings a random `max_records` of them. An empty draw is yielded as None."""
+                generator: torch.Generator, records_generator: torch.Generator) -> DataLoader:
+    """One epoch of Poisson batches of users (drawn from `generator`), at the schedule
+    privacy/budget.py forecasts for n = the number of users and batch_size users a step. A sampled
+    user with more than `max_records` records brings a uniformly random `max_records` of them (drawn
+    from `records_generator`). An empty draw is yielded as None."""
     q, steps = poisson_schedule(len(data), batch_size, epochs=1)
     sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=generator, steps=steps)
     return DataLoader(data, batch_sampler=sampler,
-                      collate_fn=partial(_collate_users, data.records, collate, max_records, generator))
+                      collate_fn=partial(_collate_users, data.records, collate, max_records, records_generator))
 
 
 def _collate_users(records: Dataset, collate: Callable[[Sequence[Any]], Any], max_records: int,
@@ -216,7 +220,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
     device = next(model.parameters()).device
     by_user = isinstance(data, UserRecords)
     if by_user:
-        loader = user_loader(data, batch_size, collate, dp.max_records_per_user, seeds.generator("sampling"))
+        loader = user_loader(data, batch_size, collate, dp.max_records_per_user, seeds.generator("sampling"),
+                             seeds.generator("records"))
     else:
         loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"))
     engine = PrivacyEngine(accountant=dp.accountant)
@@ -229,6 +234,9 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
         poisson_sampling=False, wrap_model=False, noise_generator=seeds.generator("noise", device),
     )
     hooks.forbid_grad_accumulation()  # as Opacus does for its own Poisson loader: one backward per step
+    # Opacus divides the noised sum by int(n·q), which floating point makes 0 for some n at q = 1/n
+    # (n = 49: 49·(1/49) < 1), and the step would then be inf. A constant either way: post-processing.
+    dp_optimizer.expected_batch_size = max(dp_optimizer.expected_batch_size, 1)
     return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader), dp.physical_batch_size,
                            user_gradient=dp.user_gradient if by_user else "")
 

@@ -121,6 +121,7 @@ def test_a_canary_user_is_one_user_whose_copies_share_its_id(tmp_path):
         planted = [u for u in users if u in canary_users]
         assert len(planted) == 3 * len(fed.canaries.plan.at_client(cid))  # each canary user: 3 records
         assert all(planted.count(u) == 3 for u in planted)
+    assert sum(fed.canaries.members) > 0
 
 
 def test_a_user_at_two_institutions_is_refused_under_column_partitioning(tmp_path):
@@ -162,6 +163,7 @@ def test_a_node_groups_its_own_file_by_the_column_its_node_config_names(tmp_path
     node = {k.DATA_PATH: str(notes), k.DATA_USER_COLUMN: "patient_id"}  # its own file names the column otherwise
     train, val = node_data(cfg, Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={}))
     assert isinstance(train, UserRecords) and len(train) < train.num_records and len(val)
-    without = {k.DATA_PATH: str(notes), k.DATA_USER_COLUMN: ""}
-    with pytest.raises(DataError, match="names no user for its records.*user-column"):
-        node_data(cfg, Context(run_id=1, node_id=7, node_config=without, state=RecordDict(), run_config={}))
+    for without in ({k.DATA_PATH: str(notes), k.DATA_USER_COLUMN: ""}, {k.DATA_PATH: str(notes)}):
+        # the run's data.user_column ("person") is not taken for a node's own file: the node names its own
+        with pytest.raises(DataError, match="this node names no column.*user-column"):
+            node_data(cfg, Context(run_id=1, node_id=7, node_config=without, state=RecordDict(), run_config={}))

@@ -59,6 +59,8 @@ def test_a_user_level_run_accounts_users_and_verifies(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     text = (out / "privacy_report.md").read_text()
     assert "**Unit of privacy**: one person" in text and "with all of their records" in text
+    assert json.loads((out / "privacy_report.json").read_text())["neighbouring_relation"].startswith(
+        "add/remove one user of one institution with all of that user's records")
 
 
 def test_the_audit_plants_canary_users_and_bounds_the_user_level_epsilon(tmp_path):

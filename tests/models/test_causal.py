@@ -16,7 +16,7 @@ from fedtune.data.users import UserRecords
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
-from fedtune.models.causal import evaluate_lm, fresh_causal_model
+from fedtune.models.causal import evaluate_lm, fresh_causal_model, per_sequence_loss
 from fedtune.privacy.dpsgd import RoundSeeds, make_private
 
 
@@ -128,20 +128,33 @@ def test_user_level_dp_sgd_clips_each_users_conversations_together(tiny_llama_di
     """Causal LM under dp.unit `user`: one gradient per user of its conversations, clipped to C."""
     model = lm(tiny_llama_dir)
     params = [p for p in model.parameters() if p.requires_grad]
-    users = UserRecords(chats, (tuple(range(8)), (8, 9), (10, 11)))
-    dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=1e-3, max_records_per_user=16)
-    private = make_private(model, torch.optim.SGD(params, lr=0.1), users, len(users), pad_batch, dp, [],
-                           RoundSeeds.derived(0))
-    try:
-        batch = next(iter(private.batches()))
-        assert len(batch["input_ids"]) == 12 and "user_index" not in batch
-        model(**batch).loss.backward()
-        private.upcast_grad_samples()
-        private.combine_by_user()
-        assert all(p.grad_sample.shape[0] == 3 for p in params)  # three users, not twelve conversations
-        private.optimizer.pre_step()
-        norm = sum(float(p.summed_grad.pow(2).sum()) for p in params) ** 0.5
-        assert norm <= 3 * 1e-3 * (1 + 1e-4)
-    finally:
-        private.close()
-    assert private.sample_rate == 1.0
+    groups = (tuple(range(8)), (8, 9), (10, 11))
+    users = UserRecords(chats, groups)
+
+    def summed_grad(clip: float):
+        dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=clip, max_records_per_user=16)
+        private = make_private(model, torch.optim.SGD(params, lr=0.1), users, len(users), pad_batch, dp, [],
+                               RoundSeeds.derived(0))
+        try:
+            batch = next(iter(private.batches()))
+            assert len(batch["input_ids"]) == 12 and "user_index" not in batch and private.sample_rate == 1.0
+            model(**batch).loss.backward()
+            private.upcast_grad_samples()
+            private.combine_by_user()
+            assert all(p.grad_sample.shape[0] == 3 for p in params)  # three users, not twelve conversations
+            private.optimizer.pre_step()
+            summed = [p.summed_grad.clone() for p in params]
+            private.optimizer.zero_grad(set_to_none=True)
+        finally:
+            private.close()
+        return summed, batch
+
+    clipped, _ = summed_grad(1e-3)
+    assert sum(float(g.pow(2).sum()) for g in clipped) ** 0.5 <= 3 * 1e-3 * (1 + 1e-4)
+    unclipped, batch = summed_grad(1e6)  # the sum over users of each one's mean per-conversation loss gradient
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = [per_sequence_loss(logits[i:i + 1], batch["labels"][i:i + 1]) for i in range(12)]
+    sum(torch.stack([losses[i] for i in group]).mean() for group in groups).backward()
+    for got, p in zip(unclipped, params, strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-3, atol=1e-6)
+    model.zero_grad(set_to_none=True)

@@ -80,19 +80,85 @@ def test_without_binding_clip_a_users_gradient_is_the_gradient_of_their_mean_los
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_users_are_sampled_and_a_large_user_brings_at_most_k_records():
-    records = TokenizedTexts(tuple((i % 7 + 1,) for i in range(100)), (0,) * 100)
+def test_users_are_sampled_and_a_large_user_brings_at_most_k_distinct_records_of_their_own():
+    records = TokenizedTexts(tuple((i,) for i in range(100)), (0,) * 100)  # a record's only token: its index
     users = UserRecords(records, (tuple(range(60)), *((i,) for i in range(60, 100))))  # 41 users
-    loader = user_loader(users, 8, pad_batch, max_records=5, generator=torch.Generator().manual_seed(1))
+    loader = user_loader(users, 8, pad_batch, max_records=5, generator=torch.Generator().manual_seed(1),
+                         records_generator=torch.Generator().manual_seed(2))
     assert len(loader) == math.ceil(41 / 8)  # q = 1/6 over users, 6 steps an epoch
-    sampled = []
-    for batch in loader:
-        if batch is None:
-            continue
-        owners = batch[USER_INDEX].tolist()
-        assert max(owners.count(slot) for slot in set(owners)) <= 5
-        sampled.append(len(set(owners)))
-    assert sum(sampled) > 0 and max(sampled) < 41
+    steps = sampled = big_seen = 0
+    for _ in range(100):
+        for batch in loader:
+            steps += 1
+            if batch is None:
+                continue
+            owners, ids = batch[USER_INDEX].tolist(), batch["input_ids"][:, 0].tolist()
+            sampled += len(set(owners))
+            by_slot = {slot: [i for i, o in zip(ids, owners, strict=True) if o == slot] for slot in set(owners)}
+            for mine in by_slot.values():
+                if mine[0] < 60:  # the large user: 5 of its own records, all different
+                    assert len(mine) == len(set(mine)) == 5 and all(i < 60 for i in mine)
+                    big_seen += 1
+                else:
+                    assert len(mine) == 1
+    assert sampled / (steps * 41) == pytest.approx(1 / 6, rel=0.1) and big_seen > 50
+
+
+def test_physical_batches_split_users_not_records_and_change_nothing(tiny_model, tokenized):
+    """dp.physical_batch_size counts users: with one user per pass the update is the one of a whole batch."""
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    users = UserRecords(_records(tokenized, 12), ((0, 1, 2, 3, 4), (5, 6), (7,), (8, 9, 10, 11)))
+    start = [p.detach().clone() for p in params]
+    dropouts = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    for m in dropouts:  # the passes then differ only in how the batch is split (Opacus needs training mode)
+        m.p = 0.0
+    moved = []
+    try:
+        for physical in (0, 1):
+            moved.append(_one_step_moves(tiny_model, params, start, users, physical))
+    finally:
+        for m, rate in zip(dropouts, rates, strict=True):
+            m.p = rate
+    for whole, split in zip(*moved, strict=True):
+        torch.testing.assert_close(whole, split, rtol=1e-4, atol=1e-7)
+    assert _norm(moved[0]) > 0
+
+
+def _one_step_moves(model, params, start, users: UserRecords, physical: int) -> list[torch.Tensor]:
+    """How one user-level DP-SGD step (σ = 0) moves the weights from `start`, with that physical batch size."""
+    for p, value in zip(params, start, strict=True):
+        p.data.copy_(value)
+    dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=0.05, physical_batch_size=physical)
+    private = make_private(model, torch.optim.SGD(params, lr=1.0), users, len(users), pad_batch, dp, [],
+                           RoundSeeds.derived(0))
+    passes = 0
+    try:
+        for batch in private.batches():
+            passes += 1
+            assert USER_INDEX not in batch  # kept by PrivateTraining, not given to the model
+            model(**batch).loss.backward()
+            private.step()
+    finally:
+        private.close()
+    assert private.steps == 1 and passes == (1 if physical == 0 else 4)
+    return [p.detach() - value for p, value in zip(params, start, strict=True)]
+
+
+def test_a_step_is_finite_where_opacus_would_divide_by_zero(tiny_model, tokenized):
+    """n = 49 at B = 1: Opacus' expected batch size int(49 · (1/49)) is 0; fedtune's is 1."""
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    data = TokenizedTexts(tokenized.input_ids[:49], tokenized.labels[:49])
+    private = make_private(tiny_model, torch.optim.SGD(params, lr=0.1), data, 1, pad_batch, DPConfig(), [],
+                           RoundSeeds.derived(0))
+    try:
+        assert private.optimizer.expected_batch_size == 1
+        batch = next(iter(private.batches()))
+        tiny_model(**batch).loss.backward()
+        private.step()
+    finally:
+        private.close()
+    assert all(torch.isfinite(p).all() for p in params)
 
 
 def test_epsilon_is_accounted_over_users_and_matches_an_independent_accountant(tiny_model, tokenized, tiny_cfg):

@@ -33,6 +33,9 @@ INF = "inf"
 EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_prv")
 NEIGHBOURS = ("add/remove one record of one institution, with that institution's record count n public: q, the "
               "number of steps and the averaging depend on n, and n is reported to the server in the clear")
+USER_NEIGHBOURS = ("add/remove one user of one institution with all of that user's records, with that institution's "
+                   "user count n public: q, the number of steps and the averaging depend on n, and n is reported to "
+                   "the server in the clear")
 AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
               "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
               "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
@@ -226,6 +229,7 @@ def build_report(run_dir: Path) -> ReportData:
         run_dir=str(run_dir.resolve()),
         dp_enabled=dp_on,
         unit=ledger.unit,
+        neighbouring_relation=USER_NEIGHBOURS if ledger.unit == "user" else NEIGHBOURS,
         accountant=_accountant(kind, delta),
         policies=tuple(sorted({e.policy for rows in entries.values() for e in rows if e.policy})),
         delta=delta,

@@ -172,15 +172,17 @@ def _protected_users(r: ReportData) -> list[str]:
     """The guarantee under dp.unit `user` (privacy/dpsgd.py derives its sensitivity)."""
     s = r.settings
     column = f"`{s.user_column}`" if s.user_column else "the user column"
-    how = ("the mean of the gradients of those records" if s.user_gradient == "mean" else
-           "the mean of those records' gradients, each clipped to C first")
+    how = {"mean": "the mean of the gradients of those records",
+           "clipped_mean": "the mean of those records' gradients, each clipped to C first"}.get(
+        s.user_gradient, "a mean over those records (config.toml could not be read to say which)")
+    k = s.max_records_per_user if s.max_records_per_user is not None else "dp.max_records_per_user (unknown here)"
     return [
         f"**Unit of privacy**: one person: each patient's (or customer's) records together, at one institution "
         f"(user-level DP, `dp.unit = user`; a record's person is named by {column}). Ledger: \"{r.unit}\".",
         "**Neighbouring datasets**: an institution's data with one person added or removed, **with all of their "
         "records** (add/remove-one user), with its number of users n treated as public. Each DP-SGD step samples "
         "users, each independently with probability q = 1/⌈n/B⌉ (B: users a step), and uses at most "
-        f"k = {s.max_records_per_user} records of each sampled user (a random k of a user with more). A user's "
+        f"k = {k} records of each sampled user (a random k of a user with more). A user's "
         f"gradient is {how}, clipped to C; the step adds Gaussian noise of standard deviation σC to the sum over "
         "users. Adding or removing one user therefore changes that sum by at most C however many records they "
         "have, and Opacus' accountants analyse each step as a Poisson-subsampled Gaussian mechanism over users "
@@ -325,9 +327,10 @@ def _randomness(r: ReportData) -> str:
                 "institution's name. The streams are independent of each other, but the server knows the seed and "
                 "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
                 "against anyone who sees only the final adapter.")
-    return ("**Randomness**: in each round, each institution draws three separate seeds from the operating "
-            "system's secure randomness, one each for the Poisson sampling, the DP noise and dropout, and never sends "
-            "them; the noise is therefore independent of which records were sampled, as the analysis assumes "
+    return ("**Randomness**: in each round, each institution draws separate seeds from the operating "
+            "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout and (user-level "
+            "DP) which records of a sampled user a step uses, and never sends them; the noise is therefore "
+            "independent of which records were sampled, as the analysis assumes "
             "(`tests/privacy/test_randomness.py` checks it statistically). PyTorch's generators are not themselves "
             "cryptographic (Opacus' `secure_mode` is off), which the standard analysis does not require but a "
             "formal deployment may.")
