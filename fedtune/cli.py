@@ -125,7 +125,7 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
                               f"(got {', '.join(changed) or '--config/--out'}). Drop those options.")
         cfg, run = continue_run(resume, overrides["rounds"])
     else:
-        cfg = load_config(config).with_overrides(overrides)
+        cfg = load_config(config, overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
         # fixes the label list for every client and evaluation, and the private recipe's choices
         cfg, run, summary = new_run(cfg, target, given_keys(config, overrides))
@@ -186,7 +186,7 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
     if (out is None) == (resume is None):
         raise ConfigError("Give --out RUN_DIR for a new audited run, or --resume RUN_DIR to finish one (not both).")
     if resume is None and overrides["data.canaries"] is None:
-        overrides = {**overrides, "data.canaries": load_config(config).data.canaries or DEFAULT_CANARIES}
+        overrides = {**overrides, "data.canaries": load_config(config, overrides).data.canaries or DEFAULT_CANARIES}
     if resume is None and overrides["data.canaries"] < 2:
         raise ConfigError(f"Invalid option `--canaries`: {overrides['data.canaries']} canaries cannot tell members "
                           f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")

@@ -723,17 +723,27 @@ def _coerce(value: Any, annotation: Any, option: str, source: str) -> Any:
     return value
 
 
-def load_config(path: Path | None) -> FedtuneConfig:
-    """Read a TOML config file; None gives the defaults."""
-    if path is None:
-        return FedtuneConfig()
-    if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist. Pass an existing TOML file to --config.")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the line it names.") from err
-    return FedtuneConfig.from_nested(data, source=str(path))
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> FedtuneConfig:
+    """Read a TOML config file (None: the defaults) with dotted-key `overrides` (command-line options;
+    None values are not given) applied, and validate the two together, once: a file that is complete
+    only with an option (its data.user_column, with --data) is valid, as the run it describes is."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Pass an existing TOML file to --config.")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the line it names.") from err
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for key, value in given.items():
+        section, _, name = key.rpartition(".")
+        table = data.setdefault(section, {}) if section else data
+        if not isinstance(table, dict):
+            raise ConfigError(f"Invalid option `{section}`: in {path}, `{section}` must be a table.")
+        table[name] = value
+    source = " and ".join(([str(path)] if path is not None else []) + (["command-line options"] if given else []))
+    return FedtuneConfig.from_nested(data, source=source or "defaults")
 
 
 RUN_CONFIG = "config.toml"  # a run directory's resolved config

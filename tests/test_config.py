@@ -87,3 +87,14 @@ def test_clients_are_sent_only_what_they_train_by_and_rebuild_it_exactly():
     assert (rebuilt.model, rebuilt.lora, rebuilt.train, rebuilt.dp, rebuilt.data, rebuilt.seed) == (
         cfg.model, cfg.lora, cfg.train, cfg.dp, cfg.data, cfg.seed)
     assert rebuilt.rounds_per_client() == cfg.rounds_per_client() == 3  # a target ε is spent over these
+
+
+def test_a_file_is_validated_together_with_the_command_line_options(tmp_path):
+    """A file that is complete only with an option (its user column, with --data) is a valid run."""
+    path = tmp_path / "run.toml"
+    path.write_text('[dp]\nunit = "user"\n[data]\nuser_column = "patient_id"\n')
+    with pytest.raises(ConfigError, match="data.user_column"):
+        load_config(path)  # alone: a user column for the demo data
+    cfg = load_config(path, {"data.path": "notes.csv", "rounds": None})
+    assert (cfg.dp.unit, cfg.data.user_column, cfg.data.path, cfg.rounds) == ("user", "patient_id", "notes.csv", 3)
+    assert load_config(None, {"rounds": 5}).rounds == 5 and load_config(None) == FedtuneConfig()

@@ -114,7 +114,7 @@ def prepare_run(nodes: int, out: Path | None, config: Path | None, node_config: 
     if not 1 <= nodes <= MAX_NODES:
         raise ConfigError(f"Invalid option `--nodes`: {nodes}; use 1 to {MAX_NODES} (each is a process on this "
                           "machine; 3 is a good start).")
-    cfg = load_config(config).with_overrides({**(overrides or {}), "clients": nodes})
+    cfg = load_config(config, {**(overrides or {}), "clients": nodes})
     node_policy({**(node_config or {}), k.PARTITION_ID: 0}, cfg, "")  # a bad value stops here, naming its key
     target = (out or Path(cfg.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
     pinned = given_keys(config, {**(overrides or {}), "clients": nodes, "out": str(target)})

@@ -26,21 +26,22 @@ test_fraction = 0.15
 """
 
 
-def test_a_user_level_run_accounts_users_and_verifies(tmp_path):
+def test_a_user_level_run_accounts_users_verifies_and_audits_its_canary_users(tmp_path):
+    """One federation: the issue's command (with 16 audit canaries, each a user of 3 copies, planted
+    by the config file), then privacy-verify, the report, and the audit of that same run."""
     notes = write_notes(tmp_path / "notes.csv", users=90)
-    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "tiny.toml").write_text(TINY + "canaries = 16\ncanary_repeats = 3\n")
     out = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--data", str(notes), "--user-column",
                      "patient_id", "--privacy-unit", "user", "--clients", "4", "--rounds", "2", "--batch-size", "8",
                      "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "users: 90 in column `patient_id`" in result.stderr
 
     summary = json.loads((out / "partition_summary.json").read_text())
     users = {f"client-{cid:04d}": row["train_users"] for cid, row in enumerate(summary["clients"])}
     assert all(row["train_users"] < row["train"] for row in summary["clients"])  # some patients have many notes
     cfg = tomllib.loads((out / "config.toml").read_text())
-    batch, sigma = cfg["train"]["batch_size"], None
+    batch = cfg["train"]["batch_size"]
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     assert ledger["unit"] == "user" and set(ledger["clients"]) == set(users)
     for name, entries in ledger["clients"].items():
@@ -48,35 +49,20 @@ def test_a_user_level_run_accounts_users_and_verifies(tmp_path):
         history = []
         for entry in entries:
             assert entry["num_examples"] == users[name] and entry["sample_rate"] == pytest.approx(q)
-            sigma = entry["noise_multiplier"]
-            history.append((sigma, q, entry["steps"]))
+            history.append((entry["noise_multiplier"], q, entry["steps"]))
             assert entry["epsilon"] == pytest.approx(independent_epsilon("prv", history, cfg["dp"]["delta"]), rel=0.02)
         assert entries[-1]["epsilon"] <= cfg["dp"]["target_epsilon"] * 1.001
 
     verified = fedtune("privacy-verify", str(out))
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    report = fedtune("privacy-report", str(out))
-    assert report.returncode == 0, report.stderr[-2000:]
+    audited = fedtune("audit", "--resume", str(out), timeout=600)  # scores the canaries; writes the report
+    assert audited.returncode == 0, audited.stderr[-3000:] + audited.stdout[-2000:]
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["unit"] == "user" and audit["canary_repeats"] == 3 and audit["consistent"]
+    members = sum(audit["canary_members"])
+    assert summary["users"] == 90 + members and f"users: {90 + members} in column `patient_id`" in result.stderr
+    assert "canary users (in / out)" in audited.stderr
     text = (out / "privacy_report.md").read_text()
     assert "**Unit of privacy**: one person" in text and "with all of their records" in text
     assert json.loads((out / "privacy_report.json").read_text())["neighbouring_relation"].startswith(
         "add/remove one user of one institution with all of that user's records")
-
-
-def test_the_audit_plants_canary_users_and_bounds_the_user_level_epsilon(tmp_path):
-    notes = write_notes(tmp_path / "notes.csv", users=40)
-    (tmp_path / "tiny.toml").write_text(TINY)
-    out = tmp_path / "audit"
-    result = fedtune("audit", "--config", str(tmp_path / "tiny.toml"), "--data", str(notes), "--user-column",
-                     "patient_id", "--privacy-unit", "user", "--canaries", "16", "--canary-repeats", "3",
-                     "--clients", "2", "--rounds", "1", "--out", str(out), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
-    audit = json.loads((out / "audit.json").read_text())
-    assert audit["unit"] == "user" and audit["canary_repeats"] == 3 and audit["consistent"]
-    ledger = json.loads((out / "privacy_ledger.json").read_text())
-    summary = json.loads((out / "partition_summary.json").read_text())
-    members = sum(audit["canary_members"])
-    planted = sum(entries[-1]["num_examples"] for entries in ledger["clients"].values())
-    assert planted == sum(row["train_users"] for row in summary["clients"])
-    assert summary["users"] == 40 + members  # each member canary is one more user, its 3 copies together
-    assert "canary users (in / out)" in result.stderr
