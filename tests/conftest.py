@@ -13,6 +13,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two
     import torch
 
     torch.set_num_threads(1)
+    # ...and one core each, inherited by the federations a test starts (fedtune sizes its Ray workers
+    # by the CPUs it may use, simulation/engine.py::usable_cpus): two federations at once then run
+    # one Ray worker each, not two each on the same two cores.
+    _cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if _workers and len(_cores) >= _workers:
+        os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(_cores)]})
 
 from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, TrainConfig  # noqa: E402
 

@@ -18,8 +18,16 @@ from fedtune.config import FedtuneConfig
 from fedtune.server.run_dir import RunDirectory
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), not the
+    machine's count, so a simulation confined to some cores starts only as many workers as fit them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def backend_config(cfg: FedtuneConfig) -> dict:
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     return {
         "client_resources": {"num_cpus": min(cfg.num_cpus_per_client, cpus),
                              "num_gpus": 1.0 if cfg.model.device == "cuda" else 0.0,
@@ -37,7 +45,7 @@ def simulation_workers(cfg: FedtuneConfig) -> int:
     """How many worker processes the Ray backend starts for backend_config(cfg): as many as fit the
     CPUs, and with cuda one per GPU (Flower's pool_size_from_resources, on this one machine)."""
     resources = backend_config(cfg)["client_resources"]
-    workers = int((os.cpu_count() or 1) / resources["num_cpus"])
+    workers = int(usable_cpus() / resources["num_cpus"])
     if resources["num_gpus"]:
         import torch
 

@@ -41,7 +41,7 @@ def test_cuda_without_a_visible_gpu_is_refused_before_anything_starts(monkeypatc
 
 
 def test_cuda_gives_each_worker_a_whole_gpu_and_no_more_workers_than_gpus(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("fedtune.simulation.engine.usable_cpus", lambda: 16)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     cuda = FedtuneConfig().with_overrides({"model.device": "cuda"})
     assert backend_config(cuda)["client_resources"] == {"num_cpus": 1, "num_gpus": 1.0, "max_restarts": -1}
