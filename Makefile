@@ -29,8 +29,9 @@ demo: setup
 # Two pytest workers (pytest-xdist): the federations spend much of their time starting Ray and loading
 # models, which the other worker's tests fill; tests/conftest.py gives each worker one torch thread.
 # --dist loadfile: one worker runs each test module whole, so a module-scoped fixture (a deployment,
-# a federation) is set up once, not once per worker (472 s for the suite, against 634 s distributed
-# test by test). Not loadgroup: under pytest 9.2, pytest-xdist 3.8's xdist_group marks do not group.
+# a federation) is set up once, not once per worker (472-634 s for the suite over several runs, against
+# 634 s distributed test by test on the same tree). Not loadgroup: under pytest 9.2, pytest-xdist 3.8's
+# xdist_group marks do not group.
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12
 
