@@ -125,6 +125,7 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
     groups: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()  # data.user_column's values; the demo data has none
     if data.source == "demo":
         examples = make_demo_dataset(data.demo_examples, seed=seed)
         texts = tuple(e.text for e in examples)
@@ -132,8 +133,7 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
     else:
         records = source_records(data)
         texts, labels, groups = records.texts, tuple(encode_labels(records, names)), records.groups
-        skipped, notes = records.skipped, records.notes
-    users = records.users if data.source == "file" else ()
+        skipped, notes, users = records.skipped, records.notes, records.users
     if users:  # a person's records stay together: data/users.py
         test, splits, parts = by_user(labels, users, groups, data, num_clients, seed)
     else:

@@ -18,6 +18,7 @@ from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
 from fedtune.models.causal import evaluate_lm, fresh_causal_model, per_sequence_loss
 from fedtune.privacy.dpsgd import RoundSeeds, make_private
+from tests.privacy.test_user_level import summed_after_one_step
 
 
 def lm(path, **lora) -> torch.nn.Module:
@@ -133,23 +134,10 @@ def test_user_level_dp_sgd_clips_each_users_conversations_together(tiny_llama_di
 
     def summed_grad(clip: float):
         dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=clip, max_records_per_user=16)
-        private = make_private(model, torch.optim.SGD(params, lr=0.1), users, len(users), pad_batch, dp, [],
-                               RoundSeeds.derived(0))
-        try:
-            batch = next(iter(private.batches()))
-            assert len(batch["input_ids"]) == 12 and "user_index" not in batch and private.sample_rate == 1.0
-            model(**batch).loss.backward()
-            private.upcast_grad_samples()
-            private.combine_by_user()
-            assert all(p.grad_sample.shape[0] == 3 for p in params)  # three users, not twelve conversations
-            private.optimizer.pre_step()
-            summed = [p.summed_grad.clone() for p in params]
-            private.optimizer.zero_grad(set_to_none=True)
-        finally:
-            private.close()
-        return summed, batch
+        return summed_after_one_step(model, users, dp)
 
-    clipped, _ = summed_grad(1e-3)
+    clipped, batch = summed_grad(1e-3)
+    assert len(batch["input_ids"]) == 12 and "user_index" not in batch  # every conversation of the 3 users
     assert sum(float(g.pow(2).sum()) for g in clipped) ** 0.5 <= 3 * 1e-3 * (1 + 1e-4)
     unclipped, batch = summed_grad(1e6)  # the sum over users of each one's mean per-conversation loss gradient
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -23,7 +23,7 @@ def _records(data: TokenizedTexts, n: int) -> TokenizedTexts:
     return TokenizedTexts(data.input_ids[:n], data.labels[:n])
 
 
-def _summed_after_one_step(model, users: UserRecords, dp: DPConfig):
+def summed_after_one_step(model, users: UserRecords, dp: DPConfig):
     """(Σ over the sampled users of their clipped gradients, the batch) for one step that samples
     every user (q = 1): Opacus' pre-step clips and sums exactly what PrivateTraining.step hands it."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -53,22 +53,22 @@ def test_a_users_whole_contribution_is_clipped_to_C_however_many_records(tiny_mo
     dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=clip, max_records_per_user=64,
                   user_gradient=variant)
     many = UserRecords(_records(tokenized, 24), (tuple(range(24)),))  # one user with 24 records
-    summed, batch = _summed_after_one_step(tiny_model, many, dp)
+    summed, batch = summed_after_one_step(tiny_model, many, dp)
     assert len(batch["labels"]) == 24 and _norm(summed) <= clip * (1 + 1e-4)
     if variant == "mean":  # clipping binds on the mean gradient; a mean of clipped ones may be shorter
         assert _norm(summed) == pytest.approx(clip, rel=1e-3)
     two = UserRecords(_records(tokenized, 24), (tuple(range(23)), (23,)))  # a user of 23 and a user of 1
-    summed, _ = _summed_after_one_step(tiny_model, two, dp)
+    summed, _ = summed_after_one_step(tiny_model, two, dp)
     assert _norm(summed) <= 2 * clip * (1 + 1e-4)
     # the same 24 records as 24 users (record-level): 24 clipped gradients, more than one C
     apart = UserRecords(_records(tokenized, 24), tuple((i,) for i in range(24)))
-    assert _norm(_summed_after_one_step(tiny_model, apart, dp)[0]) > 3 * clip
+    assert _norm(summed_after_one_step(tiny_model, apart, dp)[0]) > 3 * clip
 
 
 def test_without_binding_clip_a_users_gradient_is_the_gradient_of_their_mean_loss(tiny_model, tokenized):
     users = ((0, 1, 2), (3, 4, 5, 6, 7))
     dp = DPConfig(unit="user", noise_multiplier=0.0, max_grad_norm=1e6, max_records_per_user=64)
-    summed, batch = _summed_after_one_step(tiny_model, UserRecords(_records(tokenized, 8), users), dp)
+    summed, batch = summed_after_one_step(tiny_model, UserRecords(_records(tokenized, 8), users), dp)
     params = [p for p in tiny_model.parameters() if p.requires_grad]
     torch.manual_seed(123)
     logits = tiny_model(**{key: value for key, value in batch.items() if key != "labels"}).logits
