@@ -12,31 +12,37 @@ from torch.utils.data import Dataset
 from fedtune import constants as k
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import node_data_config
-from fedtune.data.users import group_by_user
+from fedtune.data.users import UserRecords, group_by_user
 from fedtune.errors import DataError
 from fedtune.tasks.base import get_task
 
-Split = tuple[Dataset, Dataset, tuple[str, ...]]  # train, validation, the user of each training record
+Split = tuple[Dataset, Dataset, UserRecords | None]  # train, validation, train grouped by user (None: no users)
 
 
 @lru_cache(maxsize=4096)
 def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: int, partition: int) -> Split:
-    """(train, validation, users) of one simulated client."""
+    """(train, validation, train by user) of one simulated client."""
     task = get_task(model.task)
     fed = task.federation(data, num_clients, seed)
     split, tokenizer = fed.clients[partition], task.tokenizer(model)
+    train = task.tokenize(tokenizer, fed.select(split.train), model.max_length)
     users = tuple(fed.users[i] for i in split.train) if fed.users else ()
-    return (task.tokenize(tokenizer, fed.select(split.train), model.max_length),
-            task.tokenize(tokenizer, fed.select(split.val), model.max_length), users)
+    return train, task.tokenize(tokenizer, fed.select(split.val), model.max_length), _grouped(train, users)
 
 
 @lru_cache(maxsize=16)
 def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> Split:
-    """(train, validation, users) from this institution's own file; the records never leave the process."""
+    """(train, validation, train by user) from this institution's own file; the records never leave the process."""
     task = get_task(model.task)
     tokenizer = task.tokenizer(model)
     train, val, users = task.own_records(data, seed)
-    return task.tokenize(tokenizer, train, model.max_length), task.tokenize(tokenizer, val, model.max_length), users
+    train = task.tokenize(tokenizer, train, model.max_length)
+    return train, task.tokenize(tokenizer, val, model.max_length), _grouped(train, users)
+
+
+def _grouped(train: Dataset, users: tuple[str, ...]) -> UserRecords | None:
+    """Grouped once with the cached data, not in every round."""
+    return group_by_user(train, users) if users else None
 
 
 def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:
@@ -44,15 +50,15 @@ def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:
     under dp.unit `user`, its training records grouped by user."""
     if k.DATA_PATH in context.node_config:
         data = node_data_config(cfg.data, context.node_config)
-        train, val, users = own_file_data(data, cfg.model, cfg.seed)
+        train, val, by_user = own_file_data(data, cfg.model, cfg.seed)
     else:
         data = cfg.data
-        train, val, users = client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
+        train, val, by_user = client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
                                         int(context.node_config[k.PARTITION_ID]))
     if cfg.dp.unit != "user":
         return train, val
-    if not users:  # a node's own file names its user column in its own node config (node_data_config)
+    if by_user is None:  # a node's own file names its user column in its own node config (node_data_config)
         raise DataError(f"The run protects each user's records together (dp.unit `user`), but this node names no "
                         f"column of {data.path} that says whose each record is: set node config "
                         f"`{k.DATA_USER_COLUMN}` to it (e.g. {k.DATA_USER_COLUMN}=\"patient_id\").")
-    return group_by_user(train, users), val
+    return by_user, val

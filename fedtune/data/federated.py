@@ -150,7 +150,7 @@ def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedDa
 def with_canaries(fed: FederatedData, count: int, repeats: int, seed: int) -> FederatedData:
     """The federation with the audit's member canaries added to their clients' training data, after
     every split was made (data/canaries.py); `fed.canaries` keeps all of them, in and out. With a
-    user column, each canary is a user of its own, whose copies share its id (CANARY_USER)."""
+    user column, each canary is a user of its own, whose copies share its id (data/users.py::canary_user)."""
     plan = plan_canaries(count, len(fed.clients), repeats, seed)
     texts, labels = canary_texts(count, len(fed.label_names), seed, taken=set(fed.texts))
     members, splits = place(plan, len(fed.texts), fed.clients)

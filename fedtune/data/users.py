@@ -47,12 +47,8 @@ def train_units(fed, unit: str) -> list[int]:
 
 
 def group_by_user(records: Dataset, user_ids: Sequence[str]) -> UserRecords:
-    """`records` (in the order of `user_ids`, one id per record) grouped by user, users in order of
-    first appearance."""
-    positions: dict[str, list[int]] = {}
-    for position, user in enumerate(user_ids):
-        positions.setdefault(user, []).append(position)
-    return UserRecords(records, tuple(tuple(p) for p in positions.values()))
+    """`records` (in the order of `user_ids`, one id per record) grouped by user, users in id order."""
+    return UserRecords(records, tuple(tuple(rows) for rows in records_by_user(user_ids)[1]))
 
 
 def records_by_user(users: Sequence[str]) -> tuple[list[str], list[list[int]]]:

@@ -186,17 +186,13 @@ def user_loader(data: UserRecords, batch_size: int, collate: Callable[[Sequence[
     privacy/budget.py forecasts for n = the number of users and batch_size users a step. A sampled
     user with more than `max_records` records brings a uniformly random `max_records` of them (drawn
     from `records_generator`). An empty draw is yielded as None."""
-    q, steps = poisson_schedule(len(data), batch_size, epochs=1)
-    sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=generator, steps=steps)
-    return DataLoader(data, batch_sampler=sampler,
-                      collate_fn=partial(_collate_users, data.records, collate, max_records, records_generator))
+    return poisson_loader(data, batch_size, partial(_collate_users, data.records, collate, max_records,
+                                                    records_generator), generator)
 
 
 def _collate_users(records: Dataset, collate: Callable[[Sequence[Any]], Any], max_records: int,
                    generator: torch.Generator, sampled: Sequence[tuple[int, ...]]) -> Any:
     """The records of the sampled users (at most max_records each) as one batch, with USER_INDEX."""
-    if not sampled:
-        return None
     items, owners = [], []
     for slot, positions in enumerate(sampled):
         if len(positions) > max_records:

@@ -77,7 +77,7 @@ def test_the_summary_counts_users_per_client(tmp_path):
 def test_grouping_keeps_each_users_positions():
     grouped = group_by_user(list("abcdef"), ["u2", "u1", "u2", "u3", "u1", "u2"])
     assert len(grouped) == 3 and grouped.num_records == 6
-    assert [grouped[u] for u in range(3)] == [(0, 2, 5), (1, 4), (3,)]
+    assert [grouped[u] for u in range(3)] == [(1, 4), (0, 2, 5), (3,)]  # u1, u2, u3
 
 
 def test_a_missing_column_or_empty_user_ids_are_refused(tmp_path):
@@ -116,11 +116,14 @@ def test_a_canary_user_is_one_user_whose_copies_share_its_id(tmp_path):
     real = len(fed.texts) - sum(fed.canaries.members)
     canary_users = set(fed.users[real:])
     assert len(canary_users) == sum(fed.canaries.members) and not canary_users & set(fed.users[:real])
-    for cid in range(len(fed.clients)):
-        _, _, users = client_data(data, ModelConfig(max_length=16), 3, 0, cid)
+    for cid, split in enumerate(fed.clients):
+        _, _, grouped = client_data(data, ModelConfig(max_length=16), 3, 0, cid)
+        users = [fed.users[i] for i in split.train]  # the order client_data groups them in
         planted = [u for u in users if u in canary_users]
         assert len(planted) == 3 * len(fed.canaries.plan.at_client(cid))  # each canary user: 3 records
         assert all(planted.count(u) == 3 for u in planted)
+        assert len(grouped) == len(set(users)) and sorted(len(g) for g in grouped.users) == \
+            sorted(users.count(u) for u in set(users))  # the client trains each canary user as one user
     assert sum(fed.canaries.members) > 0
 
 
