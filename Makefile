@@ -33,7 +33,7 @@ demo: setup
 # 634 s distributed test by test on the same tree). Not loadgroup: under pytest 9.2, pytest-xdist 3.8's
 # xdist_group marks do not group.
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12
 
 lint: setup
 	$(BIN)/python -m ruff check .

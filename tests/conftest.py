@@ -46,6 +46,26 @@ def _test_cache() -> None:
 _test_cache()
 
 
+# Seconds the slowest test modules took in `make test` (2026-12-03, 2 cores, one core per worker).
+# Collection puts them first, longest first, and `make test` runs with --no-loadscope-reorder, so
+# pytest-xdist hands the two workers whole modules longest-first as each frees up (greedy
+# longest-processing-time scheduling). Otherwise xdist orders modules by their number of tests, and
+# these few-test federations came last, one worker running the deployment alone while the other idled.
+# A stale figure only costs balance, never a test.
+MODULE_SECONDS = {
+    "tests/integration/test_deployment.py": 252, "tests/integration/test_crash_resume.py": 131,
+    "tests/integration/test_simulate.py": 111, "tests/integration/test_strategies.py": 82,
+    "tests/integration/test_audit.py": 77, "tests/integration/test_causal_lm.py": 69,
+    "tests/integration/test_user_level.py": 65, "tests/integration/test_client_dp.py": 61,
+    "tests/integration/test_lora_aggregation.py": 55, "tests/simulation/test_ray_cluster.py": 36,
+    "tests/integration/test_dp_recipe.py": 33, "tests/integration/test_data_sources.py": 25,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.nodeid.split("::")[0], 0))  # stable: in-module order kept
+
+
 @pytest.fixture
 def tiny_cfg() -> FedtuneConfig:
     return FedtuneConfig(

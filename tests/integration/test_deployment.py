@@ -260,13 +260,13 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def test_institutions_that_require_dp_refuse_a_run_without_it(tmp_path):
+def test_institutions_that_require_dp_refuse_a_run_without_it(tmp_path, tiny_classifier):
     """The server's run config asks for no DP; each institution's node config requires it: nobody
     trains, each refusal is on record with its reason, and the command says why it stopped."""
     out = tmp_path / "run"
-    # 200 demo examples, not 6,000: the server's round-0 evaluation and the partitions stay small
+    # 200 demo examples, not 6,000, and the tiny classifier: the server's round-0 evaluation stays small
     cli = _fedtune(["deploy-local", "--nodes", "2", "--rounds", "1", "--no-dp", "--node-config", "require-dp=true",
-                    "--examples", "200", "--out", str(out)])
+                    "--examples", "200", "--model", str(tiny_classifier), "--out", str(out)])
     stdout, stderr = cli.communicate(timeout=600)
     assert cli.returncode == 2, stderr[-3000:]
     assert "No institution trained" in stderr and "require-dp" in stderr
