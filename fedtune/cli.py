@@ -124,6 +124,11 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
             raise ConfigError(f"--resume continues a run with its saved config; only --rounds may change "
                               f"(got {', '.join(changed) or '--config/--out'}). Drop those options.")
         cfg, run = continue_run(resume, overrides["rounds"])
+        if run.finished(run.latest_checkpoint(), cfg.rounds):  # no simulation to start (Ray takes seconds)
+            console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.", soft_wrap=True,
+                          markup=False, highlight=False)
+            print(run.path)
+            return
     else:
         cfg = load_config(config, overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")

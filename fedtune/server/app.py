@@ -23,7 +23,7 @@ from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.prepare import open_run
 from fedtune.server.rounds import RoundInputs, RunStopped, initial_checkpoint, run_rounds
-from fedtune.server.run_dir import SUMMARY, Checkpoint, RunDirectory
+from fedtune.server.run_dir import Checkpoint, RunDirectory
 from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
 
@@ -55,10 +55,10 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
         console.print(f"Skipped damaged checkpoints: {'; '.join(damaged)}. Resuming from round "
                       f"{start.round if start else 0}; spending reported after it stays in the ledger.",
                       markup=False, highlight=False, soft_wrap=True)
-    rounds_left = start is None or start.round < cfg.rounds
-    if not rounds_left and (run.path / SUMMARY).exists():  # keep the summary of the session that trained
+    if run.finished(start, cfg.rounds):  # keep the summary of the session that trained
         console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.")
         return start
+    rounds_left = start is None or start.round < cfg.rounds
     warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
     inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None, stop=stop)

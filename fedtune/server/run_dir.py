@@ -121,6 +121,11 @@ class RunDirectory:
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.resume_point()[0]
 
+    def finished(self, start: Checkpoint | None, rounds: int) -> bool:
+        """Whether a run resumed from `start` has nothing left to do: all `rounds` are committed and the
+        session that trained them wrote its summary."""
+        return start is not None and start.round >= rounds and (self.path / SUMMARY).exists()
+
     def resume_point(self) -> tuple[Checkpoint | None, list[str]]:
         """The newest checkpoint that loads, and what is wrong with each newer one (a crash or a full disk
         can leave a damaged file). Falling back is safe for checkpoints: a round after the one resumed

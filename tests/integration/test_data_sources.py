@@ -30,7 +30,7 @@ WORDS = {"good": ("great, \"solid\" results", "profits rose"), "bad": ("losses w
          "flat": ("unchanged guidance", "steady as expected")}
 
 
-def test_own_csv_runs_with_its_labels_partition_and_summary(tmp_path):
+def test_own_csv_runs_with_its_labels_partition_and_summary(tmp_path, tiny_classifier):
     data = tmp_path / "reports.csv"
     with data.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -42,7 +42,8 @@ def test_own_csv_runs_with_its_labels_partition_and_summary(tmp_path):
     out = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--no-dp",
                      "--data", str(data), "--text-column", "report", "--label-column", "sentiment",
-                     "--partition", "column", "--partition-column", "hospital_id", timeout=900)
+                     "--partition", "column", "--partition-column", "hospital_id", "--model", str(tiny_classifier),
+                     timeout=900)  # the tiny classifier: what is checked is the data path, not learning
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(out)
     assert "partition column (column=hospital_id) over 2 clients" in result.stderr

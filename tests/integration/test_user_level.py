@@ -12,7 +12,7 @@ import pytest
 
 from fedtune.privacy.independent import independent_epsilon
 from tests.data.test_users import write_notes
-from tests.integration.test_simulate import fedtune
+from tests.integration.test_simulate import fedtune, fedtune_here
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ test_fraction = 0.15
 """
 
 
-def test_a_user_level_run_accounts_users_verifies_and_audits_its_canary_users(tmp_path):
+def test_a_user_level_run_accounts_users_verifies_and_audits_its_canary_users(tmp_path, tiny_classifier):
     """One federation: the issue's command (with 16 audit canaries, each a user of 3 copies, planted
     by the config file), then privacy-verify, the report, and the audit of that same run."""
     notes = write_notes(tmp_path / "notes.csv", users=90)
@@ -34,7 +34,7 @@ def test_a_user_level_run_accounts_users_verifies_and_audits_its_canary_users(tm
     out = tmp_path / "run"
     result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--data", str(notes), "--user-column",
                      "patient_id", "--privacy-unit", "user", "--clients", "4", "--rounds", "2", "--batch-size", "8",
-                     "--out", str(out), timeout=900)
+                     "--model", str(tiny_classifier), "--out", str(out), timeout=900)  # accounting, not learning
     assert result.returncode == 0, result.stderr[-3000:]
 
     summary = json.loads((out / "partition_summary.json").read_text())
@@ -53,8 +53,8 @@ def test_a_user_level_run_accounts_users_verifies_and_audits_its_canary_users(tm
             assert entry["epsilon"] == pytest.approx(independent_epsilon("prv", history, cfg["dp"]["delta"]), rel=0.02)
         assert entries[-1]["epsilon"] <= cfg["dp"]["target_epsilon"] * 1.001
 
-    verified = fedtune("privacy-verify", str(out))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    code, stdout, stderr = fedtune_here("privacy-verify", str(out))
+    assert code == 0, stdout + stderr
     audited = fedtune("audit", "--resume", str(out), timeout=600)  # scores the canaries; writes the report
     assert audited.returncode == 0, audited.stderr[-3000:] + audited.stdout[-2000:]
     audit = json.loads((out / "audit.json").read_text())

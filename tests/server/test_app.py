@@ -34,3 +34,22 @@ def test_resuming_a_finished_run_changes_nothing_in_it(tmp_path):
     assert final.round == 2
     assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == files
     assert "has finished its 2 rounds; nothing to resume" in out.getvalue()
+
+
+def test_resuming_a_finished_run_from_the_command_starts_no_simulation(tmp_path, monkeypatch):
+    """`fedtune simulate --resume` (and `fedtune audit --resume`) on a finished run: no Ray to start."""
+    from typer.testing import CliRunner
+
+    import fedtune.simulation.engine as engine
+    from fedtune.cli import cli
+
+    cfg = FedtuneConfig().with_overrides({"rounds": 1})
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    run.commit(Checkpoint(1, {"w": torch.ones(2)}, [{"round": 0}, {"round": 1}],
+                          PrivacyLedger("prv", True).to_dict(), {}))
+    run.write_summary({"wall_time_s": 1.0})
+    monkeypatch.setattr(engine, "simulate", lambda *args: (_ for _ in ()).throw(AssertionError("simulated")))
+    result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path)])
+    assert result.exit_code == 0, result.output
+    assert "has finished its 1 rounds; nothing to resume" in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(run.path)
