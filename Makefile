@@ -31,7 +31,8 @@ demo: setup
 # --dist loadfile: one worker runs each test module whole, so a module-scoped fixture (a deployment,
 # a federation) is set up once, not once per worker (472-634 s for the suite over several runs, against
 # 634 s distributed test by test on the same tree). Not loadgroup: under pytest 9.2, pytest-xdist 3.8's
-# xdist_group marks do not group.
+# xdist_group marks do not group. --no-loadscope-reorder: modules go out in collection order, which
+# tests/conftest.py sorts longest first (558-598 s, against 639 s with xdist's order by test count).
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12
 

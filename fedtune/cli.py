@@ -223,15 +223,30 @@ def _show_audit(record: dict[str, Any]) -> None:
     table.add_row(f"ε lower bound ({record['confidence']:.0%} confidence)", number(record["epsilon_lower_bound"]))
     table.add_row(f"ε theoretical ({record.get('unit', 'record')}-level, max over institutions, δ = {record['delta']:g})",
                   number(record["epsilon_theoretical"]))
+    table.add_row("largest bound this audit could show (every guess right)", number(record["epsilon_largest_certifiable"]))
     table.add_row("membership-inference AUC", number(record["auc"]))
     table.add_row("TPR at 1% FPR", number(record["tpr_at_fpr_0.01"]))
     console.print(table)
+    console.print(_audit_power(record), highlight=False)
     if record["consistent"]:
         console.print("The lower bound is at or below the theoretical ε, as it must be.", highlight=False)
     else:
         console.print("[bold red]The lower bound is ABOVE the theoretical ε.[/bold red] No correct DP training can "
                       "do that (except with probability 1 - confidence): this signals a bug in the privacy code or "
                       "its accounting.", highlight=False)
+
+
+def _audit_power(record: dict[str, Any]) -> str:
+    """What the audit could have seen: its largest certifiable bound against the theoretical ε."""
+    ceiling, theoretical, m = record["epsilon_largest_certifiable"], record["epsilon_theoretical"], record["canaries"]
+    power = (f"Power: with {m} canaries, at δ = {record['delta']:g} and {record['confidence']:.0%} confidence, no "
+             f"outcome of this audit can show more than ε ≥ {ceiling:.2f}.")
+    if theoretical == "inf" or ceiling >= theoretical:
+        return power + " That is enough to reveal a leak beyond the theoretical ε."
+    needed = record["canaries_to_certify_theoretical"]
+    return power + (f" It could not reveal a leak between {ceiling:.2f} and the theoretical ε = {theoretical:.2f}; "
+                    + (f"that takes at least {needed} canaries (--canaries)." if needed else
+                       "no number of canaries can with this one-run method at this δ (its 2·m·δ term grows with m)."))
 
 
 @cli.command()

@@ -54,6 +54,7 @@ class AuditResult:
     auc: float | None  # None when all canaries are in, or all out
     tpr_at_fpr: float | None
     fpr: float
+    largest_certifiable: float  # the bound had every canary been scored perfectly: the audit's power
 
     @property
     def guesses(self) -> int:
@@ -135,6 +136,18 @@ def audit(scores: Sequence[float], members: Sequence[bool], delta: float, confid
     m = len(scores)
     if m == 0:
         raise ValueError("no canaries to audit")
+    bound, chosen = _best_guesses(scores, members, delta, confidence)
+    return AuditResult(canaries=m, members=int(np.sum(np.asarray(members, dtype=bool))),
+                       guesses_in=chosen.guesses_in, guesses_out=chosen.guesses_out, correct=chosen.correct,
+                       epsilon_lower_bound=bound, confidence=confidence, delta=delta, hypotheses=len(guess_counts(m)),
+                       auc=auc(scores, members), tpr_at_fpr=tpr_at_fpr(scores, members, fpr), fpr=fpr,
+                       largest_certifiable=largest_certifiable(members, delta, confidence))
+
+
+def _best_guesses(scores: Sequence[float], members: Sequence[bool], delta: float,
+                  confidence: float) -> tuple[float, Guesses]:
+    """(the largest bound over the guess counts, the guesses that gave it), Bonferroni-corrected."""
+    m = len(scores)
     pairs = guess_counts(m)
     significance = (1 - confidence) / len(pairs)
     best: tuple[float, float, Guesses] | None = None  # (bound, -p-value at ε = 0, guesses): the largest wins
@@ -145,11 +158,41 @@ def audit(scores: Sequence[float], members: Sequence[bool], delta: float, confid
         key = (bound, -p_value(m, made.guesses, made.correct, 0.0, delta), made)
         if best is None or key[:2] > best[:2]:
             best = key
-    bound, _, chosen = best
-    return AuditResult(canaries=m, members=int(np.sum(np.asarray(members, dtype=bool))),
-                       guesses_in=chosen.guesses_in, guesses_out=chosen.guesses_out, correct=chosen.correct,
-                       epsilon_lower_bound=bound, confidence=confidence, delta=delta, hypotheses=len(pairs),
-                       auc=auc(scores, members), tpr_at_fpr=tpr_at_fpr(scores, members, fpr), fpr=fpr)
+    return best[0], best[2]
+
+
+def largest_certifiable(members: Sequence[bool], delta: float, confidence: float = 0.95) -> float:
+    """The audit's power: the largest lower bound it could report for these canaries, had an attack
+    scored every member above every non-member (the same guess counts and correction as `audit`).
+
+    A bound far below the theoretical ε means little when this ceiling is low too: the audit could
+    not have seen a larger leak. It depends only on m, the members' count, δ and the confidence."""
+    perfect = [float(member) for member in members]
+    return _best_guesses(perfect, members, delta, confidence)[0]
+
+
+MAX_CANARIES = 100_000  # `canaries_needed` looks no further: each canary is a record to score after training
+
+
+def canaries_needed(target_epsilon: float, delta: float, confidence: float = 0.95) -> int | None:
+    """The fewest canaries m whose `largest_certifiable` (with half of them in training, as expected)
+    reaches `target_epsilon`: what an audit needs to be able to show a leak of that size at all. None
+    if even MAX_CANARIES do not (δ's term, 2·m·δ, grows with m and caps what any m can certify).
+
+    Found by doubling m, then bisecting between the last m that falls short and the first that
+    reaches it; the m returned always reaches the target."""
+    def reaches(m: int) -> bool:
+        return largest_certifiable([i % 2 == 0 for i in range(m)], delta, confidence) >= target_epsilon
+
+    low, high = 1, 2
+    while not reaches(high):
+        if high >= MAX_CANARIES:
+            return None
+        low, high = high, min(2 * high, MAX_CANARIES)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reaches(middle) else (middle, high)
+    return high
 
 
 def _split(scores: Sequence[float], members: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.data.canaries import Canaries
 from fedtune.durable import write_json_atomic
 from fedtune.errors import ConfigError
-from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit
+from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit, canaries_needed
 from fedtune.privacy.ledger import PrivacyLedger, read_ledger
 from fedtune.server.run_dir import RunDirectory
 from fedtune.tasks.base import get_task
@@ -99,4 +99,9 @@ def audit_record(result: AuditResult, epsilon: float, cfg: FedtuneConfig, round_
         "auc": result.auc,
         "tpr_at_fpr_0.01": result.tpr_at_fpr,
         "consistent": result.epsilon_lower_bound <= epsilon,
+        # The audit's power: the bound had every canary been scored perfectly. Below the theoretical ε, no
+        # outcome of this audit could have shown a leak as large as the guarantee allows.
+        "epsilon_largest_certifiable": result.largest_certifiable,
+        "canaries_to_certify_theoretical": (canaries_needed(epsilon, result.delta, result.confidence)
+                                            if math.isfinite(epsilon) else None),  # None: unreachable, or ε = ∞
     }

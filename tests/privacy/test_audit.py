@@ -10,9 +10,11 @@ import pytest
 from fedtune.privacy.audit import (
     auc,
     audit,
+    canaries_needed,
     epsilon_lower_bound,
     guess,
     guess_counts,
+    largest_certifiable,
     p_value,
     tpr_at_fpr,
 )
@@ -148,3 +150,41 @@ def test_auc_and_tpr_match_sklearn():
     fpr, tpr, _ = metrics.roc_curve(members, scores, drop_intermediate=False)
     for target in (0.0, 0.01, 0.05, 0.2):
         assert tpr_at_fpr(scores, members, target) == pytest.approx(tpr[fpr <= target + 1e-12].max())
+
+
+def test_largest_certifiable_is_the_bound_for_perfect_guesses_in_closed_form():
+    """64 canaries, 32 in: a perfect attack gets all 64 guesses of the (32, 32) split right. Without δ
+    the bound is where q^64 = significance, q = e^ε / (1 + e^ε): ε = logit(significance^(1/64))."""
+    members = [i % 2 == 0 for i in range(64)]
+    significance = 0.05 / len(guess_counts(64))
+    expected = logit(significance ** (1 / 64))
+    assert largest_certifiable(members, delta=0.0, confidence=0.95) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_scores_certify_more_than_the_largest_certifiable(seed):
+    rng = np.random.default_rng(seed)
+    members = list(rng.random(200) < 0.5)
+    ceiling = largest_certifiable(members, delta=1e-5)
+    leaky = np.asarray(members, dtype=float) * 1.5 + rng.normal(size=200)  # a fair but imperfect attack
+    result = audit(list(leaky), members, delta=1e-5)
+    assert 0 < result.epsilon_lower_bound < ceiling == result.largest_certifiable
+    assert audit([float(m) for m in members], members, delta=1e-5).epsilon_lower_bound == ceiling
+
+
+def test_power_grows_with_the_canaries_until_delta_caps_it():
+    ceilings = [largest_certifiable([i % 2 == 0 for i in range(m)], delta=1e-5) for m in (16, 64, 500, 5000)]
+    assert ceilings == sorted(ceilings) and ceilings[0] < 1 < 2 < ceilings[1] < 3 < 4 < ceilings[2]
+    assert ceilings[3] < 6, "2·m·δ caps what any number of canaries can certify at δ = 1e-5"
+
+
+@pytest.mark.parametrize("target", [1.0, 2.0, 4.0])
+def test_canaries_needed_is_the_fewest_that_can_certify_the_target(target):
+    needed = canaries_needed(target, delta=1e-5)
+    assert largest_certifiable([i % 2 == 0 for i in range(needed)], delta=1e-5) >= target
+    assert largest_certifiable([i % 2 == 0 for i in range(needed - 1)], delta=1e-5) < target
+
+
+def test_no_number_of_canaries_certifies_epsilon_8_at_delta_1e_5():
+    assert canaries_needed(8.0, delta=1e-5) is None
+    assert canaries_needed(8.0, delta=1e-9) is not None  # a smaller δ lifts the cap

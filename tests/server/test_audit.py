@@ -16,7 +16,7 @@ from fedtune.data.text import TokenizedTexts, tokenize
 from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
 from fedtune.models.evaluate import evaluate, example_losses
-from fedtune.privacy.audit import AUDIT_FILE, AuditResult
+from fedtune.privacy.audit import AUDIT_FILE, AuditResult, largest_certifiable
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.privacy.report import build_report, markdown
 from fedtune.server.audit import audit_record, run_audit, theoretical_epsilon
@@ -92,7 +92,26 @@ def test_run_without_canaries_cannot_be_audited(tmp_path):
 def _result(bound: float) -> AuditResult:
     return AuditResult(canaries=100, members=52, guesses_in=25, guesses_out=25, correct=45,
                        epsilon_lower_bound=bound, confidence=0.95, delta=1e-5, hypotheses=13, auc=0.8,
-                       tpr_at_fpr=0.1, fpr=0.01)
+                       tpr_at_fpr=0.1, fpr=0.01,
+                       largest_certifiable=largest_certifiable([i < 52 for i in range(100)], 1e-5))
+
+
+def test_the_audit_states_its_power_and_the_canaries_the_theoretical_epsilon_needs(monkeypatch, tmp_path):
+    record = audit_record(_result(0.5), 3.0, FedtuneConfig(), 1)
+    assert record["epsilon_largest_certifiable"] == pytest.approx(2.28, abs=0.01)  # 100 canaries, δ = 1e-5
+    needed = record["canaries_to_certify_theoretical"]
+    assert largest_certifiable([i % 2 == 0 for i in range(needed)], 1e-5) >= 3.0
+    assert audit_record(_result(0.5), 8.0, FedtuneConfig(), 1)["canaries_to_certify_theoretical"] is None
+    _fake_audit(monkeypatch, True, record)
+    result = CliRunner().invoke(cli, ["audit", "--out", str(tmp_path / "run")])
+    said = " ".join(result.stderr.split())
+    assert "no outcome of this audit can show more than ε ≥ 2.28" in said
+    assert f"that takes at least {needed} canaries (--canaries)" in said
+    run = RunDirectory.create(tmp_path / "reported", FedtuneConfig(dp=DPConfig()))
+    commit(run, {}, ledger(a=[3.0]))
+    (run.path / AUDIT_FILE).write_text(json.dumps(record))
+    text = " ".join(markdown(build_report(run.path)).split())
+    assert "could not reveal a leak between 2.28" in text and f"needs at least {needed} canaries" in text
 
 
 def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_path):
@@ -107,8 +126,8 @@ def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_p
     assert "is above the theoretical ε = 1.00: this signals a bug" in text
 
 
-def _fake_audit(monkeypatch, consistent: bool) -> None:
-    record = {**audit_record(_result(1.2 if not consistent else 0.5), 1.0, FedtuneConfig(), 1)}
+def _fake_audit(monkeypatch, consistent: bool, record: dict | None = None) -> None:
+    record = record or audit_record(_result(1.2 if not consistent else 0.5), 1.0, FedtuneConfig(), 1)
     monkeypatch.setattr("fedtune.cli._simulate", lambda *args, **kwargs: None)
     monkeypatch.setattr("fedtune.server.audit.run_audit", lambda run, confidence: record)
     monkeypatch.setattr("fedtune.cli._write_report", lambda run_dir: None)

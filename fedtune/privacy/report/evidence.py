@@ -78,6 +78,8 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
             ["correct guesses", str(a.correct)],
             [f"**ε lower bound** (at δ = {g(a.delta)}, {a.confidence:.0%} confidence)", f"**{bound:.2f}**"],
             ["**theoretical ε** (largest of any institution)", f"**{eps(theoretical)}**"],
+            *([["largest bound this audit could show (every guess right)", f"{a.epsilon_largest_certifiable:.2f}"]]
+              if a.epsilon_largest_certifiable is not None else []),
             ["membership-inference AUC", g(a.auc)],
             ["true-positive rate at 1% false-positive rate", g(a.tpr_at_fpr_001)],
             ["guess counts tried (Bonferroni correction)", str(a.hypotheses)]]
@@ -105,10 +107,28 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
     else:
         blocks.append(f"**Here the lower bound, {bound:.2f}, is above the theoretical ε = {eps(theoretical)}: this "
                       "signals a bug.** Do not rely on this run's privacy guarantee until it is explained.")
+    if a.epsilon_largest_certifiable is not None:
+        blocks.append(_audit_power(a))
     if copies > 1:
         blocks.append(f"Each member canary was {copies} records (DP-SGD was off, as repeats require), so the audit "
                       "measured the exposure of a record seen that many times.")
     return blocks
+
+
+def _audit_power(a: AuditSummary) -> str:
+    """How large a leak this audit could have shown at all, beside the theoretical ε."""
+    ceiling, theoretical = a.epsilon_largest_certifiable, a.epsilon_theoretical
+    needed = a.canaries_to_certify_theoretical
+    text = (f"**The audit's power.** Even an attack that told every member canary from every non-member could show "
+            f"no more than ε ≥ {ceiling:.2f} with {a.canaries} canaries at this δ and confidence. ")
+    if theoretical == INF or ceiling >= as_float(theoretical):
+        return text + "That is enough to reveal a leak beyond the theoretical ε, had there been one."
+    return text + (f"So this audit could not reveal a leak between {ceiling:.2f} and the theoretical ε = "
+                   f"{eps(theoretical)}; a bound below the theoretical ε is no evidence that ε is tight or loose "
+                   "there. "
+                   + (f"An audit able to show the theoretical ε needs at least {needed} canaries."
+                      if needed else "No number of canaries can show it with the one-run method at this δ: its "
+                      "2·m·δ term grows with the number of canaries m and caps the bound."))
 
 
 def settings_table(r: ReportData) -> Table:

@@ -39,6 +39,7 @@ USER_NEIGHBOURS = ("add/remove one user of one institution with all of that user
 AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
               "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
               "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
+AUDIT_POWER_KEYS = ("epsilon_largest_certifiable", "canaries_to_certify_theoretical")  # absent from older audits
 
 Epsilon = float | str  # a cumulative ε, or INF
 
@@ -138,9 +139,11 @@ class AuditSummary:
     auc: float | None
     tpr_at_fpr_001: float | None  # "tpr_at_fpr_0.01": the true-positive rate at 1% false positives
     consistent: bool
+    epsilon_largest_certifiable: float | None = None  # the audit's power: its bound for perfect guesses
+    canaries_to_certify_theoretical: int | None = None  # None: unreachable at this δ, or ε = ∞
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(zip(AUDIT_KEYS, (getattr(self, f.name) for f in fields(self)), strict=True))
+        return dict(zip(AUDIT_KEYS + AUDIT_POWER_KEYS, (getattr(self, f.name) for f in fields(self)), strict=True))
 
 
 @dataclass(frozen=True)
@@ -400,4 +403,4 @@ def _read_audit(run_dir: Path) -> AuditSummary | None:
     missing = [key for key in AUDIT_KEYS if key not in audit]
     if missing:
         raise FedtuneError(f"{path} is not a fedtune audit (no {', '.join(missing)}). Run `fedtune audit` again.")
-    return AuditSummary(*(audit[key] for key in AUDIT_KEYS))
+    return AuditSummary(*(audit[key] for key in AUDIT_KEYS), *(audit.get(key) for key in AUDIT_POWER_KEYS))
