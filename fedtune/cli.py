@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -158,6 +159,11 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
 DEFAULT_CANARIES = 500  # `fedtune audit` without --canaries (and no data.canaries in the config file)
 
 
+class Vantage(StrEnum):
+    final = "final"
+    server = "server"
+
+
 @cli.command()
 @config_options(AUDIT)
 def audit(
@@ -166,20 +172,22 @@ def audit(
     canaries: Annotated[int | None, Opt(help=f"Canary records m: random texts with random labels (causal-lm: a random key and phrase), each put into training with probability 1/2 at a random client; under --privacy-unit user each is a canary user, its --canary-repeats copies sharing one id \\[default: data.canaries of --config, else {DEFAULT_CANARIES}].")] = None,
     confidence: Annotated[float, Opt(help="Confidence of the ε lower bound: the chance that it does not overstate the true ε.")] = 0.95,
     resume: Annotated[Path | None, Opt(help="Finish an interrupted audited run in this directory (like `fedtune simulate --resume`), then audit it.")] = None,
+    vantage: Annotated[Vantage, Opt(help="Whose view the auditor takes. `final`: the final global adapter, scored by its loss on each canary (what anyone given the model sees). `server`: every update the server received, in every round, each scored along the canary's own gradient direction (what the coordinator sees without SecAgg+).")] = Vantage.final,
     **options: Any,
 ) -> None:
     """Audit the run's privacy empirically: a federation with canaries, then the one-run audit
-    (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it; the
+    (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it, or
+    (--vantage server) by every round's update of its institution as the server received it; the
     guesses give a lower bound on ε at the run's δ, with membership-inference AUC and TPR at 1% FPR.
     Writes RUN_DIR/audit.json and the privacy report. The lower bound must stay at or below the
     theoretical ε: above it signals a bug, and the command exits with status 1 (2: a bad option).
     Other options come from --config. The last line printed is the path of audit.json."""
     given = {**overrides(options), "data.canaries": canaries}
-    _run_guarded(lambda: _audit(config, out, resume, confidence, given), simulation=True)
+    _run_guarded(lambda: _audit(config, out, resume, confidence, given, vantage.value), simulation=True)
 
 
 def _audit(config: Path | None, out: Path | None, resume: Path | None, confidence: float,
-           overrides: dict[str, Any]) -> None:
+           overrides: dict[str, Any], vantage: str = "final") -> None:
     from fedtune.privacy.audit import AUDIT_FILE
     from fedtune.server.audit import run_audit
     from fedtune.server.run_dir import RunDirectory
@@ -197,7 +205,7 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
                           f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")
     target = out if resume is None else resume
     _simulate(config, out, resume, overrides, audit_hint=False)
-    record = run_audit(RunDirectory.existing(target), confidence)
+    record = run_audit(RunDirectory.existing(target), confidence, vantage)
     _write_report(target)
     _show_audit(record)
     print(target / AUDIT_FILE)
@@ -211,7 +219,8 @@ def _show_audit(record: dict[str, Any]) -> None:
     def number(value: Any, digits: int = 3) -> str:
         return "–" if value is None else "∞" if value == "inf" else f"{value:.{digits}f}"
 
-    table = Table(title=f"Privacy audit (round {record['round']})", title_justify="left")
+    seen = "every update the server received" if record.get("vantage") == "server" else "the final adapter"
+    table = Table(title=f"Privacy audit of {seen} (round {record['round']})", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
     m, members = record["canaries"], record["canaries_in"]

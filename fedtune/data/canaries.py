@@ -31,6 +31,7 @@ class CanaryPlan:
 
     clients: tuple[int, ...]  # the client whose training data holds canary i; -1: left out
     repeats: int
+    sites: tuple[int, ...] = ()  # the client drawn for canary i, in or out (the server-vantage audit reads its updates)
 
     @property
     def members(self) -> tuple[bool, ...]:
@@ -44,12 +45,13 @@ def plan_canaries(count: int, num_clients: int, repeats: int, seed: int) -> Cana
     """Each canary in with probability 1/2, independently (the audit's theorem needs exactly that),
     at a uniformly drawn client. Its own random stream, so the data's split does not move."""
     rng = random.Random(f"fedtune-canary-plan:{seed}")
-    clients = []
+    clients, sites = [], []
     for _ in range(count):
         member = rng.random() < 0.5
         client = rng.randrange(num_clients)  # drawn either way, so membership alone decides the rest
         clients.append(client if member else -1)
-    return CanaryPlan(tuple(clients), repeats)
+        sites.append(client)
+    return CanaryPlan(tuple(clients), repeats, tuple(sites))
 
 
 def _word(rng: random.Random) -> str:

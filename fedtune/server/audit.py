@@ -19,9 +19,11 @@ from fedtune.durable import write_json_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit, canaries_needed
 from fedtune.privacy.ledger import PrivacyLedger, read_ledger
-from fedtune.server.run_dir import RunDirectory
+from fedtune.server.run_dir import OBSERVED, Checkpoint, RunDirectory
 from fedtune.tasks.base import get_task
 
+SERVER_SCORE = ("sum over rounds of the canary's institution's update projected on the canary's unit descent "
+                "direction at the round's global weights")
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
 METHOD = ("one-run audit (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846, Theorem 5.2), guesses swept with a "
           "Bonferroni correction")
@@ -37,6 +39,87 @@ def canary_losses(cfg: FedtuneConfig, arrays: ArrayRecord) -> tuple[Canaries, li
     load_record(model, arrays)
     scored = task.tokenize(task.tokenizer(cfg.model), task.canary_records(canaries), cfg.model.max_length)
     return canaries, task.example_losses(model, scored)
+
+
+def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[Canaries, list[float]]:
+    """(the run's canaries, each one's score from the server's vantage point), in canary order.
+
+    The server sees every sampled institution's update in every round (without SecAgg+). In each
+    round t, for each institution that trained, the auditor takes the unit descent direction
+    −g_i/‖g_i‖ of every canary i drawn for that institution (`plan.sites[i]`, members and
+    non-members alike), with g_i the gradient of its loss at the round's global weights θ_{t−1}, and
+    fits the institution's update Δ = θ_client − θ_{t−1} by least squares on those directions and
+    the other institutions' mean update (_contributions). Canary i's score is its fitted weight,
+    summed over the rounds. Training on a canary adds a (clipped, noised) step along −g_i to its
+    institution's update, so a member's weight is positive and a non-member's is about zero.
+
+    Every institution's ε bounds this view: DP-SGD's accounting covers every noised step an
+    institution releases, and its round update is computed from those steps alone (post-processing)."""
+    import torch
+
+    from fedtune.data.text import pad_batch
+    from fedtune.models.adapter import load_record
+
+    task = get_task(cfg.model.task)
+    canaries = _canaries(task.federation(cfg.data, cfg.clients, cfg.seed).canaries)
+    observed = run.observed(upto)
+    if not observed:
+        raise ConfigError(f"{run.path} has no record of the updates the server received ({OBSERVED}/), so it cannot "
+                          "be audited from the server's vantage point. It was run with SecAgg+ (the server never sees "
+                          "one institution's update) or before fedtune kept that record; use `--vantage final`.")
+    model = task.build_model(cfg.model, cfg.lora, cfg.data, cfg.seed)
+    model.eval()  # no dropout: the gradient at exactly θ_{t−1}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    data = task.tokenize(task.tokenizer(cfg.model), task.canary_records(canaries), cfg.model.max_length)
+    scores = [0.0] * len(canaries.members)
+    for round_, updates in observed.items():
+        start = Checkpoint.from_file(run.checkpoint_path(round_ - 1)).arrays
+        load_record(model, ArrayRecord(torch_state_dict=start))
+        moves = {name: torch.cat([(arrays[n].float() - start[n].float()).flatten() for n in params])
+                 for name, arrays in updates.items()}
+        for name, move in moves.items():
+            held = [i for i, site in enumerate(canaries.plan.sites) if client_name(site) == name]
+            if not held:
+                continue
+            directions = torch.stack([_descent(model, params, pad_batch([data[i]])) for i in held])
+            others = [m for other, m in moves.items() if other != name]
+            for i, weight in zip(held, _contributions(move, directions, others), strict=True):
+                scores[i] += weight
+    return canaries, scores
+
+
+def _descent(model, params: dict, batch: dict):
+    """The unit vector −g/‖g‖ of one canary's loss gradient over the trainable weights (0 if g = 0)."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                          for p in params.values()])
+    norm = gradient.norm()
+    return -gradient / norm if norm > 0 else gradient
+
+
+def _contributions(move, directions, others: list) -> list[float]:
+    """Each canary's weight in one institution's update: the least-squares fit of the update on the
+    descent directions of every canary that institution might hold, plus the mean update of the
+    round's other institutions (what the shared task moves anyway, canary or not).
+
+    Why a joint fit and not each canary's projection alone: canaries with the same label have
+    strongly aligned gradients (the classifier head dominates them), so a projection credits a
+    non-member with its aligned members' steps. The joint fit separates them as long as the
+    directions are linearly independent (the trainable weights far outnumber the canaries)."""
+    import torch
+
+    columns = [directions] + ([torch.stack(others).mean(dim=0, keepdim=True)] if others else [])
+    design = torch.cat(columns).T.double()  # weights x (canaries + 1)
+    weights = torch.linalg.lstsq(design, move.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return weights[: len(directions)].tolist()
+
+
+def client_name(site: int) -> str:
+    """The institution name a simulated client trains under (client/app.py)."""
+    return f"client-{site:04d}"
 
 
 def _canaries(canaries: Canaries | None) -> Canaries:
@@ -55,32 +138,42 @@ def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     return math.inf if spent is None else float(spent)
 
 
-def run_audit(run: RunDirectory, confidence: float) -> dict[str, Any]:
-    """Audit the run's last committed round; writes RUN_DIR/audit.json and returns what it holds."""
+def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> dict[str, Any]:
+    """Audit the run up to its last committed round, from `vantage` ("final": the final adapter's loss
+    on each canary; "server": every update the server received); writes RUN_DIR/audit.json and
+    returns what it holds."""
     cfg = run.config()
     checkpoint = run.latest_checkpoint()
     if checkpoint is None or checkpoint.round == 0:
         raise ConfigError(f"{run.path} has no trained round to audit. Let the run finish (or resume it with "
                           f"`fedtune simulate --resume {run.path}`), then audit it again.")
-    canaries, losses = canary_losses(cfg, ArrayRecord(torch_state_dict=checkpoint.arrays))
-    # Higher score = more likely in. A canary with no loss to score (its answer truncated away) gives
-    # no evidence of membership: it scores lowest.
-    scores = [-loss if math.isfinite(loss) else -math.inf for loss in losses]
+    if vantage == "server":
+        canaries, scores = observed_scores(cfg, run, checkpoint.round)
+    else:
+        canaries, losses = canary_losses(cfg, ArrayRecord(torch_state_dict=checkpoint.arrays))
+        # Higher score = more likely in. A canary with no loss to score (its answer truncated away) gives
+        # no evidence of membership: it scores lowest.
+        scores = [-loss if math.isfinite(loss) else -math.inf for loss in losses]
     ledger = read_ledger(run.path)
     result = audit(scores, canaries.members, cfg.dp.delta, confidence)
-    record = audit_record(result, theoretical_epsilon(ledger), cfg, checkpoint.round)
-    record["canary_losses"] = [loss if math.isfinite(loss) else None for loss in losses]
+    record = audit_record(result, theoretical_epsilon(ledger), cfg, checkpoint.round, vantage)
+    if vantage == "server":
+        record["canary_scores"] = scores
+    else:
+        record["canary_losses"] = [loss if math.isfinite(loss) else None for loss in losses]
     record["canary_members"] = list(canaries.members)
     write_json_atomic(run.path / AUDIT_FILE, record)
     return record
 
 
-def audit_record(result: AuditResult, epsilon: float, cfg: FedtuneConfig, round_: int) -> dict[str, Any]:
-    """audit.json's fields (per-canary losses and membership are added after them)."""
+def audit_record(result: AuditResult, epsilon: float, cfg: FedtuneConfig, round_: int,
+                 vantage: str = "final") -> dict[str, Any]:
+    """audit.json's fields (per-canary scores and membership are added after them)."""
     return {
         "fedtune_version": __version__,
         "method": METHOD,
-        "score": get_task(cfg.model.task).audit_score,
+        "vantage": vantage,
+        "score": get_task(cfg.model.task).audit_score if vantage == "final" else SERVER_SCORE,
         "task": cfg.model.task,
         "round": round_,
         "canaries": result.canaries,

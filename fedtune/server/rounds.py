@@ -324,6 +324,9 @@ def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
     config = ConfigRecord({**client_config(cfg, inputs.run, transport.grid), k.LEARNING_RATE: learning_rate})
     phase = _train(round_, transport, strategy, inputs, state, ledger, arrays, config)
+    if cfg.data.canaries and not cfg.dp.secagg:  # audited: the server's view, for `fedtune audit --vantage server`
+        inputs.run.save_observed(round_, {state.node_names[r.metadata.src_node_id]: dict(
+            r.content[k.ARRAYS].to_torch_state_dict()) for r in phase.trained})
     bytes_down = _mean_bytes_sent(phase.messages) or arrays.count_bytes()
     arrays, train_metrics = _aggregate(round_, strategy, inputs, ledger, arrays, phase.trained)
     train_s = time.monotonic() - started

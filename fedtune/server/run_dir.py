@@ -29,6 +29,9 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 CLIENT_STATE = "client_state"
+# Audited runs (data.canaries > 0) only: each round's updates as the server received them, one file a
+# round, {institution: its trainable arrays}, for `fedtune audit --vantage server`.
+OBSERVED = "observed_updates"
 
 
 # The options that shape the adapter or what it means: a resume under other values would load it wrong.
@@ -102,6 +105,19 @@ class RunDirectory:
 
     def checkpoint_path(self, round_: int) -> Path:
         return self.path / CHECKPOINTS / f"round_{round_:04d}.pt"
+
+    def save_observed(self, round_: int, updates: dict[str, dict[str, torch.Tensor]]) -> None:
+        """What the server saw of round `round_`: each institution's arrays, written before the round
+        commits (a round trained again after a crash rewrites its file)."""
+        buffer = io.BytesIO()
+        torch.save(updates, buffer)
+        (self.path / OBSERVED).mkdir(exist_ok=True)
+        write_bytes_atomic(self.path / OBSERVED / f"round_{round_:04d}.pt", buffer.getvalue())
+
+    def observed(self, upto: int) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+        """round -> {institution: arrays}, for the committed rounds 1..upto that have a record."""
+        found = {int(p.stem.removeprefix("round_")): p for p in (self.path / OBSERVED).glob("round_*.pt")}
+        return {r: torch.load(found[r], map_location="cpu", weights_only=True) for r in sorted(found) if r <= upto}
 
     def check_resumable(self, checkpoint: Checkpoint, cfg: FedtuneConfig, fresh: dict[str, torch.Tensor]) -> None:
         """Refuse, before any round, a config.toml that no longer matches the checkpoint: the options that

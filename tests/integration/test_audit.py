@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_simulate import fedtune
+from tests.integration.test_simulate import fedtune, fedtune_here
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +60,8 @@ def test_memorised_canaries_without_dp_give_a_clearly_positive_bound(tmp_path):
     summary = json.loads((out / "partition_summary.json").read_text())
     members = sum(record["canary_members"])
     assert sum(c["train"] for c in summary["clients"]) == 15 - sum(c["val"] for c in summary["clients"]) + 8 * members
+    server = server_view(out)  # the same run, seen as the server saw it: every update of every round
+    assert server["epsilon_lower_bound"] > 0.8 and server["auc"] > 0.9 and server["consistent"]
 
 
 def test_strong_dp_keeps_the_bound_at_or_below_the_theoretical_epsilon(tmp_path):
@@ -69,3 +71,16 @@ def test_strong_dp_keeps_the_bound_at_or_below_the_theoretical_epsilon(tmp_path)
     assert record["epsilon_theoretical"] == pytest.approx(spent) and 0 < spent < 10
     assert record["epsilon_lower_bound"] <= record["epsilon_theoretical"]
     assert record["consistent"] and record["delta"] == 1e-5
+    server = server_view(out)
+    assert server["epsilon_lower_bound"] <= server["epsilon_theoretical"] == record["epsilon_theoretical"]
+
+
+def server_view(run: Path) -> dict:
+    """`fedtune audit --resume RUN --vantage server` on a finished audited run (no federation to start)."""
+    assert sorted(p.name for p in (run / "observed_updates").iterdir()) == ["round_0001.pt", "round_0002.pt"]
+    code, _, stderr = fedtune_here("audit", "--resume", str(run), "--vantage", "server")
+    assert code == 0, stderr[-3000:]
+    assert "Privacy audit of every update the server received" in stderr
+    record = json.loads((run / "audit.json").read_text())
+    assert record["vantage"] == "server" and len(record["canary_scores"]) == 60
+    return record

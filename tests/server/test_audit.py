@@ -129,7 +129,7 @@ def test_a_bound_above_the_theoretical_epsilon_is_inconsistent_and_said_so(tmp_p
 def _fake_audit(monkeypatch, consistent: bool, record: dict | None = None) -> None:
     record = record or audit_record(_result(1.2 if not consistent else 0.5), 1.0, FedtuneConfig(), 1)
     monkeypatch.setattr("fedtune.cli._simulate", lambda *args, **kwargs: None)
-    monkeypatch.setattr("fedtune.server.audit.run_audit", lambda run, confidence: record)
+    monkeypatch.setattr("fedtune.server.audit.run_audit", lambda run, confidence, vantage="final": record)
     monkeypatch.setattr("fedtune.cli._write_report", lambda run_dir: None)
     monkeypatch.setattr("fedtune.server.run_dir.RunDirectory.existing", classmethod(lambda cls, path: cls(path)))
 
@@ -157,3 +157,55 @@ def test_bad_audit_options_exit_2_naming_the_option(tmp_path, args, says):
     assert result.exit_code == 2
     assert says in " ".join(result.stderr.split())
     assert not (tmp_path / "never").exists()
+
+
+def test_the_server_vantage_scores_each_canary_by_its_institutions_update(tmp_path, tiny_model):
+    """Each institution's round-1 update is a step down the gradients of its member canaries (what
+    DP-SGD without noise would add for them), plus a shared step every institution takes: the
+    server's view must tell members from non-members."""
+    from fedtune.data.federated import federated_data
+    from fedtune.data.text import pad_batch
+    from fedtune.server.audit import client_name
+
+    cfg = FedtuneConfig(rounds=1, clients=2, data=DataConfig(demo_examples=60, canaries=40))
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    canaries = federated_data(cfg.data, 2, 0).canaries
+    tiny_model.eval()
+    start = trainable_state(tiny_model)
+    names = list(start)
+    data = tokenize(load_tokenizer(""), [t for t, _ in canaries.records], [y for _, y in canaries.records], 64)
+
+    def descent(i: int) -> dict[str, torch.Tensor]:  # −g_i / ‖g_i‖ at the round's start
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model(**pad_batch([data[i]])).loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in tiny_model.named_parameters() if n in start}
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        return {n: -g / norm for n, g in grads.items()}
+
+    directions = [descent(i) for i in range(len(canaries.members))]
+    shared = {n: 0.01 * torch.randn_like(t) for n, t in start.items()}
+    held = {c: canaries.plan.at_client(c) for c in range(2)}  # its member canaries
+    updates = {client_name(c): {n: start[n] + shared[n] + 0.05 * sum(directions[i][n] for i in held[c]) for n in names}
+               for c in range(2)}
+    book = ledger(dp_enabled=False, **{client_name(c): [None] for c in range(2)})
+    book.save(run.path)
+    run.commit(Checkpoint(0, start, [], book.to_dict()))
+    run.save_observed(1, updates)
+    run.commit(Checkpoint(1, updates[client_name(0)], [], book.to_dict()))
+
+    record = run_audit(run, confidence=0.95, vantage="server")
+    assert record["vantage"] == "server" and record["auc"] > 0.95
+    assert record["epsilon_lower_bound"] > 1.0  # 40 canaries can show at most 1.17
+    # Each score estimates the canary's weight in its institution's update: 0.05 for a member, 0 for a
+    # non-member (loosely: the shared step and the other institution's canaries are fitted too).
+    member = [x for x, m in zip(record["canary_scores"], canaries.members, strict=True) if m]
+    outside = [x for x, m in zip(record["canary_scores"], canaries.members, strict=True) if not m]
+    assert 0.03 < sum(member) / len(member) < 0.07 and abs(sum(outside) / len(outside)) < 0.015
+
+
+def test_the_server_vantage_needs_the_record_of_updates(tmp_path, tiny_model):
+    cfg = FedtuneConfig(rounds=1, clients=2, data=DataConfig(demo_examples=60, canaries=12))
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    commit(run, trainable_state(tiny_model), ledger(a=[1.0]))
+    with pytest.raises(Exception, match="--vantage final"):
+        run_audit(run, 0.95, vantage="server")

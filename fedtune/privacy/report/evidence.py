@@ -86,10 +86,14 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
     blocks: list[Block] = [
         f"`fedtune audit` checked this run empirically with the one-run method of Steinke, Nasr & Jagielski (2023). "
         f"{m} canary records that occur nowhere in the real data were each put into training with probability 1/2, at "
-        f"a randomly chosen institution; after round {a.round} each canary was scored by the final global "
-        f"adapter's loss on it (a lower loss: more likely trained on). The auditor guessed \"in\" for the "
-        f"{a.guesses_in} lowest losses and \"out\" for the {a.guesses_out} highest, abstaining on the rest; "
-        "how many of those guesses are right bounds ε from below.",
+        f"a randomly chosen institution; " + (
+            f"the auditor took the coordinator's view: every update the server received in rounds 1 to {a.round}. "
+            "Each canary was scored by its fitted weight in its institution's updates, along the canary's own "
+            "gradient direction (a larger weight: more likely trained on)." if a.vantage == "server" else
+            f"after round {a.round} each canary was scored by the final global adapter's loss on it (a lower loss: "
+            "more likely trained on).")
+        + f" The auditor guessed \"in\" for the {a.guesses_in} most likely and \"out\" for the {a.guesses_out} "
+        "least likely, abstaining on the rest; how many of those guesses are right bounds ε from below.",
         Table(["audit", "value"], rows),
         "**The lower bound must stay at or below the theoretical ε.** The theoretical ε is proven to bound what any "
         "attack can learn about one record; this audit is one such attack, and its bound holds with the stated "
