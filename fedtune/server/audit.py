@@ -22,8 +22,10 @@ from fedtune.privacy.ledger import PrivacyLedger, read_ledger
 from fedtune.server.run_dir import OBSERVED, Checkpoint, RunDirectory
 from fedtune.tasks.base import get_task
 
-SERVER_SCORE = ("sum over rounds of the canary's institution's update projected on the canary's unit descent "
-                "direction at the round's global weights")
+REFERENCE_RECORDS = 128  # server hold-out records whose gradients the server-vantage fit takes as nuisance
+SERVER_SCORE = ("sum over rounds of the canary's least-squares weight in its institution's update, along its unit "
+                "descent direction at the round's global weights, beside the other institutions' mean update and "
+                "the server's hold-out records' directions")
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
 METHOD = ("one-run audit (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846, Theorem 5.2), guesses swept with a "
           "Bonferroni correction")
@@ -48,8 +50,9 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     round t, for each institution that trained, the auditor takes the unit descent direction
     −g_i/‖g_i‖ of every canary i drawn for that institution (`plan.sites[i]`, members and
     non-members alike), with g_i the gradient of its loss at the round's global weights θ_{t−1}, and
-    fits the institution's update Δ = θ_client − θ_{t−1} by least squares on those directions and
-    the other institutions' mean update (_contributions). Canary i's score is its fitted weight,
+    fits the institution's update Δ = θ_client − θ_{t−1} by least squares on those directions, the
+    other institutions' mean update and the descent directions of up to REFERENCE_RECORDS records of
+    the server's own hold-out (_contributions). Canary i's score is its fitted weight,
     summed over the rounds. Training on a canary adds a (clipped, noised) step along −g_i to its
     institution's update, so a member's weight is positive and a non-member's is about zero.
 
@@ -70,20 +73,25 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     model = task.build_model(cfg.model, cfg.lora, cfg.data, cfg.seed)
     model.eval()  # no dropout: the gradient at exactly θ_{t−1}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    data = task.tokenize(task.tokenizer(cfg.model), task.canary_records(canaries), cfg.model.max_length)
+    tokenizer = task.tokenizer(cfg.model)
+    data = task.tokenize(tokenizer, task.canary_records(canaries), cfg.model.max_length)
+    fed = task.federation(cfg.data, cfg.clients, cfg.seed)
+    reference = task.tokenize(tokenizer, fed.select(fed.server_test[:REFERENCE_RECORDS]), cfg.model.max_length)
     scores = [0.0] * len(canaries.members)
     for round_, updates in observed.items():
         start = Checkpoint.from_file(run.checkpoint_path(round_ - 1)).arrays
         load_record(model, ArrayRecord(torch_state_dict=start))
         moves = {name: torch.cat([(arrays[n].float() - start[n].float()).flatten() for n in params])
                  for name, arrays in updates.items()}
+        typical = [_descent(model, params, pad_batch([reference[j]])) for j in range(len(reference))]
         for name, move in moves.items():
             held = [i for i, site in enumerate(canaries.plan.sites) if client_name(site) == name]
             if not held:
                 continue
             directions = torch.stack([_descent(model, params, pad_batch([data[i]])) for i in held])
-            others = [m for other, m in moves.items() if other != name]
-            for i, weight in zip(held, _contributions(move, directions, others), strict=True):
+            nuisance = [m for other, m in moves.items() if other != name]
+            nuisance = ([torch.stack(nuisance).mean(dim=0)] if nuisance else []) + typical
+            for i, weight in zip(held, _contributions(move, directions, nuisance), strict=True):
                 scores[i] += weight
     return canaries, scores
 
@@ -100,19 +108,22 @@ def _descent(model, params: dict, batch: dict):
     return -gradient / norm if norm > 0 else gradient
 
 
-def _contributions(move, directions, others: list) -> list[float]:
+def _contributions(move, directions, nuisance: list) -> list[float]:
     """Each canary's weight in one institution's update: the least-squares fit of the update on the
-    descent directions of every canary that institution might hold, plus the mean update of the
-    round's other institutions (what the shared task moves anyway, canary or not).
+    descent directions of every canary that institution might hold, beside nuisance directions that
+    the update follows whether or not a canary is in: the other institutions' mean update (the shared
+    task) and the descent directions of the server's own hold-out records (what ordinary data moves).
 
     Why a joint fit and not each canary's projection alone: canaries with the same label have
-    strongly aligned gradients (the classifier head dominates them), so a projection credits a
-    non-member with its aligned members' steps. The joint fit separates them as long as the
-    directions are linearly independent (the trainable weights far outnumber the canaries)."""
+    strongly aligned gradients (the classifier head dominates them), and ordinary records' gradients
+    align with them too, so a projection credits a non-member with the steps of aligned members and
+    data. The fit separates them while the directions are linearly independent; it keeps at most
+    half as many columns as there are trainable weights (hold-out directions are dropped first)."""
     import torch
 
-    columns = [directions] + ([torch.stack(others).mean(dim=0, keepdim=True)] if others else [])
-    design = torch.cat(columns).T.double()  # weights x (canaries + 1)
+    room = max(0, move.numel() // 2 - len(directions))
+    columns = [directions] + ([torch.stack(nuisance[:room])] if nuisance[:room] else [])
+    design = torch.cat(columns).T.double()  # weights x columns
     weights = torch.linalg.lstsq(design, move.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
     return weights[: len(directions)].tolist()
 

@@ -1,0 +1,49 @@
+"""The audit must catch broken DP: a federation whose DP-SGD is broken on purpose (by
+tests/integration/mutations/sitecustomize.py, in every process of the run), while the ledger still
+claims the configured noise, is audited from the server's vantage point; the lower bound must exceed
+the claimed ε, and `fedtune audit` must exit 1. The mutation lives in the tests only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MUTATIONS = Path(__file__).parent / "mutations"
+# ε = 1 per institution, solved by fedtune (σ ≈ 2.8 here): 200 canaries can show up to 2.8, so a leak
+# well beyond the claim is visible. Without the mutation this run's bound is 0.00 (AUC 0.52).
+SMALL = """
+rounds = 2
+clients = 4
+[model]
+max_length = 32
+[dp]
+target_epsilon = 1.0
+[data]
+demo_examples = 200
+"""
+
+
+def mutated_audit(tmp_path: Path, mutation: str) -> tuple[subprocess.CompletedProcess, dict]:
+    (tmp_path / "small.toml").write_text(SMALL)
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEDTUNE_TEST_MUTATION": mutation,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(MUTATIONS), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "audit", "--vantage", "server", "--config",
+                             str(tmp_path / "small.toml"), "--canaries", "200", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, env=env)
+    return result, json.loads((out / "audit.json").read_text())
+
+
+def test_the_server_vantage_catches_dp_sgd_without_its_noise(tmp_path):
+    result, record = mutated_audit(tmp_path, "noise-off")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert record["epsilon_theoretical"] == pytest.approx(1.0, rel=0.01), "the ledger still claims σ"
+    assert record["epsilon_lower_bound"] > 1.3 and not record["consistent"]  # measured: 1.93
+    assert "ABOVE the theoretical ε" in result.stderr
