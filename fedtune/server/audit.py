@@ -65,8 +65,8 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
 
     task = get_task(cfg.model.task)
     canaries = _canaries(task.federation(cfg.data, cfg.clients, cfg.seed).canaries)
-    observed = run.observed(upto)
-    if not observed:
+    rounds = run.observed_rounds(upto)
+    if not rounds:
         raise ConfigError(f"{run.path} has no record of the updates the server received ({OBSERVED}/), so it cannot "
                           "be audited from the server's vantage point. It was run with SecAgg+ (the server never sees "
                           "one institution's update) or before fedtune kept that record; use `--vantage final`.")
@@ -78,7 +78,8 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     fed = task.federation(cfg.data, cfg.clients, cfg.seed)
     reference = task.tokenize(tokenizer, fed.select(fed.server_test[:REFERENCE_RECORDS]), cfg.model.max_length)
     scores = [0.0] * len(canaries.members)
-    for round_, updates in observed.items():
+    for round_ in rounds:  # one round's updates in memory at a time
+        updates = run.observed(round_)
         start = Checkpoint.from_file(run.checkpoint_path(round_ - 1)).arrays
         load_record(model, ArrayRecord(torch_state_dict=start))
         moves = {name: torch.cat([(arrays[n].float() - start[n].float()).flatten() for n in params])

@@ -114,10 +114,14 @@ class RunDirectory:
         (self.path / OBSERVED).mkdir(exist_ok=True)
         write_bytes_atomic(self.path / OBSERVED / f"round_{round_:04d}.pt", buffer.getvalue())
 
-    def observed(self, upto: int) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-        """round -> {institution: arrays}, for the committed rounds 1..upto that have a record."""
-        found = {int(p.stem.removeprefix("round_")): p for p in (self.path / OBSERVED).glob("round_*.pt")}
-        return {r: torch.load(found[r], map_location="cpu", weights_only=True) for r in sorted(found) if r <= upto}
+    def observed_rounds(self, upto: int) -> list[int]:
+        """The committed rounds 1..upto whose updates the server recorded (save_observed)."""
+        return sorted(r for p in (self.path / OBSERVED).glob("round_*.pt")
+                      if (r := int(p.stem.removeprefix("round_"))) <= upto)
+
+    def observed(self, round_: int) -> dict[str, dict[str, torch.Tensor]]:
+        """{institution: arrays} as the server received them in `round_`."""
+        return torch.load(self.path / OBSERVED / f"round_{round_:04d}.pt", map_location="cpu", weights_only=True)
 
     def check_resumable(self, checkpoint: Checkpoint, cfg: FedtuneConfig, fresh: dict[str, torch.Tensor]) -> None:
         """Refuse, before any round, a config.toml that no longer matches the checkpoint: the options that
