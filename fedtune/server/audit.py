@@ -64,7 +64,8 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     from fedtune.models.adapter import load_record
 
     task = get_task(cfg.model.task)
-    canaries = _canaries(task.federation(cfg.data, cfg.clients, cfg.seed).canaries)
+    fed = task.federation(cfg.data, cfg.clients, cfg.seed)
+    canaries = _canaries(fed.canaries)
     rounds = run.observed_rounds(upto)
     if not rounds:
         raise ConfigError(f"{run.path} has no record of the updates the server received ({OBSERVED}/), so it cannot "
@@ -75,7 +76,6 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tokenizer = task.tokenizer(cfg.model)
     data = task.tokenize(tokenizer, task.canary_records(canaries), cfg.model.max_length)
-    fed = task.federation(cfg.data, cfg.clients, cfg.seed)
     reference = task.tokenize(tokenizer, fed.select(fed.server_test[:REFERENCE_RECORDS]), cfg.model.max_length)
     scores = [0.0] * len(canaries.members)
     for round_ in rounds:  # one round's updates in memory at a time
