@@ -64,5 +64,7 @@ def test_a_user_level_run_accounts_users_verifies_and_audits_its_canary_users(tm
     assert "canary users (in / out)" in audited.stderr
     text = (out / "privacy_report.md").read_text()
     assert "**Unit of privacy**: one person" in text and "with all of their records" in text
+    assert "a canary user with 3 records sharing one user id" in " ".join(text.split())
+    assert "DP-SGD was off" not in text  # it was on: user-level DP allows repeated canaries
     assert json.loads((out / "privacy_report.json").read_text())["neighbouring_relation"].startswith(
         "add/remove one user of one institution with all of that user's records")

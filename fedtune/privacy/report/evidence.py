@@ -113,9 +113,12 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
                       "signals a bug.** Do not rely on this run's privacy guarantee until it is explained.")
     if a.epsilon_largest_certifiable is not None:
         blocks.append(_audit_power(a))
-    if copies > 1:
-        blocks.append(f"Each member canary was {copies} records (DP-SGD was off, as repeats require), so the audit "
-                      "measured the exposure of a record seen that many times.")
+    if copies > 1 and a.unit == "user":
+        blocks.append(f"Each canary was a canary user with {copies} records sharing one user id, in or out together, "
+                      "so the audit measured the exposure of one person's records, as user-level DP protects them.")
+    elif copies > 1:
+        blocks.append(f"Each member canary was {copies} records (DP-SGD was off, as repeats require under "
+                      "record-level DP), so the audit measured the exposure of a record seen that many times.")
     return blocks
 
 

@@ -39,7 +39,7 @@ USER_NEIGHBOURS = ("add/remove one user of one institution with all of that user
 AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
               "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
               "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
-AUDIT_POWER_KEYS = ("epsilon_largest_certifiable", "canaries_to_certify_theoretical", "vantage")  # not in older audits
+AUDIT_POWER_KEYS = ("epsilon_largest_certifiable", "canaries_to_certify_theoretical", "vantage", "unit")  # newer keys
 
 Epsilon = float | str  # a cumulative ε, or INF
 
@@ -142,6 +142,7 @@ class AuditSummary:
     epsilon_largest_certifiable: float | None = None  # the audit's power: its bound for perfect guesses
     canaries_to_certify_theoretical: int | None = None  # None: unreachable at this δ, or ε = ∞
     vantage: str | None = None  # "final" or "server" (None: an audit from before vantages, i.e. final)
+    unit: str | None = None  # dp.unit: "user" makes each canary a canary user (None: older audits, records)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(zip(AUDIT_KEYS + AUDIT_POWER_KEYS, (getattr(self, f.name) for f in fields(self)), strict=True))
