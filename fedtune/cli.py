@@ -150,8 +150,10 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
                   f"{cfg.strategy.name}{robust}{lora}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
-    if audit_hint and cfg.data.canaries >= 2:  # what `fedtune audit` can score
-        console.print(f"This run planted {cfg.data.canaries} canaries: `fedtune audit --resume {run.path}` scores them.",
+    planted = max(cfg.data.canaries, cfg.dp.canary_clients)  # what `fedtune audit` can score
+    if audit_hint and planted >= 2:
+        what = "canary institutions" if cfg.dp.canary_clients else "canaries"
+        console.print(f"This run planted {planted} {what}: `fedtune audit --resume {run.path}` scores them.",
                       soft_wrap=True)  # the path unbroken, to copy
     print(run.path)
 
@@ -179,6 +181,9 @@ def audit(
     (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it, or
     (--vantage server) by every round's update of its institution as the server received it; the
     guesses give a lower bound on ε at the run's δ, with membership-inference AUC and TPR at 1% FPR.
+    With --canary-clients K (and --client-dp), K canary institutions audit client-level DP instead:
+    each sends a random direction at the clipping norm, is scored by its cosine with the final
+    adapter's change, and Andrew et al.'s (2024) one-shot ε estimate is shown too.
     Writes RUN_DIR/audit.json and the privacy report. The lower bound must stay at or below the
     theoretical ε: above it signals a bug, and the command exits with status 1 (2: a bad option).
     Other options come from --config. The last line printed is the path of audit.json."""
@@ -198,9 +203,17 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
         raise ConfigError("--no-dp and --noise-multiplier contradict each other: pick one.")
     if (out is None) == (resume is None):
         raise ConfigError("Give --out RUN_DIR for a new audited run, or --resume RUN_DIR to finish one (not both).")
+    canary_clients = resume is None and load_config(config, {**overrides, "data.canaries": 0}).dp.canary_clients
+    if canary_clients and vantage != "final":
+        raise ConfigError("--canary-clients audits client-level DP on the released global adapter; drop --vantage "
+                          "server (it scores canary records, --canaries, in the updates the server received).")
+    if canary_clients and canary_clients < 2:
+        raise ConfigError(f"Invalid option `--canary-clients`: {canary_clients} canary institutions cannot tell "
+                          f"members from non-members; use at least 2 (the audit is tighter with hundreds).")
     if resume is None and overrides["data.canaries"] is None:
-        overrides = {**overrides, "data.canaries": load_config(config, overrides).data.canaries or DEFAULT_CANARIES}
-    if resume is None and overrides["data.canaries"] < 2:
+        overrides = {**overrides, "data.canaries": 0 if canary_clients else
+                     load_config(config, overrides).data.canaries or DEFAULT_CANARIES}
+    if resume is None and not canary_clients and overrides["data.canaries"] < 2:
         raise ConfigError(f"Invalid option `--canaries`: {overrides['data.canaries']} canaries cannot tell members "
                           f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")
     target = out if resume is None else resume
@@ -224,15 +237,20 @@ def _show_audit(record: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     m, members = record["canaries"], record["canaries_in"]
-    what = "canary users" if record.get("unit") == "user" else "canaries"
+    what = {"user": "canary users", "client": "canary institutions"}.get(record.get("unit"), "canaries")
     table.add_row(f"{what} (in / out)", f"{m} ({members} / {m - members})"
                   + (f", {record['canary_repeats']} copies each" if record["canary_repeats"] > 1 else ""))
     table.add_row("guesses (in / out)", f"{record['guesses']} ({record['guesses_in']} / {record['guesses_out']})")
     table.add_row("correct guesses", str(record["correct"]))
     table.add_row(f"ε lower bound ({record['confidence']:.0%} confidence)", number(record["epsilon_lower_bound"]))
-    table.add_row(f"ε theoretical ({record.get('unit', 'record')}-level, max over institutions, δ = {record['delta']:g})",
+    whose = "one institution as a whole" if record.get("unit") == "client" else "max over institutions"
+    table.add_row(f"ε theoretical ({record.get('unit', 'record')}-level, {whose}, δ = {record['delta']:g})",
                   number(record["epsilon_theoretical"]))
     table.add_row("largest bound this audit could show (every guess right)", number(record["epsilon_largest_certifiable"]))
+    if record.get("unit") == "client":
+        low_high = record["epsilon_estimate_interval"]
+        table.add_row("ε estimate (Andrew et al. 2024; Gaussian fit, not a bound)", number(record["epsilon_estimate"])
+                      + ("" if low_high is None else f" ({number(low_high[0], 2)}–{number(low_high[1], 2)})"))
     table.add_row("membership-inference AUC", number(record["auc"]))
     table.add_row("TPR at 1% FPR", number(record["tpr_at_fpr_0.01"]))
     console.print(table)

@@ -178,6 +178,12 @@ class DPConfig:
         default=1.0,
         metadata={"help": "Client-level DP: L2 bound on each client's update (the start value when adaptive)."},
     )
+    canary_clients: int = field(
+        default=0,
+        metadata={"help": "Audit of client-level DP (`fedtune audit`): canary institutions without data whose "
+                          "update is a random direction of norm C, each in the population with probability 1/2 "
+                          "(simulation only; needs dp.client_dp). 0: none."},
+    )
     reproducible_noise: bool = field(
         default=False,
         metadata={"help": "Derive DP noise and Poisson sampling from the run seed, for repeatable research "
@@ -202,6 +208,10 @@ class DPConfig:
         _check(self.client_dp_side in ("server", "client"), "dp.client_dp_side", "use `server` or `client`.")
         _check(self.client_noise_multiplier >= 0, "dp.client_noise_multiplier", "use sigma >= 0.")
         _check(self.client_clipping_norm > 0, "dp.client_clipping_norm", "use a positive norm such as 1.0.")
+        _check(0 <= self.canary_clients <= 100_000, "dp.canary_clients", "use 0 (no canary clients) to 100,000.")
+        _check(not self.canary_clients or self.client_dp != "off", "dp.canary_clients",
+               "canary clients audit client-level DP; set dp.client_dp to `fixed` or `adaptive` (--client-dp), or "
+               "audit records with data.canaries instead.")
         _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
         _check(self.accountant in ("prv", "rdp"), "dp.accountant", "use `prv` or `rdp`.")
@@ -523,6 +533,9 @@ class FedtuneConfig:
                "a canary repeated k times is k records, so the record-level ε does not bound what an audit "
                "measures; use 1 with DP-SGD, repeat canaries with dp.enabled = false, or audit user-level DP "
                "(dp.unit = user), where each canary is one user whose k copies share an id.")
+        _check(not (self.data.canaries and self.dp.canary_clients), "dp.canary_clients",
+               "an audit measures one unit at a time: canary records (data.canaries) or canary institutions "
+               "(dp.canary_clients); set one of them to 0.")
         self._check_client_level_and_secagg()
         self._check_strategy_composition()
         self._check_lora_aggregation()

@@ -26,6 +26,7 @@ ALONGSIDE: dict[str, dict[str, Any]] = {
     "train.length_buckets": {"dp.enabled": False}, "data.canary_repeats": {"dp.enabled": False},
     "data.partition_column": {"data.path": "notes.csv"}, "data.source": {"data.path": "notes.csv"},
     "data.user_column": {"data.path": "notes.csv"}, "dp.unit": {"data.path": "notes.csv", "data.user_column": "pid"},
+    "dp.canary_clients": {"dp.client_dp": "fixed", "dp.delta": 1e-3},
 }
 
 

@@ -223,3 +223,57 @@ def tpr_at_fpr(scores: Sequence[float], members: Sequence[bool], fpr: float = 0.
         return 1.0
     threshold = np.sort(outside)[::-1][allowed]  # the highest non-member score that must stay below t
     return float(np.mean(inside > threshold))
+
+
+@dataclass(frozen=True)
+class GaussianEstimate:
+    """Andrew et al.'s one-shot estimate: a Gaussian fitted to the members' scores and one to the
+    non-members', and the ε of telling them apart at δ."""
+
+    mean_in: float
+    mean_out: float
+    std: float  # pooled: both Gaussians get it
+    mu: float  # (mean_in − mean_out) / std: the pair is μ-GDP
+    epsilon: float
+    epsilon_interval: tuple[float, float]  # ε at μ ∓ 1.96 standard errors: the estimate's sampling error
+
+
+def gaussian_estimate(scores: Sequence[float], members: Sequence[bool], delta: float) -> GaussianEstimate | None:
+    """The one-shot estimate of Andrew et al. 2024 ("One-shot Empirical Privacy Estimation for
+    Federated Learning", ICLR; arXiv 2302.03098): Gaussians fitted to the members' and the
+    non-members' scores, and the ε at δ of the mechanism whose outputs they are.
+
+    It is an estimate, not a bound: it assumes the scores are Gaussian, which the paper proves for
+    the cosines of random canaries under the Gaussian mechanism as the dimension grows, and it has no
+    confidence level (`epsilon_interval` gives its sampling error: with 200 members and 200
+    non-members μ is known to about ±0.2, and at small ε that is a factor of two). Unlike the
+    paper, both Gaussians share one pooled variance, as they do under the Gaussian mechanism:
+    fitted separately from a few hundred scores, the variances differ by chance and the tails
+    decide ε at small δ. Over 40 simulated draws of 250 + 250 scores with μ = 1 (ε = 4.38 at
+    δ = 1e-5), separate fits gave a median of 4.97 and a 95th percentile of 7.64, the pooled fit
+    4.44 and 5.10 (tests/privacy/test_audit.py checks the pooled fit's spread). Then the pair is
+    μ-GDP with μ = (mean_in − mean_out) / std, and ε(δ) is the Gaussian mechanism's (Opacus'
+    eps_from_mu; the estimate is 0 when members score no higher). None with fewer than 2 members or 2 non-members."""
+    inside, outside = _split(scores, members)
+    if len(inside) < 2 or len(outside) < 2:
+        return None
+    std = math.sqrt((inside.var(ddof=1) * (len(inside) - 1) + outside.var(ddof=1) * (len(outside) - 1))
+                    / (len(inside) + len(outside) - 2))
+    gap = float(inside.mean() - outside.mean())
+    mu = math.inf if std == 0 and gap > 0 else gap / std if std > 0 else 0.0
+    # The standard error of a standardized difference of means (Hedges & Olkin 1985, large-sample form).
+    n_in, n_out = len(inside), len(outside)
+    stderr = math.sqrt(1 / n_in + 1 / n_out + (mu ** 2 if math.isfinite(mu) else 0.0) / (2 * (n_in + n_out)))
+    interval = (gdp_epsilon(mu - 1.96 * stderr, delta), gdp_epsilon(mu + 1.96 * stderr, delta))
+    return GaussianEstimate(float(inside.mean()), float(outside.mean()), std, mu, gdp_epsilon(mu, delta), interval)
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """ε(δ) of a μ-GDP mechanism (Dong, Roth & Su 2019), capped at EPSILON_CEILING; 0 for μ ≤ 0."""
+    from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
+
+    if mu <= 0 or delta_eps_mu(eps=0.0, mu=mu) <= delta:
+        return 0.0
+    if not math.isfinite(mu) or delta_eps_mu(eps=EPSILON_CEILING, mu=mu) > delta:
+        return EPSILON_CEILING
+    return float(eps_from_mu(mu=mu, delta=delta))

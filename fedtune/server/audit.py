@@ -17,15 +17,18 @@ from fedtune.config import FedtuneConfig
 from fedtune.data.canaries import Canaries
 from fedtune.durable import write_json_atomic
 from fedtune.errors import ConfigError
-from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit, canaries_needed
+from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit, canaries_needed, gaussian_estimate
 from fedtune.privacy.ledger import PrivacyLedger, read_ledger
 from fedtune.server.run_dir import OBSERVED, Checkpoint, RunDirectory
 from fedtune.tasks.base import get_task
 
-REFERENCE_RECORDS = 128  # server hold-out records whose gradients the server-vantage fit takes as nuisance
+REFERENCE_RECORDS = 256  # server hold-out records whose gradients the server-vantage fit takes as nuisance
+CLIENT_SCORE = "cosine between the canary institution's direction and the final global adapter's change since round 0"
 SERVER_SCORE = ("sum over rounds of the canary's least-squares weight in its institution's update, along its unit "
-                "descent direction at the round's global weights, beside the other institutions' mean update and "
-                "the server's hold-out records' directions")
+                "descent direction at the round's global weights (under AdamW scaled by a modelled 1/√v), beside the "
+                "other institutions' mean update and the server's hold-out records' directions")
+ESTIMATE_METHOD = ("one-shot estimate (Andrew et al. 2024, arXiv 2302.03098): Gaussians with a pooled variance fitted "
+                   "to members' and non-members' cosines, ε of that μ-GDP pair at δ; an estimate, not a bound")
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
 METHOD = ("one-run audit (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846, Theorem 5.2), guesses swept with a "
           "Bonferroni correction")
@@ -55,6 +58,8 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     the server's own hold-out (_contributions). Canary i's score is its fitted weight,
     summed over the rounds. Training on a canary adds a (clipped, noised) step along −g_i to its
     institution's update, so a member's weight is positive and a non-member's is about zero.
+    Under AdamW the step is along −g_i scaled per coordinate by 1/√v, so every direction is scaled
+    so too, with v modelled from the hold-out's gradients (_adam_scale).
 
     Every institution's ε bounds this view: DP-SGD's accounting covers every noised step an
     institution releases, and its round update is computed from those steps alone (post-processing)."""
@@ -84,12 +89,15 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
         load_record(model, ArrayRecord(torch_state_dict=start))
         moves = {name: torch.cat([(arrays[n].float() - start[n].float()).flatten() for n in params])
                  for name, arrays in updates.items()}
-        typical = [_descent(model, params, pad_batch([reference[j]])) for j in range(len(reference))]
+        references = torch.stack([_gradient(model, params, pad_batch([reference[j]])) for j in range(len(reference))])
+        scale = _adam_scale(references, cfg.train.batch_size) if cfg.train.optimizer == "adamw" else None
+        typical = list(_unit_descent(references, scale))
         for name, move in moves.items():
             held = [i for i, site in enumerate(canaries.plan.sites) if client_name(site) == name]
             if not held:
                 continue
-            directions = torch.stack([_descent(model, params, pad_batch([data[i]])) for i in held])
+            directions = _unit_descent(torch.stack([_gradient(model, params, pad_batch([data[i]])) for i in held]),
+                                       scale)
             nuisance = [m for other, m in moves.items() if other != name]
             nuisance = ([torch.stack(nuisance).mean(dim=0)] if nuisance else []) + typical
             for i, weight in zip(held, _contributions(move, directions, nuisance), strict=True):
@@ -97,16 +105,54 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     return canaries, scores
 
 
-def _descent(model, params: dict, batch: dict):
-    """The unit vector −g/‖g‖ of one canary's loss gradient over the trainable weights (0 if g = 0)."""
+def canary_client_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[tuple[bool, ...], list[float]]:
+    """(each canary institution's membership, its score), in canary order: the cosine between its
+    direction c_j and θ_upto − θ_0, the change of the global adapter over the run (Andrew et al.
+    2024's final-model statistic; strategies/canary_clients.py plants them). Everyone given the final
+    adapter, and the initial one that fedtune derives from the seed, can compute it."""
+    import numpy as np
+
+    from fedtune.strategies.canary_clients import flat_order
+    from fedtune.strategies.client_dp import canary_clients
+
+    canaries = canary_clients(cfg)
+    start = Checkpoint.from_file(run.checkpoint_path(0)).arrays
+    end = Checkpoint.from_file(run.checkpoint_path(upto)).arrays
+    names = list(start)
+    change = np.concatenate([(end[names[i]].double() - start[names[i]].double()).flatten().numpy()
+                             for i in flat_order(names)])
+    norm = float(np.linalg.norm(change))
+    scores = [float(direction @ change) / norm if norm > 0 else 0.0 for direction in canaries.directions(change.size)]
+    return canaries.members, scores
+
+
+def _gradient(model, params: dict, batch: dict):
+    """One record's loss gradient over the trainable weights, flattened (zeros where none flows)."""
     import torch
 
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
-    gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                          for p in params.values()])
-    norm = gradient.norm()
-    return -gradient / norm if norm > 0 else gradient
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                      for p in params.values()])
+
+
+def _adam_scale(references, batch_size: int):
+    """AdamW's per-coordinate step scale 1/√v, modelled: v averages the squared mini-batch gradient,
+    whose expectation is (mean record gradient)² + (variance of record gradients) / B, both taken
+    from the server's hold-out records. An AdamW update is then about −lr · Σ_steps g / √v, so a
+    canary moves it along its gradient scaled by 1/√v, not along the gradient itself."""
+    mean = references.mean(dim=0)
+    v = mean ** 2 + references.var(dim=0, unbiased=False) / batch_size
+    floor = v[v > 0].mean() * 1e-6 if bool((v > 0).any()) else 1.0  # coordinates no record moves
+    return 1 / (v + floor).sqrt()
+
+
+def _unit_descent(gradients, scale=None):
+    """Each row's descent direction −g (times `scale`, AdamW's per-coordinate step scale), as a unit
+    vector (0 where g = 0)."""
+    directions = -gradients if scale is None else -gradients * scale
+    norms = directions.norm(dim=1, keepdim=True)
+    return directions / norms.clamp_min(1e-30)
 
 
 def _contributions(move, directions, nuisance: list) -> list[float]:
@@ -141,6 +187,15 @@ def _canaries(canaries: Canaries | None) -> Canaries:
     return canaries
 
 
+def client_level_epsilon(ledger: PrivacyLedger) -> float:
+    """The run's client-level ε (one institution as a whole): what a canary institution enjoys."""
+    entry = ledger.client_level
+    if entry is None:
+        raise ConfigError("This run's ledger has no client-level DP entry, so its canary institutions have no "
+                          "theoretical ε to be audited against; audit runs with dp.client_dp `fixed` or `adaptive`.")
+    return math.inf if entry.get("epsilon") is None and entry["rounds"] else float(entry.get("epsilon") or 0.0)
+
+
 def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     """The run's reported ε: the largest cumulative ε of any institution. A canary is one record of
     one institution (under dp.unit `user`, one user with all of its copies), protected by that
@@ -159,6 +214,9 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
     if checkpoint is None or checkpoint.round == 0:
         raise ConfigError(f"{run.path} has no trained round to audit. Let the run finish (or resume it with "
                           f"`fedtune simulate --resume {run.path}`), then audit it again.")
+    ledger = read_ledger(run.path)
+    if cfg.dp.canary_clients:
+        return _write_audit(run, _audit_canary_clients(cfg, run, ledger, checkpoint.round, confidence, vantage))
     if vantage == "server":
         canaries, scores = observed_scores(cfg, run, checkpoint.round)
     else:
@@ -166,7 +224,6 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
         # Higher score = more likely in. A canary with no loss to score (its answer truncated away) gives
         # no evidence of membership: it scores lowest.
         scores = [-loss if math.isfinite(loss) else -math.inf for loss in losses]
-    ledger = read_ledger(run.path)
     result = audit(scores, canaries.members, cfg.dp.delta, confidence)
     record = audit_record(result, theoretical_epsilon(ledger), cfg, checkpoint.round, vantage)
     if vantage == "server":
@@ -174,6 +231,28 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
     else:
         record["canary_losses"] = [loss if math.isfinite(loss) else None for loss in losses]
     record["canary_members"] = list(canaries.members)
+    return _write_audit(run, record)
+
+
+def _audit_canary_clients(cfg: FedtuneConfig, run: RunDirectory, ledger: PrivacyLedger, round_: int,
+                          confidence: float, vantage: str) -> dict[str, Any]:
+    """audit.json for a run with canary institutions: the one-run bound and Andrew et al.'s estimate,
+    beside the client-level ε."""
+    if vantage != "final":
+        raise ConfigError("Canary institutions are scored on the released global adapter (`--vantage final`); "
+                          "the server-vantage audit scores canary records (--canaries) instead.")
+    members, scores = canary_client_scores(cfg, run, round_)
+    result = audit(scores, members, cfg.dp.delta, confidence)
+    record = audit_record(result, client_level_epsilon(ledger), cfg, round_, vantage)
+    estimate = gaussian_estimate(scores, members, cfg.dp.delta)
+    record.update(unit="client", score=CLIENT_SCORE, canary_repeats=1,
+                  epsilon_estimate=None if estimate is None else estimate.epsilon,
+                  epsilon_estimate_interval=None if estimate is None else list(estimate.epsilon_interval),
+                  estimate_method=ESTIMATE_METHOD, canary_scores=scores, canary_members=list(members))
+    return record
+
+
+def _write_audit(run: RunDirectory, record: dict[str, Any]) -> dict[str, Any]:
     write_json_atomic(run.path / AUDIT_FILE, record)
     return record
 

@@ -23,7 +23,7 @@ aborts the aggregation), exists for fixed clipping only, and its state is not in
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ from fedtune.privacy.client_level import (
     adaptive_noise_inputs,
     combined_noise_multiplier,
 )
+from fedtune.strategies.canary_clients import CanaryClients, flat_order
 from fedtune.strategies.cohort import PoissonCohort
 from fedtune.strategies.wrapper import StrategyWrapper
 
@@ -53,12 +54,16 @@ class ZeroFilledMean(StrategyWrapper):
     """Aggregate train replies as global + (sum of updates) / m, m fixed (the expected number of
     institutions per round, whatever the cohort's size); forward everything else.
 
-    Metrics still come from the inner strategy (example-weighted loss, worst ε)."""
+    Metrics still come from the inner strategy (example-weighted loss, worst ε). With `canaries`
+    (an audit, strategies/canary_clients.py), the round's sampled canary institutions' updates
+    C·c_j are added to the sum, C read from `canary_norm` (the DP wrapper's current norm)."""
 
-    def __init__(self, strategy: Strategy, num_sampled_clients: int) -> None:
+    def __init__(self, strategy: Strategy, num_sampled_clients: int, canaries: CanaryClients | None = None) -> None:
         super().__init__(strategy)
         self.num_sampled_clients = num_sampled_clients
         self.current_arrays = ArrayRecord()
+        self.canaries = canaries
+        self.canary_norm: Callable[[], float] = lambda: 0.0  # set by with_client_dp to the wrapper's norm
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -79,6 +84,11 @@ class ZeroFilledMean(StrategyWrapper):
                 raise FedtuneError(f"Round {server_round}: an update's arrays do not match the global ones.")
             for acc, value, b in zip(total, record.to_numpy_ndarrays(), base, strict=True):
                 acc += value - b
+        if self.canaries is not None:
+            order = flat_order(names)
+            added = self.canaries.round_sum(server_round, [base[i].shape for i in order], self.canary_norm())
+            for i, update in zip(order, added, strict=True):
+                total[i] += update
         dtypes = [a.dtype for a in self.current_arrays.to_numpy_ndarrays()]
         mean = {n: Array(np.asarray(b + acc / m, dtype=t)) for n, b, acc, t in zip(names, base, total, dtypes,
                                                                                      strict=True)}
@@ -209,11 +219,22 @@ def with_client_dp(strategy: FedAvg, cfg: FedtuneConfig) -> Strategy:
     logging.getLogger("flwr").addFilter(_REPLY_COUNT_FILTER)  # once: addFilter keeps no duplicates
     dp = cfg.dp
     m = cfg.clients_sampled()
-    inner = ZeroFilledMean(PoissonCohort(strategy, m / cfg.clients) if m < cfg.clients else strategy, m)
+    canaries = canary_clients(cfg)
+    inner = ZeroFilledMean(PoissonCohort(strategy, m / cfg.clients) if m < cfg.clients else strategy, m, canaries)
     wrapper = WRAPPERS[(dp.client_dp, dp.client_dp_side)]
     accounting = dict(sample_rate=m / cfg.clients, delta=dp.delta)
     if dp.client_dp == "fixed":
-        return wrapper(inner, dp.client_noise_multiplier, dp.client_clipping_norm, m, **accounting)
-    z_in, count_noise = adaptive_noise_inputs(dp.client_noise_multiplier, m)
-    return wrapper(inner, z_in, m, initial_clipping_norm=dp.client_clipping_norm,
-                   clipped_count_stddev=count_noise, **accounting)
+        outer = wrapper(inner, dp.client_noise_multiplier, dp.client_clipping_norm, m, **accounting)
+    else:
+        z_in, count_noise = adaptive_noise_inputs(dp.client_noise_multiplier, m)
+        outer = wrapper(inner, z_in, m, initial_clipping_norm=dp.client_clipping_norm,
+                        clipped_count_stddev=count_noise, **accounting)
+    inner.canary_norm = lambda: float(outer.clipping_norm)  # the norm this round's updates are clipped to
+    return outer
+
+
+def canary_clients(cfg: FedtuneConfig) -> CanaryClients | None:
+    """The run's canary institutions for the client-level audit; None when dp.canary_clients is 0."""
+    if not cfg.dp.canary_clients:
+        return None
+    return CanaryClients(cfg.dp.canary_clients, cfg.seed, cfg.clients_sampled() / cfg.clients)

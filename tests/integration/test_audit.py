@@ -84,3 +84,30 @@ def server_view(run: Path) -> dict:
     record = json.loads((run / "audit.json").read_text())
     assert record["vantage"] == "server" and len(record["canary_scores"]) == 60
     return record
+
+
+def test_canary_institutions_audit_client_level_dp(tmp_path):
+    """`--canary-clients`: the audit of client-level DP. Added canary institutions push the final
+    adapter along their directions, the report gives the bound and Andrew et al.'s estimate beside the
+    client-level ε, and the server-vantage audit, which scores records, is refused for them."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "run"
+    args = ("--config", str(tmp_path / "tiny.toml"), "--canary-clients", "100", "--client-dp", "fixed",
+            "--client-noise-multiplier", "1", "--no-dp", "--delta", "1e-3")
+    code, _, stderr = fedtune_here("audit", *args, "--vantage", "server", "--out", str(out))
+    assert code == 2 and "--canary-clients" in stderr and not out.exists()
+    result = fedtune("audit", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "canary institutions" in result.stderr and "ε estimate" in result.stderr
+    record = json.loads((out / "audit.json").read_text())
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert record["unit"] == "client" and record["canaries"] == 100 and record["consistent"]
+    assert record["epsilon_theoretical"] == pytest.approx(ledger["client_level"]["epsilon"])
+    scores, members = record["canary_scores"], record["canary_members"]
+    inside = [s for s, m in zip(scores, members, strict=True) if m]
+    outside = [s for s, m in zip(scores, members, strict=True) if not m]
+    # q = 1, 2 rounds at z = 1: each added canary moved the adapter by 2·C/m along its direction, √2 noise stds
+    assert sum(inside) / len(inside) > sum(outside) / len(outside) and record["auc"] > 0.7
+    low, high = record["epsilon_estimate_interval"]
+    assert 0 < low <= record["epsilon_estimate"] <= high
+    assert "canary institutions" in (out / "privacy_report.md").read_text()

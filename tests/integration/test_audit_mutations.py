@@ -30,8 +30,8 @@ demo_examples = 200
 """
 
 
-def mutated_audit(tmp_path: Path, mutation: str) -> tuple[subprocess.CompletedProcess, dict]:
-    (tmp_path / "small.toml").write_text(SMALL)
+def mutated_audit(tmp_path: Path, mutation: str, dp: str = "") -> tuple[subprocess.CompletedProcess, dict]:
+    (tmp_path / "small.toml").write_text(SMALL.replace("[dp]\n", "[dp]\n" + dp))
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEDTUNE_TEST_MUTATION": mutation,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(MUTATIONS), os.environ.get("PYTHONPATH")]))}
@@ -47,3 +47,13 @@ def test_the_server_vantage_catches_dp_sgd_without_its_noise(tmp_path):
     assert record["epsilon_theoretical"] == pytest.approx(1.0, rel=0.01), "the ledger still claims σ"
     assert record["epsilon_lower_bound"] > 1.3 and not record["consistent"]  # measured: 1.93
     assert "ABOVE the theoretical ε" in result.stderr
+
+
+def test_the_server_vantage_catches_dp_sgd_without_clipping(tmp_path):
+    """Per-sample gradients summed unclipped while the noise is still scaled to C: with C = 0.01, far
+    below the gradients' norms, the noise no longer covers one record's step. Measured: 1.93 (AUC
+    0.92) against ε = 1; the same run unmutated gives 0.00 (AUC 0.58)."""
+    result, record = mutated_audit(tmp_path, "clip-off", dp="max_grad_norm = 0.01\n")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert record["epsilon_theoretical"] == pytest.approx(1.0, rel=0.01)
+    assert record["epsilon_lower_bound"] > 1.3 and not record["consistent"]

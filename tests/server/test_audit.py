@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedtune.cli import cli
-from fedtune.config import DataConfig, DPConfig, FedtuneConfig
+from fedtune.config import DataConfig, DPConfig, FedtuneConfig, TrainConfig
 from fedtune.data.text import TokenizedTexts, tokenize
 from fedtune.models.adapter import trainable_state
 from fedtune.models.build import load_tokenizer
@@ -167,7 +167,9 @@ def test_the_server_vantage_scores_each_canary_by_its_institutions_update(tmp_pa
     from fedtune.data.text import pad_batch
     from fedtune.server.audit import client_name
 
-    cfg = FedtuneConfig(rounds=1, clients=2, data=DataConfig(demo_examples=60, canaries=40))
+    # SGD: the update is a plain sum of steps (under AdamW the audit scales them per coordinate)
+    cfg = FedtuneConfig(rounds=1, clients=2, data=DataConfig(demo_examples=60, canaries=40),
+                        train=TrainConfig(optimizer="sgd"))
     run = RunDirectory.create(tmp_path / "run", cfg)
     canaries = federated_data(cfg.data, 2, 0).canaries
     tiny_model.eval()
@@ -201,6 +203,33 @@ def test_the_server_vantage_scores_each_canary_by_its_institutions_update(tmp_pa
     member = [x for x, m in zip(record["canary_scores"], canaries.members, strict=True) if m]
     outside = [x for x, m in zip(record["canary_scores"], canaries.members, strict=True) if not m]
     assert 0.03 < sum(member) / len(member) < 0.07 and abs(sum(outside) / len(outside)) < 0.015
+
+
+def test_adamws_update_follows_the_modelled_scale_not_the_raw_gradient():
+    """The server-vantage audit models an AdamW update as −lr·Σ g/√v with v from records' gradients
+    (_adam_scale). On gradients whose coordinates differ in scale by 100x, a real torch AdamW run's
+    update is far better aligned with one record's gradient scaled so than with the gradient itself,
+    which is why the audit fits the scaled directions."""
+    from fedtune.server.audit import _adam_scale, _unit_descent
+
+    torch.manual_seed(0)
+    scales = torch.logspace(-2, 0, 400)  # per-coordinate gradient scale
+    records = (torch.randn(512, 400) + 0.3) * scales  # per-record gradients with a shared mean
+    weights = torch.zeros(400, requires_grad=True)
+    optimizer = torch.optim.AdamW([weights], lr=1e-3, weight_decay=0.0)
+    for step in range(32):  # mini-batches of 16, each record once
+        optimizer.zero_grad()
+        weights.grad = records[16 * step:16 * (step + 1)].mean(dim=0)
+        optimizer.step()
+    move = weights.detach()
+    scale = _adam_scale(records[:256], batch_size=16)
+    total = records.sum(dim=0, keepdim=True)  # what the records' steps add up to
+    modelled = _unit_descent(total, scale)[0]
+    raw = _unit_descent(total)[0]
+    def cosine(direction: torch.Tensor) -> float:
+        return float(direction @ move / move.norm())
+
+    assert cosine(modelled) > 0.95 and cosine(raw) < 0.8  # measured: 0.99 and 0.65
 
 
 def test_the_server_vantage_needs_the_record_of_updates(tmp_path, tiny_model):

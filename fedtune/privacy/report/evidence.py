@@ -70,6 +70,8 @@ def independent_check(r: ReportData) -> list[Block]:
 
 
 def empirical_audit(a: AuditSummary) -> list[Block]:
+    if a.unit == "client":
+        return _canary_institutions(a)
     m, members, theoretical, bound = a.canaries, a.canaries_in, a.epsilon_theoretical, a.epsilon_lower_bound
     copies = a.canary_repeats
     rows = [["canaries (in training / left out)", f"{m} ({members} / {m - members})"],
@@ -120,6 +122,48 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
         blocks.append(f"Each member canary was {copies} records (DP-SGD was off, as repeats require under "
                       "record-level DP), so the audit measured the exposure of a record seen that many times.")
     return blocks
+
+
+def _canary_institutions(a: AuditSummary) -> list[Block]:
+    """The audit of client-level DP: canary institutions, the one-run bound and the one-shot estimate."""
+    m, members, theoretical, bound = a.canaries, a.canaries_in, a.epsilon_theoretical, a.epsilon_lower_bound
+    low_high = a.epsilon_estimate_interval
+    estimate = "–" if a.epsilon_estimate is None else f"{a.epsilon_estimate:.2f}" + (
+        "" if low_high is None else f" ({low_high[0]:.2f}–{low_high[1]:.2f})")
+    rows = [["canary institutions (in the population / left out)", f"{m} ({members} / {m - members})"],
+            ["guesses made (\"in\" / \"out\")", f"{a.guesses} ({a.guesses_in} / {a.guesses_out})"],
+            ["correct guesses", str(a.correct)],
+            [f"**ε lower bound** (at δ = {g(a.delta)}, {a.confidence:.0%} confidence)", f"**{bound:.2f}**"],
+            ["**theoretical ε** (client-level: one institution as a whole)", f"**{eps(theoretical)}**"],
+            ["largest bound this audit could show (every guess right)", f"{a.epsilon_largest_certifiable:.2f}"],
+            ["ε estimate (Andrew et al. 2024; not a bound; 95% sampling interval)", estimate],
+            ["membership-inference AUC", g(a.auc)],
+            ["true-positive rate at 1% false-positive rate", g(a.tpr_at_fpr_001)]]
+    blocks: list[Block] = [
+        f"`fedtune audit` checked the client-level DP of this run empirically with canary institutions (Andrew et "
+        f"al. 2024, \"One-shot Empirical Privacy Estimation for Federated Learning\"). {m} institutions that hold no "
+        "data were each added to the population with probability 1/2; one that was added joined each round's cohort "
+        "by its own coin flip, with the same probability as every institution, and sent the largest update the "
+        "clipping lets through, its own "
+        f"random direction at the clipping norm. After round {a.round} each canary was scored by the cosine between "
+        "its direction and the global adapter's change since round 0: what anyone given the initial and the final "
+        "adapter can compute. The one-run method of Steinke, Nasr & Jagielski (2023) turns the guesses into a lower "
+        "bound on ε; Andrew et al.'s estimate fits a Gaussian to the added and the left-out canaries' cosines.",
+        Table(["audit", "value"], rows),
+        "**The lower bound must stay at or below the theoretical ε**, which is proven to bound what any attack can "
+        "learn about one institution; a bound above it signals a bug in the client-level DP code or its accounting. "
+        "The estimate is no bound: it assumes Gaussian scores (which Andrew et al. prove for random canaries under the "
+        "Gaussian mechanism in high dimension) and carries the sampling error shown. An estimate well above the "
+        "theoretical ε, with its whole interval above it, points to less noise than accounted. The final adapter "
+        "hides which rounds a canary joined, so with fewer than all institutions per round the estimate may fall "
+        "below the theoretical ε, which covers every round's release.",
+    ]
+    if a.consistent:
+        blocks.append(f"Here ε ≥ {bound:.2f} was shown against a theoretical ε = {eps(theoretical)}: consistent.")
+    else:
+        blocks.append(f"**Here the lower bound, {bound:.2f}, is above the theoretical ε = {eps(theoretical)}: this "
+                      "signals a bug.** Do not rely on this run's client-level guarantee until it is explained.")
+    return [*blocks, _audit_power(a)]
 
 
 def _audit_power(a: AuditSummary) -> str:

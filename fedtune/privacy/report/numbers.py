@@ -39,7 +39,8 @@ USER_NEIGHBOURS = ("add/remove one user of one institution with all of that user
 AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
               "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
               "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
-AUDIT_POWER_KEYS = ("epsilon_largest_certifiable", "canaries_to_certify_theoretical", "vantage", "unit")  # newer keys
+AUDIT_POWER_KEYS = ("epsilon_largest_certifiable", "canaries_to_certify_theoretical", "vantage", "unit",
+                    "epsilon_estimate", "epsilon_estimate_interval")  # newer keys, optional
 
 Epsilon = float | str  # a cumulative ε, or INF
 
@@ -142,7 +143,9 @@ class AuditSummary:
     epsilon_largest_certifiable: float | None = None  # the audit's power: its bound for perfect guesses
     canaries_to_certify_theoretical: int | None = None  # None: unreachable at this δ, or ε = ∞
     vantage: str | None = None  # "final" or "server" (None: an audit from before vantages, i.e. final)
-    unit: str | None = None  # dp.unit: "user" makes each canary a canary user (None: older audits, records)
+    unit: str | None = None  # "user": canary users; "client": canary institutions (None: older audits, records)
+    epsilon_estimate: float | None = None  # canary institutions: Andrew et al.'s one-shot estimate
+    epsilon_estimate_interval: list[float] | None = None  # its sampling error: ε at μ ∓ 1.96 standard errors
 
     def to_dict(self) -> dict[str, Any]:
         return dict(zip(AUDIT_KEYS + AUDIT_POWER_KEYS, (getattr(self, f.name) for f in fields(self)), strict=True))

@@ -5,6 +5,8 @@ noise, so that the audit has a real privacy bug to catch. Tests only; nothing in
 
 - `noise-off`: the Gaussian noise DP-SGD adds to each summed, clipped gradient is zero.
 - `noise-tenth`: that noise has a tenth of its standard deviation.
+- `clip-off`: per-sample gradients are summed unclipped; the noise is still scaled to the clipping
+  norm C, as if they had been clipped.
 """
 
 import os
@@ -21,3 +23,19 @@ if _MUTATION in ("noise-off", "noise-tenth"):
         return _generate_noise(std * _scale, reference, generator, secure_mode)
 
     _optimizer._generate_noise = _mutated_noise
+
+if _MUTATION == "clip-off":
+    from opacus.optimizers.optimizer import DPOptimizer as _DPOptimizer
+
+    _clip_and_accumulate = _DPOptimizer.clip_and_accumulate
+
+    def _unclipped(self):
+        # An infinite norm makes every clip factor min(inf / norm, 1) = 1; restored before the noise,
+        # whose std is noise_multiplier * max_grad_norm.
+        saved, self.max_grad_norm = self.max_grad_norm, float("inf")
+        try:
+            _clip_and_accumulate(self)
+        finally:
+            self.max_grad_norm = saved
+
+    _DPOptimizer.clip_and_accumulate = _unclipped
