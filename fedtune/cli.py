@@ -104,7 +104,7 @@ def _privacy_verify(run_dir: Path) -> None:
 def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/<timestamp>).")] = None,
-    resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round; only --rounds may change, to extend it.")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this directory from its last finished round; only --rounds (to extend it) and --ray-address may change.")] = None,
     **options: Any,
 ) -> None:
     """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo, or with
@@ -116,15 +116,17 @@ def simulate(
 
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any],
               audit_hint: bool = True) -> None:
-    from fedtune.server.prepare import continue_run, new_run
-    from fedtune.simulation.engine import simulate
+    from fedtune.server.prepare import RESUMABLE, continue_run, new_run
+    from fedtune.simulation.engine import check_cluster, simulate
 
+    check_cluster(overrides.get("simulation.ray_address") or (load_config(config, overrides).simulation.ray_address
+                                                               if resume is None else ""))  # before any file
     if resume is not None:
-        changed = sorted(key for key, value in overrides.items() if value is not None and key != "rounds")
+        changed = sorted(key for key, value in overrides.items() if value is not None and key not in RESUMABLE)
         if changed or config is not None or out is not None:
-            raise ConfigError(f"--resume continues a run with its saved config; only --rounds may change "
-                              f"(got {', '.join(changed) or '--config/--out'}). Drop those options.")
-        cfg, run = continue_run(resume, overrides["rounds"])
+            raise ConfigError(f"--resume continues a run with its saved config; only --rounds and --ray-address "
+                              f"may change (got {', '.join(changed) or '--config/--out'}). Drop those options.")
+        cfg, run = continue_run(resume, overrides["rounds"], overrides.get("simulation.ray_address"))
         if run.finished(run.latest_checkpoint(), cfg.rounds):  # no simulation to start (Ray takes seconds)
             console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.", soft_wrap=True,
                           markup=False, highlight=False)

@@ -478,6 +478,23 @@ class RecipeConfig:
         _check(self.mode in ("auto", "off"), "recipe.mode", "use `auto` or `off`.")
 
 
+@dataclass(frozen=True)
+class SimulationConfig:
+    ray_address: str = field(
+        default="",
+        metadata={"help": "Run the Simulation Engine's clients on an existing Ray cluster: the head node's address "
+                          "as HOST:PORT (what `ray start --head` printed), or `auto` for the cluster on this "
+                          "machine. Empty: start a Ray of fedtune's own on this machine (docs/simulation.md)."},
+    )
+
+    def __post_init__(self) -> None:
+        address = self.ray_address.strip()
+        host, _, port = address.rpartition(":")
+        _check(not address or address == "auto" or (bool(host) and port.isdigit() and 0 < int(port) < 65536),
+               "simulation.ray_address", f"{self.ray_address!r} is not a Ray head address; give HOST:PORT as "
+               "`ray start --head` printed it (e.g. 10.0.0.5:6379), or `auto`.")
+
+
 # What a client trains by: its model, adapter, local training, DP-SGD and data (to rebuild its
 # partition) sections, the seed, and what rounds_per_client() needs (a target ε is spent over the
 # rounds a client is expected to train in). Aggregation, timeouts and the run directory stay on
@@ -511,6 +528,7 @@ class FedtuneConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
         _check(1 <= self.rounds <= 100_000, "rounds", "use at least 1 round.")

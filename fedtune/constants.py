@@ -50,6 +50,7 @@ ADOPTED_LEDGER_SPENDING = "adopted_ledger_spending"  # 1: the node lost its stat
 UNRECORDED = "unrecorded"  # JSON: the client's own ledger entries for spending the server's record lacks
 POLICY = "policy"  # whose privacy policy the client applied: "node config" or "run config" (privacy/policy.py)
 LORA_RANK = "lora_rank"  # heterogeneous ranks: the rank the client trains (the server sends it that rank next)
+RAY_NODE = "ray_node"  # simulation: the Ray node (IP and node id) whose worker ran the client
 STATUS_TRAINED = "trained"
 STATUS_DECLINED = "declined"  # the round would have taken the client past its ε budget
 STATUS_REFUSED = "refused"  # the request broke the institution's privacy policy (privacy/policy.py): no training

@@ -55,6 +55,7 @@ AUDIT = ("clients", "rounds", "seed", "strategy.clients_per_round", "data.canary
 NOT_DEPLOYED = {
     "clients": "deploy-local runs one client per node: --nodes",
     "num_cpus_per_client": "Ray workers of the Simulation Engine only",
+    "simulation.ray_address": "the Deployment Engine runs no Ray",
     "data.canaries": "audit canaries are planted in simulation only",
     "data.canary_repeats": "audit canaries are planted in simulation only",
     "dp.canary_clients": "audit canaries are planted in simulation only",
@@ -63,7 +64,7 @@ NOT_DEPLOYED = {
 CHOICES = {"model.task": tuple(TASKS)}  # str fields whose values come from a registry, not a Literal
 
 PANELS = {"": "Run", "model": "Model", "lora": "LoRA", "dp": "Differential privacy", "train": "Client training",
-          "strategy": "Aggregation", "data": "Data", "recipe": "Run"}
+          "strategy": "Aggregation", "data": "Data", "recipe": "Run", "simulation": "Run"}
 
 
 @dataclass(frozen=True)

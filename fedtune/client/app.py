@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -220,11 +221,21 @@ class _Round:
         """The reply alone, with nothing recorded (finish records first)."""
         client = {k.CLIENT_NAME: self.name, k.STATUS: status, k.POLICY: self.policy.source,
                   **({k.REASON: reason} if reason else {}), **self.notes, **(info or {}),
-                  **({k.UNRECORDED: json.dumps([e.to_dict() for e in self.late])} if self.late else {})}
+                  **({k.UNRECORDED: json.dumps([e.to_dict() for e in self.late])} if self.late else {}),
+                  **ray_node()}
         content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord(client)})
         if arrays is not None:
             content[k.ARRAYS] = arrays
         return Message(content, reply_to=self.msg)
+
+
+def ray_node() -> dict[str, str]:
+    """{RAY_NODE: "IP/node id"} in a Simulation Engine worker (the run summary counts the clients each
+    node ran); empty elsewhere, e.g. a deployed SuperNode, which never imports Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {k.RAY_NODE: f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:12]}"}
 
 
 def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int | None:

@@ -82,8 +82,12 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     load_record(model, ArrayRecord(torch_state_dict=final.arrays))
     save_adapter(model, run.adapter_dir)
     summary = _summary(final, base_model_bytes(model), time.monotonic() - started, inputs.worker_peak_rss_mb,
-                       waited, failed)
+                       waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items()))}
     run.write_summary(summary)
+    if cfg.simulation.ray_address and inputs.ray_nodes:
+        console.print("Training replies per Ray node: "
+                      + ", ".join(f"{node}: {count}" for node, count in sorted(inputs.ray_nodes.items())),
+                      markup=False, highlight=False, soft_wrap=True)
     if summary["failed_client_rounds"]:
         console.print(f"{summary['failed_client_rounds']} client-rounds failed (reasons in privacy_ledger.json).",
                       markup=False, highlight=False)

@@ -18,7 +18,8 @@ from fedtune.recipe import Facts, apply_recipe
 from fedtune.server.run_dir import CONFIG, RunDirectory
 from fedtune.tasks.base import get_task
 
-RESUMABLE = frozenset({"rounds"})  # the one option a run may change when it is continued
+# What a run may change when it is continued: how long it runs, and (simulation) which Ray runs it.
+RESUMABLE = frozenset({"rounds", "simulation.ray_address"})
 DERIVED = frozenset({"recipe.chosen"})  # follows from the others: never named as a difference
 
 
@@ -94,14 +95,15 @@ def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = No
     return cfg, run, summary
 
 
-def continue_run(path: Path, rounds: int | None = None) -> tuple[FedtuneConfig, RunDirectory]:
-    """Reopen a run directory with its saved config (only the number of rounds may change); a damaged
+def continue_run(path: Path, rounds: int | None = None,
+                 ray_address: str | None = None) -> tuple[FedtuneConfig, RunDirectory]:
+    """Reopen a run directory with its saved config (only RESUMABLE options may change); a damaged
     checkpoint with none to fall back to, or a damaged ledger, stops here before anything is rewritten."""
     from fedtune.config import dump_config
     from fedtune.durable import write_text_atomic
 
     run = RunDirectory.existing(path)
-    cfg = run.config().with_overrides({"rounds": rounds})
+    cfg = run.config().with_overrides({"rounds": rounds, "simulation.ray_address": ray_address})
     run.resume_point()
     run.read_ledger()
     preflight(cfg)
@@ -123,5 +125,6 @@ def open_run(cfg: FedtuneConfig, target: Path) -> tuple[FedtuneConfig, RunDirect
                      if key not in RESUMABLE | DERIVED and saved.get(key) != asked.get(key))
     if changed:
         raise ConfigError(f"{target} holds a run with another config ({', '.join(changed)} differ). Continue it "
-                          "with its own config (only `rounds` may change), or give a new run directory (`out`).")
+                          "with its own config (only `rounds` and `simulation.ray_address` may change), or give a new "
+                          "run directory (`out`).")
     return continue_run(target, cfg.rounds)

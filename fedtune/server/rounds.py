@@ -70,6 +70,7 @@ class RoundInputs:
     console: Console = field(default_factory=Console)
     timeout_s: float | None = None
     worker_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # per client process, this session
+    ray_nodes: dict[str, int] = field(default_factory=dict)  # simulation: replies per Ray node, this session
     stop: threading.Event = field(default_factory=threading.Event)  # set on Ctrl-C: stop at once, commit nothing
 
 
@@ -160,6 +161,14 @@ def _track_memory(peaks: dict[int, float], replies: list[Message]) -> None:
         if not reply.has_error() and k.PID in reply.content[k.METRICS]:
             m = reply.content[k.METRICS]
             peaks[int(m[k.PID])] = max(peaks.get(int(m[k.PID]), 0.0), float(m[k.PEAK_RSS_MB]))
+
+
+def _track_ray_nodes(counts: dict[str, int], replies: list[Message]) -> None:
+    for reply in replies:
+        info = None if reply.has_error() else reply.content.get(k.CLIENT_INFO)
+        node = info.get(k.RAY_NODE) if isinstance(info, ConfigRecord) else None
+        if isinstance(node, str):
+            counts[node] = counts.get(node, 0) + 1
 
 
 def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], node_names: dict[int, str],
@@ -387,6 +396,7 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
                              "its privacy state was lost (marked state_lost in the ledger)",
                              markup=False, highlight=False, soft_wrap=True)
     _track_memory(inputs.worker_peak_rss_mb, replies)
+    _track_ray_nodes(inputs.ray_nodes, replies)
     # The round's one ledger write (a second one in _aggregate under client-level DP): the spending the
     # clients reported is on disk before anything else can fail (too few replies, aggregation,
     # evaluation, a crash), and a resume keeps it (RunDirectory.ledger_to_resume). Committing the

@@ -7,6 +7,8 @@ import logging
 import os
 import secrets
 import signal
+import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ from functools import lru_cache
 from rich.console import Console
 
 from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError
 from fedtune.server.run_dir import RunDirectory
 
 
@@ -27,9 +30,14 @@ def usable_cpus() -> int:
 
 
 def backend_config(cfg: FedtuneConfig) -> dict:
+    """Flower's Ray backend settings. On a local Ray, sized to this process's CPUs; on an existing
+    cluster (simulation.ray_address), Flower sizes the worker pool from the cluster's nodes
+    (pool_size_from_resources), so a client asks for num_cpus_per_client as it stands."""
+    address = cfg.simulation.ray_address
     cpus = usable_cpus()
+    init = ({"address": address} if address else {"num_cpus": cpus}) | {"logging_level": "ERROR", "log_to_driver": True}
     return {
-        "client_resources": {"num_cpus": min(cfg.num_cpus_per_client, cpus),
+        "client_resources": {"num_cpus": cfg.num_cpus_per_client if address else min(cfg.num_cpus_per_client, cpus),
                              "num_gpus": 1.0 if cfg.model.device == "cuda" else 0.0,
                              # Flower passes these to the worker actors' Ray options: a worker that dies
                              # (killed for memory, say) is restarted, so later rounds have their clients
@@ -37,14 +45,19 @@ def backend_config(cfg: FedtuneConfig) -> dict:
                              "max_restarts": -1},
         # No runtime_env here: Flower's RayBackend passes its own to ray.init, and a second one
         # fails the start ("multiple values for keyword argument 'runtime_env'").
-        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": init,
     }
 
 
 def simulation_workers(cfg: FedtuneConfig) -> int:
     """How many worker processes the Ray backend starts for backend_config(cfg): as many as fit the
-    CPUs, and with cuda one per GPU (Flower's pool_size_from_resources, on this one machine)."""
+    CPUs, and with cuda one per GPU (Flower's pool_size_from_resources, on this one machine; on an
+    existing cluster, Flower's own count over its nodes, with Ray already connected)."""
     resources = backend_config(cfg)["client_resources"]
+    if cfg.simulation.ray_address:
+        from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+        return pool_size_from_resources(resources)
     workers = int(usable_cpus() / resources["num_cpus"])
     if resources["num_gpus"]:
         import torch
@@ -100,7 +113,10 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     # wait out the GCS reconnect timeout, 60 s by default. On this one machine the GCS lives and dies
     # with this process, so waiting for it to come back is pointless; 10 s lets them exit soon after.
     os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
-    require_ray_token()
+    if cfg.simulation.ray_address:
+        connect_cluster(cfg, console)
+    else:
+        require_ray_token()
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import app as client_app
@@ -125,6 +141,49 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
                 raise KeyboardInterrupt
     finally:
         flwr_logger.removeFilter(notice_filter)
+
+
+def connect_cluster(cfg: FedtuneConfig, console: Console) -> None:
+    """Join the Ray cluster at simulation.ray_address as its driver, as Flower's backend would (its
+    init_ray skips a Ray already connected): worker processes get this process's import path, so
+    every node must have this Python environment at the same path. The cluster's own security
+    settings (e.g. RAY_AUTH_MODE=token with the cluster's RAY_AUTH_TOKEN) are the user's; fedtune's
+    random per-process token is for the Ray it starts itself."""
+    import ray
+
+    pythonpath = os.pathsep.join(filter(None, [os.pathsep.join(sys.path), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = pythonpath
+    check_cluster(cfg.simulation.ray_address)
+    try:
+        ray.init(address=cfg.simulation.ray_address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 logging_level="ERROR", log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"Could not join the Ray cluster at simulation.ray_address = "
+                          f"{cfg.simulation.ray_address!r} ({_first_line(err)}). Start it with `ray start --head` "
+                          "and give the address it printed, or leave the option empty for a local Ray.") from err
+    nodes = [node for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU")]
+    console.print(f"Ray cluster at {cfg.simulation.ray_address}: {len(nodes)} nodes with CPUs, "
+                  f"{simulation_workers(cfg)} client workers.", markup=False, highlight=False)
+
+
+def check_cluster(address: str) -> None:
+    """Refuse a Ray head address (HOST:PORT) that accepts no TCP connection, before a run directory is
+    written: Ray's core, finding no cluster there, ends the whole process after a 10 s wait instead
+    of raising. Empty (a local Ray) and `auto` (Ray looks it up itself, and raises) pass."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as err:  # refused, timed out, unknown host
+        raise ConfigError(f"Could not join the Ray cluster at simulation.ray_address = {address!r} ({err}). Start "
+                          "it with `ray start --head` and give the address it printed, or leave the option empty "
+                          "for a local Ray.") from err
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 @contextmanager

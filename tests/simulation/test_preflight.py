@@ -48,3 +48,22 @@ def test_cuda_gives_each_worker_a_whole_gpu_and_no_more_workers_than_gpus(monkey
     assert simulation_workers(cuda) == 2  # Ray fits 2 one-GPU workers, not 16 one-CPU ones
     cpu = FedtuneConfig()
     assert backend_config(cpu)["client_resources"]["num_gpus"] == 0.0 and simulation_workers(cpu) == 16
+
+
+def test_on_an_existing_cluster_the_cluster_sizes_the_workers_not_this_machine(monkeypatch):
+    """--ray-address: Ray is joined, not started, so no CPU count is passed to it (Ray refuses one when
+    connecting), and a client asks for num_cpus_per_client whatever the driver has; Flower then sizes
+    the pool from the cluster's nodes."""
+    monkeypatch.setattr("fedtune.simulation.engine.usable_cpus", lambda: 2)
+    cfg = FedtuneConfig().with_overrides({"simulation.ray_address": "10.0.0.5:6379", "num_cpus_per_client": 4.0})
+    resources = backend_config(cfg)
+    assert resources["init_args"]["address"] == "10.0.0.5:6379" and "num_cpus" not in resources["init_args"]
+    assert resources["client_resources"]["num_cpus"] == 4.0
+
+
+@pytest.mark.parametrize("address", ["x", "10.0.0.5", "10.0.0.5:port", "10.0.0.5:70000", ":6379"])
+def test_a_ray_address_must_be_host_and_port_or_auto(address):
+    with pytest.raises(ConfigError, match="simulation.ray_address.*HOST:PORT"):
+        FedtuneConfig().with_overrides({"simulation.ray_address": address})
+    for good in ("auto", "10.0.0.5:6379", "head.cluster.local:6379", ""):
+        FedtuneConfig().with_overrides({"simulation.ray_address": good})
