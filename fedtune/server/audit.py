@@ -24,9 +24,10 @@ from fedtune.tasks.base import get_task
 
 REFERENCE_RECORDS = 256  # server hold-out records whose gradients the server-vantage fit takes as nuisance
 CLIENT_SCORE = "cosine between the canary institution's direction and the final global adapter's change since round 0"
-SERVER_SCORE = ("sum over rounds of the canary's least-squares weight in its institution's update, along its unit "
-                "descent direction at the round's global weights (under AdamW scaled by a modelled 1/√v), beside the "
-                "other institutions' mean update and the server's hold-out records' directions")
+SERVER_SCORE = ("sum over rounds of the t-statistic of the canary's least-squares weight in its institution's "
+                "update, along its unit descent direction at the round's global weights (under AdamW scaled by a "
+                "modelled 1/√v), beside the other institutions' mean update and the server's hold-out records' "
+                "directions")
 ESTIMATE_METHOD = ("one-shot estimate (Andrew et al. 2024, arXiv 2302.03098): Gaussians with a pooled variance fitted "
                    "to members' and non-members' cosines, ε of that μ-GDP pair at δ; an estimate, not a bound")
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
@@ -55,9 +56,10 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     non-members alike), with g_i the gradient of its loss at the round's global weights θ_{t−1}, and
     fits the institution's update Δ = θ_client − θ_{t−1} by least squares on those directions, the
     other institutions' mean update and the descent directions of up to REFERENCE_RECORDS records of
-    the server's own hold-out (_contributions). Canary i's score is its fitted weight,
-    summed over the rounds. Training on a canary adds a (clipped, noised) step along −g_i to its
-    institution's update, so a member's weight is positive and a non-member's is about zero.
+    the server's own hold-out (_contributions). Canary i's score is its fitted weight divided by
+    the weight's standard error, summed over the rounds. Training on a canary adds a (clipped,
+    noised) step along −g_i to its institution's update, so a member's weight is positive and a
+    non-member's is about zero.
     Under AdamW the step is along −g_i scaled per coordinate by 1/√v, so every direction is scaled
     so too, with v modelled from the hold-out's gradients (_adam_scale).
 
@@ -156,23 +158,35 @@ def _unit_descent(gradients, scale=None):
 
 
 def _contributions(move, directions, nuisance: list) -> list[float]:
-    """Each canary's weight in one institution's update: the least-squares fit of the update on the
-    descent directions of every canary that institution might hold, beside nuisance directions that
-    the update follows whether or not a canary is in: the other institutions' mean update (the shared
-    task) and the descent directions of the server's own hold-out records (what ordinary data moves).
+    """Each canary's evidence of a step in one institution's update: its weight in the least-squares
+    fit of the update on the descent directions of every canary that institution might hold, beside
+    nuisance directions that the update follows whether or not a canary is in (the other
+    institutions' mean update, the shared task, and the descent directions of the server's own
+    hold-out records, what ordinary data moves), divided by that weight's standard error.
 
     Why a joint fit and not each canary's projection alone: canaries with the same label have
     strongly aligned gradients (the classifier head dominates them), and ordinary records' gradients
     align with them too, so a projection credits a non-member with the steps of aligned members and
     data. The fit separates them while the directions are linearly independent; it keeps at most
-    half as many columns as there are trainable weights (hold-out directions are dropped first)."""
+    half as many columns as there are trainable weights (hold-out directions are dropped first).
+
+    Why the t-statistic (weight / standard error, with the residual's variance) and not the weight:
+    a canary whose direction is nearly a combination of the others gets a large weight by chance,
+    and the weights' ranking puts such non-members at the top, where the audit's guesses are made.
+    On the `--no-dp` run of docs/privacy.md it took the bound from 1.37 (the weights) to 1.68."""
     import torch
 
     room = max(0, move.numel() // 2 - len(directions))
     columns = [directions] + ([torch.stack(nuisance[:room])] if nuisance[:room] else [])
     design = torch.cat(columns).T.double()  # weights x columns
-    weights = torch.linalg.lstsq(design, move.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    return weights[: len(directions)].tolist()
+    target = move.double()
+    weights = torch.linalg.lstsq(design, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    residual = target - design @ weights
+    variance = float(residual @ residual) / max(design.shape[0] - design.shape[1], 1)
+    spread = torch.diagonal(torch.linalg.pinv(design.T @ design))[: len(directions)]
+    # An exact fit (no residual at all) leaves every standard error 0: a floor keeps the ratios finite.
+    stderr = (variance * spread).clamp_min(0).sqrt().clamp_min(1e-150)
+    return (weights[: len(directions)] / stderr).tolist()
 
 
 def client_name(site: int) -> str:

@@ -198,11 +198,12 @@ def test_the_server_vantage_scores_each_canary_by_its_institutions_update(tmp_pa
     record = run_audit(run, confidence=0.95, vantage="server")
     assert record["vantage"] == "server" and record["auc"] > 0.95
     assert record["epsilon_lower_bound"] > 1.0  # 40 canaries can show at most 1.17
-    # Each score estimates the canary's weight in its institution's update: 0.05 for a member, 0 for a
-    # non-member (loosely: the shared step and the other institution's canaries are fitted too).
+    # Each score is the t-statistic of the canary's weight in its institution's update (0.05 for a
+    # member, 0 for a non-member): positive for every member, about 0 on average for the non-members
+    # (the residual here is only the shared step, so small misfits give non-members t of ±50 too).
     member = [x for x, m in zip(record["canary_scores"], canaries.members, strict=True) if m]
     outside = [x for x, m in zip(record["canary_scores"], canaries.members, strict=True) if not m]
-    assert 0.03 < sum(member) / len(member) < 0.07 and abs(sum(outside) / len(outside)) < 0.015
+    assert min(member) > 0 and sum(member) / len(member) > 5 * abs(sum(outside) / len(outside))
 
 
 def test_adamws_update_follows_the_modelled_scale_not_the_raw_gradient():

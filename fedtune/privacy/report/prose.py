@@ -285,7 +285,8 @@ def _not_covered(r: ReportData) -> list[Block]:
          f"after evaluation, each round: `{k.NUM_EXAMPLES}`, `{k.EVAL_LOSS}` and `{k.EVAL_ACCURACY}` on the "
          "institution's local validation split. Validation records are never used in training, so DP-SGD gives "
          "them no protection at all;",
-         f"with every reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and process id), "
+         f"with every reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and process id; in "
+         f"simulation also `{k.RAY_NODE}`, the Ray node that ran it), "
          "when the reply arrived (how long the institution took to train, which grows with its data), and for a "
          "refused or failed round the reason it gave;",
          "in simulation, `partition_summary.json` and `partition.png`: each client's example count and label "
