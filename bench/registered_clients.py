@@ -1,16 +1,19 @@
 """Does a round's time follow the clients sampled, or the clients registered? (not a test)
 
-Three `fedtune simulate` runs in this one process, each 2 rounds with DP-SGD on, every client
+Five `fedtune simulate` runs in this one process, each 2 rounds with DP-SGD on, every client
 holding the same 8 demo examples (IID), batch size 4:
-  registered 100,   sampled 20 per round
-  registered 1,000, sampled 20 per round    (same work per round as the first: should take as long)
-  registered 1,000, sampled 100 per round   (5x the work: should take about 5x as long)
+  registered 100,    sampled 20 per round
+  registered 1,000,  sampled 20 per round    (same work per round as the first: should take as long)
+  registered 1,000,  sampled 100 per round   (5x the work: should take about 5x as long)
+  registered 100,    sampled 100 per round   (every client, every round)
+  registered 10,000, sampled 100 per round   (same work as the one before: target within 1.2x)
 The time compared is round 2's `train_s` (configure, train every sampled client, aggregate), when
 every worker has its model loaded; round 1 also pays Ray's and the workers' start-up. Peak resident
 memory is each run's `peak_rss_mb` from summary.json. Prints a table, then as its last line one
-JSON object with `registered_1000_vs_100` (target about 1) and `sampled_100_vs_20` (about 5).
+JSON object with `registered_1000_vs_100` (target about 1), `sampled_100_vs_20` (about 5) and
+`registered_10000_vs_100` (100 sampled in both; target at most 1.2, at no more than 4 GiB peak RSS).
 
-    python bench/registered_clients.py
+    python bench/registered_clients.py [RUN_NAME ...]
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from fedtune.simulation.engine import simulate  # noqa: E402
 
 PER_CLIENT, TEST_FRACTION = 8, 0.05
 RUNS = (("registered_100_sampled_20", 100, 20), ("registered_1000_sampled_20", 1000, 20),
-        ("registered_1000_sampled_100", 1000, 100))
+        ("registered_1000_sampled_100", 1000, 100), ("registered_100_sampled_100", 100, 100),
+        ("registered_10000_sampled_100", 10000, 100))
 
 
 def workload(registered: int, sampled: int) -> FedtuneConfig:
@@ -57,22 +61,33 @@ def run(cfg: FedtuneConfig, out: Path) -> dict:
             "epsilon_max": summary["epsilon_max"]}
 
 
-def main() -> None:
+RATIOS = {  # name: (numerator run, denominator run, what to expect)
+    "registered_1000_vs_100": ("registered_1000_sampled_20", "registered_100_sampled_20", "target about 1"),
+    "sampled_100_vs_20": ("registered_1000_sampled_100", "registered_1000_sampled_20", "work: 5x"),
+    "registered_10000_vs_100": ("registered_10000_sampled_100", "registered_100_sampled_100", "target at most 1.2"),
+}
+
+
+def main(names: list[str]) -> None:
+    """Runs every workload, or only those named on the command line (the ratios of the pairs run)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, registered, sampled in RUNS:
+            if names and name not in names:
+                continue
             results[name] = {"registered": registered, "sampled": sampled,
                              **run(workload(registered, sampled), Path(tmp) / name)}
             r = results[name]
             print(f"{name:28s} round 2: {r['round_2_train_s']:6.1f} s for {r['round_2_examples']} examples  "
                   f"(round 1: {r['round_1_train_s']:.1f} s)  peak RSS {r['peak_rss_mb']:.0f} MB",
                   file=sys.stderr, flush=True)
-    small, large, busy = (results[name]["round_2_train_s"] for name, _, _ in RUNS)
-    ratios = {"registered_1000_vs_100": round(large / small, 2), "sampled_100_vs_20": round(busy / large, 2)}
-    print(f"round time, 1,000 vs 100 registered (20 sampled): {ratios['registered_1000_vs_100']}x (target about 1); "
-          f"100 vs 20 sampled (1,000 registered): {ratios['sampled_100_vs_20']}x (work: 5x)", file=sys.stderr)
+    ratios = {}
+    for ratio, (top, bottom, expect) in RATIOS.items():
+        if top in results and bottom in results:
+            ratios[ratio] = round(results[top]["round_2_train_s"] / results[bottom]["round_2_train_s"], 2)
+            print(f"round time {ratio}: {ratios[ratio]}x ({expect})", file=sys.stderr)
     print(json.dumps({**ratios, "cpus": os.cpu_count(), "results": results}))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

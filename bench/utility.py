@@ -37,7 +37,7 @@ Writes bench/results/utility.json (+ utility.png: accuracy against ε per data s
 as horizontal lines), prints a table per data set, and as its last line the report as one JSON object.
 
     python bench/utility.py [--mode validation|test] [--datasets phrasebank banking77 medical]
-        [--rows central fed-dp8 ...] [--seeds 0 1 2] [--rounds N] [--recipe recipe.toml] [--quick]
+        [--rows central fed-dp8 ...] [--seeds 0 1 2] [--rounds N] [--recipe recipe.toml] [--quick] [--merge]
 """
 
 from __future__ import annotations
@@ -222,6 +222,29 @@ def run_dataset(name: str, args: argparse.Namespace, base: FedtuneConfig, runs: 
 
 # ---- report ------------------------------------------------------------------------------------
 
+SAME = ("mode", "quick", "rounds", "recipe_text", "split")  # what a merged report's runs must share
+
+
+def merge(old: dict, new: dict, path: Path) -> dict:
+    """`new` with the runs of the earlier report `old` kept, each row summarized again over every
+    seed it now has: the full table (3 sets x 6 rows x 3 seeds) takes longer than one sitting."""
+    for key in SAME:
+        if old.get(key) != new.get(key):
+            raise SystemExit(f"--merge: {path} was run with {key} = {old.get(key)!r}, this run with "
+                             f"{new.get(key)!r}; give another --results file, or drop --merge to replace it.")
+    datasets = dict(old["datasets"])
+    for name, data in new["datasets"].items():
+        if name not in datasets:
+            datasets[name] = data
+            continue
+        runs = {**datasets[name]["runs"], **data["runs"]}
+        rows = {**datasets[name]["rows"], **data["rows"]}
+        for row in data["rows"]:
+            rows[row] = {**rows[row], **summarize([r for key, r in runs.items() if key.rsplit("/", 1)[1] == row])}
+        datasets[name] = {**data, "rows": {row: rows[row] for row in ROWS if row in rows}, "runs": runs}
+    return {**new, "seeds": sorted(set(old["seeds"]) | set(new["seeds"])), "datasets": datasets}
+
+
 def show(report: dict, console: Console) -> None:
     for name, data in report["datasets"].items():
         table = Table(title=f"{name} ({report['mode']} mode: {data['train']} training records, {data['scored']} "
@@ -293,6 +316,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="Keep the CSVs and run directories here (default: a temporary directory).")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"[default: {RESULTS}]")
+    parser.add_argument("--merge", action="store_true",
+                        help="Keep the runs already in the results file (same mode, size and recipe); a "
+                             "(data set, seed, row) run again replaces its old run. The table is built up in parts.")
     args = parser.parse_args()
     args.datasets = args.datasets or (["phrasebank"] if args.quick else list(DATASETS))
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -303,21 +329,25 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     base, console = load_config(args.recipe), Console(width=None if sys.stdout.isatty() else 120)
+    header = {"benchmark": "utility", "mode": args.mode, "quick": args.quick, "rounds": args.rounds,
+              "seeds": args.seeds, "recipe": str(args.recipe) if args.recipe else None,
+              "recipe_text": args.recipe.read_text() if args.recipe else None, "cpus": os.cpu_count(),
+              "split": {"seed": SPLIT_SEED, "test_fraction": TEST_FRACTION, "val_fraction": VAL_FRACTION}}
+    path = args.results / f"{'utility_quick' if args.quick else 'utility'}.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")) if args.merge and path.exists() else None
+    if earlier:
+        merge(earlier, {**header, "datasets": {}}, path)  # refuses before hours of runs, not after
     with tempfile.TemporaryDirectory() as tmp:
         runs = (args.runs_dir or Path(tmp)).resolve()
         runs.mkdir(parents=True, exist_ok=True)
-        datasets = {name: run_dataset(name, args, base, runs, console) for name in args.datasets}
-    report = {"benchmark": "utility", "mode": args.mode, "quick": args.quick, "rounds": args.rounds,
-              "seeds": args.seeds, "recipe": str(args.recipe) if args.recipe else None,
-              "recipe_text": args.recipe.read_text() if args.recipe else None, "cpus": os.cpu_count(),
-              "split": {"seed": SPLIT_SEED, "test_fraction": TEST_FRACTION, "val_fraction": VAL_FRACTION},
-              "datasets": datasets}
+        report = {**header, "datasets": {name: run_dataset(name, args, base, runs, console) for name in args.datasets}}
+    if earlier:
+        report = merge(earlier, report, path)
     show(report, console)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = "utility_quick" if args.quick else "utility"
-    (args.results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot(report, args.results / f"{stem}.png")
-    console.print(f"Wrote {args.results / stem}.json and .png")
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(report, path.with_suffix(".png"))
+    console.print(f"Wrote {path} and {path.with_suffix('.png')}")
     print(json.dumps(report), flush=True)
 
 
