@@ -19,7 +19,7 @@ from fedtune.models.evaluate import evaluate, example_losses
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, largest_certifiable
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.privacy.report import build_report, markdown
-from fedtune.server.audit import audit_record, run_audit, theoretical_epsilon
+from fedtune.server.audit import _contributions, audit_record, run_audit, theoretical_epsilon
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 
 
@@ -239,3 +239,21 @@ def test_the_server_vantage_needs_the_record_of_updates(tmp_path, tiny_model):
     commit(run, trainable_state(tiny_model), ledger(a=[1.0]))
     with pytest.raises(Exception, match="--vantage final"):
         run_audit(run, 0.95, vantage="server")
+
+
+def test_a_canary_nearly_spanned_by_others_does_not_outrank_the_members():
+    """Two members stepped along their directions; of three non-members, the third's direction is
+    almost the sum of the other two. Their fitted weights are then large by chance (the noise along
+    the tiny part that sets them apart is divided by that tiny part), but so are their standard
+    errors: ranked by t-statistic the members come first, ranked by weight they would not. The
+    score also does not depend on the update's scale."""
+    gen = torch.Generator().manual_seed(0)
+    members, outside = torch.nn.functional.normalize(torch.randn(5, 400, generator=gen), dim=1).split([2, 3])
+    outside[2] = torch.nn.functional.normalize(outside[0] + outside[1] + 0.01 * outside[2], dim=0)
+    directions = torch.cat([members, outside])
+    move = members.sum(dim=0) + 0.05 * torch.randn(400, generator=gen)
+    weights = torch.linalg.lstsq(directions.T.double(), move.double().unsqueeze(1)).solution.squeeze(1)
+    assert weights[2:].abs().max() > weights[:2].min(), "by weight, a non-member outranks a member"
+    scores = torch.tensor(_contributions(move, directions, []))
+    assert scores[:2].min() > scores[2:].abs().max()
+    assert _contributions(3 * move, directions, []) == pytest.approx(scores.tolist())
