@@ -117,6 +117,7 @@ def simulate(
 def _simulate(config: Path | None, out: Path | None, resume: Path | None, overrides: dict[str, Any],
               audit_hint: bool = True) -> None:
     from fedtune.server.prepare import RESUMABLE, continue_run, new_run
+    from fedtune.server.run_dir import finished_as
     from fedtune.simulation.engine import check_cluster, simulate
 
     check_cluster(overrides.get("simulation.ray_address") or (load_config(config, overrides).simulation.ray_address
@@ -127,19 +128,21 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
             raise ConfigError(f"--resume continues a run with its saved config; only --rounds and --ray-address "
                               f"may change (got {', '.join(changed) or '--config/--out'}). Drop those options.")
         cfg, run = continue_run(resume, overrides["rounds"], overrides.get("simulation.ray_address"))
-        if run.finished(run.latest_checkpoint(), cfg.rounds):  # no simulation to start (Ray takes seconds)
-            console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.", soft_wrap=True,
+        latest = run.latest_checkpoint()
+        if run.finished(latest, cfg.rounds, cfg.early_stopping_patience):  # no simulation to start (Ray takes seconds)
+            console.print(f"{run.path} {finished_as(latest.round, cfg.rounds)}; nothing to resume.", soft_wrap=True,
                           markup=False, highlight=False)
             print(run.path)
             return
     else:
         cfg = load_config(config, overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        # fixes the label list for every client and evaluation, and the private recipe's choices
+        # fixes the label list for every client and evaluation, and the recipe's choices
         cfg, run, summary = new_run(cfg, target, given_keys(config, overrides))
         _show_data(summary)
         if cfg.recipe.chosen:  # the reasons are in config.toml's recipe.chosen
-            console.print("Private recipe (docs/recipe.md; why each: recipe.chosen in config.toml): "
+            which = "Private recipe" if cfg.dp.enabled else "Recipe without DP"
+            console.print(f"{which} (docs/recipe.md; why each: recipe.chosen in config.toml): "
                           + ", ".join(note.split(":", 1)[0] for note in cfg.recipe.chosen), highlight=False)
     noise = (f"target ε={cfg.dp.target_epsilon} per client" if cfg.dp.target_epsilon > 0
              else f"sigma={cfg.dp.noise_multiplier}")

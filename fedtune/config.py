@@ -506,6 +506,12 @@ CLIENT_KEYS = ("seed", "rounds", "clients", "strategy.clients_per_round", "strat
 @dataclass(frozen=True)
 class FedtuneConfig:
     rounds: int = field(default=3, metadata={"help": "Federated rounds."})
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Without DP: stop the run once the clients' mean validation loss (on their own "
+                          "validation splits, never the server's hold-out) has not improved for this many rounds "
+                          "in a row, as transformers' EarlyStoppingCallback does; the adapter is the last round's. "
+                          "0: run every round."})
     clients: int = field(default=10, metadata={"help": "Simulated institutions."})
     seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
     out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})
@@ -535,6 +541,15 @@ class FedtuneConfig:
         _check(1 <= self.clients <= 100_000, "clients", "use 1 to 100,000 clients.")
         _check(self.seed >= 0, "seed", "use a non-negative integer.")
         _check(self.num_cpus_per_client > 0, "num_cpus_per_client", "use a positive number.")
+        _check(0 <= self.early_stopping_patience <= 100_000, "early_stopping_patience",
+               "use 0 (run every round) or a number of rounds such as 5.")
+        if self.early_stopping_patience:
+            _check(not self.dp.enabled, "early_stopping_patience",
+                   "it stops on the clients' validation loss, which DP-SGD does not protect, so when the run "
+                   "stops would reveal something of their validation records; set it to 0, or train without DP.")
+            _check(self.clients_evaluating() > 0 and self.data.client_val_fraction > 0, "early_stopping_patience",
+                   "it needs the clients' validation loss: keep strategy.fraction_evaluate and "
+                   "data.client_val_fraction above 0, or set it to 0.")
         _check(0 <= self.round_timeout_s < math.inf, "round_timeout_s",
                "use a number of seconds, e.g. 600 (0: wait without limit).")
         _check(self.strategy.min_available_clients <= self.clients, "strategy.min_available_clients",

@@ -61,6 +61,7 @@ MODULE_SECONDS = {
     "tests/integration/test_lora_aggregation.py": 55, "tests/simulation/test_ray_cluster.py": 36,
     "tests/integration/test_dp_recipe.py": 33, "tests/integration/test_data_sources.py": 25,
     "tests/integration/test_audit_mutations.py": 175, "tests/integration/test_existing_cluster.py": 55,
+    "tests/integration/test_early_stopping.py": 45,
 }
 
 

@@ -98,3 +98,12 @@ def test_a_file_is_validated_together_with_the_command_line_options(tmp_path):
     cfg = load_config(path, {"data.path": "notes.csv", "rounds": None})
     assert (cfg.dp.unit, cfg.data.user_column, cfg.data.path, cfg.rounds) == ("user", "patient_id", "notes.csv", 3)
     assert load_config(None, {"rounds": 5}).rounds == 5 and load_config(None) == FedtuneConfig()
+
+
+def test_early_stopping_is_refused_under_dp_and_without_client_validation():
+    with pytest.raises(ConfigError, match="`early_stopping_patience`.*DP-SGD does not protect"):
+        FedtuneConfig.from_flat({"early_stopping_patience": 3})
+    for missing in ({"strategy.fraction_evaluate": 0.0}, {"data.client_val_fraction": 0.0}):
+        with pytest.raises(ConfigError, match="`early_stopping_patience`.*needs the clients' validation loss"):
+            FedtuneConfig.from_flat({"early_stopping_patience": 3, "dp.enabled": False, **missing})
+    assert FedtuneConfig.from_flat({"early_stopping_patience": 3, "dp.enabled": False}).early_stopping_patience == 3

@@ -24,6 +24,7 @@ EXAMPLES: dict[str, Any] = {"lora.client_ranks": "2", "data.encoding": "latin-1"
                           "model.task": "causal-lm", "simulation.ray_address": "127.0.0.1:6379"}
 ALONGSIDE: dict[str, dict[str, Any]] = {
     "train.length_buckets": {"dp.enabled": False}, "data.canary_repeats": {"dp.enabled": False},
+    "early_stopping_patience": {"dp.enabled": False},
     "data.partition_column": {"data.path": "notes.csv"}, "data.source": {"data.path": "notes.csv"},
     "data.user_column": {"data.path": "notes.csv"}, "dp.unit": {"data.path": "notes.csv", "data.user_column": "pid"},
     "dp.canary_clients": {"dp.client_dp": "fixed", "dp.delta": 1e-3},

@@ -1,4 +1,4 @@
-"""The private recipe: under DP, what the user left alone is chosen for the data, and why is recorded."""
+"""The recipe: what the user left alone is chosen for the data (under DP and without), and why is recorded."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ from fedtune.config import DataConfig, FedtuneConfig, given_keys
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
     DEFAULT_TARGET_EPSILON,
+    PLAIN_FEDERATED_ROUNDS,
+    PLAIN_MIN_BATCH,
+    PLAIN_PATIENCE,
     Facts,
     apply_recipe,
     noise_to_signal,
+    plain_batch_size,
     recipe_learning_rate,
 )
 from fedtune.server.prepare import facts, resolve
@@ -62,11 +66,49 @@ def test_a_budget_below_eight_is_the_target():
     assert cfg.dp.target_epsilon == 3.0
 
 
-def test_off_without_dp_or_when_switched_off_nothing_changes():
-    for cfg in (CFG.with_overrides({"dp.enabled": False}), CFG.with_overrides({"recipe.mode": "off"})):
+def test_switched_off_nothing_changes():
+    for cfg in (CFG.with_overrides({"recipe.mode": "off"}),
+                CFG.with_overrides({"recipe.mode": "off", "dp.enabled": False})):
         resolved = resolve(cfg, GIVEN)
         assert resolved.recipe.chosen == ()
         assert dataclasses.replace(resolved, data=cfg.data) == cfg
+
+
+def test_without_dp_a_federation_of_small_institutions_gets_small_batches_and_more_rounds():
+    plain = CFG.with_overrides({"dp.enabled": False})
+    cfg = resolve(plain, GIVEN | {"dp.enabled"})
+    records = facts(cfg).records  # 200 demo notes, 4 institutions: about 40 records each
+    assert cfg.train.batch_size == PLAIN_MIN_BATCH == 8 and max(records) < 16 * 8
+    assert cfg.rounds == PLAIN_FEDERATED_ROUNDS and cfg.train.lr_schedule == "cosine"
+    assert cfg.early_stopping_patience == PLAIN_PATIENCE
+    assert sorted(_chosen_keys(cfg)) == ["early_stopping_patience", "rounds", "train.batch_size", "train.lr_schedule"]
+    # the private recipe's options are left alone without DP
+    assert (cfg.model, cfg.lora, cfg.dp, cfg.train.optimizer) == (plain.model, plain.lora, plain.dp, "adamw")
+
+
+def test_without_dp_one_holder_of_every_record_keeps_the_defaults_of_a_central_run():
+    cfg = resolve(CFG.with_overrides({"dp.enabled": False, "clients": 1, "data.demo_examples": 2000}),
+                  GIVEN | {"dp.enabled"})
+    assert cfg.train.batch_size == 128 and cfg.rounds == 3 and cfg.train.lr_schedule == "constant"
+    assert _chosen_keys(cfg) == ["train.batch_size"]
+
+
+def test_without_dp_the_batch_gives_the_median_institution_ten_steps_an_epoch():
+    assert [plain_batch_size(r) for r in [(80,) * 20, (360, 200, 500), (1629,), (5, 9), ()]] == [8, 32, 128, 8, 8]
+    assert plain_batch_size((640, 640)) == 64 and plain_batch_size((639, 639)) == 32  # a power of two, at most n/10
+
+
+def test_without_dp_options_given_by_hand_are_kept():
+    cfg = resolve(CFG.with_overrides({"dp.enabled": False, "rounds": 2, "train.batch_size": 64}),
+                  GIVEN | {"dp.enabled", "rounds", "train.batch_size"})
+    assert (cfg.rounds, cfg.train.batch_size) == (2, 64)
+    assert _chosen_keys(cfg) == ["train.lr_schedule", "early_stopping_patience"]
+
+
+def test_without_client_evaluation_there_is_no_early_stopping_to_choose():
+    cfg = resolve(CFG.with_overrides({"dp.enabled": False, "strategy.fraction_evaluate": 0.0}),
+                  GIVEN | {"dp.enabled", "strategy.fraction_evaluate"})
+    assert cfg.early_stopping_patience == 0 and cfg.rounds == PLAIN_FEDERATED_ROUNDS
 
 
 def test_applying_it_twice_changes_nothing():
@@ -77,6 +119,13 @@ def test_applying_it_twice_changes_nothing():
 def test_a_causal_lm_run_gets_only_the_budget():
     cfg = resolve(CFG.with_overrides({"model.task": "causal-lm"}), GIVEN)
     assert _chosen_keys(cfg) == ["dp.target_epsilon"] and cfg.train.optimizer == "adamw"
+
+
+def test_a_causal_lm_run_without_dp_keeps_the_defaults():  # its rules were never measured
+    plain = CFG.with_overrides({"model.task": "causal-lm", "dp.enabled": False})
+    cfg = resolve(plain, GIVEN | {"dp.enabled"})
+    assert cfg.recipe.chosen == ("nothing: every option the recipe sets was given, or it sets none for this task",)
+    assert (cfg.rounds, cfg.train) == (plain.rounds, plain.train)
 
 
 def test_the_facts_are_what_the_partition_reports():

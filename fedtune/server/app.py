@@ -23,7 +23,7 @@ from fedtune.resources import peak_rss_mb
 from fedtune.server.evaluate import GENERATIONS, ServerEvaluator
 from fedtune.server.prepare import open_run
 from fedtune.server.rounds import RoundInputs, RunStopped, initial_checkpoint, run_rounds
-from fedtune.server.run_dir import Checkpoint, RunDirectory
+from fedtune.server.run_dir import Checkpoint, RunDirectory, finished_as
 from fedtune.server.warm_up import finish_warm_up, start_warm_up
 from fedtune.strategies.build import build_strategy
 
@@ -55,8 +55,8 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
         console.print(f"Skipped damaged checkpoints: {'; '.join(damaged)}. Resuming from round "
                       f"{start.round if start else 0}; spending reported after it stays in the ledger.",
                       markup=False, highlight=False, soft_wrap=True)
-    if run.finished(start, cfg.rounds):  # keep the summary of the session that trained
-        console.print(f"{run.path} has finished its {cfg.rounds} rounds; nothing to resume.")
+    if run.finished(start, cfg.rounds, cfg.early_stopping_patience):  # keep the summary of the session that trained
+        console.print(f"{run.path} {finished_as(start.round, cfg.rounds)}; nothing to resume.")
         return start
     rounds_left = start is None or start.round < cfg.rounds
     warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
@@ -82,7 +82,8 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     load_record(model, ArrayRecord(torch_state_dict=final.arrays))
     save_adapter(model, run.adapter_dir)
     summary = _summary(final, base_model_bytes(model), time.monotonic() - started, inputs.worker_peak_rss_mb,
-                       waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items()))}
+                       waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
+                                          "stopped_early": final.round < cfg.rounds}  # early_stopping_patience
     run.write_summary(summary)
     if cfg.simulation.ray_address and inputs.ray_nodes:
         console.print("Training replies per Ray node: "

@@ -41,7 +41,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, client_notes, one_line
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.identity import Registry
-from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
+from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options, plateau_start
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
 from fedtune.server.validate import (
@@ -321,8 +321,15 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     with Progress(*columns, console=inputs.console, transient=True, disable=not inputs.console.is_terminal) as progress:
         transport = Transport.of(grid, inputs, progress)
         for round_ in range(start.round + 1, inputs.cfg.rounds + 1):
+            best = plateau_start(state.metrics, inputs.cfg.early_stopping_patience)
+            if best is not None:
+                inputs.console.print(f"Stopping early after round {state.round}: the clients' validation loss has "
+                                     f"not improved on round {best}'s for {state.round - best} rounds "
+                                     f"(early_stopping_patience).", highlight=False, markup=False, soft_wrap=True)
+                break
             state = _round(round_, transport, strategy, inputs, state, ledger)
     return state
+
 
 
 def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundInputs, state: Checkpoint,

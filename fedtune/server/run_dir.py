@@ -141,10 +141,11 @@ class RunDirectory:
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.resume_point()[0]
 
-    def finished(self, start: Checkpoint | None, rounds: int) -> bool:
-        """Whether a run resumed from `start` has nothing left to do: all `rounds` are committed and the
-        session that trained them wrote its summary."""
-        return start is not None and start.round >= rounds and (self.path / SUMMARY).exists()
+    def finished(self, start: Checkpoint | None, rounds: int, patience: int = 0) -> bool:
+        """Whether a run resumed from `start` has nothing left to do: all `rounds` are committed, or it
+        stopped early (early_stopping_patience), and the session that trained them wrote its summary."""
+        done = start is not None and (start.round >= rounds or plateau_start(start.metrics, patience) is not None)
+        return done and (self.path / SUMMARY).exists()
 
     def resume_point(self) -> tuple[Checkpoint | None, list[str]]:
         """The newest checkpoint that loads, and what is wrong with each newer one (a crash or a full disk
@@ -195,3 +196,20 @@ class RunDirectory:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:160] if text else "empty"
+
+
+def plateau_start(rows: list[dict[str, Any]], patience: int) -> int | None:
+    """The round with the lowest client validation loss so far (the earliest, on a tie), when `patience`
+    rounds or more have followed it without a lower one; None otherwise, or with patience 0. Rounds in
+    which no client evaluated do not count."""
+    scored = [(row["round"], row["client_eval_loss"]) for row in rows if row.get("client_eval_loss") is not None]
+    if not patience or not scored:
+        return None
+    best_round, _ = min(scored, key=lambda pair: pair[1])
+    waited = sum(1 for round_, _ in scored if round_ > best_round)
+    return best_round if waited >= patience else None
+
+
+def finished_as(last_round: int, rounds: int) -> str:
+    """How a finished run ended, for the messages that refuse to resume it."""
+    return f"has finished its {rounds} rounds" if last_round >= rounds else f"stopped early after round {last_round}"

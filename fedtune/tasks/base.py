@@ -91,6 +91,11 @@ class Task(ABC):
         returns. None by default: the options' own defaults."""
         return {}
 
+    def plain_recipe(self, cfg: FedtuneConfig, facts) -> dict[str, tuple[Any, str]]:
+        """What this task trains by without DP (fedtune/recipe.py), in the same form as private_recipe.
+        None by default: the options' own defaults."""
+        return {}
+
     @abstractmethod
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         """Base model + LoRA on model.device; one cached instance per process and config."""

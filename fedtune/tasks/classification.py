@@ -24,6 +24,7 @@ from fedtune.recipe import (
     RECIPE_ROUNDS,
     Facts,
     noise_to_signal,
+    plain_recipe,
     recipe_learning_rate,
     recipe_sigma,
 )
@@ -78,6 +79,10 @@ class Classification(Task):
                                       "of steps; 30 is where the tuned runs settle"),
         })
         return choices
+
+    def plain_recipe(self, cfg: FedtuneConfig, facts: Facts) -> dict[str, tuple[Any, str]]:
+        """docs/recipe.md: small enough batches for several local steps, and (a federation) 20 rounds."""
+        return plain_recipe(cfg, facts)
 
     def _last_layer_attention(self, model: ModelConfig) -> tuple[list[str], int]:
         """The query and value projections of a BERT-style encoder's last layer, when mean pooling suits the
