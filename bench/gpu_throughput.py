@@ -46,8 +46,8 @@ from rich.table import Table  # noqa: E402
 from fedtune.client.train import train_round  # noqa: E402
 from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
 from fedtune.data.chat import TokenizedChats  # noqa: E402
-from fedtune.data.text import IGNORE_INDEX, pad_batch  # noqa: E402
-from fedtune.models.causal import fresh_causal_model  # noqa: E402
+from fedtune.data.text import pad_batch  # noqa: E402
+from fedtune.models.causal import fresh_causal_model, sequence_losses  # noqa: E402
 from fedtune.privacy.dpsgd import poisson_loader  # noqa: E402
 
 MODES = ("nodp", "hooks", "ghost")
@@ -58,14 +58,6 @@ def synthetic(n: int, length: int, vocab: int, seed: int) -> TokenizedChats:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, vocab, (n, length), generator=g).tolist()
     return TokenizedChats(tuple(map(tuple, ids)), tuple(map(tuple, ids)))
-
-
-def per_sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each sequence's mean next-token cross-entropy (models/causal.py::per_sequence_loss before its mean)."""
-    logits, target = logits[:, :-1].float(), labels[:, 1:]
-    token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
-                                              reduction="none")
-    return token.sum(dim=1) / (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
 def run_fedtune(cfg: FedtuneConfig, model: torch.nn.Module, data: TokenizedChats) -> None:
@@ -89,7 +81,7 @@ def run_ghost(cfg: FedtuneConfig, model: torch.nn.Module, data: TokenizedChats) 
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = DPTensorFastGradientClipping(hooks, dp_optimizer, per_sequence_losses(logits, batch["labels"]))
+            loss = DPTensorFastGradientClipping(hooks, dp_optimizer, sequence_losses(logits, batch["labels"]))
             loss.backward()
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)

@@ -37,12 +37,18 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     which breaks the per-example sensitivity DP-SGD assumes. Here example i's term depends on
     example i only, and the batch mean is what Opacus' loss_reduction="mean" expects.
     """
+    return sequence_losses(logits, labels, ignore_index).mean()
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Each sequence's mean next-token cross-entropy over its labelled tokens (0 for a sequence with none):
+    per_sequence_loss before its mean, and the per-sample losses Opacus' ghost clipping takes."""
     logits = logits[:, :-1].float()
     target = labels[:, 1:].to(logits.device)
     token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                  ignore_index=ignore_index, reduction="none").view(target.shape)
     counts = (target != ignore_index).sum(dim=1).clamp(min=1)
-    return (token_loss.sum(dim=1) / counts).mean()
+    return token_loss.sum(dim=1) / counts
 
 
 def build_causal_model(model: ModelConfig, lora: LoraConfig, seed: int = 0) -> PeftModel:
