@@ -143,7 +143,8 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
         if cfg.recipe.chosen:  # the reasons are in config.toml's recipe.chosen
             which = "Private recipe" if cfg.dp.enabled else "Recipe without DP"
             console.print(f"{which} (docs/recipe.md; why each: recipe.chosen in config.toml): "
-                          + ", ".join(note.split(":", 1)[0] for note in cfg.recipe.chosen), highlight=False)
+                          + ", ".join(note.split(":", 1)[0] for note in cfg.recipe.chosen), highlight=False,
+                          markup=False)  # a list such as [layer.5.attention.self.query] is not rich markup
     noise = (f"target ε={cfg.dp.target_epsilon} per client" if cfg.dp.target_epsilon > 0
              else f"sigma={cfg.dp.noise_multiplier}")
     dp = f"{noise}, C={cfg.dp.max_grad_norm}" if cfg.dp.enabled else "off"
@@ -186,6 +187,8 @@ def audit(
     (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it, or
     (--vantage server) by every round's update of its institution as the server received it; the
     guesses give a lower bound on ε at the run's δ, with membership-inference AUC and TPR at 1% FPR.
+    Under --vantage server the canaries are gradient canaries (each one's gradient is C along a random
+    direction) unless --canary-kind or --config says otherwise.
     With --canary-clients K (and --client-dp), K canary institutions audit client-level DP instead:
     each sends a random direction at the clipping norm, is scored by its cosine with the final
     adapter's change, and Andrew et al.'s (2024) one-shot ε estimate is shown too.
@@ -218,6 +221,13 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
     if resume is None and overrides["data.canaries"] is None:
         overrides = {**overrides, "data.canaries": 0 if canary_clients else
                      load_config(config, overrides).data.canaries or DEFAULT_CANARIES}
+    if resume is None and vantage == "server" and "data.canary_kind" not in given_keys(config, overrides):
+        # The server's view tests DP-SGD itself: a canary whose gradient is C along a direction ordinary
+        # data hardly moves is the worst case the guarantee must cover (docs/privacy.md). A user-level or
+        # mixed-rank run cannot hold one, and keeps input canaries.
+        planned = load_config(config, overrides)
+        if planned.dp.unit == "record" and not planned.lora.ranks():
+            overrides = {**overrides, "data.canary_kind": "gradient"}
     if resume is None and not canary_clients and overrides["data.canaries"] < 2:
         raise ConfigError(f"Invalid option `--canaries`: {overrides['data.canaries']} canaries cannot tell members "
                           f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")

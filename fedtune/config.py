@@ -219,6 +219,15 @@ class DPConfig:
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+AUTO = "auto"  # Flower run config: the recipe chooses this option (pyproject.toml; FedtuneConfig.from_run_config)
+# Every option a recipe may choose (fedtune/recipe.py: the private recipe, the recipe without DP, and
+# dp.noise_multiplier, whose being given keeps the budget from being chosen). pyproject.toml declares
+# them as AUTO, so that `flwr run --run-config` can give one even at fedtune's default value.
+RECIPE_KEYS = frozenset({
+    "rounds", "early_stopping_patience", "dp.target_epsilon", "dp.noise_multiplier", "model.pooling",
+    "lora.target_modules", "lora.modules_to_save", "lora.r", "lora.alpha", "train.optimizer", "train.batch_size",
+    "train.local_epochs", "train.learning_rate", "train.lr_schedule",
+})
 
 
 @dataclass(frozen=True)
@@ -413,6 +422,13 @@ class DataConfig:
         metadata={"help": "Privacy audit (`fedtune audit`): random canary records, each put into training with "
                           "probability 1/2 at a random client (simulation only). 0: none."},
     )
+    canary_kind: Literal["input", "gradient"] = field(
+        default="input",
+        metadata={"help": "What an audit canary is. `input`: a random text with a random label, trained on like "
+                          "any record. `gradient`: the same record whose gradient is replaced by 10·C times a "
+                          "random unit direction over the trained weights (C: dp.max_grad_norm; DP-SGD clips it "
+                          "to C), a direction ordinary data hardly moves along (Nasr et al. 2023)."},
+    )
     canary_repeats: int = field(
         default=1,
         metadata={"help": "Copies of each member canary in its client's training data. Above 1 a canary is "
@@ -460,6 +476,7 @@ class DataConfig:
                "it must differ from the text and label columns.")
         _check(0 <= self.canaries <= 100_000, "data.canaries", "use 0 (no audit canaries) to 100,000.")
         _check(1 <= self.canary_repeats <= 1000, "data.canary_repeats", "use 1 to 1000 copies.")
+        _check(self.canary_kind in ("input", "gradient"), "data.canary_kind", "use `input` or `gradient`.")
 
 
 @dataclass(frozen=True)
@@ -569,6 +586,10 @@ class FedtuneConfig:
         _check(not (self.data.canaries and self.dp.canary_clients), "dp.canary_clients",
                "an audit measures one unit at a time: canary records (data.canaries) or canary institutions "
                "(dp.canary_clients); set one of them to 0.")
+        _check(self.data.canary_kind == "input" or not self.data.canaries or
+               (self.dp.unit == "record" and not self.lora.ranks()), "data.canary_kind",
+               "a gradient canary is one record with one direction over the trained weights, so it needs dp.unit "
+               "`record` and one LoRA rank for every client (no lora.client_ranks); use `input` canaries there.")
         self._check_client_level_and_secagg()
         self._check_strategy_composition()
         self._check_lora_aggregation()
@@ -701,6 +722,15 @@ class FedtuneConfig:
             else:
                 nested[key] = value
         return cls.from_nested(nested, source)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> tuple[FedtuneConfig, frozenset[str]]:
+        """(the config, the options given) from Flower's run config, which lists every option the app
+        declares. pyproject.toml declares the options a recipe may choose as AUTO; an option whose
+        value is anything else (the app's own, or `--run-config`'s) was given and is kept as it is,
+        even when it equals fedtune's default."""
+        given = {key: value for key, value in run_config.items() if not (key in RECIPE_KEYS and value == AUTO)}
+        return cls.from_flat(given, "Flower run config"), frozenset(given)
 
     def with_overrides(self, overrides: dict[str, Any]) -> FedtuneConfig:
         """Apply dotted-key overrides (None values are ignored) and re-validate."""

@@ -51,13 +51,15 @@ AUDIT = ("clients", "rounds", "seed", "strategy.clients_per_round", "data.canary
          "model.max_length", "data.path", "data.format", "data.demo_examples", "train.local_epochs",
          "train.batch_size", "train.learning_rate", "dp.unit", "data.user_column", "dp.max_records_per_user",
          "dp.user_gradient", "dp.client_dp", "dp.client_dp_side", "dp.client_noise_multiplier",
-         "dp.client_clipping_norm", "dp.canary_clients")  # data.canaries: audit declares --canaries itself
+         "dp.client_clipping_norm", "dp.canary_clients",
+         "data.canary_kind")  # data.canaries: audit declares --canaries itself
 NOT_DEPLOYED = {
     "clients": "deploy-local runs one client per node: --nodes",
     "num_cpus_per_client": "Ray workers of the Simulation Engine only",
     "simulation.ray_address": "the Deployment Engine runs no Ray",
     "data.canaries": "audit canaries are planted in simulation only",
     "data.canary_repeats": "audit canaries are planted in simulation only",
+    "data.canary_kind": "audit canaries are planted in simulation only",
     "dp.canary_clients": "audit canaries are planted in simulation only",
 }
 

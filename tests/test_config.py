@@ -100,6 +100,17 @@ def test_a_file_is_validated_together_with_the_command_line_options(tmp_path):
     assert load_config(None, {"rounds": 5}).rounds == 5 and load_config(None) == FedtuneConfig()
 
 
+def test_gradient_canaries_need_record_level_dp_and_one_rank():
+    base = {"data.canaries": 50, "data.canary_kind": "gradient"}
+    assert FedtuneConfig.from_flat(base).data.canary_kind == "gradient"
+    user = {"dp.unit": "user", "data.user_column": "patient", "data.path": "x.csv"}
+    for other in (user, {"lora.client_ranks": "2,4"}):
+        with pytest.raises(ConfigError, match="`data.canary_kind`.*use `input` canaries"):
+            FedtuneConfig.from_flat({**base, **other})
+    with pytest.raises(ConfigError, match="`data.canary_kind`.*input, gradient"):
+        FedtuneConfig.from_flat({"data.canary_kind": "dirac"})
+
+
 def test_early_stopping_is_refused_under_dp_and_without_client_validation():
     with pytest.raises(ConfigError, match="`early_stopping_patience`.*DP-SGD does not protect"):
         FedtuneConfig.from_flat({"early_stopping_patience": 3})

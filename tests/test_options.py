@@ -15,7 +15,7 @@ import tomli_w
 from typer.testing import CliRunner
 
 from fedtune.cli import cli
-from fedtune.config import FedtuneConfig, load_config
+from fedtune.config import AUTO, RECIPE_KEYS, FedtuneConfig, load_config
 from fedtune.options import AUDIT, DEPLOY, NO_OPTION, NOT_DEPLOYED, OPTIONS, SIMULATE, explain
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
@@ -103,16 +103,30 @@ def test_flwr_run_config_sets_every_field(key, annotation, default):
     declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     assert key in declared, f"declare {key} in pyproject.toml's [tool.flwr.app.config]"
     as_run_config = (lambda v: ",".join(v) if isinstance(v, tuple) else v)  # noqa: E731 (no lists in run config)
-    assert declared[key] == as_run_config(default)
+    assert declared[key] == (AUTO if key in RECIPE_KEYS else as_run_config(default))
     value = _example(key, annotation, default)
     flat = {**declared, **ALONGSIDE.get(key, {}), key: as_run_config(value)}
-    assert _set(FedtuneConfig.from_flat(flat, "Flower run config"), key) == value
+    cfg, given = FedtuneConfig.from_run_config(flat)
+    assert _set(cfg, key) == value and key in given
 
 
 def test_the_declared_run_config_is_the_default_config():
-    """`flwr run .` trains the same recipe as `fedtune simulate`."""
+    """`flwr run .` trains the same recipe as `fedtune simulate`: what the recipe may choose is left to it."""
     declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    assert FedtuneConfig.from_flat(declared) == FedtuneConfig()
+    cfg, given = FedtuneConfig.from_run_config(declared)
+    assert cfg == FedtuneConfig() and not given & RECIPE_KEYS
+
+
+def test_a_run_config_value_equal_to_the_default_is_still_given():
+    """`flwr run --run-config rounds=3` keeps 3 rounds, though 3 is the default: the recipe never overrides it."""
+    from fedtune.server.prepare import resolve
+
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    cfg, given = FedtuneConfig.from_run_config({**declared, "rounds": 3, "dp.enabled": False, "clients": 4,
+                                                "data.demo_examples": 200})
+    assert "rounds" in given and "train.batch_size" not in given
+    chosen = resolve(cfg, given)
+    assert chosen.rounds == 3 and any(note.startswith("train.batch_size") for note in chosen.recipe.chosen)
 
 
 def test_audit_and_deploy_local_take_options_from_the_same_table():

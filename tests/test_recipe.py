@@ -170,3 +170,13 @@ def test_a_classifier_that_is_not_a_bert_style_encoder_gets_only_the_budget(tmp_
     DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
     cfg = resolve(CFG.with_overrides({"model.name_or_path": str(tmp_path)}), GIVEN | {"model.name_or_path"})
     assert _chosen_keys(cfg) == ["dp.target_epsilon"] and cfg.train.optimizer == "adamw"
+
+
+def test_every_option_a_recipe_chooses_is_declared_auto_for_flwr_run():
+    """pyproject.toml declares RECIPE_KEYS as "auto" (tests/test_options.py); a recipe choosing any other
+    option would again be unable to tell a value given with `flwr run --run-config` from the default."""
+    from fedtune.config import RECIPE_KEYS
+
+    runs = [CFG, CFG.with_overrides({"dp.enabled": False}), CFG.with_overrides({"model.task": "causal-lm"})]
+    chosen = {key for cfg in runs for key in _chosen_keys(resolve(cfg, GIVEN | {"dp.enabled", "model.task"})) if key}
+    assert chosen and chosen <= RECIPE_KEYS, chosen - RECIPE_KEYS

@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedtune import constants as k
-from fedtune.client.data import local_data
+from fedtune.client.data import gradient_canaries, local_data
 from fedtune.client.mods import client_clipping_mod
 from fedtune.client.secagg import secagg_mod
 from fedtune.client.state import (
@@ -160,7 +160,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     model = _model(cfg, msg.content[k.ARRAYS], context)
     before = lora_weights(model)
     result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)),
-                         _round_seed(cfg, server_round, name))
+                         _round_seed(cfg, server_round, name), gradient_canaries(cfg, context))
     state.history = result.history  # spent, whatever happens next
     arrays = to_record(model)
     metrics = _report(cfg, result.history, n, result.loss, result.steps, result.sample_rate, arrays.count_bytes())

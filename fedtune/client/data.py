@@ -10,6 +10,7 @@ from flwr.app import Context
 from torch.utils.data import Dataset
 
 from fedtune import constants as k
+from fedtune.client.canaries import CANARY_GRADIENT_SCALE, GradientCanaries
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import node_data_config
 from fedtune.data.users import UserRecords, group_by_user
@@ -38,6 +39,23 @@ def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> Split:
     train, val, users = task.own_records(data, seed)
     train = task.tokenize(tokenizer, train, model.max_length)
     return train, task.tokenize(tokenizer, val, model.max_length), _grouped(train, users)
+
+
+@lru_cache(maxsize=4096)
+def _canary_rows(data: DataConfig, model: ModelConfig, num_clients: int, seed: int, partition: int) -> tuple[int, ...]:
+    fed = get_task(model.task).federation(data, num_clients, seed)
+    return fed.canaries.at_rows(fed.clients[partition].train)
+
+
+def gradient_canaries(cfg: FedtuneConfig, context: Context) -> GradientCanaries | None:
+    """The audit's gradient canaries among this simulated client's training records (data.canary_kind
+    `gradient`); None when the run plants none, and always for a node that reads its own file."""
+    if cfg.data.canary_kind != "gradient" or not cfg.data.canaries or k.DATA_PATH in context.node_config:
+        return None
+    rows = _canary_rows(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,
+                        int(context.node_config[k.PARTITION_ID]))
+    norm = CANARY_GRADIENT_SCALE * cfg.dp.max_grad_norm
+    return GradientCanaries(rows, cfg.seed, norm) if any(r >= 0 for r in rows) else None
 
 
 def _grouped(train: Dataset, users: tuple[str, ...]) -> UserRecords | None:

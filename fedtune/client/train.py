@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
+from fedtune.client.canaries import RECORD_INDEX, GradientCanaries, Indexed, indexed_collate
 from fedtune.config import FedtuneConfig
 from fedtune.data.buckets import LengthBucketSampler
 from fedtune.data.text import TokenizedTexts, pad_batch
@@ -34,6 +35,7 @@ class Training(Protocol):
 
     steps: int
     sample_rate: float
+    per_sample: bool  # whether a batch's backward() leaves per-sample gradients (p.grad_sample) to step on
 
     @property
     def history(self) -> History: ...
@@ -50,6 +52,7 @@ class PlainTraining:
     loader: DataLoader
     prior: History  # the client's privacy history before this round
     steps: int = 0
+    per_sample: bool = False
 
     @property
     def sample_rate(self) -> float:
@@ -107,41 +110,52 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: FedtuneConfig, proximal_mu
     return optimizer
 
 
-def _loader(data: TokenizedTexts | UserRecords, cfg: FedtuneConfig, seeds: RoundSeeds) -> DataLoader:
+def _loader(data: TokenizedTexts | UserRecords, cfg: FedtuneConfig, seeds: RoundSeeds, indexed: bool) -> DataLoader:
     """Batches without DP: shuffled, or grouped by length (config allows that only without DP). Records
-    grouped by user are trained as records: without DP there is no user to protect."""
+    grouped by user are trained as records: without DP there is no user to protect. `indexed`: each
+    batch also names its rows (RECORD_INDEX), for gradient canaries."""
     data = data.records if isinstance(data, UserRecords) else data
     batch_size = min(cfg.train.batch_size, len(data))
+    lengths = [len(ids) for ids in data.input_ids] if cfg.train.length_buckets else []
+    collate = indexed_collate(pad_batch) if indexed else pad_batch
+    data = Indexed(data) if indexed else data
     if cfg.train.length_buckets:
-        sampler = LengthBucketSampler([len(ids) for ids in data.input_ids], batch_size, seeds.sampling)
-        return DataLoader(data, batch_sampler=sampler, collate_fn=pad_batch)
-    return DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=pad_batch,
+        sampler = LengthBucketSampler(lengths, batch_size, seeds.sampling)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
                       generator=seeds.generator("sampling"))
 
 
 def _training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TokenizedTexts, cfg: FedtuneConfig,
-              history: History, seeds: RoundSeeds) -> Training:
+              history: History, seeds: RoundSeeds, indexed: bool) -> Training:
     if cfg.dp.enabled:
-        return make_private(model, optimizer, data, cfg.train.batch_size, pad_batch, cfg.dp, history, seeds)
-    return PlainTraining(optimizer, _loader(data, cfg, seeds), history)
+        collate = indexed_collate(pad_batch) if indexed else pad_batch
+        return make_private(model, optimizer, Indexed(data) if indexed else data, cfg.train.batch_size, collate,
+                            cfg.dp, history, seeds)
+    return PlainTraining(optimizer, _loader(data, cfg, seeds, indexed), history)
 
 
 def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
-                proximal_mu: float, seed: int | None) -> TrainResult:
+                proximal_mu: float, seed: int | None, canaries: GradientCanaries | None = None) -> TrainResult:
     """One round of local training. `seed` None: secret randomness (DP-SGD's default); a number:
-    reproducible, with sampling, noise and dropout each derived from it separately."""
+    reproducible, with sampling, noise and dropout each derived from it separately. `canaries`: the
+    audit's gradient canaries among `data` (client/canaries.py)."""
     seeds = RoundSeeds.secret() if seed is None else RoundSeeds.derived(seed)
     torch.manual_seed(seeds.model)  # dropout; sampling and noise have generators of their own
     device = next(model.parameters()).device
-    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], cfg, proximal_mu)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg, proximal_mu)
     model.train()
     losses = []
-    with closing(_training(model, optimizer, data, cfg, history, seeds)) as training:
+    with closing(_training(model, optimizer, data, cfg, history, seeds, canaries is not None)) as training:
         for _ in range(cfg.train.local_epochs):
             for batch in training.batches():
+                rows = batch.pop(RECORD_INDEX, None)
                 with _mixed_precision(device):
                     loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 loss.backward()
+                if canaries is not None:
+                    canaries.inject(params, rows, per_sample=training.per_sample)
                 training.step()
                 losses.append(loss.item())
     mean_loss = sum(losses) / len(losses) if losses else float("nan")

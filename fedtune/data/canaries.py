@@ -93,10 +93,28 @@ class Canaries:
 
     plan: CanaryPlan
     records: tuple  # classification: (text, label id) pairs; causal LM: Conversations
+    first: int = 0  # the index of the first member canary among the federation's records (place's `first`)
 
     @property
     def members(self) -> tuple[bool, ...]:
         return self.plan.members
+
+    def at_rows(self, rows: Sequence[int]) -> tuple[int, ...]:
+        """For each record index in `rows` (a client's training split), the canary it is, or -1."""
+        members = [i for i, member in enumerate(self.plan.members) if member]
+        return tuple(members[row - self.first] if row >= self.first else -1 for row in rows)
+
+
+def gradient_direction(seed: int, canary: int, size: int):
+    """Gradient canary `canary`'s unit direction over the `size` trained weights, in the order of the
+    model's trainable parameters (data.canary_kind `gradient`). A Gaussian vector normalised: in d
+    dimensions it is nearly orthogonal to any fixed direction (cosine about 1/√d), so ordinary data
+    hardly moves along it. Public: the auditor rebuilds it from the seed, as it rebuilds the plan."""
+    import numpy as np
+
+    rng = np.random.default_rng([0x6361_6E61, seed, canary])  # its own stream: "cana", the run seed, the canary
+    direction = rng.standard_normal(size)
+    return (direction / np.linalg.norm(direction)).astype(np.float32)
 
 
 def place(plan: CanaryPlan, first: int, clients: Sequence[ClientSplit]) -> tuple[list[int], tuple[ClientSplit, ...]]:

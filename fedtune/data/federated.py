@@ -158,7 +158,7 @@ def with_canaries(fed: FederatedData, count: int, repeats: int, seed: int) -> Fe
     users = fed.users + tuple(canary_user(i, taken) for i in members) if fed.users else ()
     return dataclasses.replace(fed, texts=fed.texts + tuple(texts[i] for i in members),
                                labels=fed.labels + tuple(labels[i] for i in members), clients=splits, users=users,
-                               canaries=Canaries(plan, tuple(zip(texts, labels, strict=True))))
+                               canaries=Canaries(plan, tuple(zip(texts, labels, strict=True)), len(fed.texts)))
 
 
 # ---- deployment: an institution's own file, named in its node config ---------------------------

@@ -256,7 +256,7 @@ def with_canary_chats(fed: InstructData, count: int, repeats: int, seed: int) ->
     return dataclasses.replace(fed, chats=fed.chats + tuple(chats[i] for i in members),
                                groups=fed.groups + (len(fed.group_names),) * len(members),
                                group_names=fed.group_names + (CANARY_GROUP,), clients=splits, users=users,
-                               canaries=Canaries(plan, chats))
+                               canaries=Canaries(plan, chats, len(fed.chats)))
 
 
 def resolve_instructions(data: DataConfig) -> DataConfig:

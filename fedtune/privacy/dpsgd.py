@@ -92,6 +92,7 @@ class PrivateTraining:
     physical_batch_size: int = 0  # 0: each Poisson batch in one forward pass
     user_gradient: str = ""  # dp.unit `user`: dp.user_gradient; empty: record-level
     steps: int = 0  # logical steps taken: each noised and counted by the accountant
+    per_sample: bool = True  # backward() leaves per-sample gradients, which step() clips
     _owners: torch.Tensor | None = field(default=None, init=False, repr=False)  # each record's user in the batch
 
     @property

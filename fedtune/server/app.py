@@ -149,7 +149,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: the config comes from [tool.flwr.app.config]."""
-    cfg = FedtuneConfig.from_flat(dict(context.run_config), source="Flower run config")
+    cfg, given = FedtuneConfig.from_run_config(dict(context.run_config))
     # The label list is fixed here once: clients reading their own files get it from the server.
-    cfg, run = open_run(cfg, Path(cfg.out or "runs/flwr-run"))
+    cfg, run = open_run(cfg, Path(cfg.out or "runs/flwr-run"), given)
     serve(grid, cfg, run)

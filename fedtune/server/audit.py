@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord
 
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
-from fedtune.data.canaries import Canaries
+from fedtune.data.canaries import Canaries, gradient_direction
 from fedtune.durable import write_json_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, audit, canaries_needed, gaussian_estimate
@@ -28,6 +28,10 @@ SERVER_SCORE = ("sum over rounds of the t-statistic of the canary's least-square
                 "update, along its unit descent direction at the round's global weights (under AdamW scaled by a "
                 "modelled 1/√v), beside the other institutions' mean update and the server's hold-out records' "
                 "directions")
+SERVER_GRADIENT_SCORE = SERVER_SCORE.replace("along its unit descent direction at the round's global weights",
+                                             "along its gradient canary's direction −u_j")
+FINAL_GRADIENT_SCORE = ("cosine between the gradient canary's direction −u_j and the final global adapter's change "
+                        "since round 0")
 ESTIMATE_METHOD = ("one-shot estimate (Andrew et al. 2024, arXiv 2302.03098): Gaussians with a pooled variance fitted "
                    "to members' and non-members' cosines, ε of that μ-GDP pair at δ; an estimate, not a bound")
 INF = "inf"  # as in the privacy report: ∞ is the string "inf" in JSON
@@ -84,6 +88,14 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     tokenizer = task.tokenizer(cfg.model)
     data = task.tokenize(tokenizer, task.canary_records(canaries), cfg.model.max_length)
     reference = task.tokenize(tokenizer, fed.select(fed.server_test[:REFERENCE_RECORDS]), cfg.model.max_length)
+    size = sum(p.numel() for p in params.values())
+
+    def canary_gradients(held: list[int]) -> torch.Tensor:
+        """Each held canary's gradient at θ_{t−1}: its own, or, for a gradient canary, its direction u_j."""
+        if cfg.data.canary_kind == "gradient":
+            return torch.stack([torch.from_numpy(gradient_direction(cfg.seed, i, size)) for i in held])
+        return torch.stack([_gradient(model, params, pad_batch([data[i]])) for i in held])
+
     scores = [0.0] * len(canaries.members)
     for round_ in rounds:  # one round's updates in memory at a time
         updates = run.observed(round_)
@@ -98,12 +110,30 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
             held = [i for i, site in enumerate(canaries.plan.sites) if client_name(site) == name]
             if not held:
                 continue
-            directions = _unit_descent(torch.stack([_gradient(model, params, pad_batch([data[i]])) for i in held]),
-                                       scale)
+            directions = _unit_descent(canary_gradients(held), scale)
             nuisance = [m for other, m in moves.items() if other != name]
             nuisance = ([torch.stack(nuisance).mean(dim=0)] if nuisance else []) + typical
             for i, weight in zip(held, _contributions(move, directions, nuisance), strict=True):
                 scores[i] += weight
+    return canaries, scores
+
+
+def gradient_canary_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[Canaries, list[float]]:
+    """(the run's gradient canaries, each one's score on the released adapter): the cosine between the
+    canary's descent direction −u_j and θ_upto − θ_0, the change of the global adapter over the run
+    (what anyone given the final adapter, and the initial one fedtune derives from the seed, can compute)."""
+    import torch
+
+    task = get_task(cfg.model.task)
+    canaries = _canaries(task.federation(cfg.data, cfg.clients, cfg.seed).canaries)
+    model = task.build_model(cfg.model, cfg.lora, cfg.data, cfg.seed)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    start = Checkpoint.from_file(run.checkpoint_path(0)).arrays
+    end = Checkpoint.from_file(run.checkpoint_path(upto)).arrays
+    change = torch.cat([(end[n].double() - start[n].double()).flatten() for n in names])
+    norm = float(change.norm())
+    scores = [float(-torch.from_numpy(gradient_direction(cfg.seed, i, change.numel())).double() @ change) / norm
+              if norm > 0 else 0.0 for i in range(len(canaries.members))]
     return canaries, scores
 
 
@@ -189,6 +219,12 @@ def _contributions(move, directions, nuisance: list) -> list[float]:
     return (weights[: len(directions)] / stderr).tolist()
 
 
+def _score_described(cfg: FedtuneConfig, vantage: str) -> str:
+    if cfg.data.canary_kind == "gradient":
+        return SERVER_GRADIENT_SCORE if vantage == "server" else FINAL_GRADIENT_SCORE
+    return get_task(cfg.model.task).audit_score if vantage == "final" else SERVER_SCORE
+
+
 def client_name(site: int) -> str:
     """The institution name a simulated client trains under (client/app.py)."""
     return f"client-{site:04d}"
@@ -233,6 +269,9 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
         return _write_audit(run, _audit_canary_clients(cfg, run, ledger, checkpoint.round, confidence, vantage))
     if vantage == "server":
         canaries, scores = observed_scores(cfg, run, checkpoint.round)
+    elif cfg.data.canary_kind == "gradient":
+        canaries, scores = gradient_canary_scores(cfg, run, checkpoint.round)
+        losses = []
     else:
         canaries, losses = canary_losses(cfg, ArrayRecord(torch_state_dict=checkpoint.arrays))
         # Higher score = more likely in. A canary with no loss to score (its answer truncated away) gives
@@ -240,7 +279,7 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
         scores = [-loss if math.isfinite(loss) else -math.inf for loss in losses]
     result = audit(scores, canaries.members, cfg.dp.delta, confidence)
     record = audit_record(result, theoretical_epsilon(ledger), cfg, checkpoint.round, vantage)
-    if vantage == "server":
+    if vantage == "server" or cfg.data.canary_kind == "gradient":
         record["canary_scores"] = scores
     else:
         record["canary_losses"] = [loss if math.isfinite(loss) else None for loss in losses]
@@ -278,8 +317,9 @@ def audit_record(result: AuditResult, epsilon: float, cfg: FedtuneConfig, round_
         "fedtune_version": __version__,
         "method": METHOD,
         "vantage": vantage,
-        "score": get_task(cfg.model.task).audit_score if vantage == "final" else SERVER_SCORE,
+        "score": _score_described(cfg, vantage),
         "task": cfg.model.task,
+        "canary_kind": cfg.data.canary_kind,  # `gradient`: each canary's gradient is C times a random direction
         "round": round_,
         "canaries": result.canaries,
         "canaries_in": result.members,  # of them, how many were put into training

@@ -111,16 +111,17 @@ def continue_run(path: Path, rounds: int | None = None,
     return cfg, run
 
 
-def open_run(cfg: FedtuneConfig, target: Path) -> tuple[FedtuneConfig, RunDirectory]:
+def open_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = None,
+             ) -> tuple[FedtuneConfig, RunDirectory]:
     """A new run at `target`, or the run already there when `cfg` is its config (rounds aside).
     A different config is refused, naming the options that differ: continuing a run under other
-    settings would mix two recipes in one model and one privacy ledger."""
+    settings would mix two recipes in one model and one privacy ledger. `pinned`: as for resolve."""
     if not (target / CONFIG).is_file():
-        cfg, run, _ = new_run(cfg, target)
+        cfg, run, _ = new_run(cfg, target, pinned)
         return cfg, run
     saved = RunDirectory.existing(target).config().to_flat()
     # resolved at the saved number of rounds, which the private recipe's learning rate depends on
-    asked = resolve(cfg.with_overrides({"out": str(target), "rounds": saved["rounds"]})).to_flat()
+    asked = resolve(cfg.with_overrides({"out": str(target), "rounds": saved["rounds"]}), pinned).to_flat()
     changed = sorted(key for key in saved.keys() | asked.keys()
                      if key not in RESUMABLE | DERIVED and saved.get(key) != asked.get(key))
     if changed:

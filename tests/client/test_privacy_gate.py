@@ -97,7 +97,7 @@ def test_the_operator_can_continue_from_the_ledgers_record(tmp_path):
 
 def test_training_that_moves_no_lora_weight_fails_closed_and_keeps_its_spending(tmp_path, monkeypatch):
     """Opacus #820: steps were taken (they count) but the optimizer never reached LoRA."""
-    def no_op_round(model, data, cfg, history, proximal_mu, seed):
+    def no_op_round(model, data, cfg, history, proximal_mu, seed, canaries=None):
         return TrainResult(0.5, 4, 0.25, [*history, (1.0, 0.25, 4)])
 
     monkeypatch.setattr(client_app, "train_round", no_op_round)

@@ -111,3 +111,33 @@ def test_canary_institutions_audit_client_level_dp(tmp_path):
     low, high = record["epsilon_estimate_interval"]
     assert 0 < low <= record["epsilon_estimate"] <= high
     assert "canary institutions" in (out / "privacy_report.md").read_text()
+
+
+def test_gradient_canaries_give_the_server_vantage_its_full_power(tmp_path):
+    """`--vantage server` plants gradient canaries by default (each one's gradient 10·C along a random
+    direction). Without DP every member's update moves along its direction, so the audit reaches the
+    largest bound its canaries can certify, from the server's view and from the final adapter's."""
+    (tmp_path / "tiny.toml").write_text(TINY.replace("local_epochs = 2", "local_epochs = 1"))
+    out = tmp_path / "run"
+    result = fedtune("audit", "--config", str(tmp_path / "tiny.toml"), "--canaries", "60", "--no-dp",
+                     "--vantage", "server", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "audit.json").read_text())
+    assert record["canary_kind"] == "gradient" and "−u_j" in record["score"]
+    assert record["auc"] > 0.99 and record["epsilon_lower_bound"] == pytest.approx(
+        record["epsilon_largest_certifiable"]), "every guess right"
+    code, _, stderr = fedtune_here("audit", "--resume", str(out), "--vantage", "final")
+    assert code == 0, stderr[-3000:]
+    final = json.loads((out / "audit.json").read_text())
+    assert final["vantage"] == "final" and final["canary_kind"] == "gradient" and final["auc"] > 0.95
+
+
+def test_gradient_canaries_under_dp_stay_at_or_below_the_theoretical_epsilon(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "run"
+    result = fedtune("audit", "--config", str(tmp_path / "tiny.toml"), "--canaries", "60", "--noise-multiplier", "3",
+                     "--vantage", "server", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "audit.json").read_text())
+    assert record["canary_kind"] == "gradient" and record["consistent"]
+    assert record["epsilon_lower_bound"] <= record["epsilon_theoretical"] < 10

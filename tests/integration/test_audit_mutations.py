@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 MUTATIONS = Path(__file__).parent / "mutations"
 # ε = 1 per institution, solved by fedtune (σ ≈ 2.8 here): 200 canaries can show up to 2.8, so a leak
-# well beyond the claim is visible. Without the mutation this run's bound is 0.00 (AUC 0.52, 0.56).
+# well beyond the claim is visible. Without the mutation this run's bound is 0.00 (gradient canaries:
+# AUC 0.52; input canaries: 0.52, 0.56).
 SMALL = """
 rounds = 2
 clients = CLIENTS
@@ -30,14 +31,15 @@ demo_examples = 200
 """
 
 
-def mutated_audit(tmp_path: Path, mutation: str, dp: str = "", clients: int = 4,
-                  canaries: int = 200) -> tuple[subprocess.CompletedProcess, dict]:
+def mutated_audit(tmp_path: Path, mutation: str, dp: str = "", clients: int = 4, canaries: int = 200,
+                  kind: str = "gradient") -> tuple[subprocess.CompletedProcess, dict]:
     (tmp_path / "small.toml").write_text(SMALL.replace("[dp]\n", "[dp]\n" + dp).replace("CLIENTS", str(clients)))
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEDTUNE_TEST_MUTATION": mutation,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(MUTATIONS), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "fedtune.cli", "audit", "--vantage", "server", "--config",
-                             str(tmp_path / "small.toml"), "--canaries", str(canaries), "--out", str(out)],
+                             str(tmp_path / "small.toml"), "--canaries", str(canaries), "--canary-kind", kind,
+                             "--out", str(out)],
                             capture_output=True, text=True, timeout=900, env=env)
     return result, json.loads((out / "audit.json").read_text())
 
@@ -53,20 +55,22 @@ def test_the_server_vantage_catches_dp_sgd_without_its_noise(tmp_path):
 def test_the_server_vantage_catches_dp_sgd_without_clipping(tmp_path):
     """Per-sample gradients summed unclipped while the noise is still scaled to C: with C = 0.01, far
     below the gradients' norms, the noise no longer covers one record's step. Measured: 1.93 (AUC
-    0.92) against ε = 1; the same run unmutated gives 0.00 (AUC 0.58)."""
-    result, record = mutated_audit(tmp_path, "clip-off", dp="max_grad_norm = 0.01\n")
+    0.92) against ε = 1; the same run unmutated gives 0.00 (AUC 0.58). Input canaries: the defect is
+    in how real records' gradients are treated, and a gradient canary of 10·C is drowned by the
+    unclipped gradients of ordinary records (measured 0.00, AUC 0.59)."""
+    result, record = mutated_audit(tmp_path, "clip-off", dp="max_grad_norm = 0.01\n", kind="input")
     assert result.returncode == 1, result.stderr[-3000:]
     assert record["epsilon_theoretical"] == pytest.approx(1.0, rel=0.01)
     assert record["epsilon_lower_bound"] > 1.3 and not record["consistent"]
 
 
 def test_the_server_vantage_catches_dp_sgd_with_a_tenth_of_its_noise(tmp_path):
-    """The noise's standard deviation is σC/10 while the ledger claims σ. Over 4 institutions this
-    leak is caught only narrowly (1.14 and 1.30 in two runs, AUC 0.83): each institution's fit then
-    holds 50 canary directions, aligned by label, and their collinearity inflates every weight's
-    standard error. Over 32 institutions with 400 canaries each fit holds about 12: measured 2.05,
-    2.05 and 2.22 (AUC 0.88) against ε = 1; unmutated, 0.00 (AUC 0.53)."""
-    result, record = mutated_audit(tmp_path, "noise-tenth", clients=32, canaries=400)
+    """The noise's standard deviation is σC/10 while the ledger claims σ. Gradient canaries (random
+    directions, nearly orthogonal to each other and to the data) catch it over 4 institutions: measured
+    2.25 (AUC 0.95) against ε = 1. Input canaries caught it there only narrowly (1.14 and 1.30, AUC
+    0.83: the canaries of one label have aligned gradients, and their collinearity inflates every
+    weight's standard error) and needed 32 institutions and 400 canaries for 2.05 to 2.22."""
+    result, record = mutated_audit(tmp_path, "noise-tenth")
     assert result.returncode == 1, result.stderr[-3000:]
     assert record["epsilon_theoretical"] == pytest.approx(1.0, rel=0.01), "the ledger still claims σ"
     assert record["epsilon_lower_bound"] > 1.3 and not record["consistent"]

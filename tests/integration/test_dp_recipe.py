@@ -38,6 +38,9 @@ def test_a_dp_run_given_only_its_size_trains_by_the_private_recipe(tmp_path):
     result = fedtune("simulate", "--config", str(tmp_path / "size.toml"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Private recipe" in result.stdout + result.stderr
+    # the chosen layers are printed as a list, not swallowed as console markup
+    assert "lora.target_modules = [layer.5.attention.self.query, layer.5.attention.self.value]" in " ".join(
+        result.stderr.split())
     cfg = load_config(out / "config.toml")
     assert cfg.model.pooling == "mean" and cfg.train.optimizer == "sgd" and cfg.rounds == 2  # rounds: given
     assert cfg.dp.target_epsilon == 8.0 and cfg.train.lr_schedule == "cosine"
