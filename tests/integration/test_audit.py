@@ -124,6 +124,7 @@ def test_gradient_canaries_give_the_server_vantage_its_full_power(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "audit.json").read_text())
     assert record["canary_kind"] == "gradient" and "−u_j" in record["score"]
+    assert "each was a gradient canary" in (out / "privacy_report.md").read_text()
     assert record["auc"] > 0.99 and record["epsilon_lower_bound"] == pytest.approx(
         record["epsilon_largest_certifiable"]), "every guess right"
     code, _, stderr = fedtune_here("audit", "--resume", str(out), "--vantage", "final")

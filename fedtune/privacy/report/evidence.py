@@ -85,13 +85,19 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
             ["membership-inference AUC", g(a.auc)],
             ["true-positive rate at 1% false-positive rate", g(a.tpr_at_fpr_001)],
             ["guess counts tried (Bonferroni correction)", str(a.hypotheses)]]
+    gradient = a.canary_kind == "gradient"
     blocks: list[Block] = [
         f"`fedtune audit` checked this run empirically with the one-run method of Steinke, Nasr & Jagielski (2023). "
         f"{m} canary records that occur nowhere in the real data were each put into training with probability 1/2, at "
         f"a randomly chosen institution; " + (
+            "each was a gradient canary (Nasr et al. 2023): in training its gradient was replaced by ten times the "
+            "clipping norm C along a random direction of the trained weights, which DP-SGD clips to C like any "
+            "record's; " if gradient else "") + (
             f"the auditor took the coordinator's view: every update the server received in rounds 1 to {a.round}. "
             "Each canary was scored by its fitted weight in its institution's updates, along the canary's own "
             "gradient direction (a larger weight: more likely trained on)." if a.vantage == "server" else
+            f"after round {a.round} each canary was scored by the cosine between its direction and the global "
+            "adapter's change (a larger cosine: more likely trained on)." if gradient else
             f"after round {a.round} each canary was scored by the final global adapter's loss on it (a lower loss: "
             "more likely trained on).")
         + f" The auditor guessed \"in\" for the {a.guesses_in} most likely and \"out\" for the {a.guesses_out} "

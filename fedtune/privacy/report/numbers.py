@@ -40,7 +40,7 @@ AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "g
               "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
               "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
 AUDIT_POWER_KEYS = ("epsilon_largest_certifiable", "canaries_to_certify_theoretical", "vantage", "unit",
-                    "epsilon_estimate", "epsilon_estimate_interval")  # newer keys, optional
+                    "epsilon_estimate", "epsilon_estimate_interval", "canary_kind")  # newer keys, optional
 
 Epsilon = float | str  # a cumulative ε, or INF
 
@@ -146,6 +146,7 @@ class AuditSummary:
     unit: str | None = None  # "user": canary users; "client": canary institutions (None: older audits, records)
     epsilon_estimate: float | None = None  # canary institutions: Andrew et al.'s one-shot estimate
     epsilon_estimate_interval: list[float] | None = None  # its sampling error: ε at μ ∓ 1.96 standard errors
+    canary_kind: str | None = None  # "gradient": each canary's gradient was 10·C along a random direction
 
     def to_dict(self) -> dict[str, Any]:
         return dict(zip(AUDIT_KEYS + AUDIT_POWER_KEYS, (getattr(self, f.name) for f in fields(self)), strict=True))
