@@ -117,8 +117,7 @@ def _loader(data: TokenizedTexts | UserRecords, cfg: FedtuneConfig, seeds: Round
     data = data.records if isinstance(data, UserRecords) else data
     batch_size = min(cfg.train.batch_size, len(data))
     lengths = [len(ids) for ids in data.input_ids] if cfg.train.length_buckets else []
-    collate = indexed_collate(pad_batch) if indexed else pad_batch
-    data = Indexed(data) if indexed else data
+    data, collate = _named_rows(data, indexed)
     if cfg.train.length_buckets:
         sampler = LengthBucketSampler(lengths, batch_size, seeds.sampling)
         return DataLoader(data, batch_sampler=sampler, collate_fn=collate)
@@ -129,10 +128,14 @@ def _loader(data: TokenizedTexts | UserRecords, cfg: FedtuneConfig, seeds: Round
 def _training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TokenizedTexts, cfg: FedtuneConfig,
               history: History, seeds: RoundSeeds, indexed: bool) -> Training:
     if cfg.dp.enabled:
-        collate = indexed_collate(pad_batch) if indexed else pad_batch
-        return make_private(model, optimizer, Indexed(data) if indexed else data, cfg.train.batch_size, collate,
-                            cfg.dp, history, seeds)
+        rows, collate = _named_rows(data, indexed)
+        return make_private(model, optimizer, rows, cfg.train.batch_size, collate, cfg.dp, history, seeds)
     return PlainTraining(optimizer, _loader(data, cfg, seeds, indexed), history)
+
+
+def _named_rows(data, indexed: bool):
+    """(the data, its collate); `indexed`: each batch also names its rows (RECORD_INDEX)."""
+    return (Indexed(data), indexed_collate(pad_batch)) if indexed else (data, pad_batch)
 
 
 def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig, history: History,
