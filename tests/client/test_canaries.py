@@ -11,7 +11,6 @@ from fedtune.client.canaries import GradientCanaries
 from fedtune.client.train import train_round
 from fedtune.config import DataConfig, DPConfig, TrainConfig
 from fedtune.data.canaries import gradient_direction
-from fedtune.data.federated import federated_data
 
 CANARY, ROW = 7, 3  # record ROW of the client's data is gradient canary CANARY
 
@@ -80,14 +79,17 @@ def test_directions_are_public_unit_vectors_and_nearly_orthogonal():
     assert abs(float((a * b).sum())) < 0.05 and not (a == gradient_direction(4, 0, 20_000)).all()
 
 
-def test_every_client_finds_exactly_the_canaries_planted_there():
-    fed = federated_data(DataConfig(demo_examples=120, canaries=40), num_clients=4, seed=2)
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_every_client_finds_exactly_the_canaries_planted_there(task):
+    from fedtune.tasks.base import get_task
+
+    fed = get_task(task).federation(get_task(task).resolve_data(DataConfig(demo_examples=120, canaries=40)), 4, 2)
+    records = fed.texts if task == "classification" else fed.chats
     plan = fed.canaries.plan
     for cid, split in enumerate(fed.clients):
         rows = fed.canaries.at_rows(split.train)
         assert sorted(r for r in rows if r >= 0) == plan.at_client(cid)
-        # each canary row holds that canary's text
-        texts = dict(fed.canaries.records)
-        for index, canary in zip(split.train, rows, strict=True):
+        for index, canary in zip(split.train, rows, strict=True):  # each canary row holds that canary's record
             if canary >= 0:
-                assert fed.canaries.records[canary][0] == fed.texts[index] and fed.canaries.records[canary][0] in texts
+                planted = fed.canaries.records[canary]
+                assert (planted[0] if task == "classification" else planted) == records[index]
