@@ -223,8 +223,8 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
                      load_config(config, overrides).data.canaries or DEFAULT_CANARIES}
     if resume is None and vantage == "server" and "data.canary_kind" not in given_keys(config, overrides):
         # The server's view tests DP-SGD itself: a canary whose gradient is C along a direction ordinary
-        # data hardly moves is the worst case the guarantee must cover (docs/privacy.md). A user-level or
-        # mixed-rank run cannot hold one, and keeps input canaries.
+        # data hardly moves is close to the worst case the guarantee must cover (docs/privacy.md). A
+        # user-level or mixed-rank run cannot hold one, and keeps input canaries.
         planned = load_config(config, overrides)
         if planned.dp.unit == "record" and not planned.lora.ranks():
             overrides = {**overrides, "data.canary_kind": "gradient"}
