@@ -194,6 +194,13 @@ class DPConfig:
         default=False,
         metadata={"help": "Secure aggregation (Flower SecAgg+): the server sees only the sum of updates."},
     )
+    distributed_min_honest: int = field(
+        default=0,
+        metadata={"help": "Distributed DP over SecAgg+ (needs dp.secagg): each institution adds σ/√t of the "
+                          "noise, and the sum carries σ if at least t institutions a round add theirs honestly; "
+                          "an institution accepts it only up to its node config `max-noise-sharers`. 0: off (each "
+                          "institution adds all of σ)."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "use sigma >= 0 (about 1.0 is typical).")
@@ -591,6 +598,7 @@ class FedtuneConfig:
                "a gradient canary is one record with one direction over the trained weights, so it needs dp.unit "
                "`record` and one LoRA rank for every client (no lora.client_ranks); use `input` canaries there.")
         self._check_client_level_and_secagg()
+        self._check_distributed_dp()
         self._check_strategy_composition()
         self._check_lora_aggregation()
 
@@ -621,6 +629,23 @@ class FedtuneConfig:
             _check(self.clients_sampled() >= 2, "dp.secagg",
                    "secure aggregation needs at least 2 clients sampled per round; raise `clients`, "
                    "strategy.clients_per_round or strategy.fraction_train.")
+
+    def _check_distributed_dp(self) -> None:
+        """Distributed DP sums the institutions' noised gradients, so each update must be linear in its
+        noised gradient sum, and nothing may rescale it afterwards. One plain-SGD step on every record
+        is checked after the recipe has chosen the training options (server/prepare.py::preflight)."""
+        dp, t = self.dp, self.dp.distributed_min_honest
+        if not t:
+            return
+        needs = [(dp.enabled and dp.unit == "record", "record-level DP-SGD (dp.enabled, dp.unit `record`)"),
+                 (dp.secagg, "secure aggregation (dp.secagg), so that the server sees only the sum"),
+                 (dp.client_dp == "off", "dp.client_dp `off`"),
+                 (self.strategy.name == "fedavg" and self.lora.aggregation == "naive" and not self.lora.ranks(),
+                  "fedavg with naive LoRA aggregation and one rank")]
+        for ok, what in needs:
+            _check(ok, "dp.distributed_min_honest", f"distributed DP needs {what}; set it to 0 otherwise.")
+        _check(2 <= t <= self.clients_sampled(), "dp.distributed_min_honest",
+               f"use 2 to the {self.clients_sampled()} institutions sampled a round (0: off).")
 
     def _check_strategy_composition(self) -> None:
         """Combinations whose parts are each sound but whose composition is not (docs/architecture.md)."""

@@ -110,7 +110,7 @@ RECIPE_RANK = 2  # LoRA's rank in the last layer: every trained value is noised,
 BASE_LEARNING_RATE = 3.6
 
 
-def noise_to_signal(facts: Facts, sigma: float, trained_values: int) -> float:
+def noise_to_signal(facts: Facts, sigma: float, trained_values: int, min_honest: int = 0) -> float:
     """How large the noise on a round's aggregated update is next to its signal.
 
     Each institution takes one full-batch step: the sum of its n_i clipped per-record gradients (norm at
@@ -118,9 +118,11 @@ def noise_to_signal(facts: Facts, sigma: float, trained_values: int) -> float:
     n_i / N, so the round's update is (Σ clipped gradients + Σ_i noise_i) / N: a mean of norm at most C
     plus noise of norm about σC·√(m·d) / N (m institutions, d trained values, N records). The ratio of
     the two, σ·√(m·d) / N, is what a learning rate must respect. When m of M institutions train each
-    round, N is a round's expected records: the M institutions' total times m / M."""
+    round, N is a round's expected records: the M institutions' total times m / M. Under distributed DP
+    (`min_honest` = t) each adds σ/√t, so the sum's noise is σC·√(m/t·d) / N: σ·√(d)/N when t = m."""
     records = sum(facts.records) * facts.clients / max(len(facts.records), 1)
-    return sigma * (facts.clients * trained_values) ** 0.5 / max(records, 1.0)
+    shares = facts.clients / min_honest if min_honest else facts.clients
+    return sigma * (shares * trained_values) ** 0.5 / max(records, 1.0)
 
 
 def recipe_learning_rate(ratio: float) -> float:

@@ -56,12 +56,12 @@ MODULE_SECONDS = {
     "tests/integration/test_deployment.py": 145, "tests/integration/test_crash_resume.py": 131,
     "tests/integration/test_deploy_local.py": 107,
     "tests/integration/test_simulate.py": 111, "tests/integration/test_strategies.py": 82,
-    "tests/integration/test_audit.py": 110, "tests/integration/test_causal_lm.py": 69,
+    "tests/integration/test_audit.py": 150, "tests/integration/test_causal_lm.py": 69,
     "tests/integration/test_user_level.py": 65, "tests/integration/test_client_dp.py": 61,
     "tests/integration/test_lora_aggregation.py": 55, "tests/simulation/test_ray_cluster.py": 36,
     "tests/integration/test_dp_recipe.py": 33, "tests/integration/test_data_sources.py": 25,
-    "tests/integration/test_audit_mutations.py": 175, "tests/integration/test_existing_cluster.py": 55,
-    "tests/integration/test_early_stopping.py": 45,
+    "tests/integration/test_audit_mutations.py": 105, "tests/integration/test_existing_cluster.py": 55,
+    "tests/integration/test_early_stopping.py": 45, "tests/integration/test_distributed_dp.py": 30,
 }
 
 

@@ -21,13 +21,15 @@ from fedtune.options import AUDIT, DEPLOY, NO_OPTION, NOT_DEPLOYED, OPTIONS, SIM
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 # Values that the generic rule below would make invalid, and options a value needs beside it.
 EXAMPLES: dict[str, Any] = {"lora.client_ranks": "2", "data.encoding": "latin-1", "data.labels": ("a", "b"),
-                          "model.task": "causal-lm", "simulation.ray_address": "127.0.0.1:6379"}
+                          "model.task": "causal-lm", "simulation.ray_address": "127.0.0.1:6379",
+                          "dp.distributed_min_honest": 2}
 ALONGSIDE: dict[str, dict[str, Any]] = {
     "train.length_buckets": {"dp.enabled": False}, "data.canary_repeats": {"dp.enabled": False},
     "early_stopping_patience": {"dp.enabled": False},
     "data.partition_column": {"data.path": "notes.csv"}, "data.source": {"data.path": "notes.csv"},
     "data.user_column": {"data.path": "notes.csv"}, "dp.unit": {"data.path": "notes.csv", "data.user_column": "pid"},
     "dp.canary_clients": {"dp.client_dp": "fixed", "dp.delta": 1e-3},
+    "dp.distributed_min_honest": {"dp.secagg": True},
 }
 
 

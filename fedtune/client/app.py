@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import zlib
@@ -26,7 +27,7 @@ from flwr.clientapp import ClientApp
 from fedtune import constants as k
 from fedtune.client.data import gradient_canaries, local_data
 from fedtune.client.mods import client_clipping_mod
-from fedtune.client.secagg import secagg_mod
+from fedtune.client.secagg import secagg_mod, secagg_range
 from fedtune.client.state import (
     ClientState,
     DamagedState,
@@ -45,21 +46,21 @@ from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
-from fedtune.privacy.budget import client_dp, within_budget
+from fedtune.privacy.budget import client_dp, poisson_schedule, within_budget
 from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
 from fedtune.tasks.base import Scores, get_task
 
 app = ClientApp()
-RECIPE_KEYS = frozenset(FedtuneConfig().client_flat())  # the run-config keys among a message's config
+SENT_KEYS = frozenset(FedtuneConfig().client_flat())  # the run-config keys among a message's config
 
 
 def recipe(message: Message) -> tuple[FedtuneConfig, ConfigRecord]:
     """The run config the server sent (FedtuneConfig.client_flat), and the full incoming ConfigRecord."""
     record = message.content[k.CONFIG]
     sent = tuple(sorted((key, tuple(value) if isinstance(value, list) else value)
-                        for key, value in record.items() if key in RECIPE_KEYS))
+                        for key, value in record.items() if key in SENT_KEYS))
     return _parsed(sent), record
 
 
@@ -157,6 +158,10 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger), refusal)
     if cfg.dp.enabled and not within_budget(cfg.dp, state.history, n, cfg.train.batch_size, cfg.train.local_epochs):
         return round_.without_training(state, k.STATUS_DECLINED, state.history)
+    if cfg.dp.distributed_min_honest and poisson_schedule(n, cfg.train.batch_size, epochs=1) != (1.0, 1):
+        return round_.without_training(state, k.STATUS_REFUSED, state.history, (
+            f"distributed DP sums one step on every record of each institution, but {n} records at "
+            f"train.batch_size {cfg.train.batch_size} take several; raise the batch size to at least {n}"))
     model = _model(cfg, msg.content[k.ARRAYS], context)
     before = lora_weights(model)
     result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)),
@@ -164,6 +169,8 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     state.history = result.history  # spent, whatever happens next
     arrays = to_record(model)
     metrics = _report(cfg, result.history, n, result.loss, result.steps, result.sample_rate, arrays.count_bytes())
+    if cfg.dp.distributed_min_honest:  # its share of the sum, not its adapter (privacy/distributed.py)
+        arrays = _share(msg.content[k.ARRAYS], arrays, n, cfg, server_round, context.node_id, secagg_range(context))
     if not moved(before, model):  # fail closed (Opacus #820): an update no optimizer step reached
         return round_.finish(state, k.STATUS_FAILED, metrics, reason=NOT_MOVED)
     stated = {k.LORA_RANK: own_rank(cfg, context)} if cfg.lora.ranks() else {}  # the rank to send it next
@@ -224,9 +231,32 @@ class _Round:
                   **({k.UNRECORDED: json.dumps([e.to_dict() for e in self.late])} if self.late else {}),
                   **ray_node()}
         content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord(client)})
+        if arrays is None and self.cfg.dp.distributed_min_honest:  # every submitter adds its noise share
+            arrays = _noise_share(self.msg.content[k.ARRAYS], self.cfg, self.server_round, self.context.node_id,
+                                  secagg_range(self.context))
         if arrays is not None:
             content[k.ARRAYS] = arrays
         return Message(content, reply_to=self.msg)
+
+
+def _share(start: ArrayRecord, end: ArrayRecord, records: int, cfg: FedtuneConfig, server_round: int,
+           node_id: int, q: int) -> ArrayRecord:
+    from fedtune.privacy.distributed import share_of_sum
+
+    names = list(start.keys())
+    shares = share_of_sum([start[n].numpy() for n in names], [end[n].numpy() for n in names], records, cfg.seed,
+                          server_round, node_id, q)
+    return ArrayRecord({name: Array(share) for name, share in zip(names, shares, strict=True)})
+
+
+def _noise_share(start: ArrayRecord, cfg: FedtuneConfig, server_round: int, node_id: int, q: int) -> ArrayRecord:
+    from fedtune.privacy.distributed import noise_only_share
+
+    dp = cfg.dp
+    std = cfg.train.learning_rate * dp.noise_multiplier * dp.max_grad_norm / math.sqrt(dp.distributed_min_honest)
+    names = list(start.keys())
+    shares = noise_only_share([tuple(start[n].shape) for n in names], std, cfg.seed, server_round, node_id, q)
+    return ArrayRecord({name: Array(share) for name, share in zip(names, shares, strict=True)})
 
 
 def ray_node() -> dict[str, str]:
@@ -257,6 +287,7 @@ def _report(cfg: FedtuneConfig, history: History, num_examples: int, loss: float
         k.STEPS: steps,
         k.SAMPLE_RATE: sample_rate,
         k.NOISE_MULTIPLIER: dp.noise_multiplier if dp.enabled else 0.0,
+        **({k.DISTRIBUTED_MIN_HONEST: dp.distributed_min_honest} if dp.enabled and dp.distributed_min_honest else {}),
         k.MAX_GRAD_NORM: dp.max_grad_norm if dp.enabled else 0.0,
         k.DELTA: dp.delta,
         # From the whole history: infinite once any round trained without noise (sigma = 0 in it).

@@ -12,13 +12,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
 from fedtune import constants as k
 from fedtune.client.mods import flower_logs_quiet
 
 FITINS_PARAMETERS, FITINS_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy record names
+DDP_KEY = "dp.distributed_min_honest"  # in the round's config
+DDP_STATE, MIN_HONEST = "fedtune.distributed_dp", "min_honest"  # kept in the client's context between stages
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -28,13 +30,35 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     in the way of normal rounds: Flower's mod raises on a train message without its configs."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
+    _refuse_too_few_noise_shares(msg.content.config_records[RECORD_KEY_CONFIGS], context)
     with flower_logs_quiet():
         return secaggplus_mod(msg, context, lambda legacy, ctx: _train_as_legacy(legacy, ctx, call_next))
+
+
+def _refuse_too_few_noise_shares(configs: ConfigRecord, context: Context) -> None:
+    """Distributed DP: in the unmask stage, refuse to help remove the masks of a sum that holds fewer
+    than t institutions' noise shares (dp.distributed_min_honest, kept when this client submitted):
+    unmasked, it would carry less noise than σ. Without those shares the server never learns the sum."""
+    if configs.get(Key.STAGE) != Stage.UNMASK or DDP_STATE not in context.state.config_records:
+        return
+    needed = int(context.state.config_records[DDP_STATE][MIN_HONEST])
+    active = len(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    if active < needed:
+        raise RuntimeError(f"distributed DP: only {active} institutions' noise shares are in the sum, fewer than "
+                           f"the {needed} (dp.distributed_min_honest) each institution's ε assumes; not unmasking.")
+
+
+def secagg_range(context: Context) -> int:
+    """The quantization range Q this round's SecAgg+ set up (sent by the server's workflow): the grid
+    a distributed-DP share must lie on (privacy/distributed.py)."""
+    return int(context.state.config_records[RECORD_KEY_STATE]["target_range"])
 
 
 def _train_as_legacy(legacy: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """FitIns-shaped message -> our train handler -> FitRes-shaped reply for secaggplus_mod to mask."""
     config = legacy.content.config_records[FITINS_CONFIG]
+    if config.get(DDP_KEY):
+        context.state.config_records[DDP_STATE] = ConfigRecord({MIN_HONEST: int(config[DDP_KEY])})
     names = list(config[k.ARRAY_NAMES])
     received = legacy.content.array_records[FITINS_PARAMETERS]
     arrays = ArrayRecord({name: Array(a.numpy()) for name, a in zip(names, received.values(), strict=True)})

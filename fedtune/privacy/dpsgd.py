@@ -28,6 +28,7 @@ Two things are wired by hand, each for a reason the analysis depends on:
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -234,8 +235,27 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
     # Opacus divides the noised sum by int(n·q), which floating point makes 0 for some n at q = 1/n
     # (n = 49: 49·(1/49) < 1), and the step would then be inf. A constant either way: post-processing.
     dp_optimizer.expected_batch_size = max(dp_optimizer.expected_batch_size, 1)
+    if dp.distributed_min_honest:
+        add_only_a_share_of_the_noise(dp_optimizer, 1 / math.sqrt(dp.distributed_min_honest))
     return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader), dp.physical_batch_size,
                            user_gradient=dp.user_gradient if by_user else "")
+
+
+def add_only_a_share_of_the_noise(optimizer, share: float) -> None:
+    """Distributed DP (dp.distributed_min_honest = t, share = 1/√t): the optimizer adds noise of std
+    share·σ·C, while the accountant still records σ, the std the sum over the institutions carries when
+    at least t of them add their share (docs/design/distributed-dp.md). Opacus reads noise_multiplier
+    both when it noises (add_noise) and when its step hook informs the accountant, after add_noise."""
+    full, add_noise = optimizer.noise_multiplier, optimizer.add_noise
+
+    def add_share() -> None:
+        optimizer.noise_multiplier = full * share
+        try:
+            add_noise()
+        finally:
+            optimizer.noise_multiplier = full
+
+    optimizer.add_noise = add_share
 
 
 def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:

@@ -59,6 +59,9 @@ class LedgerEntry:
     # for a client that did not answer, or a ledger written before the figure existed).
     num_examples: int | None = None  # n: the client's count of the ledger's unit (records, or users)
     noise_multiplier: float | None = None  # σ
+    # Distributed DP: σ is the std the sum of the round's shares carries when at least this many
+    # institutions added theirs (the client itself added σ/√t). None: the client added all of σ.
+    distributed_min_honest: int | None = None
     max_grad_norm: float | None = None  # C
     sample_rate: float | None = None  # q
     steps: int | None = None  # DP-SGD steps taken this round
@@ -91,7 +94,9 @@ class LedgerEntry:
                    sample_rate=_finite(metrics[k.SAMPLE_RATE]), steps=int(metrics[k.STEPS]),
                    delta=_finite(metrics[k.DELTA]), epsilon=_epsilon(metrics[k.EPSILON]),
                    epsilon_other=_epsilon(metrics[k.EPSILON_OTHER]), reason=reason or None, policy=policy,
-                   adopted_ledger_spending=adopted_ledger_spending)
+                   adopted_ledger_spending=adopted_ledger_spending,
+                   distributed_min_honest=int(metrics[k.DISTRIBUTED_MIN_HONEST])
+                   if metrics.get(k.DISTRIBUTED_MIN_HONEST) else None)
 
     @property
     def reported(self) -> bool:
@@ -131,7 +136,7 @@ class LedgerEntry:
             "epsilon": _epsilon(rest.pop("epsilon")) if "epsilon" in rest else None,
             "epsilon_other": (_epsilon(rest.pop(f"epsilon_{other(own)}"))
                               if own is not None and f"epsilon_{other(own)}" in rest else None)}
-        for key in ("num_examples", "steps", "recorded_round"):
+        for key in ("num_examples", "steps", "recorded_round", "distributed_min_honest"):
             values[key] = _integer(rest.pop(key, None), key)
         for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "delta", "epsilon_recomputed"):
             values[key] = _number(rest.pop(key, None), key)
@@ -142,7 +147,8 @@ class LedgerEntry:
         return cls(**values, extra=rest)
 
 
-_FIGURES = ("num_examples", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "epsilon")
+_FIGURES = ("num_examples", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "epsilon",
+            "distributed_min_honest")
 _NOTES = ("reason", "policy", "adopted_ledger_spending", "state_lost", "epsilon_recomputed", "interrupted",
           "recorded_late", "recorded_round")
 

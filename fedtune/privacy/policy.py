@@ -42,6 +42,8 @@ KEYS: dict[str, tuple[type, str]] = {
     k.NODE_ALLOW_REPRODUCIBLE_NOISE: (bool, "false (the default) or true"),
     k.NODE_ADOPT_LEDGER_SPENDING: (bool, "true, once, after this node lost its privacy state"),
     k.NODE_PRIVACY_UNIT: (str, "\"user\" (train only under user-level DP) or \"record\" (either unit)"),
+    k.NODE_MAX_NOISE_SHARERS: (int, "0 (the default: add all of its noise itself) or the largest t of distributed "
+                                    "DP it trusts, e.g. 4"),
 }
 
 
@@ -57,6 +59,9 @@ class PrivacyPolicy:
     allow_reproducible_noise: bool = False
     adopt_ledger_spending: bool = False  # the operator's explicit reset after a lost state (client/app.py)
     privacy_unit: str = "record"  # the narrowest unit it accepts: `user` refuses record-level runs
+    # Distributed DP: the largest t (institutions sharing the noise) it accepts; it then adds σ/√t and relies on
+    # t − 1 others and on SecAgg+. 0: it adds all of σ itself and refuses distributed DP.
+    max_noise_sharers: int = 0
     source: str = SOURCES[0]  # one of SOURCES
 
     def __post_init__(self) -> None:
@@ -69,6 +74,9 @@ class PrivacyPolicy:
         if not 0 <= self.min_noise_multiplier < math.inf:
             raise ConfigError(f"Invalid node config `{k.NODE_MIN_NOISE_MULTIPLIER}`: {self.min_noise_multiplier!r}; "
                               f"use {KEYS[k.NODE_MIN_NOISE_MULTIPLIER][1]}.")
+        if isinstance(self.max_noise_sharers, bool) or self.max_noise_sharers < 0:
+            raise ConfigError(f"Invalid node config `{k.NODE_MAX_NOISE_SHARERS}`: {self.max_noise_sharers!r}; use "
+                              f"{KEYS[k.NODE_MAX_NOISE_SHARERS][1]}.")
         if self.privacy_unit not in ("record", "user"):
             raise ConfigError(f"Invalid node config `{k.NODE_PRIVACY_UNIT}`: {self.privacy_unit!r}; use "
                               f"{KEYS[k.NODE_PRIVACY_UNIT][1]}.")
@@ -100,6 +108,10 @@ class PrivacyPolicy:
         if dp.delta * num_examples >= 1:
             return (f"the run asks for dp.delta = {dp.delta:g}, which is not below 1/n for this institution's "
                     f"n = {num_examples} training {dp.unit}s")
+        if dp.distributed_min_honest > self.max_noise_sharers:
+            return (f"the run asks each institution to add only 1/√{dp.distributed_min_honest} of the noise "
+                    f"(dp.distributed_min_honest = {dp.distributed_min_honest}), relying on the others and on "
+                    f"SecAgg+, but `{k.NODE_MAX_NOISE_SHARERS}` is {self.max_noise_sharers}")
         if dp.noise_multiplier < self.min_noise_multiplier:
             return (f"the run's noise multiplier {dp.noise_multiplier:.4g} is below `{k.NODE_MIN_NOISE_MULTIPLIER}` "
                     f"= {self.min_noise_multiplier:g}")
@@ -121,7 +133,8 @@ def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state
     if k.DATA_PATH in node_config or k.PARTITION_ID not in node_config:
         return PrivacyPolicy(**values, source=SOURCES[0])
     run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=cfg.dp.epsilon_budget,
-               max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise)
+               max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise,
+               max_noise_sharers=cfg.dp.distributed_min_honest)
     limits = set(own) - {k.NODE_STATE_DIR}
     return PrivacyPolicy(**{**run, **values}, source=SOURCES[2] if limits else SOURCES[1])
 

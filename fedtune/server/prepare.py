@@ -52,6 +52,14 @@ def preflight(cfg: FedtuneConfig) -> None:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client with "
                               f"n={largest} {cfg.dp.unit}s, so the guarantee would be meaningless. Set it "
                               f"to {1.0 / (10 * largest):.1e} or smaller.")
+        if cfg.dp.distributed_min_honest:
+            one_step = (cfg.train.optimizer == "sgd" and cfg.train.local_epochs == 1
+                        and cfg.train.batch_size >= largest)
+            if not one_step:
+                raise ConfigError("Invalid option `dp.distributed_min_honest`: distributed DP sums one plain-SGD "
+                                  "step on every record of each institution, so it needs train.optimizer `sgd`, "
+                                  f"train.local_epochs 1 and train.batch_size of at least {largest} (the largest "
+                                  "institution's records); the private recipe chooses these when you leave them.")
     if cfg.model.device == "cuda":
         import torch
 

@@ -65,8 +65,16 @@ def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progres
                             client_manager=SimpleClientManager())
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
     context.state.array_records[MAIN_PARAMS_RECORD] = arrays
-    SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
-                       timeout=timeout_s)(grid, context)
+    if relay.distributed:  # distributed DP: the clients' shares lie on an exact grid (privacy/distributed.py)
+        from fedtune.privacy import distributed
+
+        SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0,
+                           clipping_range=distributed.CLIPPING_RANGE,
+                           quantization_range=distributed.quantization_range(len(messages)),
+                           modulus_range=2**distributed.MODULUS_BITS, timeout=timeout_s)(grid, context)
+    else:
+        SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
+                           timeout=timeout_s)(grid, context)
     progress.remove_task(task)
     return relay.replies()
 
@@ -85,6 +93,9 @@ class _Relay(LegacyStrategy):
         self.results: list[tuple[int, FitRes]] = []
         self.mean: list[np.ndarray] | None = None
         self.failure_reasons: list[str] = []
+        config = next(iter(self.messages.values())).content[k.CONFIG]
+        self.distributed = int(config.get("dp.distributed_min_honest", 0)) > 0
+        self.seed, self.round = int(config.get("seed", 0)), int(config[k.SERVER_ROUND])
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, self.configs[node])) for node in self.messages]
@@ -104,7 +115,13 @@ class _Relay(LegacyStrategy):
         trained) the mean update of the clients that trained; error replies for the others."""
         infos = {node: _split_metrics(fit_res.metrics) for node, fit_res in self.results}
         trained = [node for node, (info, _) in infos.items() if info.get(k.STATUS) == k.STATUS_TRAINED]
-        mean_of_trained = self._mean_of_trained(len(infos), len(trained)) if trained else None
+        if not trained:
+            mean_of_trained = None
+        elif self.distributed:
+            records = sum(int(infos[node][1][k.NUM_EXAMPLES]) for node in trained)
+            mean_of_trained = self._distributed_step(list(infos), records)
+        else:
+            mean_of_trained = self._mean_of_trained(len(infos), len(trained))
         out = []
         for node, msg in self.messages.items():
             if node not in infos:
@@ -125,6 +142,20 @@ class _Relay(LegacyStrategy):
         base = self.global_arrays.to_numpy_ndarrays()
         return ArrayRecord({name: Array(np.asarray(g + (a - g) * (submitted / trained), dtype=g.dtype))
                             for name, g, a in zip(self.names, base, self.mean, strict=True)})
+
+    def _distributed_step(self, submitters: list[int], records: int) -> ArrayRecord:
+        """Distributed DP: θ + Σ_i n_i·Δ_i / Σ n_i over the institutions that trained (FedAvg), from the
+        sum of every submitter's share with each one's public dither taken out."""
+        from fedtune.privacy import distributed
+
+        base = self.global_arrays.to_numpy_ndarrays()
+        q = distributed.quantization_range(len(self.messages))
+        shapes = [g.shape for g in base]
+        dithers = [distributed.flat_dither(self.seed, self.round, node, shapes) for node in submitters]
+        summed = [distributed.undither_sum(mean * len(submitters), [d[i] for d in dithers],
+                                           distributed.CLIPPING_RANGE, q) for i, mean in enumerate(self.mean)]
+        return ArrayRecord({name: Array(np.asarray(g + total / records, dtype=g.dtype))
+                            for name, g, total in zip(self.names, base, summed, strict=True)})
 
     # The evaluate half and the legacy extras are not used: fedtune evaluates in its own loop.
     def initialize_parameters(self, client_manager: Any) -> None:

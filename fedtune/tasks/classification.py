@@ -60,7 +60,8 @@ class Classification(Task):
         sigma = recipe_sigma(facts, per_client) if facts.epsilon else cfg.dp.noise_multiplier
         # trained values: LoRA's A and B on two projections of the last layer, and the head
         values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels
-        ratio = noise_to_signal(facts, sigma, values)
+        t = cfg.dp.distributed_min_honest
+        ratio = noise_to_signal(facts, sigma, values, t)
         choices.update({
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP"),
@@ -69,8 +70,9 @@ class Classification(Task):
             "train.local_epochs": (1, "one step a round: several steps on a non-IID shard fit its own label prior"),
             "train.learning_rate": (
                 recipe_learning_rate(ratio),
-                f"{BASE_LEARNING_RATE} / √(1 + r²) with r = σ√(m·d)/N = {ratio:.2f}, the noise on a round's mean "
-                f"update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round, d {values} "
+                f"{BASE_LEARNING_RATE} / √(1 + r²) with r = σ√({'m/t' if t else 'm'}·d)/N = {ratio:.2f}, the noise "
+                f"on a round's mean update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round"
+                f"{f', t {t} sharing the noise' if t else ''}, d {values} "
                 f"trained values, N {round(sum(facts.records) * facts.clients / len(facts.records))} records a "
                 f"round)"),
             "train.lr_schedule": ("cosine", "decayed towards zero by the last round, so late rounds settle "

@@ -292,7 +292,7 @@ REPORT_KEYS = ("generated_by", "run_dir", "dp_enabled", "unit", "neighbouring_re
                "policies", "delta", "epsilon_budget", "target_epsilon", "rounds_planned", "rounds_in_ledger",
                "epsilon_max", "epsilon_max_client", "epsilon_max_other", "clients_declined", "rounds_declined",
                "rounds_failed", "rounds_rejected", "rounds_refused", "clients_state_lost", "clients_over_budget",
-               "client_level", "settings", "audit", "verification", "clients")
+               "client_level", "settings", "audit", "verification", "clients", "distributed")
 
 
 def test_the_numbers_are_typed_and_their_dict_is_the_report_json(three_clients):

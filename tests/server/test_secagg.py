@@ -11,14 +11,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.common.constant import ErrorCode
 from rich.progress import Progress
 
 from fedtune import constants as k
 from fedtune.client.mods import client_clipping_mod
-from fedtune.client.secagg import secagg_mod
+from fedtune.client.secagg import secagg_mod, secagg_range
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
 from fedtune.server.secagg import secure_exchange
@@ -188,3 +188,55 @@ def test_secagg_options_that_cannot_work_are_refused(overrides, says):
         FedtuneConfig().with_overrides({"dp.secagg": True, **overrides})
     assert says in str(err.value)
     FedtuneConfig().with_overrides({"dp.secagg": True, "dp.client_dp": "adaptive", "dp.client_dp_side": "client"})
+
+
+def ddp_trainer(node: int, change: dict[str, np.ndarray] | None, cfg: FedtuneConfig):
+    """The client app's distributed-DP reply (client/app.py): its share n_i·Δ_i on the dithered grid."""
+    from fedtune.privacy.distributed import share_of_sum
+
+    def handle(msg: Message, context: Context) -> Message:
+        records = 10 * node
+        metrics = MetricRecord({k.NUM_EXAMPLES: records, k.TRAIN_LOSS: 0.5, k.EPSILON: 1.0})
+        info = ConfigRecord({k.CLIENT_NAME: f"client-{node}", k.STATUS: k.STATUS_TRAINED})
+        got = [t.numpy() for t in msg.content[k.ARRAYS].to_torch_state_dict().values()]
+        shares = share_of_sum(got, [g + change[n] for g, n in zip(got, NAMES, strict=True)], records, cfg.seed, 1,
+                              node, secagg_range(context))
+        arrays = ArrayRecord({n: Array(s) for n, s in zip(NAMES, shares, strict=True)})
+        return Message(RecordDict({k.METRICS: metrics, k.CLIENT_INFO: info, k.ARRAYS: arrays}), reply_to=msg)
+    return handle
+
+
+def ddp_grid(cfg: FedtuneConfig, changes: dict[int, dict[str, np.ndarray]], crash: int | None = None) -> LoopbackGrid:
+    grid = LoopbackGrid(changes, crash_in_training=crash)
+    for node, change in changes.items():
+        if node != crash:
+            grid.apps[node] = make_ffn(ddp_trainer(node, change, cfg), [secagg_mod, client_clipping_mod])
+    return grid
+
+
+def test_distributed_dp_steps_by_the_record_weighted_sum_of_the_shares():
+    cfg = FedtuneConfig().with_overrides({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
+                                          "train.optimizer": "sgd"})
+    changes = {node: update(node, scale=0.3) for node in (1, 2, 3, 4)}
+    _, replies = run_round(cfg, ddp_grid(cfg, changes))
+    assert not any(r.has_error() for r in replies)
+    g, total = global_arrays(), sum(10 * node for node in changes)
+    expected = {n: g[n] + sum(10 * node * changes[node][n] for node in changes) / total for n in NAMES}
+    # FedAvg of the clients' steps, up to the grid's error: at most s/2 per share, over 100 records
+    from fedtune.privacy.distributed import CLIPPING_RANGE, grid_step, quantization_range
+
+    bound = 4 * grid_step(CLIPPING_RANGE, quantization_range(4)) / 2 / total
+    for reply in replies:
+        for n, value in arrays_of(reply).items():
+            np.testing.assert_allclose(value, expected[n], atol=bound + 1e-6, rtol=0)
+
+
+def test_distributed_dp_never_unmasks_a_sum_with_fewer_than_t_noise_shares():
+    cfg = FedtuneConfig().with_overrides({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
+                                          "train.optimizer": "sgd"})
+    changes = {node: update(node) for node in (1, 2, 3, 4)}
+    grid = ddp_grid(cfg, changes, crash=2)
+    _, replies = run_round(cfg, grid)
+    assert all(r.has_error() for r in replies), "three shares are fewer than t = 4: no sum is revealed"
+    refusals = [r for r in grid.replies if r.has_error() and "not unmasking" in r.error.reason]
+    assert len(refusals) == 3

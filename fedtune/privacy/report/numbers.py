@@ -216,6 +216,9 @@ class ReportData:
     audit: AuditSummary | None  # None unless `fedtune audit` made this run
     verification: Verification | None  # `fedtune privacy-verify`'s result; None: config unreadable
     clients: tuple[ClientRow, ...]
+    # Distributed DP: {"min_honest": t, "epsilon_own_share": the largest ε an institution's own σ/√t alone
+    # gives}; None when every institution added all of its noise.
+    distributed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -261,7 +264,22 @@ def build_report(run_dir: Path) -> ReportData:
         audit=_read_audit(run_dir),
         verification=_verification(run_dir),
         clients=clients,
+        distributed=_distributed(entries, kind, delta) if dp_on else None,
     )
+
+
+def _distributed(entries: dict[str, tuple[LedgerEntry, ...]], kind: str, delta: float | None) -> dict[str, Any] | None:
+    """Under distributed DP, what each institution's own share of the noise (σ/√t) gives alone, should
+    fewer than t institutions have added theirs honestly: the largest such ε over the institutions."""
+    from fedtune.privacy.accountant import epsilon
+
+    shared = [e for rows in entries.values() for e in rows if e.distributed_min_honest]
+    if not shared or delta is None:
+        return None
+    t = max(e.distributed_min_honest for e in shared)
+    own = max(epsilon(kind, [(e.noise_multiplier / math.sqrt(e.distributed_min_honest or 1), e.sample_rate, e.steps)
+                             for e in rows if e.steps], delta) for rows in entries.values())
+    return {"min_honest": t, "epsilon_own_share": _num(own)}
 
 
 def _verification(run_dir: Path) -> Verification | None:

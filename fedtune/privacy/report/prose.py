@@ -317,8 +317,19 @@ def _assumptions(r: ReportData) -> list[Block]:
         "mechanism are not mitigated (Opacus' `secure_mode` addresses them).",
         "**Budget checks** use the same accountant and the same schedule as training: an institution declines a "
         "round whose projected ε after that round would exceed the budget.",
+        *([_distributed(r)] if r.distributed else []),
     ]
     return [items] if r.dp_enabled else ["None apply: without DP-SGD there is no guarantee to qualify."]
+
+
+def _distributed(r: ReportData) -> str:
+    t, own = r.distributed["min_honest"], r.distributed["epsilon_own_share"]
+    return (f"**Distributed DP: at least {t} honest institutions a round**. Each institution added only 1/√{t} of "
+            f"the noise's standard deviation; the ε above holds for a record provided that, in every round its "
+            f"institution took part, at least {t} institutions (its own included) added their share and kept it "
+            "secret, and secure aggregation (SecAgg+) revealed only the sum. Each institution refused to help "
+            f"unmask a sum with fewer than {t} shares. Should all the others collude with the coordinator, an "
+            f"institution's own share alone gives ε = {eps(own)} at the same δ.")
 
 
 def _randomness(r: ReportData) -> str:
