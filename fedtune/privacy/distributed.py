@@ -1,4 +1,4 @@
-"""Distributed DP over SecAgg+ (issue #19), work in progress: the exact, dithered grid on which each
+"""Distributed DP over SecAgg+ (issue #19; docs/privacy.md): the exact, dithered grid on which each
 institution hands its noised share to Flower's SecAgg+.
 
 Why a grid of our own. Flower's `secaggplus_mod` quantizes each value x to (x + r)·Q/(2r) with

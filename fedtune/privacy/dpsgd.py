@@ -244,7 +244,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
 def add_only_a_share_of_the_noise(optimizer, share: float) -> None:
     """Distributed DP (dp.distributed_min_honest = t, share = 1/√t): the optimizer adds noise of std
     share·σ·C, while the accountant still records σ, the std the sum over the institutions carries when
-    at least t of them add their share (docs/design/distributed-dp.md). Opacus reads noise_multiplier
+    at least t of them add their share (docs/privacy.md, "Distributed DP over SecAgg+"). Opacus reads noise_multiplier
     both when it noises (add_noise) and when its step hook informs the accountant, after add_noise."""
     full, add_noise = optimizer.noise_multiplier, optimizer.add_noise
 

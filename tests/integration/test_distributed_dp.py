@@ -1,4 +1,4 @@
-"""Distributed DP end to end (work in progress): four institutions each add half the noise (t = 4), SecAgg+
+"""Distributed DP end to end: four institutions each add half the noise (t = 4), SecAgg+
 reveals only the sum, the federation learns, the ledger says under which assumption its ε holds, and
 privacy-verify and the report agree."""
 

@@ -1,4 +1,4 @@
-"""Distributed DP's grid (work in progress): Flower's SecAgg+ quantizer maps the grid exactly onto
+"""Distributed DP's grid and noise share: Flower's SecAgg+ quantizer maps the grid exactly onto
 integers, and the error left after the dither is taken out is uniform and independent of the data."""
 
 import numpy as np
