@@ -28,5 +28,7 @@ def test_four_institutions_each_adding_half_the_noise_learn_under_the_stated_ass
     assert fedtune("privacy-report", str(out)).returncode == 0
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["distributed"]["min_honest"] == 4 and report["distributed"]["epsilon_own_share"] > 8.0
-    assert "at least 4 honest institutions a round" in (out / "privacy_report.md").read_text()
+    text = (out / "privacy_report.md").read_text()
+    assert "at least 4 honest institutions a round" in text
+    assert "Under distributed DP each client added only 1/√4 of that noise" in text
     assert not (out / "observed_updates").exists(), "under SecAgg+ the server keeps no institution's update"

@@ -88,7 +88,17 @@ def _summary(r: ReportData) -> list[Block]:
 
 def _against_whom(r: ReportData) -> str:
     """Against whom the guarantee holds, from the privacy policies the clients applied (ledger
-    `policy`, privacy/policy.py) and the run's noise seeding."""
+    `policy`, privacy/policy.py) and the run's noise seeding; under distributed DP, with the caveat
+    that each client added only its share of the noise."""
+    if not r.distributed:
+        return _against_whom_by_policy(r)
+    t = r.distributed["min_honest"]
+    return (_against_whom_by_policy(r) + f" **Under distributed DP each client added only 1/√{t} of that noise**: "
+            f"the ε holds only if at least {t} institutions a round added their share honestly and secure "
+            "aggregation hid each share (see the assumptions below).")
+
+
+def _against_whom_by_policy(r: ReportData) -> str:
     if r.settings.noise_from_seed:
         return ("**Not against the server**: the run used `dp.reproducible_noise`, noise derived from a seed the "
                 "server knows, which it could regenerate and subtract; research use only. The guarantee still holds "
