@@ -138,6 +138,9 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         state = load_state(context, name, policy.state_dir)
     except DamagedState as err:  # refused, and the file is left as it is: never overwritten with less
         known = spent_on_ledger(record)
+        # The round's rate and the σ every institution solves for (one full-batch step a round under
+        # distributed DP, so the same σ whatever its history): its noise-only share must be as large as any.
+        cfg = _round_config(cfg, record, ClientState(), n)
         metrics = _report(cfg, known, n, float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
         return _Round(msg, context, cfg, name, policy, server_round, n).reply(k.STATUS_REFUSED, metrics,
                                                                                 reason=str(err))

@@ -157,3 +157,23 @@ def test_a_damaged_state_file_is_named_refused_and_left_as_it_is(tmp_path):
     status, reason = _status(reply)
     assert status == k.STATUS_REFUSED and str(damaged) in reason and "damaged" in reason
     assert damaged.read_text() == '{"history": [[1.0, 0.25' and k.ARRAYS not in reply.content
+
+
+def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share(tmp_path, monkeypatch):
+    """A refused institution submits a noise-only share that the others count on: with a damaged state
+    file it must use the round's rate and the solved σ, as a client refused for any other reason does."""
+    shared = []
+    monkeypatch.setattr(client_app, "_noise_share", lambda start, cfg, *rest: shared.append(cfg) or start)
+    monkeypatch.setattr(client_app, "secagg_range", lambda context: 2**20)
+    cfg = _cfg(**{"dp.target_epsilon": 3.0, "dp.secagg": True, "dp.distributed_min_honest": 2})
+    node = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "client-0000.json").write_text('{"history": [[1.0, 0.25')
+    damaged = client_app.train(_message(cfg, str(tmp_path / "damaged"), **{k.LEARNING_RATE: 0.25}), _context(**node))
+    # batch 8 < its records: refused after its σ is solved, for taking several steps
+    intact = client_app.train(_message(cfg, str(tmp_path / "intact"), **{k.LEARNING_RATE: 0.25}), _context(**node))
+    assert [_status(reply)[0] for reply in (damaged, intact)] == [k.STATUS_REFUSED] * 2
+    assert "damaged" in _status(damaged)[1] and "one step on every record" in _status(intact)[1]
+    first, second = shared
+    assert first.train.learning_rate == second.train.learning_rate == 0.25
+    assert first.dp.noise_multiplier == second.dp.noise_multiplier > 1.0
