@@ -17,6 +17,21 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+INITIAL_STATE = "fedtune_initial_state"  # an attribute of every model the builders make
+
+
+def remember_initial_state(model: torch.nn.Module) -> None:
+    """Keep the trainable weights a builder made (the seed's), for restore_initial_state."""
+    setattr(model, INITIAL_STATE, trainable_state(model))
+
+
+def restore_initial_state(model: torch.nn.Module) -> None:
+    """Put back the trainable weights the model was built with. The builders cache one instance per
+    process and config, and whatever was loaded into it last stays there: without this, a second run
+    in the same process (a test session, `fedtune audit`) would start from the first one's result."""
+    load_record(model, ArrayRecord(torch_state_dict=getattr(model, INITIAL_STATE)))
+
+
 def to_record(model: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=trainable_state(model))
 

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
+from fedtune.models.adapter import remember_initial_state
 from fedtune.models.lora_factors import freeze_shared_a
 from fedtune.models.pooling import use_mean_pooling
 from fedtune.models.prefix_cache import cache_frozen_prefix
@@ -101,4 +102,5 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     if lora.aggregation == "ffa":
         freeze_shared_a(peft_model, seed)
     cache_frozen_prefix(peft_model)  # LoRA in the upper layers only: the frozen ones below run once per text
+    remember_initial_state(peft_model)
     return peft_model

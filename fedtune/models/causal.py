@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.data.text import IGNORE_INDEX, pad_batch
 from fedtune.errors import ConfigError
+from fedtune.models.adapter import remember_initial_state
 from fedtune.models.build import lora_targets
 from fedtune.models.default_lm import default_lm_dir
 from fedtune.models.lora_factors import freeze_shared_a
@@ -73,6 +74,7 @@ def fresh_causal_model(model: ModelConfig, lora: LoraConfig, seed: int = 0) -> P
     peft_model = get_peft_model(base, peft_config)
     if lora.aggregation == "ffa":
         freeze_shared_a(peft_model, seed)  # A shared through the seed, never sent (models/lora_factors.py)
+    remember_initial_state(peft_model)
     return peft_model
 
 

@@ -28,7 +28,7 @@ class ServerEvaluator:
         self.tokenizer = self.task.tokenizer(cfg.model)
         fed = self.task.federation(cfg.data, cfg.clients, cfg.seed)
         self.test_records = fed.select(fed.server_test)
-        self.model = self.task.build_model(cfg.model, cfg.lora, cfg.data, cfg.seed)
+        self.model = self.task.initial_model(cfg.model, cfg.lora, cfg.data, cfg.seed)  # round 0's, as sent
         self.test = self.task.tokenize(self.tokenizer, self.test_records, cfg.model.max_length)
 
     def __call__(self, arrays: ArrayRecord, round_: int | None = None) -> Scores:

@@ -23,6 +23,7 @@ from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, ModelConfig
 from fedtune.data.canaries import Canaries
 from fedtune.data.partition import ClientSplit
 from fedtune.errors import ConfigError
+from fedtune.models.adapter import restore_initial_state
 from fedtune.models.build import load_tokenizer
 from fedtune.tasks.registry import TASKS
 
@@ -99,6 +100,12 @@ class Task(ABC):
     @abstractmethod
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         """Base model + LoRA on model.device; one cached instance per process and config."""
+
+    def initial_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
+        """A run's round-0 model: the cached instance, with the trainable weights it was built with."""
+        built = self.build_model(model, lora, data, seed)
+        restore_initial_state(built)
+        return built
 
     @abstractmethod
     def fresh_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
