@@ -57,12 +57,14 @@ class Tail(torch.nn.Module):
         self.dropout = inner.dropout
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooled(hidden, mask)))
+
+    def pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         out = self.layer(hidden, attention_mask=additive)
         out = out[0] if isinstance(out, tuple) else out
         weights = mask.to(out.dtype).unsqueeze(-1)
-        pooled = (out * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.classifier(self.dropout(pooled))
+        return (out * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def cached_inputs(model, tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +119,7 @@ def accuracy(tail, hidden, mask, labels) -> float:
 
 def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
             clip: float = 1.0, delta: float = 1e-5, r: int = 2, train_fraction: float = 0.9,
-            schedule: str = "constant") -> dict:
+            schedule: str = "constant", head_scale: float = 0.0) -> dict:
     """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP."""
     torch.manual_seed(seed)
     lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=(),
@@ -126,6 +128,12 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     tail = GradSampleModule(Tail(model))
     params = [p for p in tail.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
+    if head_scale:  # each class's head row: its label name's pooled embedding, scaled to norm head_scale
+        with torch.no_grad():
+            tail.eval()
+            names = tail._module.pooled(data["label_h"], data["label_m"])
+            tail._module.classifier.weight.copy_(head_scale * torch.nn.functional.normalize(names, dim=1))
+            tail._module.classifier.bias.zero_()
     # fedtune clients keep data.client_val_fraction (10%) of their records aside: train on the rest
     n = int(len(data["train_y"]) * train_fraction)
     hidden, mask, labels = data["train_h"][:n], data["train_m"][:n], data["train_y"][:n]
@@ -151,7 +159,8 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     late = curve[-5:]
     return {"lr": lr, "schedule": schedule, "rounds": rounds, "clients": clients, "epsilon": epsilon,
             "sigma": round(sigma, 3),
-            "seed": seed, "r": r, "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
+            "seed": seed, "r": r, "head_scale": head_scale,
+            "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
             "curve": [round(a, 3) for a in curve], "wall_s": round(time.time() - t0, 1)}
 
 
@@ -175,7 +184,9 @@ def load(name: str, mode: str, max_length: int, demo_examples: int = 6000) -> di
     tokenizer = load_tokenizer("")
     th, tm = cached_inputs(model, tokenizer, [t for t, _ in train], max_length)
     vh, vm = cached_inputs(model, tokenizer, [t for t, _ in scored], max_length)
-    return {"labels": labels, "train_h": th, "train_m": tm, "train_y": torch.tensor([index[y] for _, y in train]),
+    lh, lm = cached_inputs(model, tokenizer, [label.replace("_", " ") for label in labels], max_length)
+    return {"labels": labels, "label_h": lh, "label_m": lm,
+            "train_h": th, "train_m": tm, "train_y": torch.tensor([index[y] for _, y in train]),
             "val_h": vh, "val_m": vm, "val_y": torch.tensor([index[y] for _, y in scored])}
 
 
@@ -189,6 +200,8 @@ def main() -> None:
     parser.add_argument("--epsilon", nargs="+", type=float, default=[8.0], help="0: no DP")
     parser.add_argument("--r", nargs="+", type=int, default=[2])
     parser.add_argument("--schedules", nargs="+", default=["constant"])
+    parser.add_argument("--head-scales", nargs="+", type=float, default=[0.0],
+                        help="0: the head's random init; s > 0: rows from the label names' embeddings, norm s")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--demo-examples", type=int, default=6000)
@@ -203,9 +216,10 @@ def main() -> None:
                         for r in args.r:
                             for schedule in args.schedules:
                                 for seed in args.seeds:
-                                    result = emulate(data, lr, rounds, clients, eps or None, seed, r=r,
-                                                     schedule=schedule)
-                                    print(json.dumps({"dataset": name, **result}), flush=True)
+                                    for scale in args.head_scales:
+                                        result = emulate(data, lr, rounds, clients, eps or None, seed, r=r,
+                                                         schedule=schedule, head_scale=scale)
+                                        print(json.dumps({"dataset": name, **result}), flush=True)
 
 
 if __name__ == "__main__":

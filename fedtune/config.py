@@ -61,8 +61,18 @@ class ModelConfig:
                           "checkpoints such as the default MiniLM were trained. Under DP-SGD on small clients "
                           "`mean` learns much faster (docs/benchmarks.md). Needs a BERT-style model."},
     )
+    head_init: Literal["random", "label-names"] = field(
+        default="random",
+        metadata={"help": "How the classification head starts (classification only). `random`: transformers' "
+                          "initialisation. `label-names`: each label's row is the model's own pooled "
+                          "representation of the label's name (`card_arrival` read as `card arrival`), so the "
+                          "model starts out predicting the label whose name a text is closest to. It reads the "
+                          "label names of the run config and no record, so it spends no ε. Needs labels that "
+                          "are words, not codes such as 1..5."},
+    )
 
     def __post_init__(self) -> None:
+        _check(self.head_init in ("random", "label-names"), "model.head_init", "use `random` or `label-names`.")
         _check(self.task in TASKS, "model.task", f"use one of {', '.join(f'`{name}`' for name in TASKS)}.")
         _check(self.pooling in ("cls", "mean"), "model.pooling", "use `cls` or `mean`.")
         _check(8 <= self.max_length <= 8192, "model.max_length", "use a value from 8 to 8192.")
@@ -231,7 +241,7 @@ AUTO = "auto"  # Flower run config: the recipe chooses this option (pyproject.to
 # dp.noise_multiplier, whose being given keeps the budget from being chosen). pyproject.toml declares
 # them as AUTO, so that `flwr run --run-config` can give one even at fedtune's default value.
 RECIPE_KEYS = frozenset({
-    "rounds", "early_stopping_patience", "dp.target_epsilon", "dp.noise_multiplier", "model.pooling",
+    "rounds", "early_stopping_patience", "dp.target_epsilon", "dp.noise_multiplier", "model.pooling", "model.head_init",
     "lora.target_modules", "lora.modules_to_save", "lora.r", "lora.alpha", "train.optimizer", "train.batch_size",
     "train.local_epochs", "train.learning_rate", "train.lr_schedule",
 })

@@ -35,7 +35,9 @@ def test_a_default_dp_run_gets_a_budget_and_the_last_layer_recipe_with_reasons()
     assert cfg.model.pooling == "mean" and cfg.lora.r == 2 and cfg.lora.modules_to_save == ()
     assert cfg.lora.target_modules == ("layer.5.attention.self.query", "layer.5.attention.self.value")
     assert (cfg.train.optimizer, cfg.train.batch_size, cfg.train.local_epochs) == ("sgd", 4096, 1)
-    assert set(_chosen_keys(cfg)) >= {"dp.target_epsilon", "train.learning_rate", "rounds", "model.pooling"}
+    assert set(_chosen_keys(cfg)) >= {"dp.target_epsilon", "train.learning_rate", "rounds", "model.pooling",
+                                      "model.head_init"}
+    assert cfg.model.head_init == "label-names"  # the demo's labels are words: self-care, routine, ...
     assert all(": " in note and len(note.split(": ", 1)[1]) > 10 for note in cfg.recipe.chosen)  # each says why
 
 
@@ -180,3 +182,11 @@ def test_every_option_a_recipe_chooses_is_declared_auto_for_flwr_run():
     runs = [CFG, CFG.with_overrides({"dp.enabled": False}), CFG.with_overrides({"model.task": "causal-lm"})]
     chosen = {key for cfg in runs for key in _chosen_keys(resolve(cfg, GIVEN | {"dp.enabled", "model.task"})) if key}
     assert chosen and chosen <= RECIPE_KEYS, chosen - RECIPE_KEYS
+
+
+def test_labels_that_are_codes_keep_the_random_head(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text("text,label\n" + "".join(f"note {i},{1 + i % 3}\n" for i in range(60)))
+    cfg = resolve(FedtuneConfig(clients=3, data=DataConfig(path=str(path))), GIVEN | {"data.path"})
+    assert cfg.model.pooling == "mean" and cfg.model.head_init == "random"
+    assert "model.head_init" not in _chosen_keys(cfg)

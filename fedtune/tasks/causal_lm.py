@@ -55,6 +55,9 @@ class CausalLM(Task):
         if cfg.model.pooling != "cls":
             raise ConfigError(f"Invalid option `model.pooling`: `{cfg.model.pooling}` applies to classification "
                               "only; leave it `cls` for causal-lm.")
+        if cfg.model.head_init != "random":
+            raise ConfigError(f"Invalid option `model.head_init`: `{cfg.model.head_init}` applies to classification "
+                              "only; a causal LM has no classification head. Leave it `random`.")
 
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         return build_causal_model(model, lora, seed=seed)

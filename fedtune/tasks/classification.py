@@ -17,6 +17,7 @@ from fedtune.data.text import TokenizedTexts, token_counts, tokenize
 from fedtune.errors import ConfigError
 from fedtune.models.build import build_model, default_model_dir
 from fedtune.models.evaluate import evaluate, example_losses
+from fedtune.models.head_init import init_head_from_label_names, linear_head, names_are_words
 from fedtune.models.pooling import use_mean_pooling
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
@@ -37,9 +38,17 @@ class Classification(Task):
     def default_model(self) -> str:
         return str(default_model_dir())
 
+    def check_config(self, cfg: FedtuneConfig) -> None:
+        if cfg.model.head_init == "label-names" and not names_are_words(label_names(cfg.data)):
+            raise ConfigError(f"Invalid option `model.head_init`: `label-names` reads the label names as words, and "
+                              f"{', '.join(label_names(cfg.data)[:5])} are codes. Use head_init = \"random\", or "
+                              "name the labels in the data (e.g. `billing` rather than `3`).")
+
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         if model.pooling == "mean":
             use_mean_pooling(_meta_classifier(config))
+        if model.head_init == "label-names":
+            linear_head(_meta_classifier(config))
 
     def private_recipe(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: one full-batch SGD step a round on LoRA in the last layer, read by mean pooling."""
@@ -52,6 +61,10 @@ class Classification(Task):
             "lora.target_modules": (last_layer, "LoRA in the last layer only: few noised values, and the frozen "
                                                 "layers below run once per text (models/prefix_cache.py)"),
             "lora.modules_to_save": ([], "no pooler to train under mean pooling"),
+            **({"model.head_init": ("label-names", "each label's head row starts as the model's embedding of the "
+                                                   "label's name, so training starts from predicting by meaning; "
+                                                   "it reads the run config's label names, no record")}
+               if names_are_words(label_names(cfg.data)) else {}),
             "lora.r": (RECIPE_RANK, "rank 2 is enough for one layer, and every trained value is noised"),
             "lora.alpha": (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default rank"),
         }
@@ -105,6 +118,12 @@ class Classification(Task):
 
     def build_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         return build_model(model, lora, num_labels=len(label_names(data)), seed=seed)
+
+    def initial_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
+        built = super().initial_model(model, lora, data, seed)
+        if model.head_init == "label-names":  # public: the run config's label names, no record
+            init_head_from_label_names(built, list(label_names(data)), self.tokenizer(model), model.max_length)
+        return built
 
     def fresh_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         labels = label_names(data)
