@@ -96,7 +96,7 @@ class Classification(Task):
         return choices
 
     def plain_recipe(self, cfg: FedtuneConfig, facts: Facts) -> dict[str, tuple[Any, str]]:
-        """docs/recipe.md: small enough batches for several local steps, and (a federation) 20 rounds."""
+        """docs/recipe.md: small enough batches for several local steps, and (a federation) up to 40 rounds."""
         return plain_recipe(cfg, facts)
 
     def _last_layer_attention(self, model: ModelConfig) -> tuple[list[str], int]:
