@@ -42,6 +42,7 @@ from utility import mode_split, splits  # noqa: E402
 from fedtune.config import LoraConfig, ModelConfig, TrainConfig  # noqa: E402
 from fedtune.data.federated import sort_labels  # noqa: E402
 from fedtune.models.build import build_model, load_tokenizer  # noqa: E402
+from fedtune.models.head_init import init_head_from_label_names  # noqa: E402
 
 LAST = 5  # MiniLM-L6's last layer
 
@@ -128,12 +129,8 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     tail = GradSampleModule(Tail(model))
     params = [p for p in tail.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
-    if head_scale:  # each class's head row: its label name's pooled embedding, scaled to norm head_scale
-        with torch.no_grad():
-            tail.eval()
-            names = tail._module.pooled(data["label_h"], data["label_m"])
-            tail._module.classifier.weight.copy_(head_scale * torch.nn.functional.normalize(names, dim=1))
-            tail._module.classifier.bias.zero_()
+    if head_scale:  # fedtune's model.head_init = "label-names", with rows of norm head_scale
+        init_head_from_label_names(model, list(data["labels"]), load_tokenizer(""), 64, norm=head_scale)
     # fedtune clients keep data.client_val_fraction (10%) of their records aside: train on the rest
     n = int(len(data["train_y"]) * train_fraction)
     hidden, mask, labels = data["train_h"][:n], data["train_m"][:n], data["train_y"][:n]
@@ -184,9 +181,7 @@ def load(name: str, mode: str, max_length: int, demo_examples: int = 6000) -> di
     tokenizer = load_tokenizer("")
     th, tm = cached_inputs(model, tokenizer, [t for t, _ in train], max_length)
     vh, vm = cached_inputs(model, tokenizer, [t for t, _ in scored], max_length)
-    lh, lm = cached_inputs(model, tokenizer, [label.replace("_", " ") for label in labels], max_length)
-    return {"labels": labels, "label_h": lh, "label_m": lm,
-            "train_h": th, "train_m": tm, "train_y": torch.tensor([index[y] for _, y in train]),
+    return {"labels": labels, "train_h": th, "train_m": tm, "train_y": torch.tensor([index[y] for _, y in train]),
             "val_h": vh, "val_m": vm, "val_y": torch.tensor([index[y] for _, y in scored])}
 
 

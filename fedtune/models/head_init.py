@@ -34,8 +34,10 @@ def names_are_words(labels: tuple[str, ...] | list[str]) -> bool:
     return all(re.search(r"[^\W\d_]", stem) for stem in stems) and len(set(stems)) == len(stems)
 
 
-def init_head_from_label_names(model: PeftModel, labels: list[str], tokenizer, max_length: int) -> None:
-    """Set the trainable head of `model` (a PEFT sequence classifier, freshly built) from `labels`."""
+def init_head_from_label_names(model: PeftModel, labels: list[str], tokenizer, max_length: int,
+                               norm: float = HEAD_ROW_NORM) -> None:
+    """Set the trainable head of `model` (a PEFT sequence classifier, freshly built) from `labels`,
+    each row rescaled to `norm` (bench/dp_emulator.py tries others)."""
     head = _head(model)
     inputs = tokenizer([readable(label) for label in labels], truncation=True, max_length=max_length,
                        padding=True, return_tensors="pt").to(head.weight.device)
@@ -51,7 +53,7 @@ def init_head_from_label_names(model: PeftModel, labels: list[str], tokenizer, m
         model.train(was_training)
     names = torch.nn.functional.normalize(captured[0].float(), dim=1)
     with torch.no_grad():
-        head.weight.copy_(HEAD_ROW_NORM * names)
+        head.weight.copy_(norm * names)
         if head.bias is not None:
             head.bias.zero_()
 
