@@ -129,7 +129,7 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
                               f"may change (got {', '.join(changed) or '--config/--out'}). Drop those options.")
         cfg, run = continue_run(resume, overrides["rounds"], overrides.get("simulation.ray_address"))
         latest = run.latest_checkpoint()
-        if run.finished(latest, cfg.rounds, cfg.early_stopping_patience):  # no simulation to start (Ray takes seconds)
+        if run.finished(latest, cfg):  # no simulation to start (Ray takes seconds)
             console.print(f"{run.path} {finished_as(latest.round, cfg.rounds)}; nothing to resume.", soft_wrap=True,
                           markup=False, highlight=False)
             print(run.path)

@@ -241,9 +241,9 @@ AUTO = "auto"  # Flower run config: the recipe chooses this option (pyproject.to
 # dp.noise_multiplier, whose being given keeps the budget from being chosen). pyproject.toml declares
 # them as AUTO, so that `flwr run --run-config` can give one even at fedtune's default value.
 RECIPE_KEYS = frozenset({
-    "rounds", "early_stopping_patience", "dp.target_epsilon", "dp.noise_multiplier", "model.pooling", "model.head_init",
-    "lora.target_modules", "lora.modules_to_save", "lora.r", "lora.alpha", "train.optimizer", "train.batch_size",
-    "train.local_epochs", "train.learning_rate", "train.lr_schedule",
+    "rounds", "early_stopping_patience", "cooldown_rounds", "dp.target_epsilon", "dp.noise_multiplier",
+    "model.pooling", "model.head_init", "lora.target_modules", "lora.modules_to_save", "lora.r", "lora.alpha",
+    "train.optimizer", "train.batch_size", "train.local_epochs", "train.learning_rate", "train.lr_schedule",
 })
 
 
@@ -546,6 +546,11 @@ class FedtuneConfig:
                           "validation splits, never the server's hold-out) has not improved for this many rounds "
                           "in a row, as transformers' EarlyStoppingCallback does; the adapter is the last round's. "
                           "0: run every round."})
+    cooldown_rounds: int = field(
+        default=0,
+        metadata={"help": "With early_stopping_patience: once the patience runs out, train this many more rounds "
+                          "while the client learning rate falls linearly towards zero, then stop, so that the last "
+                          "adapter is a settled one (docs/recipe.md). 0: stop at once."})
     clients: int = field(default=10, metadata={"help": "Simulated institutions."})
     seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
     out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})
@@ -584,6 +589,10 @@ class FedtuneConfig:
             _check(self.clients_evaluating() > 0 and self.data.client_val_fraction > 0, "early_stopping_patience",
                    "it needs the clients' validation loss: keep strategy.fraction_evaluate and "
                    "data.client_val_fraction above 0, or set it to 0.")
+        _check(0 <= self.cooldown_rounds <= 100_000, "cooldown_rounds", "use 0 (stop at once) or a number of rounds "
+               "such as 5.")
+        _check(not self.cooldown_rounds or self.early_stopping_patience > 0, "cooldown_rounds",
+               "the cooldown starts when early_stopping_patience runs out: set that too, or set this to 0.")
         _check(0 <= self.round_timeout_s < math.inf, "round_timeout_s",
                "use a number of seconds, e.g. 600 (0: wait without limit).")
         _check(self.strategy.min_available_clients <= self.clients, "strategy.min_available_clients",

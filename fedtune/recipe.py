@@ -66,6 +66,8 @@ def apply_recipe(cfg: FedtuneConfig, pinned: frozenset[str] | None, facts_of) ->
     if not cfg.dp.enabled:
         plain = {key: choice for key, choice in get_task(cfg.model.task).plain_recipe(cfg, facts_of(cfg)).items()
                  if key not in pinned}
+        if not cfg.early_stopping_patience and "early_stopping_patience" in pinned:
+            plain.pop("cooldown_rounds", None)  # the cooldown follows the patience, turned off by hand
         return _chosen(_with(cfg, plain), plain)
     choices: dict[str, Choice] = {}
     if not {"dp.target_epsilon", "dp.noise_multiplier"} & pinned:
@@ -146,6 +148,7 @@ PLAIN_STEPS_PER_EPOCH = 10  # local steps an epoch for the median institution, a
 PLAIN_MIN_BATCH, PLAIN_MAX_BATCH = 8, 128  # the default batch is the most; 8, the least measured, the least
 PLAIN_FEDERATED_ROUNDS = 40  # at most (BANKING77 needed more than 20); early stopping ends a run that has settled
 PLAIN_PATIENCE = 5
+PLAIN_COOLDOWN = 5  # rounds of a falling rate after the patience runs out (server/schedule.py)
 
 
 def plain_batch_size(records: tuple[int, ...]) -> int:
@@ -176,4 +179,7 @@ def plain_recipe(cfg: FedtuneConfig, facts: Facts) -> dict[str, Choice]:
             choices["early_stopping_patience"] = (
                 PLAIN_PATIENCE, f"stop once the clients' validation loss has not improved for {PLAIN_PATIENCE} "
                                 f"rounds: some data sets overfit long before {PLAIN_FEDERATED_ROUNDS} rounds")
+            choices["cooldown_rounds"] = (
+                PLAIN_COOLDOWN, f"before that stop, {PLAIN_COOLDOWN} rounds whose learning rate falls towards "
+                                "zero, so the final adapter is a settled one, not the last full-rate round's")
     return choices

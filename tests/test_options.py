@@ -26,6 +26,7 @@ EXAMPLES: dict[str, Any] = {"lora.client_ranks": "2", "data.encoding": "latin-1"
 ALONGSIDE: dict[str, dict[str, Any]] = {
     "train.length_buckets": {"dp.enabled": False}, "data.canary_repeats": {"dp.enabled": False},
     "early_stopping_patience": {"dp.enabled": False},
+    "cooldown_rounds": {"dp.enabled": False, "early_stopping_patience": 2},
     "data.partition_column": {"data.path": "notes.csv"}, "data.source": {"data.path": "notes.csv"},
     "data.user_column": {"data.path": "notes.csv"}, "dp.unit": {"data.path": "notes.csv", "data.user_column": "pid"},
     "dp.canary_clients": {"dp.client_dp": "fixed", "dp.delta": 1e-3},

@@ -10,6 +10,7 @@ from fedtune.config import DataConfig, FedtuneConfig, given_keys
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
     DEFAULT_TARGET_EPSILON,
+    PLAIN_COOLDOWN,
     PLAIN_FEDERATED_ROUNDS,
     PLAIN_MIN_BATCH,
     PLAIN_PATIENCE,
@@ -82,8 +83,9 @@ def test_without_dp_a_federation_of_small_institutions_gets_small_batches_and_mo
     records = facts(cfg).records  # 200 demo notes, 4 institutions: about 40 records each
     assert cfg.train.batch_size == PLAIN_MIN_BATCH == 8 and max(records) < 16 * 8
     assert cfg.rounds == PLAIN_FEDERATED_ROUNDS and cfg.train.lr_schedule == "cosine"
-    assert cfg.early_stopping_patience == PLAIN_PATIENCE
-    assert sorted(_chosen_keys(cfg)) == ["early_stopping_patience", "rounds", "train.batch_size", "train.lr_schedule"]
+    assert (cfg.early_stopping_patience, cfg.cooldown_rounds) == (PLAIN_PATIENCE, PLAIN_COOLDOWN)
+    assert sorted(_chosen_keys(cfg)) == ["cooldown_rounds", "early_stopping_patience", "rounds", "train.batch_size",
+                                         "train.lr_schedule"]
     # the private recipe's options are left alone without DP
     assert (cfg.model, cfg.lora, cfg.dp, cfg.train.optimizer) == (plain.model, plain.lora, plain.dp, "adamw")
 
@@ -104,13 +106,20 @@ def test_without_dp_options_given_by_hand_are_kept():
     cfg = resolve(CFG.with_overrides({"dp.enabled": False, "rounds": 2, "train.batch_size": 64}),
                   GIVEN | {"dp.enabled", "rounds", "train.batch_size"})
     assert (cfg.rounds, cfg.train.batch_size) == (2, 64)
-    assert _chosen_keys(cfg) == ["train.lr_schedule", "early_stopping_patience"]
+    assert _chosen_keys(cfg) == ["train.lr_schedule", "early_stopping_patience", "cooldown_rounds"]
+
+
+def test_without_dp_early_stopping_turned_off_by_hand_gets_no_cooldown():
+    cfg = resolve(CFG.with_overrides({"dp.enabled": False, "early_stopping_patience": 0}),
+                  GIVEN | {"dp.enabled", "early_stopping_patience"})
+    assert (cfg.early_stopping_patience, cfg.cooldown_rounds) == (0, 0)
+    assert "cooldown_rounds" not in _chosen_keys(cfg)
 
 
 def test_without_client_evaluation_there_is_no_early_stopping_to_choose():
     cfg = resolve(CFG.with_overrides({"dp.enabled": False, "strategy.fraction_evaluate": 0.0}),
                   GIVEN | {"dp.enabled", "strategy.fraction_evaluate"})
-    assert cfg.early_stopping_patience == 0 and cfg.rounds == PLAIN_FEDERATED_ROUNDS
+    assert cfg.early_stopping_patience == cfg.cooldown_rounds == 0 and cfg.rounds == PLAIN_FEDERATED_ROUNDS
 
 
 def test_applying_it_twice_changes_nothing():

@@ -55,7 +55,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
         console.print(f"Skipped damaged checkpoints: {'; '.join(damaged)}. Resuming from round "
                       f"{start.round if start else 0}; spending reported after it stays in the ledger.",
                       markup=False, highlight=False, soft_wrap=True)
-    if run.finished(start, cfg.rounds, cfg.early_stopping_patience):  # keep the summary of the session that trained
+    if run.finished(start, cfg):  # keep the summary of the session that trained
         console.print(f"{run.path} {finished_as(start.round, cfg.rounds)}; nothing to resume.")
         return start
     rounds_left = start is None or start.round < cfg.rounds
@@ -83,7 +83,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     save_adapter(model, run.adapter_dir)
     summary = _summary(final, base_model_bytes(model), time.monotonic() - started, inputs.worker_peak_rss_mb,
                        waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
-                                          "stopped_early": final.round < cfg.rounds}  # early_stopping_patience
+                                          "stopped_early": final.round < cfg.rounds}  # server/schedule.py
     run.write_summary(summary)
     if cfg.simulation.ray_address and inputs.ray_nodes:
         console.print("Training replies per Ray node: "

@@ -41,7 +41,8 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger, client_notes, one_line
 from fedtune.server.evaluate import ServerEvaluator
 from fedtune.server.identity import Registry
-from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options, plateau_start
+from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
+from fedtune.server.schedule import find_plateau, last_round, round_learning_rate
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
 from fedtune.server.validate import (
@@ -321,14 +322,35 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
     with Progress(*columns, console=inputs.console, transient=True, disable=not inputs.console.is_terminal) as progress:
         transport = Transport.of(grid, inputs, progress)
         for round_ in range(start.round + 1, inputs.cfg.rounds + 1):
-            best = plateau_start(state.metrics, inputs.cfg.early_stopping_patience)
-            if best is not None:
-                inputs.console.print(f"Stopping early after round {state.round}: the clients' validation loss has "
-                                     f"not improved on round {best}'s for {state.round - best} rounds "
-                                     f"(early_stopping_patience).", highlight=False, markup=False, soft_wrap=True)
+            if _ends_after(inputs, state):
                 break
             state = _round(round_, transport, strategy, inputs, state, ledger)
     return state
+
+
+def _ends_after(inputs: RoundInputs, state: Checkpoint) -> bool:
+    """Whether the run ends after state.round (early_stopping_patience, then cooldown_rounds, in
+    server/schedule.py); says so, and says when a cooldown begins."""
+    cfg = inputs.cfg
+    plateau = find_plateau(state.metrics, cfg.early_stopping_patience)
+    if plateau is None:
+        return False
+    stalled = (f"the clients' validation loss has not improved on round {plateau.best}'s for "
+               f"{plateau.ran_out - plateau.best} rounds")
+    if state.round < last_round(cfg, state.metrics):
+        if state.round == plateau.ran_out:
+            inputs.console.print(f"After round {state.round} {stalled} (early_stopping_patience): the learning rate "
+                                 f"now falls towards zero over {cfg.cooldown_rounds} rounds, then the run stops "
+                                 f"(cooldown_rounds).", highlight=False, markup=False, soft_wrap=True)
+        return False
+    if cfg.cooldown_rounds:
+        stalled = (f"by round {plateau.ran_out} {stalled}, and the learning rate has cooled down over "
+                   f"{state.round - plateau.ran_out} rounds since (early_stopping_patience, cooldown_rounds)")
+    else:
+        stalled += " (early_stopping_patience)"
+    inputs.console.print(f"Stopping early after round {state.round}: {stalled}.", highlight=False, markup=False,
+                         soft_wrap=True)
+    return True
 
 
 
@@ -337,7 +359,7 @@ def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     """One round, from the train messages to its commit; returns the committed checkpoint."""
     cfg, started = inputs.cfg, time.monotonic()
     arrays = ArrayRecord(torch_state_dict=state.arrays)
-    learning_rate = cfg.train.learning_rate_at(round_, cfg.rounds)
+    learning_rate = round_learning_rate(cfg, round_, state.metrics)
     config = ConfigRecord({**client_config(cfg, inputs.run, transport.grid), k.LEARNING_RATE: learning_rate})
     phase = _train(round_, transport, strategy, inputs, state, ledger, arrays, config)
     if cfg.data.canaries and not cfg.dp.secagg:  # audited: the server's view, for `fedtune audit --vantage server`

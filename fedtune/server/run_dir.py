@@ -22,6 +22,7 @@ from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_conf
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.ledger import PrivacyLedger, epsilon_for_json
+from fedtune.server.schedule import last_round
 
 CONFIG = RUN_CONFIG
 METRICS = "metrics.jsonl"
@@ -141,10 +142,10 @@ class RunDirectory:
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.resume_point()[0]
 
-    def finished(self, start: Checkpoint | None, rounds: int, patience: int = 0) -> bool:
-        """Whether a run resumed from `start` has nothing left to do: all `rounds` are committed, or it
-        stopped early (early_stopping_patience), and the session that trained them wrote its summary."""
-        done = start is not None and (start.round >= rounds or plateau_start(start.metrics, patience) is not None)
+    def finished(self, start: Checkpoint | None, cfg: FedtuneConfig) -> bool:
+        """Whether a run resumed from `start` has nothing left to do: all its rounds are committed, or it
+        stopped early (server/schedule.py), and the session that trained them wrote its summary."""
+        done = start is not None and start.round >= last_round(cfg, start.metrics)
         return done and (self.path / SUMMARY).exists()
 
     def resume_point(self) -> tuple[Checkpoint | None, list[str]]:
@@ -196,18 +197,6 @@ class RunDirectory:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:160] if text else "empty"
-
-
-def plateau_start(rows: list[dict[str, Any]], patience: int) -> int | None:
-    """The round with the lowest client validation loss so far (the earliest, on a tie), when `patience`
-    rounds or more have followed it without a lower one; None otherwise, or with patience 0. Rounds in
-    which no client evaluated do not count."""
-    scored = [(row["round"], row["client_eval_loss"]) for row in rows if row.get("client_eval_loss") is not None]
-    if not patience or not scored:
-        return None
-    best_round, _ = min(scored, key=lambda pair: pair[1])
-    waited = sum(1 for round_, _ in scored if round_ > best_round)
-    return best_round if waited >= patience else None
 
 
 def finished_as(last_round: int, rounds: int) -> str:

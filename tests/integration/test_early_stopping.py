@@ -1,6 +1,7 @@
 """Early stopping without DP, end to end: a run whose clients' validation loss stops improving ends
-after `early_stopping_patience` rounds without a better one, says so, keeps that round's adapter, and
-a resume of it has nothing left to do."""
+after `early_stopping_patience` rounds without a better one (and, with `cooldown_rounds`, that many
+rounds of a falling learning rate), says so, keeps that round's adapter, and a resume of it has
+nothing left to do."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_a_run_whose_validation_loss_stays_flat_stops_after_the_patience(tmp_pat
     # equals round 1's exactly: round 1 stays the best, and two rounds without a better one end the run.
     result = fedtune("simulate", "--no-dp", "--clients", "2", "--rounds", "6", "--examples", "120",
                      "--optimizer", "sgd", "--learning-rate", "1e-30", "--early-stopping-patience", "2",
-                     "--out", str(out))
+                     "--cooldown-rounds", "0", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Stopping early after round 3: the clients' validation loss has not improved on round 1's for 2 " \
            "rounds" in result.stdout + result.stderr
@@ -32,3 +33,21 @@ def test_a_run_whose_validation_loss_stays_flat_stops_after_the_patience(tmp_pat
     resumed = fedtune("simulate", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stopped early after round 3; nothing to resume" in resumed.stdout + resumed.stderr
+
+
+def test_with_a_cooldown_the_rate_falls_to_zero_over_those_rounds_before_the_stop(tmp_path):
+    out = tmp_path / "run"
+    result = fedtune("simulate", "--no-dp", "--clients", "2", "--rounds", "8", "--examples", "120",
+                     "--optimizer", "sgd", "--learning-rate", "1e-30", "--early-stopping-patience", "2",
+                     "--cooldown-rounds", "2", "--lr-schedule", "constant", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = " ".join((result.stdout + result.stderr).split())
+    assert "After round 3 the clients' validation loss has not improved on round 1's for 2 rounds" in said
+    assert "Stopping early after round 5: by round 3" in said
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert [row["learning_rate"] / 1e-30 for row in rows[1:]] == pytest.approx([1, 1, 1, 2 / 3, 1 / 3])
+    assert json.loads((out / "summary.json").read_text())["stopped_early"] is True
+    resumed = fedtune("simulate", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stopped early after round 5; nothing to resume" in resumed.stdout + resumed.stderr

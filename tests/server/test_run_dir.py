@@ -171,18 +171,3 @@ def test_a_round_that_too_few_sampled_clients_answer_is_not_committed():
         _require_quorum(3, sent, [ok, *lost], 0.5)
     _require_quorum(3, sent, [ok, *lost], 0.25)  # allowed by a lower share
     _require_quorum(3, [], [], 0.5)  # an empty Poisson cohort (client-level DP) is no failure
-
-
-def test_the_plateau_starts_at_the_earliest_lowest_client_validation_loss():
-    from fedtune.server.run_dir import plateau_start
-
-    def rows(*losses):
-        return [{"round": 0, "client_eval_loss": None}] + [
-            {"round": r, "client_eval_loss": loss} for r, loss in enumerate(losses, start=1)]
-
-    assert plateau_start(rows(1.0, 0.9, 0.95, 0.91), 2) == 2
-    assert plateau_start(rows(1.0, 0.9, 0.95), 2) is None  # one round since the best
-    assert plateau_start(rows(0.5, 0.5, 0.5), 2) == 1  # equal is not better
-    assert plateau_start(rows(1.0, 0.9, None, 0.95), 2) is None  # a round nobody evaluated does not count
-    assert plateau_start(rows(1.0, 0.9, 0.95, 0.91), 0) is None  # patience 0: every round runs
-    assert plateau_start(rows(), 2) is None

@@ -1,0 +1,64 @@
+"""When a run stops, and each round's client learning rate: both follow from the config and the
+metrics rows committed so far, so a resumed run continues exactly as an uninterrupted one would.
+
+Without DP a run may stop early (early_stopping_patience): once the clients' mean validation loss has
+not improved for that many rounds. With cooldown_rounds, it does not stop at once: the learning rate
+first falls linearly from its current value towards zero over that many rounds, and the run stops
+after them. The last adapter then sits where a small rate settled it, not wherever the last full-rate
+round left it; a decay started when progress stalls is the "cooldown" of warmup-stable-decay schedules
+(Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
+Neither torch's ReduceLROnPlateau nor transformers' EarlyStoppingCallback computes this from a run's
+history alone, which a resume needs, hence these few lines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune.config import FedtuneConfig
+
+
+@dataclass(frozen=True)
+class Plateau:
+    best: int  # the round with the lowest client validation loss until `ran_out` (the earliest, on a tie)
+    ran_out: int  # the first round after which `patience` scored rounds had followed `best` without a lower loss
+
+
+def find_plateau(rows: list[dict[str, Any]], patience: int) -> Plateau | None:
+    """The first time the patience ran out, or None (also with patience 0). Rounds in which no client
+    evaluated do not count."""
+    if not patience:
+        return None
+    best, best_loss, waited = 0, math.inf, 0
+    for row in rows:
+        loss = row.get("client_eval_loss")
+        if loss is None:
+            continue
+        if loss < best_loss:
+            best, best_loss, waited = row["round"], loss, 0
+            continue
+        waited += 1
+        if waited >= patience:
+            return Plateau(best, row["round"])
+    return None
+
+
+def last_round(cfg: FedtuneConfig, rows: list[dict[str, Any]]) -> int:
+    """The round the run ends after: cfg.rounds, or earlier once the patience ran out and the cooldown
+    that follows it is over."""
+    plateau = find_plateau(rows, cfg.early_stopping_patience)
+    return cfg.rounds if plateau is None else min(cfg.rounds, plateau.ran_out + cfg.cooldown_rounds)
+
+
+def round_learning_rate(cfg: FedtuneConfig, round_: int, rows: list[dict[str, Any]]) -> float:
+    """The client learning rate of round `round_`, given the rows of the rounds before it:
+    train.lr_schedule's, or, in the cooldown, the rate the round after the plateau would have had,
+    scaled by (cooldown_rounds + 1 - k) / (cooldown_rounds + 1) in the cooldown's k-th round."""
+    plateau = find_plateau(rows, cfg.early_stopping_patience)
+    if plateau is None or not cfg.cooldown_rounds or round_ <= plateau.ran_out:
+        return cfg.train.learning_rate_at(round_, cfg.rounds)
+    rate = cfg.train.learning_rate_at(plateau.ran_out + 1, cfg.rounds)
+    k = round_ - plateau.ran_out
+    return rate * max(0, cfg.cooldown_rounds + 1 - k) / (cfg.cooldown_rounds + 1)
