@@ -544,13 +544,15 @@ class FedtuneConfig:
         default=0,
         metadata={"help": "Without DP: stop the run once the clients' mean validation loss (on their own "
                           "validation splits, never the server's hold-out) has not improved for this many rounds "
-                          "in a row, as transformers' EarlyStoppingCallback does; the adapter is the last round's. "
-                          "0: run every round."})
+                          "in a row, as transformers' EarlyStoppingCallback does; the adapter is the last round's "
+                          "(but see cooldown_rounds). 0: run every round."})
     cooldown_rounds: int = field(
         default=0,
         metadata={"help": "With early_stopping_patience: once the patience runs out, train this many more rounds "
                           "while the client learning rate falls linearly towards zero, then stop, so that the last "
-                          "adapter is a settled one (docs/recipe.md). 0: stop at once."})
+                          "adapter is a settled one. If the clients' validation loss then is not below that of the "
+                          "round the cooldown started from, that round's adapter is released instead "
+                          "(docs/recipe.md). 0: stop at once."})
     clients: int = field(default=10, metadata={"help": "Simulated institutions."})
     seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
     out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})

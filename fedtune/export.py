@@ -1,7 +1,8 @@
-"""`fedtune export`: a run's latest global adapter as a PEFT adapter directory, or merged into its
+"""`fedtune export`: a run's released global adapter as a PEFT adapter directory, or merged into its
 base model as an ordinary Hugging Face model that needs neither peft nor fedtune to load.
 
-The weights come from the run's last checkpoint, so an interrupted run can be exported too. Each
+The weights come from the run's last checkpoint (or, after a rejected cooldown, the round it started
+from: server/schedule.py), so an interrupted run can be exported too. Each
 output is written into a temporary directory beside it and renamed into place when complete.
 """
 
@@ -31,6 +32,7 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
         raise ConfigError(f"{run_dir} has no finished round yet (no checkpoints/round_*.pt), so there is nothing "
                           "to export. Run it first, or continue it with --resume.")
     cfg = run.config()
+    checkpoint = run.released(checkpoint, cfg)
     task = get_task(cfg.model.task)
     model = task.fresh_model(cfg.model, cfg.lora, cfg.data, cfg.seed)  # uncached: merging changes it
     load_record(model, ArrayRecord(torch_state_dict=checkpoint.arrays))

@@ -78,11 +78,18 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     if failed:
         inputs.console.print(f"{failed} of {len(warming)} workers could not load the model ahead of round 1.")
     final = run_rounds(grid, build_strategy(cfg), inputs, start)
+    released = run.released(final, cfg)
+    if released is not final:
+        loss = {row["round"]: row["client_eval_loss"] for row in final.metrics}
+        console.print(f"The cooldown left the clients' validation loss at {loss[final.round]:.4f} after round "
+                      f"{final.round}, not below round {released.round}'s {loss[released.round]:.4f}: the run "
+                      f"releases round {released.round}'s adapter (cooldown_rounds).", markup=False, highlight=False,
+                      soft_wrap=True)
     model = inputs.evaluate.model
-    load_record(model, ArrayRecord(torch_state_dict=final.arrays))
+    load_record(model, ArrayRecord(torch_state_dict=released.arrays))
     save_adapter(model, run.adapter_dir)
-    summary = _summary(final, base_model_bytes(model), time.monotonic() - started, inputs.worker_peak_rss_mb,
-                       waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
+    summary = _summary(final, released.round, base_model_bytes(model), time.monotonic() - started,
+                       inputs.worker_peak_rss_mb, waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
                                           "stopped_early": final.round < cfg.rounds}  # server/schedule.py
     run.write_summary(summary)
     if cfg.simulation.ray_address and inputs.ray_nodes:
@@ -95,19 +102,22 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     return final
 
 
-def _summary(final: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: dict[int, float],
+def _summary(final: Checkpoint, released: int, base_bytes: int, wall_s: float, worker_peaks: dict[int, float],
              warm_up_wait_s: float, warm_up_failed: int) -> dict:
+    """The run's summary.json; the final_eval_* values are those of the adapter released (round `released`)."""
     last, first = final.metrics[-1], final.metrics[0]
+    kept = next(row for row in final.metrics if row["round"] == released)
     server = peak_rss_mb()
     workers = [mb for pid, mb in worker_peaks.items() if pid != os.getpid()]  # clients in other processes
     return {
         "fedtune_version": __version__,
         "rounds_completed": final.round,
+        "adapter_round": released,  # the last round, or the round a rejected cooldown started from
         "initial_eval_accuracy": first["eval_accuracy"],
-        "final_eval_accuracy": last["eval_accuracy"],
-        "final_eval_loss": last["eval_loss"],
-        **({"initial_eval_perplexity": first["eval_perplexity"], "final_eval_perplexity": last["eval_perplexity"]}
-           if "eval_perplexity" in last else {}),
+        "final_eval_accuracy": kept["eval_accuracy"],
+        "final_eval_loss": kept["eval_loss"],
+        **({"initial_eval_perplexity": first["eval_perplexity"], "final_eval_perplexity": kept["eval_perplexity"]}
+           if "eval_perplexity" in kept else {}),
         "epsilon_max": epsilon_for_json(last["epsilon_max"]),  # "inf" once anyone trained without noise
         "failed_client_rounds": sum(row.get("num_failed", 0) for row in final.metrics),
         "client_level_epsilon": (PrivacyLedger.from_dict(final.ledger).client_level or {}).get("epsilon"),  # None: off

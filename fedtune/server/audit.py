@@ -264,6 +264,8 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
     if checkpoint is None or checkpoint.round == 0:
         raise ConfigError(f"{run.path} has no trained round to audit. Let the run finish (or resume it with "
                           f"`fedtune simulate --resume {run.path}`), then audit it again.")
+    if vantage == "final":  # the adapter the run released (after a rejected cooldown, an earlier round's)
+        checkpoint = run.released(checkpoint, cfg)
     ledger = read_ledger(run.path)
     if cfg.dp.canary_clients:
         return _write_audit(run, _audit_canary_clients(cfg, run, ledger, checkpoint.round, confidence, vantage))

@@ -22,7 +22,7 @@ from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_conf
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.ledger import PrivacyLedger, epsilon_for_json
-from fedtune.server.schedule import last_round
+from fedtune.server.schedule import kept_round, last_round
 
 CONFIG = RUN_CONFIG
 METRICS = "metrics.jsonl"
@@ -141,6 +141,12 @@ class RunDirectory:
 
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.resume_point()[0]
+
+    def released(self, last: Checkpoint, cfg: FedtuneConfig) -> Checkpoint:
+        """The checkpoint whose adapter the run releases: `last`, or the round a rejected cooldown
+        started from (server/schedule.py's kept_round)."""
+        kept = kept_round(cfg, last.metrics) if last.metrics else last.round
+        return last if kept == last.round else Checkpoint.from_file(self.checkpoint_path(kept))
 
     def finished(self, start: Checkpoint | None, cfg: FedtuneConfig) -> bool:
         """Whether a run resumed from `start` has nothing left to do: all its rounds are committed, or it

@@ -7,6 +7,10 @@ first falls linearly from its current value towards zero over that many rounds, 
 after them. The last adapter then sits where a small rate settled it, not wherever the last full-rate
 round left it; a decay started when progress stalls is the "cooldown" of warmup-stable-decay schedules
 (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations").
+A cooldown is judged as the stop is, on the clients' validation splits: if, when it is over, their
+mean validation loss is not lower than after the round it started from, the run releases that round's
+adapter instead (kept_round). A set that overfits (its validation loss rising since the best round)
+keeps what it had; one whose loss was only noisy at the full rate keeps what the cooldown settled.
 Neither torch's ReduceLROnPlateau nor transformers' EarlyStoppingCallback computes this from a run's
 history alone, which a resume needs, hence these few lines.
 """
@@ -62,3 +66,15 @@ def round_learning_rate(cfg: FedtuneConfig, round_: int, rows: list[dict[str, An
     rate = cfg.train.learning_rate_at(plateau.ran_out + 1, cfg.rounds)
     k = round_ - plateau.ran_out
     return rate * max(0, cfg.cooldown_rounds + 1 - k) / (cfg.cooldown_rounds + 1)
+
+
+def kept_round(cfg: FedtuneConfig, rows: list[dict[str, Any]]) -> int:
+    """The round whose adapter the run releases: the last one in `rows`, or, once a cooldown is over
+    without lowering the clients' validation loss below that of the round it started from, that round."""
+    last = rows[-1]["round"]
+    plateau = find_plateau(rows, cfg.early_stopping_patience)
+    if plateau is None or not cfg.cooldown_rounds or last == plateau.ran_out or last < last_round(cfg, rows):
+        return last
+    loss = {row["round"]: row.get("client_eval_loss") for row in rows}
+    rejected = loss[last] is not None and loss[last] >= loss[plateau.ran_out]
+    return plateau.ran_out if rejected else last

@@ -35,7 +35,7 @@ def test_a_run_whose_validation_loss_stays_flat_stops_after_the_patience(tmp_pat
     assert "stopped early after round 3; nothing to resume" in resumed.stdout + resumed.stderr
 
 
-def test_with_a_cooldown_the_rate_falls_to_zero_over_those_rounds_before_the_stop(tmp_path):
+def test_with_a_cooldown_the_rate_falls_to_zero_before_the_stop_and_a_useless_one_is_rejected(tmp_path):
     out = tmp_path / "run"
     result = fedtune("simulate", "--no-dp", "--clients", "2", "--rounds", "8", "--examples", "120",
                      "--optimizer", "sgd", "--learning-rate", "1e-30", "--early-stopping-patience", "2",
@@ -47,7 +47,11 @@ def test_with_a_cooldown_the_rate_falls_to_zero_over_those_rounds_before_the_sto
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2, 3, 4, 5]
     assert [row["learning_rate"] / 1e-30 for row in rows[1:]] == pytest.approx([1, 1, 1, 2 / 3, 1 / 3])
-    assert json.loads((out / "summary.json").read_text())["stopped_early"] is True
+    # the cooldown left the loss where round 3 had it (not lower): round 3's adapter is released
+    assert "not below round 3's" in said and "releases round 3's adapter" in said
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["adapter_round"] == 3
+    assert summary["final_eval_accuracy"] == rows[3]["eval_accuracy"]
     resumed = fedtune("simulate", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stopped early after round 5; nothing to resume" in resumed.stdout + resumed.stderr

@@ -1,11 +1,13 @@
-"""When a run stops and each round's learning rate, from the config and the rows committed so far."""
+"""When a run stops, each round's learning rate and which round's adapter is released, from the
+config and the rows committed so far."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fedtune.config import FedtuneConfig
-from fedtune.server.schedule import Plateau, find_plateau, last_round, round_learning_rate
+from fedtune.server.schedule import Plateau, find_plateau, kept_round, last_round, round_learning_rate
 
 
 def rows(*losses):
@@ -60,3 +62,27 @@ def test_a_cooldown_needs_the_patience_it_follows():
 
     with pytest.raises(ConfigError, match="`cooldown_rounds`.*early_stopping_patience runs out"):
         config(patience=0, cooldown=3)
+
+
+def test_a_cooldown_that_lowers_the_clients_validation_loss_is_kept_and_one_that_raises_it_is_not():
+    cfg, history = config(patience=2, cooldown=2), rows(1.0, 0.9, 0.95, 0.91)  # ran out after round 4
+    assert kept_round(cfg, history + [{"round": 5, "client_eval_loss": 0.8}, {"round": 6, "client_eval_loss": 0.9}]) == 6
+    assert kept_round(cfg, history + [{"round": 5, "client_eval_loss": 0.8}, {"round": 6, "client_eval_loss": 0.91}]) == 4
+    assert kept_round(cfg, history + [{"round": 5, "client_eval_loss": 0.8}]) == 5  # not over yet: the last
+    assert kept_round(config(patience=2), history) == 4  # no cooldown: the last
+    assert kept_round(cfg, rows(1.0, 0.9, 0.8)) == 3  # no plateau: the last
+
+
+def test_the_run_releases_the_round_a_rejected_cooldown_started_from(tmp_path):
+    from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+    cfg = config(patience=2, cooldown=2)
+    losses = (1.0, 0.9, 0.95, 0.91, 0.95, 0.93)  # the cooldown (rounds 5, 6) ends above round 4's 0.91
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    for r in range(7):
+        run.commit(Checkpoint(r, {"w": torch.full((2,), float(r))}, rows(*losses[:r])))
+    last = run.latest_checkpoint()
+    assert last.round == 6 and run.released(last, cfg).round == 4
+    assert torch.equal(run.released(last, cfg).arrays["w"], torch.full((2,), 4.0))
+    run.commit(Checkpoint(6, {"w": torch.full((2,), 6.0)}, rows(*losses[:5], 0.5)))  # now it ends lower
+    assert run.released(run.latest_checkpoint(), cfg).round == 6
