@@ -89,8 +89,9 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     load_record(model, ArrayRecord(torch_state_dict=released.arrays))
     save_adapter(model, run.adapter_dir)
     summary = _summary(final, released.round, base_model_bytes(model), time.monotonic() - started,
-                       inputs.worker_peak_rss_mb, waited, failed) | {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
-                                          "stopped_early": final.round < cfg.rounds}  # server/schedule.py
+                       inputs.worker_peak_rss_mb, waited, failed)
+    summary |= {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
+                "stopped_early": final.round < cfg.rounds}  # server/schedule.py
     run.write_summary(summary)
     if cfg.simulation.ray_address and inputs.ray_nodes:
         console.print("Training replies per Ray node: "

@@ -66,9 +66,12 @@ def test_a_cooldown_needs_the_patience_it_follows():
 
 def test_a_cooldown_that_lowers_the_clients_validation_loss_is_kept_and_one_that_raises_it_is_not():
     cfg, history = config(patience=2, cooldown=2), rows(1.0, 0.9, 0.95, 0.91)  # ran out after round 4
-    assert kept_round(cfg, history + [{"round": 5, "client_eval_loss": 0.8}, {"round": 6, "client_eval_loss": 0.9}]) == 6
-    assert kept_round(cfg, history + [{"round": 5, "client_eval_loss": 0.8}, {"round": 6, "client_eval_loss": 0.91}]) == 4
-    assert kept_round(cfg, history + [{"round": 5, "client_eval_loss": 0.8}]) == 5  # not over yet: the last
+    def cooled(*losses):
+        return history + [{"round": r, "client_eval_loss": loss} for r, loss in enumerate(losses, start=5)]
+
+    assert kept_round(cfg, cooled(0.8, 0.9)) == 6  # ends below round 4's 0.91: kept
+    assert kept_round(cfg, cooled(0.8, 0.91)) == 4  # not below: round 4's adapter
+    assert kept_round(cfg, cooled(0.8)) == 5  # not over yet: the last
     assert kept_round(config(patience=2), history) == 4  # no cooldown: the last
     assert kept_round(cfg, rows(1.0, 0.9, 0.8)) == 3  # no plateau: the last
 
