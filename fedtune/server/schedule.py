@@ -1,5 +1,6 @@
-"""When a run stops, and each round's client learning rate: both follow from the config and the
-metrics rows committed so far, so a resumed run continues exactly as an uninterrupted one would.
+"""When a run stops, each round's client learning rate, and which round's adapter the run releases:
+all follow from the config and the metrics rows committed so far, so a resumed run continues exactly
+as an uninterrupted one would.
 
 Without DP a run may stop early (early_stopping_patience): once the clients' mean validation loss has
 not improved for that many rounds. With cooldown_rounds, it does not stop at once: the learning rate
