@@ -88,7 +88,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     model = inputs.evaluate.model
     load_record(model, ArrayRecord(torch_state_dict=released.arrays))
     save_adapter(model, run.adapter_dir)
-    summary = _summary(final, released.round, base_model_bytes(model), time.monotonic() - started,
+    summary = _summary(final, released, base_model_bytes(model), time.monotonic() - started,
                        inputs.worker_peak_rss_mb, waited, failed)
     summary |= {"train_replies_per_ray_node": dict(sorted(inputs.ray_nodes.items())),
                 "stopped_early": final.round < cfg.rounds}  # server/schedule.py
@@ -103,17 +103,16 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     return final
 
 
-def _summary(final: Checkpoint, released: int, base_bytes: int, wall_s: float, worker_peaks: dict[int, float],
+def _summary(final: Checkpoint, released: Checkpoint, base_bytes: int, wall_s: float, worker_peaks: dict[int, float],
              warm_up_wait_s: float, warm_up_failed: int) -> dict:
-    """The run's summary.json; the final_eval_* values are those of the adapter released (round `released`)."""
-    last, first = final.metrics[-1], final.metrics[0]
-    kept = next(row for row in final.metrics if row["round"] == released)
+    """The run's summary.json; the final_eval_* values are those of the adapter released."""
+    last, first, kept = final.metrics[-1], final.metrics[0], released.metrics[-1]
     server = peak_rss_mb()
     workers = [mb for pid, mb in worker_peaks.items() if pid != os.getpid()]  # clients in other processes
     return {
         "fedtune_version": __version__,
         "rounds_completed": final.round,
-        "adapter_round": released,  # the last round, or the round a rejected cooldown started from
+        "adapter_round": released.round,  # the last round, or the round a rejected cooldown started from
         "initial_eval_accuracy": first["eval_accuracy"],
         "final_eval_accuracy": kept["eval_accuracy"],
         "final_eval_loss": kept["eval_loss"],

@@ -353,7 +353,6 @@ def _ends_after(inputs: RoundInputs, state: Checkpoint) -> bool:
     return True
 
 
-
 def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundInputs, state: Checkpoint,
            ledger: PrivacyLedger) -> Checkpoint:
     """One round, from the train messages to its commit; returns the committed checkpoint."""

@@ -74,7 +74,7 @@ def kept_round(cfg: FedtuneConfig, rows: list[dict[str, Any]]) -> int:
     without lowering the clients' validation loss below that of the round it started from, that round."""
     last = rows[-1]["round"]
     plateau = find_plateau(rows, cfg.early_stopping_patience)
-    if plateau is None or not cfg.cooldown_rounds or last == plateau.ran_out or last < last_round(cfg, rows):
+    if plateau is None or not cfg.cooldown_rounds or last < last_round(cfg, rows):
         return last
     loss = {row["round"]: row.get("client_eval_loss") for row in rows}
     rejected = loss[last] is not None and loss[last] >= loss[plateau.ran_out]
