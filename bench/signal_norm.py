@@ -39,7 +39,8 @@ def signal_norm(name: str, max_length: int) -> dict:
     labels = list(data["labels"])
     lora = LoraConfig(r=2, alpha=4.0, modules_to_save=(),
                       target_modules=(f"layer.{LAST}.attention.self.query", f"layer.{LAST}.attention.self.value"))
-    model = build_model(ModelConfig(pooling="mean"), lora, len(labels), 0)
+    # uncached (build_model keeps its models): the head set below must not reach a later data set
+    model = build_model.__wrapped__(ModelConfig(pooling="mean"), lora, len(labels), 0)
     if names_are_words(labels):
         init_head_from_label_names(model, labels, load_tokenizer(""), max_length)
     tail = GradSampleModule(Tail(model))
