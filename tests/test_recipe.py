@@ -10,12 +10,17 @@ from fedtune.config import DataConfig, FedtuneConfig, given_keys
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
     DEFAULT_TARGET_EPSILON,
+    LABELS_MAX_FACTOR,
+    LABELS_REFERENCE,
+    LABELS_STEP_CAP,
     PLAIN_COOLDOWN,
     PLAIN_FEDERATED_ROUNDS,
     PLAIN_MIN_BATCH,
     PLAIN_PATIENCE,
+    SIGNAL_SQRT_LABELS,
     Facts,
     apply_recipe,
+    labels_factor,
     noise_to_signal,
     plain_batch_size,
     recipe_learning_rate,
@@ -154,9 +159,60 @@ def test_the_learning_rate_shrinks_as_the_noise_on_the_mean_update_grows():
         return resolve(cfg, GIVEN).train.learning_rate
 
     assert recipe_learning_rate(0.0) == BASE_LEARNING_RATE
-    assert rate(20, 300) < rate(20, 3000) < BASE_LEARNING_RATE
+    most = BASE_LEARNING_RATE * (4 / LABELS_REFERENCE) ** 0.5  # the demo's 4 labels
+    assert rate(20, 300) < rate(20, 3000) < most
     assert rate(20, 3000) < rate(2, 3000)
     assert rate(20, 300) < 0.5 * BASE_LEARNING_RATE  # r ≈ 3 there: a third of the step
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.4, 0.73, 1.5, 4.0])
+def test_up_to_three_labels_the_rate_is_the_one_tuned_on_phrasebank(ratio):
+    for labels in (0, 2, 3):
+        assert recipe_learning_rate(ratio, labels) == round(BASE_LEARNING_RATE / (1 + ratio**2) ** 0.5, 2)
+
+
+def _step(ratio: float, labels: int) -> float:
+    """The step length, in units of C, at the recipe's rate: lr·√(s² + r²), s as the rule estimates it."""
+    return recipe_learning_rate(ratio, labels) * (SIGNAL_SQRT_LABELS**2 / labels + ratio**2) ** 0.5
+
+
+def test_more_labels_raise_the_rate_by_root_labels_where_the_step_is_short():
+    """Central DP (r = 0.08): the step is short, so five labels take all of √(5/3), and 77 labels stop at
+    twice the rate (√(77/3) = 5.07 collapsed central DP on BANKING77 within two rounds)."""
+    plain = BASE_LEARNING_RATE / (1 + 0.08**2) ** 0.5
+    assert recipe_learning_rate(0.08, 5) == pytest.approx(plain * (5 / 3) ** 0.5, abs=0.01)
+    assert recipe_learning_rate(0.08, 77) == pytest.approx(plain * LABELS_MAX_FACTOR, abs=0.01)
+    assert recipe_learning_rate(0.08, 4) < recipe_learning_rate(0.08, 5) < recipe_learning_rate(0.08, 77)
+    assert _step(0.08, 77) < LABELS_STEP_CAP
+
+
+def test_the_labels_factor_never_takes_a_step_past_the_cap():
+    """Federated DP on BANKING77 (r = 0.37): √(77/3) would be a step of 6.4 C, where it collapsed at 5; the
+    rate stops at 2.5 C, which is about twice the plain rule's (the ×2 run that gained 3.9 points)."""
+    plain = BASE_LEARNING_RATE / (1 + 0.37**2) ** 0.5
+    assert _step(0.37, 77) == pytest.approx(LABELS_STEP_CAP, abs=0.01)
+    assert recipe_learning_rate(0.37, 77) == pytest.approx(2 * plain, rel=0.02)
+    for ratio in (0.2, 0.5, 0.62, 1.0):
+        for labels in (4, 5, 10, 77, 150):
+            assert _step(ratio, labels) <= LABELS_STEP_CAP + 0.01 or labels_factor(
+                BASE_LEARNING_RATE / (1 + ratio**2) ** 0.5, ratio, labels) == 1.0
+
+
+def test_the_labels_factor_never_lowers_the_rate():
+    """At ε = 1 the plain rule's own step is longer than the cap (BANKING77: 3.3 C); the factor stays 1."""
+    for ratio in (1.12, 2.31, 4.0):
+        for labels in (5, 77):
+            assert recipe_learning_rate(ratio, labels) == round(BASE_LEARNING_RATE / (1 + ratio**2) ** 0.5, 2)
+
+
+def test_the_chosen_rate_says_what_set_its_labels_factor():
+    from fedtune.tasks.classification import _labels_factor_why
+
+    assert _labels_factor_why(0.73, 3).startswith("1 (3 labels")
+    assert "held to a step of 2.5 C" in _labels_factor_why(0.37, 77)
+    assert _labels_factor_why(0.08, 5).startswith("1.29 = √(5/3)")
+    assert "at most 2 times the tuned rate" in _labels_factor_why(0.08, 77)
+    assert "already" in _labels_factor_why(2.31, 77)
 
 
 def test_a_run_whose_every_recipe_option_was_given_is_not_chosen_for_again_later():

@@ -21,9 +21,13 @@ from fedtune.models.head_init import init_head_from_label_names, linear_head, na
 from fedtune.models.pooling import use_mean_pooling
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
+    LABELS_MAX_FACTOR,
+    LABELS_REFERENCE,
+    LABELS_STEP_CAP,
     RECIPE_RANK,
     RECIPE_ROUNDS,
     Facts,
+    labels_factor,
     noise_to_signal,
     plain_recipe,
     recipe_learning_rate,
@@ -82,8 +86,9 @@ class Classification(Task):
                                        "noise per record for a given ε"),
             "train.local_epochs": (1, "one step a round: several steps on a non-IID shard fit its own label prior"),
             "train.learning_rate": (
-                recipe_learning_rate(ratio),
-                f"{BASE_LEARNING_RATE} / √(1 + r²) with r = σ√({'m/t' if t else 'm'}·d)/N = {ratio:.2f}, the noise "
+                recipe_learning_rate(ratio, facts.labels),
+                f"{BASE_LEARNING_RATE} / √(1 + r²) x {_labels_factor_why(ratio, facts.labels)}, "
+                f"with r = σ√({'m/t' if t else 'm'}·d)/N = {ratio:.2f}, the noise "
                 f"on a round's mean update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round"
                 f"{f', t {t} sharing the noise' if t else ''}, d {values} "
                 f"trained values, N {round(sum(facts.records) * facts.clients / len(facts.records))} records a "
@@ -168,3 +173,18 @@ def _meta_classifier(config) -> torch.nn.Module:
 
 
 TASK = Classification()
+
+
+def _labels_factor_why(ratio: float, labels: int) -> str:
+    """The labels factor of recipe_learning_rate, and what set it."""
+    rate = BASE_LEARNING_RATE / (1.0 + ratio**2) ** 0.5
+    factor = labels_factor(rate, ratio, labels)
+    if labels <= LABELS_REFERENCE:
+        return f"1 ({labels} labels: the rate was tuned on {LABELS_REFERENCE})"
+    if factor >= (labels / LABELS_REFERENCE) ** 0.5 - 1e-9:
+        return f"{factor:.2f} = √({labels}/{LABELS_REFERENCE}): more labels, less signal per record"
+    if factor >= LABELS_MAX_FACTOR:
+        return f"{factor:.2f}, not √({labels}/{LABELS_REFERENCE}): at most {LABELS_MAX_FACTOR:g} times the tuned rate"
+    if factor > 1.0:
+        return f"{factor:.2f}, not √({labels}/{LABELS_REFERENCE}): held to a step of {LABELS_STEP_CAP} C"
+    return f"1, not √({labels}/{LABELS_REFERENCE}): the step is already {LABELS_STEP_CAP} C or longer"
