@@ -136,8 +136,9 @@ def recipe_learning_rate(ratio: float, labels: int = 0) -> float:
     keeps that length where the tuned runs had it. Measured, s falls as about SIGNAL_SQRT_LABELS /
     √labels (bench/signal_norm.py), so at that rate a set with more labels moves along its signal
     √(labels / 3) times less a round than PhraseBank, where the rate was tuned. labels_factor() gives it
-    that much more rate, but never more than twice, never a step longer than LABELS_STEP_CAP, and never
-    less than the first factor; docs/recipe.md has the runs."""
+    that much more rate, but never a step longer than LABELS_STEP_CAP, never more than twice, and
+    not at all where the noise is small (central or distributed DP), where a raised rate collapsed
+    BANKING77; never less than the first factor. docs/recipe.md has the runs."""
     rate = BASE_LEARNING_RATE / (1.0 + ratio**2) ** 0.5
     return round(rate * labels_factor(rate, ratio, labels), 2)
 
@@ -150,19 +151,28 @@ LABELS_REFERENCE = 3  # PhraseBank's labels, where BASE_LEARNING_RATE was tuned
 # The noise: the longest step, in units of C, it may lead to. Federated, BANKING77 gained 3.9 points at a
 # step of 2.5 and collapsed at 5.0; PhraseBank lost 3.1 at 4.4.
 LABELS_STEP_CAP = 2.5
-# The rate itself: where the noise is small the step is short, but the rate still meets the loss's
-# curvature once the records' gradients fall below C and clipping stops shrinking them. Central DP on
-# BANKING77 (a step of 1.7 C) collapsed within 2 rounds at ×5.07; ×2 was stable on every set.
+# The rate itself. Where the noise is small the step is short, yet a raised rate collapsed BANKING77 twice:
+# central DP at ×5.07 (r = 0.08) within 2 rounds, distributed DP at ×2 (r = 0.08) at round 7, where it
+# was stable through 30 rounds at r = 0.37 to 0.67. So the factor's ceiling grows with the noise: none
+# up to r = LABELS_FULL_RATIO / 2, LABELS_MAX_FACTOR from r = LABELS_FULL_RATIO, linear between.
 LABELS_MAX_FACTOR = 2.0
+LABELS_FULL_RATIO = 0.37  # the least noise the factor of 2 was measured stable at (BANKING77, 20 institutions)
 
 
 def labels_factor(rate: float, ratio: float, labels: int) -> float:
-    """How much to raise `rate` for `labels` labels: √(labels / 3), at most LABELS_MAX_FACTOR and held to
-    a step of LABELS_STEP_CAP; 1 for 3 labels or fewer, or wherever the step at `rate` is already that long."""
+    """How much to raise `rate` for `labels` labels: √(labels / 3), at most labels_factor_ceiling(ratio)
+    and held to a step of LABELS_STEP_CAP; 1 for 3 labels or fewer, where the noise is small, or where
+    the step at `rate` is already that long."""
     if labels <= LABELS_REFERENCE:
         return 1.0
     step = rate * ((SIGNAL_SQRT_LABELS**2 / labels) + ratio**2) ** 0.5
-    return max(1.0, min((labels / LABELS_REFERENCE) ** 0.5, LABELS_MAX_FACTOR, LABELS_STEP_CAP / step))
+    return max(1.0, min((labels / LABELS_REFERENCE) ** 0.5, labels_factor_ceiling(ratio), LABELS_STEP_CAP / step))
+
+
+def labels_factor_ceiling(ratio: float) -> float:
+    """LABELS_MAX_FACTOR where the noise on a round's update is at least LABELS_FULL_RATIO of its scale,
+    falling linearly to 1 at half that, and 1 below."""
+    return min(LABELS_MAX_FACTOR, max(1.0, LABELS_MAX_FACTOR * ratio / LABELS_FULL_RATIO))
 
 
 def recipe_sigma(facts: Facts, rounds: int) -> float:

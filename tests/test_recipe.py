@@ -10,6 +10,7 @@ from fedtune.config import DataConfig, FedtuneConfig, given_keys
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
     DEFAULT_TARGET_EPSILON,
+    LABELS_FULL_RATIO,
     LABELS_MAX_FACTOR,
     LABELS_REFERENCE,
     LABELS_STEP_CAP,
@@ -21,6 +22,7 @@ from fedtune.recipe import (
     Facts,
     apply_recipe,
     labels_factor,
+    labels_factor_ceiling,
     noise_to_signal,
     plain_batch_size,
     recipe_learning_rate,
@@ -161,7 +163,8 @@ def test_the_learning_rate_shrinks_as_the_noise_on_the_mean_update_grows():
     assert recipe_learning_rate(0.0) == BASE_LEARNING_RATE
     most = BASE_LEARNING_RATE * (4 / LABELS_REFERENCE) ** 0.5  # the demo's 4 labels
     assert rate(20, 300) < rate(20, 3000) < most
-    assert rate(20, 3000) < rate(2, 3000)
+    # the same records split over more institutions: more noise; with 3 labels (no labels factor) a smaller rate
+    assert recipe_learning_rate(0.4, 3) < recipe_learning_rate(0.1, 3) < BASE_LEARNING_RATE
     assert rate(20, 300) < 0.5 * BASE_LEARNING_RATE  # r ≈ 3 there: a third of the step
 
 
@@ -176,14 +179,22 @@ def _step(ratio: float, labels: int) -> float:
     return recipe_learning_rate(ratio, labels) * (SIGNAL_SQRT_LABELS**2 / labels + ratio**2) ** 0.5
 
 
-def test_more_labels_raise_the_rate_by_root_labels_where_the_step_is_short():
-    """Central DP (r = 0.08): the step is short, so five labels take all of √(5/3), and 77 labels stop at
-    twice the rate (√(77/3) = 5.07 collapsed central DP on BANKING77 within two rounds)."""
-    plain = BASE_LEARNING_RATE / (1 + 0.08**2) ** 0.5
-    assert recipe_learning_rate(0.08, 5) == pytest.approx(plain * (5 / 3) ** 0.5, abs=0.01)
-    assert recipe_learning_rate(0.08, 77) == pytest.approx(plain * LABELS_MAX_FACTOR, abs=0.01)
-    assert recipe_learning_rate(0.08, 4) < recipe_learning_rate(0.08, 5) < recipe_learning_rate(0.08, 77)
-    assert _step(0.08, 77) < LABELS_STEP_CAP
+def test_more_labels_raise_the_rate_by_root_labels_in_a_noisy_federation():
+    """The demo's federation (r = 0.44, 4 labels): the step is short of the cap, so it takes all of √(4/3)."""
+    plain = BASE_LEARNING_RATE / (1 + 0.44**2) ** 0.5
+    assert recipe_learning_rate(0.44, 4) == pytest.approx(plain * (4 / 3) ** 0.5, abs=0.01)
+    assert recipe_learning_rate(0.44, 3) < recipe_learning_rate(0.44, 4) < recipe_learning_rate(0.44, 5)
+
+
+def test_where_the_noise_is_small_the_labels_leave_the_rate_alone():
+    """Central and distributed DP on BANKING77 (r = 0.08) collapsed at ×5.07 and at ×2: no factor there,
+    the full ×2 from r = 0.37, where it was stable, and a straight line between."""
+    for ratio in (0.0, 0.08, 0.14, LABELS_FULL_RATIO / 2):
+        assert labels_factor_ceiling(ratio) == 1.0
+        assert recipe_learning_rate(ratio, 77) == round(BASE_LEARNING_RATE / (1 + ratio**2) ** 0.5, 2)
+    assert labels_factor_ceiling(0.75 * LABELS_FULL_RATIO) == pytest.approx(1.5)
+    assert labels_factor_ceiling(LABELS_FULL_RATIO) == labels_factor_ceiling(2.0) == LABELS_MAX_FACTOR
+    assert recipe_learning_rate(0.2, 77) < recipe_learning_rate(0.3, 77)
 
 
 def test_the_labels_factor_never_takes_a_step_past_the_cap():
@@ -210,8 +221,9 @@ def test_the_chosen_rate_says_what_set_its_labels_factor():
 
     assert _labels_factor_why(0.73, 3).startswith("1 (3 labels")
     assert "held to a step of 2.5 C" in _labels_factor_why(0.37, 77)
-    assert _labels_factor_why(0.08, 5).startswith("1.29 = √(5/3)")
-    assert "at most 2 times the tuned rate" in _labels_factor_why(0.08, 77)
+    assert _labels_factor_why(0.44, 4).startswith("1.15 = √(4/3)")
+    assert "the noise is small" in _labels_factor_why(0.08, 77)
+    assert "at most 1.51 at this noise" in _labels_factor_why(0.28, 77)
     assert "already" in _labels_factor_why(2.31, 77)
 
 

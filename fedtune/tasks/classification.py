@@ -21,13 +21,14 @@ from fedtune.models.head_init import init_head_from_label_names, linear_head, na
 from fedtune.models.pooling import use_mean_pooling
 from fedtune.recipe import (
     BASE_LEARNING_RATE,
-    LABELS_MAX_FACTOR,
+    LABELS_FULL_RATIO,
     LABELS_REFERENCE,
     LABELS_STEP_CAP,
     RECIPE_RANK,
     RECIPE_ROUNDS,
     Facts,
     labels_factor,
+    labels_factor_ceiling,
     noise_to_signal,
     plain_recipe,
     recipe_learning_rate,
@@ -183,8 +184,12 @@ def _labels_factor_why(ratio: float, labels: int) -> str:
         return f"1 ({labels} labels: the rate was tuned on {LABELS_REFERENCE})"
     if factor >= (labels / LABELS_REFERENCE) ** 0.5 - 1e-9:
         return f"{factor:.2f} = √({labels}/{LABELS_REFERENCE}): more labels, less signal per record"
-    if factor >= LABELS_MAX_FACTOR:
-        return f"{factor:.2f}, not √({labels}/{LABELS_REFERENCE}): at most {LABELS_MAX_FACTOR:g} times the tuned rate"
+    ceiling = labels_factor_ceiling(ratio)
+    if factor <= 1.0 and ceiling <= 1.0:
+        return f"1, not √({labels}/{LABELS_REFERENCE}): the noise is small (r < {LABELS_FULL_RATIO / 2:.3g}), " \
+               "where a raised rate collapsed"
+    if factor >= ceiling - 1e-9:
+        return f"{factor:.2f}, not √({labels}/{LABELS_REFERENCE}): at most {ceiling:.2f} at this noise"
     if factor > 1.0:
         return f"{factor:.2f}, not √({labels}/{LABELS_REFERENCE}): held to a step of {LABELS_STEP_CAP} C"
     return f"1, not √({labels}/{LABELS_REFERENCE}): the step is already {LABELS_STEP_CAP} C or longer"
