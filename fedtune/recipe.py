@@ -129,7 +129,7 @@ def noise_to_signal(facts: Facts, sigma: float, trained_values: int, min_honest:
 
 def recipe_learning_rate(ratio: float, labels: int = 0) -> float:
     """BASE_LEARNING_RATE, shrunk as the noise grows, then raised for a task with more labels than
-    PhraseBank's, as far as LABELS_STEP_CAP allows.
+    PhraseBank's, within labels_factor()'s limits.
 
     A step's length is about lr·C·√(s² + r²) (signal and noise are orthogonal), with s the mean clipped
     gradient's norm in units of C. The first factor, BASE_LEARNING_RATE / √(1 + r²), takes s = 1 and
