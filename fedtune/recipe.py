@@ -139,8 +139,13 @@ def recipe_learning_rate(ratio: float, labels: int = 0) -> float:
     that much more rate, but never a step longer than LABELS_STEP_CAP, never more than twice, and
     not at all where the noise is small (central or distributed DP), where a raised rate collapsed
     BANKING77; never less than the first factor. docs/recipe.md has the runs."""
-    rate = BASE_LEARNING_RATE / (1.0 + ratio**2) ** 0.5
+    rate = noise_rate(ratio)
     return round(rate * labels_factor(rate, ratio, labels), 2)
+
+
+def noise_rate(ratio: float) -> float:
+    """The first factor: BASE_LEARNING_RATE / √(1 + r²), the rate before the labels factor."""
+    return BASE_LEARNING_RATE / (1.0 + ratio**2) ** 0.5
 
 
 # s·√labels, measured at round 0 on the validation splits: 0.36 (PhraseBank), 0.28 (Medical Abstracts),

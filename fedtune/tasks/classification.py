@@ -29,6 +29,7 @@ from fedtune.recipe import (
     Facts,
     labels_factor,
     labels_factor_ceiling,
+    noise_rate,
     noise_to_signal,
     plain_recipe,
     recipe_learning_rate,
@@ -178,8 +179,7 @@ TASK = Classification()
 
 def _labels_factor_why(ratio: float, labels: int) -> str:
     """The labels factor of recipe_learning_rate, and what set it."""
-    rate = BASE_LEARNING_RATE / (1.0 + ratio**2) ** 0.5
-    factor = labels_factor(rate, ratio, labels)
+    factor = labels_factor(noise_rate(ratio), ratio, labels)
     if labels <= LABELS_REFERENCE:
         return f"1 ({labels} labels: the rate was tuned on {LABELS_REFERENCE})"
     if factor >= (labels / LABELS_REFERENCE) ** 0.5 - 1e-9:
