@@ -163,7 +163,7 @@ def test_the_learning_rate_shrinks_as_the_noise_on_the_mean_update_grows():
     assert recipe_learning_rate(0.0) == BASE_LEARNING_RATE
     most = BASE_LEARNING_RATE * (4 / LABELS_REFERENCE) ** 0.5  # the demo's 4 labels
     assert rate(20, 300) < rate(20, 3000) < most
-    # the same records split over more institutions: more noise; with 3 labels (no labels factor) a smaller rate
+    # more noise, a smaller rate: so far as the labels factor leaves it alone (3 labels: not at all)
     assert recipe_learning_rate(0.4, 3) < recipe_learning_rate(0.1, 3) < BASE_LEARNING_RATE
     assert rate(20, 300) < 0.5 * BASE_LEARNING_RATE  # r ≈ 3 there: a third of the step
 
