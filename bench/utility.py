@@ -10,7 +10,8 @@ every option neither the TOML, the row nor --rounds sets, exactly as `fedtune si
                 client solves for the σ that spends it over the planned rounds; δ is the recipe's)
 Every run is `fedtune simulate` in a subprocess (bench/phrasebank.py's runner), seeds 0 1 2, and
 the table reports each row's final-round accuracy as mean ± std over the seeds, beside the best
-round and the late spread (max − min over the last LATE rounds: how settled the curve is).
+round, the late spread (max − min over the last LATE rounds: how settled the curve is) and the
+largest dip (the most a seed's accuracy fell below its best earlier round: how far it swung on the way).
 
 The splits. Each data set (DATASETS) is read with fedtune's own loader, then cut once, with a seed
 fixed here (SPLIT_SEED) and independent of the run seed:
@@ -175,6 +176,16 @@ def run_config(base: FedtuneConfig, row: str, data_path: Path, fraction: float, 
     return resolve(base.with_overrides(overrides), given | frozenset(overrides))
 
 
+def largest_dip(curve: list[float]) -> float:
+    """The largest fall of accuracy below the best of the rounds before it (from round 1; round 0 is
+    before training): how far the curve swung at its worst, wherever in the run that was. The late
+    spread says only whether the last rounds settled."""
+    peak, dip = curve[min(1, len(curve) - 1)], 0.0
+    for accuracy in curve[1:]:
+        peak, dip = max(peak, accuracy), max(dip, peak - accuracy)
+    return dip
+
+
 def score(result: dict) -> dict:
     """Final, best and late spread of one run's per-round accuracy (round 0 is before training)."""
     curve = result["per_round_accuracy"]
@@ -192,6 +203,7 @@ def summarize(runs: list[dict]) -> dict:
     """One row of the table: mean ± std over the seeds."""
     row = {"final": mean_std([r["accuracy"] for r in runs]), "best": mean_std([r["best_accuracy"] for r in runs]),
            "late_spread": mean_std([r["late_spread"] for r in runs]),
+           "largest_dip": mean_std([largest_dip(r["per_round_accuracy"]) for r in runs]),
            "wall_s": round(sum(r["wall_s"] for r in runs), 1), "seeds": len(runs)}
     if all("epsilon_max" in r for r in runs):
         row["epsilon_max"] = max(r["epsilon_max"] for r in runs)
@@ -256,17 +268,19 @@ def show(report: dict, console: Console) -> None:
                             f"scored, {data['labels']} labels, majority class {data['majority_accuracy']:.3f}), "
                             f"rounds {report['rounds'] or 'per row'}, seeds {' '.join(map(str, report['seeds']))}")
         for column in ("row", "clients", "rounds", "ε target", "ε spent", "final acc", "best acc", "late spread",
-                       "wall s"):
+                       "largest dip", "wall s"):
             table.add_column(column, no_wrap=True)
         for row, r in data["rows"].items():
             table.add_row(row, str(r["clients"]), str(r["rounds"]), f"{r['epsilon']:g}" if r["epsilon"] else "off",
                           f"{r['epsilon_max']:.2f}" if "epsilon_max" in r else "",
                           f"{r['final']['mean']:.3f} ± {r['final']['std']:.3f}",
                           f"{r['best']['mean']:.3f} ± {r['best']['std']:.3f}",
-                          f"{r['late_spread']['mean']:.3f}", f"{r['wall_s']:.0f}")
+                          f"{r['late_spread']['mean']:.3f}", f"{r['largest_dip']['max']:.3f}",
+                          f"{r['wall_s']:.0f}")
         console.print(table)
     console.print("Accuracy: mean ± std over the seeds. Late spread: max − min of the last "
-                  f"{LATE} rounds' accuracy, mean over the seeds.")
+                  f"{LATE} rounds' accuracy, mean over the seeds. Largest dip: the most any seed's accuracy fell "
+                  "below its best earlier round, anywhere in the run.")
 
 
 def plot(report: dict, path: Path) -> None:
