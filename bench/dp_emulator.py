@@ -17,6 +17,8 @@ a round runs only the last layer and the head (per-sample gradients by Opacus' G
 
     python bench/dp_emulator.py --datasets phrasebank banking77 medical --lrs 1 3 --rounds 30
         [--clients 20] [--epsilon 8] [--seeds 0] [--mode validation]
+        [--backoffs 0.5]        halve the rate when two successive noised steps have cosine below -0.5
+        [--train all lora head] what is trained and noised: LoRA and the head, or one of them
 
 Scores the validation split (utility.py's splits; never the test split unless --mode test) and prints
 one JSON line per run with its accuracy curve.
@@ -120,12 +122,16 @@ def accuracy(tail, hidden, mask, labels) -> float:
 
 def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
             clip: float = 1.0, delta: float = 1e-5, r: int = 2, train_fraction: float = 0.9,
-            schedule: str = "constant", head_scale: float = 0.0) -> dict:
+            schedule: str = "constant", head_scale: float = 0.0, backoff: float = 0.0, train: str = "all") -> dict:
     """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP."""
     torch.manual_seed(seed)
     lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=(),
                       target_modules=(f"layer.{LAST}.attention.self.query", f"layer.{LAST}.attention.self.value"))
     model = build_model(ModelConfig(pooling="mean"), lora, len(data["labels"]), seed)
+    frozen = [p for name, p in Tail(model).named_parameters() if p.requires_grad and (
+        (train == "lora" and "lora_" not in name) or (train == "head" and "lora_" in name))]
+    for p in frozen:  # --train lora: the head stays at its start; head: LoRA stays at zero
+        p.requires_grad_(False)
     tail = GradSampleModule(Tail(model))
     params = [p for p in tail.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
@@ -140,23 +146,35 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     curve = [accuracy(tail, data["val_h"], data["val_m"], data["val_y"])]
     t0 = time.time()
     rates = TrainConfig(optimizer="sgd", learning_rate=lr, lr_schedule=schedule)
+    server_rate, previous, cosines = 1.0, None, []
     for round_ in range(1, rounds + 1):
         lr_now = rates.learning_rate_at(round_, rounds)
         grads = clipped_sum(tail, params, hidden, mask, labels, clip if epsilon else None)
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                if epsilon:
+            if epsilon:
+                for g in grads:
                     g += torch.randn(g.shape, generator=noise) * sigma * clip * math.sqrt(clients)
-                p -= lr_now * g / n
+            step = torch.cat([g.flatten() for g in grads])
+            if previous is not None:  # post-processing of the noised steps: no privacy cost
+                cosines.append(round(float(torch.nn.functional.cosine_similarity(step, previous, dim=0)), 3))
+                if backoff and cosines[-1] < -backoff:
+                    server_rate /= 2  # successive steps point against each other: the rate overshoots
+            previous = step
+            for p, g in zip(params, grads, strict=True):
+                p -= server_rate * lr_now * g / n
         curve.append(accuracy(tail, data["val_h"], data["val_m"], data["val_y"]))
     with torch.no_grad():
         for p, s in zip(params, start, strict=True):
             p.copy_(s)  # build_model's cache hands the same model to the next run
     tail._close()  # and its modules must not keep this wrapper's hooks
+    for p in frozen:
+        p.requires_grad_(True)
     late = curve[-5:]
     return {"lr": lr, "schedule": schedule, "rounds": rounds, "clients": clients, "epsilon": epsilon,
             "sigma": round(sigma, 3),
-            "seed": seed, "r": r, "head_scale": head_scale,
+            "seed": seed, "r": r, "head_scale": head_scale, "backoff": backoff, "cosines": cosines,
+            "train": train, "trained_values": sum(p.numel() for p in params),
+            "server_rate": server_rate,
             "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
             "curve": [round(a, 3) for a in curve], "wall_s": round(time.time() - t0, 1)}
 
@@ -197,6 +215,11 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=["constant"])
     parser.add_argument("--head-scales", nargs="+", type=float, default=[0.0],
                         help="0: the head's random init; s > 0: rows from the label names' embeddings, norm s")
+    parser.add_argument("--backoffs", nargs="+", type=float, default=[0.0],
+                        help="0: off; b > 0: halve the rate whenever two successive (noised) steps have "
+                             "cosine below -b")
+    parser.add_argument("--train", nargs="+", choices=["all", "lora", "head"], default=["all"],
+                        help="What is trained (and noised): LoRA and the head, LoRA alone, or the head alone")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--demo-examples", type=int, default=6000)
@@ -212,9 +235,12 @@ def main() -> None:
                             for schedule in args.schedules:
                                 for seed in args.seeds:
                                     for scale in args.head_scales:
-                                        result = emulate(data, lr, rounds, clients, eps or None, seed, r=r,
-                                                         schedule=schedule, head_scale=scale)
-                                        print(json.dumps({"dataset": name, **result}), flush=True)
+                                        for backoff in args.backoffs:
+                                            for train in args.train:
+                                                result = emulate(data, lr, rounds, clients, eps or None, seed,
+                                                                 r=r, schedule=schedule, head_scale=scale,
+                                                                 backoff=backoff, train=train)
+                                                print(json.dumps({"dataset": name, **result}), flush=True)
 
 
 if __name__ == "__main__":
