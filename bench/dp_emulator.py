@@ -134,7 +134,7 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
         p.requires_grad_(False)
     tail = GradSampleModule(Tail(model))
     params = [p for p in tail.parameters() if p.requires_grad]
-    start = [p.detach().clone() for p in params]
+    start = [p.detach().clone() for p in [*params, *frozen]]  # the head init below changes a frozen head too
     if head_scale:  # fedtune's model.head_init = "label-names", with rows of norm head_scale
         init_head_from_label_names(model, list(data["labels"]), load_tokenizer(""), 64, norm=head_scale)
     # fedtune clients keep data.client_val_fraction (10%) of their records aside: train on the rest
@@ -164,7 +164,7 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
                 p -= server_rate * lr_now * g / n
         curve.append(accuracy(tail, data["val_h"], data["val_m"], data["val_y"]))
     with torch.no_grad():
-        for p, s in zip(params, start, strict=True):
+        for p, s in zip([*params, *frozen], start, strict=True):
             p.copy_(s)  # build_model's cache hands the same model to the next run
     tail._close()  # and its modules must not keep this wrapper's hooks
     for p in frozen:
