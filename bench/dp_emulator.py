@@ -19,6 +19,10 @@ a round runs only the last layer and the head (per-sample gradients by Opacus' G
         [--clients 20] [--epsilon 8] [--seeds 0] [--mode validation]
         [--backoffs 0.5]        halve the rate when two successive noised steps have cosine below -0.5
         [--train all lora head] what is trained and noised: LoRA and the head, or one of them
+        [--truncate-head 1 4 16] also score the head's summed update cut to its largest singular directions
+
+Each DP run also reports the head's summed update's largest singular values next to the edge of its
+noise's spectrum, σ·C·√m·√(Σ_t lr_t²)/n·(√rows + √cols): singular values at that edge are noise's.
 
 Scores the validation split (utility.py's splits; never the test split unless --mode test) and prints
 one JSON line per run with its accuracy curve.
@@ -122,7 +126,8 @@ def accuracy(tail, hidden, mask, labels) -> float:
 
 def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
             clip: float = 1.0, delta: float = 1e-5, r: int = 2, train_fraction: float = 0.9,
-            schedule: str = "constant", head_scale: float = 0.0, backoff: float = 0.0, train: str = "all") -> dict:
+            schedule: str = "constant", head_scale: float = 0.0, backoff: float = 0.0, train: str = "all",
+            truncate_head: tuple[int, ...] = ()) -> dict:
     """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP."""
     torch.manual_seed(seed)
     lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=(),
@@ -144,6 +149,10 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
                                  accountant="prv") if epsilon else 0.0
     noise = torch.Generator().manual_seed(10_000 + seed)
     curve = [accuracy(tail, data["val_h"], data["val_m"], data["val_y"])]
+    head = next((p for name, p in tail.named_parameters()  # the head's weight: peft's trained copy
+                 if p.requires_grad and ".classifier." in name and name.endswith(".weight")), None)
+    head_start = head.detach().clone() if head is not None else None
+    step_sizes = []  # lr_t · server rate / n: what scales each round's noise on the weights
     t0 = time.time()
     rates = TrainConfig(optimizer="sgd", learning_rate=lr, lr_schedule=schedule)
     server_rate, previous, cosines = 1.0, None, []
@@ -162,7 +171,10 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
             previous = step
             for p, g in zip(params, grads, strict=True):
                 p -= server_rate * lr_now * g / n
+            step_sizes.append(server_rate * lr_now / n)
         curve.append(accuracy(tail, data["val_h"], data["val_m"], data["val_y"]))
+    spectrum = head_spectrum(tail, data, head, head_start, sigma * clip * math.sqrt(clients), step_sizes,
+                             truncate_head) if epsilon and head is not None else {}
     with torch.no_grad():
         for p, s in zip([*params, *frozen], start, strict=True):
             p.copy_(s)  # build_model's cache hands the same model to the next run
@@ -175,8 +187,28 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
             "seed": seed, "r": r, "head_scale": head_scale, "backoff": backoff, "cosines": cosines,
             "train": train, "trained_values": sum(p.numel() for p in params),
             "server_rate": server_rate,
+            **spectrum,
             "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
             "curve": [round(a, 3) for a in curve], "wall_s": round(time.time() - t0, 1)}
+
+
+def head_spectrum(tail, data: dict, head, head_start, noise_std: float, step_sizes: list[float],
+                  ranks: tuple[int, ...]) -> dict:
+    """The head's summed update D = W_T − W_0: its largest singular values, the edge of its noise's
+    spectrum (a rows x cols Gaussian matrix of entry std s has largest singular value about
+    s·(√rows + √cols)), and the accuracy with D cut to each of `ranks` singular directions (post-processing
+    of the released model: no privacy cost). Leaves the head at W_T."""
+    with torch.no_grad():
+        final = head.detach().clone()
+        u, values, vh = torch.linalg.svd(final - head_start, full_matrices=False)
+        entry_std = noise_std * math.sqrt(sum(size**2 for size in step_sizes))
+        out = {"head_singular_values": [round(float(v), 3) for v in values[:8]],
+               "head_noise_edge": round(entry_std * (math.sqrt(final.shape[0]) + math.sqrt(final.shape[1])), 3)}
+        for k in ranks:
+            head.copy_(head_start + (u[:, :k] * values[:k]) @ vh[:k])
+            out[f"final_head_rank_{k}"] = accuracy(tail, data["val_h"], data["val_m"], data["val_y"])
+        head.copy_(final)
+    return out
 
 
 def records(name: str, mode: str, demo_examples: int) -> tuple[list, list]:
@@ -220,6 +252,8 @@ def main() -> None:
                              "cosine below -b")
     parser.add_argument("--train", nargs="+", choices=["all", "lora", "head"], default=["all"],
                         help="What is trained (and noised): LoRA and the head, LoRA alone, or the head alone")
+    parser.add_argument("--truncate-head", nargs="*", type=int, default=[],
+                        help="Also score the head's summed update cut to each of these numbers of singular directions")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--demo-examples", type=int, default=6000)
@@ -239,7 +273,8 @@ def main() -> None:
                                             for train in args.train:
                                                 result = emulate(data, lr, rounds, clients, eps or None, seed,
                                                                  r=r, schedule=schedule, head_scale=scale,
-                                                                 backoff=backoff, train=train)
+                                                                 backoff=backoff, train=train,
+                                                                 truncate_head=tuple(args.truncate_head))
                                                 print(json.dumps({"dataset": name, **result}), flush=True)
 
 

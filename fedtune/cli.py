@@ -145,6 +145,8 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
             console.print(f"{which} (docs/recipe.md; why each: recipe.chosen in config.toml): "
                           + ", ".join(note.split(":", 1)[0] for note in cfg.recipe.chosen), highlight=False,
                           markup=False)  # a list such as [layer.5.attention.self.query] is not rich markup
+        for note in cfg.recipe.advice:  # also in config.toml's recipe.advice
+            console.print(f"Note: {note}", style="yellow", highlight=False, markup=False)
     noise = (f"target ε={cfg.dp.target_epsilon} per client" if cfg.dp.target_epsilon > 0
              else f"sigma={cfg.dp.noise_multiplier}")
     dp = f"{noise}, C={cfg.dp.max_grad_norm}" if cfg.dp.enabled else "off"

@@ -507,6 +507,10 @@ class RecipeConfig:
     chosen: tuple[str, ...] = field(
         default=(),
         metadata={"help": "Written by fedtune when a run starts: each option the recipe chose, its value and why."})
+    advice: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Written by fedtune when a run starts under DP: what the noise on a round's update means "
+                          "for accuracy when it is larger than the signal, and what would lower it."})
 
     def __post_init__(self) -> None:
         _check(self.mode in ("auto", "off"), "recipe.mode", "use `auto` or `off`.")

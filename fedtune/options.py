@@ -42,6 +42,7 @@ NO_OPTION = {
     "out": "each command declares --out itself, as a path (audit and deploy-local give it their own meaning)",
     "data.source": "derived: `file` whenever data.path (--data) is set",
     "recipe.chosen": "written by the private recipe when a run starts (fedtune/recipe.py)",
+    "recipe.advice": "written by the private recipe when a run starts (fedtune/recipe.py)",
     "data.labels": "derived: fixed from the data when the run starts (a config file may still give them)",
 }
 

@@ -14,6 +14,7 @@ from fedtune.recipe import (
     LABELS_MAX_FACTOR,
     LABELS_REFERENCE,
     LABELS_STEP_CAP,
+    NOISY_RATIO,
     PLAIN_COOLDOWN,
     PLAIN_FEDERATED_ROUNDS,
     PLAIN_MIN_BATCH,
@@ -23,6 +24,7 @@ from fedtune.recipe import (
     apply_recipe,
     labels_factor,
     labels_factor_ceiling,
+    noise_advice,
     noise_to_signal,
     plain_batch_size,
     recipe_learning_rate,
@@ -267,3 +269,43 @@ def test_labels_that_are_codes_keep_the_random_head(tmp_path):
     cfg = resolve(FedtuneConfig(clients=3, data=DataConfig(path=str(path))), GIVEN | {"data.path"})
     assert cfg.model.pooling == "mean" and cfg.model.head_init == "random"
     assert "model.head_init" not in _chosen_keys(cfg)
+
+
+def _ratio_in_the_rate_note(cfg: FedtuneConfig) -> float:
+    note = next(note for note in cfg.recipe.chosen if note.startswith("train.learning_rate"))
+    return float(note.split("/N = ", 1)[1].split(",", 1)[0])
+
+
+def test_small_institutions_are_told_that_the_noise_outweighs_the_signal_and_what_would_lower_it():
+    """r > 1 (issue #19's shape: many small institutions) gets advice; it changes no option."""
+    small = resolve(CFG.with_overrides({"clients": 20, "data.demo_examples": 400}), GIVEN)
+    ratio = _ratio_in_the_rate_note(small)
+    assert ratio > NOISY_RATIO and small.recipe.advice[0].startswith(f"r = {ratio:.2f} over 30 rounds: the noise")
+    remedy = small.recipe.advice[1]
+    assert "√20 = 4.5 times" in remedy and "--secagg --distributed-min-honest t" in remedy
+    # distributed DP with every institution's share: the sum carries σ once, so r falls by √20
+    assert f"r = {ratio / 20**0.5:.2f} at t = 20, {ratio / 10**0.5:.2f} at t = 10" in remedy
+    assert resolve(small) == small  # applied once: a later resolution keeps it as it is
+    # fewer rounds by hand: a smaller σ a step, so a smaller r a round, but as much noise over the run
+    one_round = resolve(CFG.with_overrides({"clients": 20, "data.demo_examples": 400, "rounds": 1}), GIVEN | {"rounds"})
+    assert _ratio_in_the_rate_note(one_round) < NOISY_RATIO and one_round.recipe.advice == small.recipe.advice
+
+
+def test_no_advice_where_the_signal_outweighs_the_noise_or_the_noise_is_already_shared():
+    roomy = resolve(CFG.with_overrides({"data.demo_examples": 2000}), GIVEN)
+    assert _ratio_in_the_rate_note(roomy) <= NOISY_RATIO and roomy.recipe.advice == ()
+    shared = resolve(CFG.with_overrides({"clients": 20, "data.demo_examples": 400, "dp.secagg": True,
+                                         "dp.distributed_min_honest": 20}),
+                     GIVEN | {"dp.secagg", "dp.distributed_min_honest"})
+    assert _ratio_in_the_rate_note(shared) <= NOISY_RATIO and shared.recipe.advice == ()
+    for plain in (CFG.with_overrides({"dp.enabled": False}), CFG.with_overrides({"model.task": "causal-lm"})):
+        assert resolve(plain, GIVEN | {"dp.enabled", "model.task"}).recipe.advice == ()
+
+
+def test_the_advice_names_the_federation_only_where_there_is_one():
+    one = Facts(labels=4, clients=1, records=(80,), epsilon=8.0, delta=1e-5)
+    many = dataclasses.replace(one, clients=20, records=(40,) * 20)
+    assert noise_advice(many, NOISY_RATIO) == () and noise_advice(one, 0.5) == ()
+    assert "√20" in noise_advice(many, 1.86)[1] and "one holder of all 800 records" in noise_advice(many, 1.86)[1]
+    assert "(r = 0.99 at t = 2; " in noise_advice(dataclasses.replace(many, clients=2, records=(40, 40)), 1.4)[1]
+    assert "--secagg" not in " ".join(noise_advice(one, 2.0)) + " ".join(noise_advice(many, 2.0, min_honest=10))

@@ -28,9 +28,9 @@ from fedtune.privacy.policy import node_policy
 MAX_NODES = 26
 DEPLOYMENT = "deployment"  # inside the run directory: every institution's and the coordinator's files
 DERIVED = frozenset({"data.labels", "data.source"})  # the ServerApp derives these again from data.path
-# Never sent: the private recipe's reasons are prose (commas and all) in the run directory's config.toml,
+# Never sent: the private recipe's reasons and advice are prose (commas and all) in the run directory's config.toml,
 # and the ServerApp, given the values they explain, finds nothing left to choose.
-NOT_SENT = frozenset({"recipe.chosen"})
+NOT_SENT = frozenset({"recipe.chosen", "recipe.advice"})
 PY_LOGGING_COPY = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):")
 
 

@@ -20,7 +20,7 @@ from fedtune.tasks.base import get_task
 
 # What a run may change when it is continued: how long it runs, and (simulation) which Ray runs it.
 RESUMABLE = frozenset({"rounds", "simulation.ray_address"})
-DERIVED = frozenset({"recipe.chosen"})  # follows from the others: never named as a difference
+DERIVED = frozenset({"recipe.chosen", "recipe.advice"})  # follows from the others: never named as a difference
 
 
 def resolve(cfg: FedtuneConfig, pinned: frozenset[str] | None = None) -> FedtuneConfig:

@@ -92,6 +92,11 @@ class Task(ABC):
         returns. None by default: the options' own defaults."""
         return {}
 
+    def private_advice(self, cfg: FedtuneConfig, facts, pinned: frozenset[str]) -> tuple[str, ...]:
+        """What a user should know about the noise this task will train under (recipe.py::noise_advice),
+        for the same arguments as private_recipe. None by default."""
+        return ()
+
     def plain_recipe(self, cfg: FedtuneConfig, facts) -> dict[str, tuple[Any, str]]:
         """What this task trains by without DP (fedtune/recipe.py), in the same form as private_recipe.
         None by default: the options' own defaults."""

@@ -29,6 +29,7 @@ from fedtune.recipe import (
     Facts,
     labels_factor,
     labels_factor_ceiling,
+    noise_advice,
     noise_rate,
     noise_to_signal,
     plain_recipe,
@@ -74,13 +75,8 @@ class Classification(Task):
             "lora.r": (RECIPE_RANK, "rank 2 is enough for one layer, and every trained value is noised"),
             "lora.alpha": (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default rank"),
         }
-        rounds = cfg.rounds if "rounds" in pinned else RECIPE_ROUNDS
-        per_client = max(1, math.ceil(rounds * facts.clients / cfg.clients - 1e-9))  # as rounds_per_client()
-        sigma = recipe_sigma(facts, per_client) if facts.epsilon else cfg.dp.noise_multiplier
-        # trained values: LoRA's A and B on two projections of the last layer, and the head
-        values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels
+        ratio, sigma, values = self._noise(cfg, facts, pinned, hidden)
         t = cfg.dp.distributed_min_honest
-        ratio = noise_to_signal(facts, sigma, values, t)
         choices.update({
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP"),
@@ -101,6 +97,23 @@ class Classification(Task):
                                       "of steps; 30 is where the tuned runs settle"),
         })
         return choices
+
+    def private_advice(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> tuple[str, ...]:
+        """recipe.py::noise_advice for the private recipe's layout, when the recipe sets it."""
+        last_layer, hidden = self._last_layer_attention(cfg.model)
+        if not last_layer:
+            return ()
+        ratio, _, _ = self._noise(cfg, facts, pinned - {"rounds"}, hidden)  # at RECIPE_ROUNDS, where it was measured
+        return noise_advice(facts, ratio, cfg.dp.distributed_min_honest)
+
+    def _noise(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], hidden: int) -> tuple[float, float, int]:
+        """(r, σ, d) under the private recipe: recipe.py::noise_to_signal of its σ and trained values."""
+        rounds = cfg.rounds if "rounds" in pinned else RECIPE_ROUNDS
+        per_client = max(1, math.ceil(rounds * facts.clients / cfg.clients - 1e-9))  # as rounds_per_client()
+        sigma = recipe_sigma(facts, per_client) if facts.epsilon else cfg.dp.noise_multiplier
+        # trained values: LoRA's A and B on two projections of the last layer, and the head
+        values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels
+        return noise_to_signal(facts, sigma, values, cfg.dp.distributed_min_honest), sigma, values
 
     def plain_recipe(self, cfg: FedtuneConfig, facts: Facts) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: small enough batches for several local steps, and (a federation) up to 40 rounds."""
