@@ -163,7 +163,8 @@ def noise_advice(facts: Facts, ratio: float, min_honest: int = 0) -> tuple[str, 
         return ()
     m = facts.clients
     records = round(sum(facts.records) * m / max(len(facts.records), 1))
-    notes = [f"r = {ratio:.2f} over {RECIPE_ROUNDS} rounds: the noise on a round's mean update is larger than its "
+    over = f" over {RECIPE_ROUNDS} rounds" if facts.epsilon else ""  # a σ given by hand does not follow the rounds
+    notes = [f"r = {ratio:.2f}{over}: the noise on a round's mean update is larger than its "
              "signal. On every set measured, accuracy fell further as r grew past 1 (docs/recipe.md, \"When the "
              "noise is larger than the signal\")."]
     if m >= 2 and not min_honest:

@@ -309,3 +309,4 @@ def test_the_advice_names_the_federation_only_where_there_is_one():
     assert "√20" in noise_advice(many, 1.86)[1] and "one holder of all 800 records" in noise_advice(many, 1.86)[1]
     assert "(r = 0.99 at t = 2; " in noise_advice(dataclasses.replace(many, clients=2, records=(40, 40)), 1.4)[1]
     assert "--secagg" not in " ".join(noise_advice(one, 2.0)) + " ".join(noise_advice(many, 2.0, min_honest=10))
+    assert noise_advice(dataclasses.replace(one, epsilon=0.0), 2.0)[0].startswith("r = 2.00: the noise")  # σ by hand
