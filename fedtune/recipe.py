@@ -146,37 +146,41 @@ def recipe_learning_rate(ratio: float, labels: int = 0) -> float:
     return round(rate * labels_factor(rate, ratio, labels), 2)
 
 
-# Above this noise-to-signal ratio the noise on a round's mean update is larger than its signal, and a
-# run is told so (noise_advice). Measured at ε = 8 (docs/benchmarks.md, "Ninth session"): at r ≤ 0.73
-# federated DP ended within 1.1 points of central DP on three sets; at r = 1.86 (banking24) 11.5 below.
+# Above this noise-to-signal ratio the noise on a round's mean update is larger than the largest signal
+# clipping lets through (a mean of norm C; the measured one is smaller, see SIGNAL_SQRT_LABELS), and a run
+# is told so (noise_advice). Measured at ε = 8 (docs/benchmarks.md, "Ninth session"): at r ≤ 0.73
+# federated DP ended within 1.1 points of central DP on three sets; at r = 1.86 (banking24) 11.4 below.
 NOISY_RATIO = 1.0
 
 
-def noise_advice(facts: Facts, ratio: float, min_honest: int = 0) -> tuple[str, ...]:
+def noise_advice(facts: Facts, ratio: float, min_honest: int = 0, can_share: bool = True,
+                 unit: str = "record") -> tuple[str, ...]:
     """What a run whose noise-to-signal ratio is above NOISY_RATIO should know, and what would lower it;
     nothing below. It changes no option: only the user can trade budget or trust for accuracy.
 
     `ratio` is r over RECIPE_ROUNDS rounds, where the threshold was measured, whatever rounds the run
     has: the σ that spends ε over T full-batch steps grows about as √T, so r does too, while the noise
-    summed over the run next to the summed signal does not change (see RECIPE_ROUNDS)."""
+    summed over the run next to the summed signal does not change (see RECIPE_ROUNDS). `can_share`: whether
+    the run's other options allow distributed DP (config.py::_check_distributed_dp); `unit`: dp.unit."""
     if ratio <= NOISY_RATIO:
         return ()
     m = facts.clients
-    records = round(sum(facts.records) * m / max(len(facts.records), 1))
+    records = sum(facts.records)  # every institution's, sampled or not
     over = f" over {RECIPE_ROUNDS} rounds" if facts.epsilon else ""  # a σ given by hand does not follow the rounds
-    notes = [f"r = {ratio:.2f}{over}: the noise on a round's mean update is larger than its "
-             "signal. On every set measured, accuracy fell further as r grew past 1 (docs/recipe.md, \"When the "
-             "noise is larger than the signal\")."]
+    notes = [f"r = {ratio:.2f}{over}: the noise on a round's mean update is larger than the largest "
+             "signal clipping lets through. On every set measured, accuracy fell further as r grew past 1 "
+             "(docs/recipe.md, \"When the noise is larger than the signal\")."]
     if m >= 2 and not min_honest:
+        share = (" or distributed DP over SecAgg+ (--secagg --distributed-min-honest t), which divides r by √t if "
+                 "at least t institutions a round add their share of the noise honestly "
+                 f"({_shared_ratios(ratio, m)}; docs/privacy.md)") if can_share else ""
         notes.append(
             f"Each of the {m} institutions a round adds the noise its own ε needs: √{m} = {m**0.5:.1f} times what "
-            f"one holder of all {records} records would add. Measured at ε = 8, federated DP ended within 1.1 "
-            "points of central DP where r ≤ 0.73, and 11.5 points below it at r = 1.86. To lower r: a larger "
-            "budget per institution, fewer and larger institutions, or distributed DP over SecAgg+ (--secagg "
-            "--distributed-min-honest t), which divides r by √t if at least t institutions a round add their "
-            f"share of the noise honestly ({_shared_ratios(ratio, m)}; docs/privacy.md).")
+            f"one holder of all {records} {unit}s would add. Measured at ε = 8, federated DP ended within 1.1 "
+            "points of central DP where r ≤ 0.73, and 11.4 points below it at r = 1.86. To lower r: a larger "
+            f"budget per institution, fewer and larger institutions{',' if share else ''}{share}.")
     else:
-        notes.append("To lower r: a larger budget, or more records per holder.")
+        notes.append(f"To lower r: a larger budget, or more {unit}s per holder.")
     return tuple(notes)
 
 

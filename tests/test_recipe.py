@@ -310,3 +310,12 @@ def test_the_advice_names_the_federation_only_where_there_is_one():
     assert "(r = 0.99 at t = 2; " in noise_advice(dataclasses.replace(many, clients=2, records=(40, 40)), 1.4)[1]
     assert "--secagg" not in " ".join(noise_advice(one, 2.0)) + " ".join(noise_advice(many, 2.0, min_honest=10))
     assert noise_advice(dataclasses.replace(one, epsilon=0.0), 2.0)[0].startswith("r = 2.00: the noise")  # σ by hand
+    sampled = noise_advice(dataclasses.replace(many, clients=5), 1.86)[1]  # 5 of the 20 a round
+    assert "Each of the 5 institutions" in sampled and "all 800 records" in sampled
+    users = noise_advice(many, 1.86, can_share=False, unit="user")[1]  # distributed DP is record-level only
+    assert "all 800 users" in users and "--secagg" not in users
+
+
+def test_no_advice_for_a_layout_given_by_hand_whose_noise_the_recipe_does_not_count():
+    cfg = CFG.with_overrides({"clients": 20, "data.demo_examples": 400, "lora.r": 8})
+    assert resolve(cfg, GIVEN | {"lora.r"}).recipe.advice == ()

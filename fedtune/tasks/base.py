@@ -94,7 +94,7 @@ class Task(ABC):
 
     def private_advice(self, cfg: FedtuneConfig, facts, pinned: frozenset[str]) -> tuple[str, ...]:
         """What a user should know about the noise this task will train under (recipe.py::noise_advice),
-        for the same arguments as private_recipe. None by default."""
+        for the same arguments as private_recipe. Nothing by default."""
         return ()
 
     def plain_recipe(self, cfg: FedtuneConfig, facts) -> dict[str, tuple[Any, str]]:

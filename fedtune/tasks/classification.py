@@ -38,6 +38,9 @@ from fedtune.recipe import (
 )
 from fedtune.tasks.base import Scores, Task
 
+# The options that fix what the private recipe's r counts: its trained values and its one full-batch step.
+LAYOUT_KEYS = frozenset({"lora.r", "lora.target_modules", "train.batch_size", "train.local_epochs", "model.pooling"})
+
 
 class Classification(Task):
     audit_score = "minus the canary's cross-entropy loss under the final global adapter"
@@ -101,10 +104,12 @@ class Classification(Task):
     def private_advice(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> tuple[str, ...]:
         """recipe.py::noise_advice for the private recipe's layout, when the recipe sets it."""
         last_layer, hidden = self._last_layer_attention(cfg.model)
-        if not last_layer:
-            return ()
+        if not last_layer or pinned & LAYOUT_KEYS:
+            return ()  # r is the recipe's layout's; a layout given by hand trains other values
         ratio, _, _ = self._noise(cfg, facts, pinned - {"rounds"}, hidden)  # at RECIPE_ROUNDS, where it was measured
-        return noise_advice(facts, ratio, cfg.dp.distributed_min_honest)
+        can_share = (cfg.dp.unit == "record" and cfg.dp.client_dp == "off" and cfg.strategy.name == "fedavg"
+                     and cfg.lora.aggregation == "naive" and not cfg.lora.ranks())  # config.py::_check_distributed_dp
+        return noise_advice(facts, ratio, cfg.dp.distributed_min_honest, can_share, cfg.dp.unit)
 
     def _noise(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], hidden: int) -> tuple[float, float, int]:
         """(r, σ, d) under the private recipe: recipe.py::noise_to_signal of its σ and trained values."""
