@@ -655,6 +655,14 @@ class FedtuneConfig:
                    "secure aggregation needs at least 2 clients sampled per round; raise `clients`, "
                    "strategy.clients_per_round or strategy.fraction_train.")
 
+    def distributed_dp_needs(self) -> list[tuple[bool, str]]:
+        """What distributed DP needs of the other options besides dp.secagg: (met, what) for each."""
+        dp = self.dp
+        return [(dp.enabled and dp.unit == "record", "record-level DP-SGD (dp.enabled, dp.unit `record`)"),
+                (dp.client_dp == "off", "dp.client_dp `off`"),
+                (self.strategy.name == "fedavg" and self.lora.aggregation == "naive" and not self.lora.ranks(),
+                 "fedavg with naive LoRA aggregation and one rank")]
+
     def _check_distributed_dp(self) -> None:
         """Distributed DP sums the institutions' noised gradients, so each update must be linear in its
         noised gradient sum, and nothing may rescale it afterwards. One plain-SGD step on every record
@@ -662,11 +670,8 @@ class FedtuneConfig:
         dp, t = self.dp, self.dp.distributed_min_honest
         if not t:
             return
-        needs = [(dp.enabled and dp.unit == "record", "record-level DP-SGD (dp.enabled, dp.unit `record`)"),
-                 (dp.secagg, "secure aggregation (dp.secagg), so that the server sees only the sum"),
-                 (dp.client_dp == "off", "dp.client_dp `off`"),
-                 (self.strategy.name == "fedavg" and self.lora.aggregation == "naive" and not self.lora.ranks(),
-                  "fedavg with naive LoRA aggregation and one rank")]
+        needs = self.distributed_dp_needs()
+        needs.insert(1, (dp.secagg, "secure aggregation (dp.secagg), so that the server sees only the sum"))
         for ok, what in needs:
             _check(ok, "dp.distributed_min_honest", f"distributed DP needs {what}; set it to 0 otherwise.")
         _check(2 <= t <= self.clients_sampled(), "dp.distributed_min_honest",

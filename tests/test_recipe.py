@@ -319,3 +319,10 @@ def test_the_advice_names_the_federation_only_where_there_is_one():
 def test_no_advice_for_a_layout_given_by_hand_whose_noise_the_recipe_does_not_count():
     cfg = CFG.with_overrides({"clients": 20, "data.demo_examples": 400, "lora.r": 8})
     assert resolve(cfg, GIVEN | {"lora.r"}).recipe.advice == ()
+
+
+def test_distributed_dp_is_suggested_only_where_the_run_could_use_it():
+    """FedProx is not a plain mean of noised sums, so config.py refuses distributed DP with it."""
+    cfg = CFG.with_overrides({"clients": 20, "data.demo_examples": 400, "strategy.name": "fedprox"})
+    advice = resolve(cfg, GIVEN | {"strategy.name"}).recipe.advice
+    assert advice and "√20" in advice[1] and "--secagg" not in advice[1]

@@ -107,8 +107,7 @@ class Classification(Task):
         if not last_layer or pinned & LAYOUT_KEYS:
             return ()  # r is the recipe's layout's; a layout given by hand trains other values
         ratio, _, _ = self._noise(cfg, facts, pinned - {"rounds"}, hidden)  # at RECIPE_ROUNDS, where it was measured
-        can_share = (cfg.dp.unit == "record" and cfg.dp.client_dp == "off" and cfg.strategy.name == "fedavg"
-                     and cfg.lora.aggregation == "naive" and not cfg.lora.ranks())  # config.py::_check_distributed_dp
+        can_share = all(ok for ok, _ in cfg.distributed_dp_needs())  # what --secagg would then allow
         return noise_advice(facts, ratio, cfg.dp.distributed_min_honest, can_share, cfg.dp.unit)
 
     def _noise(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], hidden: int) -> tuple[float, float, int]:
