@@ -45,6 +45,11 @@ class Facts:
     epsilon: float  # the target ε each institution spends over the run
     delta: float
 
+    @property
+    def records_per_round(self) -> float:
+        """A round's expected records: the institutions' total times the share of them sampled a round."""
+        return sum(self.records) * self.clients / max(len(self.records), 1)
+
 
 def pinned_by_value(cfg: FedtuneConfig) -> frozenset[str]:
     """The options that differ from fedtune's defaults: what a user must have set, when the entry point
@@ -125,9 +130,8 @@ def noise_to_signal(facts: Facts, sigma: float, trained_values: int, min_honest:
     the two, σ·√(m·d) / N, is what a learning rate must respect. When m of M institutions train each
     round, N is a round's expected records: the M institutions' total times m / M. Under distributed DP
     (`min_honest` = t) each adds σ/√t, so the sum's noise is σC·√(m/t·d) / N: σ·√(d)/N when t = m."""
-    records = sum(facts.records) * facts.clients / max(len(facts.records), 1)
     shares = facts.clients / min_honest if min_honest else facts.clients
-    return sigma * (shares * trained_values) ** 0.5 / max(records, 1.0)
+    return sigma * (shares * trained_values) ** 0.5 / max(facts.records_per_round, 1.0)
 
 
 def recipe_learning_rate(ratio: float, labels: int = 0) -> float:

@@ -92,7 +92,7 @@ class Classification(Task):
                 f"with r = σ√({'m/t' if t else 'm'}·d)/N = {ratio:.2f}, the noise "
                 f"on a round's mean update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round"
                 f"{f', t {t} sharing the noise' if t else ''}, d {values} "
-                f"trained values, N {round(sum(facts.records) * facts.clients / len(facts.records))} records a "
+                f"trained values, N {round(facts.records_per_round)} records a "
                 f"round)"),
             "train.lr_schedule": ("cosine", "decayed towards zero by the last round, so late rounds settle "
                                             "instead of swinging with the noise"),
