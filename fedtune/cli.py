@@ -297,7 +297,7 @@ def _audit_power(record: dict[str, Any]) -> str:
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate` (or `flwr run`).")],
     adapter: Annotated[Path | None, Opt(help="Write the PEFT adapter (and tokenizer) here: PeftModel.from_pretrained(base, OUT).")] = None,
-    merged: Annotated[Path | None, Opt(help="Write the base model with the adapter merged in, in Hugging Face format: AutoModelForCausalLM (or ...ForSequenceClassification).from_pretrained(OUT).")] = None,
+    merged: Annotated[Path | None, Opt(help="Write the base model with the adapter merged in, in Hugging Face format: AutoModelForCausalLM (or ...ForSequenceClassification).from_pretrained(OUT); a classifier that pools by the mean (the private recipe) needs trust_remote_code=True, its pooling being written beside it as code.")] = None,
 ) -> None:
     """Export the run's latest global adapter (its last finished round). Give --adapter OUT,
     --merged OUT, or both; OUT must not exist yet. The last line printed is the last directory written."""

@@ -1,5 +1,7 @@
 """`fedtune export`: a run's released global adapter as a PEFT adapter directory, or merged into its
-base model as an ordinary Hugging Face model that needs neither peft nor fedtune to load.
+base model as an ordinary Hugging Face model that needs neither peft nor fedtune to load. A classifier
+that pools by the mean (model.pooling = "mean", the private recipe's) is written with that pooling as
+Hugging Face custom code (models/pooling.py), so it loads with trust_remote_code=True.
 
 The weights come from the run's last checkpoint (or, after a rejected cooldown, the round it started
 from: server/schedule.py), so an interrupted run can be exported too. Each
@@ -17,6 +19,7 @@ from flwr.app import ArrayRecord
 
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record
+from fedtune.models.pooling import write_mean_pooling_code
 from fedtune.server.run_dir import RunDirectory
 from fedtune.tasks.base import get_task
 
@@ -43,7 +46,14 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
         written.append(adapter)
     if merged is not None:
         full = model.merge_and_unload()  # LoRA folded into the weights; the last use of `model`
-        _write_dir(merged, lambda d: (full.save_pretrained(d), tokenizer.save_pretrained(d)))
+
+        def write_merged(directory: Path) -> None:
+            full.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            if cfg.model.pooling == "mean":  # no stock classifier pools by the mean: ship its code
+                write_mean_pooling_code(directory, full)
+
+        _write_dir(merged, write_merged)
         written.append(merged)
     return written
 

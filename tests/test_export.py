@@ -53,3 +53,46 @@ def test_export_refuses_to_overwrite(run_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         export_run(run_dir[0], adapter=tmp_path / "taken")
+
+
+def test_recipe_layout_merged_model_pools_by_the_mean_without_fedtune(tmp_path, tiny_cfg, tokenized):
+    """The private recipe's layout (mean pooling, LoRA in the last layer, so the frozen layers below are
+    cached in training): the merged model loads with transformers' own classes and trust_remote_code,
+    and gives the logits of the model the run trained; without trust_remote_code it refuses to load."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedtune.config import LoraConfig, ModelConfig
+    from fedtune.data.text import pad_batch
+    from fedtune.models.adapter import load_record, to_record
+    from fedtune.models.build import build_model
+    from fedtune.models.prefix_cache import FrozenPrefix
+
+    cfg = dataclasses.replace(
+        tiny_cfg, model=ModelConfig(pooling="mean"),
+        lora=LoraConfig(r=2, alpha=4.0, modules_to_save=(),
+                        target_modules=("layer.5.attention.self.query", "layer.5.attention.self.value")),
+        data=dataclasses.replace(tiny_cfg.data, labels=LABELS))
+    trained = build_model(cfg.model, cfg.lora, num_labels=len(LABELS), seed=0)
+    assert isinstance(trained.base_model.model.bert.embeddings, FrozenPrefix), "training caches layers 0-4"
+    initial = to_record(trained)
+    weights = {name: t + 0.05 * torch.randn_like(t) for name, t in trainable_state(trained).items()}
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    run.commit(Checkpoint(1, weights, [], PrivacyLedger("prv", True).to_dict(), {}))
+    batch = pad_batch([tokenized[i] for i in range(6)])
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    assert inputs["attention_mask"].min() == 0, "some texts are padded, so the mean must skip padding"
+    try:
+        trained.load_state_dict(weights, strict=False)
+        with torch.no_grad():
+            expected = trained.eval()(**inputs).logits
+    finally:
+        load_record(trained, initial)
+
+    export_run(run.path, merged=tmp_path / "merged")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", trust_remote_code=True).eval()
+    assert "fedtune" not in type(merged).__module__.split(".")[0]
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("a text")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)

@@ -79,9 +79,12 @@ def _linear_names(model: torch.nn.Module) -> set[str]:
 # Several entries: under heterogeneous ranks (lora.client_ranks) one worker serves clients of several ranks,
 # each a model of its own; a run at one rank only ever fills one.
 @lru_cache(maxsize=4)
-def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int = 0) -> PeftModel:
+def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int = 0,
+                cache_prefix: bool = True) -> PeftModel:
     """Base model + LoRA, on its device. Cached: one instance per process and config. Under
-    lora.aggregation = ffa, A is the seed's shared value and frozen (models/lora_factors.py)."""
+    lora.aggregation = ffa, A is the seed's shared value and frozen (models/lora_factors.py).
+    `cache_prefix`: run the frozen lower layers once per text (models/prefix_cache.py); off for a
+    model that will be merged and saved, whose layers must stay where transformers expects them."""
     torch.manual_seed(seed)  # same head and LoRA init in every process
     # fp32 whatever dtype the checkpoint was saved in: a bf16 head would be clipped in bf16 by Opacus
     # (privacy/dpsgd.py); model.device cuda gets its bf16 from autocast instead.
@@ -101,6 +104,7 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     peft_model = get_peft_model(base, peft_config)
     if lora.aggregation == "ffa":
         freeze_shared_a(peft_model, seed)
-    cache_frozen_prefix(peft_model)  # LoRA in the upper layers only: the frozen ones below run once per text
+    if cache_prefix:
+        cache_frozen_prefix(peft_model)  # LoRA in the upper layers only: the frozen ones below run once per text
     remember_initial_state(peft_model)
     return peft_model

@@ -151,7 +151,7 @@ class Classification(Task):
 
     def fresh_model(self, model: ModelConfig, lora: LoraConfig, data: DataConfig, seed: int) -> PeftModel:
         labels = label_names(data)
-        fresh = build_model.__wrapped__(model, lora, num_labels=len(labels), seed=seed)
+        fresh = build_model.__wrapped__(model, lora, num_labels=len(labels), seed=seed, cache_prefix=False)
         fresh.config.id2label = dict(enumerate(labels))  # an exported model names its labels
         fresh.config.label2id = {name: i for i, name in enumerate(labels)}
         return fresh
