@@ -46,7 +46,7 @@ from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
-from fedtune.privacy.budget import client_dp, poisson_schedule, within_budget
+from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
 from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
@@ -160,7 +160,10 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     if refusal:  # its ε is reported from the fuller record, so the ledger never shows it lower
         return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger), refusal)
     if cfg.dp.enabled and not within_budget(cfg.dp, state.history, n, cfg.train.batch_size, cfg.train.local_epochs):
-        return round_.without_training(state, k.STATUS_DECLINED, state.history)
+        after = projected_epsilon(cfg.dp, state.history, n, cfg.train.batch_size, cfg.train.local_epochs)
+        return round_.without_training(state, k.STATUS_DECLINED, state.history, (
+            f"one more round would take its ε to {after:.2f}, above its budget of {cfg.dp.epsilon_budget:g} "
+            "(dp.epsilon_budget, capped by dp.target_epsilon)"))
     if cfg.dp.distributed_min_honest and poisson_schedule(n, cfg.train.batch_size, epochs=1) != (1.0, 1):
         return round_.without_training(state, k.STATUS_REFUSED, state.history, (
             f"distributed DP sums one step on every record of each institution, but {n} records at "

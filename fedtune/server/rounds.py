@@ -380,6 +380,11 @@ def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
                                 optimizer_state=state_dict(strategy).get("server_optimizer", {}))
     inputs.run.commit(state)
     inputs.console.print(_round_line(row, cfg.rounds), soft_wrap=True)
+    if not row["num_clients"]:
+        inputs.console.print(f"[yellow]No client trained in round {round_} ({_not_trained(row) or 'none answered'}), "
+                             "so the model did not change. privacy_ledger.json gives each client's reason; a client "
+                             "declines once another round would take it past its ε budget.[/yellow]",
+                             highlight=False, soft_wrap=True)
     return state
 
 
@@ -554,7 +559,14 @@ def _round_line(row: dict[str, Any], rounds: int) -> str:
     ppl = f"ppl={row['eval_perplexity']:.2f}  " if "eval_perplexity" in row else ""
     return (f"round {row['round']}/{rounds}  acc={row['eval_accuracy']:.3f}  "
             f"loss={row['eval_loss']:.3f}  {ppl}train_loss={_fmt(row['train_loss'])}  "
-            f"eps_max={eps}  clients={row['num_clients']}  up={row['bytes_up'] / 1e6:.2f}MB  {row['round_s']:.0f}s")
+            f"eps_max={eps}  clients={row['num_clients']}  {_not_trained(row, '  ')}up={row['bytes_up'] / 1e6:.2f}MB  "
+            f"{row['round_s']:.0f}s")
+
+
+def _not_trained(row: dict[str, Any], end: str = "") -> str:
+    """The sampled clients that did not train, by why (`declined=2 failed=1`), or "" when all trained."""
+    counts = [f"{why}={row[f'num_{why}']}" for why in ("declined", "refused", "failed") if row.get(f"num_{why}")]
+    return " ".join(counts) + end if counts else ""
 
 
 def _fmt(value: float | None) -> str:

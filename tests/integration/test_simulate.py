@@ -181,6 +181,11 @@ def test_budget_cap_stops_clients_and_the_run_still_finishes(tmp_path, tiny_clas
             # (the client decided with Opacus' PRV, which sits up to ~0.5% above the independent PLD)
             assert not trained or independent_epsilon("prv", one_more, 1e-5) > budget * 0.99
     assert declined_somewhere
+    reasons = {e["reason"] for entries in ledger.values() for e in entries if e["status"] == "declined"}
+    assert all(f"above its budget of {budget:g}" in reason for reason in reasons), reasons
     rows = _rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert sum(r["num_declined"] for r in rows) > 0
+    assert "declined=" in result.stderr, "the round line (on stderr; stdout names the run) says how many declined"
+    assert all((f"No client trained in round {r['round']} " in result.stderr) == (r["num_clients"] == 0)
+               for r in rows[1:])
