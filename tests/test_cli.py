@@ -68,6 +68,8 @@ def test_a_message_with_markup_like_text_is_printed_as_it_is(tmp_path, no_federa
     (["--noise-multiplier", "-1"], "dp.noise_multiplier"),
     (["--strategy", "fedsgd"], "'fedsgd' is not one of 'fedavg'"),
     (["--delta", "0.5"], "dp.delta"),
+    (["--lora-target-modules", "foo"], "lora.target_modules"),  # found in the model's architecture, before writing
+    (["--ray-address", "foo"], "simulation.ray_address"),  # not HOST:PORT: no traceback from int()
 ])
 def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, no_federation, args, says):
     out = tmp_path / "never"

@@ -44,7 +44,7 @@ def preflight(cfg: FedtuneConfig) -> None:
     """Everything that can be checked before a run directory is made; raises FedtuneError."""
     task = get_task(cfg.model.task)
     task.check_config(cfg)
-    task.check_model(cfg.model)  # causal-lm: converts the default model on first use
+    task.check_model(cfg.model, cfg.lora)  # causal-lm: converts the default model on first use
     fed = task.federation(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
     if cfg.dp.enabled:
         largest = max(train_units(fed, cfg.dp.unit))

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from rich.console import Console
 
-from fedtune.config import FedtuneConfig
+from fedtune.config import FedtuneConfig, SimulationConfig
 from fedtune.errors import ConfigError
 from fedtune.server.run_dir import RunDirectory
 
@@ -172,6 +172,7 @@ def check_cluster(address: str) -> None:
     of raising. Empty (a local Ray) and `auto` (Ray looks it up itself, and raises) pass."""
     if not address or address == "auto":
         return
+    SimulationConfig(ray_address=address)  # its form first (HOST:PORT), with the option's own message
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=10):

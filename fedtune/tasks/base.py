@@ -24,7 +24,7 @@ from fedtune.data.canaries import Canaries
 from fedtune.data.partition import ClientSplit
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import restore_initial_state
-from fedtune.models.build import load_tokenizer
+from fedtune.models.build import load_tokenizer, lora_targets
 from fedtune.tasks.registry import TASKS
 
 
@@ -66,8 +66,9 @@ class Task(ABC):
     def tokenizer(self, model: ModelConfig):
         return load_tokenizer(self.model_path(model))
 
-    def check_model(self, model: ModelConfig) -> None:
-        """Fail early, with a fix, if the base model cannot be loaded or does not suit the task."""
+    def check_model(self, model: ModelConfig, lora: LoraConfig | None = None) -> None:
+        """Fail early, with a fix, if the base model cannot be loaded or does not suit the task, or
+        (given `lora`) has no module that lora.target_modules names: all before a run directory exists."""
         path = self.model_path(model)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -77,6 +78,13 @@ class Task(ABC):
                 "with config.json and weights, or a Hugging Face hub id while online; leave it empty for "
                 "the task's built-in offline model.") from err
         self.check_architecture(path, config, model)
+        if lora is not None:
+            with torch.device("meta"):  # the architecture only: no weights are read or allocated
+                lora_targets(self.auto_class().from_config(config), lora)
+
+    @abstractmethod
+    def auto_class(self) -> type:
+        """The transformers Auto class this task's base model is built with."""
 
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         """Task-specific checks of a loadable model (its class, its tokenizer); none by default."""

@@ -41,6 +41,11 @@ class CausalLM(Task):
     def default_model(self) -> str:
         return str(default_lm_dir())  # converted from GGUF on first use
 
+    def auto_class(self) -> type:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 

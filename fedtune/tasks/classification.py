@@ -54,6 +54,11 @@ class Classification(Task):
                               f"{', '.join(label_names(cfg.data)[:5])} are codes. Use head_init = \"random\", or "
                               "name the labels in the data (e.g. `billing` rather than `3`).")
 
+    def auto_class(self) -> type:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         if model.pooling == "mean":
             use_mean_pooling(_meta_classifier(config))
