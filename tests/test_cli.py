@@ -42,6 +42,22 @@ def test_resuming_a_run_with_a_damaged_ledger_changes_nothing(tmp_path):
     assert (run.path / "config.toml").read_bytes() == before
 
 
+def test_resuming_with_fewer_rounds_than_finished_is_refused_and_changes_nothing(tmp_path):
+    """--rounds 1 on a run with 2 finished rounds used to rewrite config.toml, then call it finished."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig(rounds=2))
+    for round_ in (0, 1, 2):
+        run.commit(Checkpoint(round_, {}, [], PrivacyLedger("prv", True).to_dict(), {}))
+    before = (run.path / "config.toml").read_bytes()
+    result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path), "--rounds", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "already finished 2 rounds" in " ".join(result.stderr.split())
+    assert (run.path / "config.toml").read_bytes() == before
+
+
 def test_an_out_directory_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, no_federation):
     """An --out under a file used to end in hundreds of lines of traceback with local variables."""
     (tmp_path / "a-file").write_text("not a directory")

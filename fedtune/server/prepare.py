@@ -112,7 +112,10 @@ def continue_run(path: Path, rounds: int | None = None,
 
     run = RunDirectory.existing(path)
     cfg = run.config().with_overrides({"rounds": rounds, "simulation.ray_address": ray_address})
-    run.resume_point()
+    latest, _ = run.resume_point()
+    if latest is not None and cfg.rounds < latest.round:
+        raise ConfigError(f"{path} has already finished {latest.round} rounds, so `rounds` = {cfg.rounds} would "
+                          f"leave its checkpoints past the end. Give --rounds {latest.round} or more, or none.")
     run.read_ledger()
     preflight(cfg)
     write_text_atomic(run.path / CONFIG, dump_config(cfg))
