@@ -110,7 +110,8 @@ def simulate(
     """Run a federation on Flower's Simulation Engine (the built-in triage-notes demo, or with
     --task causal-lm the triage-advice instruction demo, when no data is given). The last line
     printed is the run directory. Every option below is also a key of the config file, e.g.
-    --delta is `delta` in its \\[dp] table (dp.delta)."""
+    --delta is `delta` in its \\[dp] table (dp.delta); an option named otherwise shows its key, e.g. --privacy-unit
+    \\[config: dp.unit]."""
     _run_guarded(lambda: _simulate(config, out, resume, overrides(options)), simulation=True)
 
 

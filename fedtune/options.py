@@ -93,7 +93,8 @@ class Option:
         choices = typing.get_args(self.annotation) if literal else CHOICES.get(self.key)
         python_type = {bool: bool, int: int, float: float}.get(self.annotation, str)
         listed = " Comma-separated." if typing.get_origin(self.annotation) is tuple else ""
-        help_text = escape(f"{self.help}{listed} [default: {_shown(self.default)}]")
+        key = f" [config: {self.key}]" if self.key in FLAGS else ""  # a flag not named after its field
+        help_text = escape(f"{self.help}{listed} [default: {_shown(self.default)}]{key}")
         info = typer.Option(self.flag, help=help_text, show_default=False, rich_help_panel=PANELS[self.section],
                             click_type=click.Choice(choices) if choices else None)
         return inspect.Parameter(self.param, inspect.Parameter.KEYWORD_ONLY, default=None,

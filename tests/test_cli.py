@@ -79,7 +79,7 @@ def test_a_message_with_markup_like_text_is_printed_as_it_is(tmp_path, no_federa
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--model", "/no/such/model"], "model.name_or_path"),
+    (["--model", "/no/such/model"], "the directory /no/such/model does not exist"),
     (["--clients", "50", "--examples", "20"], "50 clients but only 18 training examples"),
     (["--noise-multiplier", "-1"], "dp.noise_multiplier"),
     (["--strategy", "fedsgd"], "'fedsgd' is not one of 'fedavg'"),

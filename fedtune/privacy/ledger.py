@@ -341,8 +341,9 @@ def read_ledger(run_dir: Path) -> PrivacyLedger:
     FedtuneError, saying what to do, when there is none, and ConfigError when it is damaged."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FedtuneError(f"Run directory {run_dir} does not exist. Pass the directory that "
-                           "`fedtune simulate` printed on its last line.")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise FedtuneError(f"{run_dir} {what}. Pass the run directory that `fedtune simulate` printed on its "
+                           "last line.")
     ledger = PrivacyLedger.load(run_dir)
     if ledger is None:
         raise FedtuneError(f"{run_dir / LEDGER} does not exist, so there is no privacy spending to report. Pass a "

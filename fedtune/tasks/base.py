@@ -12,6 +12,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -70,6 +71,10 @@ class Task(ABC):
         """Fail early, with a fix, if the base model cannot be loaded or does not suit the task, or
         (given `lora`) has no module that lora.target_modules names: all before a run directory exists."""
         path = self.model_path(model)
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"Invalid option `model.name_or_path`: the directory {path} does not exist. Give a "
+                              "local directory with config.json and weights, or leave it empty for the task's "
+                              "built-in offline model.")
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:

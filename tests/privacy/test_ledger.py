@@ -100,8 +100,11 @@ def test_a_damaged_ledger_raises_and_is_left_untouched(tmp_path, text):
 def test_a_missing_ledger_is_named_for_readers_that_need_one(tmp_path):
     with pytest.raises(FedtuneError, match="does not exist"):
         read_ledger(tmp_path)
-    with pytest.raises(FedtuneError, match="Run directory .* does not exist"):
+    with pytest.raises(FedtuneError, match="nope does not exist. Pass the run directory"):
         read_ledger(tmp_path / "nope")
+    (tmp_path / "ledger.csv").write_text("a,b\n")
+    with pytest.raises(FedtuneError, match="ledger.csv is a file, not a run directory"):
+        read_ledger(tmp_path / "ledger.csv")
 
 
 def test_ledgers_written_by_earlier_versions_load_and_keep_every_key(tmp_path):
