@@ -124,7 +124,7 @@ def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, record = recipe(msg)
     policy = node_policy(context.node_config, cfg, str(record.get(k.CLIENT_STATE_DIR, "")))
-    cfg = dataclasses.replace(cfg, dp=policy.tighten(cfg.dp))
+    cfg = dataclasses.replace(cfg, dp=policy.tighten(cfg.dp, cfg.rounds_per_client()))
     name = client_name(context)
     with state_lock(policy.state_dir, name):  # load, train, save: one at a time per institution
         return _train(msg, context, cfg, record, name, policy)
@@ -189,13 +189,16 @@ NOT_MOVED = ("no LoRA weight changed in local training (the optimizer did not re
 
 def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, n: int) -> FedtuneConfig:
     """The run config as this round trains it: the round's learning rate (train.lr_schedule) and,
-    under a target ε, the σ this client solved for (kept in its state from its first round on)."""
+    under a target ε, the σ this client solved for (kept in its state from its first round on).
+    Under distributed DP σ is solved afresh from the run's config every round, never taken from the
+    state (which may hold another run's): every institution's share must be of the same σ, and one
+    full-batch step a round makes it depend on the run's target ε, δ and rounds only."""
     if k.LEARNING_RATE in record:
         rate = float(record[k.LEARNING_RATE])
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=rate))
     if cfg.dp.enabled:
-        dp = client_dp(cfg.dp, state.noise_multiplier, n, cfg.train.batch_size, cfg.train.local_epochs,
-                       cfg.rounds_per_client())
+        kept = None if cfg.dp.distributed_min_honest else state.noise_multiplier
+        dp = client_dp(cfg.dp, kept, n, cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds_per_client())
         if dp.target_epsilon > 0:
             state.noise_multiplier = dp.noise_multiplier
         cfg = dataclasses.replace(cfg, dp=dp)

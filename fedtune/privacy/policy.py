@@ -27,6 +27,7 @@ from typing import Any
 from fedtune import constants as k
 from fedtune.config import DPConfig, FedtuneConfig
 from fedtune.errors import ConfigError
+from fedtune.privacy.budget import solve_noise_multiplier
 
 # Whose policy a client applied (ledger `policy`): an institution's own; the run's, for a node training on
 # a partition of the run's own data; or the run's with limits the node's operator set in its node config.
@@ -117,12 +118,19 @@ class PrivacyPolicy:
                     f"= {self.min_noise_multiplier:g}")
         return None
 
-    def tighten(self, dp: DPConfig) -> DPConfig:
+    def tighten(self, dp: DPConfig, rounds: int) -> DPConfig:
         """The run's DP settings under this policy's ε budget: the lower budget applies, and a
-        target ε above it is lowered to it, so the noise is solved for what the institution allows."""
+        target ε above it is lowered to it, so the noise is solved for what the institution allows.
+        Under distributed DP the σ stays the run's (solved for its target over the `rounds` each client
+        trains, one full-batch step each): a round's sum carries σ only if every share is of the same σ
+        (docs/privacy.md), and a larger σ of one institution's own would not protect it, whose guarantee
+        rests on the others' shares too. It declines rounds sooner instead."""
         if self.epsilon_budget >= dp.epsilon_budget:
             return dp
         budget = self.epsilon_budget
+        if dp.distributed_min_honest and dp.target_epsilon > budget:
+            sigma = solve_noise_multiplier(dp.target_epsilon, dp.delta, 1.0, rounds, dp.accountant)
+            return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=0.0, noise_multiplier=sigma)
         return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=min(dp.target_epsilon, budget))
 
 

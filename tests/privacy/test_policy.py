@@ -86,18 +86,18 @@ def test_a_partition_of_the_runs_own_data_follows_the_run_config():
 @pytest.mark.parametrize("run_budget, own, applied", [(math.inf, 4.0, 4.0), (3.0, 8.0, 3.0), (math.inf, 2, 2.0)])
 def test_the_lower_of_the_two_budgets_applies(run_budget, own, applied):
     dp = request(epsilon_budget=run_budget)
-    assert policy(**OWN_FILE, **{"epsilon-budget": own}).tighten(dp).epsilon_budget == applied
+    assert policy(**OWN_FILE, **{"epsilon-budget": own}).tighten(dp, 1).epsilon_budget == applied
 
 
 def test_a_run_target_above_the_institutions_budget_is_lowered_to_it():
-    dp = policy(**OWN_FILE, **{"epsilon-budget": 3.0}).tighten(request(target_epsilon=8.0))
+    dp = policy(**OWN_FILE, **{"epsilon-budget": 3.0}).tighten(request(target_epsilon=8.0), 1)
     assert (dp.target_epsilon, dp.epsilon_budget) == (3.0, 3.0)
 
 
 def test_a_tight_node_budget_makes_the_client_decline():
     history = [(1.0, 0.1, 50)]  # one round already spent: (sigma, q, steps)
     assert within_budget(DPConfig(), history, 400, 40, 1), "the run alone has no cap"
-    capped = policy(**OWN_FILE, **{"epsilon-budget": 0.5}).tighten(DPConfig())
+    capped = policy(**OWN_FILE, **{"epsilon-budget": 0.5}).tighten(DPConfig(), 1)
     assert not within_budget(capped, history, 400, 40, 1)
 
 
@@ -108,3 +108,25 @@ def test_a_tight_node_budget_makes_the_client_decline():
 def test_an_invalid_node_config_value_is_refused_with_its_key(key, bad):
     with pytest.raises(ConfigError, match=key):
         policy(**{**OWN_FILE, key: bad})
+
+
+def test_under_distributed_dp_a_tighter_budget_keeps_the_runs_sigma_and_declines_sooner():
+    """Each institution adds σ/√t, and the sum carries σ only if every share is of the same σ. An
+    institution that solved a larger σ for its own lower budget used to record the ε of that σ while
+    the sum carried less: with t = 4, ε 4.00 recorded against about 6.1 held."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.client.app import _round_config
+    from fedtune.client.state import ClientState
+
+    cfg = FedtuneConfig.from_flat({"rounds": 10, "clients": 4, "dp.target_epsilon": 8.0, "dp.secagg": True,
+                                   "dp.distributed_min_honest": 4, "train.optimizer": "sgd",
+                                   "train.batch_size": 4096, "train.local_epochs": 1})
+    tight = policy(cfg, **OWN_FILE, **{"epsilon-budget": 4.0, "max-noise-sharers": 4}).tighten(cfg.dp, 10)
+    assert tight.epsilon_budget == 4.0
+    stale = ClientState(noise_multiplier=0.3)  # solved in another run that used this state directory
+    sigmas = {_round_config(dataclasses.replace(cfg, dp=dp), ConfigRecord({}), state, 50).dp.noise_multiplier
+              for dp in (cfg.dp, tight) for state in (ClientState(), stale)}
+    assert len(sigmas) == 1 and sigmas.pop() > 1.0, "one σ, the run's, for every share"
+    history = [(_round_config(cfg, ConfigRecord({}), ClientState(), 50).dp.noise_multiplier, 1.0, 1)] * 5
+    assert within_budget(cfg.dp, history, 50, 4096, 1) and not within_budget(tight, history, 50, 4096, 1)
