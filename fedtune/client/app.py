@@ -174,7 +174,8 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
                          _round_seed(cfg, server_round, name), gradient_canaries(cfg, context))
     state.history = result.history  # spent, whatever happens next
     arrays = to_record(model)
-    metrics = _report(cfg, result.history, n, result.loss, result.steps, result.sample_rate, arrays.count_bytes())
+    loss = math.nan if policy.withholds_scores(cfg.dp) else result.loss
+    metrics = _report(cfg, result.history, n, loss, result.steps, result.sample_rate, arrays.count_bytes())
     if cfg.dp.distributed_min_honest:  # its share of the sum, not its adapter (privacy/distributed.py)
         arrays = _share(msg.content[k.ARRAYS], arrays, n, cfg, server_round, context.node_id, secagg_range(context))
     if not moved(before, model):  # fail closed (Opacus #820): an update no optimizer step reached
@@ -327,10 +328,15 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _ = recipe(msg)
+    cfg, record = recipe(msg)
     _, val_data = local_data(cfg, context)
-    model = _model(cfg, msg.content[k.ARRAYS], context)  # the global adapter at this client's rank
-    scores = get_task(cfg.model.task).evaluate(model, val_data) if len(val_data) else Scores(0.0, 0.0)
+    if node_policy(context.node_config, cfg, str(record.get(k.CLIENT_STATE_DIR, ""))).withholds_scores(cfg.dp):
+        scores = Scores(math.nan, math.nan)  # noise-free figures of its records, outside ε: not sent
+    elif len(val_data):
+        model = _model(cfg, msg.content[k.ARRAYS], context)  # the global adapter at this client's rank
+        scores = get_task(cfg.model.task).evaluate(model, val_data)
+    else:
+        scores = Scores(0.0, 0.0)
     metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: scores.loss,
                             k.EVAL_ACCURACY: scores.accuracy})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)

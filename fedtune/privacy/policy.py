@@ -43,6 +43,8 @@ KEYS: dict[str, tuple[type, str]] = {
     k.NODE_ALLOW_REPRODUCIBLE_NOISE: (bool, "false (the default) or true"),
     k.NODE_ADOPT_LEDGER_SPENDING: (bool, "true, once, after this node lost its privacy state"),
     k.NODE_PRIVACY_UNIT: (str, "\"user\" (train only under user-level DP) or \"record\" (either unit)"),
+    k.NODE_RELEASE_SCORES: (bool, "false (the default: under DP, send no training loss and no validation scores) "
+                                  "or true"),
     k.NODE_MAX_NOISE_SHARERS: (int, "0 (the default: add all of its noise itself) or the largest t of distributed "
                                     "DP it trusts, e.g. 4"),
 }
@@ -63,6 +65,9 @@ class PrivacyPolicy:
     # Distributed DP: the largest t (institutions sharing the noise) it accepts; it then adds σ/√t and relies on
     # t − 1 others and on SecAgg+. 0: it adds all of σ itself and refuses distributed DP.
     max_noise_sharers: int = 0
+    # Under DP, whether the client sends its training loss and its validation loss and accuracy. They are
+    # computed from its records without noise, outside ε (docs/privacy.md); false sends NaN in their place.
+    release_scores: bool = False
     source: str = SOURCES[0]  # one of SOURCES
 
     def __post_init__(self) -> None:
@@ -85,6 +90,10 @@ class PrivacyPolicy:
     @property
     def institution(self) -> bool:
         return self.source == SOURCES[0]
+
+    def withholds_scores(self, dp: DPConfig) -> bool:
+        """Whether this client sends NaN for its loss and accuracy figures: under DP, unless released."""
+        return dp.enabled and not self.release_scores
 
     def refusal(self, dp: DPConfig, num_examples: int) -> str | None:
         """Why a round under `dp` (σ already resolved) breaks this policy, or None. One sentence
@@ -142,7 +151,7 @@ def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state
         return PrivacyPolicy(**values, source=SOURCES[0])
     run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=cfg.dp.epsilon_budget,
                max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise,
-               max_noise_sharers=cfg.dp.distributed_min_honest)
+               max_noise_sharers=cfg.dp.distributed_min_honest, release_scores=True)
     limits = set(own) - {k.NODE_STATE_DIR}
     return PrivacyPolicy(**{**run, **values}, source=SOURCES[2] if limits else SOURCES[1])
 

@@ -570,4 +570,4 @@ def _not_trained(row: dict[str, Any], end: str = "") -> str:
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"  # NaN: withheld (release-scores)

@@ -177,3 +177,32 @@ def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share
     first, second = shared
     assert first.train.learning_rate == second.train.learning_rate == 0.25
     assert first.dp.noise_multiplier == second.dp.noise_multiplier > 1.0
+
+
+@pytest.mark.parametrize("dp, node, sent", [
+    (True, {}, False),  # an institution under DP: its default
+    (True, {k.NODE_RELEASE_SCORES: True}, True),  # its operator released them
+    (False, {"require-dp": False}, True),  # no DP, no guarantee to keep them out of
+])
+def test_an_institution_under_dp_sends_no_loss_or_validation_scores_unless_released(tmp_path, dp, node, sent):
+    """The training loss and the validation loss and accuracy are computed from the institution's records
+    without noise, at weights the coordinator chose, and are outside ε."""
+    import math
+
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state"), **node})
+    cfg = _cfg(**{"dp.enabled": dp, "data.client_val_fraction": 0.25})
+    trained = client_app.train(_message(cfg), context)
+    assert _status(trained)[0] == k.STATUS_TRAINED and k.ARRAYS in trained.content
+    scores = client_app.evaluate(Message(_message(cfg).content, dst_node_id=7, message_type="evaluate"),
+                                 context).content[k.METRICS]
+    figures = [trained.content[k.METRICS][k.TRAIN_LOSS], scores[k.EVAL_LOSS], scores[k.EVAL_ACCURACY]]
+    assert [math.isfinite(f) for f in figures] == [sent] * 3, figures
+    assert scores[k.NUM_EXAMPLES] > 0
+
+
+def test_a_node_on_the_runs_own_data_sends_its_scores(tmp_path):
+    """Simulation: the coordinator split the data itself, so the run's policy applies and releases them."""
+    import math
+
+    reply = client_app.train(_message(_cfg(), str(tmp_path)), _context(**{k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}))
+    assert math.isfinite(reply.content[k.METRICS][k.TRAIN_LOSS])

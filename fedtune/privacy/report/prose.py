@@ -294,7 +294,8 @@ def _not_covered(r: ReportData) -> list[Block]:
          "(trained or declined);",
          f"after evaluation, each round: `{k.NUM_EXAMPLES}`, `{k.EVAL_LOSS}` and `{k.EVAL_ACCURACY}` on the "
          "institution's local validation split. Validation records are never used in training, so DP-SGD gives "
-         "them no protection at all;",
+         f"them no protection at all. Under DP an institution's node config withholds these losses and scores "
+         f"(NaN in their place) unless it sets `{k.NODE_RELEASE_SCORES} = true`;",
          f"with every reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and process id; in "
          f"simulation also `{k.RAY_NODE}`, the Ray node that ran it), "
          "when the reply arrived (how long the institution took to train, which grows with its data), and for a "
