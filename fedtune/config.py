@@ -589,9 +589,10 @@ class FedtuneConfig:
         _check(0 <= self.early_stopping_patience <= 100_000, "early_stopping_patience",
                "use 0 (run every round) or a number of rounds such as 5.")
         if self.early_stopping_patience:
-            _check(not self.dp.enabled, "early_stopping_patience",
-                   "it stops on the clients' validation loss, which DP-SGD does not protect, so when the run "
-                   "stops would reveal something of their validation records; set it to 0, or train without DP.")
+            _check(not self.dp.enabled and self.dp.client_dp == "off", "early_stopping_patience",
+                   "it stops on the clients' validation loss, which neither DP-SGD nor client-level DP protects, so "
+                   "when the run stops (and which round's adapter it releases) would reveal something of their "
+                   "validation records; set it to 0, or train without DP.")
             _check(self.clients_evaluating() > 0 and self.data.client_val_fraction > 0, "early_stopping_patience",
                    "it needs the clients' validation loss: keep strategy.fraction_evaluate and "
                    "data.client_val_fraction above 0, or set it to 0.")

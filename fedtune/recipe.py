@@ -275,7 +275,7 @@ def plain_recipe(cfg: FedtuneConfig, facts: Facts) -> dict[str, Choice]:
                                                      "rounds than one holder of every record needs epochs")
         choices["train.lr_schedule"] = ("cosine", "decayed towards zero by the last round, so the late "
                                                   "rounds settle")
-        if cfg.clients_evaluating() and cfg.data.client_val_fraction:
+        if cfg.clients_evaluating() and cfg.data.client_val_fraction and cfg.dp.client_dp == "off":
             choices["early_stopping_patience"] = (
                 PLAIN_PATIENCE, f"stop once the clients' validation loss has not improved for {PLAIN_PATIENCE} "
                                 f"rounds: some data sets overfit long before {PLAIN_FEDERATED_ROUNDS} rounds")

@@ -112,8 +112,12 @@ def test_gradient_canaries_need_record_level_dp_and_one_rank():
 
 
 def test_early_stopping_is_refused_under_dp_and_without_client_validation():
-    with pytest.raises(ConfigError, match="`early_stopping_patience`.*DP-SGD does not protect"):
+    with pytest.raises(ConfigError, match="`early_stopping_patience`.*neither DP-SGD nor client-level DP"):
         FedtuneConfig.from_flat({"early_stopping_patience": 3})
+    with pytest.raises(ConfigError, match="`early_stopping_patience`.*neither DP-SGD nor client-level DP"):
+        # client-level DP covers the released adapters, not a stop chosen from noise-free validation losses
+        FedtuneConfig.from_flat({"early_stopping_patience": 3, "dp.enabled": False, "dp.client_dp": "fixed",
+                                 "dp.client_noise_multiplier": 1.0})
     for missing in ({"strategy.fraction_evaluate": 0.0}, {"data.client_val_fraction": 0.0}):
         with pytest.raises(ConfigError, match="`early_stopping_patience`.*needs the clients' validation loss"):
             FedtuneConfig.from_flat({"early_stopping_patience": 3, "dp.enabled": False, **missing})

@@ -125,6 +125,12 @@ def test_without_dp_early_stopping_turned_off_by_hand_gets_no_cooldown():
     assert "cooldown_rounds" not in _chosen_keys(cfg)
 
 
+def test_under_client_level_dp_alone_there_is_no_early_stopping_to_choose():
+    cfg = resolve(CFG.with_overrides({"dp.enabled": False, "dp.client_dp": "fixed", "dp.client_noise_multiplier": 1.0}),
+                  GIVEN | {"dp.enabled", "dp.client_dp", "dp.client_noise_multiplier"})
+    assert (cfg.early_stopping_patience, cfg.cooldown_rounds) == (0, 0)
+
+
 def test_without_client_evaluation_there_is_no_early_stopping_to_choose():
     cfg = resolve(CFG.with_overrides({"dp.enabled": False, "strategy.fraction_evaluate": 0.0}),
                   GIVEN | {"dp.enabled", "strategy.fraction_evaluate"})

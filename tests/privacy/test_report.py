@@ -107,6 +107,16 @@ def test_max_is_each_clients_latest_cumulative_epsilon_from_the_main_accountant(
     assert "interrupted before commit" in markdown(report)
 
 
+def test_a_client_that_lost_its_state_is_reported_at_the_most_it_spent(tmp_path):
+    """Its later entry reported less than an earlier one (its state was lost); the headline, its row and
+    the budget check take the most any entry shows, the ledger's recomputation included."""
+    run = make_run(tmp_path, {"w": [trained(1, 5.0), trained(2, 9.0), trained(3, 4.0, state_lost=True,
+                                                                               epsilon_recomputed=9.5)]})
+    report = build_report(run)
+    assert (report.epsilon_max, client(report, "w").epsilon) == (9.5, 9.5)
+    assert report.clients_over_budget == ("w",), "9.5 is over the budget of 8, though the last entry says 4"
+
+
 def test_a_rejected_round_was_trained_and_counts(tmp_path):
     """The server refused r's round-2 update, but r ran DP-SGD for it: its ε (4.0, the maximum),
     steps and parameters count, and the text says the refused rounds cost ε."""

@@ -319,7 +319,10 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
     # Stand-ins when there is no such entry: nothing reported means nothing spent, no parameters known.
     latest = reported[-1] if reported else LedgerEntry(0, "", epsilon=0.0, epsilon_other=0.0)
     last = trained[-1] if trained else LedgerEntry(0, "")
-    eps = _num(latest.epsilon) if dp_on else INF
+    # The most any entry shows spent: a client that lost its state reported less than before (state_lost),
+    # and the ledger's own recomputation of what it had spent stands beside that entry.
+    spent = [x for e in reported for x in (e.epsilon, e.epsilon_recomputed) if x is not None]
+    eps = _num(max(spent, default=0.0)) if dp_on else INF
     budget = settings.epsilon_cap
     params = {(e.noise_multiplier, e.max_grad_norm, e.sample_rate) for e in trained}
     committed = [e for e in entries if not e.interrupted]
