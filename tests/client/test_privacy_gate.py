@@ -206,3 +206,13 @@ def test_a_node_on_the_runs_own_data_sends_its_scores(tmp_path):
 
     reply = client_app.train(_message(_cfg(), str(tmp_path)), _context(**{k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}))
     assert math.isfinite(reply.content[k.METRICS][k.TRAIN_LOSS])
+
+
+def test_under_distributed_dp_an_institution_checks_it_is_asked_for_one_plain_sgd_step():
+    """The sum carries σ only if each share is of one plain-SGD step on every record; the server's
+    preflight checks this, and the institution checks what it is actually sent."""
+    good = {"train.optimizer": "sgd", "train.local_epochs": 1, "train.batch_size": 64}
+    assert client_app._not_one_sgd_step(_cfg(**good), 40) == ""
+    for change, says in [({"train.batch_size": 8}, "take several"), ({"train.local_epochs": 2}, "local_epochs is 2"),
+                         ({"train.optimizer": "adamw"}, "optimizer is adamw")]:
+        assert says in client_app._not_one_sgd_step(_cfg(**{**good, **change}), 40)

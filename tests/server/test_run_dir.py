@@ -171,3 +171,24 @@ def test_a_round_that_too_few_sampled_clients_answer_is_not_committed():
         _require_quorum(3, sent, [ok, *lost], 0.5)
     _require_quorum(3, sent, [ok, *lost], 0.25)  # allowed by a lower share
     _require_quorum(3, [], [], 0.5)  # an empty Poisson cohort (client-level DP) is no failure
+
+
+def test_an_atomic_write_syncs_the_file_then_its_directory(tmp_path, monkeypatch):
+    """The rename is durable only once the directory is synced: a power loss could otherwise bring
+    back the old ledger, which forgot some spending."""
+    import os
+    import stat
+
+    from fedtune.durable import write_bytes_atomic
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        mode = os.fstat(fd).st_mode
+        synced.append("directory" if stat.S_ISDIR(mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    write_bytes_atomic(tmp_path / "ledger.json", b"{}")
+    assert synced == ["file", "directory"] and (tmp_path / "ledger.json").read_bytes() == b"{}"
