@@ -73,6 +73,7 @@ NODE_MIN_NOISE_MULTIPLIER = "min-noise-multiplier"
 NODE_MAX_NOISE_SHARERS = "max-noise-sharers"  # distributed DP: the largest t an institution accepts (0: none)
 NODE_ALLOW_REPRODUCIBLE_NOISE = "allow-reproducible-noise"
 NODE_ADOPT_LEDGER_SPENDING = "adopt-ledger-spending"  # the operator's reset after the node lost its state
+NODE_CLIENT_NAME = "client-name"  # the institution's name: in the ledgers, and its privacy state's file name
 NODE_RELEASE_SCORES = "release-scores"  # under DP: send the training loss and validation scores (false: withheld)
 NODE_PRIVACY_UNIT = "privacy-unit"  # `user`: refuse a run whose guarantee covers only single records
 NODE_LORA_RANK = "lora-rank"  # the institution's own LoRA rank (runs with lora.client_ranks)

@@ -73,8 +73,8 @@ def _parsed(sent: tuple[tuple[str, Any], ...]) -> FedtuneConfig:
 
 def client_name(context: Context) -> str:
     node = context.node_config
-    if "client-name" in node:
-        return str(node["client-name"])
+    if k.NODE_CLIENT_NAME in node:
+        return str(node[k.NODE_CLIENT_NAME])
     if k.PARTITION_ID in node:
         return f"client-{int(node[k.PARTITION_ID]):04d}"
     return f"node-{context.node_id}"  # deployment with data-path: no partition id

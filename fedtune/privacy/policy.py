@@ -68,6 +68,7 @@ class PrivacyPolicy:
     # Under DP, whether the client sends its training loss and its validation loss and accuracy. They are
     # computed from its records without noise, outside ε (docs/privacy.md); false sends NaN in their place.
     release_scores: bool = False
+    named: bool = True  # the node config gives `client-name`, which its privacy state is filed under
     source: str = SOURCES[0]  # one of SOURCES
 
     def __post_init__(self) -> None:
@@ -102,6 +103,10 @@ class PrivacyPolicy:
         if self.institution and not self.state_dir:
             return (f"no node-local `{k.NODE_STATE_DIR}` in the node config: this institution keeps its privacy "
                     "state only on its own disk; set state-dir to a private directory")
+        if self.institution and not self.named:
+            return (f"no `{k.NODE_CLIENT_NAME}` in the node config: this institution's privacy state is filed under "
+                    "its name, and without one it would be the node id, which changes when the node is registered "
+                    "again, so its ε would restart from nothing; set client-name to the name it is registered under")
         if not dp.enabled or dp.noise_multiplier == 0:
             if self.require_dp:
                 asked = "dp.enabled = false" if not dp.enabled else "dp.noise_multiplier = 0"
@@ -148,7 +153,7 @@ def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state
     own = {key: _read(node_config, key) for key in KEYS if key in node_config}
     values = {key.replace("-", "_"): value for key, value in own.items()}
     if k.DATA_PATH in node_config or k.PARTITION_ID not in node_config:
-        return PrivacyPolicy(**values, source=SOURCES[0])
+        return PrivacyPolicy(**values, named=k.NODE_CLIENT_NAME in node_config, source=SOURCES[0])
     run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=cfg.dp.epsilon_budget,
                max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise,
                max_noise_sharers=cfg.dp.distributed_min_honest, release_scores=True)

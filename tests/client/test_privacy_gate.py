@@ -173,7 +173,7 @@ def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share
     # batch 8 < its records: refused after its σ is solved, for taking several steps
     intact = client_app.train(_message(cfg, str(tmp_path / "intact"), **{k.LEARNING_RATE: 0.25}), _context(**node))
     assert [_status(reply)[0] for reply in (damaged, intact)] == [k.STATUS_REFUSED] * 2
-    assert "damaged" in _status(damaged)[1] and "one step on every record" in _status(intact)[1]
+    assert "damaged" in _status(damaged)[1] and "plain-SGD step on every record" in _status(intact)[1]
     first, second = shared
     assert first.train.learning_rate == second.train.learning_rate == 0.25
     assert first.dp.noise_multiplier == second.dp.noise_multiplier > 1.0

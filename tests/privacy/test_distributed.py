@@ -97,7 +97,7 @@ def test_an_institution_shares_its_noise_only_as_far_as_its_own_node_config_allo
     from fedtune.privacy.policy import node_policy
 
     cfg = FedtuneConfig().with_overrides({"clients": 8, "dp.secagg": True, "dp.distributed_min_honest": 4})
-    institution = {k.DATA_PATH: "own.csv", k.NODE_STATE_DIR: "/secure"}
+    institution = {k.DATA_PATH: "own.csv", k.NODE_STATE_DIR: "/secure", k.NODE_CLIENT_NAME: "clinic-a"}
     assert "`max-noise-sharers` is 0" in node_policy(institution, cfg, "").refusal(cfg.dp, 100)
     trusting = node_policy({**institution, k.NODE_MAX_NOISE_SHARERS: 4}, cfg, "")
     assert trusting.refusal(cfg.dp, 100) is None

@@ -7,12 +7,13 @@ import math
 
 import pytest
 
+from fedtune import constants as k
 from fedtune.config import DPConfig, FedtuneConfig
 from fedtune.errors import ConfigError
 from fedtune.privacy.budget import within_budget
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 
-OWN_FILE = {"data-path": "/data/notes.csv", "state-dir": "/secure/fedtune"}  # an institution's node
+OWN_FILE = {"data-path": "/data/notes.csv", "state-dir": "/secure/fedtune", "client-name": "clinic-a"}  # an institution
 
 
 def policy(cfg: FedtuneConfig | None = None, server_dir: str = "runs/x/client_state", **node) -> PrivacyPolicy:
@@ -31,8 +32,16 @@ def test_an_institution_reading_its_own_file_has_strict_defaults():
 
 
 def test_an_institution_without_a_node_local_state_dir_refuses():
-    reason = policy(**{"data-path": "/data/notes.csv"}).refusal(request(), 1000)
+    reason = policy(**{"data-path": "/data/notes.csv", "client-name": "clinic-a"}).refusal(request(), 1000)
     assert "state-dir" in reason
+
+
+def test_an_institution_without_a_client_name_refuses():
+    """Its state would be filed under its node id, which a new registration changes: ε from nothing."""
+    reason = policy(**{"data-path": "/data/notes.csv", "state-dir": "/secure/fedtune"}).refusal(request(), 1000)
+    assert "client-name" in reason and "restart from nothing" in reason
+    assert policy(**{k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}).refusal(request(), 1000) is None, \
+        "a node on the run's own data is named by its partition"
 
 
 @pytest.mark.parametrize("asked, says", [
