@@ -86,6 +86,7 @@ def test_a_message_with_markup_like_text_is_printed_as_it_is(tmp_path, no_federa
     (["--delta", "0.5"], "dp.delta"),
     (["--lora-target-modules", "foo"], "lora.target_modules"),  # found in the model's architecture, before writing
     (["--ray-address", "foo"], "simulation.ray_address"),  # not HOST:PORT: no traceback from int()
+    (["--noise-multiplier", "0.3", "--epsilon-budget", "1"], "below what one round spends"),  # all would decline
 ])
 def test_bad_input_fails_cleanly_without_a_run_directory(tmp_path, no_federation, args, says):
     out = tmp_path / "never"

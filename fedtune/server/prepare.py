@@ -52,6 +52,7 @@ def preflight(cfg: FedtuneConfig) -> None:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client with "
                               f"n={largest} {cfg.dp.unit}s, so the guarantee would be meaningless. Set it "
                               f"to {1.0 / (10 * largest):.1e} or smaller.")
+        _check_one_round_fits(cfg, train_units(fed, cfg.dp.unit))
         if cfg.dp.distributed_min_honest:
             one_step = (cfg.train.optimizer == "sgd" and cfg.train.local_epochs == 1
                         and cfg.train.batch_size >= largest)
@@ -66,6 +67,22 @@ def preflight(cfg: FedtuneConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("Invalid option `model.device`: cuda was asked for but no GPU is visible. "
                               "Set it to `cpu`.")
+
+
+def _check_one_round_fits(cfg: FedtuneConfig, units: list[int]) -> None:
+    """Refuse a σ given by hand (no target ε) under which no client could train even one round within
+    dp.epsilon_budget: every client would decline every round, and the run would train nothing."""
+    from fedtune.privacy.budget import projected_epsilon
+
+    dp, train = cfg.dp, cfg.train
+    if dp.target_epsilon > 0 or dp.epsilon_budget == float("inf") or not units:
+        return
+    least = min(projected_epsilon(dp, [], n, train.batch_size, train.local_epochs) for n in set(units))
+    if least > dp.epsilon_budget:
+        raise ConfigError(f"Invalid option `dp.epsilon_budget`: {dp.epsilon_budget:g} is below what one round spends "
+                          f"at dp.noise_multiplier {dp.noise_multiplier:g} (ε {least:.2f} for the client that "
+                          "spends least), so every client would decline every round. Raise the budget or the noise "
+                          "multiplier, or give dp.target_epsilon instead and let σ be solved for it.")
 
 
 def data_summary(cfg: FedtuneConfig) -> dict[str, Any]:
