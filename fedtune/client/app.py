@@ -46,7 +46,8 @@ from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
-from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
+from fedtune.privacy.budget import client_dp, projected_epsilon, within_budget
+from fedtune.privacy.distributed import not_one_sgd_step
 from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
@@ -164,7 +165,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         return round_.without_training(state, k.STATUS_DECLINED, state.history, (
             f"one more round would take its ε to {after:.2f}, above its budget of {cfg.dp.epsilon_budget:g} "
             "(dp.epsilon_budget, capped by dp.target_epsilon)"))
-    if cfg.dp.distributed_min_honest and (problem := _not_one_sgd_step(cfg, n)):
+    if cfg.dp.distributed_min_honest and (problem := not_one_sgd_step(cfg.train, n)):
         return round_.without_training(state, k.STATUS_REFUSED, state.history, (
             f"distributed DP sums one plain-SGD step on every record of each institution, but {problem}"))
     model = _model(cfg, msg.content[k.ARRAYS], context)
@@ -185,19 +186,6 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
 
 NOT_MOVED = ("no LoRA weight changed in local training (the optimizer did not reach them; Opacus issue #820), so "
              "the update is not sent; the DP-SGD steps were taken and count")
-
-
-def _not_one_sgd_step(cfg: FedtuneConfig, n: int) -> str:
-    """Why this round would not be one plain-SGD step on all n records, or "". The server's preflight
-    checks the same, but under distributed DP the sum carries σ only if each share is of such a step
-    (docs/privacy.md), so the institution checks what it is actually asked."""
-    if poisson_schedule(n, cfg.train.batch_size, epochs=1) != (1.0, 1):
-        return f"{n} records at train.batch_size {cfg.train.batch_size} take several; raise it to at least {n}"
-    if cfg.train.local_epochs != 1:
-        return f"train.local_epochs is {cfg.train.local_epochs}; it must be 1"
-    if cfg.train.optimizer != "sgd":
-        return f"train.optimizer is {cfg.train.optimizer}; it must be sgd"
-    return ""
 
 
 def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, n: int) -> FedtuneConfig:

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from fedtune.config import TrainConfig
+
 DITHER_TAG = b"fedtune-ddp-dither"
 
 
@@ -105,3 +107,19 @@ def noise_only_share(shapes: list[tuple[int, ...]], std: float, seed: int, round
 def _on_grid(values: list[np.ndarray], seed: int, round_: int, node_id: int, q: int) -> list[np.ndarray]:
     dithers = flat_dither(seed, round_, node_id, [v.shape for v in values])
     return [to_grid(v, d, CLIPPING_RANGE, q) for v, d in zip(values, dithers, strict=True)]
+
+
+def not_one_sgd_step(train: TrainConfig, n: int) -> str:
+    """Why a round of `train` on n records would not be one plain-SGD step on all of them, or "". The sum
+    carries σ only if each institution's share is of such a step (docs/privacy.md): the server's preflight
+    checks it for the largest institution, and each institution for what it is actually asked."""
+    from fedtune.privacy.budget import poisson_schedule
+
+    if poisson_schedule(n, train.batch_size, epochs=1) != (1.0, 1):
+        return f"{n} records at train.batch_size {train.batch_size} take several; raise it to at least {n}"
+    if train.local_epochs != 1:
+        return f"train.local_epochs is {train.local_epochs}; it must be 1"
+    if train.optimizer != "sgd":
+        return f"train.optimizer is {train.optimizer}; it must be sgd"
+    return ""
+

@@ -93,8 +93,9 @@ class PrivacyPolicy:
         return self.source == SOURCES[0]
 
     def withholds_scores(self, dp: DPConfig) -> bool:
-        """Whether this client sends NaN for its loss and accuracy figures: under DP, unless released."""
-        return dp.enabled and not self.release_scores
+        """Whether this client sends NaN for its loss and accuracy figures: under DP (record-level or
+        client-level, neither of which covers them), unless released."""
+        return (dp.enabled or dp.client_dp != "off") and not self.release_scores
 
     def refusal(self, dp: DPConfig, num_examples: int) -> str | None:
         """Why a round under `dp` (σ already resolved) breaks this policy, or None. One sentence

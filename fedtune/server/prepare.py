@@ -14,6 +14,7 @@ from typing import Any
 from fedtune.config import FedtuneConfig
 from fedtune.data.users import train_units
 from fedtune.errors import ConfigError
+from fedtune.privacy.distributed import not_one_sgd_step
 from fedtune.recipe import Facts, apply_recipe
 from fedtune.server.run_dir import CONFIG, RunDirectory
 from fedtune.tasks.base import get_task
@@ -47,20 +48,17 @@ def preflight(cfg: FedtuneConfig) -> None:
     task.check_model(cfg.model, cfg.lora)  # causal-lm: converts the default model on first use
     fed = task.federation(cfg.data, cfg.clients, cfg.seed)  # raises DataError on unusable splits
     if cfg.dp.enabled:
-        largest = max(train_units(fed, cfg.dp.unit))
+        units = train_units(fed, cfg.dp.unit)
+        largest = max(units)
         if cfg.dp.delta >= 1.0 / largest:
             raise ConfigError(f"Invalid option `dp.delta`: {cfg.dp.delta} is not below 1/n for a client with "
                               f"n={largest} {cfg.dp.unit}s, so the guarantee would be meaningless. Set it "
                               f"to {1.0 / (10 * largest):.1e} or smaller.")
-        _check_one_round_fits(cfg, train_units(fed, cfg.dp.unit))
-        if cfg.dp.distributed_min_honest:
-            one_step = (cfg.train.optimizer == "sgd" and cfg.train.local_epochs == 1
-                        and cfg.train.batch_size >= largest)
-            if not one_step:
-                raise ConfigError("Invalid option `dp.distributed_min_honest`: distributed DP sums one plain-SGD "
-                                  "step on every record of each institution, so it needs train.optimizer `sgd`, "
-                                  f"train.local_epochs 1 and train.batch_size of at least {largest} (the largest "
-                                  "institution's records); the private recipe chooses these when you leave them.")
+        _check_one_round_fits(cfg, units)
+        if cfg.dp.distributed_min_honest and (problem := not_one_sgd_step(cfg.train, largest)):
+            raise ConfigError("Invalid option `dp.distributed_min_honest`: distributed DP sums one plain-SGD step on "
+                              f"every record of each institution, but for the largest institution {problem}; the "
+                              "private recipe chooses these when you leave them.")
     if cfg.model.device == "cuda":
         import torch
 

@@ -84,12 +84,16 @@ class Task(ABC):
                 "the task's built-in offline model.") from err
         self.check_architecture(path, config, model)
         if lora is not None:
-            with torch.device("meta"):  # the architecture only: no weights are read or allocated
-                lora_targets(self.auto_class().from_config(config), lora)
+            lora_targets(self.meta_model(config), lora)
 
     @abstractmethod
     def auto_class(self) -> type:
         """The transformers Auto class this task's base model is built with."""
+
+    def meta_model(self, config) -> torch.nn.Module:
+        """The task's model of `config` on the meta device: its architecture, no weights read or allocated."""
+        with torch.device("meta"):
+            return self.auto_class().from_config(config)
 
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         """Task-specific checks of a loadable model (its class, its tokenizer); none by default."""

@@ -61,9 +61,9 @@ class Classification(Task):
 
     def check_architecture(self, path: str, config, model: ModelConfig) -> None:
         if model.pooling == "mean":
-            use_mean_pooling(_meta_classifier(config))
+            use_mean_pooling(self.meta_model(config))
         if model.head_init == "label-names":
-            linear_head(_meta_classifier(config))
+            linear_head(self.meta_model(config))
 
     def private_recipe(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: one full-batch SGD step a round on LoRA in the last layer, read by mean pooling."""
@@ -135,7 +135,7 @@ class Classification(Task):
 
         try:
             config = AutoConfig.from_pretrained(self.model_path(model))
-            meta = _meta_classifier(config)
+            meta = self.meta_model(config)
             use_mean_pooling(meta)
         except (OSError, ValueError, ConfigError):
             return [], 0  # preflight's check_model then names the problem with the model, if there is one
@@ -186,14 +186,6 @@ class Classification(Task):
 
     def example_losses(self, model: torch.nn.Module, dataset: TokenizedTexts) -> list[float]:
         return example_losses(model, dataset)
-
-
-def _meta_classifier(config) -> torch.nn.Module:
-    """The classifier's architecture on the meta device: no weights are read or allocated."""
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
 
 
 TASK = Classification()

@@ -211,8 +211,10 @@ def test_a_node_on_the_runs_own_data_sends_its_scores(tmp_path):
 def test_under_distributed_dp_an_institution_checks_it_is_asked_for_one_plain_sgd_step():
     """The sum carries σ only if each share is of one plain-SGD step on every record; the server's
     preflight checks this, and the institution checks what it is actually sent."""
+    from fedtune.privacy.distributed import not_one_sgd_step
+
     good = {"train.optimizer": "sgd", "train.local_epochs": 1, "train.batch_size": 64}
-    assert client_app._not_one_sgd_step(_cfg(**good), 40) == ""
+    assert not_one_sgd_step(_cfg(**good).train, 40) == ""
     for change, says in [({"train.batch_size": 8}, "take several"), ({"train.local_epochs": 2}, "local_epochs is 2"),
                          ({"train.optimizer": "adamw"}, "optimizer is adamw")]:
-        assert says in client_app._not_one_sgd_step(_cfg(**{**good, **change}), 40)
+        assert says in not_one_sgd_step(_cfg(**{**good, **change}).train, 40)

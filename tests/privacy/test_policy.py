@@ -139,3 +139,11 @@ def test_under_distributed_dp_a_tighter_budget_keeps_the_runs_sigma_and_declines
     assert len(sigmas) == 1 and sigmas.pop() > 1.0, "one σ, the run's, for every share"
     history = [(_round_config(cfg, ConfigRecord({}), ClientState(), 50).dp.noise_multiplier, 1.0, 1)] * 5
     assert within_budget(cfg.dp, history, 50, 4096, 1) and not within_budget(tight, history, 50, 4096, 1)
+
+
+def test_an_institution_withholds_its_scores_under_either_kind_of_dp_unless_released():
+    own, released = policy(**OWN_FILE), policy(**OWN_FILE, **{k.NODE_RELEASE_SCORES: True})
+    client_level = request(enabled=False, client_dp="fixed")  # DP-SGD off: client-level DP covers neither
+    assert own.withholds_scores(request()) and own.withholds_scores(client_level)
+    assert not own.withholds_scores(request(enabled=False)), "no DP, no guarantee to keep them out of"
+    assert not released.withholds_scores(request()) and not released.withholds_scores(client_level)
