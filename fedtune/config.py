@@ -200,6 +200,15 @@ class DPConfig:
                           "runs. The server knows that seed, so the guarantee then no longer holds against "
                           "the server. Off: each client draws them from the OS's secure randomness."},
     )
+    public_streams: bool = field(
+        default=False,
+        metadata={"help": "White-box audit: derive every random stream but the DP noise (Poisson sampling, dropout, "
+                          "which records of a user) from the run seed, so the server knows all of a round's "
+                          "randomness except the noise, and `fedtune audit --vantage server` checks that the noise "
+                          "is drawn independently of them. Needs every record in every step (Poisson q = 1, the "
+                          "recipe's full batch), where the guarantee does not rest on the sampling being secret; "
+                          "a client refuses a round otherwise. Simulation only."},
+    )
     secagg: bool = field(
         default=False,
         metadata={"help": "Secure aggregation (Flower SecAgg+): the server sees only the sum of updates."},
@@ -233,6 +242,10 @@ class DPConfig:
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
         _check(self.accountant in ("prv", "rdp"), "dp.accountant", "use `prv` or `rdp`.")
         _check(self.epsilon_budget > 0, "dp.epsilon_budget", "use a positive ε such as 8 (inf: no cap).")
+        _check(not (self.public_streams and self.reproducible_noise), "dp.public_streams",
+               "dp.reproducible_noise already derives every stream from the run seed, the noise too; set one of them.")
+        _check(not self.public_streams or self.enabled, "dp.public_streams",
+               "without DP-SGD every stream is already derived from the run seed; drop it, or enable DP.")
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")

@@ -53,7 +53,7 @@ AUDIT = ("clients", "rounds", "seed", "strategy.clients_per_round", "data.canary
          "train.batch_size", "train.learning_rate", "dp.unit", "data.user_column", "dp.max_records_per_user",
          "dp.user_gradient", "dp.client_dp", "dp.client_dp_side", "dp.client_noise_multiplier",
          "dp.client_clipping_norm", "dp.canary_clients",
-         "data.canary_kind")  # data.canaries: audit declares --canaries itself
+         "data.canary_kind", "dp.public_streams")  # data.canaries: audit declares --canaries itself
 NOT_DEPLOYED = {
     "clients": "deploy-local runs one client per node: --nodes",
     "num_cpus_per_client": "Ray workers of the Simulation Engine only",
@@ -62,6 +62,7 @@ NOT_DEPLOYED = {
     "data.canary_repeats": "audit canaries are planted in simulation only",
     "data.canary_kind": "audit canaries are planted in simulation only",
     "dp.canary_clients": "audit canaries are planted in simulation only",
+    "dp.public_streams": "a white-box audit's setting, for simulation only",
 }
 
 CHOICES = {"model.task": tuple(TASKS)}  # str fields whose values come from a registry, not a Literal

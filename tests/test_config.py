@@ -16,6 +16,8 @@ def test_defaults_are_the_documented_demo():
     (lambda: DPConfig(noise_multiplier=-1), "dp.noise_multiplier"),
     (lambda: DPConfig(delta=2.0), "dp.delta"),
     (lambda: FedtuneConfig(clients=0), "clients"),
+    (lambda: DPConfig(public_streams=True, reproducible_noise=True), "dp.public_streams"),
+    (lambda: DPConfig(public_streams=True, enabled=False), "dp.public_streams"),
 ])
 def test_invalid_values_name_the_option(make, option):
     with pytest.raises(ConfigError, match=f"`{option}`"):

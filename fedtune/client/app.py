@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -46,8 +45,9 @@ from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
-from fedtune.privacy.budget import client_dp, projected_epsilon, within_budget
+from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
 from fedtune.privacy.distributed import not_one_sgd_step
+from fedtune.privacy.dpsgd import round_seed
 from fedtune.privacy.ledger import LedgerEntry
 from fedtune.privacy.policy import PrivacyPolicy, node_policy
 from fedtune.resources import peak_rss_mb
@@ -168,6 +168,11 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     if cfg.dp.distributed_min_honest and (problem := not_one_sgd_step(cfg.train, n)):
         return round_.without_training(state, k.STATUS_REFUSED, state.history, (
             f"distributed DP sums one plain-SGD step on every record of each institution, but {problem}"))
+    if cfg.dp.public_streams and poisson_schedule(n, cfg.train.batch_size, epochs=1)[0] != 1.0:
+        return round_.without_training(state, k.STATUS_REFUSED, state.history, (
+            f"dp.public_streams lets the server know which records each step samples, which DP-SGD's sampling "
+            f"amplification needs secret; it needs every record in every step, but {n} records at "
+            f"train.batch_size {cfg.train.batch_size} take several; raise it to at least {n}"))
     model = _model(cfg, msg.content[k.ARRAYS], context)
     before = lora_weights(model)
     result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)),
@@ -281,10 +286,11 @@ def ray_node() -> dict[str, str]:
 def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int | None:
     """Seed for this round's Poisson sampling, dropout and DP noise (each derived from it
     separately, privacy/dpsgd.py). Under DP, None: each drawn from the OS's secure randomness,
-    unless the run asks for reproducible noise, which the server can regenerate from the run seed."""
-    if cfg.dp.enabled and not cfg.dp.reproducible_noise:
+    unless the run asks for reproducible noise, which the server can regenerate from the run seed,
+    or for public streams (all but the noise derived from it; RoundSeeds.of_round)."""
+    if cfg.dp.enabled and not (cfg.dp.reproducible_noise or cfg.dp.public_streams):
         return None
-    return zlib.crc32(f"{cfg.seed}:{server_round}:{name}".encode())
+    return round_seed(cfg.seed, server_round, name)
 
 
 def _report(cfg: FedtuneConfig, history: History, num_examples: int, loss: float, steps: int, sample_rate: float,

@@ -143,7 +143,7 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
     """One round of local training. `seed` None: secret randomness (DP-SGD's default); a number:
     reproducible, with sampling, noise and dropout each derived from it separately. `canaries`: the
     audit's gradient canaries among `data` (client/canaries.py)."""
-    seeds = RoundSeeds.secret() if seed is None else RoundSeeds.derived(seed)
+    seeds = RoundSeeds.of_round(cfg.dp, seed)
     torch.manual_seed(seeds.model)  # dropout; sampling and noise have generators of their own
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]

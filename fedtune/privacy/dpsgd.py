@@ -27,9 +27,11 @@ Two things are wired by hand, each for a reason the analysis depends on:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +50,12 @@ from fedtune.privacy.budget import poisson_schedule
 
 STREAMS = ("sampling", "noise", "model", "records")
 USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each record's user, not a model input
+
+
+def round_seed(run_seed: int, server_round: int, client: str) -> int:
+    """The seed a client derives one round's streams from when they are not secret (no DP,
+    dp.reproducible_noise, dp.public_streams): the server, which knows the run seed, can derive it too."""
+    return zlib.crc32(f"{run_seed}:{server_round}:{client}".encode())
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,20 @@ class RoundSeeds:
         who knows `seed` (the server does) can regenerate the noise."""
         return cls(*(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
                      for name in STREAMS))
+
+    @classmethod
+    def public_but_noise(cls, seed: int) -> RoundSeeds:
+        """dp.public_streams (a white-box audit): every stream derived as with `derived(seed)` but the
+        noise's, which stays secret OS randomness. At Poisson q = 1 the guarantee holds for every value of
+        the other streams (the Gaussian mechanism's analysis conditions on them), so they may be known."""
+        return dataclasses.replace(cls.derived(seed), noise=secrets.randbits(63))
+
+    @classmethod
+    def of_round(cls, dp: DPConfig, seed: int | None) -> RoundSeeds:
+        """A round's seeds from its round seed (`round_seed`), or secret ones for None."""
+        if seed is None:
+            return cls.secret()
+        return cls.public_but_noise(seed) if dp.enabled and dp.public_streams else cls.derived(seed)
 
     def generator(self, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
         return torch.Generator(device=device).manual_seed(getattr(self, stream))

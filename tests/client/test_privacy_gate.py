@@ -218,3 +218,16 @@ def test_under_distributed_dp_an_institution_checks_it_is_asked_for_one_plain_sg
     for change, says in [({"train.batch_size": 8}, "take several"), ({"train.local_epochs": 2}, "local_epochs is 2"),
                          ({"train.optimizer": "adamw"}, "optimizer is adamw")]:
         assert says in not_one_sgd_step(_cfg(**{**good, **change}).train, 40)
+
+
+@pytest.mark.parametrize("batch_size, status", [(8, k.STATUS_REFUSED), (4096, k.STATUS_TRAINED)])
+def test_public_streams_are_refused_unless_every_record_is_in_every_step(tmp_path, batch_size, status):
+    """dp.public_streams tells the server which records each step samples; the accounting's amplification
+    by sampling needs that secret whenever q < 1, so a client trains under it only at q = 1."""
+    reply = client_app.train(_message(_cfg(**{"dp.public_streams": True, "train.batch_size": batch_size}),
+                                      str(tmp_path)), _context(**{k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}))
+    got, reason = _status(reply)
+    assert got == status, reason
+    assert (k.ARRAYS in reply.content) == (status == k.STATUS_TRAINED)
+    if status == k.STATUS_REFUSED:
+        assert "dp.public_streams" in reason and "train.batch_size 8" in reason

@@ -47,3 +47,15 @@ def test_noise_is_independent_of_which_records_were_sampled():
                 for view, values in views.items() for i in range(noise.shape[1])}
     (view, worst), p = min(p_values.items(), key=lambda item: item[1])
     assert p > 1e-3 / len(p_values), f"the {view} of noise coordinate {worst} depends on the sampling (p = {p:.2g})"
+
+
+def test_public_streams_derive_every_stream_but_the_noise():
+    """dp.public_streams: the server can derive the sampling, dropout and record streams from the round
+    seed, as it can with reproducible noise; the noise's seed stays secret and fresh every round."""
+    from fedtune.privacy.dpsgd import RoundSeeds
+
+    dp = DPConfig(public_streams=True)
+    known, derived = RoundSeeds.of_round(dp, 7), RoundSeeds.derived(7)
+    assert (known.sampling, known.model, known.records) == (derived.sampling, derived.model, derived.records)
+    assert known.noise != derived.noise and known.noise != RoundSeeds.of_round(dp, 7).noise
+    assert RoundSeeds.of_round(DPConfig(), 7) == derived  # a seed is given only for reproducible runs

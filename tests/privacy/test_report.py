@@ -253,12 +253,19 @@ def test_cli_exits_2_with_a_clear_message_on_a_missing_directory(tmp_path):
     assert not missing.exists()
 
 
-def _text(tmp_path, entries, reproducible=False):
+def _text(tmp_path, entries, reproducible=False, **overrides):
     path = make_run(tmp_path, {"a": entries})
-    if reproducible:
-        cfg = RunDirectory.existing(path).config().with_overrides({"dp.reproducible_noise": True})
+    if reproducible or overrides:
+        overrides = {"dp.reproducible_noise": True} if reproducible else overrides
+        cfg = RunDirectory.existing(path).config().with_overrides(overrides)
         (path / "config.toml").write_text(dump_config(cfg))
     return markdown(build_report(path))
+
+
+def test_the_report_says_which_streams_the_server_knows_under_public_streams(tmp_path):
+    text = _text(tmp_path, [trained(1, 2.0, q=1.0, steps=1)], **{"dp.public_streams": True})
+    assert "`dp.public_streams`" in text and "Poisson q = 1" in text and "only the DP noise" in text
+    assert "separate seeds from the operating system" not in text
 
 
 def test_the_report_states_the_factor_not_almost_as_likely(tmp_path):

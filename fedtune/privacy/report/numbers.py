@@ -84,6 +84,7 @@ class Settings:
     client_dp: str | None = None
     secagg: bool | None = None
     reproducible_noise: bool | None = None
+    public_streams: bool = False  # dp.public_streams: every stream but the noise derived (white-box audit)
     unit: str | None = None  # dp.unit
     user_column: str | None = None  # data.user_column, when set
     max_records_per_user: int | None = None  # dp.max_records_per_user (unit `user`)
@@ -305,7 +306,8 @@ def _settings(run_dir: Path) -> Settings:
         epsilon_budget=_num(dp.epsilon_budget), target_epsilon=dp.target_epsilon or None, epsilon_cap=_num(cap),
         batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
         fraction_train=cfg.strategy.fraction_train, client_dp=dp.client_dp, secagg=dp.secagg,
-        reproducible_noise=dp.reproducible_noise, unit=dp.unit, user_column=cfg.data.user_column or None,
+        reproducible_noise=dp.reproducible_noise, public_streams=dp.public_streams, unit=dp.unit,
+        user_column=cfg.data.user_column or None,
         max_records_per_user=dp.max_records_per_user if dp.unit == "user" else None,
         user_gradient=dp.user_gradient if dp.unit == "user" else None,
     )

@@ -350,6 +350,14 @@ def _randomness(r: ReportData) -> str:
                 "institution's name. The streams are independent of each other, but the server knows the seed and "
                 "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
                 "against anyone who sees only the final adapter.")
+    if r.settings.public_streams:
+        return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling, dropout "
+                "and (user-level DP) which records of a sampled user a step uses were derived from the run seed, "
+                "the round and the institution's name, so the server knows them; only the DP noise came from the "
+                "operating system's secure randomness, never sent. Each institution trained only with every record "
+                "in every step (Poisson q = 1), where the Gaussian mechanism's guarantee holds for every value of "
+                "those streams (its analysis conditions on them) and no amplification by sampling is claimed, so "
+                "the guarantee holds against the server too.")
     return ("**Randomness**: in each round, each institution draws separate seeds from the operating "
             "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout and (user-level "
             "DP) which records of a sampled user a step uses, and never sends them; the noise is therefore "

@@ -7,6 +7,8 @@ noise, so that the audit has a real privacy bug to catch. Tests only; nothing in
 - `noise-tenth`: that noise has a tenth of its standard deviation.
 - `clip-off`: per-sample gradients are summed unclipped; the noise is still scaled to the clipping
   norm C, as if they had been clipped.
+- `noise-seeded-like-sampling`: the noise's generator is seeded like the Poisson sampling's, so both
+  draw the same stream of random numbers (the defect issue #18 fixed).
 """
 
 import os
@@ -39,3 +41,13 @@ if _MUTATION == "clip-off":
             self.max_grad_norm = saved
 
     _DPOptimizer.clip_and_accumulate = _unclipped
+
+if _MUTATION == "noise-seeded-like-sampling":
+    from fedtune.privacy.dpsgd import RoundSeeds as _RoundSeeds
+
+    _generator = _RoundSeeds.generator
+
+    def _like_sampling(self, stream, device="cpu"):
+        return _generator(self, "sampling" if stream == "noise" else stream, device)
+
+    _RoundSeeds.generator = _like_sampling
