@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -264,6 +265,12 @@ def _show_audit(record: dict[str, Any]) -> None:
     whose = "one institution as a whole" if record.get("unit") == "client" else "max over institutions"
     table.add_row(f"ε theoretical ({record.get('unit', 'record')}-level, {whose}, δ = {record['delta']:g})",
                   number(record["epsilon_theoretical"]))
+    holders = record.get("epsilon_by_institution") or {}
+    if holders:
+        spent = [h["epsilon"] for h in holders.values()]
+        low, high = (number(min(spent, key=_inf_last), 2), number(max(spent, key=_inf_last), 2))
+        table.add_row(f"ε of the {len(holders)} institutions holding canaries (audit.json: epsilon_by_institution)",
+                      low if low == high else f"{low}–{high}")
     table.add_row("largest bound this audit could show (every guess right)", number(record["epsilon_largest_certifiable"]))
     if record.get("unit") == "client":
         low_high = record["epsilon_estimate_interval"]
@@ -279,6 +286,11 @@ def _show_audit(record: dict[str, Any]) -> None:
         console.print("[bold red]The lower bound is ABOVE the theoretical ε.[/bold red] No correct DP training can "
                       "do that (except with probability 1 - confidence): this signals a bug in the privacy code or "
                       "its accounting.", highlight=False)
+
+
+def _inf_last(value: float | str) -> float:
+    """Orders ε as JSON holds it, "inf" above every number."""
+    return math.inf if value == "inf" else value
 
 
 def _audit_power(record: dict[str, Any]) -> str:

@@ -198,13 +198,18 @@ class PrivacyLedger:
         trained, rejected, failed after training, and interrupted rounds all ran them."""
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self._clients.get(client, []) if e.steps]
 
+    def epsilon_of(self, client: str) -> float:
+        """The most any of `client`'s entries shows spent: its reported cumulative ε, or the server's
+        recomputation where it reported less after losing its state (math.inf once it trained without noise)."""
+        return max((x for e in self._clients.get(client, ()) for x in (e.epsilon, e.epsilon_recomputed)
+                    if x is not None), default=0.0)
+
     def epsilon_max(self) -> float | None:
-        """Highest cumulative ε any client has reported so far (None when DP is off): math.inf once
-        any client trained without noise (σ = 0), so no figure ever understates what was spent."""
+        """Highest cumulative ε any client has spent so far (None when DP is off; epsilon_of): math.inf
+        once any client trained without noise (σ = 0), so no figure ever understates what was spent."""
         if not self.dp_enabled:
             return None
-        return max((e.epsilon for entries in self._clients.values() for e in entries if e.epsilon is not None),
-                   default=0.0)
+        return max((self.epsilon_of(client) for client in self._clients), default=0.0)
 
     def __eq__(self, other_: object) -> bool:
         if not isinstance(other_, PrivacyLedger):

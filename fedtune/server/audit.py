@@ -8,6 +8,7 @@ The canaries and their exact membership are rebuilt from the run's saved config
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from flwr.app import ArrayRecord
@@ -277,6 +278,18 @@ def theoretical_epsilon(ledger: PrivacyLedger) -> float:
     return math.inf if spent is None else float(spent)
 
 
+def holders_epsilon(ledger: PrivacyLedger, canaries: Canaries) -> dict[str, Any]:
+    """The theoretical ε of each institution that held canaries, and how many it held (members and
+    non-members alike): one test over all canaries is checked against the largest of them, which bounds
+    every canary; this says which institution's guarantee each canary stood under."""
+    held = Counter(client_name(site) for site in canaries.plan.sites)
+    if not ledger.dp_enabled:
+        return {name: {"canaries": count, "epsilon": INF} for name, count in sorted(held.items())}
+    spent = {name: ledger.epsilon_of(name) for name in held}
+    return {name: {"canaries": count, "epsilon": spent[name] if math.isfinite(spent[name]) else INF}
+            for name, count in sorted(held.items())}
+
+
 def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> dict[str, Any]:
     """Audit the run up to its last committed round, from `vantage` ("final": the final adapter's loss
     on each canary; "server": every update the server received); writes RUN_DIR/audit.json and
@@ -303,6 +316,7 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
         scores = [-loss if math.isfinite(loss) else -math.inf for loss in losses]
     result = audit(scores, canaries.members, cfg.dp.delta, confidence)
     record = audit_record(result, theoretical_epsilon(ledger), cfg, checkpoint.round, vantage)
+    record["epsilon_by_institution"] = holders_epsilon(ledger, canaries)
     if vantage == "server" or cfg.data.canary_kind == "gradient":
         record["canary_scores"] = scores
     else:

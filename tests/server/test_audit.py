@@ -19,7 +19,7 @@ from fedtune.models.evaluate import evaluate, example_losses
 from fedtune.privacy.audit import AUDIT_FILE, AuditResult, largest_certifiable
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedtune.privacy.report import build_report, markdown
-from fedtune.server.audit import _contributions, audit_record, run_audit, theoretical_epsilon
+from fedtune.server.audit import _contributions, audit_record, holders_epsilon, run_audit, theoretical_epsilon
 from fedtune.server.run_dir import Checkpoint, RunDirectory
 
 
@@ -46,6 +46,22 @@ def test_theoretical_epsilon_is_the_largest_any_institution_spent():
     assert theoretical_epsilon(ledger(dp_enabled=False, a=[None])) == math.inf
     assert theoretical_epsilon(ledger(a=[1.0], b=[None])) == math.inf  # one institution trained without noise
     assert theoretical_epsilon(ledger()) == 0.0
+
+
+def test_each_canary_stands_under_its_holders_epsilon_and_a_lost_state_does_not_lower_it():
+    from fedtune.data.canaries import Canaries, CanaryPlan
+
+    spent = ledger(**{"client-0000": [1.0, 2.0], "client-0001": [0.5]}).clients
+    # client-0001 lost its state: it reported 0.3 in round 2, and the server recomputed 1.5
+    lost = LedgerEntry(2, "trained", "prv", noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=4,
+                       delta=1e-5, epsilon=0.3, epsilon_other=0.3, epsilon_recomputed=1.5)
+    book = PrivacyLedger("prv", True, {**spent, "client-0001": [*spent["client-0001"], lost]})
+    canaries = Canaries(CanaryPlan(clients=(0, -1, 1), repeats=1, sites=(0, 0, 1)), records=())
+    assert holders_epsilon(book, canaries) == {"client-0000": {"canaries": 2, "epsilon": 2.0},
+                                               "client-0001": {"canaries": 1, "epsilon": 1.5}}
+    assert theoretical_epsilon(book) == 2.0
+    assert holders_epsilon(ledger(dp_enabled=False, **{"client-0000": [None]}), canaries)["client-0001"] == {
+        "canaries": 1, "epsilon": "inf"}
 
 
 def test_example_losses_average_to_the_evaluation_loss(tiny_model, tokenized):
