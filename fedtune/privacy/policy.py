@@ -8,8 +8,8 @@ the refusal and replies `refused` with the reason) and no record is touched.
 
 Whose policy applies (`node_policy`):
 - A node that reads its own file (node config `data-path`) is an institution. Every key has a
-  strict default: DP-SGD required, reproducible noise refused, and a node-local `state-dir`
-  required for its privacy state.
+  strict default: DP-SGD required, δ at most 10⁻⁵, reproducible noise refused, and a node-local
+  `state-dir` required for its privacy state.
 - A node that trains on a partition of the run's own dataset (`partition-id`, as `fedtune
   simulate` and Flower's simulation give every node) holds no data of its own: the data is the
   coordinator's. Keys its node config leaves out default to the run config, and its state goes
@@ -57,7 +57,10 @@ class PrivacyPolicy:
     state_dir: str = ""  # empty: no node-local place for the privacy state (an institution then refuses)
     require_dp: bool = True
     epsilon_budget: float = math.inf
-    max_delta: float = 1.0  # 1.0: no cap of its own; δ < 1/n is always checked
+    # An institution's default: the common choice, far below 1/n for any n up to 10⁴. Without a cap a coordinator
+    # could ask for δ just under 1/n, where the mechanism may release about one record outright. δ < 1/n is
+    # always checked as well.
+    max_delta: float = 1e-5
     min_noise_multiplier: float = 0.0
     allow_reproducible_noise: bool = False
     adopt_ledger_spending: bool = False  # the operator's explicit reset after a lost state (client/app.py)

@@ -20,7 +20,7 @@ from fedtune.models.adapter import to_record
 from fedtune.models.build import build_model
 
 pytestmark = pytest.mark.usefixtures("flower_run")
-RUN = {"clients": 2, "data.demo_examples": 80, "train.batch_size": 8, "lora.r": 2, "dp.delta": 1e-3}
+RUN = {"clients": 2, "data.demo_examples": 80, "train.batch_size": 8, "lora.r": 2, "dp.delta": 1e-5}
 
 
 def _cfg(**options) -> FedtuneConfig:

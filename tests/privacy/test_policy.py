@@ -48,12 +48,19 @@ def test_an_institution_without_a_client_name_refuses():
     (dict(enabled=False), "dp.enabled = false"),
     (dict(noise_multiplier=0.0), "dp.noise_multiplier = 0"),
     (dict(reproducible_noise=True), "allow-reproducible-noise"),
-    (dict(delta=0.3), "not below 1/n"),
+    (dict(delta=0.3), "above `max-delta` = 1e-05"),
+    (dict(delta=0.9e-3), "above `max-delta` = 1e-05"),  # just under 1/n: by default, too
 ])
 def test_whatever_the_server_asks_an_institution_never_trains_under_weaker_protection(asked, says):
     """The review's cases: dp.enabled=false, reproducible noise and δ = 0.3 from the server."""
     reason = policy(**OWN_FILE).refusal(request(**asked), 1000)
     assert reason is not None and says in reason
+
+
+def test_delta_must_be_below_one_over_n_whatever_the_institution_allows():
+    loose = policy(**OWN_FILE, **{"max-delta": 0.5})
+    assert "not below 1/n" in loose.refusal(request(delta=0.3), 1000)
+    assert loose.refusal(request(delta=1e-4), 1000) is None
 
 
 def test_own_limits_on_delta_and_sigma():
@@ -64,7 +71,7 @@ def test_own_limits_on_delta_and_sigma():
 
 
 def test_an_institution_may_require_user_level_dp():
-    hospital = policy(**OWN_FILE, **{"privacy-unit": "user"})
+    hospital = policy(**OWN_FILE, **{"privacy-unit": "user", "max-delta": 0.5})
     reason = hospital.refusal(request(), 1000)
     assert "dp.unit = record" in reason and "privacy-unit" in reason
     assert hospital.refusal(request(unit="user"), 1000) is None
