@@ -106,3 +106,46 @@ def test_an_existing_run_directory_is_not_overwritten(tmp_path, no_federation):
     assert result.exit_code == 2 and "--resume" in result.stderr
     assert not no_federation
     assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before
+
+
+def _spent_ledger(cfg, sites):
+    """Each client in `sites` trained cfg.rounds rounds at the σ solved for its target ε: all of it spent."""
+    from fedtune.data.users import train_units
+    from fedtune.privacy.accountant import epsilon
+    from fedtune.privacy.budget import client_dp, poisson_schedule
+    from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
+    from fedtune.tasks.base import get_task
+
+    units = train_units(get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed), cfg.dp.unit)
+    clients = {}
+    for site in sites:
+        n, train = units[site], cfg.train
+        sigma = client_dp(cfg.dp, None, n, train.batch_size, train.local_epochs, cfg.rounds).noise_multiplier
+        q, steps = poisson_schedule(n, train.batch_size, train.local_epochs)
+        clients[f"client-{site:04d}"] = [
+            LedgerEntry(r, "trained", "prv", noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, steps=steps,
+                        delta=cfg.dp.delta, epsilon=epsilon("prv", [(sigma, q, steps)] * r, cfg.dp.delta),
+                        epsilon_other=0.0) for r in range(1, cfg.rounds + 1)]
+    return PrivacyLedger("prv", True, clients)
+
+
+def test_resuming_a_run_whose_every_client_spent_its_budget_is_refused(tmp_path):
+    """It used to run every extra round, each client declining, and exit 0."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.prepare import _check_budget_left
+    from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+    cfg = FedtuneConfig.from_flat({"rounds": 2, "clients": 2, "data.demo_examples": 80, "dp.target_epsilon": 2.0})
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    spent = _spent_ledger(cfg, sites=(0, 1))
+    for round_ in (0, 1, 2):
+        run.commit(Checkpoint(round_, {}, [], spent.to_dict(), {}))
+    spent.save(run.path)
+    before = (run.path / "config.toml").read_bytes()
+    result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path), "--rounds", "4"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Every client" in said and "spent its privacy budget" in said and "Rounds 3-4 would train nothing" in said
+    assert (run.path / "config.toml").read_bytes() == before
+    # one client with budget left: the run goes on
+    _check_budget_left(cfg.with_overrides({"rounds": 4}), _spent_ledger(cfg, sites=(0,)), run.path, 2)

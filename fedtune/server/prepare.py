@@ -131,10 +131,42 @@ def continue_run(path: Path, rounds: int | None = None,
     if latest is not None and cfg.rounds < latest.round:
         raise ConfigError(f"{path} has already finished {latest.round} rounds, so `rounds` = {cfg.rounds} would "
                           f"leave its checkpoints past the end. Give --rounds {latest.round} or more, or none.")
-    run.read_ledger()
+    ledger = run.read_ledger()
     preflight(cfg)
+    if latest is not None and ledger is not None and cfg.rounds > latest.round:
+        _check_budget_left(cfg, run.ledger_to_resume(latest), path, latest.round)
     write_text_atomic(run.path / CONFIG, dump_config(cfg))
     return cfg, run
+
+
+def _check_budget_left(cfg: FedtuneConfig, ledger, path: Path, done: int) -> None:
+    """Refuse to continue a run in which every client has spent its privacy budget: each would decline
+    every round left, and the run would go on training nothing. Each client's next round is judged as the
+    client judges it (client/app.py): the σ it kept from its first round, its spending on the ledger,
+    and its budget capped by the target ε."""
+    import math
+
+    from fedtune.privacy.budget import client_dp, projected_epsilon
+    from fedtune.server.audit import client_name
+
+    if not cfg.dp.enabled or cfg.dp.client_dp != "off":
+        return
+    task = get_task(cfg.model.task)
+    units = train_units(task.federation(cfg.data, cfg.clients, cfg.seed), cfg.dp.unit)
+    train, least, budget = cfg.train, math.inf, math.inf
+    for site, n in enumerate(units):
+        spent = ledger.spent(client_name(site))
+        kept = spent[-1][0] if spent and cfg.dp.target_epsilon > 0 and not cfg.dp.distributed_min_honest else None
+        dp = client_dp(cfg.dp, kept, n, train.batch_size, train.local_epochs, cfg.rounds_per_client())
+        after = projected_epsilon(dp, spent, n, train.batch_size, train.local_epochs)
+        if after <= dp.epsilon_budget:
+            return
+        least, budget = min(least, after), dp.epsilon_budget
+    raise ConfigError(f"Every client of {path} has spent its privacy budget: one more round would take the client "
+                      f"that spent least to ε {least:.2f}, above its budget of {budget:g} (dp.epsilon_budget, or "
+                      f"dp.target_epsilon where that is lower). Rounds "
+                      f"{done + 1}-{cfg.rounds} would train nothing. The run's adapter and privacy report stand as "
+                      "they are; to train further, start a new run with a budget of its own.")
 
 
 def open_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = None,
