@@ -82,14 +82,20 @@ def workload(clients: int, per_client: int) -> FedtuneConfig:
 
 def run_fedtune(cfg: FedtuneConfig, out: Path) -> tuple[int, float, float, float]:
     """Examples trained, seconds of round time, the last round's examples/s, and the seconds round 1
-    waited for the workers' one-time imports and model load."""
+    waited for the workers' one-time imports and model load. Also prints the whole `simulate` call's
+    wall time: Ray's start and stop, the server's set-up and round-0 evaluation, and the rounds."""
     preflight(cfg)
     run = RunDirectory.create(out, cfg)
+    started = time.perf_counter()
     simulate(cfg, run, Console(stderr=True, quiet=True))
+    whole = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     examples = sum(r["train_examples"] for r in rows)
     waited = json.loads((out / "summary.json").read_text())["warm_up_wait_s"]
-    return examples, sum(r["train_s"] for r in rows), rows[-1]["train_examples"] / rows[-1]["train_s"], waited
+    rounds = sum(r["train_s"] for r in rows)
+    print(f"  simulate() took {whole:.1f} s in all: {rounds:.1f} s of rounds, round 1 waited {waited} s for the "
+          f"workers, {whole - rounds - waited:.1f} s for the rest", file=sys.stderr, flush=True)
+    return examples, rounds, rows[-1]["train_examples"] / rows[-1]["train_s"], waited
 
 
 # ---- tokens, FLOPs and the peak --------------------------------------------------------------

@@ -103,8 +103,21 @@ def own_rank(cfg: FedtuneConfig, context: Context) -> int:
 
 def _cached_model(cfg: FedtuneConfig, rank: int):
     """The worker's model with a LoRA adapter of `rank` (built once per process, models/build.py)."""
+    threads_as_assigned()
     lora = cfg.lora if rank == cfg.lora.r else dataclasses.replace(cfg.lora, r=rank, client_ranks="")
     return get_task(cfg.model.task).build_model(cfg.model, lora, cfg.data, cfg.seed)
+
+
+def threads_as_assigned() -> None:
+    """Run torch on as many threads as OMP_NUM_THREADS says, where set. Ray sets it to a worker's
+    assigned CPUs only when the worker's actor starts; a worker that imported torch before that (the
+    local Ray preloads this module, simulation/engine.py) has already sized torch's pool to the
+    machine, and two such workers on two cores would each run two threads."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):

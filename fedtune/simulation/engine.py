@@ -113,10 +113,6 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     # wait out the GCS reconnect timeout, 60 s by default. On this one machine the GCS lives and dies
     # with this process, so waiting for it to come back is pointless; 10 s lets them exit soon after.
     os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
-    if cfg.simulation.ray_address:
-        connect_cluster(cfg, console)
-    else:
-        require_ray_token()
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import app as client_app
@@ -128,6 +124,11 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     flwr_logger.addFilter(notice_filter)
     stop, done = threading.Event(), threading.Event()
     try:
+        if cfg.simulation.ray_address:
+            connect_cluster(cfg, console)
+        else:
+            require_ray_token()
+            start_local_ray(cfg)
         with _first_ctrl_c_stops(stop, console):
             server = server_app(cfg, run, console, warm_workers=simulation_workers(cfg), stop=stop, done=done)
             try:
@@ -141,6 +142,44 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
                 raise KeyboardInterrupt
     finally:
         flwr_logger.removeFilter(notice_filter)
+        _leave_ray()
+
+
+def _leave_ray() -> None:
+    """Flower's backend shuts Ray down when the simulation ends; this covers a failure before it
+    started, so no Ray started here outlives the run."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+PRELOADED = "fedtune.client.app"  # what a worker needs for its first client: torch, transformers, peft, Opacus
+
+
+def start_local_ray(cfg: FedtuneConfig) -> None:
+    """Start the local Ray for the simulation here, not in Flower's backend (whose init_ray then
+    skips it), so that round 1 waits less for the workers' start-up:
+    - Ray starts one idle worker per CPU as it starts. Each imports PRELOADED at once (Ray's
+      `preload_python_modules` setting), while Ray finishes starting and the server loads its
+      evaluator, instead of when its first message arrives.
+    - No job-level runtime_env: Flower passes one holding PYTHONPATH, and Ray gives an actor a worker
+      started with the actor's runtime_env, so every worker started idle would be left idle and two
+      new ones started. The idle workers inherit PYTHONPATH from this process's environment instead,
+      as Flower's own init sets it (this Ray runs on this machine only).
+    Ray sets a worker's OMP_NUM_THREADS only when its actor starts, after the preloaded torch has
+    sized its thread pool; the client app resizes it (client/app.py::threads_as_assigned)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ["PYTHONPATH"] = _worker_pythonpath()
+    ray.init(**backend_config(cfg)["init_args"], include_dashboard=False,
+             _system_config={"preload_python_modules": [PRELOADED]})
+
+
+def _worker_pythonpath() -> str:
+    """This process's import path, for the workers (Flower's backend passes the same)."""
+    return os.pathsep.join(filter(None, [os.pathsep.join(sys.path), os.environ.get("PYTHONPATH")]))
 
 
 def connect_cluster(cfg: FedtuneConfig, console: Console) -> None:
@@ -151,8 +190,7 @@ def connect_cluster(cfg: FedtuneConfig, console: Console) -> None:
     random per-process token is for the Ray it starts itself."""
     import ray
 
-    pythonpath = os.pathsep.join(filter(None, [os.pathsep.join(sys.path), os.environ.get("PYTHONPATH")]))
-    os.environ["PYTHONPATH"] = pythonpath
+    pythonpath = os.environ["PYTHONPATH"] = _worker_pythonpath()
     check_cluster(cfg.simulation.ray_address)
     try:
         ray.init(address=cfg.simulation.ray_address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
