@@ -161,7 +161,7 @@ def start_local_ray(cfg: FedtuneConfig) -> None:
     skips it), so that round 1 waits less for the workers' start-up:
     - Ray starts one idle worker per CPU as it starts. Each imports PRELOADED at once (Ray's
       `preload_python_modules` setting), while Ray finishes starting and the server loads its
-      evaluator, instead of when its first message arrives.
+      evaluator, instead of when its first message arrives (ray_system_config says when).
     - No job-level runtime_env: Flower passes one holding PYTHONPATH, and Ray gives an actor a worker
       started with the actor's runtime_env, so every worker started idle would be left idle and two
       new ones started. The idle workers inherit PYTHONPATH from this process's environment instead,
@@ -173,8 +173,14 @@ def start_local_ray(cfg: FedtuneConfig) -> None:
     if ray.is_initialized():
         return
     os.environ["PYTHONPATH"] = _worker_pythonpath()
-    ray.init(**backend_config(cfg)["init_args"], include_dashboard=False,
-             _system_config={"preload_python_modules": [PRELOADED]})
+    ray.init(**backend_config(cfg)["init_args"], include_dashboard=False, _system_config=ray_system_config(cfg))
+
+
+def ray_system_config(cfg: FedtuneConfig) -> dict:
+    """Preload the ClientApp only where each of the idle workers Ray starts (one per CPU) becomes one
+    of Flower's: with more CPUs per client, or one worker per GPU, the rest would import torch for
+    nothing, beside the workers that train."""
+    return {"preload_python_modules": [PRELOADED]} if simulation_workers(cfg) == usable_cpus() else {}
 
 
 def _worker_pythonpath() -> str:

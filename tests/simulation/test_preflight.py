@@ -67,3 +67,12 @@ def test_a_ray_address_must_be_host_and_port_or_auto(address):
         FedtuneConfig().with_overrides({"simulation.ray_address": address})
     for good in ("auto", "10.0.0.5:6379", "head.cluster.local:6379", ""):
         FedtuneConfig().with_overrides({"simulation.ray_address": good})
+
+
+def test_the_idle_workers_preload_the_client_app_only_when_each_becomes_a_client_worker(monkeypatch):
+    from fedtune.simulation import engine
+
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 4)
+    assert engine.ray_system_config(FedtuneConfig()) == {"preload_python_modules": [engine.PRELOADED]}
+    two_each = FedtuneConfig.from_flat({**FedtuneConfig().to_flat(), "num_cpus_per_client": 2})
+    assert engine.simulation_workers(two_each) == 2 and engine.ray_system_config(two_each) == {}
