@@ -43,8 +43,8 @@ def backend_config(cfg: FedtuneConfig) -> dict:
                              # (killed for memory, say) is restarted, so later rounds have their clients
                              # again; the message it held fails, and the round's quorum check counts it.
                              "max_restarts": -1},
-        # No runtime_env here: Flower's RayBackend passes its own to ray.init, and a second one
-        # fails the start ("multiple values for keyword argument 'runtime_env'").
+        # What start_local_ray passes to ray.init (connect_cluster joins with the address); Flower's
+        # backend finds Ray running and starts none. No runtime_env here (start_local_ray says why).
         "init_args": init,
     }
 
@@ -123,13 +123,17 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
     notice_filter = _DropDeprecationNotice()
     flwr_logger.addFilter(notice_filter)
     stop, done = threading.Event(), threading.Event()
+    started_ray = False
     try:
-        if cfg.simulation.ray_address:
-            connect_cluster(cfg, console)
-        else:
-            require_ray_token()
-            start_local_ray(cfg)
         with _first_ctrl_c_stops(stop, console):
+            if cfg.simulation.ray_address:
+                connect_cluster(cfg, console)
+                started_ray = True
+            else:
+                require_ray_token()
+                started_ray = start_local_ray(cfg)
+            if stop.is_set():  # Ctrl-C while Ray started: nothing has run yet
+                raise KeyboardInterrupt
             server = server_app(cfg, run, console, warm_workers=simulation_workers(cfg), stop=stop, done=done)
             try:
                 run_simulation(server_app=server, client_app=client_app, num_supernodes=cfg.clients,
@@ -142,21 +146,23 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
                 raise KeyboardInterrupt
     finally:
         flwr_logger.removeFilter(notice_filter)
-        _leave_ray()
+        if started_ray:
+            _leave_ray()
 
 
 def _leave_ray() -> None:
     """Flower's backend shuts Ray down when the simulation ends; this covers a failure before it
-    started, so no Ray started here outlives the run."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    started, so no Ray started (or joined) here outlives the run."""
+    import ray
+
+    if ray.is_initialized():
         ray.shutdown()
 
 
 PRELOADED = "fedtune.client.app"  # what a worker needs for its first client: torch, transformers, peft, Opacus
 
 
-def start_local_ray(cfg: FedtuneConfig) -> None:
+def start_local_ray(cfg: FedtuneConfig) -> bool:
     """Start the local Ray for the simulation here, not in Flower's backend (whose init_ray then
     skips it), so that round 1 waits less for the workers' start-up:
     - Ray starts one idle worker per CPU as it starts. Each imports PRELOADED at once (Ray's
@@ -167,20 +173,27 @@ def start_local_ray(cfg: FedtuneConfig) -> None:
       new ones started. The idle workers inherit PYTHONPATH from this process's environment instead,
       as Flower's own init sets it (this Ray runs on this machine only).
     Ray sets a worker's OMP_NUM_THREADS only when its actor starts, after the preloaded torch has
-    sized its thread pool; the client app resizes it (client/app.py::threads_as_assigned)."""
+    sized its thread pool; the client app resizes it (client/app.py::threads_as_assigned).
+    `address="local"`: a new Ray on this machine, whatever RAY_ADDRESS or an earlier `ray start`
+    says (an existing cluster is joined only through simulation.ray_address). Returns whether it
+    started one (a Ray already running in this process, a caller's, is used as it is)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ["PYTHONPATH"] = _worker_pythonpath()
-    ray.init(**backend_config(cfg)["init_args"], include_dashboard=False, _system_config=ray_system_config(cfg))
+    ray.init(address="local", **backend_config(cfg)["init_args"], include_dashboard=False,
+             _system_config=ray_system_config(cfg))
+    return True
 
 
 def ray_system_config(cfg: FedtuneConfig) -> dict:
     """Preload the ClientApp only where each of the idle workers Ray starts (one per CPU) becomes one
-    of Flower's: with more CPUs per client, or one worker per GPU, the rest would import torch for
-    nothing, beside the workers that train."""
-    return {"preload_python_modules": [PRELOADED]} if simulation_workers(cfg) == usable_cpus() else {}
+    of Flower's, on CPU: with more CPUs per client the rest would import torch for nothing, beside
+    the workers that train; with cuda, one worker per GPU, and the imports would run before Ray
+    sets the worker's CUDA_VISIBLE_DEVICES."""
+    every_idle_worker_trains = cfg.model.device == "cpu" and simulation_workers(cfg) >= usable_cpus()
+    return {"preload_python_modules": [PRELOADED]} if every_idle_worker_trains else {}
 
 
 def _worker_pythonpath() -> str:
