@@ -132,7 +132,7 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
             else:
                 require_ray_token()
                 started_ray = start_local_ray(cfg)
-            if stop.is_set():  # Ctrl-C while Ray started: nothing has run yet
+            if stop.is_set():  # Ctrl-C while Ray was starting: no round has run
                 raise KeyboardInterrupt
             server = server_app(cfg, run, console, warm_workers=simulation_workers(cfg), stop=stop, done=done)
             try:
@@ -169,8 +169,8 @@ def start_local_ray(cfg: FedtuneConfig) -> bool:
       `preload_python_modules` setting), while Ray finishes starting and the server loads its
       evaluator, instead of when its first message arrives (ray_system_config says when).
     - No job-level runtime_env: Flower passes one holding PYTHONPATH, and Ray gives an actor a worker
-      started with the actor's runtime_env, so every worker started idle would be left idle and two
-      new ones started. The idle workers inherit PYTHONPATH from this process's environment instead,
+      started with the actor's runtime_env, so every worker started idle would be left idle and new
+      ones started. The idle workers inherit PYTHONPATH from this process's environment instead,
       as Flower's own init sets it (this Ray runs on this machine only).
     Ray sets a worker's OMP_NUM_THREADS only when its actor starts, after the preloaded torch has
     sized its thread pool; the client app resizes it (client/app.py::threads_as_assigned).
