@@ -117,7 +117,8 @@ def threads_as_assigned() -> None:
     if threads.isdigit() and int(threads) > 0:
         import torch
 
-        torch.set_num_threads(int(threads))
+        if torch.get_num_threads() != int(threads):  # once per process: _cached_model runs every round
+            torch.set_num_threads(int(threads))
 
 
 def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
