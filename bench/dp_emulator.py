@@ -20,6 +20,9 @@ a round runs only the last layer and the head (per-sample gradients by Opacus' G
         [--backoffs 0.5]        halve the rate when two successive noised steps have cosine below -0.5
         [--train all lora head] what is trained and noised: LoRA and the head, or one of them
         [--truncate-head 1 4 16] also score the head's summed update cut to its largest singular directions
+        [--local-steps 1 4]     k DP-SGD steps a round on Poisson samples of rate 1/k (σ solved for them):
+                                one client, central DP-SGD; several, each institution's own steps from
+                                the global model, averaged by records (not one central step any more)
 
 Each DP run also reports the head's summed update's largest singular values next to the edge of its
 noise's spectrum, σ·C·√m·√(Σ_t lr_t²)/n·(√rows + √cols): singular values at that edge are noise's.
@@ -127,8 +130,14 @@ def accuracy(tail, hidden, mask, labels) -> float:
 def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
             clip: float = 1.0, delta: float = 1e-5, r: int = 2, train_fraction: float = 0.9,
             schedule: str = "constant", head_scale: float = 0.0, backoff: float = 0.0, train: str = "all",
-            truncate_head: tuple[int, ...] = ()) -> dict:
-    """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP."""
+            truncate_head: tuple[int, ...] = (), local_steps: int = 1) -> dict:
+    """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP.
+    local_steps k > 1: k DP-SGD steps a round, each on a Poisson sample of rate 1/k, σ solved for that
+    rate and rounds x k steps, the noised sum divided by the expected batch (Opacus'). With m > 1 the
+    steps no longer reduce to one central step: federated_local_steps() runs each institution's."""
+    if local_steps > 1 and clients != 1:
+        return federated_local_steps(data, lr, rounds, clients, epsilon, seed, clip, delta, r, train_fraction,
+                                     schedule, head_scale, local_steps)
     torch.manual_seed(seed)
     lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=(),
                       target_modules=(f"layer.{LAST}.attention.self.query", f"layer.{LAST}.attention.self.value"))
@@ -145,8 +154,10 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     # fedtune clients keep data.client_val_fraction (10%) of their records aside: train on the rest
     n = int(len(data["train_y"]) * train_fraction)
     hidden, mask, labels = data["train_h"][:n], data["train_m"][:n], data["train_y"][:n]
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=rounds,
-                                 accountant="prv") if epsilon else 0.0
+    rate = 1.0 / local_steps
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=rate,
+                                 steps=rounds * local_steps, accountant="prv") if epsilon else 0.0
+    sampling = torch.Generator().manual_seed(20_000 + seed)
     noise = torch.Generator().manual_seed(10_000 + seed)
     curve = [accuracy(tail, data["val_h"], data["val_m"], data["val_y"])]
     head = next((p for name, p in tail.named_parameters()  # the head's weight: peft's trained copy
@@ -158,7 +169,19 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     server_rate, previous, cosines = 1.0, None, []
     for round_ in range(1, rounds + 1):
         lr_now = rates.learning_rate_at(round_, rounds)
-        grads = clipped_sum(tail, params, hidden, mask, labels, clip if epsilon else None)
+        for _ in range(local_steps - 1):  # the round's first k - 1 steps; the last one runs below
+            picked = torch.rand(n, generator=sampling) < rate
+            grads = clipped_sum(tail, params, hidden[picked], mask[picked], labels[picked], clip if epsilon else None)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    if epsilon:
+                        g += torch.randn(g.shape, generator=noise) * sigma * clip
+                    p -= lr_now * g / (n * rate)
+        if local_steps > 1:
+            picked = torch.rand(n, generator=sampling) < rate
+            grads = clipped_sum(tail, params, hidden[picked], mask[picked], labels[picked], clip if epsilon else None)
+        else:
+            grads = clipped_sum(tail, params, hidden, mask, labels, clip if epsilon else None)
         with torch.no_grad():
             if epsilon:
                 for g in grads:
@@ -170,8 +193,8 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
                     server_rate /= 2  # successive steps point against each other: the rate overshoots
             previous = step
             for p, g in zip(params, grads, strict=True):
-                p -= server_rate * lr_now * g / n
-            step_sizes.append(server_rate * lr_now / n)
+                p -= server_rate * lr_now * g / (n * rate)
+            step_sizes.append(server_rate * lr_now / (n * rate))
         curve.append(accuracy(tail, data["val_h"], data["val_m"], data["val_y"]))
     spectrum = head_spectrum(tail, data, head, head_start, sigma * clip * math.sqrt(clients), step_sizes,
                              truncate_head) if epsilon and head is not None else {}
@@ -185,9 +208,72 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
     return {"lr": lr, "schedule": schedule, "rounds": rounds, "clients": clients, "epsilon": epsilon,
             "sigma": round(sigma, 3),
             "seed": seed, "r": r, "head_scale": head_scale, "backoff": backoff, "cosines": cosines,
-            "train": train, "trained_values": sum(p.numel() for p in params),
+            "train": train, "trained_values": sum(p.numel() for p in params), "local_steps": local_steps,
             "server_rate": server_rate,
             **spectrum,
+            "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
+            "curve": [round(a, 3) for a in curve], "wall_s": round(time.time() - t0, 1)}
+
+
+def federated_local_steps(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
+                          clip: float, delta: float, r: int, train_fraction: float, schedule: str,
+                          head_scale: float, local_steps: int, alpha: float = 0.5) -> dict:
+    """FedAvg over `clients` institutions (Dirichlet α over the labels, fedtune's partitioner), each taking
+    `local_steps` DP-SGD steps a round from the global model on Poisson samples of rate 1/k of its own
+    records, with its own noise; the server averages the updates weighted by records. Trains LoRA and the head."""
+    from fedtune.data.partition import partition_indices
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, alpha=2.0 * r, modules_to_save=(),
+                      target_modules=(f"layer.{LAST}.attention.self.query", f"layer.{LAST}.attention.self.value"))
+    model = build_model(ModelConfig(pooling="mean"), lora, len(data["labels"]), seed)
+    tail = GradSampleModule(Tail(model))
+    params = [p for p in tail.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    if head_scale:
+        init_head_from_label_names(model, list(data["labels"]), load_tokenizer(""), 64, norm=head_scale)
+    n = int(len(data["train_y"]) * train_fraction)
+    hidden, mask, labels = data["train_h"][:n], data["train_m"][:n], data["train_y"][:n]
+    parts = [torch.tensor(sorted(part)) for part in
+             partition_indices(labels.tolist(), list(range(n)), clients, "dirichlet", alpha, seed)]
+    rate = 1.0 / local_steps
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=rate,
+                                 steps=rounds * local_steps, accountant="prv") if epsilon else 0.0
+    noise, sampling = torch.Generator().manual_seed(10_000 + seed), torch.Generator().manual_seed(20_000 + seed)
+    rates = TrainConfig(optimizer="sgd", learning_rate=lr, lr_schedule=schedule)
+    curve, t0 = [accuracy(tail, data["val_h"], data["val_m"], data["val_y"])], time.time()
+    for round_ in range(1, rounds + 1):
+        lr_now = rates.learning_rate_at(round_, rounds)
+        global_ = [p.detach().clone() for p in params]
+        update = [torch.zeros_like(p) for p in params]
+        for part in parts:
+            with torch.no_grad():
+                for p, g in zip(params, global_, strict=True):
+                    p.copy_(g)
+            for _ in range(local_steps):
+                picked = part[torch.rand(len(part), generator=sampling) < rate]
+                grads = clipped_sum(tail, params, hidden[picked], mask[picked], labels[picked],
+                                    clip if epsilon else None)
+                with torch.no_grad():
+                    for p, g in zip(params, grads, strict=True):
+                        if epsilon:
+                            g += torch.randn(g.shape, generator=noise) * sigma * clip
+                        p -= lr_now * g / (len(part) * rate)
+            with torch.no_grad():
+                for u, p, g in zip(update, params, global_, strict=True):
+                    u += (p - g) * len(part) / n
+        with torch.no_grad():
+            for p, g, u in zip(params, global_, update, strict=True):
+                p.copy_(g + u)
+        curve.append(accuracy(tail, data["val_h"], data["val_m"], data["val_y"]))
+    with torch.no_grad():
+        for p, s in zip(params, start, strict=True):
+            p.copy_(s)
+    tail._close()
+    late = curve[-5:]
+    return {"lr": lr, "schedule": schedule, "rounds": rounds, "clients": clients, "epsilon": epsilon,
+            "sigma": round(sigma, 3), "seed": seed, "r": r, "head_scale": head_scale, "train": "all",
+            "local_steps": local_steps, "records": [len(part) for part in parts],
             "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
             "curve": [round(a, 3) for a in curve], "wall_s": round(time.time() - t0, 1)}
 
@@ -254,6 +340,8 @@ def main() -> None:
                         help="What is trained (and noised): LoRA and the head, LoRA alone, or the head alone")
     parser.add_argument("--truncate-head", nargs="*", type=int, default=[],
                         help="Also score the head's summed update cut to each of these numbers of singular directions")
+    parser.add_argument("--local-steps", nargs="+", type=int, default=[1],
+                        help="DP-SGD steps a round on Poisson samples of rate 1/k (one client only) [default: 1]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--demo-examples", type=int, default=6000)
@@ -271,11 +359,13 @@ def main() -> None:
                                     for scale in args.head_scales:
                                         for backoff in args.backoffs:
                                             for train in args.train:
-                                                result = emulate(data, lr, rounds, clients, eps or None, seed,
-                                                                 r=r, schedule=schedule, head_scale=scale,
-                                                                 backoff=backoff, train=train,
-                                                                 truncate_head=tuple(args.truncate_head))
-                                                print(json.dumps({"dataset": name, **result}), flush=True)
+                                                for k in args.local_steps:
+                                                    result = emulate(data, lr, rounds, clients, eps or None, seed,
+                                                                     r=r, schedule=schedule, head_scale=scale,
+                                                                     backoff=backoff, train=train,
+                                                                     truncate_head=tuple(args.truncate_head),
+                                                                     local_steps=k)
+                                                    print(json.dumps({"dataset": name, **result}), flush=True)
 
 
 if __name__ == "__main__":

