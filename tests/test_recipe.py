@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -14,6 +15,8 @@ from fedtune.recipe import (
     LABELS_MAX_FACTOR,
     LABELS_REFERENCE,
     LABELS_STEP_CAP,
+    LOCAL_STEP_NOISE,
+    MAX_LOCAL_STEPS,
     NOISY_RATIO,
     PLAIN_COOLDOWN,
     PLAIN_FEDERATED_ROUNDS,
@@ -24,10 +27,14 @@ from fedtune.recipe import (
     apply_recipe,
     labels_factor,
     labels_factor_ceiling,
+    local_step_noise,
+    local_steps_batch,
     noise_advice,
     noise_to_signal,
     plain_batch_size,
     recipe_learning_rate,
+    recipe_local_steps,
+    recipe_sigma,
 )
 from fedtune.server.prepare import facts, resolve
 
@@ -332,3 +339,72 @@ def test_distributed_dp_is_suggested_only_where_the_run_could_use_it():
     cfg = CFG.with_overrides({"clients": 20, "data.demo_examples": 400, "strategy.name": "fedprox"})
     advice = resolve(cfg, GIVEN | {"strategy.name"}).recipe.advice
     assert advice and "√20" in advice[1] and "--secagg" not in advice[1]
+
+
+# One holder of 2,400 records (the demo's 3,000 less the server's hold-out): small noise per step.
+CENTRAL = CFG.with_overrides({"clients": 1, "data.demo_examples": 3000})
+
+
+def test_one_holder_of_many_records_takes_several_local_steps_a_round():
+    """Where each step's noise is small, k Poisson steps of rate 1/k replace the one full-batch step."""
+    from fedtune.privacy.budget import poisson_schedule
+
+    cfg = resolve(CENTRAL, GIVEN)
+    (n,) = facts(cfg).records
+    assert cfg.train.batch_size == math.ceil(n / MAX_LOCAL_STEPS) and cfg.train.local_epochs == 1
+    assert poisson_schedule(n, cfg.train.batch_size, 1) == (1 / MAX_LOCAL_STEPS, MAX_LOCAL_STEPS)
+    note = next(note for note in cfg.recipe.chosen if note.startswith("train.batch_size"))
+    assert f"{MAX_LOCAL_STEPS} DP-SGD steps a round" in note and "same ε" in note
+    # the labels factor was measured for one step a round only: the rate is the first factor's
+    assert "labels factor was measured only for one" in next(
+        note for note in cfg.recipe.chosen if note.startswith("train.learning_rate"))
+
+
+def test_small_institutions_keep_one_full_batch_step():
+    """20 institutions of 50 records: one of four steps would carry noise of several C (PhraseBank's 9.5 C
+    gained nothing in bench/dp_emulator.py; banking24's 18.6 C collapsed)."""
+    small = Facts(labels=3, clients=20, records=(50,) * 20, epsilon=8.0, delta=1e-5)
+    steps, noise = recipe_local_steps(small, 30, 4227)
+    assert steps == 1 and noise > LOCAL_STEP_NOISE
+    assert local_steps_batch(small, 1) == 4096
+    cfg = resolve(CFG, GIVEN)  # 4 institutions of about 40
+    assert cfg.train.batch_size == 4096 and "too few for several" in next(
+        note for note in cfg.recipe.chosen if note.startswith("train.local_epochs"))
+
+
+@pytest.mark.parametrize("records", [(50,) * 20, (900,), (3400,), (8000,), (434, 434, 435), (600, 5000), (2,)])
+def test_the_local_steps_are_the_most_whose_step_noise_stays_below_the_signal(records):
+    known = Facts(labels=6, clients=len(records), records=records, epsilon=8.0, delta=1e-5)
+    values, smallest = 3072 + 385 * 6, min(records)
+    steps, noise = recipe_local_steps(known, 30, values)
+    assert noise == pytest.approx(local_step_noise(recipe_sigma(known, 30, steps), steps, values, smallest))
+    assert steps == 1 or noise <= LOCAL_STEP_NOISE
+    more = 2 * steps
+    assert (more > MAX_LOCAL_STEPS or more > smallest
+            or local_step_noise(recipe_sigma(known, 30, more), more, values, smallest) > LOCAL_STEP_NOISE)
+
+
+def test_the_smallest_institution_solves_the_sigma_the_rule_assumed():
+    """The rule reads each step's noise from σ for rate 1/k over 30·k steps; the institution, given the chosen
+    batch, solves its own σ (privacy/budget.py) for the rate and steps Opacus' loader gives it."""
+    from fedtune.privacy.budget import client_dp
+
+    cfg = resolve(CENTRAL, GIVEN)
+    known = facts(cfg)
+    solved = client_dp(cfg.dp, None, known.records[0], cfg.train.batch_size, 1, cfg.rounds_per_client())
+    assert solved.noise_multiplier == pytest.approx(recipe_sigma(known, 30, MAX_LOCAL_STEPS), rel=0.01)
+
+
+def test_a_round_stays_one_full_batch_step_where_it_must():
+    """A σ given by hand (k steps would spend another ε) and a white-box audit's public streams (every record
+    in every step) keep q = 1."""
+    by_hand = resolve(CENTRAL.with_overrides({"dp.noise_multiplier": 2.0}), GIVEN | {"dp.noise_multiplier"})
+    public = resolve(CENTRAL.with_overrides({"dp.public_streams": True}), GIVEN | {"dp.public_streams"})
+    assert by_hand.train.batch_size == public.train.batch_size == 4096
+
+
+def test_a_batch_given_by_hand_is_the_run_s_own_step_and_keeps_the_labels_factor():
+    cfg = resolve(CENTRAL.with_overrides({"train.batch_size": 4096}), GIVEN | {"train.batch_size"})
+    assert cfg.train.batch_size == 4096
+    assert "labels factor was measured only" not in next(
+        note for note in cfg.recipe.chosen if note.startswith("train.learning_rate"))

@@ -24,16 +24,19 @@ from fedtune.recipe import (
     LABELS_FULL_RATIO,
     LABELS_REFERENCE,
     LABELS_STEP_CAP,
+    LOCAL_STEP_NOISE,
     RECIPE_RANK,
     RECIPE_ROUNDS,
     Facts,
     labels_factor,
     labels_factor_ceiling,
+    local_steps_batch,
     noise_advice,
     noise_rate,
     noise_to_signal,
     plain_recipe,
     recipe_learning_rate,
+    recipe_local_steps,
     recipe_sigma,
 )
 from fedtune.tasks.base import Scores, Task
@@ -85,15 +88,15 @@ class Classification(Task):
         }
         ratio, sigma, values = self._noise(cfg, facts, pinned, hidden)
         t = cfg.dp.distributed_min_honest
+        steps, step_noise = self._local_steps(cfg, facts, pinned, values)
         choices.update({
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP"),
-            "train.batch_size": (4096, "every record in every step (Poisson q = 1, up to 4,096 records): the least "
-                                       "noise per record for a given ε"),
-            "train.local_epochs": (1, "one step a round: several steps on a non-IID shard fit its own label prior"),
+            **_steps_choices(facts, steps, step_noise),
             "train.learning_rate": (
-                recipe_learning_rate(ratio, facts.labels),
-                f"{BASE_LEARNING_RATE} / √(1 + r²) x {_labels_factor_why(ratio, facts.labels)}, "
+                recipe_learning_rate(ratio, facts.labels) if steps == 1 else round(noise_rate(ratio), 2),
+                f"{BASE_LEARNING_RATE} / √(1 + r²) x "
+                f"{_labels_factor_why(ratio, facts.labels) if steps == 1 else _NO_FACTOR_WHY}, "
                 f"with r = σ√({'m/t' if t else 'm'}·d)/N = {ratio:.2f}, the noise "
                 f"on a round's mean update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round"
                 f"{f', t {t} sharing the noise' if t else ''}, d {values} "
@@ -116,13 +119,24 @@ class Classification(Task):
         return noise_advice(facts, ratio, cfg.dp.distributed_min_honest, can_share, cfg.dp.unit)
 
     def _noise(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], hidden: int) -> tuple[float, float, int]:
-        """(r, σ, d) under the private recipe: recipe.py::noise_to_signal of its σ and trained values."""
-        rounds = cfg.rounds if "rounds" in pinned else RECIPE_ROUNDS
-        per_client = max(1, math.ceil(rounds * facts.clients / cfg.clients - 1e-9))  # as rounds_per_client()
-        sigma = recipe_sigma(facts, per_client) if facts.epsilon else cfg.dp.noise_multiplier
+        """(r, σ, d) under the private recipe's one full-batch step a round: recipe.py::noise_to_signal of its
+        σ and trained values."""
+        rounds = _rounds_per_client(cfg, facts, pinned)
+        sigma = recipe_sigma(facts, rounds) if facts.epsilon else cfg.dp.noise_multiplier
         # trained values: LoRA's A and B on two projections of the last layer, and the head
         values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels
         return noise_to_signal(facts, sigma, values, cfg.dp.distributed_min_honest), sigma, values
+
+    def _local_steps(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], values: int) -> tuple[int, float]:
+        """(k, step noise): recipe.py::recipe_local_steps, or one full-batch step where a round must be one:
+        under distributed DP (each share must be of one plain-SGD step on every record), a white-box audit's
+        public streams (every record in every step), or a σ given by hand (k steps would spend another ε).
+        (1, 0.0) too where the batch or the epochs were given: the run's steps are then the user's."""
+        if cfg.dp.distributed_min_honest or cfg.dp.public_streams or not facts.epsilon:
+            return 1, 0.0
+        if {"train.batch_size", "train.local_epochs"} & pinned:
+            return 1, 0.0
+        return recipe_local_steps(facts, _rounds_per_client(cfg, facts, pinned), values)
 
     def plain_recipe(self, cfg: FedtuneConfig, facts: Facts) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: small enough batches for several local steps, and (a federation) up to 40 rounds."""
@@ -189,6 +203,39 @@ class Classification(Task):
 
 
 TASK = Classification()
+
+
+def _rounds_per_client(cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str]) -> int:
+    """The rounds each institution trains in, at the recipe's rounds unless given (as rounds_per_client())."""
+    rounds = cfg.rounds if "rounds" in pinned else RECIPE_ROUNDS
+    return max(1, math.ceil(rounds * facts.clients / cfg.clients - 1e-9))
+
+
+def _steps_choices(facts: Facts, steps: int, step_noise: float) -> dict[str, tuple[Any, str]]:
+    """The batch and epochs of the recipe's k local steps a round (docs/recipe.md, "Local steps")."""
+    if steps == 1:
+        return {"train.batch_size": (4096, "every record in every step (Poisson q = 1, up to 4,096 records): the "
+                                           "least noise per record for a given ε"),
+                "train.local_epochs": (1, "one step a round: several steps on a non-IID shard fit its own label "
+                                          f"prior{_one_step_why(step_noise)}")}
+    batch = local_steps_batch(facts, steps)
+    return {"train.batch_size": (batch, f"{steps} DP-SGD steps a round on Poisson samples of about 1/{steps} of the "
+                                        f"smallest institution's {min(facts.records)} records (σ solved for them: the "
+                                        f"same ε): each step's noise is {step_noise:.2f} C, below the largest signal "
+                                        f"clipping lets through ({LOCAL_STEP_NOISE:g} C), where one full-batch step a "
+                                        "round runs out of steps"),
+            "train.local_epochs": (1, f"one pass over the records a round, in {steps} or more steps")}
+
+
+def _one_step_why(step_noise: float) -> str:
+    if not step_noise:
+        return ""
+    return ("; and the smallest institution's records are too few for several: two steps a round would each carry "
+            f"more noise than the largest signal clipping lets through ({LOCAL_STEP_NOISE:g} C)")
+
+
+_NO_FACTOR_WHY = "1 (several local steps a round move the model further than one; the labels factor was " \
+                 "measured only for one)"
 
 
 def _labels_factor_why(ratio: float, labels: int) -> str:
