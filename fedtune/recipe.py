@@ -154,7 +154,8 @@ def recipe_learning_rate(ratio: float, labels: int = 0) -> float:
 # Above this noise-to-signal ratio the noise on a round's mean update is larger than the largest signal
 # clipping lets through (a mean of norm C; the measured one is smaller, see SIGNAL_SQRT_LABELS), and a run
 # is told so (noise_advice). Measured at ε = 8 (docs/benchmarks.md, "Ninth session"): at r ≤ 0.73
-# federated DP ended within 1.1 points of central DP on three sets; at r = 1.86 (banking24) 11.4 below.
+# federated DP ended within 1.1 points of central DP's one full-batch step a round on three sets (within 7.5 of
+# central DP with local steps); at r = 1.86 (banking24) 11.4 below the first.
 NOISY_RATIO = 1.0
 
 
@@ -181,8 +182,9 @@ def noise_advice(facts: Facts, ratio: float, min_honest: int = 0, can_share: boo
                  f"({_shared_ratios(ratio, m)}; docs/privacy.md)") if can_share else ""
         notes.append(
             f"Each of the {m} institutions a round adds the noise its own ε needs: √{m} = {m**0.5:.1f} times what "
-            f"one holder of all {records} {unit}s would add. Measured at ε = 8, federated DP ended within 1.1 "
-            "points of central DP where r ≤ 0.73, and 11.4 points below it at r = 1.86. To lower r: a larger "
+            f"one holder of all {records} {unit}s would add. Measured at ε = 8 where r ≤ 0.73, federated DP ended "
+            "within 1.1 points of one holder of all the records taking the same one full-batch step a round, and "
+            "within 7.5 of central DP with its local steps; at r = 1.86, 11.4 below the first. To lower r: a larger "
             f"budget per institution, fewer and larger institutions{',' if share else ''}{share}.")
     else:
         notes.append(f"To lower r: a larger budget, or more {unit}s per holder.")
