@@ -257,6 +257,7 @@ RECIPE_KEYS = frozenset({
     "rounds", "early_stopping_patience", "cooldown_rounds", "dp.target_epsilon", "dp.noise_multiplier",
     "model.pooling", "model.head_init", "lora.target_modules", "lora.modules_to_save", "lora.r", "lora.alpha",
     "train.optimizer", "train.batch_size", "train.local_epochs", "train.learning_rate", "train.lr_schedule",
+    "train.sample_rate",
 })
 
 
@@ -280,6 +281,12 @@ class TrainConfig:
                           "last round, `linear` or `cosine` (as transformers' Trainer decays over one run). The "
                           "server sends each round's rate; within a round it is constant. A resume with more "
                           "`rounds` spreads the schedule over the new total from the next round on."})
+    sample_rate: float = field(
+        default=0.0,
+        metadata={"help": "Under DP: each round is one DP-SGD step on a Poisson sample of this rate, the same at "
+                          "every institution (Opacus' sample_rate), so that many cheap rounds can replace few "
+                          "full-batch ones, distributed DP included. 0: the steps follow from train.batch_size, "
+                          "q = 1/ceil(n/B) and ceil(n/B) steps an epoch."})
     length_buckets: bool = field(
         default=False,
         metadata={"help": "Batch texts of similar length together (less padding). Without DP only: DP-SGD's "
@@ -301,6 +308,11 @@ class TrainConfig:
         _check(1 <= self.batch_size <= 4096, "train.batch_size", "use 1 to 4096.")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", "use `adamw` or `sgd`.")
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", "use `constant`, `linear` or `cosine`.")
+        _check(0 <= self.sample_rate <= 1, "train.sample_rate", "use a probability such as 0.25 (0: from "
+               "train.batch_size).")
+        _check(not self.sample_rate or self.local_epochs == 1, "train.local_epochs",
+               "with train.sample_rate a round is one step; leave train.local_epochs at 1, or set "
+               "train.sample_rate to 0.")
         if self.optimizer == "adamw":
             _check(0 < self.learning_rate < 1, "train.learning_rate", "with AdamW use a value such as 5e-3.")
         else:
@@ -622,6 +634,12 @@ class FedtuneConfig:
         _check(not (self.train.length_buckets and self.dp.enabled), "train.length_buckets",
                "length-bucketed batches are not Poisson samples, which DP-SGD's accounting assumes; use it with "
                "dp.enabled = false, or drop it.")
+        _check(not self.train.sample_rate or self.dp.enabled, "train.sample_rate",
+               "it sets DP-SGD's Poisson sampling; without DP use train.batch_size, or set it to 0.")
+        _check(not (self.dp.public_streams and 0 < self.train.sample_rate < 1), "train.sample_rate",
+               "dp.public_streams lets the server know which records each step samples, so it needs every record "
+               "in every step; set train.sample_rate to 0 (and train.batch_size to at least the largest "
+               "institution's records), or drop dp.public_streams.")
         _check(self.dp.unit == "record" or bool(self.data.user_column), "dp.unit",
                "unit `user` protects each person's records together, so fedtune must know whose each record is: "
                "name that column in data.user_column, e.g. patient_id.")
@@ -679,8 +697,9 @@ class FedtuneConfig:
 
     def _check_distributed_dp(self) -> None:
         """Distributed DP sums the institutions' noised gradients, so each update must be linear in its
-        noised gradient sum, and nothing may rescale it afterwards. One plain-SGD step on every record
-        is checked after the recipe has chosen the training options (server/prepare.py::preflight)."""
+        noised gradient sum, and nothing may rescale it afterwards. One plain-SGD step a round (on every
+        record, or at train.sample_rate) is checked after the recipe has chosen the training options
+        (server/prepare.py::preflight)."""
         dp, t = self.dp, self.dp.distributed_min_honest
         if not t:
             return

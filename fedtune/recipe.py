@@ -271,11 +271,26 @@ def recipe_local_steps(facts: Facts, rounds: int, trained_values: int) -> tuple[
     """(k, its step noise at the smallest institution): the most steps a round, a power of two up to
     MAX_LOCAL_STEPS, whose step noise there is at most LOCAL_STEP_NOISE; k = 1 where none is (one
     full-batch step, whose noise the server's average then divides among the institutions)."""
-    smallest = min(facts.records, default=1)
-    chosen = (1, local_step_noise(recipe_sigma(facts, rounds), 1, trained_values, smallest))
+    return _most_steps(facts, rounds, trained_values, min(facts.records, default=1), 1.0)
+
+
+def distributed_steps(facts: Facts, rounds: int, trained_values: int, min_honest: int) -> tuple[int, float]:
+    """Distributed DP: (k, the step noise of the round's sum). Each institution's share must be of one
+    step, so k steps become k rounds, each one Poisson step at rate 1/k (train.sample_rate) at every
+    institution, with σ solved for rounds·k steps (the same ε). The sum is then one DP-SGD step over all
+    N records of the round at noise σ√(m/t); the rule is recipe_local_steps' on that step: most steps
+    whose noise, σ√(m/t)·k·√d / N in units of C, stays at most LOCAL_STEP_NOISE."""
+    return _most_steps(facts, rounds, trained_values, max(round(facts.records_per_round), 1),
+                       (facts.clients / min_honest) ** 0.5)
+
+
+def _most_steps(facts: Facts, rounds: int, trained_values: int, records: int, scale: float) -> tuple[int, float]:
+    """The most steps k (1, 2, 4 ... MAX_LOCAL_STEPS, at most `records`) whose step noise over `records`,
+    times `scale`, is at most LOCAL_STEP_NOISE, with that noise; (1, its noise) where none is."""
+    chosen = (1, scale * local_step_noise(recipe_sigma(facts, rounds), 1, trained_values, records))
     k = 2
-    while k <= MAX_LOCAL_STEPS and k <= smallest:
-        noise = local_step_noise(recipe_sigma(facts, rounds, k), k, trained_values, smallest)
+    while k <= MAX_LOCAL_STEPS and k <= records:
+        noise = scale * local_step_noise(recipe_sigma(facts, rounds, k), k, trained_values, records)
         if noise > LOCAL_STEP_NOISE:
             break
         chosen, k = (k, noise), 2 * k

@@ -408,3 +408,53 @@ def test_a_batch_given_by_hand_is_the_run_s_own_step_and_keeps_the_labels_factor
     assert cfg.train.batch_size == 4096
     assert "labels factor was measured only" not in next(
         note for note in cfg.recipe.chosen if note.startswith("train.learning_rate"))
+
+
+# Distributed DP over many records: the round's sum is one step over all of them.
+SHARED = CENTRAL.with_overrides({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4})
+SHARED_GIVEN = GIVEN | {"dp.secagg", "dp.distributed_min_honest"}
+
+
+def test_under_distributed_dp_several_steps_become_rounds_of_one_sampled_step():
+    """Each share must be of one step, so k steps per full-batch round become k rounds of one Poisson step
+    at rate 1/k at every institution, with σ solved for the k times as many steps (the same ε)."""
+    from fedtune.privacy.budget import client_dp
+    from fedtune.privacy.distributed import not_one_sgd_step
+    from fedtune.recipe import RECIPE_ROUNDS, distributed_steps
+
+    cfg = resolve(SHARED, SHARED_GIVEN)
+    known = facts(cfg)
+    k, noise = distributed_steps(known, RECIPE_ROUNDS, 3072 + 385 * known.labels, 4)
+    assert k == MAX_LOCAL_STEPS and noise <= LOCAL_STEP_NOISE
+    assert cfg.train.sample_rate == 1 / k and cfg.rounds == RECIPE_ROUNDS * k and cfg.train.local_epochs == 1
+    assert all(not_one_sgd_step(cfg.train, n) == "" for n in known.records), "each share is still of one step"
+    for n in known.records:  # every institution solves the same σ: the one the rule assumed
+        solved = client_dp(cfg.dp, None, n, cfg.train.batch_size, 1, cfg.rounds_per_client(), cfg.train.sample_rate)
+        assert solved.noise_multiplier == pytest.approx(recipe_sigma(known, RECIPE_ROUNDS, k), rel=0.01)
+    assert "each becomes 4 rounds of one sampled step" in next(n for n in cfg.recipe.chosen if n.startswith("rounds"))
+
+
+def test_under_distributed_dp_the_sum_s_step_noise_sets_the_rounds():
+    """The rule is the local steps' one, read on the round's sum: σ√(m/t)·k·√d over the N/k records it samples."""
+    from fedtune.recipe import distributed_steps
+
+    values = 3072 + 385 * 6
+    for records, t in [((50,) * 20, 20), ((50,) * 20, 10), ((3000,) * 4, 4), ((3000,) * 4, 2), ((120,) * 20, 20)]:
+        known = Facts(labels=6, clients=len(records), records=records, epsilon=8.0, delta=1e-5)
+        k, noise = distributed_steps(known, 30, values, t)
+        scale = (len(records) / t) ** 0.5
+        assert noise == pytest.approx(scale * local_step_noise(recipe_sigma(known, 30, k), k, values, sum(records)))
+        assert k == 1 or noise <= LOCAL_STEP_NOISE
+        assert 2 * k > MAX_LOCAL_STEPS or scale * local_step_noise(
+            recipe_sigma(known, 30, 2 * k), 2 * k, values, sum(records)) > LOCAL_STEP_NOISE
+    # every institution's share (t = m): the sum's step is one holder's of all the records
+    shared, alone = Facts(3, 20, (50,) * 20, 8.0, 1e-5), Facts(3, 1, (1000,), 8.0, 1e-5)
+    assert distributed_steps(shared, 30, 4227, 20) == pytest.approx(recipe_local_steps(alone, 30, 4227))
+
+
+def test_under_distributed_dp_given_rounds_or_steps_keep_full_batch_rounds():
+    for key, value in [("rounds", 30), ("train.batch_size", 4096), ("train.local_epochs", 1)]:
+        cfg = resolve(SHARED.with_overrides({key: value}), SHARED_GIVEN | {key})
+        assert cfg.train.sample_rate == 0.0 and cfg.rounds == 30
+    fixed = resolve(SHARED.with_overrides({"train.sample_rate": 0.5}), SHARED_GIVEN | {"train.sample_rate"})
+    assert fixed.train.sample_rate == 0.5 and fixed.rounds == 30, "a rate given by hand is the run's own"

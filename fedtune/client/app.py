@@ -139,7 +139,7 @@ def _model(cfg: FedtuneConfig, arrays: ArrayRecord, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, record = recipe(msg)
     policy = node_policy(context.node_config, cfg, str(record.get(k.CLIENT_STATE_DIR, "")))
-    cfg = dataclasses.replace(cfg, dp=policy.tighten(cfg.dp, cfg.rounds_per_client()))
+    cfg = dataclasses.replace(cfg, dp=policy.tighten(cfg.dp, cfg.rounds_per_client(), cfg.train.sample_rate))
     name = client_name(context)
     with state_lock(policy.state_dir, name):  # load, train, save: one at a time per institution
         return _train(msg, context, cfg, record, name, policy)
@@ -153,7 +153,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         state = load_state(context, name, policy.state_dir)
     except DamagedState as err:  # refused, and the file is left as it is: never overwritten with less
         known = spent_on_ledger(record)
-        # The round's rate and the σ every institution solves for (one full-batch step a round under
+        # The round's rate and the σ every institution solves for (one step a round at the run's q under
         # distributed DP, so the same σ whatever its history): its noise-only share must be as large as any.
         cfg = _round_config(cfg, record, ClientState(), n)
         metrics = _report(cfg, known, n, float("nan"), steps=0, sample_rate=0.0, bytes_up=0)
@@ -174,19 +174,22 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
                                                      f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config")
     if refusal:  # its ε is reported from the fuller record, so the ledger never shows it lower
         return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger), refusal)
-    if cfg.dp.enabled and not within_budget(cfg.dp, state.history, n, cfg.train.batch_size, cfg.train.local_epochs):
-        after = projected_epsilon(cfg.dp, state.history, n, cfg.train.batch_size, cfg.train.local_epochs)
+    plan = cfg.train  # the round's schedule
+    if cfg.dp.enabled and not within_budget(cfg.dp, state.history, n, plan.batch_size, plan.local_epochs,
+                                            plan.sample_rate):
+        after = projected_epsilon(cfg.dp, state.history, n, plan.batch_size, plan.local_epochs, plan.sample_rate)
         return round_.without_training(state, k.STATUS_DECLINED, state.history, (
             f"one more round would take its ε to {after:.2f}, above its budget of {cfg.dp.epsilon_budget:g} "
             "(dp.epsilon_budget, capped by dp.target_epsilon)"))
     if cfg.dp.distributed_min_honest and (problem := not_one_sgd_step(cfg.train, n)):
         return round_.without_training(state, k.STATUS_REFUSED, state.history, (
-            f"distributed DP sums one plain-SGD step on every record of each institution, but {problem}"))
-    if cfg.dp.public_streams and poisson_schedule(n, cfg.train.batch_size, epochs=1)[0] != 1.0:
+            f"distributed DP sums one plain-SGD step of each institution, but {problem}"))
+    # (a train.sample_rate below 1 is refused with dp.public_streams when the config is read)
+    if cfg.dp.public_streams and poisson_schedule(n, plan.batch_size, 1, plan.sample_rate)[0] != 1.0:
         return round_.without_training(state, k.STATUS_REFUSED, state.history, (
             f"dp.public_streams lets the server know which records each step samples, which DP-SGD's sampling "
             f"amplification needs secret; it needs every record in every step, but {n} records at "
-            f"train.batch_size {cfg.train.batch_size} take several; raise it to at least {n}"))
+            f"train.batch_size {plan.batch_size} take several; raise it to at least {n}"))
     model = _model(cfg, msg.content[k.ARRAYS], context)
     before = lora_weights(model)
     result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)),
@@ -212,13 +215,15 @@ def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, 
     under a target ε, the σ this client solved for (kept in its state from its first round on).
     Under distributed DP σ is solved afresh from the run's config every round, never taken from the
     state (which may hold another run's): every institution's share must be of the same σ, and one
-    full-batch step a round makes it depend on the run's target ε, δ and rounds only."""
+    step a round at the run's q (1, or train.sample_rate) makes it depend on the run's target ε, δ, q and
+    rounds only."""
     if k.LEARNING_RATE in record:
         rate = float(record[k.LEARNING_RATE])
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=rate))
     if cfg.dp.enabled:
         kept = None if cfg.dp.distributed_min_honest else state.noise_multiplier
-        dp = client_dp(cfg.dp, kept, n, cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds_per_client())
+        dp = client_dp(cfg.dp, kept, n, cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds_per_client(),
+                       cfg.train.sample_rate)
         if dp.target_epsilon > 0:
             state.noise_multiplier = dp.noise_multiplier
         cfg = dataclasses.replace(cfg, dp=dp)
@@ -281,8 +286,9 @@ def _share(start: ArrayRecord, end: ArrayRecord, records: int, cfg: FedtuneConfi
 def _noise_share(start: ArrayRecord, cfg: FedtuneConfig, server_round: int, node_id: int, q: int) -> ArrayRecord:
     from fedtune.privacy.distributed import noise_only_share
 
-    dp = cfg.dp
-    std = cfg.train.learning_rate * dp.noise_multiplier * dp.max_grad_norm / math.sqrt(dp.distributed_min_honest)
+    # The scale of a trained share, n·Δ = −(lr/rate)·(noised sum), where rate is 1 for a full-batch step.
+    dp, rate = cfg.dp, cfg.train.sample_rate or 1.0
+    std = cfg.train.learning_rate * dp.noise_multiplier * dp.max_grad_norm / rate / math.sqrt(dp.distributed_min_honest)
     names = list(start.keys())
     shares = noise_only_share([tuple(start[n].shape) for n in names], std, cfg.seed, server_round, node_id, q)
     return ArrayRecord({name: Array(share) for name, share in zip(names, shares, strict=True)})

@@ -129,7 +129,8 @@ def _training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: To
               history: History, seeds: RoundSeeds, indexed: bool) -> Training:
     if cfg.dp.enabled:
         rows, collate = _named_rows(data, indexed)
-        return make_private(model, optimizer, rows, cfg.train.batch_size, collate, cfg.dp, history, seeds)
+        return make_private(model, optimizer, rows, cfg.train.batch_size, collate, cfg.dp, history, seeds,
+                            cfg.train.sample_rate)
     return PlainTraining(optimizer, _loader(data, cfg, seeds, indexed), history)
 
 

@@ -12,9 +12,12 @@ from fedtune.config import DPConfig
 from fedtune.privacy.accountant import History, epsilon
 
 
-def poisson_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """(sample rate q, steps) that Opacus' Poisson loader gives one round of local training:
-    one step per batch of the equivalent fixed-size loader, q = 1 / batches per epoch."""
+def poisson_schedule(num_examples: int, batch_size: int, epochs: int, sample_rate: float = 0.0) -> tuple[float, int]:
+    """(sample rate q, steps) of one round of local training: one step per batch of the equivalent
+    fixed-size loader, q = 1 / batches per epoch, as Opacus' Poisson loader gives; or, with a
+    `sample_rate` (train.sample_rate), one step at that rate whatever the number of records."""
+    if sample_rate:
+        return sample_rate, 1
     batches = math.ceil(num_examples / min(batch_size, num_examples))
     return 1.0 / batches, batches * epochs
 
@@ -28,7 +31,7 @@ def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: flo
 
 
 def client_dp(dp: DPConfig, solved: float | None, num_examples: int, batch_size: int, epochs: int,
-              rounds: int) -> DPConfig:
+              rounds: int, sample_rate: float = 0.0) -> DPConfig:
     """The DP settings this client trains with. With a target ε, sigma is solved so that training
     in every one of the planned `rounds` spends exactly the target (or reuses the sigma solved
     at the client's first round), and the target also caps the budget: a run extended past its
@@ -36,19 +39,20 @@ def client_dp(dp: DPConfig, solved: float | None, num_examples: int, batch_size:
     if dp.target_epsilon <= 0:
         return dp
     if solved is None:
-        q, steps = poisson_schedule(num_examples, batch_size, epochs)
+        q, steps = poisson_schedule(num_examples, batch_size, epochs, sample_rate)
         solved = solve_noise_multiplier(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant)
     return dataclasses.replace(dp, noise_multiplier=solved, epsilon_budget=min(dp.epsilon_budget, dp.target_epsilon))
 
 
 def projected_epsilon(dp: DPConfig, history: History, num_examples: int, batch_size: int,
-                      epochs: int) -> float:
+                      epochs: int, sample_rate: float = 0.0) -> float:
     """ε the client would have spent after training one more round."""
-    q, steps = poisson_schedule(num_examples, batch_size, epochs)
+    q, steps = poisson_schedule(num_examples, batch_size, epochs, sample_rate)
     return epsilon(dp.accountant, [*history, (dp.noise_multiplier, q, steps)], dp.delta)
 
 
-def within_budget(dp: DPConfig, history: History, num_examples: int, batch_size: int, epochs: int) -> bool:
+def within_budget(dp: DPConfig, history: History, num_examples: int, batch_size: int, epochs: int,
+                  sample_rate: float = 0.0) -> bool:
     if math.isinf(dp.epsilon_budget):
         return True
-    return projected_epsilon(dp, history, num_examples, batch_size, epochs) <= dp.epsilon_budget
+    return projected_epsilon(dp, history, num_examples, batch_size, epochs, sample_rate) <= dp.epsilon_budget

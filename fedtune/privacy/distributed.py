@@ -110,16 +110,17 @@ def _on_grid(values: list[np.ndarray], seed: int, round_: int, node_id: int, q: 
 
 
 def not_one_sgd_step(train: TrainConfig, n: int) -> str:
-    """Why a round of `train` on n records would not be one plain-SGD step on all of them, or "". The sum
-    carries σ only if each institution's share is of such a step (docs/privacy.md): the server's preflight
-    checks it for the largest institution, and each institution for what it is actually asked."""
+    """Why a round of `train` on n records would not be one plain-SGD step, or "". The sum carries σ only
+    if each institution's share is of one step: on every record, or (train.sample_rate) on a Poisson
+    sample at the rate every institution uses (docs/privacy.md). The server's preflight checks it for the
+    largest institution, and each institution for what it is actually asked."""
     from fedtune.privacy.budget import poisson_schedule
 
-    if poisson_schedule(n, train.batch_size, epochs=1) != (1.0, 1):
-        return f"{n} records at train.batch_size {train.batch_size} take several; raise it to at least {n}"
+    if poisson_schedule(n, train.batch_size, 1, train.sample_rate)[1] != 1:
+        return (f"{n} records at train.batch_size {train.batch_size} take several; raise it to at least {n}, "
+                "or set train.sample_rate")
     if train.local_epochs != 1:
         return f"train.local_epochs is {train.local_epochs}; it must be 1"
     if train.optimizer != "sgd":
         return f"train.optimizer is {train.optimizer}; it must be sgd"
     return ""
-

@@ -195,23 +195,24 @@ def _collate_or_empty(collate: Callable[[Sequence[Any]], Any], items: Sequence[A
 
 
 def poisson_loader(data: Dataset, batch_size: int, collate: Callable[[Sequence[Any]], Any],
-                   generator: torch.Generator) -> DataLoader:
+                   generator: torch.Generator, sample_rate: float = 0.0) -> DataLoader:
     """One epoch of Poisson batches at the schedule privacy/budget.py forecasts: k = ceil(n / B)
-    steps, each record joining each step independently with probability q = 1/k. An empty draw
-    is yielded as None (the step still happens: see step_on_empty_batch)."""
-    q, steps = poisson_schedule(len(data), batch_size, epochs=1)
+    steps, each record joining each step independently with probability q = 1/k; or, with a
+    `sample_rate` q (train.sample_rate), one step at q. An empty draw is yielded as None (the step
+    still happens: see step_on_empty_batch)."""
+    q, steps = poisson_schedule(len(data), batch_size, 1, sample_rate)
     sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=generator, steps=steps)
     return DataLoader(data, batch_sampler=sampler, collate_fn=partial(_collate_or_empty, collate))
 
 
 def user_loader(data: UserRecords, batch_size: int, collate: Callable[[Sequence[Any]], Any], max_records: int,
-                generator: torch.Generator, records_generator: torch.Generator) -> DataLoader:
+                generator: torch.Generator, records_generator: torch.Generator, sample_rate: float = 0.0) -> DataLoader:
     """One epoch of Poisson batches of users (drawn from `generator`), at the schedule
     privacy/budget.py forecasts for n = the number of users and batch_size users a step. A sampled
     user with more than `max_records` records brings a uniformly random `max_records` of them (drawn
     from `records_generator`). An empty draw is yielded as None."""
     return poisson_loader(data, batch_size, partial(_collate_users, data.records, collate, max_records,
-                                                    records_generator), generator)
+                                                    records_generator), generator, sample_rate)
 
 
 def _collate_users(records: Dataset, collate: Callable[[Sequence[Any]], Any], max_records: int,
@@ -231,19 +232,19 @@ def _collate_users(records: Dataset, collate: Callable[[Sequence[Any]], Any], ma
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Dataset, batch_size: int,
                  collate: Callable[[Sequence[Any]], Any], dp: DPConfig, history: History,
-                 seeds: RoundSeeds) -> PrivateTraining:
+                 seeds: RoundSeeds, sample_rate: float = 0.0) -> PrivateTraining:
     """DP-SGD around `model` (not wrapped: the cached model stays usable) over Poisson batches of
     `data`, with sampling and noise from their own generators. `data` grouped by user (UserRecords):
-    user-level DP-SGD, which samples users and clips each one's gradient. Leaves the model in
-    training mode, which Opacus requires."""
+    user-level DP-SGD, which samples users and clips each one's gradient. `sample_rate` q > 0
+    (train.sample_rate): one step at q. Leaves the model in training mode, which Opacus requires."""
     model.train()
     device = next(model.parameters()).device
     by_user = isinstance(data, UserRecords)
     if by_user:
         loader = user_loader(data, batch_size, collate, dp.max_records_per_user, seeds.generator("sampling"),
-                             seeds.generator("records"))
+                             seeds.generator("records"), sample_rate)
     else:
-        loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"))
+        loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"), sample_rate)
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant = make_accountant(dp.accountant, history)
     # poisson_sampling=False: the loader already samples by Poisson; Opacus then accounts
@@ -257,9 +258,15 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
     # Opacus divides the noised sum by int(n·q), which floating point makes 0 for some n at q = 1/n
     # (n = 49: 49·(1/49) < 1), and the step would then be inf. A constant either way: post-processing.
     dp_optimizer.expected_batch_size = max(dp_optimizer.expected_batch_size, 1)
+    if sample_rate:
+        # One step at q, which is not 1/len(loader) = 1: account q, and average over the expected batch q·n
+        # (a constant: post-processing), so that n·Δ = −(lr/q)·(noised sum) at every institution alike.
+        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        dp_optimizer.expected_batch_size = sample_rate * len(data)
     if dp.distributed_min_honest:
         add_only_a_share_of_the_noise(dp_optimizer, 1 / math.sqrt(dp.distributed_min_honest))
-    return PrivateTraining(dp_optimizer, loader, engine, hooks, 1.0 / len(loader), dp.physical_batch_size,
+    return PrivateTraining(dp_optimizer, loader, engine, hooks, sample_rate or 1.0 / len(loader),
+                           dp.physical_batch_size,
                            user_gradient=dp.user_gradient if by_user else "")
 
 

@@ -136,18 +136,18 @@ class PrivacyPolicy:
                     f"= {self.min_noise_multiplier:g}")
         return None
 
-    def tighten(self, dp: DPConfig, rounds: int) -> DPConfig:
+    def tighten(self, dp: DPConfig, rounds: int, sample_rate: float = 0.0) -> DPConfig:
         """The run's DP settings under this policy's ε budget: the lower budget applies, and a
         target ε above it is lowered to it, so the noise is solved for what the institution allows.
         Under distributed DP the σ stays the run's (solved for its target over the `rounds` each client
-        trains, one full-batch step each): a round's sum carries σ only if every share is of the same σ
-        (docs/privacy.md), and a larger σ of one institution's own would not protect it, whose guarantee
-        rests on the others' shares too. It declines rounds sooner instead."""
+        trains, one step each, on every record or at train.sample_rate): a round's sum carries σ only if
+        every share is of the same σ (docs/privacy.md), and a larger σ of one institution's own would not
+        protect it, whose guarantee rests on the others' shares too. It declines rounds sooner instead."""
         if self.epsilon_budget >= dp.epsilon_budget:
             return dp
         budget = self.epsilon_budget
         if dp.distributed_min_honest and dp.target_epsilon > budget:
-            sigma = solve_noise_multiplier(dp.target_epsilon, dp.delta, 1.0, rounds, dp.accountant)
+            sigma = solve_noise_multiplier(dp.target_epsilon, dp.delta, sample_rate or 1.0, rounds, dp.accountant)
             return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=0.0, noise_multiplier=sigma)
         return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=min(dp.target_epsilon, budget))
 

@@ -138,12 +138,13 @@ def _schedule(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Viola
         return
     if row.delta * n >= 1:
         yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} {cfg.dp.unit}s)", f"{row.delta:g}")
-    q, steps = poisson_schedule(n, cfg.train.batch_size, cfg.train.local_epochs)
+    train = cfg.train
+    q, steps = poisson_schedule(n, train.batch_size, train.local_epochs, train.sample_rate)
+    why = f"train.sample_rate {train.sample_rate:g}" if train.sample_rate else f"n = {n}, batch size {train.batch_size}"
     if not math.isclose(row.sample_rate, q, rel_tol=1e-9):
-        yield bad("sample_rate", f"{q:.6g} (n = {n}, batch size {cfg.train.batch_size})", f"{row.sample_rate:.6g}")
+        yield bad("sample_rate", f"{q:.6g} ({why})", f"{row.sample_rate:.6g}")
     if row.steps != steps:
-        yield bad("steps", f"{steps} (n = {n}, batch size {cfg.train.batch_size}, {cfg.train.local_epochs} "
-                           "local epochs)", row.steps)
+        yield bad("steps", f"{steps} ({why}, {train.local_epochs} local epochs)", row.steps)
 
 
 def _client_level(entry: dict[str, Any] | None) -> Iterator[Violation]:

@@ -56,8 +56,8 @@ def preflight(cfg: FedtuneConfig) -> None:
                               f"to {1.0 / (10 * largest):.1e} or smaller.")
         _check_one_round_fits(cfg, units)
         if cfg.dp.distributed_min_honest and (problem := not_one_sgd_step(cfg.train, largest)):
-            raise ConfigError("Invalid option `dp.distributed_min_honest`: distributed DP sums one plain-SGD step on "
-                              f"every record of each institution, but for the largest institution {problem}; the "
+            raise ConfigError("Invalid option `dp.distributed_min_honest`: distributed DP sums one plain-SGD step "
+                              f"of each institution, but for the largest institution {problem}; the "
                               "private recipe chooses these when you leave them.")
     if cfg.model.device == "cuda":
         import torch
@@ -75,7 +75,8 @@ def _check_one_round_fits(cfg: FedtuneConfig, units: list[int]) -> None:
     dp, train = cfg.dp, cfg.train
     if dp.target_epsilon > 0 or dp.epsilon_budget == float("inf") or not units:
         return
-    least = min(projected_epsilon(dp, [], n, train.batch_size, train.local_epochs) for n in set(units))
+    least = min(projected_epsilon(dp, [], n, train.batch_size, train.local_epochs, train.sample_rate)
+                for n in set(units))
     if least > dp.epsilon_budget:
         raise ConfigError(f"Invalid option `dp.epsilon_budget`: {dp.epsilon_budget:g} is below what one round spends "
                           f"at dp.noise_multiplier {dp.noise_multiplier:g} (ε {least:.2f} for the client that "
@@ -157,8 +158,9 @@ def _check_budget_left(cfg: FedtuneConfig, ledger, path: Path, done: int) -> Non
     for site, n in enumerate(units):
         spent = ledger.spent(client_name(site))
         kept = spent[-1][0] if spent and cfg.dp.target_epsilon > 0 and not cfg.dp.distributed_min_honest else None
-        dp = client_dp(cfg.dp, kept, n, train.batch_size, train.local_epochs, cfg.rounds_per_client())
-        after = projected_epsilon(dp, spent, n, train.batch_size, train.local_epochs)
+        dp = client_dp(cfg.dp, kept, n, train.batch_size, train.local_epochs, cfg.rounds_per_client(),
+                       train.sample_rate)
+        after = projected_epsilon(dp, spent, n, train.batch_size, train.local_epochs, train.sample_rate)
         if after <= dp.epsilon_budget:
             return
         least, budget = min(least, after), dp.epsilon_budget

@@ -61,6 +61,7 @@ class Schedule:
     batch_size: int
     local_epochs: int
     adam_step: float | None = None  # AdamW: lr x ADAM_STEP_BOUND, one coordinate's largest move a step
+    sample_rate: float = 0.0  # train.sample_rate: one step at that rate
 
     @classmethod
     def of(cls, cfg: FedtuneConfig, learning_rate: float, proximal_mu: float) -> Schedule:
@@ -68,7 +69,8 @@ class Schedule:
         # only while lr·mu <= 1 (then it never overshoots the anchor).
         # Under SecAgg+ each reply carries the mean of the cohort's updates, not its own: no per-client bound.
         adam = cfg.train.optimizer == "adamw" and learning_rate * proximal_mu <= 1 and not cfg.dp.secagg
-        return cls(cfg.train.batch_size, cfg.train.local_epochs, learning_rate * ADAM_STEP_BOUND if adam else None)
+        return cls(cfg.train.batch_size, cfg.train.local_epochs, learning_rate * ADAM_STEP_BOUND if adam else None,
+                   cfg.train.sample_rate)
 
 
 def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
@@ -240,9 +242,10 @@ def _metrics_problem(metrics: object, trained: bool, schedule: Schedule | None =
 
 
 def _schedule_problem(metrics: MetricRecord, schedule: Schedule) -> str | None:
-    """Under DP-SGD, q and the steps follow from n: q = 1/ceil(n/B), steps = epochs x ceil(n/B)."""
+    """Under DP-SGD, q and the steps follow from n: q = 1/ceil(n/B), steps = epochs x ceil(n/B); or, with
+    train.sample_rate, one step at that rate."""
     n = int(metrics[k.NUM_EXAMPLES])
-    q, steps = poisson_schedule(n, schedule.batch_size, schedule.local_epochs)
+    q, steps = poisson_schedule(n, schedule.batch_size, schedule.local_epochs, schedule.sample_rate)
     if not math.isclose(metrics[k.SAMPLE_RATE], q, rel_tol=1e-9) or metrics[k.STEPS] != steps:
         return (f"reports q = {metrics[k.SAMPLE_RATE]:.6g} and {int(metrics[k.STEPS])} steps for n = {n}; the run's "
                 f"schedule gives q = {q:.6g} and {steps} steps")

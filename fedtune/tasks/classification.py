@@ -28,6 +28,7 @@ from fedtune.recipe import (
     RECIPE_RANK,
     RECIPE_ROUNDS,
     Facts,
+    distributed_steps,
     labels_factor,
     labels_factor_ceiling,
     local_steps_batch,
@@ -42,7 +43,10 @@ from fedtune.recipe import (
 from fedtune.tasks.base import Scores, Task
 
 # The options that fix what the private recipe's r counts: its trained values and its one full-batch step.
-LAYOUT_KEYS = frozenset({"lora.r", "lora.target_modules", "train.batch_size", "train.local_epochs", "model.pooling"})
+LAYOUT_KEYS = frozenset({"lora.r", "lora.target_modules", "train.batch_size", "train.local_epochs", "model.pooling",
+                         "train.sample_rate"})
+# Given by hand, any of these makes a round's steps the user's.
+STEP_KEYS = frozenset({"train.batch_size", "train.local_epochs", "train.sample_rate"})
 
 
 class Classification(Task):
@@ -89,14 +93,16 @@ class Classification(Task):
         ratio, sigma, values = self._noise(cfg, facts, pinned, hidden)
         t = cfg.dp.distributed_min_honest
         steps, step_noise = self._local_steps(cfg, facts, pinned, values)
+        spread, sum_noise = self._step_rounds(cfg, facts, pinned, values)
+        one = steps == spread == 1  # one full-batch step per full-batch round, where the labels factor was measured
         choices.update({
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP"),
-            **_steps_choices(facts, steps, step_noise),
+            **(_steps_choices(facts, steps, step_noise) if spread == 1 else _step_rounds_choices(spread, sum_noise)),
             "train.learning_rate": (
-                recipe_learning_rate(ratio, facts.labels) if steps == 1 else round(noise_rate(ratio), 2),
+                recipe_learning_rate(ratio, facts.labels) if one else round(noise_rate(ratio), 2),
                 f"{BASE_LEARNING_RATE} / √(1 + r²) x "
-                f"{_labels_factor_why(ratio, facts.labels) if steps == 1 else _NO_FACTOR_WHY}, "
+                f"{_labels_factor_why(ratio, facts.labels) if one else _NO_FACTOR_WHY}, "
                 f"with r = σ√({'m/t' if t else 'm'}·d)/N = {ratio:.2f}, the noise "
                 f"on a round's mean update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round"
                 f"{f', t {t} sharing the noise' if t else ''}, d {values} "
@@ -104,8 +110,10 @@ class Classification(Task):
                 f"round)"),
             "train.lr_schedule": ("cosine", "decayed towards zero by the last round, so late rounds settle "
                                             "instead of swinging with the noise"),
-            "rounds": (RECIPE_ROUNDS, "the noise-to-signal ratio of full-batch DP-SGD does not depend on the number "
-                                      "of steps; 30 is where the tuned runs settle"),
+            "rounds": (RECIPE_ROUNDS * spread, "the noise-to-signal ratio of full-batch DP-SGD does not depend on "
+                                               f"the number of steps; {RECIPE_ROUNDS} is where the tuned runs settle"
+                                               + (f", and each becomes {spread} rounds of one sampled step"
+                                                  if spread > 1 else "")),
         })
         return choices
 
@@ -134,9 +142,17 @@ class Classification(Task):
         (1, 0.0) too where the batch or the epochs were given: the run's steps are then the user's."""
         if cfg.dp.distributed_min_honest or cfg.dp.public_streams or not facts.epsilon:
             return 1, 0.0
-        if {"train.batch_size", "train.local_epochs"} & pinned:
+        if STEP_KEYS & pinned:
             return 1, 0.0
         return recipe_local_steps(facts, _rounds_per_client(cfg, facts, pinned), values)
+
+    def _step_rounds(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], values: int) -> tuple[int, float]:
+        """Distributed DP: (k, the step noise of the round's sum), recipe.py::distributed_steps: k rounds of
+        one Poisson step at rate 1/k for each full-batch round. (1, 0.0) elsewhere, and where the rounds or
+        the steps were given, or σ was (k rounds would spend another ε)."""
+        if not cfg.dp.distributed_min_honest or not facts.epsilon or ({"rounds"} | STEP_KEYS) & pinned:
+            return 1, 0.0
+        return distributed_steps(facts, _rounds_per_client(cfg, facts, pinned), values, cfg.dp.distributed_min_honest)
 
     def plain_recipe(self, cfg: FedtuneConfig, facts: Facts) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: small enough batches for several local steps, and (a federation) up to 40 rounds."""
@@ -227,6 +243,17 @@ def _steps_choices(facts: Facts, steps: int, step_noise: float) -> dict[str, tup
             "train.local_epochs": (1, f"one pass over the records a round, in {steps} or more steps")}
 
 
+def _step_rounds_choices(spread: int, sum_noise: float) -> dict[str, tuple[Any, str]]:
+    """Distributed DP's k rounds of one sampled step (docs/recipe.md, "Local steps")."""
+    return {"train.sample_rate": (1 / spread, f"each round one DP-SGD step on a Poisson sample of 1/{spread} of "
+                                              f"every institution's records, {spread} rounds in place of one "
+                                              f"full-batch round (σ solved for them: the same ε): the step of the "
+                                              f"round's sum has noise {sum_noise:.2f} C, below the largest signal "
+                                              f"clipping lets through ({LOCAL_STEP_NOISE:g} C), where full-batch "
+                                              "rounds run out of steps; each share is still of one step"),
+            "train.local_epochs": (1, "one sampled step a round: each institution's share must be of one step")}
+
+
 def _one_step_why(step_noise: float) -> str:
     if not step_noise:
         return ""
@@ -234,8 +261,8 @@ def _one_step_why(step_noise: float) -> str:
             f"more noise than the largest signal clipping lets through ({LOCAL_STEP_NOISE:g} C)")
 
 
-_NO_FACTOR_WHY = "1 (several local steps a round move the model further than one; the labels factor was " \
-                 "measured only for one)"
+_NO_FACTOR_WHY = "1 (several steps per full-batch round move the model further than one; the labels factor " \
+                 "was measured only for one)"
 
 
 def _labels_factor_why(ratio: float, labels: int) -> str:

@@ -173,7 +173,7 @@ def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share
     # batch 8 < its records: refused after its σ is solved, for taking several steps
     intact = client_app.train(_message(cfg, str(tmp_path / "intact"), **{k.LEARNING_RATE: 0.25}), _context(**node))
     assert [_status(reply)[0] for reply in (damaged, intact)] == [k.STATUS_REFUSED] * 2
-    assert "damaged" in _status(damaged)[1] and "plain-SGD step on every record" in _status(intact)[1]
+    assert "damaged" in _status(damaged)[1] and "one plain-SGD step of each institution" in _status(intact)[1]
     first, second = shared
     assert first.train.learning_rate == second.train.learning_rate == 0.25
     assert first.dp.noise_multiplier == second.dp.noise_multiplier > 1.0
@@ -209,12 +209,15 @@ def test_a_node_on_the_runs_own_data_sends_its_scores(tmp_path):
 
 
 def test_under_distributed_dp_an_institution_checks_it_is_asked_for_one_plain_sgd_step():
-    """The sum carries σ only if each share is of one plain-SGD step on every record; the server's
+    """The sum carries σ only if each share is of one plain-SGD step (on every record, or on a Poisson sample
+    at train.sample_rate); the server's
     preflight checks this, and the institution checks what it is actually sent."""
     from fedtune.privacy.distributed import not_one_sgd_step
 
     good = {"train.optimizer": "sgd", "train.local_epochs": 1, "train.batch_size": 64}
     assert not_one_sgd_step(_cfg(**good).train, 40) == ""
+    assert not_one_sgd_step(_cfg(**{**good, "train.batch_size": 8, "train.sample_rate": 0.25}).train, 40) == "", \
+        "one step on a Poisson sample at the rate every institution uses"
     for change, says in [({"train.batch_size": 8}, "take several"), ({"train.local_epochs": 2}, "local_epochs is 2"),
                          ({"train.optimizer": "adamw"}, "optimizer is adamw")]:
         assert says in not_one_sgd_step(_cfg(**{**good, **change}).train, 40)

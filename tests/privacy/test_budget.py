@@ -2,8 +2,10 @@
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from fedtune.client.train import train_round
 from fedtune.config import DPConfig, FedtuneConfig, TrainConfig
@@ -86,3 +88,62 @@ def test_a_target_epsilon_is_spent_over_the_rounds_a_client_is_expected_to_train
     q, steps = poisson_schedule(64, 16, 1)
     assert independent_epsilon("prv", [(solved, q, steps)] * 2, cfg.dp.delta) == pytest.approx(4.0, rel=0.02)
     assert FedtuneConfig.from_flat({"rounds": 3}).rounds_per_client() == 3  # everyone every round
+
+
+class MeanOfRows(torch.nn.Module):
+    """loss = the batch's mean of each record's embedding row summed: every record's gradient is a row of
+    ones (norm 4, below a clipping norm of 100), so one step's update counts the records it sampled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(4, 16)
+        self.sizes: list[int] = []
+
+    def forward(self, input_ids, attention_mask, labels):
+        self.sizes.append(len(input_ids))
+        return SimpleNamespace(loss=self.embedding(input_ids[:, 0]).sum() / len(input_ids))
+
+
+def test_a_sample_rate_makes_a_round_one_step_at_that_rate_averaged_over_its_expected_batch():
+    """train.sample_rate q: one Poisson step at q, whatever n and the batch size; Opacus accounts q (not
+    1 / len(loader) = 1), and the step divides the clipped sum by q·n, so n·Δ = −(lr/q)·(Σ clipped
+    gradients + noise) at every institution alike, as distributed DP's sum needs."""
+    n, q = 400, 0.25
+    data = TokenizedTexts(tuple((i % 4,) for i in range(n)), (0,) * n)
+    cfg = FedtuneConfig(clients=1, train=TrainConfig(sample_rate=q, optimizer="sgd", learning_rate=1.0),
+                        dp=DPConfig(noise_multiplier=0.0, max_grad_norm=100.0, delta=1e-3, accountant="rdp"))
+    model = MeanOfRows()
+    before = model.embedding.weight.detach().clone()
+    result = train_round(model, data, cfg, [], proximal_mu=0.0, seed=0)
+    assert (result.sample_rate, result.steps) == poisson_schedule(n, cfg.train.batch_size, 1, q) == (q, 1)
+    assert result.history == [(0.0, q, 1)]
+    (sampled,) = model.sizes
+    assert 60 < sampled < 140, "a Poisson sample of about q·n records"
+    moved = (model.embedding.weight.detach() - before)[:, 0].sum().item()
+    assert n * moved == pytest.approx(-sampled / q, rel=1e-5)
+
+
+def test_a_sample_rate_solves_sigma_for_one_step_a_round_at_that_rate():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    dp = DPConfig(target_epsilon=8.0, delta=1e-5)
+    solved = client_dp(dp, None, 1000, 16, 1, 120, sample_rate=0.25)
+    independent = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.25, steps=120,
+                                       accountant=dp.accountant)
+    assert solved.noise_multiplier == pytest.approx(independent, rel=0.01)
+    assert independent_epsilon("prv", [(solved.noise_multiplier, 0.25, 1)] * 120, 1e-5) == pytest.approx(8.0, rel=0.01)
+    assert projected_epsilon(solved, [], 1000, 16, 1, 0.25) == epsilon(
+        dp.accountant, [(solved.noise_multiplier, 0.25, 1)], 1e-5), "one round: one step at q, whatever the batch"
+
+
+@pytest.mark.parametrize("flat, key", [
+    ({"train.sample_rate": 1.5}, "train.sample_rate"),
+    ({"train.sample_rate": 0.25, "train.local_epochs": 2}, "train.local_epochs"),
+    ({"train.sample_rate": 0.25, "dp.enabled": False}, "train.sample_rate"),
+    ({"train.sample_rate": 0.25, "dp.public_streams": True}, "train.sample_rate"),
+])
+def test_a_sample_rate_is_checked_at_the_boundary(flat, key):
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        FedtuneConfig.from_flat(flat)

@@ -105,3 +105,22 @@ def test_an_institution_shares_its_noise_only_as_far_as_its_own_node_config_allo
     assert "`max-noise-sharers` is 4" in trusting.refusal(more, 100)
     simulated = node_policy({k.PARTITION_ID: 0, k.NUM_PARTITIONS: 8}, cfg, "/run/state")  # the run's own data
     assert simulated.refusal(cfg.dp, 100) is None
+
+
+def test_a_noise_only_share_has_the_scale_of_a_trained_share(monkeypatch):
+    """A trained share is n·Δ = −(lr/q)·(Σ clipped gradients + its noise), q = train.sample_rate (1 for a
+    full-batch step); an institution that did not train submits noise of the same scale, lr·σC/(q·√t)."""
+    from flwr.app import ArrayRecord
+
+    from fedtune.client import app as client_app
+    from fedtune.config import FedtuneConfig
+    from fedtune.privacy import distributed
+
+    stds = []
+    monkeypatch.setattr(distributed, "noise_only_share", lambda shapes, std, *rest: stds.append(std) or [])
+    for rate in (0.0, 0.25):
+        cfg = FedtuneConfig.from_flat({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
+                                       "dp.noise_multiplier": 1.5, "dp.max_grad_norm": 0.5, "train.optimizer": "sgd",
+                                       "train.learning_rate": 2.0, "train.sample_rate": rate})
+        client_app._noise_share(ArrayRecord({}), cfg, 1, 7, 2**20)
+    assert stds == pytest.approx([2.0 * 1.5 * 0.5 / 2, 2.0 * 1.5 * 0.5 / (0.25 * 2)])

@@ -280,7 +280,8 @@ def _distributed(entries: dict[str, tuple[LedgerEntry, ...]], kind: str, delta: 
     t = max(e.distributed_min_honest for e in shared)
     own = max(epsilon(kind, [(e.noise_multiplier / math.sqrt(e.distributed_min_honest or 1), e.sample_rate, e.steps)
                              for e in rows if e.steps], delta) for rows in entries.values())
-    return {"min_honest": t, "epsilon_own_share": _num(own)}
+    rate = max((e.sample_rate for e in shared if e.steps), default=1.0)  # q < 1: train.sample_rate
+    return {"min_honest": t, "epsilon_own_share": _num(own), "sample_rate": rate}
 
 
 def _verification(run_dir: Path) -> Verification | None:

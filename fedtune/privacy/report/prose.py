@@ -340,7 +340,18 @@ def _distributed(r: ReportData) -> str:
             f"institution took part, at least {t} institutions (its own included) added their share and kept it "
             "secret, and secure aggregation (SecAgg+) revealed only the sum. Each institution refused to help "
             f"unmask a sum with fewer than {t} shares. Should all the others collude with the coordinator, an "
-            f"institution's own share alone gives ε = {eps(own)} at the same δ.")
+            f"institution's own share alone gives ε = {eps(own)} at the same δ." + _sampled_sum(r))
+
+
+def _sampled_sum(r: ReportData) -> str:
+    q = r.distributed.get("sample_rate", 1.0)
+    if q >= 1.0:
+        return ""
+    return (f" Each round every institution took one step on a Poisson sample of its records at rate q = {q:g}, so "
+            "a round's sum was one DP-SGD step at that rate over the records of every institution in it; the "
+            "amplification by sampling this ε counts assumes each institution's sample stayed secret: fedtune draws "
+            "it from the institution's secure randomness (unless the run set `dp.reproducible_noise`, see "
+            "Randomness) and reports only its record count, never the sample's size.")
 
 
 def _randomness(r: ReportData) -> str:
