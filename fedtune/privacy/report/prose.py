@@ -351,7 +351,8 @@ def _sampled_sum(r: ReportData) -> str:
             "a round's sum was one DP-SGD step at that rate over the records of every institution in it; the "
             "amplification by sampling this ε counts assumes each institution's sample stayed secret: fedtune draws "
             "it from the institution's secure randomness (unless the run set `dp.reproducible_noise`, see "
-            "Randomness) and reports only its record count, never the sample's size.")
+            "Randomness) and reports only its record count, never the sample's size, though a reply's time still "
+            "grows with it (docs/privacy.md, \"Who is trusted for what\").")
 
 
 def _randomness(r: ReportData) -> str:
