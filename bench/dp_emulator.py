@@ -23,6 +23,8 @@ a round runs only the last layer and the head (per-sample gradients by Opacus' G
         [--local-steps 1 4]     k DP-SGD steps a round on Poisson samples of rate 1/k (σ solved for them):
                                 one client, central DP-SGD; several, each institution's own steps from
                                 the global model, averaged by records (not one central step any more)
+        [--sampled-rounds]      with several clients, each of the k steps is a round of its own: one
+                                central step at rate 1/k with noise σ·C·√m (train.sample_rate)
 
 Each DP run also reports the head's summed update's largest singular values next to the edge of its
 noise's spectrum, σ·C·√m·√(Σ_t lr_t²)/n·(√rows + √cols): singular values at that edge are noise's.
@@ -130,12 +132,15 @@ def accuracy(tail, hidden, mask, labels) -> float:
 def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | None, seed: int,
             clip: float = 1.0, delta: float = 1e-5, r: int = 2, train_fraction: float = 0.9,
             schedule: str = "constant", head_scale: float = 0.0, backoff: float = 0.0, train: str = "all",
-            truncate_head: tuple[int, ...] = (), local_steps: int = 1) -> dict:
+            truncate_head: tuple[int, ...] = (), local_steps: int = 1, sampled_rounds: bool = False) -> dict:
     """One run: `clients` = m noise draws per round (1: central or distributed DP); epsilon None: no DP.
     local_steps k > 1: k DP-SGD steps a round, each on a Poisson sample of rate 1/k, σ solved for that
     rate and rounds x k steps, the noised sum divided by the expected batch (Opacus'). With m > 1 the
-    steps no longer reduce to one central step: federated_local_steps() runs each institution's."""
-    if local_steps > 1 and clients != 1:
+    steps no longer reduce to one central step: federated_local_steps() runs each institution's.
+    sampled_rounds: each of the k steps is a round of its own (train.sample_rate = 1/k), every institution's
+    one sampled step summed by FedAvg: one central step at rate 1/k whose noise is σ·C·√m (the union of the
+    institutions' Poisson samples is one Poisson sample of every record)."""
+    if local_steps > 1 and clients != 1 and not sampled_rounds:
         return federated_local_steps(data, lr, rounds, clients, epsilon, seed, clip, delta, r, train_fraction,
                                      schedule, head_scale, local_steps)
     torch.manual_seed(seed)
@@ -175,7 +180,7 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     if epsilon:
-                        g += torch.randn(g.shape, generator=noise) * sigma * clip
+                        g += torch.randn(g.shape, generator=noise) * sigma * clip * math.sqrt(clients)
                     p -= lr_now * g / (n * rate)
         if local_steps > 1:
             picked = torch.rand(n, generator=sampling) < rate
@@ -209,6 +214,7 @@ def emulate(data: dict, lr: float, rounds: int, clients: int, epsilon: float | N
             "sigma": round(sigma, 3),
             "seed": seed, "r": r, "head_scale": head_scale, "backoff": backoff, "cosines": cosines,
             "train": train, "trained_values": sum(p.numel() for p in params), "local_steps": local_steps,
+            "sampled_rounds": sampled_rounds,
             "server_rate": server_rate,
             **spectrum,
             "final": curve[-1], "best": max(curve), "late_spread": max(late) - min(late),
@@ -342,6 +348,8 @@ def main() -> None:
                         help="Also score the head's summed update cut to each of these numbers of singular directions")
     parser.add_argument("--local-steps", nargs="+", type=int, default=[1],
                         help="DP-SGD steps a round on Poisson samples of rate 1/k (one client only) [default: 1]")
+    parser.add_argument("--sampled-rounds", action="store_true",
+                        help="with several clients, each local step is a round of its own (train.sample_rate)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--demo-examples", type=int, default=6000)
@@ -364,7 +372,8 @@ def main() -> None:
                                                                      r=r, schedule=schedule, head_scale=scale,
                                                                      backoff=backoff, train=train,
                                                                      truncate_head=tuple(args.truncate_head),
-                                                                     local_steps=k)
+                                                                     local_steps=k,
+                                                                     sampled_rounds=args.sampled_rounds)
                                                     print(json.dumps({"dataset": name, **result}), flush=True)
 
 

@@ -274,14 +274,17 @@ def recipe_local_steps(facts: Facts, rounds: int, trained_values: int) -> tuple[
     return _most_steps(facts, rounds, trained_values, min(facts.records, default=1), 1.0)
 
 
-def distributed_steps(facts: Facts, rounds: int, trained_values: int, min_honest: int) -> tuple[int, float]:
-    """Distributed DP: (k, the step noise of the round's sum). Each institution's share must be of one
-    step, so k steps become k rounds, each one Poisson step at rate 1/k (train.sample_rate) at every
-    institution, with σ solved for rounds·k steps (the same ε). The sum is then one DP-SGD step over all
-    N records of the round at noise σ√(m/t); the rule is recipe_local_steps' on that step: most steps
-    whose noise, σ√(m/t)·k·√d / N in units of C, stays at most LOCAL_STEP_NOISE."""
-    return _most_steps(facts, rounds, trained_values, max(round(facts.records_per_round), 1),
-                       (facts.clients / min_honest) ** 0.5)
+def sampled_round_steps(facts: Facts, rounds: int, trained_values: int, min_honest: int = 0) -> tuple[int, float]:
+    """A federation: (k, the step noise of the round's sum). k steps become k rounds, each one Poisson step at
+    rate 1/k (train.sample_rate) at every institution, with σ solved for rounds·k steps (the same ε). FedAvg
+    weighs each institution's step by n_i / N, so the round's update is one DP-SGD step over all N records at
+    rate 1/k (the union of the institutions' Poisson samples is a Poisson sample of every record) whose noise
+    is the sum of the institutions': σ√m with each adding its own (`min_honest` 0), σ√(m/t) under distributed
+    DP. The rule is recipe_local_steps' on that step: most steps whose noise, σ√(m/t)·k·√d / N in units of
+    C, stays at most LOCAL_STEP_NOISE. Unlike local steps, no institution moves away from the global model
+    between averages, so its own few records do not set k (docs/recipe.md, "Sampled rounds")."""
+    shares = facts.clients / min_honest if min_honest else facts.clients
+    return _most_steps(facts, rounds, trained_values, max(round(facts.records_per_round), 1), shares**0.5)
 
 
 def _most_steps(facts: Facts, rounds: int, trained_values: int, records: int, scale: float) -> tuple[int, float]:

@@ -35,6 +35,7 @@ from fedtune.recipe import (
     recipe_learning_rate,
     recipe_local_steps,
     recipe_sigma,
+    sampled_round_steps,
 )
 from fedtune.server.prepare import facts, resolve
 
@@ -352,6 +353,7 @@ def test_one_holder_of_many_records_takes_several_local_steps_a_round():
     cfg = resolve(CENTRAL, GIVEN)
     (n,) = facts(cfg).records
     assert cfg.train.batch_size == math.ceil(n / MAX_LOCAL_STEPS) and cfg.train.local_epochs == 1
+    assert cfg.train.sample_rate == 0.0 and cfg.rounds == 30, "one holder's steps need no more rounds"
     assert poisson_schedule(n, cfg.train.batch_size, 1) == (1 / MAX_LOCAL_STEPS, MAX_LOCAL_STEPS)
     note = next(note for note in cfg.recipe.chosen if note.startswith("train.batch_size"))
     assert f"{MAX_LOCAL_STEPS} DP-SGD steps a round" in note and "same ε" in note
@@ -420,11 +422,11 @@ def test_under_distributed_dp_several_steps_become_rounds_of_one_sampled_step():
     at rate 1/k at every institution, with σ solved for the k times as many steps (the same ε)."""
     from fedtune.privacy.budget import client_dp
     from fedtune.privacy.distributed import not_one_sgd_step
-    from fedtune.recipe import RECIPE_ROUNDS, distributed_steps
+    from fedtune.recipe import RECIPE_ROUNDS, sampled_round_steps
 
     cfg = resolve(SHARED, SHARED_GIVEN)
     known = facts(cfg)
-    k, noise = distributed_steps(known, RECIPE_ROUNDS, 3072 + 385 * known.labels, 4)
+    k, noise = sampled_round_steps(known, RECIPE_ROUNDS, 3072 + 385 * known.labels, 4)
     assert k == MAX_LOCAL_STEPS and noise <= LOCAL_STEP_NOISE
     assert cfg.train.sample_rate == 1 / k and cfg.rounds == RECIPE_ROUNDS * k and cfg.train.local_epochs == 1
     assert all(not_one_sgd_step(cfg.train, n) == "" for n in known.records), "each share is still of one step"
@@ -436,20 +438,21 @@ def test_under_distributed_dp_several_steps_become_rounds_of_one_sampled_step():
 
 def test_under_distributed_dp_the_sum_s_step_noise_sets_the_rounds():
     """The rule is the local steps' one, read on the round's sum: σ√(m/t)·k·√d over the N/k records it samples."""
-    from fedtune.recipe import distributed_steps
+    from fedtune.recipe import sampled_round_steps
 
     values = 3072 + 385 * 6
-    for records, t in [((50,) * 20, 20), ((50,) * 20, 10), ((3000,) * 4, 4), ((3000,) * 4, 2), ((120,) * 20, 20)]:
+    for records, t in [((50,) * 20, 20), ((50,) * 20, 10), ((3000,) * 4, 4), ((3000,) * 4, 2), ((120,) * 20, 20),
+                       ((150,) * 20, 0), ((50,) * 20, 0), ((3000,) * 4, 0)]:
         known = Facts(labels=6, clients=len(records), records=records, epsilon=8.0, delta=1e-5)
-        k, noise = distributed_steps(known, 30, values, t)
-        scale = (len(records) / t) ** 0.5
+        k, noise = sampled_round_steps(known, 30, values, t)
+        scale = (len(records) / (t or 1)) ** 0.5  # t = 0: each institution adds all of σ, the sum σ√m
         assert noise == pytest.approx(scale * local_step_noise(recipe_sigma(known, 30, k), k, values, sum(records)))
         assert k == 1 or noise <= LOCAL_STEP_NOISE
         assert 2 * k > MAX_LOCAL_STEPS or scale * local_step_noise(
             recipe_sigma(known, 30, 2 * k), 2 * k, values, sum(records)) > LOCAL_STEP_NOISE
     # every institution's share (t = m): the sum's step is one holder's of all the records
     shared, alone = Facts(3, 20, (50,) * 20, 8.0, 1e-5), Facts(3, 1, (1000,), 8.0, 1e-5)
-    assert distributed_steps(shared, 30, 4227, 20) == pytest.approx(recipe_local_steps(alone, 30, 4227))
+    assert sampled_round_steps(shared, 30, 4227, 20) == pytest.approx(recipe_local_steps(alone, 30, 4227))
 
 
 def test_under_distributed_dp_given_rounds_or_steps_keep_full_batch_rounds():
@@ -458,3 +461,57 @@ def test_under_distributed_dp_given_rounds_or_steps_keep_full_batch_rounds():
         assert cfg.train.sample_rate == 0.0 and cfg.rounds == 30
     fixed = resolve(SHARED.with_overrides({"train.sample_rate": 0.5}), SHARED_GIVEN | {"train.sample_rate"})
     assert fixed.train.sample_rate == 0.5 and fixed.rounds == 30, "a rate given by hand is the run's own"
+
+
+# Twenty institutions of about 110 records each, each adding the noise its own ε needs (no shared noise).
+MANY = CENTRAL.with_overrides({"clients": 20})
+
+
+def test_a_federation_of_small_institutions_takes_its_steps_as_sampled_rounds():
+    """One of k local steps on an institution's ~110 records would carry several C of noise, but a round of
+    one sampled step at every institution is averaged at once: one step over every record at noise σ√m.
+    The rule reads that step's noise, and the run takes k rounds of rate 1/k per full-batch round."""
+    from fedtune.privacy.budget import client_dp
+
+    cfg = resolve(MANY, GIVEN)
+    known = facts(cfg)
+    values = 3072 + 385 * known.labels
+    assert recipe_local_steps(known, 30, values)[0] == 1, "each institution alone is too small for local steps"
+    k, noise = sampled_round_steps(known, 30, values)
+    assert k > 1 and noise <= LOCAL_STEP_NOISE
+    assert noise == pytest.approx(20**0.5 * local_step_noise(recipe_sigma(known, 30, k), k, values,
+                                                             round(known.records_per_round)))
+    assert cfg.train.sample_rate == 1 / k and cfg.rounds == 30 * k and cfg.train.local_epochs == 1
+    for n in known.records:  # every institution solves the σ the rule assumed: the same ε over 30·k steps
+        solved = client_dp(cfg.dp, None, n, cfg.train.batch_size, 1, cfg.rounds_per_client(), cfg.train.sample_rate)
+        assert solved.noise_multiplier == pytest.approx(recipe_sigma(known, 30, k), rel=0.01)
+    notes = {note.split(" = ", 1)[0]: note for note in cfg.recipe.chosen}
+    assert f"each becomes {k} rounds of one sampled step" in notes["rounds"]
+    assert "no institution drifts" in notes["train.local_epochs"]
+    assert "labels factor was measured only for one" in notes["train.learning_rate"]
+
+
+def test_a_federation_of_large_institutions_keeps_its_local_steps():
+    """Two institutions of about 1,100 records: each one's local steps are quiet enough, and they need no
+    more rounds; sampled rounds are for institutions too small for local steps."""
+    cfg = resolve(CENTRAL.with_overrides({"clients": 2}), GIVEN)
+    assert cfg.train.sample_rate == 0.0 and cfg.rounds == 30
+    assert cfg.train.batch_size == math.ceil(min(facts(cfg).records) / MAX_LOCAL_STEPS)
+
+
+def test_where_the_sum_s_noise_is_large_a_federation_keeps_full_batch_rounds():
+    """Four institutions of about 40 records (the shape where federated DP is noisiest): even two sampled
+    rounds would carry more noise in their sum than the largest signal clipping lets through."""
+    cfg = resolve(CFG, GIVEN)
+    known = facts(cfg)
+    k, noise = sampled_round_steps(known, 30, 3072 + 385 * known.labels)
+    assert k == 1 and noise > LOCAL_STEP_NOISE
+    assert cfg.train.sample_rate == 0.0 and cfg.rounds == 30 and cfg.train.batch_size == 4096
+
+
+def test_rounds_or_steps_given_by_hand_keep_a_federation_s_full_batch_rounds():
+    for key, value in [("rounds", 30), ("train.batch_size", 4096), ("train.local_epochs", 1)]:
+        cfg = resolve(MANY.with_overrides({key: value}), GIVEN | {key})
+        assert cfg.train.sample_rate == 0.0 and cfg.rounds == 30
+    public = resolve(MANY.with_overrides({"dp.public_streams": True}), GIVEN | {"dp.public_streams"})
+    assert public.train.sample_rate == 0.0, "a white-box audit's streams need every record in every step"

@@ -28,7 +28,6 @@ from fedtune.recipe import (
     RECIPE_RANK,
     RECIPE_ROUNDS,
     Facts,
-    distributed_steps,
     labels_factor,
     labels_factor_ceiling,
     local_steps_batch,
@@ -39,6 +38,7 @@ from fedtune.recipe import (
     recipe_learning_rate,
     recipe_local_steps,
     recipe_sigma,
+    sampled_round_steps,
 )
 from fedtune.tasks.base import Scores, Task
 
@@ -93,12 +93,13 @@ class Classification(Task):
         ratio, sigma, values = self._noise(cfg, facts, pinned, hidden)
         t = cfg.dp.distributed_min_honest
         steps, step_noise = self._local_steps(cfg, facts, pinned, values)
-        spread, sum_noise = self._step_rounds(cfg, facts, pinned, values)
+        spread, sum_noise = self._step_rounds(cfg, facts, pinned, values, steps)
         one = steps == spread == 1  # one full-batch step per full-batch round, where the labels factor was measured
         choices.update({
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP"),
-            **(_steps_choices(facts, steps, step_noise) if spread == 1 else _step_rounds_choices(spread, sum_noise)),
+            **(_steps_choices(facts, steps, step_noise) if spread == 1
+               else _step_rounds_choices(spread, sum_noise, bool(t))),
             "train.learning_rate": (
                 recipe_learning_rate(ratio, facts.labels) if one else round(noise_rate(ratio), 2),
                 f"{BASE_LEARNING_RATE} / √(1 + r²) x "
@@ -146,13 +147,20 @@ class Classification(Task):
             return 1, 0.0
         return recipe_local_steps(facts, _rounds_per_client(cfg, facts, pinned), values)
 
-    def _step_rounds(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], values: int) -> tuple[int, float]:
-        """Distributed DP: (k, the step noise of the round's sum), recipe.py::distributed_steps: k rounds of
-        one Poisson step at rate 1/k for each full-batch round. (1, 0.0) elsewhere, and where the rounds or
-        the steps were given, or σ was (k rounds would spend another ε)."""
-        if not cfg.dp.distributed_min_honest or not facts.epsilon or ({"rounds"} | STEP_KEYS) & pinned:
+    def _step_rounds(self, cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str], values: int,
+                     local_steps: int) -> tuple[int, float]:
+        """A federation under DP: (k, the step noise of the round's sum), recipe.py::sampled_round_steps: k
+        rounds of one Poisson step at rate 1/k for each full-batch round. Under distributed DP always (each
+        share must be of one step); otherwise where the local-steps rule gave one step (a federation of large
+        institutions keeps its local steps, as measured). (1, 0.0) for one holder (local steps are the same
+        steps without more rounds), with public streams (every record in every step), and where the rounds
+        or the steps were given, or σ was (k rounds would spend another ε)."""
+        t = cfg.dp.distributed_min_honest
+        if facts.clients < 2 or cfg.dp.public_streams or not facts.epsilon or ({"rounds"} | STEP_KEYS) & pinned:
             return 1, 0.0
-        return distributed_steps(facts, _rounds_per_client(cfg, facts, pinned), values, cfg.dp.distributed_min_honest)
+        if not t and local_steps > 1:
+            return 1, 0.0
+        return sampled_round_steps(facts, _rounds_per_client(cfg, facts, pinned), values, t)
 
     def plain_recipe(self, cfg: FedtuneConfig, facts: Facts) -> dict[str, tuple[Any, str]]:
         """docs/recipe.md: small enough batches for several local steps, and (a federation) up to 40 rounds."""
@@ -243,15 +251,18 @@ def _steps_choices(facts: Facts, steps: int, step_noise: float) -> dict[str, tup
             "train.local_epochs": (1, f"one pass over the records a round, in {steps} or more steps")}
 
 
-def _step_rounds_choices(spread: int, sum_noise: float) -> dict[str, tuple[Any, str]]:
-    """Distributed DP's k rounds of one sampled step (docs/recipe.md, "Local steps")."""
+def _step_rounds_choices(spread: int, sum_noise: float, shared: bool) -> dict[str, tuple[Any, str]]:
+    """A federation's k rounds of one sampled step (docs/recipe.md, "Sampled rounds")."""
+    why_one = ("each institution's share must be of one step" if shared else
+               "the server averages after every step, so no institution drifts from the global model on its "
+               "own few records")
     return {"train.sample_rate": (1 / spread, f"each round one DP-SGD step on a Poisson sample of 1/{spread} of "
                                               f"every institution's records, {spread} rounds in place of one "
                                               f"full-batch round (σ solved for them: the same ε): the step of the "
                                               f"round's sum has noise {sum_noise:.2f} C, below the largest signal "
                                               f"clipping lets through ({LOCAL_STEP_NOISE:g} C), where full-batch "
-                                              "rounds run out of steps; each share is still of one step"),
-            "train.local_epochs": (1, "one sampled step a round: each institution's share must be of one step")}
+                                              "rounds run out of steps"),
+            "train.local_epochs": (1, f"one sampled step a round: {why_one}")}
 
 
 def _one_step_why(step_noise: float) -> str:

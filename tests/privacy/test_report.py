@@ -268,6 +268,15 @@ def test_the_report_says_which_streams_the_server_knows_under_public_streams(tmp
     assert "separate seeds from the operating system" not in text
 
 
+def test_where_a_step_sampled_the_report_states_the_secret_sample_and_its_side_channel(tmp_path):
+    """Amplification by sampling assumes the sample is hidden; a reply's time grows with its size."""
+    sampled = _text(tmp_path / "q", [trained(1, 2.0, q=0.25, steps=1)])
+    assert "**Secret samples** (q = 0.25)" in sampled and "reply's time" in sampled
+    assert "not cover that side channel" in sampled
+    full = _text(tmp_path / "full", [trained(1, 2.0, q=1.0, steps=1)])
+    assert "Secret samples" not in full, "a full-batch step has no sample to reveal"
+
+
 def test_the_report_states_the_factor_not_almost_as_likely(tmp_path):
     """At ε = 8.4 the factor e^ε is about 4,400: "almost as likely" was not true."""
     text = _text(tmp_path, [trained(1, 8.4)])

@@ -324,6 +324,7 @@ def _assumptions(r: ReportData) -> list[Block]:
         "**Hyper-parameter tuning is not accounted**: if σ, C, the learning rate, the number of rounds or the "
         "budget were chosen by trying runs on the same private data, the real privacy cost is higher.",
         _randomness(r),
+        *_secret_samples(r),
         "**Floating point**: the guarantee is for exact arithmetic; known floating-point attacks on the Gaussian "
         "mechanism are not mitigated (Opacus' `secure_mode` addresses them).",
         "**Budget checks** use the same accountant and the same schedule as training: an institution declines a "
@@ -348,11 +349,23 @@ def _sampled_sum(r: ReportData) -> str:
     if q >= 1.0:
         return ""
     return (f" Each round every institution took one step on a Poisson sample of its records at rate q = {q:g}, so "
-            "a round's sum was one DP-SGD step at that rate over the records of every institution in it; the "
-            "amplification by sampling this ε counts assumes each institution's sample stayed secret: fedtune draws "
-            "it from the institution's secure randomness (unless the run set `dp.reproducible_noise`, see "
-            "Randomness) and reports only its record count, never the sample's size, though a reply's time still "
-            "grows with it (docs/privacy.md, \"Who is trusted for what\").")
+            "a round's sum was one DP-SGD step at that rate over the records of every institution in it (see "
+            "Secret samples).")
+
+
+def _secret_samples(r: ReportData) -> list[str]:
+    """Where any step sampled (q < 1): what the amplification by sampling assumes, and the side channel
+    it does not cover (docs/privacy.md, "Who is trusted for what")."""
+    rates = sorted({c.sample_rate for c in r.clients if c.sample_rate and c.sample_rate < 1.0})
+    if not rates:
+        return []
+    shown = f"q = {rates[0]:g}" if len(rates) == 1 else f"q from {rates[0]:g} to {rates[-1]:g}"
+    return [f"**Secret samples** ({shown}): the ε above counts the amplification by Poisson sampling, which "
+            "assumes that which records each step used stays secret. fedtune draws each sample from the "
+            "institution's secure randomness (unless the run set `dp.reproducible_noise`, see Randomness) and "
+            "reports only the institution's record count, never a sample's size. But a reply's time and the "
+            "client's peak memory, which the coordinator sees, grow with the size of the samples it trained on; "
+            "the accounting does not cover that side channel."]
 
 
 def _randomness(r: ReportData) -> str:

@@ -1,0 +1,38 @@
+"""The ε of a history: fedtune's cached RDP arithmetic gives Opacus' RDP and PRV accountants' ε, to the bit."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedtune.privacy.accountant import epsilon
+
+HISTORIES = [
+    [(1.2, 0.25, 120)],
+    [(0.9, 1.0, 30)],
+    [(1.5, 0.25, 3), (1.5, 0.5, 7), (0.8, 1.0, 2)],
+    [(3.29, 1.0, 1), (3.29, 1.0, 29)],
+    [(0.7, 0.01, 5000), (2.0, 0.125, 8)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+@pytest.mark.parametrize("delta", [1e-5, 1e-3])
+def test_rdp_epsilon_is_opacus_rdp_accountant_s_exactly(history, delta):
+    opacus = RDPAccountant()
+    opacus.history = list(history)
+    assert epsilon("rdp", history, delta) == float(opacus.get_epsilon(delta=delta))
+
+
+def test_each_round_s_longer_history_is_composed_afresh():
+    """The cache holds one step's RDP, never an ε: 120 steps cost more than 119."""
+    shorter, longer = epsilon("rdp", [(1.2, 0.25, 119)], 1e-5), epsilon("rdp", [(1.2, 0.25, 120)], 1e-5)
+    assert shorter < longer
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_prv_epsilon_is_opacus_prv_accountant_s_exactly(history):
+    """Only the PRV domain's RDP bound is computed from the cache; the domain, and so ε, is Opacus'."""
+    opacus = PRVAccountant()
+    opacus.history = list(history)
+    assert epsilon("prv", history, 1e-5) == float(opacus.get_epsilon(delta=1e-5))
