@@ -62,3 +62,22 @@ def test_a_dp_run_given_only_its_size_trains_by_the_private_recipe(tmp_path):
     params = dict(PeftModel.from_pretrained(base, out / "adapter").named_parameters())
     for name, tensor in checkpoint.items():
         torch.testing.assert_close(params[name].detach(), tensor)
+
+
+def test_sampled_rounds_without_shared_noise_account_each_institution_s_own_sample(tmp_path):
+    """The recipe's sampled rounds where each institution adds its own noise: a round is one Poisson step
+    at q at each, the ledger holds q and one step, the target ε is spent over the rounds, privacy-verify
+    recomputes it, and the report states the secret-sample assumption."""
+    out = tmp_path / "run"
+    result = fedtune("simulate", "--clients", "3", "--rounds", "2", "--examples", "300", "--sample-rate", "0.5",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = rows_of(out)
+    assert rows[-1]["eval_loss"] != rows[0]["eval_loss"], "the server applies the average of the sampled steps"
+    entries = [e for es in json.loads((out / "privacy_ledger.json").read_text())["clients"].values() for e in es]
+    assert len(entries) == 6 and all((e["sample_rate"], e["steps"]) == (0.5, 1) for e in entries)
+    assert not any(e.get("distributed_min_honest") for e in entries), "each adds all of its own noise"
+    assert max(e["epsilon"] for e in entries) == pytest.approx(8.0, rel=0.01)
+    assert fedtune("privacy-verify", str(out)).returncode == 0
+    assert fedtune("privacy-report", str(out)).returncode == 0
+    assert "**Secret samples** (q = 0.5)" in (out / "privacy_report.md").read_text()
