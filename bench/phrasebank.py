@@ -200,7 +200,8 @@ def finish_fedtune(proc: subprocess.Popen | None, cfg: FedtuneConfig, out: Path,
         entries = [e for client in ledger["clients"].values() for e in client]
         trained = [e for e in entries if e["status"] == "trained"]
         result.update({
-            "epsilon_max": max(e["epsilon"] for e in entries if e["epsilon"] is not None),
+            # a failed round's entry carries no ε
+            "epsilon_max": max(e["epsilon"] for e in entries if e.get("epsilon") is not None),
             "epsilon_max_summary": summary["epsilon_max"],
             "noise_multiplier_range": [min(e["noise_multiplier"] for e in trained),
                                        max(e["noise_multiplier"] for e in trained)],
