@@ -19,13 +19,13 @@ from opacus.accountants.analysis.prv import Domain
 History = list[tuple[float, float, int]]
 
 
-
 class CachedRdpPRVAccountant(PRVAccountant):
     """Opacus' PRVAccountant, whose discretisation domain is bounded with the cached RDP of _rdp_epsilon.
 
     Opacus sizes the PRV domain with two fresh RDPAccountant series (analysis/prv/domain.py::
-    compute_safe_domain_size): about two thirds of a PRV ε at q < 1. This computes the same bound, the
-    same way, from one step's RDP per (σ, q), so the domain, and with it every ε, is Opacus' to the bit
+    compute_safe_domain_size): most of a PRV ε's time at q < 1 (bench/accounting_cost.py). This computes
+    the same bound, the same way, from one step's RDP per (σ, q), so the domain, and with it every ε, is
+    Opacus' to the bit
     (tests/privacy/test_accountant.py). Only the domain is replaced: the PRVs, their discretisation and
     their composition are Opacus' own."""
 
