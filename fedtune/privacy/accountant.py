@@ -25,9 +25,8 @@ class CachedRdpPRVAccountant(PRVAccountant):
     Opacus sizes the PRV domain with two fresh RDPAccountant series (analysis/prv/domain.py::
     compute_safe_domain_size): most of a PRV ε's time at q < 1 (bench/accounting_cost.py). This computes
     the same bound, the same way, from one step's RDP per (σ, q), so the domain, and with it every ε, is
-    Opacus' to the bit
-    (tests/privacy/test_accountant.py). Only the domain is replaced: the PRVs, their discretisation and
-    their composition are Opacus' own."""
+    Opacus' to the bit (tests/privacy/test_accountant.py). Only the domain is replaced: the PRVs, their
+    discretisation and their composition are Opacus' own."""
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
         total = sum(num_self_compositions)
