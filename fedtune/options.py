@@ -50,10 +50,10 @@ NO_OPTION = {
 AUDIT = ("clients", "rounds", "seed", "strategy.clients_per_round", "data.canary_repeats", "dp.enabled",
          "dp.noise_multiplier", "dp.max_grad_norm", "dp.delta", "model.task", "model.name_or_path",
          "model.max_length", "data.path", "data.format", "data.demo_examples", "train.local_epochs",
-         "train.batch_size", "train.learning_rate", "dp.unit", "data.user_column", "dp.max_records_per_user",
-         "dp.user_gradient", "dp.client_dp", "dp.client_dp_side", "dp.client_noise_multiplier",
-         "dp.client_clipping_norm", "dp.canary_clients",
-         "data.canary_kind", "dp.public_streams")  # data.canaries: audit declares --canaries itself
+         "train.batch_size", "train.sample_rate", "train.learning_rate", "dp.unit", "data.user_column",
+         "dp.max_records_per_user", "dp.user_gradient", "dp.client_dp", "dp.client_dp_side",
+         "dp.client_noise_multiplier", "dp.client_clipping_norm", "dp.canary_clients", "data.canary_kind",
+         "dp.public_streams")  # data.canaries: audit declares --canaries itself
 NOT_DEPLOYED = {
     "clients": "deploy-local runs one client per node: --nodes",
     "num_cpus_per_client": "Ray workers of the Simulation Engine only",

@@ -133,7 +133,10 @@ def test_a_run_config_value_equal_to_the_default_is_still_given():
 
 
 def test_audit_and_deploy_local_take_options_from_the_same_table():
+    from fedtune.tasks.classification import STEP_KEYS
+
     assert set(AUDIT) < set(SIMULATE) and set(DEPLOY) == set(SIMULATE) - set(NOT_DEPLOYED)
+    assert STEP_KEYS < set(AUDIT)  # an auditor can set every option that shapes a DP-SGD step
     for command in ("simulate", "audit", "deploy-local"):
         result = CliRunner().invoke(cli, [command, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0 and "--delta" in result.output and "Differential privacy" in result.output
