@@ -264,7 +264,9 @@ RECIPE_KEYS = frozenset({
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = field(default=1, metadata={"help": "Passes over its data each client makes per round."})
-    batch_size: int = field(default=128, metadata={"help": "Expected (logical) batch size per step."})
+    batch_size: int = field(default=128, metadata={"help": "Expected (logical) batch size per step. Unused where "
+                                                             "train.sample_rate is set: each step then takes "
+                                                             "that rate's Poisson sample."})
     optimizer: Literal["adamw", "sgd"] = field(
         default="adamw",
         metadata={"help": "Client optimizer. `adamw` for most runs. `sgd` (plain, no momentum) for DP-SGD with "
