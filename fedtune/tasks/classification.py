@@ -153,8 +153,8 @@ class Classification(Task):
         rounds of one Poisson step at rate 1/k for each full-batch round. Under distributed DP always (each
         share must be of one step); otherwise where the local-steps rule gave one step (a federation of large
         institutions keeps its local steps, which need no more rounds). (1, 0.0) for one holder (local steps
-        are the same steps without more rounds), with public streams (every record in every step), and where the rounds
-        or the steps were given, or σ was (k rounds would spend another ε)."""
+        are the same steps without more rounds), with public streams (every record in every step), and where
+        the rounds or the steps were given, or σ was (k rounds would spend another ε)."""
         t = cfg.dp.distributed_min_honest
         if facts.clients < 2 or cfg.dp.public_streams or not facts.epsilon or ({"rounds"} | STEP_KEYS) & pinned:
             return 1, 0.0
