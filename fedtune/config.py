@@ -249,6 +249,7 @@ class DPConfig:
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MAX_BATCH_SIZE = 4096  # the largest train.batch_size; the private recipe's full-batch step uses it
 AUTO = "auto"  # Flower run config: the recipe chooses this option (pyproject.toml; FedtuneConfig.from_run_config)
 # Every option a recipe may choose (fedtune/recipe.py: the private recipe, the recipe without DP, and
 # dp.noise_multiplier, whose being given keeps the budget from being chosen). pyproject.toml declares
@@ -307,7 +308,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.local_epochs <= 100, "train.local_epochs", "use 1 to 100.")
-        _check(1 <= self.batch_size <= 4096, "train.batch_size", "use 1 to 4096.")
+        _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "train.batch_size", f"use 1 to {MAX_BATCH_SIZE}.")
         _check(self.optimizer in ("adamw", "sgd"), "train.optimizer", "use `adamw` or `sgd`.")
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", "use `constant`, `linear` or `cosine`.")
         _check(0 <= self.sample_rate <= 1, "train.sample_rate", "use a probability such as 0.25 (0: from "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from fedtune.config import FedtuneConfig
+from fedtune.config import MAX_BATCH_SIZE, FedtuneConfig
 
 # ε = 8 per institution, δ = the run's: the operating point that DP fine-tuning of language models
 # reports most (Li et al. 2022, "Large Language Models Can Be Strong Differentially Private Learners",
@@ -305,8 +305,8 @@ def local_steps_batch(facts: Facts, local_steps: int) -> int:
     records; 4,096 for one step: every record in it). A larger institution takes more steps, each with
     less noise, as its own σ is solved for its own rate and steps."""
     if local_steps == 1:
-        return 4096
-    return min(4096, math.ceil(min(facts.records) / local_steps))
+        return MAX_BATCH_SIZE
+    return min(MAX_BATCH_SIZE, math.ceil(min(facts.records) / local_steps))
 
 
 # The recipe without DP. Measured on PhraseBank's validation split, 20 institutions (median 51 training

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from fedtune.config import DataConfig, FedtuneConfig, LoraConfig, ModelConfig
+from fedtune.config import MAX_BATCH_SIZE, DataConfig, FedtuneConfig, LoraConfig, ModelConfig
 from fedtune.data.canaries import Canaries
 from fedtune.data.federated import FederatedData, Texts, federated_data, label_names, local_data, resolve_data
 from fedtune.data.summary import partition_summary
@@ -238,8 +238,8 @@ def _rounds_per_client(cfg: FedtuneConfig, facts: Facts, pinned: frozenset[str])
 def _steps_choices(facts: Facts, steps: int, step_noise: float) -> dict[str, tuple[Any, str]]:
     """The batch and epochs of the recipe's k local steps a round (docs/recipe.md, "Local steps")."""
     if steps == 1:
-        return {"train.batch_size": (4096, "every record in every step (Poisson q = 1, up to 4,096 records): the "
-                                           "least noise per record for a given ε"),
+        every = f"every record in every step (Poisson q = 1, up to {MAX_BATCH_SIZE:,} records)"
+        return {"train.batch_size": (MAX_BATCH_SIZE, f"{every}: the least noise per record for a given ε"),
                 "train.local_epochs": (1, "one step a round: several steps on a non-IID shard fit its own label "
                                           f"prior{_one_step_why(step_noise)}")}
     batch = local_steps_batch(facts, steps)
