@@ -21,7 +21,6 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from fedtune.config import MAX_BATCH_SIZE, FedtuneConfig
@@ -238,16 +237,12 @@ def labels_factor_ceiling(ratio: float) -> float:
 
 def recipe_sigma(facts: Facts, rounds: int, local_steps: int = 1) -> float:
     """The σ each institution will solve for, spending facts.epsilon: `local_steps` steps a round on Poisson
-    samples of rate 1 / local_steps (1: one full-batch step, q = 1)."""
-    return _sigma(facts.epsilon, facts.delta, rounds, local_steps)
+    samples of rate 1 / local_steps (1: one full-batch step, q = 1). It is budget.py's solver on the
+    schedule budget.py::poisson_schedule gives a client whose batch is its records / local_steps, so the
+    recipe plans with the σ the clients then use (under the default accountant, PRV)."""
+    from fedtune.privacy.budget import solve_noise_multiplier  # imports Opacus; keep `fedtune --help` light
 
-
-@lru_cache(maxsize=64)
-def _sigma(epsilon: float, delta: float, rounds: int, local_steps: int) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0 / local_steps,
-                                steps=rounds * local_steps, accountant="prv")
+    return solve_noise_multiplier(facts.epsilon, facts.delta, 1.0 / local_steps, rounds * local_steps, "prv")
 
 
 # Local DP-SGD steps a round. One full-batch step a round runs out of steps where the noise is small: on

@@ -388,13 +388,13 @@ def test_the_local_steps_are_the_most_whose_step_noise_stays_below_the_signal(re
 
 def test_the_smallest_institution_solves_the_sigma_the_rule_assumed():
     """The rule reads each step's noise from σ for rate 1/k over 30·k steps; the institution, given the chosen
-    batch, solves its own σ (privacy/budget.py) for the rate and steps Opacus' loader gives it."""
+    batch, solves its own σ (privacy/budget.py) for the rate and steps Opacus' loader gives it: the same σ."""
     from fedtune.privacy.budget import client_dp
 
     cfg = resolve(CENTRAL, GIVEN)
     known = facts(cfg)
     solved = client_dp(cfg.dp, None, known.records[0], cfg.train.batch_size, 1, cfg.rounds_per_client())
-    assert solved.noise_multiplier == pytest.approx(recipe_sigma(known, 30, MAX_LOCAL_STEPS), rel=0.01)
+    assert solved.noise_multiplier == recipe_sigma(known, 30, MAX_LOCAL_STEPS), "one solver, one schedule"
 
 
 def test_a_round_stays_one_full_batch_step_where_it_must():
