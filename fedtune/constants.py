@@ -5,6 +5,8 @@ Message content (RecordDict) keys, the keys inside them, and the client's Contex
 
 WARM_UP = "query.warm_up"  # simulation: a worker loads the shared model before round 1 (server/warm_up.py)
 IDENTIFY = "query.identify"  # a node says its client name (server/spending.py)
+# After the last round, a client whose last reply never came reports the spending the ledger lacks (server/spending.py)
+UNRECORDED_SPENDING = "query.unrecorded_spending"
 
 # RecordDict keys (the first two are Flower's defaults for FedAvg and friends).
 ARRAYS = "arrays"

@@ -352,6 +352,25 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({k.CLIENT_INFO: ConfigRecord({k.CLIENT_NAME: client_name(context)})}), reply_to=msg)
 
 
+@app.query(k.UNRECORDED_SPENDING.split(".", 1)[1])
+def report_unrecorded(msg: Message, context: Context) -> Message:
+    """Without training: this client's own entries for spending the server's ledger lacks (the
+    `unrecorded` that a train reply carries), asked for after the run's last round when the server
+    never got this client's last reply (server/spending.py). Nothing is reported from a state that
+    cannot be read; the client's next train message refuses it (DamagedState)."""
+    cfg, record = recipe(msg)
+    policy = node_policy(context.node_config, cfg, str(record.get(k.CLIENT_STATE_DIR, "")))
+    name = client_name(context)
+    try:
+        with state_lock(policy.state_dir, name):
+            state = load_state(context, name, policy.state_dir)
+    except DamagedState:
+        state = ClientState()
+    late = unrecorded(state, spent_on_ledger(record), rounds_on_ledger(record))
+    info = {k.CLIENT_NAME: name, **({k.UNRECORDED: json.dumps([e.to_dict() for e in late])} if late else {})}
+    return Message(RecordDict({k.CLIENT_INFO: ConfigRecord(info)}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, record = recipe(msg)

@@ -118,7 +118,9 @@ def _summary(final: Checkpoint, released: Checkpoint, base_bytes: int, wall_s: f
         "final_eval_loss": kept["eval_loss"],
         **({"initial_eval_perplexity": first["eval_perplexity"], "final_eval_perplexity": kept["eval_perplexity"]}
            if "eval_perplexity" in kept else {}),
-        "epsilon_max": epsilon_for_json(last["epsilon_max"]),  # "inf" once anyone trained without noise
+        # "inf" once anyone trained without noise; from the ledger, which may have recorded spending after the
+        # last round's row (server/rounds.py::_record_unreported)
+        "epsilon_max": epsilon_for_json(PrivacyLedger.from_dict(final.ledger).epsilon_max()),
         "failed_client_rounds": sum(row.get("num_failed", 0) for row in final.metrics),
         "client_level_epsilon": (PrivacyLedger.from_dict(final.ledger).client_level or {}).get("epsilon"),  # None: off
         "bytes_up_per_client": last["bytes_up"],

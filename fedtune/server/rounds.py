@@ -9,7 +9,6 @@ strategy or strategy wrapper plugs in unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -44,11 +43,17 @@ from fedtune.server.identity import Registry
 from fedtune.server.run_dir import Checkpoint, RunDirectory, model_options
 from fedtune.server.schedule import find_plateau, last_round, round_learning_rate
 from fedtune.server.secagg import secure_exchange
-from fedtune.server.spending import flag_lost_state, identify, unnamed, with_recorded_spending
+from fedtune.server.spending import (
+    ask_unrecorded,
+    flag_lost_state,
+    identify,
+    unnamed,
+    unrecorded_entries,
+    with_recorded_spending,
+)
 from fedtune.server.validate import (
     Schedule,
     bounded_weights,
-    late_entry_problem,
     reject_malformed,
     reported_spending,
 )
@@ -58,6 +63,7 @@ from fedtune.tasks.base import Scores
 PULL_INTERVAL_S = 0.1
 NO_REPLY = "no reply before timeout (round_timeout_s)"
 NOT_SENT = "the message could not be sent to the node"
+UNRECORDED_TIMEOUT_S = 120.0  # how long a finished run waits for unrecorded spending (_record_unreported)
 FAILURES_LOG = "failures.log"  # in the run directory: the whole text of failures the ledger keeps one line of
 
 
@@ -215,21 +221,6 @@ def _log_failures(log: Path, round_: int, replies: list[Message], node_names: di
                 out.write(f"--- round {round_}, {node_names.get(node, f'node-{node}')}\n{reason.rstrip()}\n")
 
 
-def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
-    """The entries a reply reports for spending the ledger has no record of (k.UNRECORDED); none
-    when it reports none, or when any of them is malformed or implausible (late_entry_problem):
-    a client can only add to its own record, so a bad list is dropped rather than failing the round."""
-    text = info.get(k.UNRECORDED)
-    if not isinstance(text, str):
-        return []
-    try:
-        rows = json.loads(text)
-        entries = [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
-    except (ValueError, KeyError, TypeError):
-        return []
-    return [] if any(late_entry_problem(entry) for entry in entries) else entries
-
-
 def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:
     """Remember a node's client name, and move failures recorded before it was known under it."""
     node_names[node] = name
@@ -325,6 +316,29 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
             if _ends_after(inputs, state):
                 break
             state = _round(round_, transport, strategy, inputs, state, ledger)
+        return _record_unreported(transport, inputs, state, ledger)
+
+
+def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpoint,
+                       ledger: PrivacyLedger) -> Checkpoint:
+    """After the last round: the spending of clients whose last reply never came, asked for
+    (server/spending.py::ask_unrecorded) and put on record, so the ledger and report a finished run
+    leaves count it. Written like a round's spending: the ledger first, then the checkpoint again
+    (a resume starts from the checkpoint's ledger). Waits at most UNRECORDED_TIMEOUT_S for replies."""
+    if not ledger.dp_enabled:
+        return state
+    timeout = min(transport.timeout_s or UNRECORDED_TIMEOUT_S, UNRECORDED_TIMEOUT_S)
+    names = ask_unrecorded(ledger, state.node_names, transport.grid.get_node_ids(),
+                           client_config(inputs.cfg, inputs.run, transport.grid), state.round,
+                           dataclasses.replace(transport, timeout_s=timeout).send)
+    if not names:
+        return state
+    ledger.save(inputs.run.path)
+    state = dataclasses.replace(state, ledger=ledger.to_dict())
+    inputs.run.commit(state)
+    inputs.console.print(f"After round {state.round}: the spending of {', '.join(names)} in rounds whose replies "
+                         "never came is now in the ledger (recorded_late).", markup=False, highlight=False,
+                         soft_wrap=True)
     return state
 
 

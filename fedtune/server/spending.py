@@ -8,6 +8,10 @@ each one reported. Two checks tie them together:
   they are first, with one small `query.identify` message each.
 - After a round, the server recomputes each reporting client's ε from the ledger's (σ, q, steps)
   with its own accountant, and marks an entry whose reported ε is below that `state_lost`.
+And one the other way: a client whose reply never came (recorded `failed`, without figures) may
+have trained and spent all the same. Its next train reply reports that spending (client/state.py's
+`unrecorded`); after the run's last round there is no next one, so the server asks each such client
+once, with a `query.unrecorded_spending` message that trains nothing (ask_unrecorded).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from flwr.serverapp import Grid
 
 from fedtune import constants as k
 from fedtune.privacy.accountant import epsilon, merged
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedtune.server.validate import late_entry_problem
 
 # A reported ε may sit this far below the recomputed one before it counts as lost state: the two
 # come from the same accountant and history, so only floating-point rounding separates them.
@@ -80,3 +85,49 @@ def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[st
             ledger.mark_state_lost(name, round_, recomputed)
             flagged.append(name)
     return flagged
+
+
+def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
+    """The entries a reply reports for spending the ledger has no record of (k.UNRECORDED); none
+    when it reports none, or when any of them is malformed or implausible (late_entry_problem):
+    a client can only add to its own record, so a bad list is dropped rather than failing the round."""
+    text = info.get(k.UNRECORDED)
+    if not isinstance(text, str):
+        return []
+    try:
+        rows = json.loads(text)
+        entries = [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [] if any(late_entry_problem(entry) for entry in entries) else entries
+
+
+def awaiting_report(ledger: PrivacyLedger) -> list[str]:
+    """The clients whose last entry is a failure the server recorded without figures (no reply, or an
+    error in its place): they may have trained in that round, and no later reply has reported it."""
+    return [name for name, entries in ledger.clients.items()
+            if entries and entries[-1].status == k.STATUS_FAILED and not entries[-1].reported]
+
+
+def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected: list[int], config: dict,
+                   round_: int, send: Callable[[list[Message], str], list[Message]]) -> list[str]:
+    """After the last round (`round_`): ask each client awaiting_report on a `connected` node for its
+    unrecorded spending (the run's client `config` and the ledger's record of it, as a train message
+    carries them), and record what it reports late. A reply that does not state the name its node
+    is known by counts for nothing, as does no reply (`send` is the round loop's Transport). Returns
+    the names whose spending was recorded."""
+    node_of = {node_names[node]: node for node in connected if node in node_names}
+    asked = [node_of[name] for name in awaiting_report(ledger) if name in node_of]
+    if not asked:
+        return []
+    messages = [Message(RecordDict({k.CONFIG: ConfigRecord(dict(config))}), dst_node_id=node,
+                        message_type=k.UNRECORDED_SPENDING) for node in asked]
+    with_recorded_spending(messages, ledger, node_names)
+    recorded = []
+    for reply in send(messages, "unrecorded spending"):
+        info = None if reply.has_error() else reply.content.get(k.CLIENT_INFO)
+        name = node_names[reply.metadata.src_node_id]
+        if isinstance(info, ConfigRecord) and info.get(k.CLIENT_NAME) == name and (late := unrecorded_entries(info)):
+            ledger.record_late(name, round_, late)
+            recorded.append(name)
+    return recorded

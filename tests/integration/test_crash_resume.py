@@ -2,7 +2,8 @@
 entry is lost, the spending of the round the crash cut short is on record (the clients report it
 late), and a client whose state file was deleted meanwhile refuses to train rather than restart
 from ε = 0. Runs with --target-epsilon, so it also checks the solved sigma
-end to end, and `fedtune privacy-verify` passes on the result."""
+end to end, and `fedtune privacy-verify` passes on the result. A last reply that never came is
+asked for after the last round, so a finished run's ledger holds its spending too."""
 
 from __future__ import annotations
 
@@ -182,3 +183,31 @@ def _running(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def test_a_finished_run_records_the_spending_of_a_last_reply_that_never_came(tmp_path, tiny_classifier):
+    """The last round's train reply of one client is lost (tests/integration/mutations, `last-reply-lost`):
+    no later round would carry its report, so the server asks for it after the last round."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    run = tmp_path / "run"
+    mutations = Path(__file__).parent / "mutations"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FEDTUNE_TEST_MUTATION": "last-reply-lost",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(mutations), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--config", str(tmp_path / "tiny.toml"),
+                             "--out", str(run), "--target-epsilon", str(TARGET), "--model", str(tiny_classifier)],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ledger = _ledger(run)
+    lost = [name for name, entries in ledger.items() if any(e["status"] == "failed" for e in entries)]
+    assert len(lost) == 1, "the fault took one reply"
+    entries = ledger[lost[0]]
+    assert [(e["round"], e["status"], e.get("recorded_late", False)) for e in entries] == [
+        (1, "trained", False), (2, "failed", False), (2, "trained", True)]
+    own = json.loads((run / "client_state" / f"{lost[0]}.json").read_text())["ledger"]
+    assert history_from_ledger(entries) == history_from_ledger(own), "every step it took is on record, once"
+    assert entries[-1]["epsilon"] == own[-1]["epsilon"] == pytest.approx(TARGET, rel=0.01)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epsilon_max"] == max(e["epsilon"] for es in ledger.values() for e in es if "epsilon" in e)
+    assert "recorded_late" in result.stdout + result.stderr
+    code, stdout, stderr = fedtune_here("privacy-verify", str(run))
+    assert code == 0, stdout + stderr

@@ -58,3 +58,126 @@ def test_unknown_nodes_are_asked_who_they_are_only_when_the_ledger_has_someone_u
     ledger = PrivacyLedger("prv", True, {"a": [entry(1, [(1.0, 0.25, 4)])]})
     assert unnamed(grid, messages, {7: "a"}, ledger) == [], "everyone on record is on a connected node"
     assert unnamed(grid, messages, {99: "a"}, ledger) == [7, 8], "a resumed simulation: every node is new"
+
+
+# After the last round: spending in a round whose reply never came is asked for and recorded.
+
+def _institutions(tmp_path, trained: bool = True) -> SimpleNamespace:
+    """A client that trained round 1 (its reply lost on the way), or did not; `answer` delivers a message
+    to the real ClientApp of node 7 (partition 0), which states its name, client-0000, and `send` a list."""
+    from flwr.app import Context
+
+    from fedtune.client import app as client_app
+    from tests.client.test_privacy_gate import _cfg, _message
+
+    cfg = _cfg()
+    node = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    lost = client_app.train(_message(cfg, str(tmp_path)), context) if trained else None
+    asked = []
+
+    def answer(message: Message) -> Message:
+        asked.append(message.metadata.dst_node_id)
+        reply = client_app.report_unrecorded(message, context)
+        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+        return reply
+
+    return SimpleNamespace(cfg=cfg, spent=lost and lost.content[k.METRICS], answer=answer, asked=asked,
+                           send=lambda messages, label: [answer(m) for m in messages],
+                           config={**cfg.to_flat(), k.CLIENT_STATE_DIR: str(tmp_path)})
+
+
+def test_spending_of_a_last_reply_that_never_came_is_asked_for_once_and_recorded_late(tmp_path):
+    from fedtune.server.rounds import NO_REPLY
+    from fedtune.server.spending import ask_unrecorded, awaiting_report
+
+    one = _institutions(tmp_path)
+    spent, send, config, asked = one.spent, one.send, one.config, one.asked
+    ledger = PrivacyLedger("prv", True)
+    ledger.record_failure("client-0000", 1, NO_REPLY)  # the server's view: nothing came
+    assert awaiting_report(ledger) == ["client-0000"] and ledger.epsilon_of("client-0000") == 0.0
+
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send) == ["client-0000"]
+    entries = ledger.entries("client-0000")
+    assert [(e.round, e.status, e.recorded_late, e.recorded_round) for e in entries] == [
+        (1, "failed", False, None), (1, "trained", True, 1)]
+    assert ledger.spent("client-0000") == [(spent[k.NOISE_MULTIPLIER], spent[k.SAMPLE_RATE], spent[k.STEPS])]
+    assert ledger.epsilon_of("client-0000") == pytest.approx(spent[k.EPSILON])
+
+    assert awaiting_report(ledger) == [] and ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send) == []
+    assert asked == [7], "once recorded, the client is not asked again"
+
+
+def test_nothing_is_recorded_from_a_node_that_is_gone_or_states_another_name(tmp_path):
+    from fedtune.server.spending import ask_unrecorded
+
+    one = _institutions(tmp_path)
+    send, config, asked = one.send, one.config, one.asked
+    for names, connected in (({7: "client-0000"}, []), ({7: "clinic-b"}, [7])):
+        name = names[7]
+        ledger = PrivacyLedger("prv", True)
+        ledger.record_failure(name, 1, "no reply")
+        assert ask_unrecorded(ledger, names, connected, config, 1, send) == []
+        assert [e.status for e in ledger.entries(name)] == ["failed"] and not ledger.spent(name)
+    assert asked == [7], "the node that is gone is not asked; the one asked answers as client-0000"
+
+
+def test_a_client_that_did_not_train_reports_nothing(tmp_path):
+    from fedtune.server.spending import ask_unrecorded
+
+    one = _institutions(tmp_path, trained=False)  # the message never reached it
+    send, config, asked = one.send, one.config, one.asked
+    ledger = PrivacyLedger("prv", True)
+    ledger.record_failure("client-0000", 1, "no reply")
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send) == [] and asked == [7]
+    assert [e.status for e in ledger.entries("client-0000")] == ["failed"]
+
+
+class _OneNodeGrid:
+    """Node 7 only, answered by `answer` as soon as a message is pushed (a grid's push and pull)."""
+
+    def __init__(self, answer):
+        self.answer, self.replies = answer, {}
+
+    def get_node_ids(self):
+        return [7]
+
+    def push_messages(self, messages):
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower's grids do
+            self.replies[message.metadata.message_id] = self.answer(message)
+        return [message.metadata.message_id for message in messages]
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(message_id) for message_id in list(message_ids) if message_id in self.replies]
+
+
+def test_a_finished_run_keeps_the_late_spending_in_its_ledger_file_and_last_checkpoint(tmp_path):
+    """The round loop's last step (server/rounds.py::_record_unreported): a resume, which starts from the
+    checkpoint's ledger, must not drop what was recorded after the last round was committed."""
+    import threading
+
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from fedtune.server.rounds import NO_REPLY, RoundInputs, Transport, _record_unreported
+    from fedtune.server.run_dir import Checkpoint, RunDirectory
+
+    one = _institutions(tmp_path / "client")
+    run = RunDirectory.create(tmp_path / "run", one.cfg)
+    ledger = PrivacyLedger(one.cfg.dp.accountant, True)
+    ledger.record_failure("client-0000", 1, NO_REPLY)
+    ledger.save(run.path)
+    rows = [{"round": r, "eval_accuracy": 0.5, "epsilon_max": 0.0} for r in (0, 1)]
+    last = Checkpoint(1, {"w": torch.zeros(2)}, rows, ledger.to_dict(), {7: "client-0000"})
+    run.commit(last)
+    console = Console(record=True, width=200)
+    transport = Transport(_OneNodeGrid(one.answer), Progress(disable=True), None, threading.Event(), False, None)
+    final = _record_unreported(transport, RoundInputs(one.cfg, run, evaluate=None, console=console), last, ledger)
+
+    spent = [(one.spent[k.NOISE_MULTIPLIER], one.spent[k.SAMPLE_RATE], one.spent[k.STEPS])]
+    assert run.read_ledger().spent("client-0000") == spent, "privacy_ledger.json has it"
+    assert PrivacyLedger.from_dict(run.latest_checkpoint().ledger).spent("client-0000") == spent
+    assert run.ledger_to_resume(run.latest_checkpoint()).spent("client-0000") == spent, "once, after a resume"
+    assert final.round == 1 and "client-0000" in console.export_text() and one.asked == [7]
