@@ -328,7 +328,9 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     if not ledger.dp_enabled:
         return state
     timeout = min(transport.timeout_s or UNRECORDED_TIMEOUT_S, UNRECORDED_TIMEOUT_S)
-    names = ask_unrecorded(ledger, state.node_names, transport.grid.get_node_ids(),
+    excluded = Registry.of(transport.grid).exclusions(dict(state.node_keys))  # server/identity.py, as for training
+    connected = [node for node in transport.grid.get_node_ids() if node not in excluded]
+    names = ask_unrecorded(ledger, state.node_names, connected,
                            client_config(inputs.cfg, inputs.run, transport.grid), state.round,
                            dataclasses.replace(transport, timeout_s=timeout).send)
     if not names:

@@ -142,6 +142,9 @@ class _OneNodeGrid:
     def get_node_ids(self):
         return [7]
 
+    def get_nodes(self):
+        return []  # no registered names: a simulation's nodes
+
     def push_messages(self, messages):
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id  # what Flower's grids do
