@@ -271,10 +271,16 @@ class PrivacyLedger:
     def record_interrupted(self, written: PrivacyLedger, committed_round: int) -> None:
         """Resuming after `committed_round`: every entry of `written` (the ledger on disk) from a later
         round, which never finished, is kept and marked interrupted, since the clients spent that
-        budget; so is its client-level account, if it counts more noised releases."""
+        budget; so is its client-level account, if it counts more noised releases. So is spending
+        recorded late in `committed_round` itself that this ledger lacks: what the server asks for after
+        the last round (server/rounds.py::_record_unreported) is saved before the checkpoint is
+        written again, and a crash between the two leaves it in the file only."""
         for client, entries in written._clients.items():
+            held = list(self._clients.get(client, ()))
             for entry in entries:
-                if (entry.recorded_round or entry.round) > committed_round:
+                later = (entry.recorded_round or entry.round) > committed_round
+                after_commit = entry.recorded_late and entry.recorded_round == committed_round and entry not in held
+                if later or after_commit:
                     self._append(client, dataclasses.replace(entry, interrupted=True))
         mine = (self._client_level or {}).get("rounds", 0)
         if written._client_level and written._client_level["rounds"] > mine:

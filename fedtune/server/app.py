@@ -39,9 +39,12 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
     try:
         return _serve(grid, cfg, run, console or Console(soft_wrap=True), warm_workers, stop or threading.Event())
     except RunStopped as stopped:
+        where = (f"after round {stopped.round}, the last, while asking for spending whose replies never came; "
+                 "every round is saved" if stopped.after_last else
+                 f"during round {stopped.round}; rounds before it are saved")
         (console or Console(soft_wrap=True)).print(
-            f"Stopped during round {stopped.round}; rounds before it are saved. Continue with "
-            f"`fedtune simulate --resume {run.path}`.", markup=False, highlight=False, soft_wrap=True)
+            f"Stopped {where}. Continue with `fedtune simulate --resume {run.path}`.", markup=False,
+            highlight=False, soft_wrap=True)
         return None
 
 

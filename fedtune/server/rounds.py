@@ -45,6 +45,7 @@ from fedtune.server.schedule import find_plateau, last_round, round_learning_rat
 from fedtune.server.secagg import secure_exchange
 from fedtune.server.spending import (
     ask_unrecorded,
+    awaiting_report,
     flag_lost_state,
     identify,
     unnamed,
@@ -82,11 +83,12 @@ class RoundInputs:
 
 
 class RunStopped(Exception):
-    """The run was asked to stop (Ctrl-C) during round `round`; rounds before it are committed."""
+    """The run was asked to stop (Ctrl-C) during round `round`; rounds before it are committed.
+    `after_last`: every round is committed, and it stopped while asking for unrecorded spending."""
 
-    def __init__(self, round_: int) -> None:
-        super().__init__(f"stopped during round {round_}")
-        self.round = round_
+    def __init__(self, round_: int, after_last: bool = False) -> None:
+        super().__init__(f"stopped after round {round_}" if after_last else f"stopped during round {round_}")
+        self.round, self.after_last = round_, after_last
 
 
 def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
@@ -322,25 +324,35 @@ def run_rounds(grid: Grid, strategy: Strategy, inputs: RoundInputs, start: Check
 def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpoint,
                        ledger: PrivacyLedger) -> Checkpoint:
     """After the last round: the spending of clients whose last reply never came, asked for
-    (server/spending.py::ask_unrecorded) and put on record, so the ledger and report a finished run
-    leaves count it. Written like a round's spending: the ledger first, then the checkpoint again
-    (a resume starts from the checkpoint's ledger). Waits at most UNRECORDED_TIMEOUT_S for replies."""
-    if not ledger.dp_enabled:
+    (server/spending.py::ask_unrecorded) and put on record, so the ledger, report and last metrics row
+    a finished run leaves count it. Written like a round's spending: the ledger first, then the
+    checkpoint again (a crash between the two: PrivacyLedger.record_interrupted). Waits at most
+    UNRECORDED_TIMEOUT_S for replies. Ctrl-C meanwhile stops the run before its summary is written, so
+    that `--resume` asks again."""
+    if not ledger.dp_enabled or not awaiting_report(ledger):
         return state
     timeout = min(transport.timeout_s or UNRECORDED_TIMEOUT_S, UNRECORDED_TIMEOUT_S)
-    excluded = Registry.of(transport.grid).exclusions(dict(state.node_keys))  # server/identity.py, as for training
+    registry = Registry.of(transport.grid)
+    excluded = registry.exclusions(dict(state.node_keys))  # server/identity.py, as for training
     connected = [node for node in transport.grid.get_node_ids() if node not in excluded]
+    for node in connected:  # a deployed node is known by its registered name, as in a round
+        if node in registry.names:
+            state.node_names.setdefault(node, registry.names[node])
+    before = ledger.to_dict()
     names = ask_unrecorded(ledger, state.node_names, connected,
                            client_config(inputs.cfg, inputs.run, transport.grid), state.round,
                            dataclasses.replace(transport, timeout_s=timeout).send)
-    if not names:
-        return state
-    ledger.save(inputs.run.path)
-    state = dataclasses.replace(state, ledger=ledger.to_dict())
-    inputs.run.commit(state)
-    inputs.console.print(f"After round {state.round}: the spending of {', '.join(names)} in rounds whose replies "
-                         "never came is now in the ledger (recorded_late).", markup=False, highlight=False,
-                         soft_wrap=True)
+    if ledger.to_dict() != before:  # spending recorded, or a failure moved to the client it is now known as
+        ledger.save(inputs.run.path)
+        last = {**state.metrics[-1], "epsilon_max": ledger.epsilon_max()}
+        state = dataclasses.replace(state, ledger=ledger.to_dict(), metrics=[*state.metrics[:-1], last])
+        inputs.run.commit(state)
+    if names:
+        inputs.console.print(f"After round {state.round}: the spending of {', '.join(names)} in rounds whose "
+                             "replies never came is now in the ledger (recorded_late).", markup=False,
+                             highlight=False, soft_wrap=True)
+    if inputs.stop.is_set():
+        raise RunStopped(state.round, after_last=True)
     return state
 
 

@@ -114,10 +114,20 @@ def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected:
     """After the last round (`round_`): ask each client awaiting_report on a `connected` node for its
     unrecorded spending (the run's client `config` and the ledger's record of it, as a train message
     carries them), and record what it reports late. A reply that does not state the name its node
-    is known by counts for nothing, as does no reply (`send` is the round loop's Transport). Returns
-    the names whose spending was recorded."""
+    is known by counts for nothing, as does no reply (`send` is the round loop's Transport). Connected
+    nodes the server cannot name (a resumed simulation's, or one whose only reply never came and whose
+    failure is on record as `node-N`) are asked who they are first (identify). Returns the names whose
+    spending was recorded."""
+    waiting = awaiting_report(ledger)
+    unknown = [node for node in connected if node not in node_names]
+    if waiting and unknown and set(waiting) - {node_names[node] for node in connected if node in node_names}:
+        identify(unknown, node_names, send)
+        for node in unknown:
+            if node in node_names:
+                ledger.attribute(f"node-{node}", node_names[node])
+        waiting = awaiting_report(ledger)
     node_of = {node_names[node]: node for node in connected if node in node_names}
-    asked = [node_of[name] for name in awaiting_report(ledger) if name in node_of]
+    asked = [node_of[name] for name in waiting if name in node_of]
     if not asked:
         return []
     messages = [Message(RecordDict({k.CONFIG: ConfigRecord(dict(config))}), dst_node_id=node,

@@ -78,7 +78,8 @@ def _institutions(tmp_path, trained: bool = True) -> SimpleNamespace:
 
     def answer(message: Message) -> Message:
         asked.append(message.metadata.dst_node_id)
-        reply = client_app.report_unrecorded(message, context)
+        handle = client_app.identify if message.metadata.message_type == k.IDENTIFY else client_app.report_unrecorded
+        reply = handle(message, context)
         reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
         return reply
 
@@ -133,17 +134,35 @@ def test_a_client_that_did_not_train_reports_nothing(tmp_path):
     assert [e.status for e in ledger.entries("client-0000")] == ["failed"]
 
 
-class _OneNodeGrid:
-    """Node 7 only, answered by `answer` as soon as a message is pushed (a grid's push and pull)."""
+def test_a_node_the_server_cannot_name_is_asked_who_it_is_first(tmp_path):
+    """A resumed simulation's nodes have new ids; a node whose only reply never came is on record as
+    `node-7`. Either way the connected node says its name, then is asked for its spending."""
+    from fedtune.server.spending import ask_unrecorded
 
-    def __init__(self, answer):
+    for placeholder, names in (("client-0000", {99: "client-0000"}), ("node-7", {})):
+        one = _institutions(tmp_path / placeholder)
+        ledger = PrivacyLedger("prv", True)
+        ledger.record_failure(placeholder, 1, "no reply")
+        assert ask_unrecorded(ledger, names, [7], one.config, 1, one.send) == ["client-0000"]
+        assert names[7] == "client-0000" and list(ledger.clients) == ["client-0000"]
+        assert [(e.status, e.recorded_late) for e in ledger.entries("client-0000")] == [("failed", False),
+                                                                                        ("trained", True)]
+        assert one.asked == [7, 7], "identify, then the spending"
+
+
+class _OneNodeGrid:
+    """Node 7 only, answered by `answer` as soon as a message is pushed (a grid's push and pull);
+    `registered`: the names it is registered under (deployment), none in simulation."""
+
+    def __init__(self, answer, registered: tuple[tuple[int, str, bytes], ...] = ()):
         self.answer, self.replies = answer, {}
+        self.registered = [SimpleNamespace(node_id=node, name=name, public_key=key) for node, name, key in registered]
 
     def get_node_ids(self):
         return [7]
 
     def get_nodes(self):
-        return []  # no registered names: a simulation's nodes
+        return self.registered
 
     def push_messages(self, messages):
         for message in messages:
@@ -155,16 +174,15 @@ class _OneNodeGrid:
         return [self.replies.pop(message_id) for message_id in list(message_ids) if message_id in self.replies]
 
 
-def test_a_finished_run_keeps_the_late_spending_in_its_ledger_file_and_last_checkpoint(tmp_path):
-    """The round loop's last step (server/rounds.py::_record_unreported): a resume, which starts from the
-    checkpoint's ledger, must not drop what was recorded after the last round was committed."""
-    import threading
+def _finished_run(tmp_path, registered=()) -> SimpleNamespace:
+    """A run directory whose last round, 1, is committed with client-0000's reply on record as never
+    come, and what _record_unreported needs to finish it."""
 
     import torch
     from rich.console import Console
     from rich.progress import Progress
 
-    from fedtune.server.rounds import NO_REPLY, RoundInputs, Transport, _record_unreported
+    from fedtune.server.rounds import NO_REPLY, RoundInputs, Transport
     from fedtune.server.run_dir import Checkpoint, RunDirectory
 
     one = _institutions(tmp_path / "client")
@@ -176,11 +194,54 @@ def test_a_finished_run_keeps_the_late_spending_in_its_ledger_file_and_last_chec
     last = Checkpoint(1, {"w": torch.zeros(2)}, rows, ledger.to_dict(), {7: "client-0000"})
     run.commit(last)
     console = Console(record=True, width=200)
-    transport = Transport(_OneNodeGrid(one.answer), Progress(disable=True), None, threading.Event(), False, None)
-    final = _record_unreported(transport, RoundInputs(one.cfg, run, evaluate=None, console=console), last, ledger)
-
+    inputs = RoundInputs(one.cfg, run, evaluate=None, console=console)
+    transport = Transport(_OneNodeGrid(one.answer, registered), Progress(disable=True), None, inputs.stop, False, None)
     spent = [(one.spent[k.NOISE_MULTIPLIER], one.spent[k.SAMPLE_RATE], one.spent[k.STEPS])]
-    assert run.read_ledger().spent("client-0000") == spent, "privacy_ledger.json has it"
-    assert PrivacyLedger.from_dict(run.latest_checkpoint().ledger).spent("client-0000") == spent
-    assert run.ledger_to_resume(run.latest_checkpoint()).spent("client-0000") == spent, "once, after a resume"
-    assert final.round == 1 and "client-0000" in console.export_text() and one.asked == [7]
+    return SimpleNamespace(one=one, run=run, ledger=ledger, last=last, inputs=inputs, transport=transport,
+                           console=console, spent=spent)
+
+
+def test_a_finished_run_keeps_the_late_spending_in_its_ledger_file_and_last_checkpoint(tmp_path):
+    """The round loop's last step (server/rounds.py::_record_unreported): a resume, which starts from the
+    checkpoint's ledger, must not drop what was recorded after the last round was committed."""
+    from fedtune.server.rounds import _record_unreported
+
+    f = _finished_run(tmp_path)
+    final = _record_unreported(f.transport, f.inputs, f.last, f.ledger)
+    assert f.run.read_ledger().spent("client-0000") == f.spent, "privacy_ledger.json has it"
+    latest = f.run.latest_checkpoint()
+    assert PrivacyLedger.from_dict(latest.ledger).spent("client-0000") == f.spent
+    assert f.run.ledger_to_resume(latest).spent("client-0000") == f.spent, "once, after a resume"
+    assert latest.metrics[-1]["epsilon_max"] == pytest.approx(f.one.spent[k.EPSILON]), "the last row's ε too"
+    assert final.round == 1 and "client-0000" in f.console.export_text() and f.one.asked == [7]
+
+
+def test_a_crash_before_the_checkpoint_is_written_again_keeps_the_late_spending(tmp_path, monkeypatch):
+    from fedtune.server.rounds import _record_unreported
+
+    f = _finished_run(tmp_path)
+    monkeypatch.setattr(type(f.run), "commit", lambda self, checkpoint: None)  # dies right after the ledger save
+    _record_unreported(f.transport, f.inputs, f.last, f.ledger)
+    resumed = f.run.ledger_to_resume(f.run.latest_checkpoint())
+    assert resumed.spent("client-0000") == f.spent, "kept from the file, once"
+    assert [(e.status, e.recorded_late) for e in resumed.entries("client-0000")] == [("failed", False),
+                                                                                      ("trained", True)]
+
+
+def test_ctrl_c_while_asking_stops_the_run_before_its_summary_so_a_resume_asks_again(tmp_path):
+    from fedtune.server.rounds import RunStopped, _record_unreported
+
+    f = _finished_run(tmp_path)
+    f.inputs.stop.set()
+    with pytest.raises(RunStopped, match="after round 1"):
+        _record_unreported(f.transport, f.inputs, f.last, f.ledger)
+    assert f.one.asked == [], "nothing was sent once the stop was set"
+    assert f.run.read_ledger().entries("client-0000")[-1].status == "failed", "still awaiting its report"
+
+
+def test_nodes_whose_registered_identity_is_in_doubt_are_not_asked(tmp_path):
+    from fedtune.server.rounds import _record_unreported
+
+    f = _finished_run(tmp_path, registered=((7, "client-0000", b"key"), (8, "client-0000", b"other key")))
+    _record_unreported(f.transport, f.inputs, f.last, f.ledger)
+    assert f.one.asked == [] and not f.run.read_ledger().spent("client-0000")
