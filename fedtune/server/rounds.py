@@ -203,12 +203,11 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
 
 
-def name_registered(node_names: dict[int, str], registry: Registry, messages: list[Message]) -> None:
+def name_registered(node_names: dict[int, str], registry: Registry, nodes: list[int]) -> None:
     """Know each asked node by its registered name (deployment), which its replies must state too
     (_refuse_misnamed): a node that fails before it ever answered is then recorded under its
     institution's name, not as an extra `node-N`."""
-    for message in messages:
-        node = message.metadata.dst_node_id
+    for node in nodes:
         if node in registry.names:
             node_names.setdefault(node, registry.names[node])
 
@@ -335,9 +334,7 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     registry = Registry.of(transport.grid)
     excluded = registry.exclusions(dict(state.node_keys))  # server/identity.py, as for training
     connected = [node for node in transport.grid.get_node_ids() if node not in excluded]
-    for node in connected:  # a deployed node is known by its registered name, as in a round
-        if node in registry.names:
-            state.node_names.setdefault(node, registry.names[node])
+    name_registered(state.node_names, registry, connected)  # as in a round
     before = ledger.to_dict()
     names = ask_unrecorded(ledger, state.node_names, connected,
                            client_config(inputs.cfg, inputs.run, transport.grid), state.round,
@@ -433,7 +430,7 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     registry = Registry.of(grid)  # who each node is registered as (deployment; nobody in simulation)
     messages = _without_unidentified(registry, list(strategy.configure_train(round_, arrays, config, grid)),
                                      ledger, state.node_keys, round_, inputs.console)
-    name_registered(state.node_names, registry, messages)
+    name_registered(state.node_names, registry, [m.metadata.dst_node_id for m in messages])
     if unknown := unnamed(grid, messages, state.node_names, ledger):  # e.g. every node of a resumed simulation
         identify(unknown, state.node_names, transport.send)
     _stop_here(inputs, round_)

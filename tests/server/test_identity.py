@@ -59,7 +59,7 @@ def test_a_node_is_known_by_its_registered_name_before_it_ever_answers():
     registry = Registry({11: "clinic-a", 12: "clinic-b"}, {11: "k1", 12: "k2"})
     sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (11, 13)]
     names: dict[int, str] = {}
-    name_registered(names, registry, sent)
+    name_registered(names, registry, [m.metadata.dst_node_id for m in sent])
     assert names == {11: "clinic-a"}  # 13 has no registration (simulation): it stays unnamed
     ledger = PrivacyLedger("rdp", True)
     reply = failed_reply(sent[0], NO_REPLY)
