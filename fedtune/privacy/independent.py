@@ -43,12 +43,12 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def epsilons_along(kind: str, runs: Iterable[Sequence[float]], delta: float) -> list[float]:
-    """The cumulative ε after each (sigma, q, steps) run of a history, composed incrementally;
-    inf from the first run without noise on."""
+def epsilons_along(kind: str, runs: Iterable[Sequence[float]], deltas: Iterable[float]) -> list[float]:
+    """The cumulative ε after each (sigma, q, steps) run of a history, composed incrementally, each
+    at its own δ; inf from the first run without noise on."""
     accountant, out, unbounded, composed = _accountant(kind), [], False, False
     with _quiet():
-        for sigma, q, steps in runs:
+        for (sigma, q, steps), delta in zip(runs, deltas, strict=True):
             if int(steps) > 0 and float(sigma) <= 0.0:
                 unbounded = True
             elif int(steps) > 0:
@@ -60,7 +60,7 @@ def epsilons_along(kind: str, runs: Iterable[Sequence[float]], delta: float) -> 
 
 def independent_epsilon(kind: str, history: Sequence[Sequence[float]], delta: float) -> float:
     """Cumulative ε of a whole history; 0 for none."""
-    along = epsilons_along(kind, history, delta)
+    along = epsilons_along(kind, history, [delta] * len(history))
     return along[-1] if along else 0.0
 
 

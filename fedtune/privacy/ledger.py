@@ -99,6 +99,12 @@ class LedgerEntry:
                    if metrics.get(k.DISTRIBUTED_MIN_HONEST) else None)
 
     @property
+    def ledger_round(self) -> int:
+        """The server round this entry was recorded in: `round`, or recorded_round for one recorded
+        late (whose `round` is the one it was spent in, possibly another run's)."""
+        return self.recorded_round if self.recorded_late and self.recorded_round is not None else self.round
+
+    @property
     def reported(self) -> bool:
         """The client reported its privacy figures this round (every entry but the server's
         record of a failure or exclusion)."""
@@ -259,7 +265,7 @@ class PrivacyLedger:
         `client`'s: they join its entries, in round order."""
         if placeholder in self._clients and placeholder != client:
             moved = [*self._clients.pop(placeholder), *self._clients.get(client, [])]
-            self._clients[client] = sorted(moved, key=lambda e: e.round)
+            self._clients[client] = sorted(moved, key=lambda e: e.ledger_round)
 
     def mark_state_lost(self, client: str, round_: int, recomputed: float) -> None:
         """`client`'s reported ε in `round_` is below `recomputed`, the ledger's own figure for its
@@ -278,7 +284,7 @@ class PrivacyLedger:
         for client, entries in written._clients.items():
             held = list(self._clients.get(client, ()))
             for entry in entries:
-                later = (entry.recorded_round or entry.round) > committed_round
+                later = entry.ledger_round > committed_round
                 after_commit = entry.recorded_late and entry.recorded_round == committed_round and entry not in held
                 if later or after_commit:
                     self._append(client, dataclasses.replace(entry, interrupted=True))

@@ -2,14 +2,16 @@
 
 It trusts neither the clients' reported ε nor Opacus. From each client's ledger entries alone
 (σ, q, steps, n, δ) and the run's config.toml it checks that:
-- every reported ε is at least what Google's dp-accounting computes for the recorded history
-  (privacy/independent.py), up to the two accountants' numerical difference (RELATIVE_SLACK);
-- a client's ε never decreases from one entry to the next;
+- every reported ε is at least what Google's dp-accounting computes for the recorded history up
+  to it, in the order the client spent it (spending_order) (privacy/independent.py), up to the two
+  accountants' numerical difference (RELATIVE_SLACK);
+- a client's ε never decreases from one entry to the next (entries recorded late aside);
 - δ < 1/n for the n records the client reported;
-- q and the steps match n, the batch size and the local epochs (privacy/budget.py's schedule);
+- q and the steps match n, the batch size and the local epochs (privacy/budget.py's schedule),
+  except in entries recorded late, which may be another run's spending;
 - no reported ε exceeds the run's budget;
 - each status is coherent: trained rounds took steps, declined and refused ones none, a refusal
-  says why, rounds come in order;
+  says why, entries come in the order of the rounds they were recorded in;
 - the client-level ε, when the run had client-level DP, matches dp-accounting too.
 
 Each violation names the client, the round, the field, what was expected and what was found.
@@ -84,26 +86,53 @@ def verify_run(run_dir: Path) -> Verification:
 def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
             cfg: FedtuneConfig) -> Iterator[Violation]:
     reported = [row for row in rows if row.reported]  # failures the server recorded carry no figures
-    history = [(row.noise_multiplier, row.sample_rate, row.steps) for row in reported]
-    expected = epsilons_along(kind, history, cfg.dp.delta) if dp_on else [math.inf] * len(reported)
     cap = min(cfg.dp.epsilon_budget, cfg.dp.target_epsilon) if cfg.dp.target_epsilon > 0 else cfg.dp.epsilon_budget
     previous_round, highest = -1, 0.0
-    for row, independent in zip(reported, expected, strict=True):
+    for row in reported:
         bad = _Row(name, row)
-        if row.round < previous_round:
-            yield bad("round", f">= {previous_round} (entries in round order)", row.round)
-        previous_round = row.round
+        if row.ledger_round < previous_round:
+            yield bad("round", f">= {previous_round} (entries in the order they were recorded)", row.ledger_round)
+        previous_round = row.ledger_round
         yield from _status(bad, row, dp_on)
         if row.steps:
-            yield from _schedule(bad, row, cfg)
+            yield from _sampling(bad, row, cfg)
         found = row.epsilon  # math.inf when unbounded
-        if found < highest * (1 - 1e-9):
-            yield bad("epsilon", f">= {highest:.4f} (a client's ε never decreases)", f"{found:.4f}")
-        if found < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
-            yield bad("epsilon", f"{_eps(independent)} (dp-accounting, from the ledger's σ, q and steps)", _eps(found))
+        if not row.recorded_late:  # one recorded late was spent before the entries recorded ahead of it
+            if found < highest * (1 - 1e-9):
+                yield bad("epsilon", f">= {highest:.4f} (a client's ε never decreases)", f"{found:.4f}")
+            highest = max(highest, found)
         if found > cap * (1 + 1e-9) and row.status != k.STATUS_REFUSED:
             yield bad("epsilon", f"<= {cap:g} (the run's ε budget)", _eps(found))
-        highest = max(highest, found)
+    yield from _against_dp_accounting(name, spending_order(reported), kind, dp_on, cfg)
+
+
+def spending_order(reported: list[LedgerEntry]) -> list[LedgerEntry]:
+    """A client's reported entries in the order it spent them. Those recorded when they happened keep
+    the ledger's order. One recorded late (a reply the server never got, or another run's spending in
+    the institution's state directory) carries the cumulative ε the client had then, so it goes
+    before the first entry with a higher ε."""
+    order = [row for row in reported if not row.recorded_late]
+    for late in (row for row in reported if row.recorded_late):
+        at = next((i for i, row in enumerate(order) if row.epsilon > late.epsilon), len(order))
+        order.insert(at, late)
+    return order
+
+
+def _against_dp_accounting(name: str, order: list[LedgerEntry], kind: str, dp_on: bool,
+                           cfg: FedtuneConfig) -> Iterator[Violation]:
+    """Each reported ε against dp-accounting's for the spending up to it. An entry recorded late may
+    be another run's, reported at that run's δ; the last spending a client reports is always this
+    run's, so its final ε is checked at the run's δ."""
+    history = [(row.noise_multiplier, row.sample_rate, row.steps) for row in order]
+    deltas = [row.delta if row.recorded_late else cfg.dp.delta for row in order]
+    expected = epsilons_along(kind, history, deltas) if dp_on else [math.inf] * len(order)
+    for row, independent in zip(order, expected, strict=True):
+        if row.epsilon < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
+            yield _Row(name, row)("epsilon", f"{_eps(independent)} (dp-accounting, from the ledger's σ, q and "
+                                             "steps)", _eps(row.epsilon))
+    if dp_on and order and order[-1].recorded_late and order[-1].delta != cfg.dp.delta:
+        yield _Row(name, order[-1])("delta", f"{cfg.dp.delta:g} (the run's δ: a client's last spending is this "
+                                             "run's)", f"{order[-1].delta:g}")
 
 
 class _Row:
@@ -131,13 +160,17 @@ def _status(bad: _Row, row: LedgerEntry, dp_on: bool) -> Iterator[Violation]:
         yield bad("epsilon", "a finite ε (the round trained with noise)", "null")
 
 
-def _schedule(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Violation]:
+def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Violation]:
+    """δ < 1/n, and q and the steps of this run's schedule; not the schedule for an entry recorded
+    late, which may be another run's spending (the institution's state directory carried it)."""
     n = row.num_examples
     if not isinstance(n, int) or n <= 0:
         yield bad("num_examples", f"the client's {cfg.dp.unit} count (written by fedtune >= 0.2)", n)
         return
     if row.delta * n >= 1:
         yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} {cfg.dp.unit}s)", f"{row.delta:g}")
+    if row.recorded_late:
+        return
     train = cfg.train
     q, steps = poisson_schedule(n, train.batch_size, train.local_epochs, train.sample_rate)
     why = f"train.sample_rate {train.sample_rate:g}" if train.sample_rate else f"n = {n}, batch size {train.batch_size}"

@@ -234,3 +234,15 @@ def test_public_streams_are_refused_unless_every_record_is_in_every_step(tmp_pat
     assert (k.ARRAYS in reply.content) == (status == k.STATUS_TRAINED)
     if status == k.STATUS_REFUSED:
         assert "dp.public_streams" in reason and "train.batch_size 8" in reason
+
+
+def test_min_noise_multiplier_binds_the_sigma_a_target_epsilon_solves_for(tmp_path):
+    """docs/privacy.md: `min-noise-multiplier` refuses a smaller σ "after solving a target ε". The
+    run asks for ε = 8 (its σ option, 5, is then unused); the institution compares its floor of 2
+    with the σ it solved for its own records, which is below it."""
+    cfg = _cfg(**{"dp.target_epsilon": 8.0, "dp.noise_multiplier": 5.0, "rounds": 3})
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state"), "min-noise-multiplier": 2.0})
+    status, reason = _status(client_app.train(_message(cfg), context))
+    assert status == k.STATUS_REFUSED and "min-noise-multiplier" in reason, reason
+    compared = float(reason.split("noise multiplier ")[1].split()[0])
+    assert 0 < compared < 2.0, f"refused for the solved σ, not the option's 5: {reason}"

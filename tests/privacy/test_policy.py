@@ -154,3 +154,12 @@ def test_an_institution_withholds_its_scores_under_either_kind_of_dp_unless_rele
     assert own.withholds_scores(request()) and own.withholds_scores(client_level)
     assert not own.withholds_scores(request(enabled=False)), "no DP, no guarantee to keep them out of"
     assert not released.withholds_scores(request()) and not released.withholds_scores(client_level)
+
+
+def test_under_distributed_dp_min_noise_multiplier_bounds_the_sums_sigma():
+    """docs/privacy.md: under distributed DP `min-noise-multiplier` is the σ of the sum, the one the
+    institution's ε is stated for; the share it adds itself (σ/√t, 0.5 here) may lie below it."""
+    dp = request(noise_multiplier=1.0, secagg=True, distributed_min_honest=4)
+    node = policy(**OWN_FILE, **{"min-noise-multiplier": 1.0, "max-noise-sharers": 4})
+    assert node.refusal(dp, 50) is None
+    assert "min-noise-multiplier" in node.refusal(dataclasses.replace(dp, noise_multiplier=0.9), 50)

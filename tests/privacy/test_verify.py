@@ -30,12 +30,12 @@ def entries(rounds: int, sigma: float = 1.0, status: str = "trained", kind: str 
 
 
 def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), client_level=None,
-        unit: str = "record", ledger_unit: str | None = None):
+        unit: str = "record", ledger_unit: str | None = None, kind: str = "prv"):
     cfg = FedtuneConfig(rounds=3, clients=len(clients), train=TrainConfig(batch_size=BATCH),
                         dp=DPConfig(delta=DELTA, epsilon_budget=budget, unit=unit),
                         data=DataConfig(path="notes.csv", user_column="patient_id" if unit == "user" else ""))
     path = RunDirectory.create(tmp_path / "run", cfg).path
-    ledger = PrivacyLedger("prv", True, {name: [LedgerEntry.from_dict(row, "prv") for row in rows]
+    ledger = PrivacyLedger(kind, True, {name: [LedgerEntry.from_dict(row, kind) for row in rows]
                                          for name, rows in clients.items()}, client_level, ledger_unit or unit)
     ledger.save(path)
     return path
@@ -103,3 +103,69 @@ def test_the_client_level_epsilon_is_rechecked(tmp_path):
     assert verify_run(run(tmp_path / "ok", {"a": entries(1)}, client_level=account)).passed
     lowered = {**account, "epsilon": account["epsilon"] / 2}
     assert found(run(tmp_path / "low", {"a": entries(1)}, client_level=lowered)) == [("client-level", None, "epsilon")]
+
+
+def spending(runs: list[tuple[float, float, int, int, float]], kind: str = "prv") -> list[dict]:
+    """A client's entries for (round, sigma, q, steps, delta) runs in the order it spent them, each
+    with n = N and the Opacus ε of everything spent so far at that entry's δ."""
+    rows, history = [], []
+    for round_, sigma, q, steps, delta in runs:
+        history.append((sigma, q, steps))
+        rows.append({"round": round_, "status": "trained", "num_examples": N, "noise_multiplier": sigma,
+                     "max_grad_norm": 1.0, "sample_rate": q, "steps": steps, "delta": delta,
+                     "epsilon": epsilon(kind, history, delta)})
+    return rows
+
+
+def late(row: dict, recorded_round: int) -> dict:
+    return {**row, "recorded_late": True, "recorded_round": recorded_round}
+
+
+def test_spending_recorded_late_is_verified_where_it_was_spent(tmp_path):
+    """A reply lost in round 1 and reported late in round 3: its ε is the one the client had after
+    round 1, below round 2's, and the ledger holds it after round 2's entry."""
+    first, second, third = spending([(r, 1.0, 0.25, 4, DELTA) for r in (1, 2, 3)])
+    assert verify_run(run(tmp_path / "ok", {"a": [second, late(first, 3), third]})).passed
+    lowered = late({**first, "epsilon": first["epsilon"] * 0.5}, 3)
+    assert found(run(tmp_path / "low", {"a": [second, lowered, third]})) == [("a", 1, "epsilon")]
+    recorded_later = late(first, 4)  # recorded in round 4, yet before round 3's entry
+    assert found(run(tmp_path / "order", {"a": [second, recorded_later, third]})) == [("a", 3, "round")]
+
+
+def test_another_runs_spending_recorded_late_keeps_its_own_schedule_and_delta(tmp_path):
+    """The institution's state directory carried five full-batch rounds of another run (q = 1, one
+    step, δ = 1e-6) into this run's first round: their rounds, q and δ are that run's, and this run's
+    ε composes them with its own."""
+    other_run = [(r, 2.0, 1.0, 1, 1e-6) for r in range(1, 6)]
+    rows = spending(other_run + [(r, 1.0, 0.25, 4, DELTA) for r in (1, 2)])
+    ledger = [late(row, 1) for row in rows[:5]] + rows[5:]
+    assert verify_run(run(tmp_path / "ok", {"a": ledger})).passed
+    on_time = [{**row, "recorded_late": False} for row in ledger[:5]] + rows[5:]  # as if this run's own
+    assert {field for _, _, field in found(run(tmp_path / "own", {"a": on_time}))} >= {"round", "sample_rate"}
+    last = spending([(1, 1.0, 0.25, 4, DELTA), (2, 1.0, 0.25, 4, 1e-6)])  # nothing of this run follows it
+    assert found(run(tmp_path / "last", {"a": [last[0], late(last[1], 2)]})) == [("a", 2, "delta")]
+
+
+def test_trained_without_steps_and_entries_out_of_order_are_violations(tmp_path):
+    rows = entries(3)
+    rows[1]["steps"] = 0
+    assert ("a", 2, "steps") in found(run(tmp_path / "steps", {"a": rows}))
+    swapped = entries(3)
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+    assert ("a", 2, "round") in found(run(tmp_path / "order", {"a": swapped}))
+
+
+@pytest.mark.parametrize("kind", ["prv", "rdp"])
+def test_a_report_may_sit_within_the_slack_below_dp_accounting_and_no_further(tmp_path, kind):
+    """Each accountant's ledger is rechecked by its own dp-accounting counterpart (PLD for PRV, RDP
+    for RDP), and a report up to 1% + 0.01 below that figure passes."""
+    from fedtune.privacy.independent import independent_epsilon
+    from fedtune.privacy.verify import ABSOLUTE_SLACK, RELATIVE_SLACK
+
+    rows = entries(2, kind=kind)
+    assert verify_run(run(tmp_path / "as-written", {"a": rows}, kind=kind)).passed
+    floor = independent_epsilon(kind, [(1.0, 0.25, 4)] * 2, DELTA) * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK
+    inside = [rows[0], {**rows[1], "epsilon": max(floor + 1e-4, rows[0]["epsilon"])}]
+    assert verify_run(run(tmp_path / "inside", {"a": inside}, kind=kind)).passed
+    outside = [rows[0], {**rows[1], "epsilon": floor - 1e-3}]
+    assert ("a", 2, "epsilon") in found(run(tmp_path / "outside", {"a": outside}, kind=kind))

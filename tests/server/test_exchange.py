@@ -244,3 +244,27 @@ def test_a_late_entry_of_a_round_never_committed_survives_the_resume():
     resumed.record_interrupted(written, committed_round=3)
     assert [(e.round, e.recorded_round, e.interrupted) for e in resumed.entries("clinic-a")] == [
         (1, 4, True), (4, None, True)]
+
+
+def _answer(node: int, status: str, reason: str = "") -> Message:
+    instruction = Message(RecordDict({k.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type="train")
+    info = {k.CLIENT_NAME: f"clinic-{node}", k.STATUS: status, **({k.REASON: reason} if reason else {})}
+    return Message(RecordDict({k.METRICS: MetricRecord(METRICS), k.CLIENT_INFO: ConfigRecord(info)}),
+                   reply_to=instruction)
+
+
+def test_a_round_every_answering_institution_refused_stops_the_run_with_their_reasons():
+    """docs/privacy.md: "When every institution that answered a round refused, the run stops with
+    their reasons." One that trained, or declined, keeps the run going."""
+    from fedtune.errors import FedtuneError
+    from fedtune.server.rounds import _stop_if_all_refused
+
+    refused = [_answer(1, k.STATUS_REFUSED, "sigma 0.5 < min-noise-multiplier 1"),
+               _answer(2, k.STATUS_REFUSED, "delta 1e-3 > max-delta 1e-05")]
+    with pytest.raises(FedtuneError) as stopped:
+        _stop_if_all_refused(4, refused)
+    assert "Round 4" in str(stopped.value) and "clinic-1: sigma 0.5 < min-noise-multiplier 1" in str(stopped.value)
+    assert "clinic-2: delta 1e-3 > max-delta 1e-05" in str(stopped.value)
+    for other in (k.STATUS_TRAINED, k.STATUS_DECLINED):
+        _stop_if_all_refused(4, [*refused, _answer(3, other)])
+    _stop_if_all_refused(4, [])  # no answers: the quorum check's business, not a refusal

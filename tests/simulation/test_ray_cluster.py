@@ -141,3 +141,22 @@ def test_a_simulation_that_fails_before_flower_starts_leaves_no_ray_running():
     out = subprocess.run([sys.executable, "-c", FAILS_BEFORE_FLOWER], env=env, capture_output=True, text=True,
                          timeout=300)
     assert "ray left running False" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_ray_authentication_a_user_set_is_left_as_it_is(monkeypatch):
+    """docs/privacy.md: fedtune turns on Ray's token authentication with a random per-process token,
+    and a RAY_AUTH_MODE the user set themselves is left as it is (and so is their token)."""
+    from fedtune.simulation.engine import require_ray_token
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    require_ray_token()
+    token = os.environ["RAY_AUTH_TOKEN"]
+    assert os.environ["RAY_AUTH_MODE"] == "token" and len(token) == 64
+    require_ray_token()
+    assert os.environ["RAY_AUTH_TOKEN"] == token, "one token per process"
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-users-own")
+    require_ray_token()
+    assert (os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN"]) == ("disabled", "the-users-own")
