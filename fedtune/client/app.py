@@ -45,7 +45,7 @@ from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record, to_record
 from fedtune.models.lora_factors import ranks, truncate
 from fedtune.privacy.accountant import History, epsilon, other
-from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, within_budget
+from fedtune.privacy.budget import client_dp, poisson_schedule, projected_epsilon, share_dp, within_budget
 from fedtune.privacy.distributed import not_one_sgd_step
 from fedtune.privacy.dpsgd import round_seed
 from fedtune.privacy.ledger import LedgerEntry
@@ -213,17 +213,19 @@ NOT_MOVED = ("no LoRA weight changed in local training (the optimizer did not re
 def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, n: int) -> FedtuneConfig:
     """The run config as this round trains it: the round's learning rate (train.lr_schedule) and,
     under a target ε, the σ this client solved for (kept in its state from its first round on).
-    Under distributed DP σ is solved afresh from the run's config every round, never taken from the
-    state (which may hold another run's): every institution's share must be of the same σ, and one
-    step a round at the run's q (1, or train.sample_rate) makes it depend on the run's target ε, δ, q and
-    rounds only."""
+    Under distributed DP σ is the run's, solved afresh every round from the run's target ε, δ, q (1,
+    or train.sample_rate) and rounds for one step a round (share_dp), never from the state (which may
+    hold another run's) nor from this institution's own records: every institution's share, a refused
+    one's noise-only share too, must be of the same σ."""
     if k.LEARNING_RATE in record:
         rate = float(record[k.LEARNING_RATE])
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=rate))
     if cfg.dp.enabled:
-        kept = None if cfg.dp.distributed_min_honest else state.noise_multiplier
-        dp = client_dp(cfg.dp, kept, n, cfg.train.batch_size, cfg.train.local_epochs, cfg.rounds_per_client(),
-                       cfg.train.sample_rate)
+        if cfg.dp.distributed_min_honest:
+            dp = share_dp(cfg.dp, cfg.rounds_per_client(), cfg.train.sample_rate)
+        else:
+            dp = client_dp(cfg.dp, state.noise_multiplier, n, cfg.train.batch_size, cfg.train.local_epochs,
+                           cfg.rounds_per_client(), cfg.train.sample_rate)
         if dp.target_epsilon > 0:
             state.noise_multiplier = dp.noise_multiplier
         cfg = dataclasses.replace(cfg, dp=dp)

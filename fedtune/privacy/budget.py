@@ -41,7 +41,23 @@ def client_dp(dp: DPConfig, solved: float | None, num_examples: int, batch_size:
     if solved is None:
         q, steps = poisson_schedule(num_examples, batch_size, epochs, sample_rate)
         solved = solve_noise_multiplier(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant)
-    return dataclasses.replace(dp, noise_multiplier=solved, epsilon_budget=min(dp.epsilon_budget, dp.target_epsilon))
+    return _with_sigma(dp, solved)
+
+
+def share_dp(dp: DPConfig, rounds: int, sample_rate: float = 0.0) -> DPConfig:
+    """The DP settings of an institution's share under distributed DP: with a target ε, the σ of one
+    step a round at the run's q (train.sample_rate, or 1: a full-batch step) over `rounds`, whatever
+    the institution's own records, batch or epochs. The sum carries σ only if every share is of it,
+    and that includes the noise-only share of an institution refused for not taking that one step,
+    whose own schedule (several steps) would give a smaller σ."""
+    if dp.target_epsilon <= 0:
+        return dp
+    return _with_sigma(dp, solve_noise_multiplier(dp.target_epsilon, dp.delta, sample_rate or 1.0, rounds,
+                                                  dp.accountant))
+
+
+def _with_sigma(dp: DPConfig, sigma: float) -> DPConfig:
+    return dataclasses.replace(dp, noise_multiplier=sigma, epsilon_budget=min(dp.epsilon_budget, dp.target_epsilon))
 
 
 def projected_epsilon(dp: DPConfig, history: History, num_examples: int, batch_size: int,

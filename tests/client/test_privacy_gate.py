@@ -161,7 +161,12 @@ def test_a_damaged_state_file_is_named_refused_and_left_as_it_is(tmp_path):
 
 def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share(tmp_path, monkeypatch):
     """A refused institution submits a noise-only share that the others count on: with a damaged state
-    file it must use the round's rate and the solved σ, as a client refused for any other reason does."""
+    file it must use the round's rate and the run's σ, as a client refused for any other reason does.
+    The run's σ is that of one step a round at the run's q (here 1); it once came from the refused
+    institution's own schedule, several steps of batch 8, which gave a smaller σ and a sum noised less
+    than every institution's ε is stated for."""
+    from fedtune.privacy.budget import solve_noise_multiplier
+
     shared = []
     monkeypatch.setattr(client_app, "_noise_share", lambda start, cfg, *rest: shared.append(cfg) or start)
     monkeypatch.setattr(client_app, "secagg_range", lambda context: 2**20)
@@ -176,7 +181,8 @@ def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share
     assert "damaged" in _status(damaged)[1] and "one plain-SGD step of each institution" in _status(intact)[1]
     first, second = shared
     assert first.train.learning_rate == second.train.learning_rate == 0.25
-    assert first.dp.noise_multiplier == second.dp.noise_multiplier > 1.0
+    run_sigma = solve_noise_multiplier(3.0, cfg.dp.delta, 1.0, cfg.rounds_per_client(), cfg.dp.accountant)
+    assert first.dp.noise_multiplier == second.dp.noise_multiplier == run_sigma
 
 
 @pytest.mark.parametrize("dp, node, sent", [
