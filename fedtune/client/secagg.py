@@ -29,10 +29,22 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     Registered unconditionally (mods are fixed when the ClientApp is built), so it must not get
     in the way of normal rounds: Flower's mod raises on a train message without its configs."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        _refuse_a_share_in_the_clear(msg)
         return call_next(msg, context)
     _refuse_too_few_noise_shares(msg.content.config_records[RECORD_KEY_CONFIGS], context)
     with flower_logs_quiet():
         return secaggplus_mod(msg, context, lambda legacy, ctx: _train_as_legacy(legacy, ctx, call_next))
+
+
+def _refuse_a_share_in_the_clear(msg: Message) -> None:
+    """Distributed DP: an institution adds only σ/√t of the noise, and only SecAgg+'s masks keep that
+    share from the coordinator. A train message that asks for distributed DP outside SecAgg+'s stages
+    would have it sent in the clear: refused before any training, so nothing is spent."""
+    config = msg.content.config_records.get(k.CONFIG)
+    if config is not None and config.get(DDP_KEY):
+        raise RuntimeError("distributed DP (dp.distributed_min_honest) asks this institution to add only a share "
+                           "of the noise, which SecAgg+ must hide, but this train message came outside SecAgg+; "
+                           "not training.")
 
 
 def _refuse_too_few_noise_shares(configs: ConfigRecord, context: Context) -> None:

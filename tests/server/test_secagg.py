@@ -240,3 +240,15 @@ def test_distributed_dp_never_unmasks_a_sum_with_fewer_than_t_noise_shares():
     assert all(r.has_error() for r in replies), "three shares are fewer than t = 4: no sum is revealed"
     refusals = [r for r in grid.replies if r.has_error() and "not unmasking" in r.error.reason]
     assert len(refusals) == 3
+
+
+def test_distributed_dp_outside_secagg_is_refused_before_training():
+    """An institution under distributed DP adds only σ/√t, which SecAgg+'s masks hide. A coordinator
+    that sends the same round as a plain train message would get that share in the clear."""
+    trained = []
+    plain = Message(RecordDict({k.CONFIG: ConfigRecord({"dp.secagg": True, "dp.distributed_min_honest": 4})}),
+                    dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(RuntimeError, match="outside SecAgg"):
+        secagg_mod(plain, context, lambda m, c: trained.append(m))
+    assert trained == []
