@@ -13,8 +13,11 @@ quantizer maps exactly onto integers:
 - The rounding is subtractively dithered: k = ⌊(x + r)/s + D + 1/2⌋ with D uniform on [−1/2, 1/2)
   per coordinate, drawn from a generator keyed by (run seed, round, node id), which the server
   rebuilds and subtracts. By Schuchman's theorem (1964) the error that remains,
-  s·k − r − s·D − x, is uniform on [−s/2, s/2) and independent of x. The sum the server recovers is
-  then the sum of the x plus noise that does not depend on anyone's data: post-processing.
+  s·k − r − s·D − x, is uniform on [−s/2, s/2) and independent of x, over D's draw. For whoever does
+  not know D, the sum the server recovers is the sum of the x plus noise that does not depend on
+  anyone's data: post-processing. The server itself knows D, and given D each error is a fixed
+  function of its own x: against the server this step is not post-processing of the Gaussian sum,
+  and no bound on it is derived (docs/privacy.md, "Not proven against the coordinator").
 - A dither shared by all institutions would not do: their errors would then depend jointly on
   their inputs. Each draws its own.
 """

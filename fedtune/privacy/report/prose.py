@@ -340,8 +340,11 @@ def _distributed(r: ReportData) -> str:
             f"the noise's standard deviation; the ε above holds for a record provided that, in every round its "
             f"institution took part, at least {t} institutions (its own included) added their share and kept it "
             "secret, and secure aggregation (SecAgg+) revealed only the sum. Each institution refused to help "
-            f"unmask a sum with fewer than {t} shares. Should all the others collude with the coordinator, an "
-            f"institution's own share alone gives ε = {eps(own)} at the same δ." + _sampled_sum(r))
+            f"unmask a sum with fewer than {t} shares. Against the coordinator the ε above also assumes that "
+            "rounding each share onto SecAgg+'s integer grid adds nothing: the coordinator knows each rounding's "
+            "dither, and no bound on what that rounding adds is derived (docs/privacy.md). Against the "
+            "coordinator, and should all the others collude with it, what is proven is an institution's own "
+            f"share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
 
 
 def _sampled_sum(r: ReportData) -> str:
