@@ -252,3 +252,22 @@ def test_min_noise_multiplier_binds_the_sigma_a_target_epsilon_solves_for(tmp_pa
     assert status == k.STATUS_REFUSED and "min-noise-multiplier" in reason, reason
     compared = float(reason.split("noise multiplier ")[1].split()[0])
     assert 0 < compared < 2.0, f"refused for the solved σ, not the option's 5: {reason}"
+
+
+def test_under_distributed_dp_an_institution_that_declines_still_adds_a_full_noise_share(tmp_path, monkeypatch):
+    """docs/privacy.md: "An institution that declines or is refused submits a noise-only share": the
+    others count on it for the sum's σ, so it is of the round's rate and the run's σ."""
+    from fedtune.privacy.budget import solve_noise_multiplier
+
+    shared = []
+    monkeypatch.setattr(client_app, "_noise_share", lambda start, cfg, *rest: shared.append(cfg) or start)
+    monkeypatch.setattr(client_app, "secagg_range", lambda context: 2**20)
+    cfg = _cfg(**{"dp.target_epsilon": 3.0, "dp.secagg": True, "dp.distributed_min_honest": 2,
+                  "train.batch_size": 4096, "train.optimizer": "sgd"})
+    node = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2, "epsilon-budget": 0.01}  # too little for one round
+    reply = client_app.train(_message(cfg, str(tmp_path), **{k.LEARNING_RATE: 0.25}), _context(**node))
+    assert _status(reply)[0] == k.STATUS_DECLINED and k.ARRAYS in reply.content
+    (share,) = shared
+    assert share.train.learning_rate == 0.25
+    assert share.dp.noise_multiplier == solve_noise_multiplier(3.0, cfg.dp.delta, 1.0, cfg.rounds_per_client(),
+                                                               cfg.dp.accountant)
