@@ -124,3 +124,20 @@ def test_a_noise_only_share_has_the_scale_of_a_trained_share(monkeypatch):
                                        "train.learning_rate": 2.0, "train.sample_rate": rate})
         client_app._noise_share(ArrayRecord({}), cfg, 1, 7, 2**20)
     assert stds == pytest.approx([2.0 * 1.5 * 0.5 / 2, 2.0 * 1.5 * 0.5 / (0.25 * 2)])
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 20, 31, 32, 100])
+def test_the_modular_sum_of_m_extreme_shares_never_wraps(m):
+    """quantization_range(m) keeps SecAgg+'s modular sum of m values at the edges of ±r below 2^32,
+    so the sum comes back exact, not wrapped around the modulus."""
+    from fedtune.privacy.distributed import quantization_range
+
+    q = quantization_range(m)
+    s = grid_step(R, q)
+    assert m * q < 2**32
+    for edge in (R - s, -R + s):
+        shares = [np.full(4, edge) for _ in range(m)]
+        quantized = [quantize([to_grid(v, np.zeros(4), R, q)], R, q)[0].astype(np.int64) for v in shares]
+        total = np.sum(quantized, axis=0) % 2**32
+        grid_sum = dequantize([total], R, q)[0] - (m - 1) * R
+        np.testing.assert_allclose(grid_sum, m * edge, rtol=0, atol=m * s / 2)
