@@ -202,6 +202,18 @@ def test_partition_column_is_read_and_checked(tmp_path):
         load(tmp_path / "d.txt", separator="@", partition="column", partition_column="hospital_id")
 
 
+def test_a_record_without_a_user_id_is_refused_or_left_out_and_counted(tmp_path):
+    """Under user-level DP a record whose user is unknown cannot be bounded per user: the file is
+    refused naming the line, or (data.skip_invalid_rows) the record is left out and the skip counted."""
+    path = write_csv(tmp_path / "notes.csv", [("a", "x", "p1"), ("b", "y", " "), ("c", "x", "p2")],
+                     header=("text", "label", "patient_id"))
+    with pytest.raises(DataError, match=r"value in column `patient_id` \(line 3\)"):
+        load(path, user_column="patient_id")
+    got = load(path, user_column="patient_id", skip_invalid_rows=True)
+    assert got.users == ("p1", "p2") and got.texts == ("a", "c")
+    assert len(got.skipped) == 1 and "patient_id" in got.skipped[0]
+
+
 # ---- properties: malformed rows -----------------------------------------------------------------
 
 MISSING = st.sampled_from(["", "   ", "nan", "NaN", None])
