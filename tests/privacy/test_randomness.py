@@ -5,6 +5,7 @@ secure randomness by default, from two independently derived streams with reprod
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.stats import mannwhitneyu
 
@@ -59,3 +60,25 @@ def test_public_streams_derive_every_stream_but_the_noise():
     assert (known.sampling, known.model, known.records) == (derived.sampling, derived.model, derived.records)
     assert known.noise != derived.noise and known.noise != RoundSeeds.of_round(dp, 7).noise
     assert RoundSeeds.of_round(DPConfig(), 7) == derived  # a seed is given only for reproducible runs
+
+
+def test_under_user_level_dp_the_record_choice_has_its_own_stream(monkeypatch):
+    """dp.unit = "user": which of a sampled user's records a step uses comes from its own generator,
+    seeded apart from the Poisson sampling of users and from the noise (docs/privacy.md)."""
+    from fedtune.data.users import UserRecords
+    from fedtune.privacy import dpsgd
+
+    seen = {}
+
+    def capture(data, batch_size, collate, max_records, sampling, records, sample_rate):
+        seen.update(sampling=sampling.initial_seed(), records=records.initial_seed())
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(dpsgd, "user_loader", capture)
+    seeds = dpsgd.RoundSeeds.secret()
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="captured"):
+        dpsgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), UserRecords([0, 1], ((0,), (1,))),
+                           1, list, DPConfig(unit="user"), [], seeds)
+    assert seen == {"sampling": seeds.sampling, "records": seeds.records}
+    assert len({seeds.sampling, seeds.records, seeds.noise, seeds.model}) == 4
