@@ -67,8 +67,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def replace_dir_atomic(staging: Path, target: Path) -> None:
-    """Move a fully written `staging` directory to `target`, replacing any old one."""
+    """Move a fully written `staging` directory to `target`, replacing any old one. A directory cannot
+    be renamed over a non-empty one, so the old one is moved aside first; a crash between the two
+    renames leaves it aside (`.NAME.old`) and no `target`, and the next call puts it back before
+    anything else, so a whole directory is always at `target` or beside it."""
     old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)  # a crash between the two renames below: the old one is the only copy
     if old.exists():
         shutil.rmtree(old)
     if target.exists():

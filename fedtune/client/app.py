@@ -167,7 +167,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
     else:
         round_ = _Round(msg, context, cfg, name, policy, server_round, n)
-    late = unrecorded(state, ledger, rounds_on_ledger(record))  # spending the ledger never recorded: reported now
+    late = unrecorded(state, ledger, rounds_on_ledger(record), record.get(k.RUN_ID))  # this run's, never recorded
     if late:
         round_ = dataclasses.replace(round_, late=tuple(late))
     refusal = policy.refusal(cfg.dp, n) or (lost and f"{lost}. To continue from the ledger's record, set "
@@ -255,7 +255,8 @@ class _Round:
                reason: str = "", info: dict[str, int] | None = None) -> Message:
         state.ledger.append(LedgerEntry.from_report(
             self.server_round, status, metrics, self.cfg.dp.accountant, reason=reason,
-            adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING))))
+            adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING)),
+            run=self.msg.content[k.CONFIG].get(k.RUN_ID)))
         save_state(self.context, self.name, self.policy.state_dir, state)
         return self.reply(status, metrics, arrays, reason, info)
 
@@ -368,7 +369,7 @@ def report_unrecorded(msg: Message, context: Context) -> Message:
             state = load_state(context, name, policy.state_dir)
     except DamagedState:
         state = ClientState()
-    late = unrecorded(state, spent_on_ledger(record), rounds_on_ledger(record))
+    late = unrecorded(state, spent_on_ledger(record), rounds_on_ledger(record), record.get(k.RUN_ID))
     info = {k.CLIENT_NAME: name, **({k.UNRECORDED: json.dumps([e.to_dict() for e in late])} if late else {})}
     return Message(RecordDict({k.CLIENT_INFO: ConfigRecord(info)}), reply_to=msg)
 

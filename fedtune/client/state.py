@@ -123,19 +123,24 @@ def rounds_on_ledger(record: ConfigRecord) -> list[tuple[int, int]] | None:
     return [(int(round_), int(steps)) for round_, steps in json.loads(text)]
 
 
-def unrecorded(state: ClientState, ledger: History, held: list[tuple[int, int]] | None) -> list[LedgerEntry]:
-    """This client's own entries for spending that the server's ledger lacks: those that took steps
-    and are not among the (round, steps) it holds (`held`). That happens when the server stopped
-    before it recorded a reply (a crash during training), recorded a timed-out reply as a failure,
-    or when this institution's state directory carried spending from another run. Reported only
-    when they add up exactly to the steps its record (`ledger`) is short of, so nothing is ever
-    counted twice; none when the server could not name this client (`held` None)."""
-    missing = steps_in(state.history) - steps_in(ledger)
+def unrecorded(state: ClientState, ledger: History, held: list[tuple[int, int]] | None,
+               run: str | None = None) -> list[LedgerEntry]:
+    """This client's own entries of this run (`run`, the run directory's id) for spending that the
+    server's ledger lacks: those that took steps and are not among the (round, steps) it holds
+    (`held`). That happens when the server stopped before it recorded a reply (a crash during
+    training) or recorded a timed-out reply as a failure. Reported only when they add up exactly to
+    the steps its record (`ledger`) is short of, so nothing is ever counted twice; none when the
+    server could not name this client (`held` None). Another run's spending in this institution's
+    state directory is not this run's to record: it stays in the client's history, and so in the ε
+    it reports. Entries written before they named their run, or a server that sends no run id,
+    count as this run's."""
+    own = [entry for entry in state.ledger if run is None or entry.run in (run, None)]
+    missing = sum(entry.steps or 0 for entry in own) - steps_in(ledger)
     if held is None or missing <= 0:
         return []
     left = Counter(held)
     late = []
-    for entry in state.ledger:
+    for entry in own:
         if entry.steps and left[(entry.round, entry.steps)] > 0:
             left[(entry.round, entry.steps)] -= 1
         elif entry.steps:

@@ -75,26 +75,28 @@ class LedgerEntry:
     state_lost: bool = False  # the ε it reported is below the ledger's own recomputation (server/spending.py)
     epsilon_recomputed: float | None = None  # that recomputation
     interrupted: bool = False  # reported in a round that was never committed: the spending still counts
-    # Reported by the client after the fact (PrivacyLedger.record_late): spending the server had no
-    # record of, from a reply it never got (a crash during training) or, with the same state
-    # directory, from another run. Its steps count like any other.
+    # Reported by the client after the fact (PrivacyLedger.record_late): this run's spending the server
+    # had no record of, from a reply it never got (a crash during training); in ledgers written before
+    # client entries named their `run`, possibly another run's. Its steps count like any other.
     recorded_late: bool = False
     recorded_round: int | None = None  # the server round it was recorded in, when that is not `round` (late ones)
+    run: str | None = None  # in a client's own entries: the id of the run it was spent in (RunDirectory.run_id)
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as found
 
     @classmethod
     def from_report(cls, round_: int, status: str, metrics: Mapping[str, Any], accountant: str, *,
                     reason: str | None = None, policy: str | None = None,
-                    adopted_ledger_spending: bool = False) -> LedgerEntry:
+                    adopted_ledger_spending: bool = False, run: str | None = None) -> LedgerEntry:
         """The entry for the privacy figures a client reports (its reply's metrics); the client
-        keeps the same entry in its own state, the server in privacy_ledger.json."""
+        keeps the same entry in its own state (with the `run` it was spent in), the server in
+        privacy_ledger.json."""
         return cls(round_, status, accountant, num_examples=int(metrics[k.NUM_EXAMPLES]),
                    noise_multiplier=_finite(metrics[k.NOISE_MULTIPLIER]),
                    max_grad_norm=_finite(metrics[k.MAX_GRAD_NORM]),
                    sample_rate=_finite(metrics[k.SAMPLE_RATE]), steps=int(metrics[k.STEPS]),
                    delta=_finite(metrics[k.DELTA]), epsilon=_epsilon(metrics[k.EPSILON]),
                    epsilon_other=_epsilon(metrics[k.EPSILON_OTHER]), reason=reason or None, policy=policy,
-                   adopted_ledger_spending=adopted_ledger_spending,
+                   adopted_ledger_spending=adopted_ledger_spending, run=run,
                    distributed_min_honest=int(metrics[k.DISTRIBUTED_MIN_HONEST])
                    if metrics.get(k.DISTRIBUTED_MIN_HONEST) else None)
 
@@ -146,7 +148,7 @@ class LedgerEntry:
             values[key] = _integer(rest.pop(key, None), key)
         for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "delta", "epsilon_recomputed"):
             values[key] = _number(rest.pop(key, None), key)
-        for key in ("reason", "policy"):
+        for key in ("reason", "policy", "run"):
             values[key] = _text(rest.pop(key, None), key)
         for key in ("adopted_ledger_spending", "state_lost", "interrupted", "recorded_late"):
             values[key] = bool(rest.pop(key, False))  # the client wrote adopted_ledger_spending as 1
@@ -156,7 +158,7 @@ class LedgerEntry:
 _FIGURES = ("num_examples", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "epsilon",
             "distributed_min_honest")
 _NOTES = ("reason", "policy", "adopted_ledger_spending", "state_lost", "epsilon_recomputed", "interrupted",
-          "recorded_late", "recorded_round")
+          "recorded_late", "recorded_round", "run")
 
 
 def client_notes(info: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,11 +8,12 @@ It trusts neither the clients' reported ε nor Opacus. From each client's ledger
 - a client's ε never decreases from one entry to the next (entries recorded late aside);
 - δ < 1/n for the n records the client reported;
 - q and the steps match n, the batch size and the local epochs (privacy/budget.py's schedule),
-  except in entries recorded late, which may be another run's spending;
+  except in entries recorded late, which in older ledgers may be another run's spending;
 - no reported ε exceeds the run's budget;
 - each status is coherent: trained rounds took steps, declined and refused ones none, a refusal
   says why, entries come in the order of the rounds they were recorded in;
-- the client-level ε, when the run had client-level DP, matches dp-accounting too.
+- the client-level account, when the run has client-level DP: there is one, its z, q, δ and clipping
+  are the run config's, and its ε matches dp-accounting too.
 
 Each violation names the client, the round, the field, what was expected and what was found.
 """
@@ -79,7 +80,7 @@ def verify_run(run_dir: Path) -> Verification:
     for name, rows in sorted(clients.items()):
         entries += len(rows)
         violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg))
-    violations += list(_client_level(ledger.client_level))
+    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients)))
     return Verification(len(clients), entries, violations)
 
 
@@ -108,9 +109,10 @@ def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
 
 def spending_order(reported: list[LedgerEntry]) -> list[LedgerEntry]:
     """A client's reported entries in the order it spent them. Those recorded when they happened keep
-    the ledger's order. One recorded late (a reply the server never got, or another run's spending in
-    the institution's state directory) carries the cumulative ε the client had then, so it goes
-    before the first entry with a higher ε."""
+    the ledger's order. One recorded late (a reply the server never got, or, in a ledger written
+    before client entries named their run, another run's spending in the institution's state
+    directory) carries the cumulative ε the client had then, so it goes before the first entry with a
+    higher ε."""
     order = [row for row in reported if not row.recorded_late]
     for late in (row for row in reported if row.recorded_late):
         at = next((i for i, row in enumerate(order) if row.epsilon > late.epsilon), len(order))
@@ -121,8 +123,8 @@ def spending_order(reported: list[LedgerEntry]) -> list[LedgerEntry]:
 def _against_dp_accounting(name: str, order: list[LedgerEntry], kind: str, dp_on: bool,
                            cfg: FedtuneConfig) -> Iterator[Violation]:
     """Each reported ε against dp-accounting's for the spending up to it. An entry recorded late may
-    be another run's, reported at that run's δ; the last spending a client reports is always this
-    run's, so its final ε is checked at the run's δ."""
+    be another run's (older ledgers), reported at that run's δ; the last spending a client reports is
+    always this run's, so its final ε is checked at the run's δ."""
     history = [(row.noise_multiplier, row.sample_rate, row.steps) for row in order]
     deltas = [row.delta if row.recorded_late else cfg.dp.delta for row in order]
     expected = epsilons_along(kind, history, deltas) if dp_on else [math.inf] * len(order)
@@ -162,7 +164,8 @@ def _status(bad: _Row, row: LedgerEntry, dp_on: bool) -> Iterator[Violation]:
 
 def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Violation]:
     """δ < 1/n, and q and the steps of this run's schedule; not the schedule for an entry recorded
-    late, which may be another run's spending (the institution's state directory carried it)."""
+    late, which in older ledgers may be another run's spending (the institution's state directory
+    carried it)."""
     n = row.num_examples
     if not isinstance(n, int) or n <= 0:
         yield bad("num_examples", f"the client's {cfg.dp.unit} count (written by fedtune >= 0.2)", n)
@@ -180,8 +183,26 @@ def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Viola
         yield bad("steps", f"{steps} ({why}, {train.local_epochs} local epochs)", row.steps)
 
 
-def _client_level(entry: dict[str, Any] | None) -> Iterator[Violation]:
-    if not entry or entry.get("epsilon") is None:
+def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool) -> Iterator[Violation]:
+    """The client-level account: its figures are the run config's (z, q = m/N, δ, the clipping), and
+    its ε matches dp-accounting's for them. A run with client-level DP that ran a round must have one."""
+    dp = cfg.dp
+    if dp.client_dp == "off" or not entry:
+        if dp.client_dp != "off" and ran:
+            yield Violation("client-level", None, "client_level", f"an account (dp.client_dp = {dp.client_dp})",
+                            "none")
+        return
+    expected = {"clipping": dp.client_dp, "side": dp.client_dp_side, "noise_multiplier": dp.client_noise_multiplier,
+                "sample_rate": cfg.clients_sampled() / cfg.clients, "delta": dp.delta}
+    for key, want in expected.items():
+        got = entry.get(key)
+        same = math.isclose(got, want, rel_tol=1e-6) if isinstance(want, float) and isinstance(got, int | float) \
+            else got == want
+        if not same:
+            yield Violation("client-level", None, key, f"{want} (the run's config)", str(got))
+    if entry.get("rounds", 0) > cfg.rounds:
+        yield Violation("client-level", None, "rounds", f"<= {cfg.rounds} (the run's rounds)", str(entry["rounds"]))
+    if entry.get("epsilon") is None:
         return
     independent = independent_client_level_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["rounds"],
                                                     entry["delta"])

@@ -415,9 +415,9 @@ def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
 
 def client_config(cfg: FedtuneConfig, run: RunDirectory, grid: Grid) -> dict[str, Any]:
     """What each train and evaluate message tells the clients: the options they train by
-    (FedtuneConfig.client_flat), and in simulation where the clients keep their state (in the run
+    (FedtuneConfig.client_flat), the run's id, and in simulation where the clients keep their state (in the run
     directory; a deployed institution names its own in its node config)."""
-    flat: dict[str, Any] = cfg.client_flat()
+    flat: dict[str, Any] = {**cfg.client_flat(), k.RUN_ID: run.run_id}
     if isinstance(grid, InMemoryGrid):
         flat[k.CLIENT_STATE_DIR] = str(run.client_state_dir.resolve())
     return flat

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 CLIENT_STATE = "client_state"
+RUN_ID = "run_id"
 # Audited runs (data.canaries > 0) only: each round's updates as the server received them, one file a
 # round, {institution: its trainable arrays}, for `fedtune audit --vantage server`.
 OBSERVED = "observed_updates"
@@ -95,6 +97,16 @@ class RunDirectory:
 
     def config(self) -> FedtuneConfig:
         return read_run_config(self.path)
+
+    @property
+    def run_id(self) -> str:
+        """This run's own id, made once (written atomically) and kept by every resume. A client files
+        its own ledger entries under it, so that the spending it reports late is only this run's,
+        never another run's in an institution's state directory (client/state.py::unrecorded)."""
+        path = self.path / RUN_ID
+        if not path.is_file():
+            write_text_atomic(path, secrets.token_hex(8))
+        return path.read_text(encoding="utf-8").strip()
 
     @property
     def client_state_dir(self) -> Path:

@@ -271,3 +271,31 @@ def test_under_distributed_dp_an_institution_that_declines_still_adds_a_full_noi
     assert share.train.learning_rate == 0.25
     assert share.dp.noise_multiplier == solve_noise_multiplier(3.0, cfg.dp.delta, 1.0, cfg.rounds_per_client(),
                                                                cfg.dp.accountant)
+
+
+def test_another_runs_spending_is_never_reported_late_and_stays_in_the_epsilon(tmp_path):
+    """An institution's state directory outlives a run. Its spending in run A used to be reported
+    late to run B's ledger under A's round numbers, q and δ, and, where a round and step count of
+    both runs coincided, in place of B's own lost round (the wrong σ and q on B's ledger). Each
+    client entry now names its run: B's ledger gets only B's lost spending, and the ε the client
+    reports still counts A's."""
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.server.rounds import record_privacy
+
+    node, state_dir = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}, str(tmp_path)
+    in_a = client_app.train(_message(_cfg(**{"dp.noise_multiplier": 0.6}), state_dir, **{k.RUN_ID: "a"}),
+                            _context(**node))
+    cfg = _cfg()
+    lost = client_app.train(_message(cfg, state_dir, **{k.RUN_ID: "b"}), _context(**node))  # B's round 1: lost
+    ledger = PrivacyLedger(cfg.dp.accountant, True)
+    second = client_app.train(_message(cfg, state_dir, **{k.RUN_ID: "b", k.SERVER_ROUND: 2, **_record_of(ledger)}),
+                              _context(**node))
+    late = json.loads(second.content[k.CLIENT_INFO][k.UNRECORDED])
+    assert [(e["round"], e["noise_multiplier"], e["run"]) for e in late] == [(1, 1.0, "b")]
+    second.metadata.__dict__["_src_node_id"] = 7
+    record_privacy(ledger, 2, [second], {})
+    assert [(e.round, e.recorded_late) for e in ledger.entries("client-0000")] == [(1, True), (2, False)]
+    steps = [reply.content[k.METRICS][k.STEPS] for reply in (in_a, lost, second)]
+    assert sum(s for _, _, s in ledger.spent("client-0000")) == steps[1] + steps[2], "B's steps, not A's"
+    assert second.content[k.METRICS][k.EPSILON] > lost.content[k.METRICS][k.EPSILON] > \
+        in_a.content[k.METRICS][k.EPSILON], "its ε counts every run that shared its state directory"

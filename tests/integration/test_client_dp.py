@@ -35,6 +35,8 @@ def test_client_level_dp_run_finishes_and_the_ledger_accounts_it(tmp_path, tiny_
     assert {e["status"] for entries in ledger_of(out)["clients"].values() for e in entries} == {"trained"}
     rows = rows_of(out)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["num_clients"] == 3
+    verified = fedtune("privacy-verify", str(out))  # the account's figures are the config's
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_secagg_with_client_side_clipping_and_declining_clients(tmp_path, tiny_classifier):

@@ -115,6 +115,8 @@ def test_a_client_that_lost_its_state_is_reported_at_the_most_it_spent(tmp_path)
     report = build_report(run)
     assert (report.epsilon_max, client(report, "w").epsilon) == (9.5, 9.5)
     assert report.clients_over_budget == ("w",), "9.5 is over the budget of 8, though the last entry says 4"
+    assert client(report, "w").epsilon_other == report.epsilon_max_other == 9.0 * 1.1, \
+        "the other accountant's largest, not the lost state's last (4.4)"
 
 
 def test_a_rejected_round_was_trained_and_counts(tmp_path):

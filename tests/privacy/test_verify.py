@@ -29,10 +29,13 @@ def entries(rounds: int, sigma: float = 1.0, status: str = "trained", kind: str 
     return rows
 
 
+CLIENT_LEVEL = {"client_dp": "fixed", "client_dp_side": "server", "client_noise_multiplier": 1.0}
+
+
 def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), client_level=None,
-        unit: str = "record", ledger_unit: str | None = None, kind: str = "prv"):
+        unit: str = "record", ledger_unit: str | None = None, kind: str = "prv", client_dp: dict | None = None):
     cfg = FedtuneConfig(rounds=3, clients=len(clients), train=TrainConfig(batch_size=BATCH),
-                        dp=DPConfig(delta=DELTA, epsilon_budget=budget, unit=unit),
+                        dp=DPConfig(delta=DELTA, epsilon_budget=budget, unit=unit, **(client_dp or {})),
                         data=DataConfig(path="notes.csv", user_column="patient_id" if unit == "user" else ""))
     path = RunDirectory.create(tmp_path / "run", cfg).path
     ledger = PrivacyLedger(kind, True, {name: [LedgerEntry.from_dict(row, kind) for row in rows]
@@ -98,11 +101,20 @@ def test_a_budget_exceeded_and_incoherent_statuses_are_violations(tmp_path):
     assert set(found(path)) >= {("a", 3, "epsilon"), ("b", 2, "steps"), ("c", 1, "reason")}
 
 
-def test_the_client_level_epsilon_is_rechecked(tmp_path):
-    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 0.5, 10, 1e-3).to_dict()
-    assert verify_run(run(tmp_path / "ok", {"a": entries(1)}, client_level=account)).passed
+def test_the_client_level_account_is_rechecked_against_dp_accounting_and_the_config(tmp_path):
+    """Its ε from dp-accounting, and its figures from config.toml: a ledger claiming more noise, a
+    smaller q or fewer rounds than the run had, or no account at all, is caught (a review's ledger
+    claiming z = 4, q = 0.01 for a run at z = 1, q = 1 passed before)."""
+    two = {"a": entries(1), "b": entries(1)}  # both institutions in every round: q = 1
+    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 3, DELTA).to_dict()
+    assert verify_run(run(tmp_path / "ok", two, client_level=account, client_dp=CLIENT_LEVEL)).passed
     lowered = {**account, "epsilon": account["epsilon"] / 2}
-    assert found(run(tmp_path / "low", {"a": entries(1)}, client_level=lowered)) == [("client-level", None, "epsilon")]
+    assert found(run(tmp_path / "low", two, client_level=lowered, client_dp=CLIENT_LEVEL)) == \
+        [("client-level", None, "epsilon")]
+    claimed = ClientLevelAccount("fixed", "server", 4.0, 1.0, 0.01, 3, DELTA).to_dict()
+    assert set(found(run(tmp_path / "claimed", two, client_level=claimed, client_dp=CLIENT_LEVEL))) == \
+        {("client-level", None, "noise_multiplier"), ("client-level", None, "sample_rate")}
+    assert found(run(tmp_path / "none", two, client_dp=CLIENT_LEVEL)) == [("client-level", None, "client_level")]
 
 
 def spending(runs: list[tuple[float, float, int, int, float]], kind: str = "prv") -> list[dict]:

@@ -192,3 +192,23 @@ def test_an_atomic_write_syncs_the_file_then_its_directory(tmp_path, monkeypatch
     monkeypatch.setattr(os, "fsync", recording_fsync)
     write_bytes_atomic(tmp_path / "ledger.json", b"{}")
     assert synced == ["file", "directory"] and (tmp_path / "ledger.json").read_bytes() == b"{}"
+
+
+def test_a_crash_between_the_adapters_two_renames_loses_no_adapter(tmp_path):
+    """replace_dir_atomic moves the old adapter aside, then the new one in. A crash between the two
+    left only `.adapter.old`, which the next write used to delete: now it is put back first."""
+    from fedtune.durable import replace_dir_atomic
+
+    target, old = tmp_path / "adapter", tmp_path / ".adapter.old"
+    old.mkdir()
+    (old / "adapter_model.safetensors").write_text("round 3")  # the crash's leftover: the only copy
+    failing = tmp_path / "missing-staging"  # the next write fails too, before its own rename
+    with pytest.raises(FileNotFoundError):
+        replace_dir_atomic(failing, target)
+    kept = target if target.exists() else old
+    assert (kept / "adapter_model.safetensors").read_text() == "round 3", "the only copy survives"
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_text("round 4")
+    replace_dir_atomic(staging, target)
+    assert (target / "adapter_model.safetensors").read_text() == "round 4" and not old.exists()

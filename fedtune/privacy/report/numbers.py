@@ -332,7 +332,9 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
     return ClientRow(
         name=name,
         epsilon=eps,
-        epsilon_other=_num(0.0 if latest.epsilon_other is None else latest.epsilon_other) if dp_on else INF,
+        # The most any entry shows, as for `epsilon`: a lost state's later report is lower.
+        epsilon_other=_num(max((e.epsilon_other for e in reported if e.epsilon_other is not None), default=0.0))
+        if dp_on else INF,
         delta=settings.delta if latest.delta is None else latest.delta,
         noise_multiplier=last.noise_multiplier,
         max_grad_norm=last.max_grad_norm,

@@ -296,15 +296,15 @@ def _not_covered(r: ReportData) -> list[Block]:
          "institution's local validation split. Validation records are never used in training, so DP-SGD gives "
          f"them no protection at all. Under DP an institution's node config withholds these losses and scores "
          f"(NaN in their place) unless it sets `{k.NODE_RELEASE_SCORES} = true`;",
-         f"with every reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and process id; in "
-         f"simulation also `{k.RAY_NODE}`, the Ray node that ran it), "
+         f"with every training reply: `{k.PEAK_RSS_MB}` and `{k.PID}` (the client process's peak memory and "
+         f"process id; in simulation also `{k.RAY_NODE}`, the Ray node that ran it), "
          "when the reply arrived (how long the institution took to train, which grows with its data), and for a "
          "refused or failed round the reason it gave;",
          "in simulation, `partition_summary.json` and `partition.png`: each client's example count and label "
          "histogram, computed by the coordinator from the dataset it split (no institution's private data when "
          "institutions read their own files);",
-         "whether an institution took part, declined or failed in each round (unless client-level DP is on, "
-         "its participation is not hidden);",
+         "whether an institution took part, declined or failed in each round: the server always sees it, and "
+         "client-level DP, when on, only keeps it out of the released model;",
          "the server's held-out data used for server-side evaluation (in simulation, the share "
          "`data.test_fraction` set aside before the data is split among institutions) is no institution's "
          "training data and is outside the guarantee; so are the public base model and its pre-training data."],
