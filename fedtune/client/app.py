@@ -256,7 +256,7 @@ class _Round:
         state.ledger.append(LedgerEntry.from_report(
             self.server_round, status, metrics, self.cfg.dp.accountant, reason=reason,
             adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING)),
-            run=self.msg.content[k.CONFIG].get(k.RUN_ID)))
+            run=self.msg.content.config_records.get(k.CONFIG, ConfigRecord()).get(k.RUN_ID)))
         save_state(self.context, self.name, self.policy.state_dir, state)
         return self.reply(status, metrics, arrays, reason, info)
 
