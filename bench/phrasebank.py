@@ -114,7 +114,7 @@ def settings(cfg: FedtuneConfig) -> dict:
            "modules_to_save": [*cfg.lora.modules_to_save, "classifier"], "max_length": cfg.model.max_length}
     if cfg.dp.enabled:
         row.update({"target_epsilon": cfg.dp.target_epsilon, "delta": cfg.dp.delta,
-                    "max_grad_norm": cfg.dp.max_grad_norm, "accountant": cfg.dp.accountant, "sampling": "Poisson"})
+                    "max_grad_norm": cfg.dp.max_grad_norm, "accountant": cfg.dp.accounting, "sampling": "Poisson"})
     return row
 
 

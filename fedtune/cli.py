@@ -92,9 +92,9 @@ def _privacy_verify(run_dir: Path) -> None:
         print(violation.line())
     checked = f"{result.clients} clients, {result.entries} ledger entries"
     if result.passed:
-        console.print(f"privacy-verify: OK ({checked}): every ε at least what dp-accounting computes from the "
-                      "ledger, never decreasing, within budget; δ < 1/n; q and steps consistent.", markup=False,
-                      soft_wrap=True)
+        console.print(f"privacy-verify: OK ({checked}): every ε at least its independent recomputation from the "
+                      "ledger (dp-accounting; privacy/independent.py), never decreasing, within budget; δ < 1/n; "
+                      "q and steps consistent.", markup=False, soft_wrap=True)
         return
     console.print(f"privacy-verify: {len(result.violations)} violations in {checked}.", markup=False)
     raise typer.Exit(1)

@@ -156,7 +156,13 @@ class DPConfig:
     noise_multiplier: float = field(default=1.0, metadata={"help": "Gaussian noise std / clipping norm (sigma)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample gradient clipping norm C."})
     delta: float = field(default=1e-5, metadata={"help": "Target delta; below 1/n for a client with n records."})
-    accountant: Literal["prv", "rdp"] = field(default="prv", metadata={"help": "Privacy accountant."})
+    accountant: Literal["prv", "rdp", "skellam"] = field(
+        default="prv",
+        metadata={"help": "Privacy accountant: `prv` or `rdp` (Opacus'), or `skellam` (integer Rényi orders and "
+                          "a subsampling bound for any mechanism: looser, valid for Gaussian noise too). Under "
+                          "distributed DP the shares are integers with Skellam noise, which only `skellam` covers, "
+                          "so it is used whatever this says (docs/privacy.md)."},
+    )
     epsilon_budget: float = field(
         default=math.inf,
         metadata={"help": "Per-client ε cap: a client whose next round would exceed it declines to train."},
@@ -221,6 +227,12 @@ class DPConfig:
                           "institution adds all of σ)."},
     )
 
+    @property
+    def accounting(self) -> str:
+        """The accountant that covers this run's mechanism: dp.accountant, or `skellam` for distributed DP's
+        integer shares (privacy/skellam.py)."""
+        return "skellam" if self.distributed_min_honest else self.accountant
+
     def __post_init__(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "use sigma >= 0 (about 1.0 is typical).")
         _check(self.target_epsilon >= 0, "dp.target_epsilon", "use a positive ε such as 8 (0: use noise_multiplier).")
@@ -240,7 +252,7 @@ class DPConfig:
                "audit records with data.canaries instead.")
         _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
-        _check(self.accountant in ("prv", "rdp"), "dp.accountant", "use `prv` or `rdp`.")
+        _check(self.accountant in ("prv", "rdp", "skellam"), "dp.accountant", "use `prv`, `rdp` or `skellam`.")
         _check(self.epsilon_budget > 0, "dp.epsilon_budget", "use a positive ε such as 8 (inf: no cap).")
         _check(not (self.public_streams and self.reproducible_noise), "dp.public_streams",
                "dp.reproducible_noise already derives every stream from the run seed, the noise too; set one of them.")

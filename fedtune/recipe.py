@@ -235,14 +235,15 @@ def labels_factor_ceiling(ratio: float) -> float:
     return min(LABELS_MAX_FACTOR, max(1.0, LABELS_MAX_FACTOR * ratio / LABELS_FULL_RATIO))
 
 
-def recipe_sigma(facts: Facts, rounds: int, local_steps: int = 1) -> float:
+def recipe_sigma(facts: Facts, rounds: int, local_steps: int = 1, accountant: str = "prv") -> float:
     """The σ each institution will solve for, spending facts.epsilon: `local_steps` steps a round on Poisson
     samples of rate 1 / local_steps (1: one full-batch step, q = 1). It is budget.py's solver on the
     schedule budget.py::poisson_schedule gives a client whose batch is its records / local_steps, so the
-    recipe plans with the σ the clients then use (under the default accountant, PRV)."""
+    recipe plans with the σ the clients then use: under the default accountant, PRV, or under distributed
+    DP the Skellam shares' (`skellam`, whose bound at q < 1 is looser, so that sampling pays less there)."""
     from fedtune.privacy.budget import solve_noise_multiplier  # imports Opacus; keep `fedtune --help` light
 
-    return solve_noise_multiplier(facts.epsilon, facts.delta, 1.0 / local_steps, rounds * local_steps, "prv")
+    return solve_noise_multiplier(facts.epsilon, facts.delta, 1.0 / local_steps, rounds * local_steps, accountant)
 
 
 # Local DP-SGD steps a round. One full-batch step a round runs out of steps where the noise is small: on
@@ -279,16 +280,18 @@ def sampled_round_steps(facts: Facts, rounds: int, trained_values: int, min_hone
     C, stays at most LOCAL_STEP_NOISE. Unlike local steps, no institution moves away from the global model
     between averages, so its own few records do not set k (docs/recipe.md, "Sampled rounds")."""
     shares = facts.clients / min_honest if min_honest else facts.clients
-    return _most_steps(facts, rounds, trained_values, max(round(facts.records_per_round), 1), shares**0.5)
+    return _most_steps(facts, rounds, trained_values, max(round(facts.records_per_round), 1), shares**0.5,
+                       "skellam" if min_honest else "prv")
 
 
-def _most_steps(facts: Facts, rounds: int, trained_values: int, records: int, scale: float) -> tuple[int, float]:
+def _most_steps(facts: Facts, rounds: int, trained_values: int, records: int, scale: float,
+                accountant: str = "prv") -> tuple[int, float]:
     """The most steps k (1, 2, 4 ... MAX_LOCAL_STEPS, at most `records`) whose step noise over `records`,
     times `scale`, is at most LOCAL_STEP_NOISE, with that noise; (1, its noise) where none is."""
-    chosen = (1, scale * local_step_noise(recipe_sigma(facts, rounds), 1, trained_values, records))
+    chosen = (1, scale * local_step_noise(recipe_sigma(facts, rounds, 1, accountant), 1, trained_values, records))
     k = 2
     while k <= MAX_LOCAL_STEPS and k <= records:
-        noise = scale * local_step_noise(recipe_sigma(facts, rounds, k), k, trained_values, records)
+        noise = scale * local_step_noise(recipe_sigma(facts, rounds, k, accountant), k, trained_values, records)
         if noise > LOCAL_STEP_NOISE:
             break
         chosen, k = (k, noise), 2 * k

@@ -432,7 +432,7 @@ def test_under_distributed_dp_several_steps_become_rounds_of_one_sampled_step():
     assert all(not_one_sgd_step(cfg.train, n) == "" for n in known.records), "each share is still of one step"
     for n in known.records:  # every institution solves the same σ: the one the rule assumed
         solved = client_dp(cfg.dp, None, n, cfg.train.batch_size, 1, cfg.rounds_per_client(), cfg.train.sample_rate)
-        assert solved.noise_multiplier == pytest.approx(recipe_sigma(known, RECIPE_ROUNDS, k), rel=0.01)
+        assert solved.noise_multiplier == pytest.approx(recipe_sigma(known, RECIPE_ROUNDS, k, "skellam"), rel=0.01)
     assert "each becomes 4 rounds of one sampled step" in next(n for n in cfg.recipe.chosen if n.startswith("rounds"))
 
 
@@ -446,13 +446,17 @@ def test_under_distributed_dp_the_sum_s_step_noise_sets_the_rounds():
         known = Facts(labels=6, clients=len(records), records=records, epsilon=8.0, delta=1e-5)
         k, noise = sampled_round_steps(known, 30, values, t)
         scale = (len(records) / (t or 1)) ** 0.5  # t = 0: each institution adds all of σ, the sum σ√m
-        assert noise == pytest.approx(scale * local_step_noise(recipe_sigma(known, 30, k), k, values, sum(records)))
+        sigma = recipe_sigma(known, 30, k, "skellam" if t else "prv")  # distributed DP's integer shares: Skellam
+        assert noise == pytest.approx(scale * local_step_noise(sigma, k, values, sum(records)))
         assert k == 1 or noise <= LOCAL_STEP_NOISE
         assert 2 * k > MAX_LOCAL_STEPS or scale * local_step_noise(
-            recipe_sigma(known, 30, 2 * k), 2 * k, values, sum(records)) > LOCAL_STEP_NOISE
-    # every institution's share (t = m): the sum's step is one holder's of all the records
+            recipe_sigma(known, 30, 2 * k, "skellam" if t else "prv"), 2 * k, values, sum(records)) > LOCAL_STEP_NOISE
+    # every institution's share (t = m): the sum's step is one holder's of all the records, under the
+    # accountant of the integer shares (at q < 1 a looser bound than the Gaussian's, so a larger σ)
     shared, alone = Facts(3, 20, (50,) * 20, 8.0, 1e-5), Facts(3, 1, (1000,), 8.0, 1e-5)
-    assert sampled_round_steps(shared, 30, 4227, 20) == pytest.approx(recipe_local_steps(alone, 30, 4227))
+    k, noise = sampled_round_steps(shared, 30, 4227, 20)
+    assert noise == pytest.approx(local_step_noise(recipe_sigma(alone, 30, k, "skellam"), k, 4227, 1000))
+    assert noise > local_step_noise(recipe_sigma(alone, 30, k), k, 4227, 1000)
 
 
 def test_under_distributed_dp_given_rounds_or_steps_keep_full_batch_rounds():

@@ -198,8 +198,8 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     arrays = to_record(model)
     loss = math.nan if policy.withholds_scores(cfg.dp) else result.loss
     metrics = _report(cfg, result.history, n, loss, result.steps, result.sample_rate, arrays.count_bytes())
-    if cfg.dp.distributed_min_honest:  # its share of the sum, not its adapter (privacy/distributed.py)
-        arrays = _share(msg.content[k.ARRAYS], arrays, n, cfg, server_round, context.node_id, secagg_range(context))
+    if cfg.dp.distributed_min_honest:  # its integer share of the sum, not its adapter (privacy/distributed.py)
+        arrays = _share(msg.content[k.ARRAYS], result.share, secagg_range(context))
     if not moved(before, model):  # fail closed (Opacus #820): an update no optimizer step reached
         return round_.finish(state, k.STATUS_FAILED, metrics, reason=NOT_MOVED)
     stated = {k.LORA_RANK: own_rank(cfg, context)} if cfg.lora.ranks() else {}  # the rank to send it next
@@ -220,6 +220,9 @@ def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, 
     if k.LEARNING_RATE in record:
         rate = float(record[k.LEARNING_RATE])
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=rate))
+    if cfg.dp.enabled and any(e.accountant == "skellam" and e.steps for e in state.ledger):
+        # its history holds integer shares (an earlier distributed-DP run): only `skellam` covers those steps
+        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, accountant="skellam"))
     if cfg.dp.enabled:
         if cfg.dp.distributed_min_honest:
             dp = share_dp(cfg.dp, cfg.rounds_per_client(), cfg.train.sample_rate)
@@ -254,7 +257,7 @@ class _Round:
     def finish(self, state: ClientState, status: str, metrics: MetricRecord, arrays: ArrayRecord | None = None,
                reason: str = "", info: dict[str, int] | None = None) -> Message:
         state.ledger.append(LedgerEntry.from_report(
-            self.server_round, status, metrics, self.cfg.dp.accountant, reason=reason,
+            self.server_round, status, metrics, self.cfg.dp.accounting, reason=reason,
             adopted_ledger_spending=bool(self.notes.get(k.ADOPTED_LEDGER_SPENDING)),
             run=self.msg.content.config_records.get(k.CONFIG, ConfigRecord()).get(k.RUN_ID)))
         save_state(self.context, self.name, self.policy.state_dir, state)
@@ -269,32 +272,26 @@ class _Round:
                   **ray_node()}
         content = RecordDict({k.METRICS: metrics, k.CLIENT_INFO: ConfigRecord(client)})
         if arrays is None and self.cfg.dp.distributed_min_honest:  # every submitter adds its noise share
-            arrays = _noise_share(self.msg.content[k.ARRAYS], self.cfg, self.server_round, self.context.node_id,
-                                  secagg_range(self.context))
+            arrays = _noise_share(self.msg.content[k.ARRAYS], self.cfg, secagg_range(self.context))
         if arrays is not None:
             content[k.ARRAYS] = arrays
         return Message(content, reply_to=self.msg)
 
 
-def _share(start: ArrayRecord, end: ArrayRecord, records: int, cfg: FedtuneConfig, server_round: int,
-           node_id: int, q: int) -> ArrayRecord:
-    from fedtune.privacy.distributed import share_of_sum
+def _share(start: ArrayRecord, share: dict[str, np.ndarray], q: int) -> ArrayRecord:
+    from fedtune.privacy.distributed import encode
+
+    return ArrayRecord({name: Array(encode(share[name], q)) for name in start.keys()})
+
+
+def _noise_share(start: ArrayRecord, cfg: FedtuneConfig, q: int) -> ArrayRecord:
+    from fedtune.privacy.distributed import encode, noise_only_share, share_variance
 
     names = list(start.keys())
-    shares = share_of_sum([start[n].numpy() for n in names], [end[n].numpy() for n in names], records, cfg.seed,
-                          server_round, node_id, q)
-    return ArrayRecord({name: Array(share) for name, share in zip(names, shares, strict=True)})
-
-
-def _noise_share(start: ArrayRecord, cfg: FedtuneConfig, server_round: int, node_id: int, q: int) -> ArrayRecord:
-    from fedtune.privacy.distributed import noise_only_share
-
-    # The scale of a trained share, n·Δ = −(lr/rate)·(noised sum), where rate is 1 for a full-batch step.
-    dp, rate = cfg.dp, cfg.train.sample_rate or 1.0
-    std = cfg.train.learning_rate * dp.noise_multiplier * dp.max_grad_norm / rate / math.sqrt(dp.distributed_min_honest)
-    names = list(start.keys())
-    shares = noise_only_share([tuple(start[n].shape) for n in names], std, cfg.seed, server_round, node_id, q)
-    return ArrayRecord({name: Array(share) for name, share in zip(names, shares, strict=True)})
+    shapes = [tuple(start[name].shape) for name in names]
+    variance = share_variance(cfg.dp.noise_multiplier, shapes, cfg.dp.distributed_min_honest)
+    shares = noise_only_share(shapes, variance)
+    return ArrayRecord({name: Array(encode(share, q)) for name, share in zip(names, shares, strict=True)})
 
 
 def ray_node() -> dict[str, str]:
@@ -330,8 +327,8 @@ def _report(cfg: FedtuneConfig, history: History, num_examples: int, loss: float
         k.MAX_GRAD_NORM: dp.max_grad_norm if dp.enabled else 0.0,
         k.DELTA: dp.delta,
         # From the whole history: infinite once any round trained without noise (sigma = 0 in it).
-        k.EPSILON: epsilon(dp.accountant, history, dp.delta),
-        k.EPSILON_OTHER: epsilon(other(dp.accountant), history, dp.delta),
+        k.EPSILON: epsilon(dp.accounting, history, dp.delta),
+        k.EPSILON_OTHER: epsilon(other(dp.accounting), history, dp.delta),
         k.BYTES_UP: bytes_up,
         k.PEAK_RSS_MB: peak_rss_mb(),
         k.PID: os.getpid(),

@@ -27,6 +27,7 @@ class TrainResult:
     steps: int
     sample_rate: float
     history: History  # the client's whole privacy history after this round
+    share: dict[str, Any] | None = None  # distributed DP: the integer share per parameter (privacy/dpsgd.py)
 
 
 class Training(Protocol):
@@ -163,7 +164,12 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
                 training.step()
                 losses.append(loss.item())
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    return TrainResult(mean_loss, training.steps, training.sample_rate, training.history)
+    integer = getattr(training, "integer_share", None)
+    share = None
+    if integer is not None and integer.values is not None:
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        share = dict(zip(names, integer.values, strict=True))
+    return TrainResult(mean_loss, training.steps, training.sample_rate, training.history, share)
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -40,12 +40,20 @@ class CachedRdpPRVAccountant(PRVAccountant):
         return Domain.create_aligned(-size, size, mesh)
 
 
+def _skellam() -> type[IAccountant]:
+    from fedtune.privacy.skellam import SkellamAccountant
+
+    return SkellamAccountant
+
+
+# "skellam": distributed DP's integer shares (privacy/skellam.py), always under distributed DP (DPConfig.accounting);
+# it may also be chosen by hand for Gaussian noise, which it covers too (looser)
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": CachedRdpPRVAccountant, "rdp": RDPAccountant}
 
 
 def make_accountant(kind: str, history: Sequence[Sequence[float]] = ()) -> IAccountant:
     """An Opacus accountant of `kind` that has already seen `history`."""
-    accountant = ACCOUNTANTS[kind]()
+    accountant = _skellam()() if kind == "skellam" else ACCOUNTANTS[kind]()
     if history:
         accountant.load_state_dict({"history": normalize(history), "mechanism": accountant.mechanism()})
     return accountant
@@ -83,6 +91,10 @@ def _epsilon(kind: str, history: tuple[tuple[float, float, int], ...], delta: fl
         return math.inf
     if kind == "rdp":
         return _rdp_epsilon(history, delta)
+    if kind == "skellam":
+        from fedtune.privacy import skellam
+
+        return skellam.epsilon(history, delta)
     return float(make_accountant(kind, list(history)).get_epsilon(delta=delta))
 
 
@@ -106,4 +118,6 @@ def _one_step_rdp(sigma: float, q: float) -> np.ndarray:
 
 
 def other(kind: str) -> str:
-    return "rdp" if kind == "prv" else "prv"
+    """The accountant whose ε a client reports beside its own. Skellam steps have no second analysis
+    here (PRV and Opacus' RDP are the Gaussian's): the same one."""
+    return {"prv": "rdp", "rdp": "prv"}.get(kind, kind)

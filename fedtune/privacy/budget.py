@@ -26,6 +26,10 @@ def poisson_schedule(num_examples: int, batch_size: int, epochs: int, sample_rat
 def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                            accountant: str) -> float:
     """Smallest sigma (to Opacus' tolerance) whose ε after `steps` Poisson steps is <= target."""
+    if accountant == "skellam":
+        from fedtune.privacy import skellam
+
+        return skellam.solve_sigma(target_epsilon, delta, sample_rate, steps)
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant, epsilon_tolerance=0.005))
 
@@ -40,7 +44,7 @@ def client_dp(dp: DPConfig, solved: float | None, num_examples: int, batch_size:
         return dp
     if solved is None:
         q, steps = poisson_schedule(num_examples, batch_size, epochs, sample_rate)
-        solved = solve_noise_multiplier(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accountant)
+        solved = solve_noise_multiplier(dp.target_epsilon, dp.delta, q, steps * rounds, dp.accounting)
     return _with_sigma(dp, solved)
 
 
@@ -53,7 +57,7 @@ def share_dp(dp: DPConfig, rounds: int, sample_rate: float = 0.0) -> DPConfig:
     if dp.target_epsilon <= 0:
         return dp
     return _with_sigma(dp, solve_noise_multiplier(dp.target_epsilon, dp.delta, sample_rate or 1.0, rounds,
-                                                  dp.accountant))
+                                                  dp.accounting))
 
 
 def _with_sigma(dp: DPConfig, sigma: float) -> DPConfig:
@@ -64,7 +68,7 @@ def projected_epsilon(dp: DPConfig, history: History, num_examples: int, batch_s
                       epochs: int, sample_rate: float = 0.0) -> float:
     """ε the client would have spent after training one more round."""
     q, steps = poisson_schedule(num_examples, batch_size, epochs, sample_rate)
-    return epsilon(dp.accountant, [*history, (dp.noise_multiplier, q, steps)], dp.delta)
+    return epsilon(dp.accounting, [*history, (dp.noise_multiplier, q, steps)], dp.delta)
 
 
 def within_budget(dp: DPConfig, history: History, num_examples: int, batch_size: int, epochs: int,

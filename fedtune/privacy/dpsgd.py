@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import secrets
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +47,8 @@ from fedtune.data.users import UserRecords
 from fedtune.privacy.accountant import History, make_accountant, normalize
 from fedtune.privacy.budget import poisson_schedule
 
-STREAMS = ("sampling", "noise", "model", "records")
+STREAMS = ("sampling", "noise", "model", "records", "rounding")
+ROUNDING_ROWS = 64  # distributed DP: records rounded to integers at a time (privacy/skellam.py)
 USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each record's user, not a model input
 
 
@@ -68,6 +68,7 @@ class RoundSeeds:
     noise: int
     model: int
     records: int
+    rounding: int  # distributed DP: the randomized rounding of each record's gradient to integers
 
     @classmethod
     def secret(cls) -> RoundSeeds:
@@ -116,6 +117,7 @@ class PrivateTraining:
     user_gradient: str = ""  # dp.unit `user`: dp.user_gradient; empty: record-level
     steps: int = 0  # logical steps taken: each noised and counted by the accountant
     per_sample: bool = True  # backward() leaves per-sample gradients, which step() clips
+    integer_share: IntegerShare | None = None  # distributed DP: the step's integer share of the sum
     _owners: torch.Tensor | None = field(default=None, init=False, repr=False)  # each record's user in the batch
 
     @property
@@ -245,8 +247,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
                              seeds.generator("records"), sample_rate)
     else:
         loader = poisson_loader(data, batch_size, collate, seeds.generator("sampling"), sample_rate)
-    engine = PrivacyEngine(accountant=dp.accountant)
-    engine.accountant = make_accountant(dp.accountant, history)
+    engine = PrivacyEngine(accountant="rdp")  # replaced at once: Opacus' registry knows only its own kinds
+    engine.accountant = make_accountant(dp.accounting, history)
     # poisson_sampling=False: the loader already samples by Poisson; Opacus then accounts
     # q = 1 / len(loader), which is exactly the loader's q.
     hooks, dp_optimizer, _ = engine.make_private(
@@ -263,28 +265,81 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
         # (a constant: post-processing), so that n·Δ = −(lr/q)·(noised sum) at every institution alike.
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         dp_optimizer.expected_batch_size = sample_rate * len(data)
+    share = None
     if dp.distributed_min_honest:
-        add_only_a_share_of_the_noise(dp_optimizer, 1 / math.sqrt(dp.distributed_min_honest))
+        share = IntegerShare.attach(dp_optimizer, dp.distributed_min_honest, seeds.generator("rounding", device),
+                                    seeds.noise)
     return PrivateTraining(dp_optimizer, loader, engine, hooks, sample_rate or 1.0 / len(loader),
                            dp.physical_batch_size,
-                           user_gradient=dp.user_gradient if by_user else "")
+                           user_gradient=dp.user_gradient if by_user else "", integer_share=share)
 
 
-def add_only_a_share_of_the_noise(optimizer, share: float) -> None:
-    """Distributed DP (dp.distributed_min_honest = t, share = 1/√t): the optimizer adds noise of std
-    share·σ·C, while the accountant still records σ, the std the sum over the institutions carries when
-    at least t of them add their share (docs/privacy.md, "Distributed DP over SecAgg+"). Opacus reads noise_multiplier
-    both when it noises (add_noise) and when its step hook informs the accountant, after add_noise."""
-    full, add_noise = optimizer.noise_multiplier, optimizer.add_noise
+@dataclass
+class IntegerShare:
+    """Distributed DP (dp.distributed_min_honest = t): the optimizer's step as an integer share of the sum
+    (privacy/skellam.py). Opacus' clipping and Gaussian noise are replaced by: clip each record's gradient
+    to C as Opacus does, scale by γ = SCALE/C, round it to an integer vector of norm at most Δ₂ with this
+    institution's secret rounding stream, sum, and add Skellam noise of the share's variance from its secret
+    noise stream. `values` is that integer vector (K, one array per parameter); the model steps on K/γ,
+    what Opacus' noised sum would be. Opacus' step hook still records σ for the accountant: the sum of t
+    shares is the Skellam mechanism that `variance_for` makes no worse than the Gaussian at σ."""
 
-    def add_share() -> None:
-        optimizer.noise_multiplier = full * share
-        try:
-            add_noise()
-        finally:
-            optimizer.noise_multiplier = full
+    scale: float  # γ
+    l2: float  # Δ₂
+    variance: float  # of this share's noise (skellam.share_variance)
+    rounding: torch.Generator
+    noise_seed: int
+    values: list[Any] | None = None
 
-    optimizer.add_noise = add_share
+    @classmethod
+    def attach(cls, optimizer, min_honest: int, rounding: torch.Generator, noise_seed: int) -> IntegerShare:
+        from fedtune.privacy import skellam
+
+        dim = sum(p.numel() for p in optimizer.params)
+        share = cls(skellam.SCALE / optimizer.max_grad_norm, skellam.l2_sensitivity(dim),
+                    skellam.share_variance(optimizer.noise_multiplier, dim, min_honest), rounding, noise_seed)
+        optimizer.clip_and_accumulate = partial(share.clip_round_accumulate, optimizer)
+        optimizer.add_noise = partial(share.add_noise, optimizer)
+        return share
+
+    def clip_round_accumulate(self, optimizer) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        params = optimizer.params
+        samples = [optimizer._get_flat_grad_sample(p).flatten(start_dim=1) for p in params]  # rows x p.numel()
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=samples[0].device)
+        for start in range(0, len(samples[0]), ROUNDING_ROWS):  # rows at a time: float64 copies of d values each
+            total += self._rounded_sum([g[start:start + ROUNDING_ROWS] for g in samples], optimizer.max_grad_norm)
+        for p, part in zip(params, total.split([p.numel() for p in params]), strict=True):
+            _check_processed_flag(p.grad_sample)
+            part = part.view(p.shape)
+            p.summed_grad = part if p.summed_grad is None else p.summed_grad + part
+            _mark_as_processed(p.grad_sample)
+
+    def _rounded_sum(self, samples: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+        """Σ over these rows of round(γ·clip_C(g)): clipped as Opacus clips (C / (‖g‖ + 1e-6), at most 1)."""
+        from fedtune.privacy import skellam
+
+        flat = torch.cat([g.to(torch.float64) for g in samples], dim=1)
+        clip = (max_grad_norm / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+        return skellam.round_records(flat.mul_((clip * self.scale)[:, None]), self.l2, self.rounding).sum(dim=0)
+
+    def add_noise(self, optimizer) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        from fedtune.privacy import skellam
+
+        if self.values is not None:
+            raise RuntimeError("distributed DP takes one step a round; a second step has no share to go into")
+        sizes = [p.numel() for p in optimizer.params]
+        noise = torch.from_numpy(skellam.skellam_noise(sum(sizes), self.variance, self.noise_seed))
+        self.values = []
+        for p, part in zip(optimizer.params, noise.split(sizes), strict=True):
+            _check_processed_flag(p.summed_grad)
+            share = p.summed_grad.to("cpu").round().to(torch.int64).reshape(-1) + part
+            self.values.append(share.reshape(p.shape).numpy())
+            p.grad = (share.to(torch.float64) / self.scale).to(p.dtype).to(p.device).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def step_on_empty_batch(optimizer: torch.optim.Optimizer) -> None:

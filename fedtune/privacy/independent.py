@@ -6,6 +6,13 @@ code, so this module recomputes ε from the recorded (σ, q, steps) with dp-acco
 its PLD accountant where the run used Opacus' PRV (both near-exact numerical methods), its RDP
 accountant at Opacus' Rényi orders where the run used RDP. The mechanism is the same: each step
 a Poisson-subsampled Gaussian, under add/remove-one neighbours.
+
+Distributed DP's Skellam steps (privacy/skellam.py) are accounted at integer orders by a bound that
+dp-accounting does not implement for q < 1 (Zhu and Wang's, for a mechanism given by its RDP). There
+this module composes a second implementation of it, written apart from privacy/skellam.py (exact binomial
+coefficients and Python floats, no scipy), and converts to (ε, δ) with dp-accounting's own conversion. It
+checks the arithmetic, not the theorem: both follow the same published bound. At q = 1 the RDP is the
+Gaussian's α/(2σ²), which tests/privacy/test_skellam.py checks against dp-accounting's own.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ def _quiet() -> Iterator[None]:
 def epsilons_along(kind: str, runs: Iterable[Sequence[float]], deltas: Iterable[float]) -> list[float]:
     """The cumulative ε after each (sigma, q, steps) run of a history, composed incrementally, each
     at its own δ; inf from the first run without noise on."""
+    if kind == "skellam":
+        return _skellam_along(runs, deltas)
     accountant, out, unbounded, composed = _accountant(kind), [], False, False
     with _quiet():
         for (sigma, q, steps), delta in zip(runs, deltas, strict=True):
@@ -73,3 +82,37 @@ def independent_client_level_epsilon(noise_multiplier: float, sample_rate: float
     if noise_multiplier <= 0:
         return math.inf
     return independent_epsilon("rdp", [(noise_multiplier, sample_rate, rounds)], delta)
+
+
+SKELLAM_ORDERS = list(range(2, 129))
+
+
+def _skellam_along(runs: Iterable[Sequence[float]], deltas: Iterable[float]) -> list[float]:
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    rdp, out, unbounded, composed = [0.0] * len(SKELLAM_ORDERS), [], False, False
+    for (sigma, q, steps), delta in zip(runs, deltas, strict=True):
+        if int(steps) > 0 and float(sigma) <= 0.0:
+            unbounded = True
+        elif int(steps) > 0:
+            one = [_poisson_subsampled(a, float(q), float(sigma)) for a in SKELLAM_ORDERS]
+            rdp = [r + int(steps) * x for r, x in zip(rdp, one, strict=True)]
+            composed = True
+        out.append(math.inf if unbounded else float(compute_epsilon(SKELLAM_ORDERS, rdp, delta)[0])
+                   if composed else 0.0)
+    return out
+
+
+def _poisson_subsampled(alpha: int, q: float, sigma: float) -> float:
+    """Zhu and Wang (2019), Theorem 6, for a base mechanism of RDP j/(2σ²) at each integer order j: the
+    log of Σ_j b_j·exp(a_j), summed from its largest term, over α − 1; capped at the unsampled α/(2σ²)."""
+    full = alpha / (2 * sigma * sigma)
+    if q >= 1.0:
+        return full
+    terms = [((alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)),
+             math.log(math.comb(alpha, 2)) + 2 * math.log(q) + (alpha - 2) * math.log1p(-q) + 1 / (sigma * sigma)]
+    for j in range(3, alpha + 1):
+        terms.append(math.log(3 * math.comb(alpha, j)) + j * math.log(q) + (alpha - j) * math.log1p(-q)
+                     + (j - 1) * j / (2 * sigma * sigma))
+    top = max(terms)
+    return min((top + math.log(sum(math.exp(t - top) for t in terms))) / (alpha - 1), full)

@@ -136,7 +136,7 @@ class LedgerEntry:
         if not isinstance(data, Mapping):
             raise TypeError(f"an entry must be a JSON object, not {type(data).__name__}")
         rest = dict(data)
-        own = next((name for name in ("prv", "rdp") if f"epsilon_{other(name)}" in rest), accountant)
+        own = next((name for name in ("prv", "rdp", "skellam") if f"epsilon_{other(name)}" in rest), accountant)
         values: dict[str, Any] = {
             "round": _integer(rest.pop("round"), "round", required=True),
             "status": _text(rest.pop("status"), "status", required=True),

@@ -147,7 +147,7 @@ class PrivacyPolicy:
             return dp
         budget = self.epsilon_budget
         if dp.distributed_min_honest and dp.target_epsilon > budget:
-            sigma = solve_noise_multiplier(dp.target_epsilon, dp.delta, sample_rate or 1.0, rounds, dp.accountant)
+            sigma = solve_noise_multiplier(dp.target_epsilon, dp.delta, sample_rate or 1.0, rounds, dp.accounting)
             return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=0.0, noise_multiplier=sigma)
         return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=min(dp.target_epsilon, budget))
 

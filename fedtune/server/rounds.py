@@ -260,7 +260,7 @@ def _mean_bytes_sent(messages: list[Message]) -> float:
 def initial_checkpoint(inputs: RoundInputs, arrays: ArrayRecord) -> Checkpoint:
     """Round 0: the initial adapter and its server-side evaluation, before any training."""
     scores = inputs.evaluate(arrays, 0)
-    ledger = PrivacyLedger(inputs.cfg.dp.accountant, inputs.cfg.dp.enabled, unit=inputs.cfg.dp.unit)
+    ledger = PrivacyLedger(inputs.cfg.dp.accounting, inputs.cfg.dp.enabled, unit=inputs.cfg.dp.unit)
     row = _round_row(0, scores, None, None, ledger, [], [], bytes_down=0)
     return Checkpoint(0, dict(arrays.to_torch_state_dict()), [row], ledger.to_dict(), {},
                       options=model_options(inputs.cfg))

@@ -95,7 +95,11 @@ class _Relay(LegacyStrategy):
         self.failure_reasons: list[str] = []
         config = next(iter(self.messages.values())).content[k.CONFIG]
         self.distributed = int(config.get("dp.distributed_min_honest", 0)) > 0
-        self.seed, self.round = int(config.get("seed", 0)), int(config[k.SERVER_ROUND])
+        self.round = int(config[k.SERVER_ROUND])
+        # distributed DP: what turns the shares' integer sum into the round's update (the config sent)
+        self.learning_rate = float(config.get(k.LEARNING_RATE, config.get("train.learning_rate", 0.0)))
+        self.sample_rate = float(config.get("train.sample_rate", 0.0))
+        self.max_grad_norm = float(config.get("dp.max_grad_norm", 1.0))
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, self.configs[node])) for node in self.messages]
@@ -144,18 +148,16 @@ class _Relay(LegacyStrategy):
                             for name, g, a in zip(self.names, base, self.mean, strict=True)})
 
     def _distributed_step(self, submitters: list[int], records: int) -> ArrayRecord:
-        """Distributed DP: θ + Σ_i n_i·Δ_i / Σ n_i over the institutions that trained (FedAvg), from the
-        sum of every submitter's share with each one's public dither taken out."""
+        """Distributed DP: θ + Σ_i n_i·Δ_i / Σ n_i over the institutions that trained (FedAvg), where Σ n_i·Δ_i
+        is the decoded integer sum of every submitter's share times the step's scale (privacy/distributed.py)."""
         from fedtune.privacy import distributed
 
         base = self.global_arrays.to_numpy_ndarrays()
         q = distributed.quantization_range(len(self.messages))
-        shapes = [g.shape for g in base]
-        dithers = [distributed.flat_dither(self.seed, self.round, node, shapes) for node in submitters]
-        summed = [distributed.undither_sum(mean * len(submitters), [d[i] for d in dithers],
-                                           distributed.CLIPPING_RANGE, q) for i, mean in enumerate(self.mean)]
+        scale = distributed.step_scale(self.learning_rate, self.sample_rate, self.max_grad_norm)
+        totals = [distributed.decode_sum(mean, len(submitters), q) * scale for mean in self.mean]
         return ArrayRecord({name: Array(np.asarray(g + total / records, dtype=g.dtype))
-                            for name, g, total in zip(self.names, base, summed, strict=True)})
+                            for name, g, total in zip(self.names, base, totals, strict=True)})
 
     # The evaluate half and the legacy extras are not used: fedtune evaluates in its own loop.
     def initialize_parameters(self, client_manager: Any) -> None:

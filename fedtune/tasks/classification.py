@@ -131,7 +131,7 @@ class Classification(Task):
         """(r, σ, d) under the private recipe's one full-batch step a round: recipe.py::noise_to_signal of its
         σ and trained values."""
         rounds = _rounds_per_client(cfg, facts, pinned)
-        sigma = recipe_sigma(facts, rounds) if facts.epsilon else cfg.dp.noise_multiplier
+        sigma = recipe_sigma(facts, rounds, 1, cfg.dp.accounting) if facts.epsilon else cfg.dp.noise_multiplier
         # trained values: LoRA's A and B on two projections of the last layer, and the head
         values = 2 * RECIPE_RANK * 2 * hidden + (hidden + 1) * facts.labels
         return noise_to_signal(facts, sigma, values, cfg.dp.distributed_min_honest), sigma, values

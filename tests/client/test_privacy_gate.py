@@ -120,7 +120,7 @@ def test_spending_the_server_never_recorded_is_reported_and_recorded_late(tmp_pa
     unnamed = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 2}), _context(**node))
     assert k.UNRECORDED not in unnamed.content[k.CLIENT_INFO], "a server that cannot name it sends no record"
 
-    ledger = PrivacyLedger(cfg.dp.accountant, True)  # the server names it now, and holds nothing of it
+    ledger = PrivacyLedger(cfg.dp.accounting, True)  # the server names it now, and holds nothing of it
     ledger.record_round("client-0000", 2, k.STATUS_TRAINED, unnamed.content[k.METRICS])
     again = client_app.train(_message(cfg, str(tmp_path), **{k.SERVER_ROUND: 3, **_record_of(ledger)}),
                              _context(**node))
@@ -181,7 +181,7 @@ def test_under_distributed_dp_a_damaged_state_file_still_adds_a_full_noise_share
     assert "damaged" in _status(damaged)[1] and "one plain-SGD step of each institution" in _status(intact)[1]
     first, second = shared
     assert first.train.learning_rate == second.train.learning_rate == 0.25
-    run_sigma = solve_noise_multiplier(3.0, cfg.dp.delta, 1.0, cfg.rounds_per_client(), cfg.dp.accountant)
+    run_sigma = solve_noise_multiplier(3.0, cfg.dp.delta, 1.0, cfg.rounds_per_client(), cfg.dp.accounting)
     assert first.dp.noise_multiplier == second.dp.noise_multiplier == run_sigma
 
 
@@ -270,7 +270,7 @@ def test_under_distributed_dp_an_institution_that_declines_still_adds_a_full_noi
     (share,) = shared
     assert share.train.learning_rate == 0.25
     assert share.dp.noise_multiplier == solve_noise_multiplier(3.0, cfg.dp.delta, 1.0, cfg.rounds_per_client(),
-                                                               cfg.dp.accountant)
+                                                               cfg.dp.accounting)
 
 
 def test_another_runs_spending_is_never_reported_late_and_stays_in_the_epsilon(tmp_path):
@@ -287,7 +287,7 @@ def test_another_runs_spending_is_never_reported_late_and_stays_in_the_epsilon(t
                             _context(**node))
     cfg = _cfg()
     lost = client_app.train(_message(cfg, state_dir, **{k.RUN_ID: "b"}), _context(**node))  # B's round 1: lost
-    ledger = PrivacyLedger(cfg.dp.accountant, True)
+    ledger = PrivacyLedger(cfg.dp.accounting, True)
     second = client_app.train(_message(cfg, state_dir, **{k.RUN_ID: "b", k.SERVER_ROUND: 2, **_record_of(ledger)}),
                               _context(**node))
     late = json.loads(second.content[k.CLIENT_INFO][k.UNRECORDED])
@@ -299,3 +299,23 @@ def test_another_runs_spending_is_never_reported_late_and_stays_in_the_epsilon(t
     assert sum(s for _, _, s in ledger.spent("client-0000")) == steps[1] + steps[2], "B's steps, not A's"
     assert second.content[k.METRICS][k.EPSILON] > lost.content[k.METRICS][k.EPSILON] > \
         in_a.content[k.METRICS][k.EPSILON], "its ε counts every run that shared its state directory"
+
+
+def test_a_history_holding_integer_shares_is_accounted_by_skellam_in_a_later_gaussian_run():
+    """Skellam steps (an earlier distributed-DP run in the same state directory) are not Gaussian ones:
+    PRV would understate them (σ 3.60 at q = 1/4 over 120 steps: ε 3.4 by PRV, 8.0 by their own bound)."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.client.state import ClientState
+    from fedtune.config import FedtuneConfig
+    from fedtune.privacy.accountant import epsilon
+    from fedtune.privacy.ledger import LedgerEntry
+
+    entry = LedgerEntry(120, k.STATUS_TRAINED, "skellam", steps=1, noise_multiplier=3.6, sample_rate=0.25,
+                        epsilon=8.0, epsilon_other=8.0)
+    state = ClientState.from_dict(ClientState([(3.6, 0.25, 120)], None, [entry]).to_dict())  # through its file
+    assert state.ledger[0].accountant == "skellam"
+    cfg = FedtuneConfig.from_flat({"dp.noise_multiplier": 1.0, "clients": 2})
+    assert client_app._round_config(cfg, ConfigRecord({}), state, 100).dp.accounting == "skellam"
+    assert client_app._round_config(cfg, ConfigRecord({}), ClientState(), 100).dp.accounting == "prv"
+    assert epsilon("prv", state.history, 1e-5) < 4 < 7.9 < epsilon("skellam", state.history, 1e-5)

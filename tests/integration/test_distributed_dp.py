@@ -31,8 +31,9 @@ def test_four_institutions_each_adding_half_the_noise_learn_under_the_stated_ass
     assert report["distributed"]["min_honest"] == 4 and report["distributed"]["epsilon_own_share"] > 8.0
     text = (out / "privacy_report.md").read_text()
     assert "at least 4 honest institutions a round" in text
-    assert "Under distributed DP each client added only 1/√4 of that noise" in text
-    assert "no bound on what that rounding adds is derived" in text, "the report says what is not proven"
+    assert "Under distributed DP each client added only 1/4 of that noise's variance" in text
+    assert "Nothing is rounded after the noise, so this holds against the coordinator too" in text
+    assert "Skellam accountant" in text
     assert not (out / "observed_updates").exists(), "under SecAgg+ the server keeps no institution's update"
 
 

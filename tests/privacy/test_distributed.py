@@ -1,81 +1,109 @@
-"""Distributed DP's grid and noise share: Flower's SecAgg+ quantizer maps the grid exactly onto
-integers, and the error left after the dither is taken out is uniform and independent of the data."""
+"""Distributed DP's integer shares through SecAgg+: Flower's quantizer maps an encoded share exactly onto
+its integers, the coordinator decodes the exact integer sum, and an institution's DP-SGD step produces an
+integer share whose noise is Skellam of the share's variance."""
 
 import numpy as np
 import pytest
 import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from scipy import stats
 
-from fedtune.privacy.distributed import dither, grid_step, to_grid, undither_sum
+from fedtune.privacy.distributed import CLIPPING_RANGE as R
+from fedtune.privacy.distributed import decode_sum, encode, grid_step, quantization_range
 
-R, Q = 2.0**24, 2**27
+Q = 2**27
 
 
-def test_flowers_quantizer_maps_the_grid_exactly_onto_integers():
-    values = np.random.default_rng(0).normal(0, 1e4, size=5000)
-    d = dither(1, 2, 3, values.shape)
-    grid = to_grid(values, d, R, Q)
-    k = np.floor((values + R) / grid_step(R, Q) + d + 0.5)
+def _through_secagg(shares: list[np.ndarray], q: int) -> np.ndarray:
+    """What SecAggPlusWorkflow hands back for weight-1 submissions: Flower's quantizer on each encoded share,
+    the modular sum, dequantization with one −r offset per extra participant, divided by their number."""
+    quantized = [quantize([encode(v, q)], R, q)[0].astype(np.int64) for v in shares]
+    total = np.sum(quantized, axis=0) % 2**32
+    return (dequantize([total], R, q)[0] - (len(shares) - 1) * R) / len(shares)
+
+
+def test_flowers_quantizer_maps_an_encoded_share_exactly_onto_its_integers():
+    share = np.random.default_rng(0).integers(-(Q // 2) + 1, Q // 2, size=5000)
     for _ in range(3):  # Flower's stochastic rounding never moves an exact grid value
-        assert (quantize([grid], R, Q)[0] == k).all()
+        assert (quantize([encode(share, Q)], R, Q)[0] == np.mod(share, Q)).all()
 
 
-def test_the_sum_through_flowers_quantizer_is_the_data_sum_plus_bounded_dither_error():
-    rng = np.random.default_rng(1)
-    shares = [rng.normal(0, 1e3, size=2000) for _ in range(5)]
-    dithers = [dither(7, 1, node, shares[0].shape) for node in range(5)]
-    quantized = [quantize([to_grid(v, d, R, Q)], R, Q)[0].astype(np.int64)
-                 for v, d in zip(shares, dithers, strict=True)]
-    total = np.sum(quantized, axis=0) % 2**32  # SecAgg+'s modular sum
-    # dequantized as SecAggPlusWorkflow does: one offset of -r per extra participant
-    grid_sum = dequantize([total], R, Q)[0] - (len(shares) - 1) * R
-    recovered = undither_sum(grid_sum, dithers, R, Q)
-    s = grid_step(R, Q)
-    assert np.abs(recovered - np.sum(shares, axis=0)).max() <= len(shares) * s / 2 + 1e-9
+@pytest.mark.parametrize("m", [2, 5, 20])
+def test_the_coordinator_decodes_the_exact_integer_sum(m):
+    rng = np.random.default_rng(m)
+    q = quantization_range(m)
+    shares = [rng.integers(-(10**6), 10**6, size=3000) for _ in range(m)]
+    np.testing.assert_array_equal(decode_sum(_through_secagg(shares, q), m, q), np.sum(shares, axis=0))
 
 
-def test_the_error_is_uniform_and_independent_of_the_value():
-    s = grid_step(R, Q)
-    n = 20_000
-    errors = {}
-    for value in (0.0, 0.3 * s, 1e4 + 0.77 * s):  # values at different places between grid points
-        v = np.full(n, value)
-        d = dither(3, 1, 0, (n,))
-        errors[value] = (to_grid(v, d, R, Q) - s * d) - v
-    for e in errors.values():
-        assert np.abs(e).max() <= s / 2 + 1e-9
-        assert stats.kstest(e / s + 0.5, "uniform").pvalue > 1e-3
-    a, b, c = errors.values()
-    assert stats.ks_2samp(a, b).pvalue > 1e-3 and stats.ks_2samp(a, c).pvalue > 1e-3
+def test_a_sum_beyond_half_the_range_wraps_modulo_q():
+    """Wrapping is a function of the sum alone (post-processing): a utility failure, never a privacy one."""
+    q = quantization_range(2)
+    shares = [np.array([q // 4 + 1]), np.array([q // 4])]
+    assert decode_sum(_through_secagg(shares, q), 2, q)[0] == q // 2 + 1 - q
 
 
-def test_without_the_dither_the_error_depends_on_the_value():
-    """What the dither is for: plain rounding leaves the same error for the same value every time."""
-    s = grid_step(R, Q)
-    v = np.full(1000, 0.3 * s)
-    plain = to_grid(v, np.zeros_like(v), R, Q) - v
-    assert np.allclose(plain, -0.3 * s)
-
-
-def test_ranges_must_be_powers_of_two_and_values_inside():
+def test_ranges_must_be_powers_of_two():
     with pytest.raises(ValueError, match="power of two"):
         grid_step(3.0, Q)
-    with pytest.raises(ValueError, match="outside the grid"):
-        to_grid(np.array([R]), np.zeros(1), R, Q)
 
 
-def test_an_institution_adds_its_share_of_the_noise_and_records_the_sums_sigma(tiny_model, tokenized):
-    """dp.distributed_min_honest = 4: the same draw, half the std (1/√4); the accountant records σ."""
+def test_an_institutions_step_is_an_integer_share_with_skellam_noise_of_the_share_variance(tiny_model, tokenized):
+    """dp.distributed_min_honest = 4: K = Σ rounded records + Skellam noise of skellam.share_variance; the
+    same seed rounds the same way, so K(σ) − K(0) is the noise alone; the model steps on K/γ."""
     from fedtune.config import DPConfig
-    from tests.privacy.test_dpsgd import _private_grads, _subset
+    from fedtune.privacy import skellam
+    from tests.privacy.test_dpsgd import _subset
 
     data = _subset(tokenized, 4)
-    _, quiet = _private_grads(tiny_model, data, DPConfig(noise_multiplier=0.0), 0)
-    _, whole = _private_grads(tiny_model, data, DPConfig(noise_multiplier=1.0), 5)
-    _, share = _private_grads(tiny_model, data, DPConfig(noise_multiplier=1.0, distributed_min_honest=4), 5)
-    for w, s, q in zip(whole, share, quiet, strict=True):
-        torch.testing.assert_close(s - q, 0.5 * (w - q), atol=1e-6, rtol=1e-4)
+    quiet, _ = _integer_step(tiny_model, data, DPConfig(noise_multiplier=0.0, distributed_min_honest=4))
+    share, grads = _integer_step(tiny_model, data, DPConfig(noise_multiplier=1.0, distributed_min_honest=4))
+    dim = sum(v.size for v in share.values)
+    noise = np.concatenate([(s - z).ravel() for s, z in zip(share.values, quiet.values, strict=True)])
+    assert all(v.dtype == np.int64 for v in share.values)
+    assert noise.var() == pytest.approx(skellam.share_variance(1.0, dim, 4), rel=0.1)
+    assert share.variance == skellam.share_variance(1.0, dim, 4)
+    for value, grad in zip(share.values, grads, strict=True):
+        torch.testing.assert_close(grad, torch.from_numpy(value / share.scale).to(grad.dtype))
+    # Σ of 4 records, each rounded to norm ≤ Δ₂: the quiet share's norm is at most 4·Δ₂
+    assert np.sqrt(sum((z.astype(np.float64) ** 2).sum() for z in quiet.values)) <= 4 * share.l2
+
+
+def test_an_empty_poisson_batch_still_submits_a_noise_share(tiny_model, tokenized):
+    """At q < 1 a step can sample no record: the share is then noise alone, and the step still counts."""
+    from fedtune.config import DPConfig
+    from fedtune.data.text import pad_batch
+    from fedtune.privacy.dpsgd import RoundSeeds, make_private, step_on_empty_batch
+
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    private = make_private(tiny_model, torch.optim.SGD(params, lr=0.1), tokenized, len(tokenized), pad_batch,
+                           DPConfig(noise_multiplier=1.0, distributed_min_honest=4), [], RoundSeeds.derived(1),
+                           sample_rate=0.5)
+    try:
+        step_on_empty_batch(private.optimizer)
+    finally:
+        private.close()
+    share = private.integer_share
+    assert len(share.values) == len(params) and np.concatenate([v.ravel() for v in share.values]).std() > 0
+    assert private.history == [(1.0, 0.5, 1)]
+
+
+def _integer_step(model, data, dp):
+    from fedtune.data.text import pad_batch
+    from fedtune.privacy.dpsgd import RoundSeeds, make_private
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = make_private(model, torch.optim.SGD(params, lr=0.1), data, len(data), pad_batch, dp, [],
+                           RoundSeeds.derived(5))
+    try:
+        loss = model(**pad_batch([data[i] for i in range(len(data))])).loss
+        loss.backward()
+        private.upcast_grad_samples()
+        private.optimizer.pre_step()  # clip -> round -> accumulate -> add the share's noise -> scale
+        grads = [p.grad.clone() * private.optimizer.expected_batch_size for p in params]  # undo Opacus' mean
+        private.optimizer.zero_grad(set_to_none=True)
+    finally:
+        private.close()
+    return private.integer_share, grads
 
 
 def test_the_history_records_the_sums_sigma(tiny_model, tokenized, tiny_cfg):
@@ -107,37 +135,33 @@ def test_an_institution_shares_its_noise_only_as_far_as_its_own_node_config_allo
     assert simulated.refusal(cfg.dp, 100) is None
 
 
-def test_a_noise_only_share_has_the_scale_of_a_trained_share(monkeypatch):
-    """A trained share is n·Δ = −(lr/q)·(Σ clipped gradients + its noise), q = train.sample_rate (1 for a
-    full-batch step); an institution that did not train submits noise of the same scale, lr·σC/(q·√t)."""
-    from flwr.app import ArrayRecord
+def test_a_noise_only_share_has_the_variance_of_a_trained_shares_noise(monkeypatch):
+    """An institution that did not train submits Skellam noise of the same variance as a trained share's."""
+    from flwr.app import Array, ArrayRecord
 
     from fedtune.client import app as client_app
     from fedtune.config import FedtuneConfig
-    from fedtune.privacy import distributed
+    from fedtune.privacy import distributed, skellam
 
-    stds = []
-    monkeypatch.setattr(distributed, "noise_only_share", lambda shapes, std, *rest: stds.append(std) or [])
-    for rate in (0.0, 0.25):
-        cfg = FedtuneConfig.from_flat({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
-                                       "dp.noise_multiplier": 1.5, "dp.max_grad_norm": 0.5, "train.optimizer": "sgd",
-                                       "train.learning_rate": 2.0, "train.sample_rate": rate})
-        client_app._noise_share(ArrayRecord({}), cfg, 1, 7, 2**20)
-    assert stds == pytest.approx([2.0 * 1.5 * 0.5 / 2, 2.0 * 1.5 * 0.5 / (0.25 * 2)])
+    variances = []
+    def record(shapes, variance):
+        variances.append(variance)
+        return [np.zeros(shape, np.int64) for shape in shapes]
+
+    monkeypatch.setattr(distributed, "noise_only_share", record)
+    cfg = FedtuneConfig.from_flat({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
+                                   "dp.noise_multiplier": 1.5, "train.optimizer": "sgd"})
+    client_app._noise_share(ArrayRecord({"a": Array(np.zeros((3, 5), np.float32))}), cfg, 2**20)
+    assert variances == [skellam.share_variance(1.5, 15, 4)]
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 20, 31, 32, 100])
-def test_the_modular_sum_of_m_extreme_shares_never_wraps(m):
-    """quantization_range(m) keeps SecAgg+'s modular sum of m values at the edges of ±r below 2^32,
-    so the sum comes back exact, not wrapped around the modulus."""
-    from fedtune.privacy.distributed import quantization_range
-
+def test_the_modular_sum_of_m_extreme_shares_never_wraps_around_flowers_modulus(m):
+    """quantization_range(m) keeps SecAgg+'s modular sum of m values in [0, Q) below 2^32, so the sum of the
+    shares' residues comes back exact, not wrapped around Flower's modulus."""
     q = quantization_range(m)
-    s = grid_step(R, q)
     assert m * q < 2**32
-    for edge in (R - s, -R + s):
+    for edge in (q // 2 - 1, -(q // 2)):
         shares = [np.full(4, edge) for _ in range(m)]
-        quantized = [quantize([to_grid(v, np.zeros(4), R, q)], R, q)[0].astype(np.int64) for v in shares]
-        total = np.sum(quantized, axis=0) % 2**32
-        grid_sum = dequantize([total], R, q)[0] - (m - 1) * R
-        np.testing.assert_allclose(grid_sum, m * edge, rtol=0, atol=m * s / 2)
+        expected = (m * edge + q // 2) % q - q // 2
+        np.testing.assert_array_equal(decode_sum(_through_secagg(shares, q), m, q), np.full(4, expected))

@@ -337,3 +337,17 @@ def test_the_numbers_are_typed_and_their_dict_is_the_report_json(three_clients):
     assert data["verification"] == report.verification.to_dict() and data["audit"] is None
     (three_clients / "config.toml").write_text("rounds = [")
     assert list(build_report(three_clients).to_dict()["settings"]) == ["config_error"]
+
+
+def test_distributed_dp_prose_says_what_holds_against_the_coordinator_by_the_ledgers_mechanism(three_clients):
+    """Integer shares with Skellam noise (accountant `skellam`) hold against the coordinator; a ledger of
+    Gaussian shares (an earlier fedtune) keeps its caveat: the dithered rounding was not proven there."""
+    from fedtune.privacy.report import prose
+    from fedtune.privacy.report.numbers import _accountant
+
+    report = dataclasses.replace(build_report(three_clients),
+                                 distributed={"min_honest": 4, "epsilon_own_share": 19.1, "sample_rate": 1.0})
+    assert "no bound on what that rounding adds is derived" in prose._distributed(report)
+    skellam = prose._distributed(dataclasses.replace(report, accountant=_accountant("skellam", 1e-5)))
+    assert "Nothing is rounded after the noise, so this holds against the coordinator too" in skellam
+    assert "dither" not in skellam

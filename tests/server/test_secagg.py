@@ -190,18 +190,21 @@ def test_secagg_options_that_cannot_work_are_refused(overrides, says):
     FedtuneConfig().with_overrides({"dp.secagg": True, "dp.client_dp": "adaptive", "dp.client_dp_side": "client"})
 
 
+def integer_share(change: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An integer share K (privacy/dpsgd.py::IntegerShare) standing for a step of this size."""
+    return {n: np.rint(change[n] * 1e5).astype(np.int64) for n in NAMES}
+
+
 def ddp_trainer(node: int, change: dict[str, np.ndarray] | None, cfg: FedtuneConfig):
-    """The client app's distributed-DP reply (client/app.py): its share n_i·Δ_i on the dithered grid."""
-    from fedtune.privacy.distributed import share_of_sum
+    """The client app's distributed-DP reply (client/app.py): its integer share, encoded for SecAgg+."""
+    from fedtune.privacy.distributed import encode
 
     def handle(msg: Message, context: Context) -> Message:
         records = 10 * node
         metrics = MetricRecord({k.NUM_EXAMPLES: records, k.TRAIN_LOSS: 0.5, k.EPSILON: 1.0})
         info = ConfigRecord({k.CLIENT_NAME: f"client-{node}", k.STATUS: k.STATUS_TRAINED})
-        got = [t.numpy() for t in msg.content[k.ARRAYS].to_torch_state_dict().values()]
-        shares = share_of_sum(got, [g + change[n] for g, n in zip(got, NAMES, strict=True)], records, cfg.seed, 1,
-                              node, secagg_range(context))
-        arrays = ArrayRecord({n: Array(s) for n, s in zip(NAMES, shares, strict=True)})
+        share = integer_share(change)
+        arrays = ArrayRecord({n: Array(encode(share[n], secagg_range(context))) for n in NAMES})
         return Message(RecordDict({k.METRICS: metrics, k.CLIENT_INFO: info, k.ARRAYS: arrays}), reply_to=msg)
     return handle
 
@@ -220,15 +223,16 @@ def test_distributed_dp_steps_by_the_record_weighted_sum_of_the_shares():
     changes = {node: update(node, scale=0.3) for node in (1, 2, 3, 4)}
     _, replies = run_round(cfg, ddp_grid(cfg, changes))
     assert not any(r.has_error() for r in replies)
-    g, total = global_arrays(), sum(10 * node for node in changes)
-    expected = {n: g[n] + sum(10 * node * changes[node][n] for node in changes) / total for n in NAMES}
-    # FedAvg of the clients' steps, up to the grid's error: at most s/2 per share, over 100 records
-    from fedtune.privacy.distributed import CLIPPING_RANGE, grid_step, quantization_range
+    from fedtune.privacy.distributed import step_scale
 
-    bound = 4 * grid_step(CLIPPING_RANGE, quantization_range(4)) / 2 / total
+    # θ + (−lr/(q·γ))·Σ K / Σ n_i: FedAvg of the institutions' steps, from the exact integer sum
+    g, total = global_arrays(), sum(10 * node for node in changes)
+    scale = step_scale(cfg.train.learning_rate, cfg.train.sample_rate, cfg.dp.max_grad_norm)
+    shares = [integer_share(change) for change in changes.values()]
+    expected = {n: g[n] + scale * sum(share[n] for share in shares) / total for n in NAMES}
     for reply in replies:
         for n, value in arrays_of(reply).items():
-            np.testing.assert_allclose(value, expected[n], atol=bound + 1e-6, rtol=0)
+            np.testing.assert_allclose(value, expected[n], atol=1e-6, rtol=1e-6)  # float32's rounding only
 
 
 def test_distributed_dp_never_unmasks_a_sum_with_fewer_than_t_noise_shares():

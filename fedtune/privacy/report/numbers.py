@@ -106,7 +106,7 @@ class Settings:
 class Accountant:
     """Which accountant gave the main ε, and the parameters of its bound."""
 
-    name: str  # "prv" or "rdp"
+    name: str  # "prv", "rdp" or "skellam"
     other: str  # the cross-check beside it
     bound: str
     eps_error: float | None = None  # PRV
@@ -302,7 +302,7 @@ def _settings(run_dir: Path) -> Settings:
     dp = cfg.dp
     cap = min(dp.epsilon_budget, dp.target_epsilon) if dp.target_epsilon > 0 else dp.epsilon_budget
     return Settings(
-        rounds=cfg.rounds, clients=cfg.clients, seed=cfg.seed, accountant=dp.accountant,
+        rounds=cfg.rounds, clients=cfg.clients, seed=cfg.seed, accountant=dp.accounting,
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, delta=dp.delta,
         epsilon_budget=_num(dp.epsilon_budget), target_epsilon=dp.target_epsilon or None, epsilon_cap=_num(cap),
         batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
@@ -402,6 +402,11 @@ def _accountant(kind: str, delta: float | None) -> Accountant:
         eps_error = inspect.signature(PRVAccountant.get_epsilon).parameters["eps_error"].default
         return Accountant("prv", "rdp", "upper end of a numerical error interval", eps_error=eps_error,
                           delta_error=delta / 1000 if delta else None)
+    if kind == "skellam":
+        from fedtune.privacy.skellam import ORDERS
+
+        return Accountant("skellam", "skellam", "upper bound (minimum over the integer Rényi orders)",
+                          orders=len(ORDERS), order_min=min(ORDERS), order_max=max(ORDERS))
     alphas = RDPAccountant.DEFAULT_ALPHAS
     return Accountant("rdp", "prv", "upper bound (minimum over a finite set of Rényi orders)",
                       orders=len(alphas), order_min=min(alphas), order_max=max(alphas))

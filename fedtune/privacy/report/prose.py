@@ -93,7 +93,8 @@ def _against_whom(r: ReportData) -> str:
     if not r.distributed:
         return _against_whom_by_policy(r)
     t = r.distributed["min_honest"]
-    return (_against_whom_by_policy(r) + f" **Under distributed DP each client added only 1/√{t} of that noise**: "
+    return (_against_whom_by_policy(r) + f" **Under distributed DP each client added only 1/{t} of that noise's "
+            "variance**: "
             f"the ε holds only if at least {t} institutions a round added their share honestly and secure "
             "aggregation hid each share (see the assumptions below).")
 
@@ -250,6 +251,14 @@ def _method(r: ReportData) -> list[Block]:
                       f"method's error analysis the exact ε at δ lies inside that interval, so the reported value "
                       f"does not understate it; it overstates it by at most the interval's width, about "
                       f"{2 * a.eps_error:g}.")
+    elif a.name == "skellam":
+        accountant = (f"**Skellam accountant** (fedtune's privacy/skellam.py), for distributed DP's integer shares. "
+                      f"Each step is the Skellam mechanism (Agarwal, Kairouz, Liu 2021) with a variance chosen so "
+                      f"that its Rényi DP is at most the Gaussian's α/(2σ²) at each of {a.orders} integer orders "
+                      f"from {a.order_min:g} to {a.order_max:g}; a step on a Poisson sample (q < 1) is bounded by "
+                      f"Zhu and Wang's general subsampling theorem (2019). Steps add up in Rényi DP and convert to "
+                      f"(ε, δ) at the best order (Balle et al. 2020). The result is an upper bound; at q < 1 it is "
+                      f"looser than a Gaussian's would be.")
     else:
         accountant = (f"**RDP accountant** (Opacus `RDPAccountant`, Mironov et al. 2019). It adds up Rényi DP over "
                       f"all steps at {a.orders} orders from {a.order_min:g} to {a.order_max:g} and converts "
@@ -257,8 +266,11 @@ def _method(r: ReportData) -> list[Block]:
                       f"conservative: the true ε is lower, and the PRV figure beside it is usually tighter.")
     return [[
         accountant,
-        f"**The other accountant** ({a.other.upper()}) was run on the same history; its ε is shown beside the "
-        "main one as a cross-check. Budgets and declines use the main accountant.",
+        (f"**The other accountant** ({a.other.upper()}) was run on the same history; its ε is shown beside the "
+         "main one as a cross-check. Budgets and declines use the main accountant." if a.other != a.name else
+         "**No second accountant**: PRV and Opacus' RDP analyse Gaussian noise, not these integer shares. "
+         "`fedtune privacy-verify` recomputes ε with a second implementation of the same bound, converted by "
+         "dp-accounting."),
         "**Composition**: each institution keeps one accountant history of (σ, q, steps) across all rounds and "
         "restarts; ε is computed from the whole history, over every local step it ran. Rounds it sat out add "
         "nothing.",
@@ -336,15 +348,31 @@ def _assumptions(r: ReportData) -> list[Block]:
 
 def _distributed(r: ReportData) -> str:
     t, own = r.distributed["min_honest"], r.distributed["epsilon_own_share"]
+    if r.accountant.name != "skellam":  # a ledger written before the integer shares
+        return _gaussian_shares(t, own) + _sampled_sum(r)
+    return (f"**Distributed DP: at least {t} honest institutions a round**. Each institution rounded every record's "
+            "clipped gradient to integers at random, holding each to a fixed norm, and added "
+            f"Skellam noise of 1/{t} of the variance; a sum of Skellam noise is Skellam, so the sum carries all of "
+            f"it. The ε above holds for a record provided that, in every round its institution took part, at least "
+            f"{t} institutions (its own included) added their share and kept it secret, and secure aggregation "
+            "(SecAgg+) revealed only the sum, modulo its range. Nothing is rounded after the noise, so this holds "
+            f"against the coordinator too. Each institution refused to help unmask a sum with fewer than {t} "
+            "shares. Should the coordinator collude with all the other institutions, what holds is an institution's "
+            f"own share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
+
+
+def _gaussian_shares(t: int, own: Any) -> str:
+    """What a run with Gaussian shares (an earlier fedtune) could claim: its rounding onto SecAgg+'s
+    grid used a dither the coordinator knew, and no bound on it was derived."""
     return (f"**Distributed DP: at least {t} honest institutions a round**. Each institution added only 1/√{t} of "
-            f"the noise's standard deviation; the ε above holds for a record provided that, in every round its "
-            f"institution took part, at least {t} institutions (its own included) added their share and kept it "
-            "secret, and secure aggregation (SecAgg+) revealed only the sum. Each institution refused to help "
-            f"unmask a sum with fewer than {t} shares. Against the coordinator the ε above also assumes that "
-            "rounding each share onto SecAgg+'s integer grid adds nothing: the coordinator knows each rounding's "
-            "dither, and no bound on what that rounding adds is derived (docs/privacy.md). Against the "
+            f"the noise's standard deviation, as Gaussian noise; the ε above holds for a record provided that, in "
+            f"every round its institution took part, at least {t} institutions (its own included) added their "
+            "share and kept it secret, and secure aggregation (SecAgg+) revealed only the sum. Against the "
+            "coordinator the ε above also assumes that rounding each share onto SecAgg+'s integer grid adds "
+            "nothing: the coordinator knew each rounding's dither, and no bound on what that rounding adds is "
+            "derived (docs/privacy.md; fedtune now rounds before the noise instead). Against the "
             "coordinator, and should all the others collude with it, what is proven is an institution's own "
-            f"share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
+            f"share alone: ε = {eps(own)} at the same δ.")
 
 
 def _sampled_sum(r: ReportData) -> str:
