@@ -20,6 +20,7 @@ PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 LEARNING_RATE = "learning-rate"  # this round's client learning rate (train.lr_schedule)
 CLIENT_STATE_DIR = "fedtune.client_state_dir"  # simulation: where clients keep their state files
 RUN_ID = "fedtune.run_id"  # the run directory's own id: a client files its ledger entries under it
+RUN_ID_FILE = "run_id"  # where the run directory keeps it (server/run_dir.py; read by privacy-verify)
 # The server's ledger record of this client's spending so far, JSON [[sigma, q, steps], ...]: a client
 # whose own state holds less has lost it (client/app.py).
 LEDGER_SPENT = "fedtune.ledger_spent"

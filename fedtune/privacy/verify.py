@@ -75,17 +75,23 @@ def verify_run(run_dir: Path) -> Verification:
     violations: list[Violation] = []
     if ledger.unit != cfg.dp.unit:  # every ε below is of the config's unit: the ledger must claim that one
         violations.append(Violation("ledger", None, "unit", f"{cfg.dp.unit} (the run's dp.unit)", ledger.unit))
+    if ledger.dp_enabled and cfg.dp.distributed_min_honest and ledger.accountant != "skellam":
+        violations.append(Violation("ledger", None, "accountant", "skellam (distributed DP's integer shares; a "
+                                    "ledger of Gaussian shares is an earlier fedtune's, whose rounding was not "
+                                    "proven against the coordinator)", ledger.accountant))
+    run_file = Path(run_dir) / k.RUN_ID_FILE  # read, never made here: verifying writes nothing
+    run_id = run_file.read_text(encoding="utf-8").strip() if run_file.is_file() else None
     entries = 0
     clients = ledger.clients
     for name, rows in sorted(clients.items()):
         entries += len(rows)
-        violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg))
+        violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg, run_id))
     violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients)))
     return Verification(len(clients), entries, violations)
 
 
 def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
-            cfg: FedtuneConfig) -> Iterator[Violation]:
+            cfg: FedtuneConfig, run_id: str | None = None) -> Iterator[Violation]:
     reported = [row for row in rows if row.reported]  # failures the server recorded carry no figures
     cap = min(cfg.dp.epsilon_budget, cfg.dp.target_epsilon) if cfg.dp.target_epsilon > 0 else cfg.dp.epsilon_budget
     previous_round, highest = -1, 0.0
@@ -94,6 +100,8 @@ def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
         if row.ledger_round < previous_round:
             yield bad("round", f">= {previous_round} (entries in the order they were recorded)", row.ledger_round)
         previous_round = row.ledger_round
+        if row.run is not None and run_id is not None and row.run != run_id:
+            yield bad("run", f"{run_id} (this run's id: a client reports late only this run's spending)", row.run)
         yield from _status(bad, row, dp_on)
         if row.steps:
             yield from _sampling(bad, row, cfg)
@@ -126,15 +134,21 @@ def _against_dp_accounting(name: str, order: list[LedgerEntry], kind: str, dp_on
     be another run's (older ledgers), reported at that run's δ; the last spending a client reports is
     always this run's, so its final ε is checked at the run's δ."""
     history = [(row.noise_multiplier, row.sample_rate, row.steps) for row in order]
-    deltas = [row.delta if row.recorded_late else cfg.dp.delta for row in order]
+    deltas = [row.delta if _older_late(row) else cfg.dp.delta for row in order]
     expected = epsilons_along(kind, history, deltas) if dp_on else [math.inf] * len(order)
     for row, independent in zip(order, expected, strict=True):
         if row.epsilon < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
             yield _Row(name, row)("epsilon", f"{_eps(independent)} (dp-accounting, from the ledger's σ, q and "
                                              "steps)", _eps(row.epsilon))
-    if dp_on and order and order[-1].recorded_late and order[-1].delta != cfg.dp.delta:
+    if dp_on and order and _older_late(order[-1]) and order[-1].delta != cfg.dp.delta:
         yield _Row(name, order[-1])("delta", f"{cfg.dp.delta:g} (the run's δ: a client's last spending is this "
                                              "run's)", f"{order[-1].delta:g}")
+
+
+def _older_late(row: LedgerEntry) -> bool:
+    """Recorded late in a ledger written before client entries named their run: possibly another run's
+    spending, at that run's schedule and δ. One that names its run is this run's (checked above)."""
+    return row.recorded_late and row.run is None
 
 
 class _Row:
@@ -164,7 +178,7 @@ def _status(bad: _Row, row: LedgerEntry, dp_on: bool) -> Iterator[Violation]:
 
 def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Violation]:
     """δ < 1/n, and q and the steps of this run's schedule; not the schedule for an entry recorded
-    late, which in older ledgers may be another run's spending (the institution's state directory
+    late in an older ledger, which may be another run's spending (the institution's state directory
     carried it)."""
     n = row.num_examples
     if not isinstance(n, int) or n <= 0:
@@ -172,7 +186,7 @@ def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Viola
         return
     if row.delta * n >= 1:
         yield bad("delta", f"< 1/n = {1 / n:.3g} (n = {n} {cfg.dp.unit}s)", f"{row.delta:g}")
-    if row.recorded_late:
+    if _older_late(row):
         return
     train = cfg.train
     q, steps = poisson_schedule(n, train.batch_size, train.local_epochs, train.sample_rate)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fedtune import __version__
+from fedtune import constants as k
 from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_config
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import ConfigError
@@ -31,7 +32,7 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 CLIENT_STATE = "client_state"
-RUN_ID = "run_id"
+RUN_ID = k.RUN_ID_FILE
 # Audited runs (data.canaries > 0) only: each round's updates as the server received them, one file a
 # round, {institution: its trainable arrays}, for `fedtune audit --vantage server`.
 OBSERVED = "observed_updates"

@@ -181,3 +181,37 @@ def test_a_report_may_sit_within_the_slack_below_dp_accounting_and_no_further(tm
     assert verify_run(run(tmp_path / "inside", {"a": inside}, kind=kind)).passed
     outside = [rows[0], {**rows[1], "epsilon": floor - 1e-3}]
     assert ("a", 2, "epsilon") in found(run(tmp_path / "outside", {"a": outside}, kind=kind))
+
+
+def test_a_late_entry_that_names_this_run_keeps_this_runs_schedule_and_one_naming_another_run_is_flagged(tmp_path):
+    """Since entries name their run, one recorded late is this run's: it is checked against this run's q,
+    steps and δ, and one that names another run never belongs on this ledger."""
+    first, second, third = spending([(r, 1.0, 0.25, 4, DELTA) for r in (1, 2, 3)])
+    path = run(tmp_path / "ok", {"a": [second, third]})
+    run_id = RunDirectory(path).run_id
+    ok = run(tmp_path / "named", {"a": [second, {**late(first, 3), "run": run_id}, third]})
+    (ok / "run_id").write_text(run_id)
+    assert verify_run(ok).passed
+    other_schedule = spending([(1, 2.0, 1.0, 1, DELTA), (2, 1.0, 0.25, 4, DELTA)])
+    odd = run(tmp_path / "odd", {"a": [{**late(other_schedule[0], 2), "run": run_id}, other_schedule[1]]})
+    (odd / "run_id").write_text(run_id)
+    assert {field for _, _, field in found(odd)} >= {"sample_rate", "steps"}
+    elsewhere = run(tmp_path / "elsewhere", {"a": [second, {**late(first, 3), "run": "another"}, third]})
+    (elsewhere / "run_id").write_text(run_id)
+    assert found(elsewhere) == [("a", 1, "run")]
+
+
+def test_a_distributed_dp_run_must_be_accounted_for_its_integer_shares(tmp_path):
+    """Under distributed DP the shares are Skellam noise, which PRV and Opacus' RDP do not cover: a ledger
+    that claims either is flagged (an earlier fedtune's Gaussian shares, or a wrong claim)."""
+    from fedtune.privacy.skellam import solve_sigma
+
+    sigma = solve_sigma(8.0, DELTA, 1.0, 3)
+    rows = spending([(r, sigma, 1.0, 1, DELTA) for r in (1, 2, 3)], kind="skellam")
+    cfg = FedtuneConfig(rounds=3, clients=4, train=TrainConfig(batch_size=4096, optimizer="sgd"),
+                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=2))
+    for kind, flagged in (("skellam", []), ("prv", [("ledger", None, "accountant")])):
+        path = RunDirectory.create(tmp_path / kind, cfg).path
+        PrivacyLedger(kind, True, {"a": [LedgerEntry.from_dict({**row, "num_examples": 64}, kind)
+                                         for row in rows]}).save(path)
+        assert found(path) == flagged
