@@ -199,8 +199,12 @@ def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Viola
 
 def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool) -> Iterator[Violation]:
     """The client-level account: its figures are the run config's (z, q = m/N, δ, the clipping), and
-    its ε matches dp-accounting's for them. A run with client-level DP that ran a round must have one."""
+    its ε matches dp-accounting's for them. A run with client-level DP that ran a round must have one, and a
+    run without it none."""
     dp = cfg.dp
+    if dp.client_dp == "off" and entry:  # the report would show a client-level guarantee nobody asked for
+        yield Violation("client-level", None, "client_level", "none (dp.client_dp = off)", "an account")
+        return
     if dp.client_dp == "off" or not entry:
         if dp.client_dp != "off" and ran:
             yield Violation("client-level", None, "client_level", f"an account (dp.client_dp = {dp.client_dp})",

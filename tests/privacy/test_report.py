@@ -351,3 +351,17 @@ def test_distributed_dp_prose_says_what_holds_against_the_coordinator_by_the_led
     skellam = prose._distributed(dataclasses.replace(report, accountant=_accountant("skellam", 1e-5)))
     assert "Nothing is rounded after the noise, so this holds against the coordinator too" in skellam
     assert "dither" not in skellam
+
+
+def test_client_level_dp_without_dp_sgd_is_said_once_and_consistently(three_clients):
+    """DP-SGD off, client-level DP on: the headline and summary say the record-level guarantee is absent
+    and point at the client-level one, instead of "no formal guarantee" beside a client-level section."""
+    from fedtune.privacy.report import prose
+
+    account = {"clipping": "fixed", "side": "server", "clipping_norm": 1.0, "noise_multiplier": 1.0,
+               "sample_rate": 1.0, "rounds": 3, "delta": 1e-5, "epsilon": 5.0, "accountant": "rdp"}
+    report = dataclasses.replace(build_report(three_clients), dp_enabled=False, client_level=account)
+    assert "client-level DP, below, covers institutions" in prose.headline(report)
+    summary = prose._summary(report)[0]
+    assert "no record-level guarantee" in summary and "Client-level DP was on" in summary
+    assert "no formal privacy guarantee" in prose.headline(dataclasses.replace(report, client_level=None))

@@ -115,6 +115,8 @@ def test_the_client_level_account_is_rechecked_against_dp_accounting_and_the_con
     assert set(found(run(tmp_path / "claimed", two, client_level=claimed, client_dp=CLIENT_LEVEL))) == \
         {("client-level", None, "noise_multiplier"), ("client-level", None, "sample_rate")}
     assert found(run(tmp_path / "none", two, client_dp=CLIENT_LEVEL)) == [("client-level", None, "client_level")]
+    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 2, DELTA).to_dict()
+    assert found(run(tmp_path / "unasked", two, client_level=account)) == [("client-level", None, "client_level")]
 
 
 def spending(runs: list[tuple[float, float, int, int, float]], kind: str = "prv") -> list[dict]:

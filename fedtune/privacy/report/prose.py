@@ -27,6 +27,8 @@ def title(r: ReportData) -> str:
 def headline(report: ReportData) -> str:
     """One line: the largest ε, the budget and the declines (also the CLI's summary)."""
     if not report.dp_enabled:
+        if report.client_level is not None:  # the client-level section says what holds for institutions
+            return "DP-SGD was off: no record-level guarantee (ε = ∞); client-level DP, below, covers institutions."
         return "DP-SGD was off: no formal privacy guarantee (ε = ∞)."
     budget = {INF: "no ε budget", None: "budget unknown"}.get(report.epsilon_budget,
                                                              f"budget ε = {g(report.epsilon_budget)}")
@@ -57,6 +59,13 @@ def sections(r: ReportData) -> list[Section]:
 def _summary(r: ReportData) -> list[Block]:
     n, rounds = len(r.clients), r.rounds_in_ledger
     if not r.dp_enabled:
+        if r.client_level is not None:
+            return [f"**Sample-level differential privacy (DP-SGD) was OFF for this run**: there is no record-level "
+                    f"guarantee (ε = ∞), and the model updates that the {count(n, 'institution')} sent to the "
+                    f"server in {count(rounds, 'round')} can reveal information about individual records. "
+                    "**Client-level DP was on**: the released model hides any one institution as a whole, to the "
+                    "degree the section on client-level differential privacy gives; that is the only formal "
+                    "guarantee of this run."]
         return [f"**Differential privacy was OFF for this run.** There is no formal privacy guarantee "
                 f"(ε = ∞). The model updates that the {count(n, 'institution')} sent to the server in "
                 f"{count(rounds, 'round')} were computed from their records without clipping or noise, and "
@@ -278,9 +287,14 @@ def _method(r: ReportData) -> list[Block]:
         "each record joins each step's batch independently with probability q = 1/⌈n/B⌉, for exactly ⌈n/B⌉ steps "
         "per local epoch, the schedule the accountant and the budget forecast use. A step whose Poisson batch is "
         "empty is still taken (noise only) and counted.",
-        "**Each step**: every record's gradient is clipped to L2 norm C, and Gaussian noise of standard "
-        "deviation σ·C is added to their sum. All trained tensors go through it: the LoRA matrices, the "
-        "classification head and the other modules trained in full (`lora.modules_to_save`).",
+        ("**Each step**: every record's gradient is clipped to L2 norm C, and Gaussian noise of standard "
+         "deviation σ·C is added to their sum." if a.name != "skellam" else
+         "**Each step**: every record's gradient is clipped to L2 norm C, scaled to integers and rounded at "
+         "random to a vector of bounded norm, and each institution adds Skellam noise to the sum of its "
+         "records' vectors; the shares' noise sums to Skellam noise whose Rényi DP is at most the Gaussian's at "
+         "σ (docs/privacy.md, \"Distributed DP over SecAgg+\").")
+        + " All trained tensors go through it: the LoRA matrices, the classification head and the other modules "
+        "trained in full (`lora.modules_to_save`).",
     ]]
 
 
