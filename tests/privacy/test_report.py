@@ -365,3 +365,22 @@ def test_client_level_dp_without_dp_sgd_is_said_once_and_consistently(three_clie
     summary = prose._summary(report)[0]
     assert "no record-level guarantee" in summary and "Client-level DP was on" in summary
     assert "no formal privacy guarantee" in prose.headline(dataclasses.replace(report, client_level=None))
+
+
+def test_a_failure_the_client_later_reported_counts_once_as_what_it_reported():
+    """No reply in round 2 (the server records a failure), then the client's late report of round 2's training:
+    one trained round, not a failed one and a trained one."""
+    from fedtune import constants as k
+    from fedtune.privacy.ledger import LedgerEntry
+    from fedtune.privacy.report.numbers import Settings, _client
+
+    def trained(round_: int, eps: float, **late) -> LedgerEntry:
+        return LedgerEntry(round_, k.STATUS_TRAINED, "prv", num_examples=50, noise_multiplier=1.0, max_grad_norm=1.0,
+                           sample_rate=1.0, steps=1, delta=1e-5, epsilon=eps, epsilon_other=eps, **late)
+
+    entries = (trained(1, 1.0), LedgerEntry(2, k.STATUS_FAILED, "prv", reason="no reply"),
+               trained(2, 2.0, recorded_late=True, recorded_round=3), trained(3, 3.0))
+    row = _client("a", entries, True, 3, Settings(delta=1e-5, batch_size=64))
+    assert (row.rounds_trained, row.rounds_failed, row.rounds_interrupted) == (3, 0, 0)
+    unanswered = _client("a", entries[:2], True, 3, Settings(delta=1e-5, batch_size=64))
+    assert (unanswered.rounds_trained, unanswered.rounds_failed) == (1, 1)

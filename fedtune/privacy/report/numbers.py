@@ -328,7 +328,11 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
     eps = _num(max(spent, default=0.0)) if dp_on else INF
     budget = settings.epsilon_cap
     params = {(e.noise_multiplier, e.max_grad_norm, e.sample_rate) for e in trained}
-    committed = [e for e in entries if not e.interrupted]
+    # A round the server recorded as failed (no reply) whose outcome the client later reported counts once,
+    # as what the client reported.
+    reported_late = {e.round for e in entries if e.recorded_late}
+    committed = [e for e in entries if not e.interrupted
+                 and not (e.status == k.STATUS_FAILED and not e.reported and e.round in reported_late)]
     return ClientRow(
         name=name,
         epsilon=eps,
@@ -349,7 +353,7 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
         rounds_rejected=sum(e.status == k.STATUS_REJECTED for e in committed),
         rounds_refused=sum(e.status == k.STATUS_REFUSED for e in committed),
         state_lost=any(e.state_lost for e in entries),
-        rounds_interrupted=len(entries) - len(committed),
+        rounds_interrupted=sum(e.interrupted for e in entries),
         within_budget=None if not dp_on or budget is None else as_float(eps) <= as_float(budget),
         records_at_most=_records_at_most(trained, settings.batch_size),
         delta_below_1_over_n=_delta_check(trained, settings.batch_size, latest.delta),
