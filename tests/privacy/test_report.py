@@ -384,3 +384,19 @@ def test_a_failure_the_client_later_reported_counts_once_as_what_it_reported():
     assert (row.rounds_trained, row.rounds_failed, row.rounds_interrupted) == (3, 0, 0)
     unanswered = _client("a", entries[:2], True, 3, Settings(delta=1e-5, batch_size=64))
     assert (unanswered.rounds_trained, unanswered.rounds_failed) == (1, 1)
+
+
+def test_the_epsilon_curve_never_falls_below_what_the_ledger_shows_spent():
+    """A client that lost its state reports less in round 3; the ledger's recomputation beside it is what the
+    curve shows, as the client's ε does."""
+    from fedtune import constants as k
+    from fedtune.privacy.ledger import LedgerEntry
+    from fedtune.privacy.report.numbers import Settings, _client
+
+    def trained(round_: int, eps: float, **more) -> LedgerEntry:
+        return LedgerEntry(round_, k.STATUS_TRAINED, "prv", num_examples=50, noise_multiplier=1.0, max_grad_norm=1.0,
+                           sample_rate=1.0, steps=1, delta=1e-5, epsilon=eps, epsilon_other=eps, **more)
+
+    entries = (trained(1, 1.0), trained(2, 2.0), trained(3, 1.1, state_lost=True, epsilon_recomputed=3.0))
+    row = _client("a", entries, True, 4, Settings(delta=1e-5, batch_size=64))
+    assert row.epsilon_by_round == (0.0, 1.0, 2.0, 3.0, 3.0) and row.epsilon == 3.0

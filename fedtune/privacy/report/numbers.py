@@ -390,14 +390,20 @@ def _delta_check(trained: list[LedgerEntry], batch: int | None, delta: float | N
 
 
 def _curve(reported: list[LedgerEntry], rounds: int, dp_on: bool) -> tuple[Epsilon, ...]:
-    """Cumulative ε after each round 0..rounds; a round the client sat out keeps the last value."""
+    """Cumulative ε after each round 0..rounds of the ledger (an entry recorded late at the round it was
+    recorded); a round the client sat out keeps the last value. As for the client's ε, the most any entry
+    shows so far: a lost state's lower report does not lower the curve, and the ledger's recomputation
+    beside it counts."""
     if not dp_on:
         return (INF,) * (rounds + 1)
-    by_round = {e.round: _num(e.epsilon) for e in reported}  # a later entry (a rerun) wins
+    by_round: dict[int, float] = {}
+    for e in reported:
+        shown = [x for x in (e.epsilon, e.epsilon_recomputed) if x is not None]
+        by_round[e.ledger_round] = max(by_round.get(e.ledger_round, 0.0), *shown)
     curve, current = [], 0.0
     for round_ in range(rounds + 1):
-        current = by_round.get(round_, current)
-        curve.append(current)
+        current = max(current, by_round.get(round_, current))
+        curve.append(_num(current))
     return tuple(curve)
 
 
