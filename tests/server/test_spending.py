@@ -245,3 +245,17 @@ def test_nodes_whose_registered_identity_is_in_doubt_are_not_asked(tmp_path):
     f = _finished_run(tmp_path, registered=((7, "client-0000", b"key"), (8, "client-0000", b"other key")))
     _record_unreported(f.transport, f.inputs, f.last, f.ledger)
     assert f.one.asked == [] and not f.run.read_ledger().spent("client-0000")
+
+
+@pytest.mark.parametrize(("round_timeout", "waits"), [(None, 120.0), (30.0, 30.0), (600.0, 120.0)])
+def test_a_finished_run_waits_at_most_two_minutes_for_unrecorded_spending(tmp_path, monkeypatch, round_timeout, waits):
+    """UNRECORDED_TIMEOUT_S caps the wait after the last round, and a shorter round timeout shortens it."""
+    import dataclasses
+
+    from fedtune.server import rounds
+
+    f = _finished_run(tmp_path)
+    used = []
+    monkeypatch.setattr(rounds, "ask_unrecorded", lambda *args: used.append(args[-1].__self__.timeout_s) or [])
+    rounds._record_unreported(dataclasses.replace(f.transport, timeout_s=round_timeout), f.inputs, f.last, f.ledger)
+    assert used == [waits] and rounds.UNRECORDED_TIMEOUT_S == 120.0
