@@ -56,3 +56,21 @@ def test_secagg_with_client_side_clipping_and_declining_clients(tmp_path, tiny_c
     rows = rows_of(out)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["num_declined"] >= 1 and rows[2]["num_failed"] == 0
     assert rows[2]["eval_loss"] != rows[1]["eval_loss"], "round 2's securely summed update reached the model"
+
+
+def test_adaptive_client_side_clipping_under_secagg_runs_and_verifies(tmp_path, tiny_classifier):
+    """Adaptive clipping with the clipping in each client's mod and only the sum through SecAgg+: the run
+    finishes both rounds, the summed update reaches the model, and the account verifies."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "run"
+    result = fedtune("simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--secagg",
+                     "--client-dp", "adaptive", "--client-dp-side", "client", "--client-noise-multiplier", "0.5",
+                     "--model", str(tiny_classifier))
+    assert result.returncode == 0, result.stderr[-3000:]
+    account = ledger_of(out)["client_level"]
+    assert (account["clipping"], account["side"], account["rounds"]) == ("adaptive", "client", 2)
+    rows = rows_of(out)
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["num_failed"] == 0
+    assert rows[2]["eval_loss"] != rows[1]["eval_loss"], "round 2's securely summed update reached the model"
+    verified = fedtune("privacy-verify", str(out))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
