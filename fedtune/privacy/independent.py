@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 
 import dp_accounting as dpa
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
@@ -95,12 +96,17 @@ def _skellam_along(runs: Iterable[Sequence[float]], deltas: Iterable[float]) -> 
         if int(steps) > 0 and float(sigma) <= 0.0:
             unbounded = True
         elif int(steps) > 0:
-            one = [_poisson_subsampled(a, float(q), float(sigma)) for a in SKELLAM_ORDERS]
-            rdp = [r + int(steps) * x for r, x in zip(rdp, one, strict=True)]
+            rdp = [r + int(steps) * x for r, x in zip(rdp, _one_step(float(sigma), float(q)), strict=True)]
             composed = True
         out.append(math.inf if unbounded else float(compute_epsilon(SKELLAM_ORDERS, rdp, delta)[0])
                    if composed else 0.0)
     return out
+
+
+@lru_cache(maxsize=256)
+def _one_step(sigma: float, q: float) -> tuple[float, ...]:
+    # one (σ, q) recurs in every entry of a run: computed once, not once per ledger entry
+    return tuple(_poisson_subsampled(a, q, sigma) for a in SKELLAM_ORDERS)
 
 
 def _poisson_subsampled(alpha: int, q: float, sigma: float) -> float:
