@@ -400,3 +400,17 @@ def test_the_epsilon_curve_never_falls_below_what_the_ledger_shows_spent():
     entries = (trained(1, 1.0), trained(2, 2.0), trained(3, 1.1, state_lost=True, epsilon_recomputed=3.0))
     row = _client("a", entries, True, 4, Settings(delta=1e-5, batch_size=64))
     assert row.epsilon_by_round == (0.0, 1.0, 2.0, 3.0, 3.0) and row.epsilon == 3.0
+
+
+def test_the_skellam_accountant_has_no_second_column(three_clients):
+    """Distributed DP's integer shares have one analysis: the tables show no duplicate "other" ε."""
+    from fedtune.privacy.report import evidence
+    from fedtune.privacy.report.numbers import _accountant
+
+    report = build_report(three_clients)
+    assert "ε (RDP)" in evidence.spent(report)[0].header
+    skellam = dataclasses.replace(report, accountant=_accountant("skellam", 1e-5))
+    table = evidence.spent(skellam)[0]
+    assert table.header[:3] == ["institution", "ε (SKELLAM)", "δ"] and len(table.rows[0]) == len(table.header)
+    detail = [b for b in evidence.detail(skellam) if not isinstance(b, str)][0]
+    assert "ε (SKELLAM)" not in detail.header and len(detail.rows[0]) == len(detail.header)

@@ -19,10 +19,12 @@ def spent(r: ReportData) -> list[Block]:
     interrupted = any(c.rounds_interrupted for c in r.clients)
     rejected = any(c.rounds_rejected for c in r.clients)
     refused = any(c.rounds_refused for c in r.clients)
-    header = ["institution", f"ε ({kind})", f"ε ({other_kind})", "δ", "σ", "C", "n", "q", "n·q", "steps",
+    two = other_kind != kind  # the `skellam` accountant has no second analysis (report/prose.py::_method)
+    header = ["institution", f"ε ({kind})", *([f"ε ({other_kind})"] if two else []), "δ", "σ", "C", "n", "q", "n·q",
+              "steps",
               "trained", *(["rejected"] if rejected else []), "declined", *(["refused"] if refused else []), "failed",
               *(["interrupted"] if interrupted else []), "within budget"]
-    rows = [[f"`{c.name}`", eps(c.epsilon), eps(c.epsilon_other), g(c.delta),
+    rows = [[f"`{c.name}`", eps(c.epsilon), *([eps(c.epsilon_other)] if two else []), g(c.delta),
              g(c.noise_multiplier) + ("*" if c.parameters_changed else ""), g(c.max_grad_norm),
              g(c.num_examples), g(c.sample_rate), g(c.expected_batch), str(c.steps),
              str(c.rounds_trained), *([str(c.rounds_rejected)] if rejected else []), str(c.rounds_declined),
@@ -34,8 +36,8 @@ def spent(r: ReportData) -> list[Block]:
     blocks: list[Block] = [Table(header, rows)]
     if r.dp_enabled and r.epsilon_max_client:
         blocks.append(f"**Maximum across institutions: ε = {eps(r.epsilon_max)}** (`{r.epsilon_max_client}`) "
-                      f"by the {kind} accountant; the largest ε by the {other_kind} accountant is "
-                      f"{eps(r.epsilon_max_other)}.")
+                      f"by the {kind} accountant" + (f"; the largest ε by the {other_kind} accountant is "
+                                                     f"{eps(r.epsilon_max_other)}." if two else "."))
     blocks.append(
         "ε is cumulative: the institution's spending over every round it trained, as of its latest ledger entry. "
         f"σ (noise multiplier), C (clipping norm), n (its training {'users' if r.unit == 'user' else 'records'}) "
@@ -219,13 +221,14 @@ def detail(r: ReportData) -> list[Block]:
         blocks.append(f"The {len(shown)} institutions with the highest ε; every entry of all {len(clients)} is in "
                       f"`{REPORT_JSON}` and `{LEDGER}`.")
     other_key = f"epsilon_{r.accountant.other}"
+    two = r.accountant.other != r.accountant.name
     for c in sorted(shown, key=lambda c: c.name):
         rows = [[str(e["round"]), e["status"], g(e.get("noise_multiplier")), g(e.get("max_grad_norm")),
-                 g(e.get("sample_rate")), g(e.get("steps")), eps(e.get("epsilon")), eps(e.get(other_key)),
-                 _note(e)] for e in c.entries]
+                 g(e.get("sample_rate")), g(e.get("steps")), eps(e.get("epsilon")),
+                 *([eps(e.get(other_key))] if two else []), _note(e)] for e in c.entries]
         blocks += [f"**`{c.name}`**",
-                   Table(["round", "status", "σ", "C", "q", "steps", "ε", f"ε ({r.accountant.other.upper()})",
-                          "note"], rows)]
+                   Table(["round", "status", "σ", "C", "q", "steps", "ε",
+                          *([f"ε ({r.accountant.other.upper()})"] if two else []), "note"], rows)]
     return blocks or ["No entries."]
 
 
