@@ -8,7 +8,8 @@ s·(K mod Q) − r, with s = 2r/Q: r and Q are powers of two, so s is one too an
 then maps it exactly to K mod Q, and its stochastic rounding changes nothing. No rounding happens after
 the noise: the coordinator learns Σ K mod Q, a function of the sum alone, so whatever it knows, the
 Skellam mechanism's analysis covers what it sees. Read in [−Q/2, Q/2), that is Σ K itself while
-|Σ K| < Q/2; a sum beyond it wraps (a utility failure, never a privacy one: wrapping is post-processing).
+|Σ K| < Q/2; a sum beyond it wraps (a utility failure, never a privacy one: wrapping is post-processing),
+and the coordinator warns when a round's sum uses half of that range (RANGE_WARNING).
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def decode_sum(mean: np.ndarray, submitters: int, q: int) -> np.ndarray:
     s = grid_step(CLIPPING_RANGE, q)
     total = np.rint(submitters * (np.asarray(mean, dtype=np.float64) + CLIPPING_RANGE) / s).astype(np.int64)
     return np.mod(total + q // 2, q) - q // 2
+
+
+# Past |Σ K| = Q/2 the decoded sum wraps (module docstring). The coordinator warns when a round's sum uses at
+# least this share of that range, so a run nearing it is seen before a wrapped round corrupts the model.
+# Reading the decoded sum is post-processing of what SecAgg+ releases, so the check costs no privacy.
+RANGE_WARNING = 0.5
+
+
+def range_used(sums: list[np.ndarray], q: int) -> float:
+    """The largest |Σ K| over a round's decoded sums, as a fraction of Q/2."""
+    return max((float(np.max(np.abs(s), initial=0)) for s in sums), default=0.0) / (q // 2)
 
 
 def noise_only_share(shapes: list[tuple[int, ...]], variance: float) -> list[np.ndarray]:

@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from rich.progress import Progress
 
 from fedtune import constants as k
+from fedtune.privacy import distributed
 
 # Every sampled institution shares its keys with every other (SecAgg+ over the complete graph:
 # cross-silo federations are small, and this gives the highest collusion threshold); the
@@ -66,8 +67,6 @@ def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progres
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
     context.state.array_records[MAIN_PARAMS_RECORD] = arrays
     if relay.distributed:  # distributed DP: the clients' shares lie on an exact grid (privacy/distributed.py)
-        from fedtune.privacy import distributed
-
         SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0,
                            clipping_range=distributed.CLIPPING_RANGE,
                            quantization_range=distributed.quantization_range(len(messages)),
@@ -76,7 +75,13 @@ def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progres
         SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
                            timeout=timeout_s)(grid, context)
     progress.remove_task(task)
-    return relay.replies()
+    replies = relay.replies()
+    if relay.range_used >= distributed.RANGE_WARNING:
+        progress.console.print(
+            f"round {round_}: the distributed-DP sum used {relay.range_used:.0%} of SecAgg+'s range; past it the "
+            "sum wraps around and the round's update is wrong. A lower train.sample_rate (fewer records in a "
+            "step) or fewer institutions per round (a wider range) keeps it inside.", markup=False, highlight=False)
+    return replies
 
 
 class _Relay(LegacyStrategy):
@@ -100,6 +105,7 @@ class _Relay(LegacyStrategy):
         self.learning_rate = float(config.get(k.LEARNING_RATE, config.get("train.learning_rate", 0.0)))
         self.sample_rate = float(config.get("train.sample_rate", 0.0))
         self.max_grad_norm = float(config.get("dp.max_grad_norm", 1.0))
+        self.range_used = 0.0  # distributed DP: the decoded sum's largest |Σ K| as a share of Q/2
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, self.configs[node])) for node in self.messages]
@@ -150,12 +156,12 @@ class _Relay(LegacyStrategy):
     def _distributed_step(self, submitters: list[int], records: int) -> ArrayRecord:
         """Distributed DP: θ + Σ_i n_i·Δ_i / Σ n_i over the institutions that trained (FedAvg), where Σ n_i·Δ_i
         is the decoded integer sum of every submitter's share times the step's scale (privacy/distributed.py)."""
-        from fedtune.privacy import distributed
-
         base = self.global_arrays.to_numpy_ndarrays()
         q = distributed.quantization_range(len(self.messages))
         scale = distributed.step_scale(self.learning_rate, self.sample_rate, self.max_grad_norm)
-        totals = [distributed.decode_sum(mean, len(submitters), q) * scale for mean in self.mean]
+        sums = [distributed.decode_sum(mean, len(submitters), q) for mean in self.mean]
+        self.range_used = distributed.range_used(sums, q)
+        totals = [total * scale for total in sums]
         return ArrayRecord({name: Array(np.asarray(g + total / records, dtype=g.dtype))
                             for name, g, total in zip(self.names, base, totals, strict=True)})
 

@@ -235,6 +235,29 @@ def test_distributed_dp_steps_by_the_record_weighted_sum_of_the_shares():
             np.testing.assert_allclose(value, expected[n], atol=1e-6, rtol=1e-6)  # float32's rounding only
 
 
+@pytest.mark.parametrize("coordinate, warned", [(100.0, False), (400.0, True)])
+def test_a_distributed_dp_sum_near_the_edge_of_secaggs_range_is_warned_about(coordinate, warned):
+    """Four shares of 10^7 or 4·10^7 in one coordinate sum to 15% or 60% of Q/2 = 2^28 (Q for four
+    institutions): past half of it the coordinator says the sum could soon wrap around."""
+    import io
+
+    from rich.console import Console
+
+    cfg = FedtuneConfig().with_overrides({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
+                                          "train.optimizer": "sgd"})
+    changes = {node: update(node) for node in (1, 2, 3, 4)}
+    for change in changes.values():
+        change["head"][0] = coordinate  # integer_share scales by 10^5
+    strategy = build_strategy(cfg)
+    messages = list(strategy.configure_train(1, record(global_arrays()), ConfigRecord(cfg.to_flat()),
+                                             ddp_grid(cfg, changes)))
+    out = io.StringIO()
+    with Progress(console=Console(file=out, width=200), disable=True) as progress:
+        replies = secure_exchange(ddp_grid(cfg, changes), messages, "round 1/1 train", progress, timeout_s=None)
+    assert not any(r.has_error() for r in replies)
+    assert ("used 60% of SecAgg+'s range" in out.getvalue()) == warned, out.getvalue()
+
+
 def test_distributed_dp_never_unmasks_a_sum_with_fewer_than_t_noise_shares():
     cfg = FedtuneConfig().with_overrides({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
                                           "train.optimizer": "sgd"})
