@@ -380,9 +380,9 @@ def test_a_failure_the_client_later_reported_counts_once_as_what_it_reported():
 
     entries = (trained(1, 1.0), LedgerEntry(2, k.STATUS_FAILED, "prv", reason="no reply"),
                trained(2, 2.0, recorded_late=True, recorded_round=3), trained(3, 3.0))
-    row = _client("a", entries, True, 3, Settings(delta=1e-5, batch_size=64))
+    row = _client("a", entries, True, 3, Settings(delta=1e-5, batch_size=64), "prv", 1e-5)
     assert (row.rounds_trained, row.rounds_failed, row.rounds_interrupted) == (3, 0, 0)
-    unanswered = _client("a", entries[:2], True, 3, Settings(delta=1e-5, batch_size=64))
+    unanswered = _client("a", entries[:2], True, 3, Settings(delta=1e-5, batch_size=64), "prv", 1e-5)
     assert (unanswered.rounds_trained, unanswered.rounds_failed) == (1, 1)
 
 
@@ -398,7 +398,7 @@ def test_the_epsilon_curve_never_falls_below_what_the_ledger_shows_spent():
                            sample_rate=1.0, steps=1, delta=1e-5, epsilon=eps, epsilon_other=eps, **more)
 
     entries = (trained(1, 1.0), trained(2, 2.0), trained(3, 1.1, state_lost=True, epsilon_recomputed=3.0))
-    row = _client("a", entries, True, 4, Settings(delta=1e-5, batch_size=64))
+    row = _client("a", entries, True, 4, Settings(delta=1e-5, batch_size=64), "prv", 1e-5)
     assert row.epsilon_by_round == (0.0, 1.0, 2.0, 3.0, 3.0) and row.epsilon == 3.0
 
 
@@ -414,3 +414,27 @@ def test_the_skellam_accountant_has_no_second_column(three_clients):
     assert table.header[:3] == ["institution", "ε (SKELLAM)", "δ"] and len(table.rows[0]) == len(table.header)
     detail = [b for b in evidence.detail(skellam) if not isinstance(b, str)][0]
     assert "ε (SKELLAM)" not in detail.header and len(detail.rows[0]) == len(detail.header)
+
+
+def test_spending_from_other_runs_is_shown_beside_this_runs_steps(tmp_path):
+    """A client reports all the spending its own state holds, another run's included: the report says that
+    its ε is more than this run's steps give, and shows both. Where every ε is exactly this run's, it says
+    nothing of it."""
+    from fedtune.privacy.report import evidence
+
+    own = epsilon("prv", [(1.0, 0.25, 4)], 1e-5)
+    exact = make_run(tmp_path / "exact", {"a": [trained(1, own)], "b": [trained(1, own)]})
+    table = evidence.spent(build_report(exact))[0]
+    assert not any("this run's steps" in h for h in table.header)
+    assert "more than this run's recorded steps give" not in markdown(build_report(exact))
+
+    carried = make_run(tmp_path / "carried", {"a": [trained(1, own)], "b": [trained(1, own + 2.0)]})
+    report = build_report(carried)
+    assert client(report, "b").epsilon_this_run == pytest.approx(own)
+    assert [c.name for c in report.clients if c.holds_more_than_this_run] == ["b"]
+    table = evidence.spent(report)[0]
+    column = table.header.index("ε of this run's steps (PRV)")
+    assert [row[column] for row in table.rows] == [f"{own:.2f}", f"{own:.2f}"]
+    text = markdown(report)
+    assert "For `b` it is more than this run's recorded steps give" in text
+    assert report.epsilon_max == pytest.approx(own + 2.0)  # the larger figure is the one that counts

@@ -20,11 +20,14 @@ def spent(r: ReportData) -> list[Block]:
     rejected = any(c.rounds_rejected for c in r.clients)
     refused = any(c.rounds_refused for c in r.clients)
     two = other_kind != kind  # the `skellam` accountant has no second analysis (report/prose.py::_method)
-    header = ["institution", f"ε ({kind})", *([f"ε ({other_kind})"] if two else []), "δ", "σ", "C", "n", "q", "n·q",
+    earlier = [c.name for c in r.clients if c.holds_more_than_this_run]
+    header = ["institution", f"ε ({kind})", *([f"ε ({other_kind})"] if two else []),
+              *([f"ε of this run's steps ({kind})"] if earlier else []), "δ", "σ", "C", "n", "q", "n·q",
               "steps",
               "trained", *(["rejected"] if rejected else []), "declined", *(["refused"] if refused else []), "failed",
               *(["interrupted"] if interrupted else []), "within budget"]
-    rows = [[f"`{c.name}`", eps(c.epsilon), *([eps(c.epsilon_other)] if two else []), g(c.delta),
+    rows = [[f"`{c.name}`", eps(c.epsilon), *([eps(c.epsilon_other)] if two else []),
+             *([eps(c.epsilon_this_run)] if earlier else []), g(c.delta),
              g(c.noise_multiplier) + ("*" if c.parameters_changed else ""), g(c.max_grad_norm),
              g(c.num_examples), g(c.sample_rate), g(c.expected_batch), str(c.steps),
              str(c.rounds_trained), *([str(c.rounds_rejected)] if rejected else []), str(c.rounds_declined),
@@ -39,8 +42,16 @@ def spent(r: ReportData) -> list[Block]:
                       f"by the {kind} accountant" + (f"; the largest ε by the {other_kind} accountant is "
                                                      f"{eps(r.epsilon_max_other)}." if two else "."))
     blocks.append(
-        "ε is cumulative: the institution's spending over every round it trained, as of its latest ledger entry. "
-        f"σ (noise multiplier), C (clipping norm), n (its training {'users' if r.unit == 'user' else 'records'}) "
+        "ε is cumulative: all the spending the institution's own record holds, as of its latest ledger entry. "
+        "That is every round of this run it trained, and any other run's rounds in the same state directory: an "
+        "institution's ε never restarts with a new run. "
+        + (f"For {', '.join(f'`{name}`' for name in earlier)} it is more than this run's recorded steps give "
+           f"(the column of this run's steps, by the run's {kind} accountant): "
+           f"{'its' if len(earlier) == 1 else 'their'} own record also holds spending this ledger does not, "
+           "another run's in the same state directory or a "
+           "round whose reply never reached the server. The larger figure is the one that counts. "
+           if earlier else "")
+        + f"σ (noise multiplier), C (clipping norm), n (its training {'users' if r.unit == 'user' else 'records'}) "
         "and q (sampling rate) are from its "
         "latest trained round (* where they changed between rounds: see the per-round detail); n·q is the "
         "expected size of a Poisson batch; steps are all local DP-SGD steps it ran. Declined and refused rounds "

@@ -21,6 +21,7 @@ from fedtune import __version__
 from fedtune import constants as k
 from fedtune.config import read_run_config
 from fedtune.errors import FedtuneError
+from fedtune.privacy.accountant import epsilon
 from fedtune.privacy.audit import AUDIT_FILE
 from fedtune.privacy.ledger import LedgerEntry, read_ledger
 
@@ -176,10 +177,22 @@ class ClientRow:
     state_lost: bool
     rounds_interrupted: int
     within_budget: bool | None
+    # ε of the steps this run's ledger records for it alone, by the run's accountant (None: DP off, or a step
+    # without σ). `epsilon` can be larger: a client reports all the spending its own state holds, other runs'
+    # in the same state directory included (client/state.py), so its ε never restarts with a new run.
+    epsilon_this_run: Epsilon | None
     records_at_most: int | None
     delta_below_1_over_n: bool | None
     epsilon_by_round: tuple[Epsilon, ...]  # after each round 0..rounds_in_ledger
     entries: tuple[dict[str, Any], ...]  # its ledger entries as the JSON states them (∞ as INF)
+
+    @property
+    def holds_more_than_this_run(self) -> bool:
+        """Its ε is above what this run's recorded steps give (beyond floating-point rounding: the client
+        and the report run the same accountant over the same steps otherwise)."""
+        if self.epsilon_this_run is None:
+            return False
+        return as_float(self.epsilon) > as_float(self.epsilon_this_run) * (1 + 1e-6) + 1e-9
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -234,7 +247,7 @@ def build_report(run_dir: Path) -> ReportData:
     entries = dict(sorted(ledger.clients.items()))
     rounds = max((e.round for rows in entries.values() for e in rows), default=0)
     delta = settings.delta or next((e.delta for rows in entries.values() for e in rows if e.delta is not None), None)
-    clients = tuple(_client(name, rows, dp_on, rounds, settings) for name, rows in entries.items())
+    clients = tuple(_client(name, rows, dp_on, rounds, settings, kind, delta) for name, rows in entries.items())
     top = max(clients, key=lambda c: as_float(c.epsilon), default=None)
     top = top if top and as_float(top.epsilon) > 0 else None  # nobody spent anything: no "top" client
     return ReportData(
@@ -314,7 +327,8 @@ def _settings(run_dir: Path) -> Settings:
     )
 
 
-def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: int, settings: Settings) -> ClientRow:
+def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: int, settings: Settings, kind: str,
+            delta: float | None) -> ClientRow:
     # Rounds that ran local steps: trained, trained but the update refused by the server (rejected),
     # or failed after training (fail closed); all spent.
     trained = [e for e in entries if e.steps]
@@ -355,11 +369,19 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
         state_lost=any(e.state_lost for e in entries),
         rounds_interrupted=sum(e.interrupted for e in entries),
         within_budget=None if not dp_on or budget is None else as_float(eps) <= as_float(budget),
+        epsilon_this_run=_this_run(trained, kind, delta if latest.delta is None else latest.delta) if dp_on else None,
         records_at_most=_records_at_most(trained, settings.batch_size),
         delta_below_1_over_n=_delta_check(trained, settings.batch_size, latest.delta),
         epsilon_by_round=_curve(reported, rounds, dp_on),
         entries=tuple(_clean(e.to_dict(), dp_on) for e in entries),
     )
+
+
+def _this_run(trained: list[LedgerEntry], kind: str, delta: float | None) -> Epsilon | None:
+    """ε of these entries' steps alone (privacy/accountant.py); None without δ or where a step has no σ."""
+    if delta is None or any(e.noise_multiplier is None or e.sample_rate is None for e in trained):
+        return None
+    return _num(epsilon(kind, [(e.noise_multiplier, e.sample_rate, e.steps) for e in trained], delta))
 
 
 def _records_at_most(trained: list[LedgerEntry], batch: int | None) -> int | None:
