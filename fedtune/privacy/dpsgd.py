@@ -48,6 +48,12 @@ from fedtune.privacy.accountant import History, make_accountant, normalize
 from fedtune.privacy.budget import poisson_schedule
 
 STREAMS = ("sampling", "noise", "model", "records", "rounding")
+# The streams dp.public_streams derives from the run seed; the others stay secret OS randomness under it. The
+# noise is the mechanism itself. The records and rounding streams are drawn record after record (user after
+# user), so were they known, removing one record would change the draws, and so the contribution, of every
+# record after it: the sum's sensitivity would no longer be one record's. The model stream only drives
+# dropout, which is off under public streams for the same reason (client/train.py::dropout_off).
+PUBLIC_STREAMS = ("sampling", "model")
 ROUNDING_ROWS = 64  # distributed DP: records rounded to integers at a time (privacy/skellam.py)
 USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each record's user, not a model input
 
@@ -83,18 +89,20 @@ class RoundSeeds:
                      for name in STREAMS))
 
     @classmethod
-    def public_but_noise(cls, seed: int) -> RoundSeeds:
-        """dp.public_streams (a white-box audit): every stream derived as with `derived(seed)` but the
-        noise's, which stays secret OS randomness. At Poisson q = 1 the guarantee holds for every value of
-        the other streams (the Gaussian mechanism's analysis conditions on them), so they may be known."""
-        return dataclasses.replace(cls.derived(seed), noise=secrets.randbits(63))
+    def public(cls, seed: int) -> RoundSeeds:
+        """dp.public_streams (a white-box audit): PUBLIC_STREAMS derived as with `derived(seed)`, the others
+        secret OS randomness. At Poisson q = 1, with dropout off, each record's clipped gradient is a function
+        of that record and the round's weights alone, whatever those streams hold, so the guarantee holds for
+        every value of them (the Gaussian mechanism's analysis conditions on them): they may be known."""
+        return dataclasses.replace(cls.derived(seed), **{stream: secrets.randbits(63) for stream in STREAMS
+                                                          if stream not in PUBLIC_STREAMS})
 
     @classmethod
     def of_round(cls, dp: DPConfig, seed: int | None) -> RoundSeeds:
         """A round's seeds from its round seed (`round_seed`), or secret ones for None."""
         if seed is None:
             return cls.secret()
-        return cls.public_but_noise(seed) if dp.enabled and dp.public_streams else cls.derived(seed)
+        return cls.public(seed) if dp.enabled and dp.public_streams else cls.derived(seed)
 
     def generator(self, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
         return torch.Generator(device=device).manual_seed(getattr(self, stream))

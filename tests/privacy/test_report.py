@@ -266,7 +266,9 @@ def _text(tmp_path, entries, reproducible=False, **overrides):
 
 def test_the_report_says_which_streams_the_server_knows_under_public_streams(tmp_path):
     text = _text(tmp_path, [trained(1, 2.0, q=1.0, steps=1)], **{"dp.public_streams": True})
-    assert "`dp.public_streams`" in text and "Poisson q = 1" in text and "only the DP noise" in text
+    assert "`dp.public_streams`" in text and "Poisson q = 1" in text and "dropout was off" in text
+    assert "which records of a sampled user a step uses (user-level DP) and distributed DP's rounding came from the " \
+           "operating system's secure randomness" in text
     assert "separate seeds from the operating system" not in text
 
 

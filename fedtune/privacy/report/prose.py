@@ -421,13 +421,15 @@ def _randomness(r: ReportData) -> str:
                 "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
                 "against anyone who sees only the final adapter.")
     if r.settings.public_streams:
-        return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling, dropout "
-                "and (user-level DP) which records of a sampled user a step uses were derived from the run seed, "
-                "the round and the institution's name, so the server knows them; only the DP noise came from the "
-                "operating system's secure randomness, never sent. Each institution trained only with every record "
-                "in every step (Poisson q = 1), where the Gaussian mechanism's guarantee holds for every value of "
-                "those streams (its analysis conditions on them) and no amplification by sampling is claimed, so "
-                "the guarantee holds against the server too.")
+        return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling and the "
+                "model's stream were derived from the run seed, the round and the institution's name, so the server "
+                "knows them; the DP noise, which records of a sampled user a step uses (user-level DP) and "
+                "distributed DP's rounding came from the operating system's secure randomness, never sent, and "
+                "dropout was off while the institutions trained. Each institution trained only with every record "
+                "in every step (Poisson q = 1), so each record's clipped gradient depended on that record and the "
+                "round's weights alone: the Gaussian mechanism's guarantee holds for every value of the known "
+                "streams (its analysis conditions on them) and no amplification by sampling is claimed, so the "
+                "guarantee holds against the server too.")
     return ("**Randomness**: in each round, each institution draws separate seeds from the operating "
             "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout and (user-level "
             "DP) which records of a sampled user a step uses, and never sends them; the noise is therefore "
