@@ -1,5 +1,5 @@
-"""The noise distributed DP's integer shares cost: σ for a target ε by the Skellam accountant (integer Rényi
-orders, Zhu-Wang subsampling; privacy/skellam.py) next to Opacus' PRV and RDP for Gaussian noise, at the
+"""The noise distributed DP's integer shares cost: σ for a target ε by the Skellam accountant (the sampled
+Gaussian's RDP at integer orders only; privacy/skellam.py) next to Opacus' PRV and RDP for Gaussian noise, at the
 recipe's schedules (30 full-batch rounds, or k rounds of one step at q = 1/k for each). Prints the ratios.
 
     python bench/skellam_sigma.py [--epsilon 8] [--delta 1e-5] [--rounds 30]

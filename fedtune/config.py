@@ -158,10 +158,11 @@ class DPConfig:
     delta: float = field(default=1e-5, metadata={"help": "Target delta; below 1/n for a client with n records."})
     accountant: Literal["prv", "rdp", "skellam"] = field(
         default="prv",
-        metadata={"help": "Privacy accountant: `prv` or `rdp` (Opacus'), or `skellam` (integer Rényi orders and "
-                          "a subsampling bound for any mechanism: looser, valid for Gaussian noise too). Under "
-                          "distributed DP the shares are integers with Skellam noise, which only `skellam` covers, "
-                          "so it is used whatever this says (docs/privacy.md)."},
+        metadata={"help": "Privacy accountant: `prv` or `rdp` (Opacus'), or `skellam` (Opacus' RDP of the sampled "
+                          "Gaussian at integer Rényi orders only, where it is proven for Skellam noise too; a "
+                          "little looser for Gaussian noise). Under distributed DP the shares are integers with "
+                          "Skellam noise, which only `skellam` covers, so it is used whatever this says "
+                          "(docs/privacy.md)."},
     )
     epsilon_budget: float = field(
         default=math.inf,

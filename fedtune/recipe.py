@@ -240,7 +240,7 @@ def recipe_sigma(facts: Facts, rounds: int, local_steps: int = 1, accountant: st
     samples of rate 1 / local_steps (1: one full-batch step, q = 1). It is budget.py's solver on the
     schedule budget.py::poisson_schedule gives a client whose batch is its records / local_steps, so the
     recipe plans with the σ the clients then use: under the default accountant, PRV, or under distributed
-    DP the Skellam shares' (`skellam`, whose bound at q < 1 is looser, so that sampling pays less there)."""
+    DP the Skellam shares' (`skellam`: the sampled Gaussian's RDP at integer orders, a little above PRV)."""
     from fedtune.privacy.budget import solve_noise_multiplier  # imports Opacus; keep `fedtune --help` light
 
     return solve_noise_multiplier(facts.epsilon, facts.delta, 1.0 / local_steps, rounds * local_steps, accountant)

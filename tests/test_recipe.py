@@ -452,7 +452,7 @@ def test_under_distributed_dp_the_sum_s_step_noise_sets_the_rounds():
         assert 2 * k > MAX_LOCAL_STEPS or scale * local_step_noise(
             recipe_sigma(known, 30, 2 * k, "skellam" if t else "prv"), 2 * k, values, sum(records)) > LOCAL_STEP_NOISE
     # every institution's share (t = m): the sum's step is one holder's of all the records, under the
-    # accountant of the integer shares (at q < 1 a looser bound than the Gaussian's, so a larger σ)
+    # accountant of the integer shares (RDP at integer orders: a little above PRV's Gaussian curve, so a larger σ)
     shared, alone = Facts(3, 20, (50,) * 20, 8.0, 1e-5), Facts(3, 1, (1000,), 8.0, 1e-5)
     k, noise = sampled_round_steps(shared, 30, 4227, 20)
     assert noise == pytest.approx(local_step_noise(recipe_sigma(alone, 30, k, "skellam"), k, 4227, 1000))

@@ -47,7 +47,7 @@ def _skellam() -> type[IAccountant]:
 
 
 # "skellam": distributed DP's integer shares (privacy/skellam.py), always under distributed DP (DPConfig.accounting);
-# it may also be chosen by hand for Gaussian noise, which it covers too (looser)
+# it may also be chosen by hand for Gaussian noise, which it covers too (RDP at integer orders only: a little looser)
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": CachedRdpPRVAccountant, "rdp": RDPAccountant}
 
 

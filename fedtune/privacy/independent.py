@@ -7,12 +7,12 @@ its PLD accountant where the run used Opacus' PRV (both near-exact numerical met
 accountant at Opacus' Rényi orders where the run used RDP. The mechanism is the same: each step
 a Poisson-subsampled Gaussian, under add/remove-one neighbours.
 
-Distributed DP's Skellam steps (privacy/skellam.py) are accounted at integer orders by a bound that
-dp-accounting does not implement for q < 1 (Zhu and Wang's, for a mechanism given by its RDP). There
-this module composes a second implementation of it, written apart from privacy/skellam.py (exact binomial
-coefficients and Python floats, no scipy), and converts to (ε, δ) with dp-accounting's own conversion. It
-checks the arithmetic, not the theorem: both follow the same published bound. At q = 1 the RDP is the
-Gaussian's α/(2σ²), which tests/privacy/test_skellam.py checks against dp-accounting's own.
+Distributed DP's Skellam steps (privacy/skellam.py) are bounded by the sampled Gaussian's RDP at integer
+orders (the derivation is in that module and docs/privacy.md). This module recomputes that RDP with a
+second implementation written apart from Opacus' (exact binomial coefficients and Python floats, one
+step's vector cached per (σ, q), since a ledger repeats one (σ, q) in hundreds of entries), and converts
+it to (ε, δ) with dp-accounting's own conversion. It checks the arithmetic, not the derivation;
+tests/privacy/test_skellam.py checks the RDP against dp-accounting's accountant at the same orders.
 """
 
 from __future__ import annotations
@@ -110,15 +110,16 @@ def _one_step(sigma: float, q: float) -> tuple[float, ...]:
 
 
 def _poisson_subsampled(alpha: int, q: float, sigma: float) -> float:
-    """Zhu and Wang (2019), Theorem 6, for a base mechanism of RDP j/(2σ²) at each integer order j: the
-    log of Σ_j b_j·exp(a_j), summed from its largest term, over α − 1; capped at the unsampled α/(2σ²)."""
+    """The sampled Gaussian's RDP at integer order α (Mironov, Talwar, Zhang 2019), the bound of a Skellam
+    step (privacy/skellam.py): the log of Σ_j C(α,j)·(1 − q)^(α−j)·q^j·e^((j−1)·j/(2σ²)), summed from its
+    largest term, over α − 1, with exact binomial coefficients and Python floats."""
     full = alpha / (2 * sigma * sigma)
     if q >= 1.0:
         return full
     terms = [((alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)),
              math.log(math.comb(alpha, 2)) + 2 * math.log(q) + (alpha - 2) * math.log1p(-q) + 1 / (sigma * sigma)]
     for j in range(3, alpha + 1):
-        terms.append(math.log(3 * math.comb(alpha, j)) + j * math.log(q) + (alpha - j) * math.log1p(-q)
+        terms.append(math.log(math.comb(alpha, j)) + j * math.log(q) + (alpha - j) * math.log1p(-q)
                      + (j - 1) * j / (2 * sigma * sigma))
     top = max(terms)
     return min((top + math.log(sum(math.exp(t - top) for t in terms))) / (alpha - 1), full)

@@ -20,14 +20,25 @@ analysis covers the coordinator too (the Skellam mechanism of Agarwal, Kairouz a
   `variance_for` picks v a hair above (σ·Δ₂)², so that ε(α) ≤ α/(2σ²), the Gaussian mechanism's RDP at
   noise multiplier σ, at every order in ORDERS. A step is then accounted as the Gaussian's at those
   orders, which is what `SkellamAccountant` does; the ledger keeps its (σ, q, steps) history.
-- Poisson subsampling at q < 1 (train.sample_rate) is accounted by Zhu and Wang's general upper bound
-  for any mechanism (ICML 2019, "Poisson Subsampled Rényi Differential Privacy", Theorem 6), fed with
-  α/(2σ²) at the integer orders; it is increasing in each ε(j), so the dominated Skellam curve gives a
-  smaller bound still. Opacus' tighter sampled-Gaussian analysis is specific to Gaussian noise, so it
-  is not used here. RDP converts to (ε, δ) as Opacus' RDP accountant does (valid for any mechanism).
+- Poisson subsampling at q < 1 (train.sample_rate): a step's RDP at integer order α is at most the sampled
+  Gaussian's at σ, log(Σ_l C(α,l)·(1 − q)^(α−l)·q^l·e^((l−1)·l/(2σ²))) / (α − 1) (Mironov, Talwar, Zhang
+  2019), which Opacus computes exactly at integer orders and `_one_step` takes from it. Why that
+  formula bounds Skellam steps too (docs/privacy.md, "Subsampled Skellam steps", has the derivation):
+  1. Fix every draw but whether one record x is sampled: the other records' samples, all rounding (x's
+     rounded vector r included) and the other institutions' shares. The release is then Sk(s) without x
+     and (1 − q)·Sk(s) + q·Sk(s + r) with x: the Poisson-subsampled two-point mechanism {Sk(s), Sk(s + r)}.
+  2. That pair meets the condition of Zhu and Wang's Theorem 8 (ICML 2019, "Poisson Subsampled Rényi
+     Differential Privacy"), non-negative Pearson-Vajda χ^l pseudo-divergences at odd l, in both orders:
+     the reflection y ↦ 2s + r − y swaps Sk(s) and Sk(s + r) (the noise is symmetric) and turns the
+     likelihood ratio L into 1/L, so E[(L − 1)^l] = ½·E[(L − 1)^l·(1 − L^(1−l))], whose integrand is never
+     negative. The theorem then bounds both directions (add and remove) by the formula above, fed with
+     any RDP bound of the pair: ε(l) ≤ l/(2σ²), and the formula grows with each ε(l).
+  3. The release is a mixture of such pairs, with the same weights with and without x; the Rényi power
+     divergence is jointly convex, so the bound holds for the mixture.
+  RDP converts to (ε, δ) as Opacus' RDP accountant does (valid for any mechanism).
 
-Written here rather than taken from a library: Opacus and dp-accounting have no Skellam mechanism and
-no subsampling bound for a mechanism given by its RDP curve; the formulas above are the published ones.
+Written here rather than taken from a library: Opacus and dp-accounting have no Skellam mechanism. The
+subsampled RDP is Opacus' own sampled-Gaussian computation, and the derivation above is why it applies.
 """
 
 from __future__ import annotations
@@ -41,12 +52,12 @@ import numpy as np
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from scipy.special import gammaln, logsumexp
 
 ORDERS = tuple(range(2, 129))  # integer Rényi orders: the Skellam bound is proven at integer α
 SCALE = 2**12  # integer units per clipping norm C: γ = SCALE / C
 ROUNDING_FAILURE = 1e-3  # β: the chance, per draw, that a record's rounding exceeds Δ₂ and is redrawn
 ROUNDING_DRAWS = 20
+MAX_SIGMA = 1e6  # solve_sigma gives up here, as Opacus' get_noise_multiplier does
 
 
 def l2_sensitivity(dim: int, scale: int = SCALE) -> float:
@@ -116,29 +127,10 @@ def skellam_noise(size: int, variance: float, seed: int) -> np.ndarray:
 
 # ---- accounting ------------------------------------------------------------------------------
 
-def subsampled_rdp(alpha: int, q: float, base) -> float:
-    """Zhu and Wang's upper bound (ICML 2019, Theorem 6) on the RDP at integer order α of a mechanism whose
-    RDP is `base(j)`, run on a Poisson sample at rate q (add/remove-one neighbours)."""
-    if q >= 1:
-        return base(alpha)
-    log_q, log_1q = math.log(q), math.log1p(-q)
-    terms = [(alpha - 1) * log_1q + math.log(alpha * q - q + 1),
-             _log_comb(alpha, 2) + 2 * log_q + (alpha - 2) * log_1q + base(2)]
-    terms += [math.log(3) + _log_comb(alpha, j) + j * log_q + (alpha - j) * log_1q + (j - 1) * base(j)
-              for j in range(3, alpha + 1)]
-    return min(float(logsumexp(terms)) / (alpha - 1), base(alpha))
-
-
-def _log_comb(n: int, k: int) -> float:
-    return float(gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1))
-
-
 @lru_cache(maxsize=256)
 def _one_step(sigma: float, q: float) -> np.ndarray:
-    def gaussian(alpha: int) -> float:
-        return alpha / (2 * sigma**2)
-
-    out = np.array([subsampled_rdp(a, q, gaussian) for a in ORDERS])
+    """One step's RDP bound at ORDERS: the sampled Gaussian's at σ and q (module docstring, item 1 to 3)."""
+    out = np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ORDERS)))
     out.setflags(write=False)
     return out
 
@@ -162,6 +154,10 @@ def solve_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: 
     low, high = 0.0, 1.0
     while epsilon([(high, sample_rate, steps)], delta) > target_epsilon:
         low, high = high, 2 * high
+        if high > MAX_SIGMA:  # integer orders up to 128 certify no ε below about log(1/δ)/127, whatever σ
+            raise ValueError(f"The privacy budget is too low: the Skellam accountant certifies no ε as small as "
+                             f"{target_epsilon} at δ = {delta} (its Rényi orders end at {ORDERS[-1]}); raise the "
+                             "target ε.")
     while True:
         mid = (low + high) / 2
         eps = epsilon([(mid, sample_rate, steps)], delta)
@@ -175,7 +171,7 @@ def solve_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: 
 
 class SkellamAccountant(RDPAccountant):
     """Opacus' accountant interface (step, get_epsilon, state_dict) for Skellam steps: the history is
-    RDPAccountant's (σ, q, steps), and ε is `epsilon`'s, at integer orders with Zhu-Wang subsampling."""
+    RDPAccountant's (σ, q, steps), and ε is `epsilon`'s: the sampled Gaussian's RDP at integer orders."""
 
     def get_privacy_spent(self, *, delta: float, alphas=None) -> tuple[float, float]:
         return epsilon(self.history, delta), 0.0

@@ -264,10 +264,12 @@ def _method(r: ReportData) -> list[Block]:
         accountant = (f"**Skellam accountant** (fedtune's privacy/skellam.py), for distributed DP's integer shares. "
                       f"Each step is the Skellam mechanism (Agarwal, Kairouz, Liu 2021) with a variance chosen so "
                       f"that its Rényi DP is at most the Gaussian's α/(2σ²) at each of {a.orders} integer orders "
-                      f"from {a.order_min:g} to {a.order_max:g}; a step on a Poisson sample (q < 1) is bounded by "
-                      f"Zhu and Wang's general subsampling theorem (2019). Steps add up in Rényi DP and convert to "
-                      f"(ε, δ) at the best order (Balle et al. 2020). The result is an upper bound; at q < 1 it is "
-                      f"looser than a Gaussian's would be.")
+                      f"from {a.order_min:g} to {a.order_max:g}. A step on a Poisson sample (q < 1) is bounded by "
+                      f"the sampled Gaussian's Rényi DP at those orders (Mironov et al. 2019): the symmetric noise "
+                      f"meets the condition of Zhu and Wang's tight subsampling theorem (2019, Theorem 8), "
+                      f"derived in fedtune's docs/privacy.md. Steps add up in Rényi DP and convert to (ε, δ) at the "
+                      f"best order (Balle et al. 2020). The result is an upper bound, a little above what PRV would "
+                      f"give a Gaussian's.")
     else:
         accountant = (f"**RDP accountant** (Opacus `RDPAccountant`, Mironov et al. 2019). It adds up Rényi DP over "
                       f"all steps at {a.orders} orders from {a.order_min:g} to {a.order_max:g} and converts "
