@@ -50,8 +50,15 @@ def privacy_report(
 
 def _privacy_report(run_dir: Path) -> None:
     from fedtune.privacy.report import REPORT_HTML, REPORT_MD, headline
+    from fedtune.quiet import quiet_warnings
 
+    quiet_warnings()
     report = _write_report(run_dir)
+    if report.settings.config_error is not None:
+        console.print(f"Warning: {run_dir / 'config.toml'} could not be read ({report.settings.config_error}). The "
+                      "report leaves the run's settings, its ε budget and its target ε unknown, and "
+                      "`fedtune privacy-verify` cannot check this run.", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
     console.print(f"Privacy report: {headline(report)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"Open {run_dir / REPORT_HTML} for the full report with the ε plot.", markup=False, soft_wrap=True)
     print(run_dir / REPORT_MD)
@@ -79,14 +86,16 @@ def privacy_verify(
     """An auditor's check of RUN_DIR/privacy_ledger.json: every client's ε recomputed from the
     ledger's σ, q and steps with Google's dp-accounting (not Opacus, which the run used), ε never
     decreasing, δ < 1/n, q and steps consistent with n and the batch size, no budget exceeded, and
-    coherent statuses. Exit 0 when all hold; otherwise exit 1 with one line per violation:
-    client, round, field, expected and found."""
+    coherent statuses. Exit 0 when all hold; exit 1 with one line per violation (client, round, field,
+    expected and found); exit 2 when the ledger or config.toml cannot be read."""
     _run_guarded(lambda: _privacy_verify(run_dir))
 
 
 def _privacy_verify(run_dir: Path) -> None:
     from fedtune.privacy.verify import verify_run
+    from fedtune.quiet import quiet_warnings
 
+    quiet_warnings()
     result = verify_run(run_dir)
     for violation in result.violations:
         print(violation.line())
@@ -323,10 +332,13 @@ def _export(run_dir: Path, adapter: Path | None, merged: Path | None) -> None:
     if adapter is None and merged is None:
         raise ConfigError("Nothing to export: give --adapter OUT (the PEFT adapter) and/or --merged OUT (a full "
                           "model in Hugging Face format).")
-    for written in export_run(run_dir, adapter=adapter, merged=merged):
+    exported = export_run(run_dir, adapter=adapter, merged=merged)
+    untrained = " (the untrained starting point: no round has finished)" if exported.round == 0 else ""
+    console.print(f"Exported the global adapter of round {exported.round} of {exported.rounds}{untrained}.",
+                  markup=False, highlight=False, soft_wrap=True)
+    for written in exported.paths:
         console.print(f"Wrote {written}", markup=False, highlight=False, soft_wrap=True)
-        last = written
-    print(last)
+    print(exported.paths[-1])
 
 
 @cli.command("deploy-local")

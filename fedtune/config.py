@@ -238,6 +238,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier", "use sigma >= 0 (about 1.0 is typical).")
         _check(self.target_epsilon >= 0, "dp.target_epsilon", "use a positive ε such as 8 (0: use noise_multiplier).")
+        _check(self.epsilon_budget > 0, "dp.epsilon_budget", "use a positive ε such as 8 (inf: no cap).")
         _check(self.target_epsilon <= self.epsilon_budget, "dp.target_epsilon",
                f"it exceeds dp.epsilon_budget={self.epsilon_budget}; lower it or raise the budget.")
         _check(self.physical_batch_size >= 0, "dp.physical_batch_size", "use 0 (no limit) or a positive size.")
@@ -255,7 +256,6 @@ class DPConfig:
         _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
         _check(self.accountant in ("prv", "rdp", "skellam"), "dp.accountant", "use `prv`, `rdp` or `skellam`.")
-        _check(self.epsilon_budget > 0, "dp.epsilon_budget", "use a positive ε such as 8 (inf: no cap).")
         _check(not (self.public_streams and self.reproducible_noise), "dp.public_streams",
                "dp.reproducible_noise already derives every stream from the run seed, the noise too; set one of them.")
         _check(not self.public_streams or self.enabled, "dp.public_streams",

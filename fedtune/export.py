@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -24,8 +25,15 @@ from fedtune.server.run_dir import RunDirectory
 from fedtune.tasks.base import get_task
 
 
-def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None = None) -> list[Path]:
-    """Write the adapter to `adapter` and/or the merged model to `merged`; returns what was written."""
+@dataclass(frozen=True)
+class Exported:
+    round: int  # the round whose global adapter was written; 0 is the untrained start
+    rounds: int  # the rounds the run planned
+    paths: list[Path]  # what was written, in order
+
+
+def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None = None) -> Exported:
+    """Write the adapter to `adapter` and/or the merged model to `merged`; says which round and what was written."""
     run = RunDirectory.existing(run_dir)
     for out in (adapter, merged):
         if out is not None and out.exists():
@@ -55,7 +63,7 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
 
         _write_dir(merged, write_merged)
         written.append(merged)
-    return written
+    return Exported(checkpoint.round, cfg.rounds, written)
 
 
 def _write_dir(target: Path, write: Callable[[Path], object]) -> None:

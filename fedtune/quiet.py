@@ -16,6 +16,11 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialized" load report is expected
     hf_logging.disable_progress_bar()
+    quiet_warnings()
+
+
+def quiet_warnings() -> None:
+    """The warning filters alone, without importing transformers: for commands that only account."""
     for message in (
         r"Secure RNG turned off",  # Opacus: we seed noise for reproducible research runs
         r"Full backward hook is firing",  # Opacus hooks on a frozen embedding input

@@ -15,6 +15,7 @@ def test_defaults_are_the_documented_demo():
     (lambda: LoraConfig(r=0), "lora.r"),
     (lambda: DPConfig(noise_multiplier=-1), "dp.noise_multiplier"),
     (lambda: DPConfig(delta=2.0), "dp.delta"),
+    (lambda: DPConfig(epsilon_budget=-1), "dp.epsilon_budget"),  # not blamed on the target ε it was compared with
     (lambda: FedtuneConfig(clients=0), "clients"),
     (lambda: DPConfig(public_streams=True, reproducible_noise=True), "dp.public_streams"),
     (lambda: DPConfig(public_streams=True, enabled=False), "dp.public_streams"),

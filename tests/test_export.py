@@ -35,7 +35,8 @@ def test_classification_adapter_and_merged_model(run_dir, tmp_path, tokenized):
 
     path, weights = run_dir
     written = export_run(path, adapter=tmp_path / "adapter", merged=tmp_path / "merged")
-    assert written == [tmp_path / "adapter", tmp_path / "merged"]
+    assert written.paths == [tmp_path / "adapter", tmp_path / "merged"]
+    assert (written.round, written.rounds) == (1, 2), "the last finished round (1 of the 2 planned), and which it is"
     base = AutoModelForSequenceClassification.from_pretrained(default_model_dir(), num_labels=len(LABELS))
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     params = dict(adapted.named_parameters())

@@ -38,6 +38,7 @@ from fedtune.privacy.ledger import LedgerEntry, read_ledger
 RELATIVE_SLACK = 0.01
 ABSOLUTE_SLACK = 0.01
 NO_STEPS = (k.STATUS_DECLINED, k.STATUS_REFUSED)
+FIGURES = ("noise_multiplier", "sample_rate", "delta")  # what recomputing a step's ε needs
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
         if row.run is not None and run_id is not None and row.run != run_id:
             yield bad("run", f"{run_id} (this run's id: a client reports late only this run's spending)", row.run)
         yield from _status(bad, row, dp_on)
-        if row.steps:
+        for field in _missing(row):
+            yield bad(field, "a number (a figure of a round that took steps)", "null")
+        if row.steps and not _missing(row):
             yield from _sampling(bad, row, cfg)
         found = row.epsilon  # math.inf when unbounded
         if not row.recorded_late:  # one recorded late was spent before the entries recorded ahead of it
@@ -112,7 +115,13 @@ def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
             highest = max(highest, found)
         if found > cap * (1 + 1e-9) and row.status != k.STATUS_REFUSED:
             yield bad("epsilon", f"<= {cap:g} (the run's ε budget)", _eps(found))
-    yield from _against_dp_accounting(name, spending_order(reported), kind, dp_on, cfg)
+    if not any(_missing(row) for row in reported):  # without them there is nothing to recompute ε from
+        yield from _against_dp_accounting(name, spending_order(reported), kind, dp_on, cfg)
+
+
+def _missing(row: LedgerEntry) -> list[str]:
+    """The figures an entry that took steps needs for its ε to be recomputed, where it has none."""
+    return [field for field in FIGURES if getattr(row, field) is None] if row.steps else []
 
 
 def spending_order(reported: list[LedgerEntry]) -> list[LedgerEntry]:

@@ -202,6 +202,12 @@ def test_an_unreadable_config_leaves_the_budget_unknown_and_an_unnoised_client_u
     assert client(report, "b").within_budget is None
     summary = markdown(report).split("## What is protected")[0]
     assert "a trained without noise (ε = ∞)" in summary and "budget is unknown" in summary
+    from fedtune.privacy.report import evidence
+
+    settings = dict(evidence.settings_table(report).rows)
+    assert settings["target ε (σ solved per institution; also caps the budget)"] == "unknown", "not 'σ set directly'"
+    result = CliRunner().invoke(cli, ["privacy-report", str(run)])
+    assert result.exit_code == 0 and "could not be read" in result.output
 
 
 def test_delta_against_one_over_n_from_the_sampling_rate(tmp_path):

@@ -93,6 +93,15 @@ def test_inconsistent_sampling_figures_are_violations(tmp_path, change, field):
     assert ("a", 2, field) in found(run(tmp_path, {"a": rows}))
 
 
+@pytest.mark.parametrize("field", ["noise_multiplier", "sample_rate", "delta"])
+def test_a_missing_figure_of_a_trained_round_is_a_violation_not_a_crash(tmp_path, field):
+    """A trained entry without σ, q or δ (a damaged or hand-edited ledger): ε cannot be recomputed, which
+    is a finding (exit 1 with the field named), not a traceback."""
+    rows = entries(2)
+    rows[1][field] = None
+    assert found(run(tmp_path, {"a": rows})) == [("a", 2, field)]
+
+
 def test_a_budget_exceeded_and_incoherent_statuses_are_violations(tmp_path):
     over = entries(3)
     declined = entries(1) + [{**entries(2)[1], "status": "declined"}]  # a declined round with steps

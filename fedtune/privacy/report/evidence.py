@@ -209,7 +209,8 @@ def settings_table(r: ReportData) -> Table:
             ["ε budget per institution",
              {INF: "none (∞)", None: "unknown"}.get(r.epsilon_budget, g(r.epsilon_budget))],
             ["target ε (σ solved per institution; also caps the budget)",
-             g(r.target_epsilon) if r.target_epsilon else "none (σ set directly)"],
+             "unknown" if s.config_error is not None else g(r.target_epsilon) if r.target_epsilon
+             else "none (σ set directly)"],
             ["rounds (planned / in the ledger)", f"{g(r.rounds_planned)} / {r.rounds_in_ledger}"],
             ["institutions (configured / in the ledger)", f"{g(s.clients)} / {len(r.clients)}"]]
     if s.config_error is not None:
