@@ -401,7 +401,8 @@ def _run_guarded(action, simulation: bool = False) -> None:
                       "Check the path and its permissions, and that the disk has room.", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("Interrupted. Finished rounds are saved; continue with `fedtune simulate --resume RUN_DIR`.")
+        # a simulation's ServerApp has said what was saved and how to resume, if it had started a run directory
+        console.print("Interrupted.")
         if simulation:
             sys.stdout.flush()
             sys.stderr.flush()

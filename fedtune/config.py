@@ -933,8 +933,10 @@ RUN_CONFIG = "config.toml"  # a run directory's resolved config
 def read_run_config(run_dir: Path) -> FedtuneConfig:
     """The resolved config saved in a run directory."""
     if not (Path(run_dir) / RUN_CONFIG).is_file():
-        raise ConfigError(f"{run_dir} is not a fedtune run directory (no {RUN_CONFIG}). Pass the directory that an "
-                          "earlier `fedtune simulate` printed on its last line.")
+        exists = Path(run_dir).exists()
+        what = f"is not a fedtune run directory (no {RUN_CONFIG})" if exists else "does not exist"
+        raise ConfigError(f"{run_dir} {what}. Pass the directory that an earlier `fedtune simulate` printed on its "
+                          "last line.")
     return load_config(Path(run_dir) / RUN_CONFIG)
 
 

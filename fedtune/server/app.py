@@ -78,7 +78,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
         inputs.console.print(f"Resuming {run.path} after round {start.round}.")
     waited, failed = (finish_warm_up(grid, warming, cfg.round_timeout_s or WARM_UP_TIMEOUT_S, stop) if warming
                       else (0.0, 0))
-    if failed:
+    if failed and not (stop and stop.is_set()):  # after Ctrl-C the warm-up was cut short, not failed
         inputs.console.print(f"{failed} of {len(warming)} workers could not load the model ahead of round 1.")
     final = run_rounds(grid, build_strategy(cfg), inputs, start)
     released = run.released(final, cfg)

@@ -84,9 +84,13 @@ class RunDirectory:
     @classmethod
     def create(cls, path: Path, config: FedtuneConfig) -> RunDirectory:
         """A new run directory holding config.toml; refuses to reuse a non-empty one."""
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"Run directory {path} is a file. Choose another run directory (`out`).")
+        if path.exists() and any(path.iterdir()):
+            resume = (f", or continue that run with `fedtune simulate --resume {path}`"
+                      if (path / CONFIG).is_file() else "")
             raise ConfigError(f"Run directory {path} already exists and is not empty. Choose another run "
-                              f"directory (`out`), or continue that run with `fedtune simulate --resume {path}`.")
+                              f"directory (`out`){resume}.")
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / CONFIG, dump_config(config))
         return cls(path)
