@@ -137,16 +137,21 @@ def _one_step(sigma: float, q: float) -> np.ndarray:
 
 def epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
     """(ε at δ) of a (σ, q, steps) history of Skellam steps; inf if any ran without noise."""
+    return spent(history, delta)[0]
+
+
+def spent(history: Sequence[Sequence[float]], delta: float) -> tuple[float, float]:
+    """(ε at δ, the Rényi order it was converted at) of a (σ, q, steps) history, as Opacus' get_privacy_spent."""
     runs = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
     if not runs:
-        return 0.0
+        return 0.0, float(ORDERS[0])
     if any(s <= 0 for s, _, _ in runs):
-        return math.inf
+        return math.inf, float(ORDERS[0])
     rdp = sum(_one_step(s, q) * n for s, q, n in runs)
     with warnings.catch_warnings():  # "optimal order is the smallest alpha": orders below 2 are not proven here
         warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
-    return float(eps)
+        eps, order = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
+    return float(eps), float(order)
 
 
 def solve_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int, tolerance: float = 0.005) -> float:
@@ -174,7 +179,7 @@ class SkellamAccountant(RDPAccountant):
     RDPAccountant's (σ, q, steps), and ε is `epsilon`'s: the sampled Gaussian's RDP at integer orders."""
 
     def get_privacy_spent(self, *, delta: float, alphas=None) -> tuple[float, float]:
-        return epsilon(self.history, delta), 0.0
+        return spent(self.history, delta)
 
     def get_epsilon(self, delta: float, alphas=None, **kwargs) -> float:
         return epsilon(self.history, delta)

@@ -373,8 +373,10 @@ def _distributed(r: ReportData) -> str:
             f"{t} institutions (its own included) added their share and kept it secret, and secure aggregation "
             "(SecAgg+) revealed only the sum, modulo its range. Nothing is rounded after the noise, so this holds "
             f"against the coordinator too. Each institution refused to help unmask a sum with fewer than {t} "
-            "shares. Should the coordinator collude with all the other institutions, what holds is an institution's "
-            f"own share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
+            "shares. SecAgg+ keeps one institution's share hidden from a coordinator that follows the protocol "
+            "unless it colludes with two thirds of that round's institutions, the shares that rebuild an "
+            "institution's masks. Should it collude with that many, or the shares be exposed otherwise, what holds "
+            f"is an institution's own share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
 
 
 def _gaussian_shares(t: int, own: Any) -> str:
