@@ -38,7 +38,21 @@ def version() -> None:
     print(__version__)
 
 
-@cli.command("privacy-report")
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@cli.callback()
+def _options(
+    version: Annotated[bool, Opt("--version", callback=_print_version, is_eager=True,
+                                 help="Print the fedtune version and exit.")] = False,
+) -> None:
+    """Federated, differentially private LoRA fine-tuning on Flower, peft and Opacus."""
+
+
+@cli.command("privacy-report", short_help="Write the privacy report of a run: ε per institution, what it covers, and the plot.")
 def privacy_report(
     run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate`.")],
 ) -> None:
@@ -79,7 +93,7 @@ def _write_report(run_dir: Path) -> ReportData:
     return report
 
 
-@cli.command("privacy-verify")
+@cli.command("privacy-verify", short_help="Recheck a run's privacy ledger with an independent accountant (dp-accounting).")
 def privacy_verify(
     run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate` (or `flwr run`).")],
 ) -> None:
@@ -109,7 +123,7 @@ def _privacy_verify(run_dir: Path) -> None:
     raise typer.Exit(1)
 
 
-@cli.command()
+@cli.command(short_help="Run a federation on Flower's Simulation Engine (demo data, or --data).")
 @config_options(SIMULATE)
 def simulate(
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
@@ -121,7 +135,9 @@ def simulate(
     --task causal-lm the triage-advice instruction demo, when no data is given). The last line
     printed is the run directory. Every option below is also a key of the config file, e.g.
     --delta is `delta` in its \\[dp] table (dp.delta); an option named otherwise shows its key, e.g. --privacy-unit
-    \\[config: dp.unit]."""
+    \\[config: dp.unit]. With --recipe auto (the default), options you leave out are chosen for the data and
+    the privacy budget (docs/recipe.md; config.toml records each choice and why), so a run under DP does not
+    use the defaults shown below for rounds, ε, pooling, optimizer or learning rate."""
     _run_guarded(lambda: _simulate(config, out, resume, overrides(options)), simulation=True)
 
 
@@ -166,7 +182,7 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     robust = "" if cfg.strategy.robust == "off" else f" with robust {cfg.strategy.robust}"
     lora = (f", LoRA {cfg.lora.aggregation} r={cfg.lora.r}" if cfg.lora.aggregation != "naive" or cfg.lora.ranks() else ""
             ) + (f" (client ranks {cfg.lora.client_ranks})" if cfg.lora.ranks() else "")
-    console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} rounds, "
+    console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} round{'s' if cfg.rounds != 1 else ''}, "
                   f"{cfg.strategy.name}{robust}{lora}, DP-SGD {dp}{client_level} -> {run.path}")
     simulate(cfg, run, console)
     planted = max(cfg.data.canaries, cfg.dp.canary_clients)  # what `fedtune audit` can score
@@ -185,7 +201,7 @@ class Vantage(StrEnum):
     server = "server"
 
 
-@cli.command()
+@cli.command(short_help="Measure privacy empirically: a run with canaries, then a one-run audit.")
 @config_options(AUDIT)
 def audit(
     out: Annotated[Path | None, Opt(help="Run directory to create; the audit is written into it as audit.json.")] = None,
@@ -315,7 +331,7 @@ def _audit_power(record: dict[str, Any]) -> str:
                        "no number of canaries can with this one-run method at this δ (its 2·m·δ term grows with m)."))
 
 
-@cli.command()
+@cli.command(short_help="Export a run's global adapter as a PEFT adapter or a merged Hugging Face model.")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate` (or `flwr run`).")],
     adapter: Annotated[Path | None, Opt(help="Write the PEFT adapter (and tokenizer) here: PeftModel.from_pretrained(base, OUT).")] = None,
@@ -341,10 +357,10 @@ def _export(run_dir: Path, adapter: Path | None, merged: Path | None) -> None:
     print(exported.paths[-1])
 
 
-@cli.command("deploy-local")
+@cli.command("deploy-local", short_help="Run a federation on Flower's Deployment Engine on this machine (TLS, one SuperNode each).")
 @config_options(DEPLOY)
 def deploy_local(
-    nodes: Annotated[int, Opt(help="Institutions: one SuperNode each, with its own slice of the demo data.")] = 3,
+    nodes: Annotated[int, Opt(help="Institutions: one SuperNode each, with its own slice of the run's data (--data, or the demo data).")] = 3,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/deploy-<timestamp>).")] = None,
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
     node_config: Annotated[list[str] | None, Opt("--node-config", help="KEY=VALUE handed to every SuperNode's node config (repeatable), e.g. require-dp=true, epsilon-budget=8, max-delta=1e-5, min-noise-multiplier=0.8, allow-reproducible-noise=false, adopt-ledger-spending=true: each institution's own privacy policy, which the server's run config cannot weaken (--no-dp then asks, and an institution with require-dp=true refuses). Values are TOML (strings may be bare).")] = None,

@@ -149,3 +149,17 @@ def test_resuming_a_run_whose_every_client_spent_its_budget_is_refused(tmp_path)
     assert (run.path / "config.toml").read_bytes() == before
     # one client with budget left: the run goes on
     _check_budget_left(cfg.with_overrides({"rounds": 4}), _spent_ledger(cfg, sites=(0,)), run.path, 2)
+
+
+def test_the_command_list_explains_each_command_in_one_line_and_version_is_an_option():
+    from typer.testing import CliRunner
+
+    from fedtune import __version__
+    from fedtune.cli import cli
+
+    listing = CliRunner().invoke(cli, ["--help"], terminal_width=200).output
+    for command in ("simulate", "audit", "export", "privacy-report", "privacy-verify", "deploy-local"):
+        line = next(row for row in listing.splitlines() if f" {command} " in row)
+        assert len(line.split(command, 1)[1].strip(" │")) > 20, f"{command} has a one-line summary"
+    assert "The last line printed" not in listing, "the list shows summaries, not whole docstrings"
+    assert CliRunner().invoke(cli, ["--version"]).output.strip() == __version__

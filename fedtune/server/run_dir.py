@@ -224,4 +224,5 @@ def _first_line(err: Exception) -> str:
 
 def finished_as(last_round: int, rounds: int) -> str:
     """How a finished run ended, for the messages that refuse to resume it."""
-    return f"has finished its {rounds} rounds" if last_round >= rounds else f"stopped early after round {last_round}"
+    return (f"has finished its {rounds} round{'s' if rounds != 1 else ''}" if last_round >= rounds
+            else f"stopped early after round {last_round}")
