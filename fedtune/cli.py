@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedtune import __version__
-from fedtune.config import given_keys, load_config
+from fedtune.config import given_keys, load_config, read_run_config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.options import AUDIT, DEPLOY, SIMULATE, config_options, explain, overrides
 
@@ -261,6 +261,11 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
         raise ConfigError(f"Invalid option `--canaries`: {overrides['data.canaries']} canaries cannot tell members "
                           f"from non-members; use at least 2 (the audit is tighter with hundreds, e.g. {DEFAULT_CANARIES}).")
     target = out if resume is None else resume
+    if resume is not None:  # before resuming anything: a run without canaries has nothing to audit
+        planned = read_run_config(resume)
+        if planned.data.canaries < 2 and not planned.dp.canary_clients:
+            raise ConfigError(f"{resume} has no canaries (data.canaries = {planned.data.canaries}), so there is "
+                              "nothing to audit. Start an audited run with `fedtune audit --canaries M --out RUN_DIR`.")
     _simulate(config, out, resume, overrides, audit_hint=False)
     record = run_audit(RunDirectory.existing(target), confidence, vantage)
     _write_report(target)

@@ -163,3 +163,18 @@ def test_the_command_list_explains_each_command_in_one_line_and_version_is_an_op
         assert len(line.split(command, 1)[1].strip(" │")) > 20, f"{command} has a one-line summary"
     assert "The last line printed" not in listing, "the list shows summaries, not whole docstrings"
     assert CliRunner().invoke(cli, ["--version"]).output.strip() == __version__
+
+
+def test_auditing_a_run_without_canaries_is_refused_before_anything_resumes(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedtune.cli import cli
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.run_dir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig(rounds=1, clients=2)).path
+    before = sorted(p.name for p in run.iterdir())
+    result = CliRunner().invoke(cli, ["audit", "--resume", str(run)])
+    assert result.exit_code == 2 and "has no canaries" in result.output
+    assert not result.output.strip().endswith(str(run)), "no run directory printed as if the run had gone on"
+    assert sorted(p.name for p in run.iterdir()) == before, "nothing written"
