@@ -209,13 +209,12 @@ class DPConfig:
     )
     public_streams: bool = field(
         default=False,
-        metadata={"help": "White-box audit: derive the Poisson sampling and model (dropout) streams from the run "
-                          "seed, so the server knows them, and `fedtune audit --vantage server` checks that the "
-                          "noise is drawn independently of them. The noise, and the streams drawn record after "
-                          "record (which records of a user, distributed DP's rounding), stay secret; dropout is off "
-                          "while a client trains. Needs every record in every step (Poisson q = 1, the recipe's "
-                          "full batch), where the guarantee does not rest on the sampling being secret; a client "
-                          "refuses a round otherwise. Simulation only."},
+        metadata={"help": "White-box audit: derive the Poisson sampling stream from the run seed, so the server "
+                          "knows it, and `fedtune audit --vantage server` checks that the noise is drawn "
+                          "independently of it. The noise, and the streams drawn record after record (dropout, "
+                          "which records of a user, distributed DP's rounding), stay secret. Needs every record in "
+                          "every step (Poisson q = 1, the recipe's full batch), where the guarantee does not rest "
+                          "on the sampling being secret; a client refuses a round otherwise. Simulation only."},
     )
     secagg: bool = field(
         default=False,

@@ -307,7 +307,7 @@ def _round_seed(cfg: FedtuneConfig, server_round: int, name: str) -> int | None:
     """Seed for this round's Poisson sampling, dropout and DP noise (each derived from it
     separately, privacy/dpsgd.py). Under DP, None: each drawn from the OS's secure randomness,
     unless the run asks for reproducible noise, which the server can regenerate from the run seed,
-    or for public streams (all but the noise derived from it; RoundSeeds.of_round)."""
+    or for public streams (the sampling's derived from it, the rest secret; RoundSeeds.of_round)."""
     if cfg.dp.enabled and not (cfg.dp.reproducible_noise or cfg.dp.public_streams):
         return None
     return round_seed(cfg.seed, server_round, name)

@@ -5,7 +5,7 @@ trains through PlainTraining here or privacy/dpsgd.py's PrivateTraining, which s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,8 +152,7 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
     optimizer = _optimizer(params, cfg, proximal_mu)
     model.train()
     losses = []
-    with (dropout_off(model, cfg.dp.enabled and cfg.dp.public_streams),
-          closing(_training(model, optimizer, data, cfg, history, seeds, canaries is not None)) as training):
+    with closing(_training(model, optimizer, data, cfg, history, seeds, canaries is not None)) as training:
         for _ in range(cfg.train.local_epochs):
             for batch in training.batches():
                 rows = batch.pop(RECORD_INDEX, None)
@@ -171,31 +170,6 @@ def train_round(model: torch.nn.Module, data: TokenizedTexts, cfg: FedtuneConfig
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         share = dict(zip(names, integer.values, strict=True))
     return TrainResult(mean_loss, training.steps, training.sample_rate, training.history, share)
-
-
-@contextmanager
-def dropout_off(model: torch.nn.Module, off: bool = True) -> Iterator[None]:
-    """Every dropout of `model` at rate 0 for the block (`off`), restored after: its nn.Dropout modules,
-    and the float `attention_dropout` that some attention layers (Llama's) apply themselves. Under
-    dp.public_streams the server knows the model stream, and dropout masks drawn from it in batch order
-    would make one record's removal change the masks, so the gradients, of every record after it; without
-    dropout each record's clipped gradient is a function of that record and the weights alone."""
-    if not off:
-        yield
-        return
-    saved = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            saved.append((module, "p", module.p))
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            saved.append((module, "attention_dropout", module.attention_dropout))
-            module.attention_dropout = 0.0
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

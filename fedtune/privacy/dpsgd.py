@@ -49,11 +49,12 @@ from fedtune.privacy.budget import poisson_schedule
 
 STREAMS = ("sampling", "noise", "model", "records", "rounding")
 # The streams dp.public_streams derives from the run seed; the others stay secret OS randomness under it. The
-# noise is the mechanism itself. The records and rounding streams are drawn record after record (user after
-# user), so were they known, removing one record would change the draws, and so the contribution, of every
-# record after it: the sum's sensitivity would no longer be one record's. The model stream only drives
-# dropout, which is off under public streams for the same reason (client/train.py::dropout_off).
-PUBLIC_STREAMS = ("sampling", "model")
+# noise is the mechanism itself. The other streams are drawn record after record (dropout masks through the
+# model's stream, which records of a user, the rounding), so were one known, removing one record would change
+# the draws, and so the contribution, of every record after it: the sum's sensitivity would no longer be one
+# record's. Secret, each record's draws are fresh and independent of the others', and the analysis averages
+# over them.
+PUBLIC_STREAMS = ("sampling",)
 ROUNDING_ROWS = 64  # distributed DP: records rounded to integers at a time (privacy/skellam.py)
 USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each record's user, not a model input
 
@@ -91,9 +92,8 @@ class RoundSeeds:
     @classmethod
     def public(cls, seed: int) -> RoundSeeds:
         """dp.public_streams (a white-box audit): PUBLIC_STREAMS derived as with `derived(seed)`, the others
-        secret OS randomness. At Poisson q = 1, with dropout off, each record's clipped gradient is a function
-        of that record and the round's weights alone, whatever those streams hold, so the guarantee holds for
-        every value of them (the Gaussian mechanism's analysis conditions on them): they may be known."""
+        secret OS randomness. At Poisson q = 1 the sampling takes every record whatever its stream holds, so
+        the guarantee holds for every value of it (the analysis conditions on it): it may be known."""
         return dataclasses.replace(cls.derived(seed), **{stream: secrets.randbits(63) for stream in STREAMS
                                                           if stream not in PUBLIC_STREAMS})
 

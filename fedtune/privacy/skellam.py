@@ -24,9 +24,12 @@ analysis covers the coordinator too (the Skellam mechanism of Agarwal, Kairouz a
   Gaussian's at σ, log(Σ_l C(α,l)·(1 − q)^(α−l)·q^l·e^((l−1)·l/(2σ²))) / (α − 1) (Mironov, Talwar, Zhang
   2019), which Opacus computes exactly at integer orders and `_one_step` takes from it. Why that
   formula bounds Skellam steps too (docs/privacy.md, "Subsampled Skellam steps", has the derivation):
-  1. Fix every draw but whether one record x is sampled: the other records' samples, all rounding (x's
-     rounded vector r included) and the other institutions' shares. The release is then Sk(s) without x
-     and (1 − q)·Sk(s) + q·Sk(s + r) with x: the Poisson-subsampled two-point mechanism {Sk(s), Sk(s + r)}.
+  1. Fix every draw but whether one record x is sampled and the honest institutions' noise: the other
+     records' samples, all rounding, the honest institutions' integer sums and the dishonest ones' shares.
+     x's rounded vector r is fixed too: each record's rounding draws are fresh and independent of the
+     others', so r may be taken as drawn whether or not x is sampled. The release is then Sk(s) without x
+     and (1 − q)·Sk(s) + q·Sk(s + r) with x, Sk being the honest shares' noise (variance at least v): the
+     Poisson-subsampled two-point mechanism {Sk(s), Sk(s + r)}.
   2. That pair meets the condition of Zhu and Wang's Theorem 8 (ICML 2019, "Poisson Subsampled Rényi
      Differential Privacy"), non-negative Pearson-Vajda χ^l pseudo-divergences at odd l, in both orders:
      the reflection y ↦ 2s + r − y swaps Sk(s) and Sk(s + r) (the noise is symmetric) and turns the

@@ -163,8 +163,8 @@ def canary_client_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tu
 
 def _known_stream_noise(cfg: FedtuneConfig, params: dict, round_: int, client: str) -> list:
     """dp.public_streams (the white-box audit): the noise one institution's round would carry had DP-SGD
-    drawn it from a generator seeded like one of the streams the server knows (sampling and the model's,
-    dpsgd.PUBLIC_STREAMS; the defect issue #18 fixed had it seeded like the sampling): per stream and step,
+    drawn it from a generator seeded like a stream the server knows (the sampling's, dpsgd.PUBLIC_STREAMS;
+    the defect issue #18 fixed had it seeded like the sampling): per stream and step,
     Gaussian draws parameter by parameter, as Opacus draws them. Under q = 1 a round is one step per
     local epoch. A correct client's noise is independent of all of them, so they are only extra columns
     of the fit; noise drawn from one of them is fitted away, and every canary's step is left bare."""

@@ -127,26 +127,3 @@ def test_fedprox_follows_every_real_step_of_either_object(monkeypatch):
         if dp.enabled:
             assert len(model.batches) > result.steps, "logical batches were split into physical ones"
 
-
-@pytest.mark.parametrize("public_streams", [False, True])
-def test_under_public_streams_a_round_trains_without_dropout(tiny_model, tokenized, tiny_cfg, public_streams):
-    """dp.public_streams tells the server the model stream, which drives dropout; known masks drawn in batch
-    order would tie one record's removal to every later record's gradient. So under it every dropout of the
-    real model runs at rate 0 while the client trains (and is restored after); otherwise dropout is as built."""
-    rates_in_training = set()
-    dropouts = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Dropout)]
-    built = {m: m.p for m in dropouts}
-    assert any(p > 0 for p in built.values()), "the default model has dropout to turn off"
-    hooks = [m.register_forward_pre_hook(lambda m, _args: rates_in_training.add(m.p)) for m in dropouts]
-    cfg = dataclasses.replace(tiny_cfg, train=TrainConfig(batch_size=len(tokenized.labels), learning_rate=0.1),
-                              dp=DPConfig(noise_multiplier=1.0, public_streams=public_streams))
-    try:
-        train_round(tiny_model, tokenized, cfg, [], proximal_mu=0.0, seed=3)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if public_streams:
-        assert rates_in_training == {0.0}
-    else:
-        assert max(rates_in_training) > 0
-    assert {m: m.p for m in dropouts} == built

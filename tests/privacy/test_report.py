@@ -272,9 +272,9 @@ def _text(tmp_path, entries, reproducible=False, **overrides):
 
 def test_the_report_says_which_streams_the_server_knows_under_public_streams(tmp_path):
     text = _text(tmp_path, [trained(1, 2.0, q=1.0, steps=1)], **{"dp.public_streams": True})
-    assert "`dp.public_streams`" in text and "Poisson q = 1" in text and "dropout was off" in text
-    assert "which records of a sampled user a step uses (user-level DP) and distributed DP's rounding came from the " \
-           "operating system's secure randomness" in text
+    assert "`dp.public_streams`" in text and "Poisson q = 1" in text
+    assert "the DP noise, dropout, which records of a sampled user a step uses (user-level DP) and distributed " \
+           "DP's rounding came from the operating system's secure randomness" in text
     assert "separate seeds from the operating system" not in text
 
 
@@ -446,3 +446,13 @@ def test_spending_from_other_runs_is_shown_beside_this_runs_steps(tmp_path):
     text = markdown(report)
     assert "For `b` it is more than this run's recorded steps give" in text
     assert report.epsilon_max == pytest.approx(own + 2.0)  # the larger figure is the one that counts
+
+
+@pytest.mark.parametrize("field", ["sample_rate", "noise_multiplier"])
+def test_a_trained_entry_missing_a_figure_is_reported_not_a_crash(tmp_path, field):
+    """A damaged or hand-edited ledger (privacy-verify names the entry): the report is still written."""
+    rows = [trained(1, 1.0, distributed_min_honest=2), trained(2, 2.0, distributed_min_honest=2)]
+    rows[1][field] = None
+    report = build_report(make_run(tmp_path, {"a": rows, "b": [trained(1, 1.5, distributed_min_honest=2)]}))
+    assert report.distributed["epsilon_own_share"] is None and client(report, "a").epsilon == 2.0
+    assert "privacy report" in markdown(report).lower()

@@ -42,14 +42,16 @@ def spent(r: ReportData) -> list[Block]:
                       f"by the {kind} accountant" + (f"; the largest ε by the {other_kind} accountant is "
                                                      f"{eps(r.epsilon_max_other)}." if two else "."))
     blocks.append(
-        "ε is cumulative: all the spending the institution's own record holds, as of its latest ledger entry. "
-        "That is every round of this run it trained, and any other run's rounds in the same state directory: an "
-        "institution's ε never restarts with a new run. "
+        "ε is cumulative: all the spending the institution's own privacy state holds, as of its latest ledger "
+        "entry. That is every round of this run it trained and, where its state directory serves several runs "
+        "(a deployed institution's `state-dir`), the rounds of the runs before: its ε does not restart with a "
+        "new run. (In simulation each run has a state directory of its own.) "
         + (f"For {', '.join(f'`{name}`' for name in earlier)} it is more than this run's recorded steps give "
            f"(the column of this run's steps, by the run's {kind} accountant): "
-           f"{'its' if len(earlier) == 1 else 'their'} own record also holds spending this ledger does not, "
-           "another run's in the same state directory or a "
-           "round whose reply never reached the server. The larger figure is the one that counts. "
+           f"{'its' if len(earlier) == 1 else 'their'} privacy state also holds spending this ledger does not "
+           "(another run's in the same state directory, or a round whose reply never reached the server), or the "
+           "ledger was written by an earlier fedtune whose accountant gave a larger ε for the same steps (before "
+           "2026-12-07, distributed DP's steps at q < 1). The larger figure is the one that counts. "
            if earlier else "")
         + f"σ (noise multiplier), C (clipping norm), n (its training {'users' if r.unit == 'user' else 'records'}) "
         "and q (sampling rate) are from its "

@@ -85,7 +85,7 @@ class Settings:
     client_dp: str | None = None
     secagg: bool | None = None
     reproducible_noise: bool | None = None
-    public_streams: bool = False  # dp.public_streams: every stream but the noise derived (white-box audit)
+    public_streams: bool = False  # dp.public_streams: the sampling stream derived (white-box audit)
     unit: str | None = None  # dp.unit
     user_column: str | None = None  # data.user_column, when set
     max_records_per_user: int | None = None  # dp.max_records_per_user (unit `user`)
@@ -285,15 +285,16 @@ def build_report(run_dir: Path) -> ReportData:
 def _distributed(entries: dict[str, tuple[LedgerEntry, ...]], kind: str, delta: float | None) -> dict[str, Any] | None:
     """Under distributed DP, what each institution's own share of the noise (σ/√t) gives alone, should
     fewer than t institutions have added theirs honestly: the largest such ε over the institutions."""
-    from fedtune.privacy.accountant import epsilon
-
     shared = [e for rows in entries.values() for e in rows if e.distributed_min_honest]
     if not shared or delta is None:
         return None
     t = max(e.distributed_min_honest for e in shared)
-    own = max(epsilon(kind, [(e.noise_multiplier / math.sqrt(e.distributed_min_honest or 1), e.sample_rate, e.steps)
-                             for e in rows if e.steps], delta) for rows in entries.values())
-    rate = max((e.sample_rate for e in shared if e.steps), default=1.0)  # q < 1: train.sample_rate
+    damaged = any(e.steps and (e.noise_multiplier is None or e.sample_rate is None)
+                  for rows in entries.values() for e in rows)  # privacy-verify names such an entry
+    own = None if damaged else max(
+        epsilon(kind, [(e.noise_multiplier / math.sqrt(e.distributed_min_honest or 1), e.sample_rate, e.steps)
+                       for e in rows if e.steps], delta) for rows in entries.values())
+    rate = max((e.sample_rate for e in shared if e.steps and e.sample_rate is not None), default=1.0)  # q < 1
     return {"min_honest": t, "epsilon_own_share": _num(own), "sample_rate": rate}
 
 
@@ -358,7 +359,8 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
         max_grad_norm=last.max_grad_norm,
         sample_rate=last.sample_rate,
         num_examples=last.num_examples,
-        expected_batch=last.num_examples * last.sample_rate if last.num_examples else None,
+        expected_batch=last.num_examples * last.sample_rate if last.num_examples and last.sample_rate is not None
+        else None,
         parameters_changed=len(params) > 1,
         steps=sum(e.steps for e in trained),
         rounds_trained=sum(e.status == k.STATUS_TRAINED for e in committed),

@@ -374,9 +374,10 @@ def _distributed(r: ReportData) -> str:
             "(SecAgg+) revealed only the sum, modulo its range. Nothing is rounded after the noise, so this holds "
             f"against the coordinator too. Each institution refused to help unmask a sum with fewer than {t} "
             "shares. SecAgg+ keeps one institution's share hidden from a coordinator that follows the protocol "
-            "unless it colludes with two thirds of that round's institutions, the shares that rebuild an "
-            "institution's masks. Should it collude with that many, or the shares be exposed otherwise, what holds "
-            f"is an institution's own share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
+            "unless it colludes with enough of that round's m institutions to rebuild that institution's masks: "
+            "max(2, round(2m/3)) of them, 13 of 20 (Flower's reconstruction threshold as fedtune sets it). Should "
+            "it collude with that many, or the shares be exposed otherwise, what holds is an institution's own "
+            f"share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
 
 
 def _gaussian_shares(t: int, own: Any) -> str:
@@ -425,15 +426,14 @@ def _randomness(r: ReportData) -> str:
                 "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
                 "against anyone who sees only the final adapter.")
     if r.settings.public_streams:
-        return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling and the "
-                "model's stream were derived from the run seed, the round and the institution's name, so the server "
-                "knows them; the DP noise, which records of a sampled user a step uses (user-level DP) and "
-                "distributed DP's rounding came from the operating system's secure randomness, never sent, and "
-                "dropout was off while the institutions trained. Each institution trained only with every record "
-                "in every step (Poisson q = 1), so each record's clipped gradient depended on that record and the "
-                "round's weights alone: the Gaussian mechanism's guarantee holds for every value of the known "
-                "streams (its analysis conditions on them) and no amplification by sampling is claimed, so the "
-                "guarantee holds against the server too.")
+        return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling's stream "
+                "was derived from the run seed, the round and the institution's name, so the server knows it; the "
+                "DP noise, dropout, which records of a sampled user a step uses (user-level DP) and distributed "
+                "DP's rounding came from the operating system's secure randomness, never sent. Each institution "
+                "trained only with every record in every step (Poisson q = 1), where the sampling takes every "
+                "record whatever its stream holds: the guarantee holds for every value of it (the analysis "
+                "conditions on it) and no amplification by sampling is claimed, so the guarantee holds against "
+                "the server too.")
     return ("**Randomness**: in each round, each institution draws separate seeds from the operating "
             "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout and (user-level "
             "DP) which records of a sampled user a step uses, and never sends them; the noise is therefore "
