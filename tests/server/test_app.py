@@ -51,5 +51,5 @@ def test_resuming_a_finished_run_from_the_command_starts_no_simulation(tmp_path,
     monkeypatch.setattr(engine, "simulate", lambda *args: (_ for _ in ()).throw(AssertionError("simulated")))
     result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path)])
     assert result.exit_code == 0, result.output
-    assert "has finished its 1 rounds; nothing to resume" in result.stderr
+    assert "has finished its 1 round; nothing to resume" in result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(run.path)
