@@ -152,8 +152,9 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     if resume is not None:
         changed = sorted(key for key, value in overrides.items() if value is not None and key not in RESUMABLE)
         if changed or config is not None or out is not None:
-            raise ConfigError(f"--resume continues a run with its saved config; only --rounds and --ray-address "
-                              f"may change (got {', '.join(changed) or '--config/--out'}). Drop those options.")
+            may = "--rounds and --ray-address" if "simulation.ray_address" in overrides else "--rounds"
+            raise ConfigError(f"--resume continues a run with its saved config; only {may} may change (got "
+                              f"{', '.join(changed) or '--config/--out'}). Drop those options.")
         cfg, run = continue_run(resume, overrides["rounds"], overrides.get("simulation.ray_address"))
         latest = run.latest_checkpoint()
         if run.finished(latest, cfg):  # no simulation to start (Ray takes seconds)
