@@ -375,9 +375,14 @@ def _distributed(r: ReportData) -> str:
             f"against the coordinator too. Each institution refused to help unmask a sum with fewer than {t} "
             "shares. SecAgg+ keeps one institution's share hidden from a coordinator that follows the protocol "
             "unless it colludes with enough of that round's m institutions to rebuild that institution's masks: "
-            "max(2, round(2m/3)) of them, 13 of 20 (Flower's reconstruction threshold as fedtune sets it). Should "
-            "it collude with that many, or the shares be exposed otherwise, what holds is an institution's own "
-            f"share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
+            f"max(2, round(2m/3)) of them{_threshold_example(r.settings.clients)} (Flower's reconstruction "
+            "threshold as fedtune sets it). Should it collude with that many, or the shares be exposed otherwise, "
+            f"what holds is an institution's own share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
+
+
+def _threshold_example(m: int | None) -> str:
+    """SecAgg+'s threshold for this run's institutions, when every one of them takes part in a round."""
+    return f", {max(2, round(2 * m / 3))} of this run's {m} when all take part" if m else ""
 
 
 def _gaussian_shares(t: int, own: Any) -> str:
