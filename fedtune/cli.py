@@ -98,7 +98,8 @@ def privacy_verify(
     run_dir: Annotated[Path, typer.Argument(help="Run directory made by `fedtune simulate` (or `flwr run`).")],
 ) -> None:
     """An auditor's check of RUN_DIR/privacy_ledger.json: every client's ε recomputed from the
-    ledger's σ, q and steps with Google's dp-accounting (not Opacus, which the run used), ε never
+    ledger's σ, q and steps with Google's dp-accounting (not Opacus, which the run used; for distributed
+    DP's `skellam` ledgers a second RDP implementation, converted to ε by dp-accounting), ε never
     decreasing, δ < 1/n, q and steps consistent with n and the batch size, no budget exceeded, and
     coherent statuses. Exit 0 when all hold; exit 1 with one line per violation (client, round, field,
     expected and found); exit 2 when the ledger or config.toml cannot be read."""
@@ -217,8 +218,8 @@ def audit(
     (Steinke, Nasr & Jagielski 2023). Each canary is scored by the final adapter's loss on it, or
     (--vantage server) by every round's update of its institution as the server received it; the
     guesses give a lower bound on ε at the run's δ, with membership-inference AUC and TPR at 1% FPR.
-    Under --vantage server the canaries are gradient canaries (each one's gradient is C along a random
-    direction) unless --canary-kind or --config says otherwise.
+    Under --vantage server the canaries are gradient canaries (each one's gradient is 10·C along a random
+    direction, which DP-SGD clips to C) unless --canary-kind or --config says otherwise.
     With --canary-clients K (and --client-dp), K canary institutions audit client-level DP instead:
     each sends a random direction at the clipping norm, is scored by its cosine with the final
     adapter's change, and Andrew et al.'s (2024) one-shot ε estimate is shown too.

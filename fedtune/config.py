@@ -203,7 +203,8 @@ class DPConfig:
     )
     reproducible_noise: bool = field(
         default=False,
-        metadata={"help": "Derive DP noise and Poisson sampling from the run seed, for repeatable research "
+        metadata={"help": "Derive every random stream of DP training (Poisson sampling, noise, dropout, a user's "
+                          "records, distributed DP's rounding) from the run seed, for repeatable research "
                           "runs. The server knows that seed, so the guarantee then no longer holds against "
                           "the server. Off: each client draws them from the OS's secure randomness."},
     )
@@ -214,7 +215,9 @@ class DPConfig:
                           "independently of it. The noise, and the streams drawn record after record (dropout, "
                           "which records of a user, distributed DP's rounding), stay secret. Needs every record in "
                           "every step (Poisson q = 1, the recipe's full batch), where the guarantee does not rest "
-                          "on the sampling being secret; a client refuses a round otherwise. Simulation only."},
+                          "on the sampling being secret; a client refuses a round otherwise. Meant for simulation: "
+                          "deploy-local does not offer it, and under `flwr run` an institution asked for it trains "
+                          "only at q = 1."},
     )
     secagg: bool = field(
         default=False,
@@ -599,7 +602,13 @@ class FedtuneConfig:
                           "round the cooldown started from, that round's adapter is released instead "
                           "(docs/recipe.md). 0: stop at once."})
     clients: int = field(default=10, metadata={"help": "Simulated institutions."})
-    seed: int = field(default=0, metadata={"help": "Seed for data, sampling and noise."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed for the data split, the initial adapter, FFA-LoRA's shared A and the audit's "
+                          "canaries; without DP also for sampling and dropout. Under DP each client draws its "
+                          "sampling and noise from the OS's secure randomness unless dp.reproducible_noise (or, "
+                          "for the sampling alone, dp.public_streams) is set."},
+    )
     out: str = field(default="", metadata={"help": "Run directory; empty means runs/<timestamp>."})
     # 1 CPU: one single-threaded worker per core. On this 2-core machine two 1-thread workers train
     # 1.3x faster than one 2-thread worker (bench/simulation_throughput.py): small matmuls scale

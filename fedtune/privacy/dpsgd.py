@@ -8,8 +8,9 @@ real) is PrivateTraining's, so client/train.py runs the same loop with or withou
 
 Two things are wired by hand, each for a reason the analysis depends on:
 - Randomness. DP-SGD's proof assumes the noise is independent of which records were sampled.
-  Sampling, noise and dropout each get their own generator (RoundSeeds): secret OS randomness by
-  default, three streams derived from one seed with reproducible noise. Opacus would otherwise draw
+  Sampling, noise, dropout, a user's records and distributed DP's rounding each get their own
+  generator (RoundSeeds, STREAMS): secret OS randomness by default, all derived from one seed with
+  reproducible noise, only the sampling with public streams. Opacus would otherwise draw
   the Poisson sampling from torch's global generator, which the caller also seeds.
 - The Poisson schedule. Opacus' DPDataLoader runs int(1/q) steps, which for about 6% of batch
   counts k is k-1 (1/(1/k) < k in floating point), and then accounts q = 1/(k-1). The loader here

@@ -426,8 +426,9 @@ def _secret_samples(r: ReportData) -> list[str]:
 def _randomness(r: ReportData) -> str:
     if r.settings.noise_from_seed:
         return ("**Randomness** (research only): this run set `dp.reproducible_noise`: the Poisson sampling, the DP "
-                "noise and dropout each came from their own stream, derived from the run seed, the round and the "
-                "institution's name. The streams are independent of each other, but the server knows the seed and "
+                "noise, dropout, which records of a sampled user a step uses and distributed DP's rounding each "
+                "came from their own stream, derived from the run seed, the round and the institution's name. "
+                "The streams are independent of each other, but the server knows the seed and "
                 "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
                 "against anyone who sees only the final adapter.")
     if r.settings.public_streams:
@@ -440,8 +441,9 @@ def _randomness(r: ReportData) -> str:
                 "conditions on it) and no amplification by sampling is claimed, so the guarantee holds against "
                 "the server too.")
     return ("**Randomness**: in each round, each institution draws separate seeds from the operating "
-            "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout and (user-level "
-            "DP) which records of a sampled user a step uses, and never sends them; the noise is therefore "
+            "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout, (user-level "
+            "DP) which records of a sampled user a step uses and (distributed DP) the rounding onto SecAgg+'s "
+            "grid, and never sends them; the noise is therefore "
             "independent of which records were sampled, as the analysis assumes "
             "(`tests/privacy/test_randomness.py` checks it statistically). PyTorch's generators are not themselves "
             "cryptographic (Opacus' `secure_mode` is off), which the standard analysis does not require but a "
