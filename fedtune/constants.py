@@ -27,6 +27,11 @@ LEDGER_SPENT = "fedtune.ledger_spent"
 LEDGER_ROUNDS = "fedtune.ledger_rounds"  # JSON [[round, steps], ...]: the client's entries with steps the ledger holds
 CLIPPING_NORM = "clipping_norm"  # Flower's KEY_CLIPPING_NORM: client-side client-level DP clipping
 CLIENT_DP = "dp.client_dp"  # the run-config key that tells the client mod fixed from adaptive
+SECAGG = "dp.secagg"  # the run-config key that says updates go through SecAgg+
+# SecAgg+ (without distributed DP) maps each adapter value in [-SECAGG_CLIPPING_RANGE, SECAGG_CLIPPING_RANGE]
+# to SECAGG_QUANTIZATION_RANGE levels by stochastic rounding (Flower's default range, 2^22).
+SECAGG_CLIPPING_RANGE = 8.0
+SECAGG_QUANTIZATION_RANGE = 2**22
 ARRAY_NAMES = "fedtune.array_names"  # SecAgg+ FitIns config: the names of the legacy Parameters, in order
 
 # MetricRecord keys in replies.

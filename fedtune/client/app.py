@@ -30,6 +30,7 @@ from fedtune.client.secagg import secagg_mod, secagg_range
 from fedtune.client.state import (
     ClientState,
     DamagedState,
+    adopt_ledger_spending,
     known_history,
     load_state,
     lost_spending,
@@ -160,20 +161,21 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
         return _Round(msg, context, cfg, name, policy, server_round, n).reply(k.STATUS_REFUSED, metrics,
                                                                                 reason=str(err))
     cfg = _round_config(cfg, record, state, n)
-    ledger = spent_on_ledger(record)
-    lost = lost_spending(state, ledger)
+    ledger, run, held = spent_on_ledger(record), record.get(k.RUN_ID), rounds_on_ledger(record)
+    lost = lost_spending(state, ledger, run, held)
     if lost and policy.adopt_ledger_spending:  # the operator's explicit reset: continue from the ledger
-        state.history, lost = list(ledger), None
+        adopt_ledger_spending(state, ledger, run, held)
+        lost = None
         round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
     else:
         round_ = _Round(msg, context, cfg, name, policy, server_round, n)
-    late = unrecorded(state, ledger, rounds_on_ledger(record), record.get(k.RUN_ID))  # this run's, never recorded
+    late = unrecorded(state, ledger, held, run)  # this run's, never recorded
     if late:
         round_ = dataclasses.replace(round_, late=tuple(late))
     refusal = policy.refusal(cfg.dp, n) or (lost and f"{lost}. To continue from the ledger's record, set "
                                                      f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config")
     if refusal:  # its ε is reported from the fuller record, so the ledger never shows it lower
-        return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger), refusal)
+        return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger, run, held), refusal)
     plan = cfg.train  # the round's schedule
     if cfg.dp.enabled and not within_budget(cfg.dp, state.history, n, plan.batch_size, plan.local_epochs,
                                             plan.sample_rate):

@@ -10,7 +10,10 @@ run's own data, the one the server names (simulation: inside the run directory).
 
 The server's ledger also records what each client spent. A client whose own state holds less
 than that has lost it (a deleted file, a new machine, `lost_spending`): it refuses to train, since
-its ε would restart from nothing, until its operator explicitly adopts the ledger's record.
+its ε would restart from nothing, until its operator explicitly adopts the ledger's record. "Less"
+is checked against its whole history (steps) and against its own entries of the run the ledger is
+of ((σ, q) by (σ, q)): a state directory several runs share holds other runs' steps, which can
+outnumber the ones a copy restored from an older backup lacks.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from flwr.app import ConfigRecord, Context
 from fedtune import constants as k
 from fedtune.durable import write_json_atomic
 from fedtune.errors import FedtuneError
-from fedtune.privacy.accountant import History, normalize
+from fedtune.privacy.accountant import History, merged, normalize
 from fedtune.privacy.ledger import LedgerEntry
 
 
@@ -38,15 +41,20 @@ class ClientState:
     history: History = field(default_factory=list)  # Opacus accountant history: (sigma, q, steps) runs
     noise_multiplier: float | None = None  # solved once from dp.target_epsilon, then kept
     ledger: list[LedgerEntry] = field(default_factory=list)  # this client's own round entries
+    # Per run id ("" when the server sent none): the spending its operator adopted from the server's
+    # ledger after a lost state (adopt-ledger-spending), which its own entries of that run lack.
+    adopted: dict[str, History] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
         return cls(normalize(data.get("history", [])), data.get("noise_multiplier"),
-                   [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])])
+                   [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])],
+                   {run: normalize(history) for run, history in data.get("adopted", {}).items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": [list(run) for run in self.history], "noise_multiplier": self.noise_multiplier,
-                "ledger": [entry.to_dict() for entry in self.ledger]}
+                "ledger": [entry.to_dict() for entry in self.ledger],
+                **({"adopted": {run: [list(r) for r in h] for run, h in self.adopted.items()}} if self.adopted else {})}
 
 
 def _state_file(directory: str, client: str) -> Path | None:
@@ -109,9 +117,69 @@ def spent_on_ledger(record: ConfigRecord) -> History:
     return normalize(json.loads(text)) if isinstance(text, str) and text else []
 
 
-def known_history(state: ClientState, ledger: History) -> History:
-    """The fuller of the two records of this client's spending (by steps): what its ε is at least."""
-    return ledger if steps_in(ledger) > steps_in(state.history) else state.history
+def _this_run(state: ClientState, run: str | None) -> list[LedgerEntry]:
+    """Its own entries of run `run` (all of them when the server sends no run id); entries written
+    before they named their run count as this run's."""
+    return [entry for entry in state.ledger if run is None or entry.run in (run, None)]
+
+
+def _adopted(state: ClientState, run: str | None) -> History:
+    return [part for key, history in state.adopted.items() if run is None or key in (run, "") for part in history]
+
+
+def _recorded(state: ClientState, run: str | None, held: list[tuple[int, int]] | None) -> list[LedgerEntry]:
+    """Its own entries of run `run` that took steps and that the server's ledger holds (by (round,
+    steps), `held`; all of them when the server sent no such list). One the ledger lacks (a reply it
+    never got) is `unrecorded`'s to report, and must not stand in for an entry the state lost."""
+    own = [entry for entry in _this_run(state, run) if entry.steps]
+    if held is None:
+        return own
+    left, recorded = Counter(held), []
+    for entry in own:
+        if left[(entry.round, entry.steps)] > 0:
+            left[(entry.round, entry.steps)] -= 1
+            recorded.append(entry)
+    return recorded
+
+
+def ledger_shortfall(state: ClientState, ledger: History, run: str | None = None,
+                     held: list[tuple[int, int]] | None = None) -> History:
+    """The spending the server's record of this client in run `run` (`ledger`, with the (round, steps)
+    of its entries, `held`) holds beyond its own entries of that run that it recorded, and what it
+    adopted, (σ, q) by (σ, q): composition does not depend on the order. Empty while its state is whole."""
+    left = Counter()
+    own = [(e.noise_multiplier, e.sample_rate, e.steps) for e in _recorded(state, run, held)
+           if e.noise_multiplier is not None and e.sample_rate is not None]
+    for sigma, q, steps in normalize([*own, *_adopted(state, run)]):
+        left[(sigma, q)] += steps
+    out = []
+    for sigma, q, steps in merged(ledger):
+        taken = min(steps, left[(sigma, q)])
+        left[(sigma, q)] -= taken
+        if steps > taken:
+            out.append((sigma, q, steps - taken))
+    return out
+
+
+def adopt_ledger_spending(state: ClientState, ledger: History, run: str | None = None,
+                          held: list[tuple[int, int]] | None = None) -> None:
+    """The operator's explicit continuation after a lost state: the ledger's spending that its own
+    records of the run lack joins its history, whatever else that holds (another run's spending
+    stays), and is kept as adopted for the run, so the next round finds the state whole. A history
+    that still holds fewer steps than the ledger (damaged apart from its entries) becomes the ledger's."""
+    gap = ledger_shortfall(state, ledger, run, held)
+    state.adopted[run or ""] = [*state.adopted.get(run or "", []), *gap]
+    state.history = [*state.history, *gap]
+    if steps_in(state.history) < steps_in(ledger):
+        state.history = list(ledger)
+
+
+def known_history(state: ClientState, ledger: History, run: str | None = None,
+                  held: list[tuple[int, int]] | None = None) -> History:
+    """Its history with whatever the server's record holds beyond its own records: what its ε is at
+    least (the ledger's, where that has more steps still)."""
+    history = [*state.history, *ledger_shortfall(state, ledger, run, held)]
+    return ledger if steps_in(ledger) > steps_in(history) else history
 
 
 def rounds_on_ledger(record: ConfigRecord) -> list[tuple[int, int]] | None:
@@ -134,8 +202,8 @@ def unrecorded(state: ClientState, ledger: History, held: list[tuple[int, int]] 
     state directory is not this run's to record: it stays in the client's history, and so in the ε
     it reports. Entries written before they named their run, or a server that sends no run id,
     count as this run's."""
-    own = [entry for entry in state.ledger if run is None or entry.run in (run, None)]
-    missing = sum(entry.steps or 0 for entry in own) - steps_in(ledger)
+    own = _this_run(state, run)
+    missing = sum(entry.steps or 0 for entry in own) + steps_in(_adopted(state, run)) - steps_in(ledger)
     if held is None or missing <= 0:
         return []
     left = Counter(held)
@@ -148,12 +216,16 @@ def unrecorded(state: ClientState, ledger: History, held: list[tuple[int, int]] 
     return late if sum(entry.steps for entry in late) == missing else []
 
 
-def lost_spending(state: ClientState, ledger: History) -> str | None:
-    """Why this node's own state cannot be the whole of its spending: it holds fewer DP-SGD steps
-    than the server's ledger records for it (a deleted file, a new machine); None when it holds at
-    least as many. More than the ledger is normal (a reply the server never got)."""
-    own, recorded = steps_in(state.history), steps_in(ledger)
-    if own >= recorded:
+def lost_spending(state: ClientState, ledger: History, run: str | None = None,
+                  held: list[tuple[int, int]] | None = None) -> str | None:
+    """Why this node's own state cannot be the whole of its spending: the server's ledger records
+    spending in run `run` that it lacks (a deleted file, a new machine, a copy restored from before
+    some rounds), in its history or among its own entries of the run; None when it lacks nothing.
+    Checking the history alone missed a restored copy whose other runs' steps outnumber the lost
+    ones. More than the ledger is normal (a reply the server never got)."""
+    if steps_in(state.history) >= steps_in(ledger) and not ledger_shortfall(state, ledger, run, held):
         return None
-    return (f"this node's privacy state records {own} DP-SGD steps, but the server's ledger records {recorded} for "
-            "it: the state was lost or replaced, and its ε must not restart from it")
+    own = sum(entry.steps or 0 for entry in _this_run(state, run)) + steps_in(_adopted(state, run))
+    return (f"this node's privacy state records {min(own, steps_in(state.history))} DP-SGD steps of this run, but "
+            f"the server's ledger records {steps_in(ledger)} for it: the state was lost, replaced or restored from an "
+            "older copy, and its ε must not go back with it")

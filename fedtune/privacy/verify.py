@@ -87,13 +87,17 @@ def verify_run(run_dir: Path) -> Verification:
     for name, rows in sorted(clients.items()):
         entries += len(rows)
         violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg, run_id))
-    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients)))
+    retried = _rounds_run_again(clients)
+    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=retried))
     return Verification(len(clients), entries, violations)
 
 
 def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
             cfg: FedtuneConfig, run_id: str | None = None) -> Iterator[Violation]:
     reported = [row for row in rows if row.reported]  # failures the server recorded carry no figures
+    for row in rows:  # steps without an ε: not a server-recorded failure, and steps the check below would skip
+        if not row.reported and row.steps:
+            yield _Row(name, row)("epsilon", "a number (an entry that took steps reports its ε)", "null")
     cap = min(cfg.dp.epsilon_budget, cfg.dp.target_epsilon) if cfg.dp.target_epsilon > 0 else cfg.dp.epsilon_budget
     previous_round, highest = -1, 0.0
     for row in reported:
@@ -206,10 +210,27 @@ def _sampling(bad: _Row, row: LedgerEntry, cfg: FedtuneConfig) -> Iterator[Viola
         yield bad("steps", f"{steps} ({why}, {train.local_epochs} local epochs)", row.steps)
 
 
-def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool) -> Iterator[Violation]:
+def _rounds_run_again(clients: dict[str, tuple[LedgerEntry, ...]]) -> int:
+    """How many times a crash cut a round short and it ran again: per round, the most interrupted
+    entries of it any one client has (each try that reached the ledger left one), summed. Entries
+    recorded late after the last round and marked interrupted ran no round again."""
+    tries: dict[int, int] = {}
+    for rows in clients.values():
+        mine: dict[int, int] = {}
+        for row in rows:
+            if row.interrupted and not row.recorded_late:
+                mine[row.round] = mine.get(row.round, 0) + 1
+        for round_, count in mine.items():
+            tries[round_] = max(tries.get(round_, 0), count)
+    return sum(tries.values())
+
+
+def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool, retried: int = 0
+                  ) -> Iterator[Violation]:
     """The client-level account: its figures are the run config's (z, q = m/N, δ, the clipping), and
     its ε matches dp-accounting's for them. A run with client-level DP that ran a round must have one, and a
-    run without it none."""
+    run without it none. Its releases are at most the run's rounds, plus one for each round a crash cut
+    short (`retried`: rounds with interrupted entries), whose release counts and which ran again."""
     dp = cfg.dp
     if dp.client_dp == "off" and entry:  # the report would show a client-level guarantee nobody asked for
         yield Violation("client-level", None, "client_level", "none (dp.client_dp = off)", "an account")
@@ -227,8 +248,10 @@ def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool) -
             else got == want
         if not same:
             yield Violation("client-level", None, key, f"{want} (the run's config)", str(got))
-    if entry.get("rounds", 0) > cfg.rounds:
-        yield Violation("client-level", None, "rounds", f"<= {cfg.rounds} (the run's rounds)", str(entry["rounds"]))
+    if entry.get("rounds", 0) > cfg.rounds + retried:
+        yield Violation("client-level", None, "rounds", f"<= {cfg.rounds + retried} (the run's rounds"
+                        + (f", and {retried} cut short by a crash and run again" if retried else "") + ")",
+                        str(entry["rounds"]))
     if entry.get("epsilon") is None:
         return
     independent = independent_client_level_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["rounds"],

@@ -64,7 +64,9 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     rounds_left = start is None or start.round < cfg.rounds
     warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
-    inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None, stop=stop)
+    resumed = start is not None or run.read_ledger() is not None  # an earlier session may have been cut off
+    inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None, stop=stop,
+                         resumed=resumed)
     if start is None:
         start = initial_checkpoint(inputs, to_record(inputs.evaluate.model))
         run.commit(start)

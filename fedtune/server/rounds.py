@@ -80,6 +80,7 @@ class RoundInputs:
     worker_peak_rss_mb: dict[int, float] = field(default_factory=dict)  # per client process, this session
     ray_nodes: dict[str, int] = field(default_factory=dict)  # simulation: replies per Ray node, this session
     stop: threading.Event = field(default_factory=threading.Event)  # set on Ctrl-C: stop at once, commit nothing
+    resumed: bool = False  # continuing a run directory: after the last round every client is asked (_record_unreported)
 
 
 class RunStopped(Exception):
@@ -324,11 +325,13 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
                        ledger: PrivacyLedger) -> Checkpoint:
     """After the last round: the spending of clients whose last reply never came, asked for
     (server/spending.py::ask_unrecorded) and put on record, so the ledger, report and last metrics row
-    a finished run leaves count it. Written like a round's spending: the ledger first, then the
+    a finished run leaves count it. In a resumed run every connected client is asked: the clients a
+    crash or Ctrl-C cut off mid-round have no entry at all (the round's replies were never recorded),
+    and one not sampled again since has reported nothing. Written like a round's spending: the ledger first, then the
     checkpoint again (a crash between the two: PrivacyLedger.record_interrupted). Waits at most
     UNRECORDED_TIMEOUT_S for replies. Ctrl-C meanwhile stops the run before its summary is written, so
     that `--resume` asks again."""
-    if not ledger.dp_enabled or not awaiting_report(ledger):
+    if not ledger.dp_enabled or not (inputs.resumed or awaiting_report(ledger)):
         return state
     timeout = min(transport.timeout_s or UNRECORDED_TIMEOUT_S, UNRECORDED_TIMEOUT_S)
     registry = Registry.of(transport.grid)
@@ -338,7 +341,7 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     before = ledger.to_dict()
     names = ask_unrecorded(ledger, state.node_names, connected,
                            client_config(inputs.cfg, inputs.run, transport.grid), state.round,
-                           dataclasses.replace(transport, timeout_s=timeout).send)
+                           dataclasses.replace(transport, timeout_s=timeout).send, everyone=inputs.resumed)
     if ledger.to_dict() != before:  # spending recorded, or a failure moved to the client it is now known as
         ledger.save(inputs.run.path)
         last = {**state.metrics[-1], "epsilon_max": ledger.epsilon_max()}

@@ -46,7 +46,7 @@ NUM_SHARES = 1.0
 RECONSTRUCTION_THRESHOLD = 2 / 3
 # Adapter parameters are quantized in [-CLIPPING_RANGE, CLIPPING_RANGE] (2^22 levels); a client
 # refuses to submit values outside it rather than let them be clipped silently (client/secagg.py).
-CLIPPING_RANGE = 8.0
+CLIPPING_RANGE = k.SECAGG_CLIPPING_RANGE
 
 
 def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
@@ -73,7 +73,7 @@ def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progres
                            modulus_range=2**distributed.MODULUS_BITS, timeout=timeout_s)(grid, context)
     else:
         SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=1.0, clipping_range=CLIPPING_RANGE,
-                           timeout=timeout_s)(grid, context)
+                           quantization_range=k.SECAGG_QUANTIZATION_RANGE, timeout=timeout_s)(grid, context)
     progress.remove_task(task)
     replies = relay.replies()
     if relay.range_used >= distributed.RANGE_WARNING:

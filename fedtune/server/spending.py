@@ -11,7 +11,9 @@ each one reported. Two checks tie them together:
 And one the other way: a client whose reply never came (recorded `failed`, without figures) may
 have trained and spent all the same. Its next train reply reports that spending (client/state.py's
 `unrecorded`); after the run's last round there is no next one, so the server asks each such client
-once, with a `query.unrecorded_spending` message that trains nothing (ask_unrecorded).
+once, with a `query.unrecorded_spending` message that trains nothing (ask_unrecorded). A run that was
+resumed asks every connected client: a crash or Ctrl-C during a round leaves no entry at all for the
+clients still training then, and one that is not sampled again would otherwise never be asked.
 """
 
 from __future__ import annotations
@@ -110,24 +112,26 @@ def awaiting_report(ledger: PrivacyLedger) -> list[str]:
 
 
 def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected: list[int], config: dict,
-                   round_: int, send: Callable[[list[Message], str], list[Message]]) -> list[str]:
-    """After the last round (`round_`): ask each client awaiting_report on a `connected` node for its
-    unrecorded spending (the run's client `config` and the ledger's record of it, as a train message
-    carries them), and record what it reports late. A reply that does not state the name its node
-    is known by counts for nothing, as does no reply (`send` is the round loop's Transport). Connected
-    nodes the server cannot name (a resumed simulation's, or one whose only reply never came and whose
-    failure is on record as `node-N`) are asked who they are first (identify). Returns the names whose
-    spending was recorded."""
+                   round_: int, send: Callable[[list[Message], str], list[Message]], everyone: bool = False
+                   ) -> list[str]:
+    """After the last round (`round_`): ask each client awaiting_report on a `connected` node (with
+    `everyone`, a resumed run: every connected client) for its unrecorded spending (the run's client
+    `config` and the ledger's record of it, as a train message carries them), and record what it
+    reports late. A reply that does not state the name its node is known by counts for nothing, as
+    does no reply (`send` is the round loop's Transport). Connected nodes the server cannot name (a
+    resumed simulation's, or one whose only reply never came and whose failure is on record as
+    `node-N`) are asked who they are first (identify). Returns the names whose spending was recorded."""
     waiting = awaiting_report(ledger)
     unknown = [node for node in connected if node not in node_names]
-    if waiting and unknown and set(waiting) - {node_names[node] for node in connected if node in node_names}:
+    placed = {node_names[node] for node in connected if node in node_names}
+    if unknown and (everyone or (waiting and set(waiting) - placed)):
         identify(unknown, node_names, send)
         for node in unknown:
             if node in node_names:
                 ledger.attribute(f"node-{node}", node_names[node])
         waiting = awaiting_report(ledger)
     node_of = {node_names[node]: node for node in connected if node in node_names}
-    asked = [node_of[name] for name in waiting if name in node_of]
+    asked = sorted(node_of.values()) if everyone else [node_of[name] for name in waiting if name in node_of]
     if not asked:
         return []
     messages = [Message(RecordDict({k.CONFIG: ConfigRecord(dict(config))}), dst_node_id=node,

@@ -320,3 +320,48 @@ def test_a_history_holding_integer_shares_is_accounted_by_skellam_in_a_later_gau
     assert client_app._round_config(cfg, ConfigRecord({}), state, 100).dp.accounting == "skellam"
     assert client_app._round_config(cfg, ConfigRecord({}), ClientState(), 100).dp.accounting == "prv"
     assert epsilon("prv", state.history, 1e-5) < 7.4 < 7.9 < epsilon("skellam", state.history, 1e-5)
+
+
+def test_a_state_restored_from_an_older_copy_is_caught_though_other_runs_outnumber_its_loss(tmp_path):
+    """A review's case: an institution's state directory also holds run A's spending; its state file is
+    restored from a copy taken after run B's first round. Its history still held more steps than B's
+    ledger records, so the old check (steps of the whole history against the ledger) let it train, and
+    B's second round vanished from its ε. Its own entries of B now count against B's ledger; adopting
+    the ledger's record adds only what they lack and keeps A's; spending lost after that is reported."""
+    from fedtune.privacy.ledger import PrivacyLedger
+
+    node, state_dir, cfg = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}, str(tmp_path), _cfg()
+    state_file = tmp_path / "client-0000.json"
+    for round_ in (1, 2):  # run A
+        client_app.train(_message(cfg, state_dir, **{k.RUN_ID: "a", k.SERVER_ROUND: round_}), _context(**node))
+    ledger = PrivacyLedger(cfg.dp.accounting, True)
+
+    def b_round(round_: int, **node_config) -> Message:
+        reply = client_app.train(_message(cfg, state_dir, **{k.RUN_ID: "b", k.SERVER_ROUND: round_,
+                                                             **_record_of(ledger)}), _context(**node, **node_config))
+        return reply
+
+    ledger.record_round("client-0000", 1, k.STATUS_TRAINED, b_round(1).content[k.METRICS])
+    backup = state_file.read_text()
+    second = b_round(2)
+    ledger.record_round("client-0000", 2, k.STATUS_TRAINED, second.content[k.METRICS])
+    state_file.write_text(backup)  # restored from before run B's round 2
+
+    refused = b_round(3)
+    status, reason = _status(refused)
+    assert status == k.STATUS_REFUSED and "older copy" in reason and k.NODE_ADOPT_LEDGER_SPENDING in reason
+    assert refused.content[k.METRICS][k.EPSILON] >= second.content[k.METRICS][k.EPSILON] * (1 - 1e-9)
+
+    adopted = b_round(3, **{k.NODE_ADOPT_LEDGER_SPENDING: True})
+    assert _status(adopted)[0] == k.STATUS_TRAINED
+    ledger.record_round("client-0000", 3, k.STATUS_TRAINED, adopted.content[k.METRICS])
+    steps = second.content[k.METRICS][k.STEPS]
+    history = load_state(_context(**node), "client-0000", state_dir).history
+    assert sum(s for _, _, s in history) == 5 * steps, "A's two rounds, B's three: nothing dropped, nothing twice"
+
+    lost = b_round(4)  # its reply never reaches the ledger
+    assert _status(lost)[0] == k.STATUS_TRAINED
+    fifth = b_round(5)
+    assert _status(fifth)[0] == k.STATUS_TRAINED, "the adopted state is whole: not refused again"
+    late = json.loads(fifth.content[k.CLIENT_INFO][k.UNRECORDED])
+    assert [(e["round"], e["run"]) for e in late] == [(4, "b")], "spending lost after the adoption is reported"

@@ -68,3 +68,35 @@ def test_state_lock_serializes_trainings_of_one_institution(tmp_path, monkeypatc
         t.join(timeout=60)
     assert not errors, errors
     assert order == ["first start", "first end", "second start", "second end"]
+
+
+def _own(round_: int, run: str = "b", steps: int = 4):
+    from fedtune.privacy.ledger import LedgerEntry
+
+    return LedgerEntry(round_, "trained", "prv", num_examples=64, noise_multiplier=1.0, max_grad_norm=1.0,
+                       sample_rate=0.25, steps=steps, delta=1e-5, epsilon=1.0, run=run)
+
+
+def test_an_unrecorded_entry_does_not_stand_in_for_one_the_state_lost():
+    """A review's case: a copy restored from a backup holds rounds 1 and 2 of run b; round 2's reply never
+    reached the server, whose ledger holds rounds 1 and 3. By (σ, q) totals the two records are equal; by
+    the rounds the ledger holds, round 3 is missing from the state: refused, and adopting adds it, while
+    round 2 is reported late."""
+    from fedtune.client.state import ClientState, adopt_ledger_spending, lost_spending, unrecorded
+
+    state = ClientState(history=[(1.0, 0.25, 8)], ledger=[_own(1), _own(2)])
+    ledger, held = [(1.0, 0.25, 8)], [(1, 4), (3, 4)]
+    assert lost_spending(state, ledger, "b", held) is not None
+    adopt_ledger_spending(state, ledger, "b", held)
+    assert state.history == [(1.0, 0.25, 8), (1.0, 0.25, 4)], "rounds 1, 2 and 3: nothing lost, nothing twice"
+    assert lost_spending(state, ledger, "b", held) is None
+    assert [e.round for e in unrecorded(state, ledger, held, "b")] == [2]
+
+
+def test_the_adopted_spending_survives_the_state_file():
+    from fedtune.client.state import ClientState
+
+    state = ClientState(history=[(1.0, 0.25, 4)], ledger=[_own(1)], adopted={"b": [(1.0, 0.25, 4)]})
+    assert ClientState.from_dict(state.to_dict()).to_dict() == state.to_dict()
+    assert ClientState.from_dict(state.to_dict()).adopted == {"b": [(1.0, 0.25, 4)]}
+    assert "adopted" not in ClientState(history=[(1.0, 0.25, 4)]).to_dict(), "older readers see the same file"

@@ -102,6 +102,15 @@ def test_a_missing_figure_of_a_trained_round_is_a_violation_not_a_crash(tmp_path
     assert found(run(tmp_path, {"a": rows})) == [("a", 2, field)]
 
 
+def test_an_entry_with_steps_but_no_epsilon_is_a_violation_not_skipped(tmp_path):
+    """A review's hand-edited ledger: three trained rounds, the later two without an ε. Such entries read
+    as failures the server recorded, so their steps were never recomputed and verify passed."""
+    rows = entries(3)
+    for row in rows[1:]:
+        del row["epsilon"]
+    assert found(run(tmp_path, {"a": rows})) == [("a", 2, "epsilon"), ("a", 3, "epsilon")]
+
+
 def test_a_budget_exceeded_and_incoherent_statuses_are_violations(tmp_path):
     over = entries(3)
     declined = entries(1) + [{**entries(2)[1], "status": "declined"}]  # a declined round with steps
@@ -126,6 +135,24 @@ def test_the_client_level_account_is_rechecked_against_dp_accounting_and_the_con
     assert found(run(tmp_path / "none", two, client_dp=CLIENT_LEVEL)) == [("client-level", None, "client_level")]
     account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 2, DELTA).to_dict()
     assert found(run(tmp_path / "unasked", two, client_level=account)) == [("client-level", None, "client_level")]
+
+
+def test_a_release_of_a_round_a_crash_cut_short_counts_beyond_the_runs_rounds(tmp_path):
+    """A review's case: round 3's release was saved before the crash, and round 3 ran again, so the
+    account holds 4 releases for a 3-round run. That is what happened (and conservative), not a
+    violation; without an interrupted round it still is one."""
+    two = {"a": entries(3), "b": entries(3)}
+    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 4, DELTA).to_dict()
+    assert found(run(tmp_path / "plain", two, client_level=account, client_dp=CLIENT_LEVEL)) == \
+        [("client-level", None, "rounds")]
+    four = entries(4)  # the clients spent four rounds' steps: round 3 twice
+    crashed = {name: [*four[:2], {**four[2], "interrupted": True}, {**four[3], "round": 3}] for name in two}
+    assert verify_run(run(tmp_path / "crashed", crashed, client_level=account, client_dp=CLIENT_LEVEL)).passed
+    five = entries(5)  # round 3 cut short twice: five releases
+    cut = [{**row, "round": 3, "interrupted": True} for row in five[2:4]]
+    twice = {name: [*five[:2], *cut, {**five[4], "round": 3}] for name in two}
+    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 5, DELTA).to_dict()
+    assert verify_run(run(tmp_path / "twice", twice, client_level=account, client_dp=CLIENT_LEVEL)).passed
 
 
 def spending(runs: list[tuple[float, float, int, int, float]], kind: str = "prv") -> list[dict]:

@@ -150,6 +150,24 @@ def test_a_node_the_server_cannot_name_is_asked_who_it_is_first(tmp_path):
         assert one.asked == [7, 7], "identify, then the spending"
 
 
+def test_a_resumed_run_asks_every_client_also_those_without_any_entry(tmp_path):
+    """A crash or Ctrl-C while client-0000 trained: no entry of that round reached the ledger, not even
+    a failure, and if it is not sampled again nothing reports its spending (a review found this).
+    Asking only the clients awaiting a report finds nothing; a resumed run asks everyone."""
+    from fedtune.server.spending import ask_unrecorded, awaiting_report
+
+    one = _institutions(tmp_path)
+    ledger = PrivacyLedger("prv", True)  # the crash left no entry for it
+    assert awaiting_report(ledger) == [] and ask_unrecorded(ledger, {}, [7], one.config, 3, one.send) == []
+    assert one.asked == []
+    assert ask_unrecorded(ledger, {}, [7], one.config, 3, one.send, everyone=True) == ["client-0000"]
+    assert one.asked == [7, 7], "identify (a resumed simulation's node is new), then the spending"
+    assert ledger.spent("client-0000") == [(one.spent[k.NOISE_MULTIPLIER], one.spent[k.SAMPLE_RATE],
+                                            one.spent[k.STEPS])]
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], one.config, 3, one.send, everyone=True) == []
+    assert ledger.epsilon_of("client-0000") == pytest.approx(one.spent[k.EPSILON]), "recorded once"
+
+
 class _OneNodeGrid:
     """Node 7 only, answered by `answer` as soon as a message is pushed (a grid's push and pull);
     `registered`: the names it is registered under (deployment), none in simulation."""
@@ -239,6 +257,19 @@ def test_ctrl_c_while_asking_stops_the_run_before_its_summary_so_a_resume_asks_a
     assert f.run.read_ledger().entries("client-0000")[-1].status == "failed", "still awaiting its report"
 
 
+def test_only_a_resumed_run_asks_clients_that_await_no_report_after_its_last_round(tmp_path):
+    from fedtune.server.rounds import _record_unreported
+
+    f = _finished_run(tmp_path)
+    empty = PrivacyLedger(f.one.cfg.dp.accountant, True)  # client-0000's round 1 left no entry (a crash)
+    empty.save(f.run.path)
+    _record_unreported(f.transport, f.inputs, f.last, empty)
+    assert f.one.asked == [] and not f.run.read_ledger().spent("client-0000")
+    f.inputs.resumed = True
+    _record_unreported(f.transport, f.inputs, f.last, empty)
+    assert f.one.asked == [7] and f.run.read_ledger().spent("client-0000") == f.spent
+
+
 def test_nodes_whose_registered_identity_is_in_doubt_are_not_asked(tmp_path):
     from fedtune.server.rounds import _record_unreported
 
@@ -256,6 +287,7 @@ def test_a_finished_run_waits_at_most_two_minutes_for_unrecorded_spending(tmp_pa
 
     f = _finished_run(tmp_path)
     used = []
-    monkeypatch.setattr(rounds, "ask_unrecorded", lambda *args: used.append(args[-1].__self__.timeout_s) or [])
+    monkeypatch.setattr(rounds, "ask_unrecorded",
+                        lambda *args, **_: used.append(args[-1].__self__.timeout_s) or [])
     rounds._record_unreported(dataclasses.replace(f.transport, timeout_s=round_timeout), f.inputs, f.last, f.ledger)
     assert used == [waits] and rounds.UNRECORDED_TIMEOUT_S == 120.0
