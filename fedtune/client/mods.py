@@ -43,7 +43,7 @@ def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     arrays, norm = next(iter(msg.content.array_records.values())), float(config[k.CLIPPING_NORM])
     margin = rounding_bound(arrays, norm, bool(config.get(k.SECAGG)))
     if margin > MARGIN_WARNING * norm:
-        warnings.warn(f"client-level DP: SecAgg+'s rounding of {_size(arrays):,} values takes "
+        warnings.warn(f"client-level DP: the rounding of {_size(arrays):,} values (SecAgg+'s, float32's) takes "
                       f"{min(margin / norm, 1):.0%} of the clipping norm {norm:g} (dp.client_clipping_norm), so "
                       "updates are clipped that much harder; a larger norm, or fewer trained values, keeps more "
                       "of them.", stacklevel=2)
@@ -56,9 +56,9 @@ def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
 def rounding_bound(arrays: ArrayRecord, clipping_norm: float, secagg: bool) -> float:
     """The most rounding can move a clipped update of these d values on its way into the server's sum,
     in L2 norm, √d times the most per value: the sent weights θ + Δ are float32, so each is off by at
-    most half a float32 spacing at |θ| + C, and the server's difference by as much again (one spacing
-    in all); SecAgg+'s stochastic rounding moves each by less than one quantization step,
-    2·range / levels (a review measured 1.02·C at d = 74,000, C = 0.05 before this margin)."""
+    most half a float32 spacing at |θ| + C (a whole spacing is taken, to spare a float32 difference
+    anywhere after); SecAgg+'s stochastic rounding moves each by less than one quantization step,
+    2·range / levels (without this margin a review bounded the update at 1.02·C for d = 74,000, C = 0.05)."""
     values = [array.numpy() for array in arrays.values()]
     d = _size(arrays)
     largest = max((float(np.max(np.abs(value), initial=0.0)) for value in values), default=0.0)

@@ -87,8 +87,7 @@ def verify_run(run_dir: Path) -> Verification:
     for name, rows in sorted(clients.items()):
         entries += len(rows)
         violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg, run_id))
-    retried = _rounds_run_again(clients)
-    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=retried))
+    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=_rounds_run_again(clients)))
     return Verification(len(clients), entries, violations)
 
 
@@ -230,7 +229,7 @@ def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool, r
     """The client-level account: its figures are the run config's (z, q = m/N, δ, the clipping), and
     its ε matches dp-accounting's for them. A run with client-level DP that ran a round must have one, and a
     run without it none. Its releases are at most the run's rounds, plus one for each round a crash cut
-    short (`retried`: rounds with interrupted entries), whose release counts and which ran again."""
+    short and ran again (`retried`, _rounds_run_again): the release of each try counts."""
     dp = cfg.dp
     if dp.client_dp == "off" and entry:  # the report would show a client-level guarantee nobody asked for
         yield Violation("client-level", None, "client_level", "none (dp.client_dp = off)", "an account")

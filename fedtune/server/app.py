@@ -53,7 +53,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     started = time.monotonic()
     # soft_wrap: off a terminal, rich would break lines at 80 columns, splitting a long run path in the log.
     start, damaged = run.resume_point()
-    run.read_ledger()  # a damaged ledger stops the run before anything is sent (server/run_dir.py)
+    on_disk = run.read_ledger()  # a damaged ledger stops the run before anything is sent (server/run_dir.py)
     if damaged:
         console.print(f"Skipped damaged checkpoints: {'; '.join(damaged)}. Resuming from round "
                       f"{start.round if start else 0}; spending reported after it stays in the ledger.",
@@ -64,7 +64,7 @@ def _serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console, 
     rounds_left = start is None or start.round < cfg.rounds
     warming = start_warm_up(grid, cfg, warm_workers) if warm_workers and rounds_left else set()
     evaluator = ServerEvaluator(cfg, run.path / GENERATIONS)
-    resumed = start is not None or run.read_ledger() is not None  # an earlier session may have been cut off
+    resumed = start is not None or on_disk is not None  # an earlier session may have been cut off
     inputs = RoundInputs(cfg, run, evaluator, console, timeout_s=cfg.round_timeout_s or None, stop=stop,
                          resumed=resumed)
     if start is None:

@@ -327,8 +327,8 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     (server/spending.py::ask_unrecorded) and put on record, so the ledger, report and last metrics row
     a finished run leaves count it. In a resumed run every connected client is asked: the clients a
     crash or Ctrl-C cut off mid-round have no entry at all (the round's replies were never recorded),
-    and one not sampled again since has reported nothing. Written like a round's spending: the ledger first, then the
-    checkpoint again (a crash between the two: PrivacyLedger.record_interrupted). Waits at most
+    and one not sampled again since has reported nothing. Written like a round's spending: the
+    ledger first, then the checkpoint again (a crash between the two: PrivacyLedger.record_interrupted). Waits at most
     UNRECORDED_TIMEOUT_S for replies. Ctrl-C meanwhile stops the run before its summary is written, so
     that `--resume` asks again."""
     if not ledger.dp_enabled or not (inputs.resumed or awaiting_report(ledger)):

@@ -312,7 +312,7 @@ def test_the_update_the_server_sums_stays_within_the_clipping_norm_after_roundin
 def test_a_rounding_margin_that_eats_into_the_clipping_norm_is_warned_about():
     g = global_arrays()
     msg = train_message(g, {k.CLIPPING_NORM: 1e-4, k.CLIENT_DP: "fixed", k.SECAGG: True})
-    with pytest.warns(UserWarning, match="rounding of 4,006 values takes"):
+    with pytest.warns(UserWarning, match=r"rounding of 4,006 values \(SecAgg\+'s, float32's\) takes"):
         client_clipping_mod(msg, context(), lambda m, c: client_reply(m, update_of_norm(1.0, 2), g))
 
 
