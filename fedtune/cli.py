@@ -136,9 +136,11 @@ def simulate(
     --task causal-lm the triage-advice instruction demo, when no data is given). The last line
     printed is the run directory. Every option below is also a key of the config file, e.g.
     --delta is `delta` in its \\[dp] table (dp.delta); an option named otherwise shows its key, e.g. --privacy-unit
-    \\[config: dp.unit]. With --recipe auto (the default), options you leave out are chosen for the data and
-    the privacy budget (docs/recipe.md; config.toml records each choice and why), so a run under DP does not
-    use the defaults shown below for rounds, ε, pooling, optimizer or learning rate."""
+    \\[config: dp.unit]. With --recipe auto (the default), options you leave out are chosen for the data, the
+    federation and the privacy budget (docs/recipe.md; config.toml records each choice and why), so a run
+    need not use the defaults shown below: under DP for ε and, for a classifier, LoRA, pooling, optimizer,
+    learning rate and rounds; without DP, for a classifier, the batch size and, with several clients, 40
+    rounds with a cosine schedule and early stopping with a cooldown."""
     _run_guarded(lambda: _simulate(config, out, resume, overrides(options)), simulation=True)
 
 
@@ -330,7 +332,9 @@ def _audit_power(record: dict[str, Any]) -> str:
     ceiling, theoretical, m = record["epsilon_largest_certifiable"], record["epsilon_theoretical"], record["canaries"]
     power = (f"Power: with {m} canaries, at δ = {record['delta']:g} and {record['confidence']:.0%} confidence, no "
              f"outcome of this audit can show more than ε ≥ {ceiling:.2f}.")
-    if theoretical == "inf" or ceiling >= theoretical:
+    if theoretical == "inf":
+        return power + " The theoretical ε is infinite here, so no bound can contradict it."
+    if ceiling > theoretical:
         return power + " That is enough to reveal a leak beyond the theoretical ε."
     needed = record["canaries_to_certify_theoretical"]
     return power + (f" It could not reveal a leak between {ceiling:.2f} and the theoretical ε = {theoretical:.2f}; "
@@ -344,8 +348,10 @@ def export(
     adapter: Annotated[Path | None, Opt(help="Write the PEFT adapter (and tokenizer) here: PeftModel.from_pretrained(base, OUT).")] = None,
     merged: Annotated[Path | None, Opt(help="Write the base model with the adapter merged in, in Hugging Face format: AutoModelForCausalLM (or ...ForSequenceClassification).from_pretrained(OUT); a classifier that pools by the mean (the private recipe) needs trust_remote_code=True, its pooling being written beside it as code.")] = None,
 ) -> None:
-    """Export the run's latest global adapter (its last finished round). Give --adapter OUT,
-    --merged OUT, or both; OUT must not exist yet. The last line printed is the last directory written."""
+    """Export the global adapter the run releases: its last finished round's or, where early stopping's
+    cooldown ended without lowering the clients' validation loss below that of the round it started from,
+    that round's (docs/recipe.md). Give --adapter OUT, --merged OUT, or both; OUT must not exist yet. The
+    last line printed is the last directory written."""
     _run_guarded(lambda: _export(run_dir, adapter, merged))
 
 
@@ -371,7 +377,7 @@ def deploy_local(
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/deploy-<timestamp>).")] = None,
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
     node_config: Annotated[list[str] | None, Opt("--node-config", help="KEY=VALUE handed to every SuperNode's node config (repeatable), e.g. require-dp=true, epsilon-budget=8, max-delta=1e-5, min-noise-multiplier=0.8, allow-reproducible-noise=false, adopt-ledger-spending=true: each institution's own privacy policy, which the server's run config cannot weaken (--no-dp then asks, and an institution with require-dp=true refuses). Values are TOML (strings may be bare).")] = None,
-    timeout: Annotated[float, Opt(help="Stop everything if the run has not finished after this many seconds.")] = 7200.0,
+    timeout: Annotated[float, Opt(help="Stop everything if the run has not finished after this many seconds (more than 0).")] = 7200.0,
     **options: Any,
 ) -> None:
     """Run a federation on Flower's Deployment Engine on this machine: a SuperLink and one SuperNode
@@ -379,16 +385,17 @@ def deploy_local(
     the run is submitted with `flwr run`. Every process is stopped afterwards, also on failure and
     Ctrl-C. The institutions' keys, state and logs are in RUN_DIR/deployment/; docs/deployment.md
     shows the same steps across machines. The last line printed is the run directory."""
+    _run_guarded(lambda: _deploy_local(nodes, out, config, node_config or [], timeout, overrides(options)))
+
+
+def _deploy_local(nodes: int, out: Path | None, config: Path | None, node_config: list[str], timeout: float,
+                  overrides: dict[str, Any]) -> None:
     from fedtune.deploy.run import deploy_local as run_deployment
     from fedtune.deploy.run import parse_node_config
 
-    try:
-        extra = parse_node_config(node_config or [])
-    except FedtuneError as err:
-        console.print(f"[bold red]Error:[/bold red] {escape(str(err))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    extra = parse_node_config(node_config)  # a bad item: _run_guarded says so, exit 2
     run_dir, status = run_deployment(nodes, out, config, timeout, console, node_config=extra,
-                                     overrides=overrides(options), explain=explain)
+                                     overrides=overrides, explain=explain)
     if run_dir is not None:
         print(run_dir)
     raise typer.Exit(status)

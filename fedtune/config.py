@@ -205,8 +205,9 @@ class DPConfig:
         default=False,
         metadata={"help": "Derive every random stream of DP training (Poisson sampling, noise, dropout, a user's "
                           "records, distributed DP's rounding) from the run seed, for repeatable research "
-                          "runs. The server knows that seed, so the guarantee then no longer holds against "
-                          "the server. Off: each client draws them from the OS's secure randomness."},
+                          "runs. The server and every institution know that seed (it is in the run config), so the "
+                          "guarantee then no longer holds against them. Off: each client draws them from the "
+                          "OS's secure randomness."},
     )
     public_streams: bool = field(
         default=False,
@@ -436,15 +437,17 @@ class DataConfig:
     )
     format: Literal["auto", "csv", "jsonl", "parquet", "lines", "hf"] = field(
         default="auto",
-        metadata={"help": "File format; `auto` infers it from the suffix: .csv, .jsonl/.json, .parquet, "
-                          ".txt (lines), a directory (hf)."},
+        metadata={"help": "File format; `auto` infers it from the suffix: .csv, .tsv (csv with tabs), "
+                          ".jsonl/.json, .parquet, .txt (lines), a directory (hf)."},
     )
     text_column: str = field(default="text", metadata={"help": "Column (or JSON key) holding the text."})
     label_column: str = field(default="label", metadata={"help": "Column (or JSON key) holding the label."})
     separator: str = field(
         default="\t",
         metadata={"help": "Format `lines`: one `text<separator>label` record per line, split on the LAST "
-                          "separator, so the text may contain it."},
+                          "separator, so the text may contain it; a first line `<text column><separator><label "
+                          "column>` is a header, skipped. Format `csv`: the one-character column delimiter, when "
+                          "set to other than the default (otherwise a comma, or a tab for a .tsv file)."},
     )
     encoding: str = field(default="utf-8", metadata={"help": "Text encoding of csv, jsonl and lines files."})
     skip_invalid_rows: bool = field(
@@ -544,10 +547,12 @@ class DataConfig:
 class RecipeConfig:
     mode: Literal["auto", "off"] = field(
         default="auto",
-        metadata={"help": "`auto`: under DP-SGD, the training options you leave at their defaults are chosen for "
-                          "your data by fedtune's private recipe (target ε 8, then LoRA, optimizer, learning rate and "
-                          "rounds; docs/recipe.md), and recipe.chosen records each choice and why. Options you set "
-                          "are kept. `off`: the defaults as they are."})
+        metadata={"help": "`auto`: the training options you leave at their defaults are chosen for your data and "
+                          "federation (docs/recipe.md), and recipe.chosen records each choice and why. Under DP-SGD, "
+                          "fedtune's private recipe: target ε 8, then (a classifier) LoRA, pooling, optimizer, "
+                          "learning rate and rounds. Without DP (a classifier): the batch size and, with several "
+                          "clients, 40 rounds with a cosine schedule and early stopping with a cooldown. Options "
+                          "you set are kept. `off`: the defaults as they are."})
     chosen: tuple[str, ...] = field(
         default=(),
         metadata={"help": "Written by fedtune when a run starts: each option the recipe chose, its value and why."})
@@ -632,7 +637,7 @@ class FedtuneConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.rounds <= 100_000, "rounds", "use at least 1 round.")
+        _check(1 <= self.rounds <= 100_000, "rounds", "use 1 to 100,000 rounds.")
         _check(1 <= self.clients <= 100_000, "clients", "use 1 to 100,000 clients.")
         _check(self.seed >= 0, "seed", "use a non-negative integer.")
         _check(self.num_cpus_per_client > 0, "num_cpus_per_client", "use a positive number.")
@@ -711,6 +716,12 @@ class FedtuneConfig:
             _check(self.clients_sampled() >= 2, "dp.secagg",
                    "secure aggregation needs at least 2 clients sampled per round; raise `clients`, "
                    "strategy.clients_per_round or strategy.fraction_train.")
+            _check(dp.client_dp == "off" or self.clients_sampled() >= self.clients, "dp.secagg",
+                   "under client-level DP each institution joins a round by its own coin flip, so a cohort can "
+                   "be one institution, whose update SecAgg+ cannot hide, and leaving it out is not covered by "
+                   "the Poisson analysis (whether one update is summed would depend on another institution). "
+                   "With SecAgg+ use strategy.fraction_train = 1 (every institution every round), or client-level "
+                   "DP without SecAgg+.")
 
     def distributed_dp_needs(self) -> list[tuple[bool, str]]:
         """What distributed DP needs of the other options besides dp.secagg: (met, what) for each."""

@@ -178,3 +178,53 @@ def test_auditing_a_run_without_canaries_is_refused_before_anything_resumes(tmp_
     assert result.exit_code == 2 and "has no canaries" in result.output
     assert not result.output.strip().endswith(str(run)), "no run directory printed as if the run had gone on"
     assert sorted(p.name for p in run.iterdir()) == before, "nothing written"
+
+
+@pytest.mark.parametrize("rounds", [0, 100_001])
+def test_rounds_out_of_range_says_the_allowed_range(tmp_path, no_federation, rounds):
+    """--rounds 100001 used to be told "use at least 1 round"."""
+    out = tmp_path / "never"
+    result = CliRunner().invoke(cli, ["simulate", "--rounds", str(rounds), "--out", str(out)])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "`rounds`" in said and "use 1 to 100,000 rounds" in said, said
+    assert not out.exists() and not no_federation
+
+
+@pytest.fixture
+def no_deployment(monkeypatch):
+    """deploy-local starts no SuperLink, SuperNode or `flwr` command: a test that gets that far fails."""
+    started = []
+
+    def refuse(self, *args, **kwargs):
+        started.append(args)
+        raise AssertionError("deploy-local started a process")
+
+    monkeypatch.setattr("fedtune.deploy.processes.ProcessSet.start", refuse)
+    monkeypatch.setattr("fedtune.deploy.local.LocalFederation.flwr", refuse)
+    return started
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_a_deployment_timeout_that_is_not_a_positive_finite_number_is_refused_before_anything(
+        tmp_path, no_deployment, timeout):
+    """--timeout 0, -1 or nan used to start the CA, the SuperLink and every SuperNode and submit the run,
+    then fail with "did not finish within 0 s", leaving a partly filled run directory."""
+    out = tmp_path / "never"
+    result = CliRunner().invoke(cli, ["deploy-local", "--nodes", "2", "--rounds", "1", "--out", str(out),
+                                      f"--timeout={timeout}"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Invalid option `--timeout`" in said and "more than 0 and finite" in said, said
+    assert not out.exists() and not no_deployment
+    assert not result.stdout.strip(), "no run directory printed"
+
+
+def test_a_deployment_out_directory_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, no_deployment):
+    """deploy-local --out under a file used to end in a traceback (NotADirectoryError) and exit 1."""
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "run"
+    result = CliRunner().invoke(cli, ["deploy-local", "--nodes", "2", "--rounds", "1", "--out", str(out)])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and f"Error: cannot use {out}" in said and "Traceback" not in result.output, said
+    assert (tmp_path / "a-file").read_text() == "not a directory" and not no_deployment

@@ -36,8 +36,11 @@ from fedtune.client.state import (
     lost_spending,
     rounds_on_ledger,
     save_state,
+    settle_unit,
+    spent,
     spent_on_ledger,
     state_lock,
+    unit_conflict,
     unrecorded,
 )
 from fedtune.client.train import lora_weights, moved, train_round
@@ -162,9 +165,11 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
                                                                                 reason=str(err))
     cfg = _round_config(cfg, record, state, n)
     ledger, run, held = spent_on_ledger(record), record.get(k.RUN_ID), rounds_on_ledger(record)
+    settle_unit(state, run)
     lost = lost_spending(state, ledger, run, held)
     if lost and policy.adopt_ledger_spending:  # the operator's explicit reset: continue from the ledger
         adopt_ledger_spending(state, ledger, run, held)
+        state.record_level = state.record_level or (cfg.dp.enabled and cfg.dp.unit == "record")  # the ledger's unit
         lost = None
         round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
     else:
@@ -172,8 +177,9 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     late = unrecorded(state, ledger, held, run)  # this run's, never recorded
     if late:
         round_ = dataclasses.replace(round_, late=tuple(late))
-    refusal = policy.refusal(cfg.dp, n) or (lost and f"{lost}. To continue from the ledger's record, set "
-                                                     f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config")
+    refusal = (policy.refusal(cfg.dp, n) or (cfg.dp.enabled and unit_conflict(state, cfg.dp.unit))
+               or (lost and f"{lost}. To continue from the ledger's record, set "
+                            f"`{k.NODE_ADOPT_LEDGER_SPENDING} = true` in the node config"))
     if refusal:  # its ε is reported from the fuller record, so the ledger never shows it lower
         return round_.without_training(state, k.STATUS_REFUSED, known_history(state, ledger, run, held), refusal)
     plan = cfg.train  # the round's schedule
@@ -196,7 +202,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     before = lora_weights(model)
     result = train_round(model, train_data, cfg, state.history, float(record.get(k.PROXIMAL_MU, 0.0)),
                          _round_seed(cfg, server_round, name), gradient_canaries(cfg, context))
-    state.history = result.history  # spent, whatever happens next
+    spent(state, result.history, cfg.dp.unit if cfg.dp.enabled else None)  # spent, whatever happens next
     arrays = to_record(model)
     loss = math.nan if policy.withholds_scores(cfg.dp) else result.loss
     metrics = _report(cfg, result.history, n, loss, result.steps, result.sample_rate, arrays.count_bytes())
@@ -214,7 +220,7 @@ NOT_MOVED = ("no LoRA weight changed in local training (the optimizer did not re
 
 def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, n: int) -> FedtuneConfig:
     """The run config as this round trains it: the round's learning rate (train.lr_schedule) and,
-    under a target ε, the σ this client solved for (kept in its state from its first round on).
+    under a target ε, the σ this client solved for (kept in its state from its first round of the run on).
     Under distributed DP σ is the run's, solved afresh every round from the run's target ε, δ, q (1,
     or train.sample_rate) and rounds for one step a round (share_dp), never from the state (which may
     hold another run's) nor from this institution's own records: every institution's share, a refused
@@ -229,10 +235,12 @@ def _round_config(cfg: FedtuneConfig, record: ConfigRecord, state: ClientState, 
         if cfg.dp.distributed_min_honest:
             dp = share_dp(cfg.dp, cfg.rounds_per_client(), cfg.train.sample_rate)
         else:
-            dp = client_dp(cfg.dp, state.noise_multiplier, n, cfg.train.batch_size, cfg.train.local_epochs,
+            run = str(record.get(k.RUN_ID, ""))  # a σ solved in another run (another target, another n) is not kept
+            solved = state.noise_multiplier if state.solved_in == run else None
+            dp = client_dp(cfg.dp, solved, n, cfg.train.batch_size, cfg.train.local_epochs,
                            cfg.rounds_per_client(), cfg.train.sample_rate)
-        if dp.target_epsilon > 0:
-            state.noise_multiplier = dp.noise_multiplier
+            if dp.target_epsilon > 0:
+                state.noise_multiplier, state.solved_in = dp.noise_multiplier, run
         cfg = dataclasses.replace(cfg, dp=dp)
     return cfg
 

@@ -32,6 +32,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         _refuse_a_share_in_the_clear(msg)
         return call_next(msg, context)
     _refuse_too_few_noise_shares(msg.content.config_records[RECORD_KEY_CONFIGS], context)
+    _refuse_to_train_for_a_sum_never_unmasked(msg)
     with flower_logs_quiet():
         return secaggplus_mod(msg, context, lambda legacy, ctx: _train_as_legacy(legacy, ctx, call_next))
 
@@ -58,6 +59,22 @@ def _refuse_too_few_noise_shares(configs: ConfigRecord, context: Context) -> Non
     if active < needed:
         raise RuntimeError(f"distributed DP: only {active} institutions' noise shares are in the sum, fewer than "
                            f"the {needed} (dp.distributed_min_honest) each institution's ε assumes; not unmasking.")
+
+
+def _refuse_to_train_for_a_sum_never_unmasked(msg: Message) -> None:
+    """Distributed DP: in the masking stage, before training, refuse when fewer than t institutions
+    (this one included) are left after key sharing: every honest one would refuse to unmask that sum,
+    so training would spend ε for an update nobody gets. Under the complete graph fedtune sets up
+    (server/secagg.py, NUM_SHARES = 1), every other institution left sent this one a ciphertext."""
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    legacy = msg.content.config_records.get(FITINS_CONFIG)
+    if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS or legacy is None or not legacy.get(DDP_KEY):
+        return
+    needed, left = int(legacy[DDP_KEY]), len(configs.get(Key.CIPHERTEXT_LIST, [])) + 1
+    if left < needed:
+        raise RuntimeError(f"distributed DP: only {left} institutions are left after key sharing, fewer than the "
+                           f"{needed} (dp.distributed_min_honest) whose noise shares the sum needs; the sum would "
+                           "never be unmasked, so not training (nothing spent).")
 
 
 def secagg_range(context: Context) -> int:

@@ -39,20 +39,27 @@ from fedtune.privacy.ledger import LedgerEntry
 @dataclass
 class ClientState:
     history: History = field(default_factory=list)  # Opacus accountant history: (sigma, q, steps) runs
-    noise_multiplier: float | None = None  # solved once from dp.target_epsilon, then kept
+    noise_multiplier: float | None = None  # solved once from dp.target_epsilon, then kept for the run
     ledger: list[LedgerEntry] = field(default_factory=list)  # this client's own round entries
     # Per run id ("" when the server sent none): the spending its operator adopted from the server's
     # ledger after a lost state (adopt-ledger-spending), which its own entries of that run lack.
     adopted: dict[str, History] = field(default_factory=dict)
+    solved_in: str | None = None  # the run id noise_multiplier was solved in ("" when the server sent none)
+    # Whether its history holds steps of record-level DP: a per-person ε cannot count those without group
+    # privacy (`unit_conflict`). None: a state an earlier fedtune wrote, which did not record it (settle_unit).
+    record_level: bool | None = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
-        return cls(normalize(data.get("history", [])), data.get("noise_multiplier"),
+        history = normalize(data.get("history", []))
+        return cls(history, data.get("noise_multiplier"),
                    [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])],
-                   {run: normalize(history) for run, history in data.get("adopted", {}).items()})
+                   {run: normalize(history) for run, history in data.get("adopted", {}).items()},
+                   data.get("solved_in"), data.get("record_level"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": [list(run) for run in self.history], "noise_multiplier": self.noise_multiplier,
+                "solved_in": self.solved_in, "record_level": self.record_level,
                 "ledger": [entry.to_dict() for entry in self.ledger],
                 **({"adopted": {run: [list(r) for r in h] for run, h in self.adopted.items()}} if self.adopted else {})}
 
@@ -108,6 +115,34 @@ def save_state(context: Context, client: str, directory: str, state: ClientState
 
 def steps_in(history: History) -> int:
     return sum(steps for _, _, steps in history)
+
+
+def spent(state: ClientState, history: History, unit: str | None) -> None:
+    """`history` is now its spending, taken under DP of `unit` (dp.unit; None: without DP, whose ε is ∞)."""
+    more = steps_in(history) > steps_in(state.history)
+    state.record_level = bool(state.record_level) or (unit == "record" and more)
+    state.history = history
+
+
+def settle_unit(state: ClientState, run: str | None) -> None:
+    """A state an earlier fedtune wrote does not say whether its steps were record-level. Those of its own
+    entries of run `run` and what it adopted for it are this run's, of this run's unit; steps beyond them
+    came from other runs of either unit, and count as record-level."""
+    if state.record_level is None:
+        own = sum(entry.steps or 0 for entry in _this_run(state, run)) + steps_in(_adopted(state, run))
+        state.record_level = steps_in(state.history) > own
+
+
+def unit_conflict(state: ClientState, unit: str) -> str | None:
+    """Why a round under DP of `unit` cannot count this state's spending, or None. A record-level step
+    bounds one record's influence, not one person's: a person with several records spent more in it
+    (group privacy), so a per-person ε composed over it would understate what that person spent."""
+    if unit != "user" or not state.record_level:
+        return None
+    return ("this node's privacy state holds record-level DP-SGD steps (or, in a state an earlier fedtune "
+            "wrote, another run's steps of an unrecorded unit), and a per-person ε cannot count them without "
+            "group privacy; it would understate what a person with several records spent. Train user-level runs "
+            "under their own client-name or state-dir, and count the record-level spending separately")
 
 
 def spent_on_ledger(record: ConfigRecord) -> History:

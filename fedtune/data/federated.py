@@ -57,12 +57,16 @@ class FederatedData:
         return self.label_names
 
 
+def file_stamp(path: str) -> tuple[int, int] | None:
+    """(modification time, size) of data.path: a per-process cache keyed by it reads a changed file again."""
+    found = Path(path) if path else None
+    return (found.stat().st_mtime_ns, found.stat().st_size) if found is not None and found.exists() else None
+
+
 def source_records(data: DataConfig) -> LabeledTexts:
     """The checked records at data.path, read once per process (and again if the file changes)."""
-    path = Path(data.path)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
     return _records(data.path, data.format, data.text_column, data.label_column, data.separator, data.encoding,
-                    data.skip_invalid_rows, data.partition_column, data.user_column, stamp)
+                    data.skip_invalid_rows, data.partition_column, data.user_column, file_stamp(data.path))
 
 
 @lru_cache(maxsize=4)
@@ -118,9 +122,14 @@ def encode_labels(records: LabeledTexts, names: Sequence[str]) -> list[int]:
     return [ids[label] for label in records.labels]
 
 
-@lru_cache(maxsize=4)
 def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedData:
-    """Build (once per process) the hold-out and the per-client splits; raises DataError."""
+    """Build (once per process, and again if data.path changes) the hold-out and the per-client splits;
+    raises DataError."""
+    return _federated_data(data, num_clients, seed, file_stamp(data.path))
+
+
+@lru_cache(maxsize=4)
+def _federated_data(data: DataConfig, num_clients: int, seed: int, stamp: Any) -> FederatedData:
     names = label_names(data)
     groups: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()

@@ -21,6 +21,7 @@ from typing import Any
 from fedtune.config import DataConfig
 from fedtune.data.canaries import CANARY_GROUP, Canaries, canary_records, place, plan_canaries
 from fedtune.data.demo import COURSES, LABELS, SYMPTOMS, _urgency
+from fedtune.data.federated import file_stamp
 from fedtune.data.loaders import _check_file, _decode, _is_missing, as_label_name, infer_format, numbered
 from fedtune.data.partition import ClientSplit, check_partitions, holdout_split, partition_indices, split_client
 from fedtune.data.users import by_user, canary_user, own_split
@@ -216,9 +217,14 @@ class InstructData:
         return ()
 
 
-@lru_cache(maxsize=4)
 def federated_instructions(data: DataConfig, num_clients: int, seed: int) -> InstructData:
-    """Build (once per process) the server hold-out and the per-client splits; raises DataError."""
+    """Build (once per process, and again if data.path changes) the server hold-out and the per-client
+    splits; raises DataError."""
+    return _federated_instructions(data, num_clients, seed, file_stamp(data.path))
+
+
+@lru_cache(maxsize=4)
+def _federated_instructions(data: DataConfig, num_clients: int, seed: int, stamp: Any) -> InstructData:
     if data.source == "demo":
         demo = make_demo_instructions(data.demo_examples, seed=seed)
         chats, groups, names, method, skipped = (tuple(conversation(r) for r, _ in demo), tuple(g for _, g in demo),

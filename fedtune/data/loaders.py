@@ -1,4 +1,4 @@
-"""Read a user's labelled texts: CSV, JSONL, Parquet, `text<separator>label` lines, or a Hugging Face
+"""Read a user's labelled texts: CSV (or TSV), JSONL, Parquet, `text<separator>label` lines, or a Hugging Face
 dataset (a directory written by `save_to_disk`, or a hub id while online).
 
 Every row is checked here, once: a problem becomes a DataError that names the file, the rows or
@@ -22,10 +22,11 @@ from typing import Any, NoReturn
 from fedtune.config import DataConfig
 from fedtune.errors import DataError
 
-SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
                   ".parquet": "parquet", ".pq": "parquet", ".txt": "lines"}
 MISSING_TEXTS = frozenset({"", "nan", "<na>", "null"})  # how a missing value looks once it was written as text
 SHOWN = 5  # row numbers quoted in a message
+DELIMITER_NAMES = {",": "a comma", "\t": "a tab", ";": "`;`", "|": "`|`"}  # the likely ones, as a message words them
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,15 @@ def _required(cfg: DataConfig) -> list[str]:
                               if c))
 
 
-def _check_columns(name: str, columns: Sequence[str], cfg: DataConfig) -> None:
+def _check_columns(name: str, columns: Sequence[str], cfg: DataConfig, fix: str = "") -> None:
+    """Every required column is there; else a DataError that lists the columns and says `fix` (default:
+    name the right column)."""
     options = {cfg.user_column: "data.user_column", cfg.partition_column: "data.partition_column",
                cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
     for column in _required(cfg):
         if column not in columns:
             raise DataError(f"{name} has no column `{column}`. Its columns are: {', '.join(map(str, columns))}. "
-                            f"Name the right one with {options[column]}.")
+                            f"{fix or f'Name the right one with {options[column]}.'}")
 
 
 def _decode(path: str, encoding: str) -> str:
@@ -252,6 +255,7 @@ def _read_lines(cfg: DataConfig) -> _Table:
     no_separator = f"with no separator {cfg.separator!r}"
     fix = (f"Each line must be `text{cfg.separator}label`; if the file uses another separator, set it in "
            "data.separator.")
+    header = (cfg.text_column, cfg.label_column)
     for number, line in enumerate(io.StringIO(_decode(cfg.path, cfg.encoding), newline=None), start=1):
         if not line.strip():
             continue  # blank lines separate nothing
@@ -259,22 +263,49 @@ def _read_lines(cfg: DataConfig) -> _Table:
         if not sep:
             table.refuse(number, no_separator, fix)
             continue
+        if (body.strip(), label.strip()) == header and not (table.numbers or table.problems):
+            continue  # a first line `text<separator>label` is a header naming the columns, not a record
         table.numbers.append(number)
         table.values[cfg.text_column].append(body.strip())
         table.values[cfg.label_column].append(label.strip())
     return table
 
 
+def _csv_delimiter(cfg: DataConfig) -> str:
+    """data.separator when it is set (not its default, a tab), else a tab for a .tsv file and a comma for others."""
+    if cfg.separator == DataConfig.separator and Path(cfg.path).suffix.lower() != ".tsv":
+        return ","
+    if len(cfg.separator) != 1:
+        raise DataError(f"data.separator {cfg.separator!r} cannot split the columns of {cfg.path}: in a CSV file "
+                        "one character separates them. Set data.separator to that character (e.g. `;`), or "
+                        "data.format to `lines` for one `text<separator>label` a line.")
+    return cfg.separator
+
+
+def _one_column_fix(header: Sequence[str], delimiter: str) -> str:
+    """What to do when a CSV header read as one column holds another likely delimiter; '' if it does not."""
+    found = [d for d in DELIMITER_NAMES if d != delimiter and len(header) == 1 and d in header[0]]
+    if not found:
+        return ""
+    if found[0] == "\t":
+        return ("That is one column whose name holds a tab: if tabs separate the columns, give the file the suffix "
+                ".tsv, which is read with data.separator at its default (a tab).")
+    return (f"That is one column whose name holds {DELIMITER_NAMES[found[0]]}: if it separates the columns, set "
+            f"data.separator to `{found[0]}`.")
+
+
 def _read_csv(cfg: DataConfig) -> _Table:
     name = cfg.path
-    reader = csv.reader(io.StringIO(_decode(cfg.path, cfg.encoding), newline=""))
+    delimiter = _csv_delimiter(cfg)
+    spelled = DELIMITER_NAMES.get(delimiter, f"`{delimiter}`")
+    reader = csv.reader(io.StringIO(_decode(cfg.path, cfg.encoding), newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
         if header is None or not any(cell.strip() for cell in header):
             raise DataError(f"{name} has no header line. Its first line must name the columns, e.g. "
                             "`text,label`.")
         header = [cell.strip() for cell in header]
-        _check_columns(name, header, cfg)
+        _check_columns(name, header, cfg, _one_column_fix(header, delimiter))
         positions = {c: header.index(c) for c in _required(cfg)}
         table = _Table(name, "line", header, values={c: [] for c in positions})
         misshapen = f"with another number of fields than the header's {len(header)}"
@@ -284,14 +315,14 @@ def _read_csv(cfg: DataConfig) -> _Table:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                table.refuse(first_line, misshapen, "Put a text that contains a comma in double quotes.")
+                table.refuse(first_line, misshapen, f"Put a text that contains {spelled} in double quotes.")
                 continue
             table.numbers.append(first_line)
             for column, position in positions.items():
                 table.values[column].append(row[position])
     except csv.Error as err:
         raise DataError(f"{name}: line {reader.line_num} is not valid CSV ({err}). Quote texts that contain "
-                        "commas, quotes or line breaks.") from err
+                        f"{spelled}, quotes or line breaks.") from err
     return table
 
 

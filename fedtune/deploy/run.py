@@ -4,6 +4,7 @@ every process it started, whatever happens."""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import time
@@ -104,6 +105,14 @@ def parse_node_config(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def check_timeout(timeout_s: float) -> None:
+    """A deployment's time limit must be a positive, finite number of seconds; 0, a negative or `nan`
+    would only fail after every process had started and the run was submitted."""
+    if not 0 < timeout_s < math.inf:
+        raise ConfigError(f"Invalid option `--timeout`: {timeout_s:g} s; give the seconds the run may take, more "
+                          "than 0 and finite, e.g. 7200 (2 hours).")
+
+
 def prepare_run(nodes: int, out: Path | None, config: Path | None, node_config: dict[str, Any] | None = None,
                 overrides: dict[str, Any] | None = None) -> tuple[FedtuneConfig, Path]:
     """The resolved config (the file's, then `overrides` by dotted key, one client per node) and the
@@ -128,13 +137,15 @@ def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: f
     stopped before this returns: on success, on failure and on Ctrl-C. `explain` words an error
     for whoever gave the options (the CLI adds each config key's flag)."""
     from fedtune.server.prepare import new_run
+    from fedtune.server.run_dir import DEPLOY_LOCAL
 
     run_path: Path | None = None
     try:
+        check_timeout(timeout_s)  # before the run directory, the CA and any process
         cfg, target = prepare_run(nodes, out, config, node_config, overrides)
         app = app_dir()
         values = run_config(cfg, app_config_keys(app))
-        run_path = new_run(cfg, target)[1].path
+        run_path = new_run(cfg, target, engine=DEPLOY_LOCAL)[1].path
         names = node_names(nodes)
         with ProcessSet(run_path / DEPLOYMENT / "logs") as processes:
             fed = LocalFederation(run_path / DEPLOYMENT, processes, app)

@@ -86,7 +86,7 @@ class RoundSeeds:
     @classmethod
     def derived(cls, seed: int) -> RoundSeeds:
         """Reproducible research runs: each stream's seed is SHA-256 of (seed, stream name). Anyone
-        who knows `seed` (the server does) can regenerate the noise."""
+        who knows `seed` (the server and every institution do) can regenerate the noise."""
         return cls(*(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
                      for name in STREAMS))
 

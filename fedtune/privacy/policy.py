@@ -7,9 +7,12 @@ limits in its SuperNode's node config; a request that breaks them is refused (th
 the refusal and replies `refused` with the reason) and no record is touched.
 
 Whose policy applies (`node_policy`):
-- A node that reads its own file (node config `data-path`) is an institution. Every key has a
-  strict default: DP-SGD required, δ at most 10⁻⁵, reproducible noise refused, and a node-local
-  `state-dir` required for its privacy state.
+- A node that reads its own file (node config `data-path`) is an institution. Its defaults are
+  strict: DP-SGD required, δ at most 10⁻⁵, reproducible noise refused, scores withheld, and a
+  node-local `state-dir` required for its privacy state. Two limits have no default, since no value
+  suits every institution: without `epsilon-budget` the coordinator's run config decides how much ε
+  it spends, and without `min-noise-multiplier` how small σ may be (every round's ε is recorded
+  either way, from what the client ran).
 - A node that trains on a partition of the run's own dataset (`partition-id`, as `fedtune
   simulate` and Flower's simulation give every node) holds no data of its own: the data is the
   coordinator's. Keys its node config leaves out default to the run config, and its state goes
@@ -95,10 +98,18 @@ class PrivacyPolicy:
     def institution(self) -> bool:
         return self.source == SOURCES[0]
 
+    @property
+    def needs_dp(self) -> bool:
+        """Whether it trains only with noise: `require-dp`, or an ε cap that a round without noise (ε = ∞)
+        would break."""
+        return self.require_dp or math.isfinite(self.epsilon_budget)
+
     def withholds_scores(self, dp: DPConfig) -> bool:
         """Whether this client sends NaN for its loss and accuracy figures: under DP (record-level or
-        client-level, neither of which covers them), unless released."""
-        return (dp.enabled or dp.client_dp != "off") and not self.release_scores
+        client-level, neither of which covers them), unless released. Decided by the policy as well as by the
+        message: a coordinator that says DP is off in an evaluate message of an institution that trains only
+        under DP gets no noise-free scores of its records either."""
+        return (self.needs_dp or dp.enabled or dp.client_dp != "off") and not self.release_scores
 
     def refusal(self, dp: DPConfig, num_examples: int) -> str | None:
         """Why a round under `dp` (σ already resolved) breaks this policy, or None. One sentence
@@ -112,9 +123,12 @@ class PrivacyPolicy:
                     "its name, and without one it would be the node id, which changes when the node is registered "
                     "again, so its ε would restart from nothing; set client-name to the name it is registered under")
         if not dp.enabled or dp.noise_multiplier == 0:
+            asked = "dp.enabled = false" if not dp.enabled else "dp.noise_multiplier = 0"
             if self.require_dp:
-                asked = "dp.enabled = false" if not dp.enabled else "dp.noise_multiplier = 0"
                 return f"the run asks for training without noise ({asked}), but `{k.NODE_REQUIRE_DP}` is true"
+            if self.needs_dp:
+                return (f"the run asks for training without noise ({asked}), which spends an unbounded ε, but "
+                        f"`{k.NODE_EPSILON_BUDGET}` caps it at {self.epsilon_budget:g}")
             return None
         if dp.reproducible_noise and not self.allow_reproducible_noise:
             return ("the run asks for dp.reproducible_noise, noise derived from a seed the server knows, but "
@@ -158,7 +172,9 @@ def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state
     values = {key.replace("-", "_"): value for key, value in own.items()}
     if k.DATA_PATH in node_config or k.PARTITION_ID not in node_config:
         return PrivacyPolicy(**values, named=k.NODE_CLIENT_NAME in node_config, source=SOURCES[0])
-    run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=cfg.dp.epsilon_budget,
+    # Without DP the run's budget bounds nothing it asks for: it is no limit of the node's (needs_dp).
+    budget = cfg.dp.epsilon_budget if cfg.dp.enabled else math.inf
+    run = dict(state_dir=server_state_dir, require_dp=cfg.dp.enabled, epsilon_budget=budget,
                max_delta=cfg.dp.delta, allow_reproducible_noise=cfg.dp.reproducible_noise,
                max_noise_sharers=cfg.dp.distributed_min_honest, release_scores=True)
     limits = set(own) - {k.NODE_STATE_DIR}

@@ -12,6 +12,7 @@ It trusts neither the clients' reported ε nor Opacus. From each client's ledger
 - no reported ε exceeds the run's budget;
 - each status is coherent: trained rounds took steps, declined and refused ones none, a refusal
   says why, entries come in the order of the rounds they were recorded in;
+- under distributed DP, every share of a round is of one σ and of the run's t;
 - the client-level account, when the run has client-level DP: there is one, its z, q, δ and clipping
   are the run config's, and its ε matches dp-accounting too.
 
@@ -20,6 +21,7 @@ Each violation names the client, the round, the field, what was expected and wha
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -87,8 +89,44 @@ def verify_run(run_dir: Path) -> Verification:
     for name, rows in sorted(clients.items()):
         entries += len(rows)
         violations += list(_client(name, rows, ledger.accountant, ledger.dp_enabled, cfg, run_id))
-    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=_rounds_run_again(clients)))
+    if ledger.dp_enabled and cfg.dp.distributed_min_honest:
+        violations += list(_one_sigma_a_round(clients, cfg.dp.distributed_min_honest))
+    violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=_rounds_run_again(clients),
+                                     committed=_committed_rounds(Path(run_dir))))
     return Verification(len(clients), entries, violations)
+
+
+def _committed_rounds(run_dir: Path) -> int:
+    """The last round metrics.jsonl records as committed (0: none, or no file)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return max((int(row.get("round", 0)) for row in rows), default=0)
+
+
+def _one_sigma_a_round(clients: dict[str, tuple[LedgerEntry, ...]], t: int) -> Iterator[Violation]:
+    """Distributed DP: a round's sum carries σ only if every share in it is of that σ and of the run's t
+    (docs/privacy.md, "One σ for every share"), and each client's ε is of its own σ. So in each round
+    every entry's σ (noise-only shares too) must be the same, and each entry's t the run's (q is the
+    run's schedule's, checked by _sampling). A coordinator that sent one institution a larger target ε than the others
+    would show here: that institution's ε is of a σ the sum did not carry."""
+    first: dict[tuple[int, bool], tuple[str, LedgerEntry]] = {}  # a round's (try's) first share, any status
+    for name, rows in sorted(clients.items()):
+        for row in rows:
+            if row.noise_multiplier is None or _older_late(row):
+                continue
+            bad = _Row(name, row)
+            if row.distributed_min_honest != t:
+                yield bad("distributed_min_honest", f"{t} (the run's dp.distributed_min_honest)",
+                          row.distributed_min_honest)
+            # A try a crash cut short (interrupted, or reported late) was its own sum; its retry, in a run
+            # extended meanwhile, may rightly be of another σ (solved over more rounds).
+            sum_ = (row.round, row.interrupted or row.recorded_late)
+            other, seen = first.setdefault(sum_, (name, row))
+            if not math.isclose(row.noise_multiplier, seen.noise_multiplier, rel_tol=1e-9):
+                yield bad("noise_multiplier", f"{seen.noise_multiplier:.6g} ({other}'s in the same round: every "
+                          "share of a round's sum must be of one σ)", f"{row.noise_multiplier:.6g}")
 
 
 def _client(name: str, rows: tuple[LedgerEntry, ...], kind: str, dp_on: bool,
@@ -224,12 +262,13 @@ def _rounds_run_again(clients: dict[str, tuple[LedgerEntry, ...]]) -> int:
     return sum(tries.values())
 
 
-def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool, retried: int = 0
-                  ) -> Iterator[Violation]:
+def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool, retried: int = 0,
+                  committed: int = 0) -> Iterator[Violation]:
     """The client-level account: its figures are the run config's (z, q = m/N, δ, the clipping), and
     its ε matches dp-accounting's for them. A run with client-level DP that ran a round must have one, and a
     run without it none. Its releases are at most the run's rounds, plus one for each round a crash cut
-    short and ran again (`retried`, _rounds_run_again): the release of each try counts."""
+    short and ran again (`retried`, _rounds_run_again): the release of each try counts; and at least the
+    rounds committed (`committed`, metrics.jsonl), each of which released the noised model once."""
     dp = cfg.dp
     if dp.client_dp == "off" and entry:  # the report would show a client-level guarantee nobody asked for
         yield Violation("client-level", None, "client_level", "none (dp.client_dp = off)", "an account")
@@ -251,6 +290,9 @@ def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool, r
         yield Violation("client-level", None, "rounds", f"<= {cfg.rounds + retried} (the run's rounds"
                         + (f", and {retried} cut short by a crash and run again" if retried else "") + ")",
                         str(entry["rounds"]))
+    if entry.get("rounds", 0) < committed:
+        yield Violation("client-level", None, "rounds", f">= {committed} (the rounds committed in metrics.jsonl, "
+                        "each a release)", str(entry["rounds"]))
     if entry.get("epsilon") is None:
         return
     independent = independent_client_level_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["rounds"],

@@ -43,7 +43,7 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
                  "every round is saved" if stopped.after_last else
                  f"during round {stopped.round}; rounds before it are saved")
         (console or Console(soft_wrap=True)).print(
-            f"Stopped {where}. Continue with `fedtune simulate --resume {run.path}`.", markup=False,
+            f"Stopped {where}; {run.how_to_continue()}.", markup=False,
             highlight=False, soft_wrap=True)
         return None
 

@@ -295,6 +295,10 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
     on each canary; "server": every update the server received); writes RUN_DIR/audit.json and
     returns what it holds."""
     cfg = run.config()
+    if vantage == "server" and cfg.dp.reproducible_noise:
+        raise ConfigError(f"{run.path} ran with dp.reproducible_noise: the server knows the seed and can regenerate "
+                          "every institution's noise, so no ε protects the updates it saw, and a bound from them "
+                          "could be compared with nothing. Audit the released adapter instead (--vantage final).")
     checkpoint = run.latest_checkpoint()
     if checkpoint is None or checkpoint.round == 0:
         raise ConfigError(f"{run.path} has no trained round to audit. Let the run finish (or resume it with "

@@ -8,20 +8,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import FedtuneConfig
 from fedtune.data.users import train_units
+from fedtune.durable import write_json_atomic
 from fedtune.errors import ConfigError
 from fedtune.privacy.distributed import not_one_sgd_step
 from fedtune.recipe import Facts, apply_recipe
-from fedtune.server.run_dir import CONFIG, RunDirectory
+from fedtune.server.run_dir import CONFIG, DEPLOY_LOCAL, ENGINE, FLWR_RUN, SIMULATE, RunDirectory
 from fedtune.tasks.base import get_task
 
 # What a run may change when it is continued: how long it runs, and (simulation) which Ray runs it.
 RESUMABLE = frozenset({"rounds", "simulation.ray_address"})
 DERIVED = frozenset({"recipe.chosen", "recipe.advice"})  # follows from the others: never named as a difference
+DATA_DIGEST = "data_digest.json"  # in the run directory: the records the run started on (split_digest)
 
 
 def resolve(cfg: FedtuneConfig, pinned: frozenset[str] | None = None) -> FedtuneConfig:
@@ -104,7 +108,7 @@ def records_beyond_k(fed, k: int) -> dict[str, int]:
             "records_above_k": sum(max(n - k, 0) for n in sizes)}
 
 
-def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = None,
+def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = None, engine: str = SIMULATE,
             ) -> tuple[FedtuneConfig, RunDirectory, dict[str, Any]]:
     """Resolve and check `cfg` (`pinned`: the options given by hand, see resolve), then create the run
     directory `target` holding its config and the partition summary; returns (the saved config, the
@@ -114,19 +118,54 @@ def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = No
     cfg = resolve(cfg.with_overrides({"out": str(target)}), pinned)
     preflight(cfg)
     summary = data_summary(cfg)
-    run = RunDirectory.create(target, cfg)
+    digest = split_digest(get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed))
+    run = RunDirectory.create(target, cfg, engine)
     save_partition_summary(run.path, summary)
+    write_json_atomic(run.path / DATA_DIGEST, digest)
     return cfg, run, summary
 
 
-def continue_run(path: Path, rounds: int | None = None,
-                 ray_address: str | None = None) -> tuple[FedtuneConfig, RunDirectory]:
+def split_digest(fed) -> dict[str, Any]:
+    """The records a run trains and scores on, as read and split: their number, and a SHA-256 of every
+    record with the server's hold-out, each client's training and validation indices and the users."""
+    every = sorted({*fed.server_test, *(i for split in fed.clients for i in (*split.train, *split.val))})
+    parts = (fed.select(every), fed.server_test, [(split.train, split.val) for split in fed.clients], fed.users)
+    return {"records": len(every), "sha256": hashlib.sha256(repr(parts).encode()).hexdigest()}
+
+
+def _check_data_unchanged(cfg: FedtuneConfig, run: RunDirectory) -> None:
+    """A resumed run reads and splits its data again. Data that changed since the run started (the file
+    edited, a directory or hub dataset updated, or read differently by another fedtune) moves records
+    between the held-out split and the clients, and between clients, so each client's ε would no longer
+    bound what one record reveals, and partition_summary.json would be stale."""
+    saved = run.path / DATA_DIGEST
+    if not saved.is_file():  # a run from before digests
+        return
+    was = json.loads(saved.read_text(encoding="utf-8"))
+    now = split_digest(get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed))
+    if was != now:
+        data, other = cfg.data.path or "the demo data", ", other contents" if was["records"] == now["records"] else ""
+        raise ConfigError(f"{data}, as read and split now ({now['records']} records), is not what {run.path} "
+                          f"started on ({was['records']} records{other}): resumed on it, records would move "
+                          "between the held-out split and the clients, and between clients. Restore the data as "
+                          "it was (and the fedtune version that read it), or start a new run on it.")
+
+
+def continue_run(path: Path, rounds: int | None = None, ray_address: str | None = None,
+                 engine: str | None = SIMULATE) -> tuple[FedtuneConfig, RunDirectory]:
     """Reopen a run directory with its saved config (only RESUMABLE options may change); a damaged
-    checkpoint with none to fall back to, or a damaged ledger, stops here before anything is rewritten."""
+    checkpoint with none to fall back to, or a damaged ledger, stops here before anything is rewritten.
+    `engine`: the command continuing it, which must be the one that made it (None: the ServerApp of any
+    command, reopening the run it was started for)."""
     from fedtune.config import dump_config
     from fedtune.durable import write_text_atomic
 
     run = RunDirectory.existing(path)
+    if engine is not None and run.engine != engine:
+        raise ConfigError(f"{path} is not a `{engine}` run: {run.how_to_continue()}. Continued by `{engine}`, its "
+                          "clients would be others, under other names and state directories, each starting from "
+                          "ε = 0.")
+    _ = run.run_id  # a lost id of a run that spent stops here, before anything is rewritten
     cfg = run.config().with_overrides({"rounds": rounds, "simulation.ray_address": ray_address})
     latest, _ = run.resume_point()
     if latest is not None and cfg.rounds < latest.round:
@@ -134,6 +173,7 @@ def continue_run(path: Path, rounds: int | None = None,
                           f"leave its checkpoints past the end. Give --rounds {latest.round} or more, or none.")
     ledger = run.read_ledger()
     preflight(cfg)
+    _check_data_unchanged(cfg, run)
     if latest is not None and ledger is not None and cfg.rounds > latest.round:
         _check_budget_left(cfg, run.ledger_to_resume(latest), path, latest.round)
     write_text_atomic(run.path / CONFIG, dump_config(cfg))
@@ -177,7 +217,7 @@ def open_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = N
     A different config is refused, naming the options that differ: continuing a run under other
     settings would mix two recipes in one model and one privacy ledger. `pinned`: as for resolve."""
     if not (target / CONFIG).is_file():
-        cfg, run, _ = new_run(cfg, target, pinned)
+        cfg, run, _ = new_run(cfg, target, pinned, FLWR_RUN)
         return cfg, run
     saved = RunDirectory.existing(target).config().to_flat()
     # resolved at the saved number of rounds, which the private recipe's learning rate depends on
@@ -188,4 +228,9 @@ def open_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = N
         raise ConfigError(f"{target} holds a run with another config ({', '.join(changed)} differ). Continue it "
                           "with its own config (only `rounds` and `simulation.ray_address` may change), or give a new "
                           "run directory (`out`).")
-    return continue_run(target, cfg.rounds)
+    run = RunDirectory.existing(target)
+    recorded = (target / ENGINE).is_file()  # a run from before the engine was kept: as before, reopened
+    if recorded and not (run.engine == FLWR_RUN or (run.engine == DEPLOY_LOCAL and run.latest_checkpoint() is None)):
+        # deploy-local's ServerApp opens the run deploy-local just made; nothing else continues another's run
+        raise ConfigError(f"{target} is not a `{FLWR_RUN}` run: {run.how_to_continue()}.")
+    return continue_run(target, cfg.rounds, engine=None)

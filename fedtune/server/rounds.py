@@ -64,7 +64,8 @@ from fedtune.tasks.base import Scores
 PULL_INTERVAL_S = 0.1
 NO_REPLY = "no reply before timeout (round_timeout_s)"
 NOT_SENT = "the message could not be sent to the node"
-UNRECORDED_TIMEOUT_S = 120.0  # how long a finished run waits for unrecorded spending (_record_unreported)
+UNRECORDED_TIMEOUT_S = 120.0  # how long a finished run waits for unrecorded spending (_record_unreported),
+UNRECORDED_PER_CLIENT_S = 1.0  # plus this for each client asked (about 0.1 s a message on 2 cores, bench/)
 FAILURES_LOG = "failures.log"  # in the run directory: the whole text of failures the ledger keeps one line of
 
 
@@ -329,19 +330,23 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     crash or Ctrl-C cut off mid-round have no entry at all (the round's replies were never recorded),
     and one not sampled again since has reported nothing. Written like a round's spending: the
     ledger first, then the checkpoint again (a crash between the two: PrivacyLedger.record_interrupted). Waits at most
-    UNRECORDED_TIMEOUT_S for replies. Ctrl-C meanwhile stops the run before its summary is written, so
-    that `--resume` asks again."""
+    UNRECORDED_TIMEOUT_S (or the round timeout, if shorter), plus UNRECORDED_PER_CLIENT_S for each connected
+    client, for replies (a resumed
+    simulation of thousands of clients asks them all), and names the clients that did not answer. Ctrl-C
+    meanwhile stops the run before its summary is written, so that `--resume` asks again."""
     if not ledger.dp_enabled or not (inputs.resumed or awaiting_report(ledger)):
         return state
-    timeout = min(transport.timeout_s or UNRECORDED_TIMEOUT_S, UNRECORDED_TIMEOUT_S)
     registry = Registry.of(transport.grid)
     excluded = registry.exclusions(dict(state.node_keys))  # server/identity.py, as for training
     connected = [node for node in transport.grid.get_node_ids() if node not in excluded]
+    timeout = min(transport.timeout_s or UNRECORDED_TIMEOUT_S, UNRECORDED_TIMEOUT_S) + \
+        UNRECORDED_PER_CLIENT_S * len(connected)
     name_registered(state.node_names, registry, connected)  # as in a round
     before = ledger.to_dict()
-    names = ask_unrecorded(ledger, state.node_names, connected,
+    asked = ask_unrecorded(ledger, state.node_names, connected,
                            client_config(inputs.cfg, inputs.run, transport.grid), state.round,
                            dataclasses.replace(transport, timeout_s=timeout).send, everyone=inputs.resumed)
+    names = asked.recorded
     if ledger.to_dict() != before:  # spending recorded, or a failure moved to the client it is now known as
         ledger.save(inputs.run.path)
         last = {**state.metrics[-1], "epsilon_max": ledger.epsilon_max()}
@@ -351,6 +356,13 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
         inputs.console.print(f"After round {state.round}: the spending of {', '.join(names)} in rounds whose "
                              "replies never came is now in the ledger (recorded_late).", markup=False,
                              highlight=False, soft_wrap=True)
+    if asked.silent and not inputs.stop.is_set():
+        few = ", ".join(asked.silent[:5]) + (f" and {len(asked.silent) - 5} more" if len(asked.silent) > 5 else "")
+        inputs.console.print(f"After round {state.round}: {few} did not answer the question for spending the ledger "
+                             f"lacks within {timeout:.0f} s; what they spent in a round whose reply never came is not "
+                             "in the ledger or the report. Their own state holds it, and they report it when a "
+                             "resumed or extended run of this one asks again.", markup=False, highlight=False,
+                             soft_wrap=True)
     if inputs.stop.is_set():
         raise RunStopped(state.round, after_last=True)
     return state
@@ -439,11 +451,11 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     _stop_here(inputs, round_)
     with_recorded_spending(messages, ledger, state.node_names)  # a client that lost its state refuses
     if cfg.dp.secagg and len(messages) == 1:
-        # A Poisson cohort of one (client-level DP): SecAgg+ cannot hide a single update, so that
-        # institution is not asked; the round is a noise-only release, which depends on no one's data.
-        inputs.console.print(f"round {round_}: one institution sampled; with SecAgg+ the round releases "
-                             "noise only", markup=False, highlight=False)
-        messages = []
+        # SecAgg+ cannot hide a single update. Leaving the one institution out (a noise-only release, as
+        # an earlier fedtune did) is not covered by client-level DP's analysis either: whether its update
+        # is summed would then depend on whether another institution took part, a shift of up to 2 C.
+        raise FedtuneError(f"Round {round_}: only one institution is connected, and SecAgg+ cannot hide a single "
+                           "update; the round is not run. Continue with --resume once others are connected again.")
     replies = transport.train(messages, f"round {round_}/{cfg.rounds} train")
     mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
     replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,

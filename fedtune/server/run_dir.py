@@ -33,6 +33,8 @@ CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 CLIENT_STATE = "client_state"
 RUN_ID = k.RUN_ID_FILE
+ENGINE = "engine"  # which command made the run: its clients' names and state directories are that command's
+SIMULATE, DEPLOY_LOCAL, FLWR_RUN = "fedtune simulate", "fedtune deploy-local", "flwr run"
 # Audited runs (data.canaries > 0) only: each round's updates as the server received them, one file a
 # round, {institution: its trainable arrays}, for `fedtune audit --vantage server`.
 OBSERVED = "observed_updates"
@@ -82,18 +84,39 @@ class RunDirectory:
     path: Path
 
     @classmethod
-    def create(cls, path: Path, config: FedtuneConfig) -> RunDirectory:
-        """A new run directory holding config.toml; refuses to reuse a non-empty one."""
+    def create(cls, path: Path, config: FedtuneConfig, engine: str = SIMULATE) -> RunDirectory:
+        """A new run directory holding config.toml and the command that makes it (`engine`); refuses to
+        reuse a non-empty one."""
         if path.exists() and not path.is_dir():
             raise ConfigError(f"Run directory {path} is a file. Choose another run directory (`out`).")
         if path.exists() and any(path.iterdir()):
-            resume = (f", or continue that run with `fedtune simulate --resume {path}`"
-                      if (path / CONFIG).is_file() else "")
+            resume = f"; {cls(path).how_to_continue()}" if (path / CONFIG).is_file() else ""
             raise ConfigError(f"Run directory {path} already exists and is not empty. Choose another run "
                               f"directory (`out`){resume}.")
         path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / ENGINE, engine)
+        write_text_atomic(path / RUN_ID, secrets.token_hex(8))
         write_text_atomic(path / CONFIG, dump_config(config))
         return cls(path)
+
+    @property
+    def engine(self) -> str:
+        """The command that made this run (ENGINE; a directory from before it was kept: deploy-local's
+        has its `deployment` folder, any other was fedtune simulate's)."""
+        path = self.path / ENGINE
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+        return DEPLOY_LOCAL if (self.path / "deployment").is_dir() else SIMULATE
+
+    def how_to_continue(self) -> str:
+        """How this run is continued: only by the command that made it, whose clients hold its spending
+        under their names and state directories (another command's clients would start from ε = 0)."""
+        if self.engine == SIMULATE:
+            return f"continue that run with `fedtune simulate --resume {self.path}`"
+        if self.engine == FLWR_RUN:
+            return f"continue that run with `flwr run` and the same run config (out = \"{self.path}\")"
+        return (f"it was a `{self.engine}` run, which is not continued: its institutions' privacy state is in "
+                f"{self.path / 'deployment'}; start a new run directory, and keep this one for its ledger")
 
     @classmethod
     def existing(cls, path: Path) -> RunDirectory:
@@ -110,7 +133,16 @@ class RunDirectory:
         never another run's in an institution's state directory (client/state.py::unrecorded)."""
         path = self.path / RUN_ID
         if not path.is_file():
-            write_text_atomic(path, secrets.token_hex(8))
+            ledger = self.read_ledger()
+            if ledger is not None and ledger.clients:  # a new id would disown every client's own entries
+                raise ConfigError(
+                    f"{path} is missing, but the run has spent budget under the id it held: with a new one every "
+                    "client's own entries of this run would belong to another run, and each would refuse to train "
+                    "as having lost its state. Restore the file from a backup, or write the id back into it: it is "
+                    "the `run` of the clients' own ledger entries (client_state/*.json in a simulation, each "
+                    "institution's state-dir in a deployment). A run made before run ids (entries without a `run`) "
+                    "may take any id.")
+            write_text_atomic(path, secrets.token_hex(8))  # a run from before run ids, that spent nothing yet
         return path.read_text(encoding="utf-8").strip()
 
     @property

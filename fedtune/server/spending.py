@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -111,16 +112,21 @@ def awaiting_report(ledger: PrivacyLedger) -> list[str]:
             if entries and entries[-1].status == k.STATUS_FAILED and not entries[-1].reported]
 
 
+class Asked(NamedTuple):
+    recorded: list[str]  # the clients whose unrecorded spending is now on record
+    silent: list[str]  # the clients asked that gave no valid answer (none, an error, or under another name)
+
+
 def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected: list[int], config: dict,
                    round_: int, send: Callable[[list[Message], str], list[Message]], everyone: bool = False
-                   ) -> list[str]:
+                   ) -> Asked:
     """After the last round (`round_`): ask each client awaiting_report on a `connected` node (with
     `everyone`, a resumed run: every connected client) for its unrecorded spending (the run's client
     `config` and the ledger's record of it, as a train message carries them), and record what it
     reports late. A reply that does not state the name its node is known by counts for nothing, as
     does no reply (`send` is the round loop's Transport). Connected nodes the server cannot name (a
     resumed simulation's, or one whose only reply never came and whose failure is on record as
-    `node-N`) are asked who they are first (identify). Returns the names whose spending was recorded."""
+    `node-N`) are asked who they are first (identify)."""
     waiting = awaiting_report(ledger)
     unknown = [node for node in connected if node not in node_names]
     placed = {node_names[node] for node in connected if node in node_names}
@@ -133,15 +139,17 @@ def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected:
     node_of = {node_names[node]: node for node in connected if node in node_names}
     asked = sorted(node_of.values()) if everyone else [node_of[name] for name in waiting if name in node_of]
     if not asked:
-        return []
+        return Asked([], [])
     messages = [Message(RecordDict({k.CONFIG: ConfigRecord(dict(config))}), dst_node_id=node,
                         message_type=k.UNRECORDED_SPENDING) for node in asked]
     with_recorded_spending(messages, ledger, node_names)
-    recorded = []
+    recorded, answered = [], set()
     for reply in send(messages, "unrecorded spending"):
         info = None if reply.has_error() else reply.content.get(k.CLIENT_INFO)
         name = node_names[reply.metadata.src_node_id]
-        if isinstance(info, ConfigRecord) and info.get(k.CLIENT_NAME) == name and (late := unrecorded_entries(info)):
-            ledger.record_late(name, round_, late)
-            recorded.append(name)
-    return recorded
+        if isinstance(info, ConfigRecord) and info.get(k.CLIENT_NAME) == name:
+            answered.add(name)
+            if late := unrecorded_entries(info):
+                ledger.record_late(name, round_, late)
+                recorded.append(name)
+    return Asked(recorded, [node_names[node] for node in asked if node_names[node] not in answered])

@@ -365,3 +365,57 @@ def test_a_state_restored_from_an_older_copy_is_caught_though_other_runs_outnumb
     assert _status(fifth)[0] == k.STATUS_TRAINED, "the adopted state is whole: not refused again"
     late = json.loads(fifth.content[k.CLIENT_INFO][k.UNRECORDED])
     assert [(e["round"], e["run"]) for e in late] == [(4, "b")], "spending lost after the adoption is reported"
+
+
+def test_an_evaluate_message_saying_dp_is_off_gets_no_scores_from_an_institution_that_requires_it(tmp_path):
+    """A review's case: the evaluate path read "DP off" from the coordinator's message and sent the exact
+    loss and accuracy of an institution whose node config requires DP and withholds its scores."""
+    import math
+
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state")})
+    cfg = _cfg(**{"dp.enabled": False, "data.client_val_fraction": 0.5})
+    scores = client_app.evaluate(Message(_message(cfg).content, dst_node_id=7, message_type="evaluate"),
+                                 context).content[k.METRICS]
+    assert math.isnan(scores[k.EVAL_LOSS]) and math.isnan(scores[k.EVAL_ACCURACY])
+
+
+def test_a_user_level_round_refuses_a_state_holding_record_level_steps(tmp_path):
+    """A review's case: an institution's state directory held a record-level run's steps, and a later
+    user-level run composed them into a per-person ε as if each person had contributed at most C a step;
+    a person with several records spent more in them (group privacy)."""
+    def institution(state_dir: str) -> Context:
+        context = _institution(tmp_path, **{"state-dir": str(tmp_path / state_dir), "user-column": "user"})
+        with (tmp_path / "notes.csv").open("w", newline="") as handle:  # the same notes, two records a person
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label", "user"])
+            writer.writerows((e.text, LABELS[e.label], f"p{i // 2}")
+                             for i, e in enumerate(make_demo_dataset(40, seed=3)))
+        return context
+
+    context = institution("state")
+    own = {"data.path": str(tmp_path / "notes.csv"), "data.user_column": "user"}
+    record_level = client_app.train(_message(_cfg(**own), **{k.RUN_ID: "a"}), context)
+    assert _status(record_level)[0] == k.STATUS_TRAINED
+    user_level = client_app.train(_message(_cfg(**own, **{"dp.unit": "user"}), **{k.RUN_ID: "b"}), context)
+    status, reason = _status(user_level)
+    assert status == k.STATUS_REFUSED and "group privacy" in reason
+    assert load_state(context, "clinic-a", str(tmp_path / "state")).record_level
+    context = institution("people")
+    for run in ("b", "c"):  # user-level steps only: a per-person ε counts them
+        reply = client_app.train(_message(_cfg(**own, **{"dp.unit": "user"}), **{k.RUN_ID: run}), context)
+        assert _status(reply)[0] == k.STATUS_TRAINED
+    assert not load_state(context, "clinic-a", str(tmp_path / "people")).record_level
+
+
+def test_a_sigma_solved_in_another_run_is_not_reused(tmp_path):
+    """A review's case: the σ solved for a target ε was kept in the state for good, so a later run (another
+    target) trained at the first run's σ; within a run it is kept, so every round is of one σ."""
+    from fedtune.client.state import ClientState
+
+    cfg = _cfg(**{"dp.target_epsilon": 8.0})
+    state = ClientState(noise_multiplier=0.3, solved_in="a")
+    same = client_app._round_config(cfg, ConfigRecord({k.RUN_ID: "a"}), state, 40).dp.noise_multiplier
+    assert same == 0.3
+    fresh = client_app._round_config(cfg, ConfigRecord({k.RUN_ID: "b"}), state, 40).dp.noise_multiplier
+    assert fresh > 0.3 and state.solved_in == "b"
+    assert client_app._round_config(cfg, ConfigRecord({k.RUN_ID: "b"}), state, 40).dp.noise_multiplier == fresh

@@ -100,3 +100,24 @@ def test_the_adopted_spending_survives_the_state_file():
     assert ClientState.from_dict(state.to_dict()).to_dict() == state.to_dict()
     assert ClientState.from_dict(state.to_dict()).adopted == {"b": [(1.0, 0.25, 4)]}
     assert "adopted" not in ClientState(history=[(1.0, 0.25, 4)]).to_dict(), "older readers see the same file"
+
+
+def test_a_state_an_earlier_fedtune_wrote_counts_steps_beyond_this_runs_entries_as_record_level():
+    """A state file without `record_level` (an earlier fedtune) resumed in a user-level run: its steps are this
+    run's own (its entries say so), so nothing conflicts; steps beyond them came from other runs, of a unit it
+    never recorded, and a per-person ε cannot count them."""
+    from fedtune.client.state import settle_unit, spent, unit_conflict
+
+    own = LedgerEntry(1, "trained", "prv", 64, 1.0, steps=4, sample_rate=0.25, run="b")
+    resumed = ClientState.from_dict({"history": [[1.0, 0.25, 4]], "ledger": [own.to_dict()]})
+    assert resumed.record_level is None
+    settle_unit(resumed, "b")
+    assert resumed.record_level is False and unit_conflict(resumed, "user") is None
+    shared = ClientState.from_dict({"history": [[1.0, 0.25, 12]], "ledger": [own.to_dict()]})
+    settle_unit(shared, "b")
+    assert shared.record_level and "group privacy" in unit_conflict(shared, "user")
+    plain = ClientState()
+    spent(plain, [(0.0, 1.0, 3)], None)  # a round without noise: ε = ∞, but no record-level DP step
+    assert not plain.record_level and unit_conflict(plain, "user") is None
+    spent(plain, [(0.0, 1.0, 3), (1.0, 0.25, 4)], "record")
+    assert plain.record_level and unit_conflict(plain, "record") is None

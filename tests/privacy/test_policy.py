@@ -152,7 +152,7 @@ def test_an_institution_withholds_its_scores_under_either_kind_of_dp_unless_rele
     own, released = policy(**OWN_FILE), policy(**OWN_FILE, **{k.NODE_RELEASE_SCORES: True})
     client_level = request(enabled=False, client_dp="fixed")  # DP-SGD off: client-level DP covers neither
     assert own.withholds_scores(request()) and own.withholds_scores(client_level)
-    assert not own.withholds_scores(request(enabled=False)), "no DP, no guarantee to keep them out of"
+    assert own.withholds_scores(request(enabled=False)), "it trains only under DP: the message does not decide"
     assert not released.withholds_scores(request()) and not released.withholds_scores(client_level)
 
 
@@ -163,3 +163,35 @@ def test_under_distributed_dp_min_noise_multiplier_bounds_the_sums_sigma():
     node = policy(**OWN_FILE, **{"min-noise-multiplier": 1.0, "max-noise-sharers": 4})
     assert node.refusal(dp, 50) is None
     assert "min-noise-multiplier" in node.refusal(dataclasses.replace(dp, noise_multiplier=0.9), 50)
+
+
+def test_an_institution_that_trains_only_under_dp_withholds_scores_whatever_the_message_says():
+    """A coordinator could send an evaluate message saying DP is off and read noise-free scores of an
+    institution that refuses to train without DP (the review's case: require-dp = true, release-scores
+    = false, dp.enabled = false in the message)."""
+    assert policy(**OWN_FILE).withholds_scores(request(enabled=False))
+    capped = policy(**OWN_FILE, **{"require-dp": False, "epsilon-budget": 8.0})
+    assert capped.withholds_scores(request(enabled=False)), "an ε cap: it trains only under DP too"
+    relaxed = policy(**OWN_FILE, **{"require-dp": False})
+    assert not relaxed.withholds_scores(request(enabled=False)), "no DP allowed, none asked: nothing to keep out"
+    simulated = policy(FedtuneConfig.from_nested({"dp": {"enabled": False}}), **{"partition-id": 0})
+    assert not simulated.withholds_scores(request(enabled=False))
+
+
+def test_an_epsilon_cap_refuses_a_round_without_noise_even_without_require_dp():
+    """A round without noise spends ε = ∞: past any cap the institution set."""
+    capped = policy(**OWN_FILE, **{"require-dp": False, "epsilon-budget": 8.0})
+    for asked in (request(enabled=False), request(noise_multiplier=0.0)):
+        reason = capped.refusal(capped.tighten(asked, 1), 1000)
+        assert reason is not None and "epsilon-budget" in reason and "unbounded" in reason
+    assert policy(**OWN_FILE, **{"require-dp": False}).refusal(request(enabled=False), 1000) is None
+
+
+def test_a_no_dp_run_with_a_budget_in_its_config_still_trains_its_own_partitions():
+    """The run's ε budget is no policy limit of a node on the run's own data when the run asks for no DP (a
+    no-DP baseline from the same config file as the private runs trained nothing)."""
+    cfg = FedtuneConfig.from_nested({"dp": {"enabled": False, "epsilon_budget": 8.0}})
+    simulated = policy(cfg, **{"partition-id": 0, "num-partitions": 2})
+    assert simulated.refusal(cfg.dp, 100) is None and not simulated.withholds_scores(cfg.dp)
+    pinned = policy(cfg, **{"partition-id": 0, "num-partitions": 2, "epsilon-budget": 8.0})
+    assert "epsilon-budget" in pinned.refusal(cfg.dp, 100), "a budget its own operator set still binds"

@@ -240,9 +240,10 @@ def test_the_cli_writes_all_four_files(three_clients):
 
 def test_a_run_without_a_ledger_is_refused_and_nothing_is_written(tmp_path):
     run = RunDirectory.create(tmp_path / "run", FedtuneConfig()).path
+    made = sorted(p.name for p in run.iterdir())
     result = CliRunner().invoke(cli, ["privacy-report", str(run)])
     assert result.exit_code == 2 and LEDGER in result.output
-    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+    assert sorted(p.name for p in run.iterdir()) == made == ["config.toml", "engine", "run_id"]
     with pytest.raises(FedtuneError, match=re.escape(str(run / LEDGER))):
         build_report(run)
 
@@ -297,7 +298,7 @@ def test_the_report_states_the_factor_not_almost_as_likely(tmp_path):
 @pytest.mark.parametrize("policy, reproducible, says, never", [
     ("node config", False, "**Against the server**", "Not against the server"),
     ("run config", False, "no institution enforced a policy of its own", "**Against the server**"),
-    ("node config", True, "**Not against the server**", "**Against the server**"),
+    ("node config", True, "**Not against the server, nor the other institutions**", "**Against the server**"),
 ])
 def test_against_whom_follows_the_policy_in_force(tmp_path, policy, reproducible, says, never):
     text = _text(tmp_path, [trained(1, 2.0, policy=policy)], reproducible=reproducible)

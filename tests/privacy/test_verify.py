@@ -137,6 +137,20 @@ def test_the_client_level_account_is_rechecked_against_dp_accounting_and_the_con
     assert found(run(tmp_path / "unasked", two, client_level=account)) == [("client-level", None, "client_level")]
 
 
+def test_a_client_level_account_with_fewer_releases_than_rounds_committed_is_a_violation(tmp_path):
+    """A review's case: the verifier recomputed ε from the account's own count of releases and only capped it,
+    so an account that under-counted them (and under-reported ε) passed."""
+    import json
+
+    two = {"a": entries(1), "b": entries(1)}
+    account = ClientLevelAccount("fixed", "server", 1.0, 1.0, 1.0, 2, DELTA).to_dict()
+    path = run(tmp_path / "run", two, client_level=account, client_dp=CLIENT_LEVEL)
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(3)))
+    assert verify_run(path).passed, "two rounds committed, two releases"
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(4)))
+    assert found(path) == [("client-level", None, "rounds")]
+
+
 def test_a_release_of_a_round_a_crash_cut_short_counts_beyond_the_runs_rounds(tmp_path):
     """A review's case: round 3's release was saved before the crash, and round 3 ran again, so the
     account holds 4 releases for a 3-round run. That is what happened (and conservative), not a
@@ -250,6 +264,58 @@ def test_a_distributed_dp_run_must_be_accounted_for_its_integer_shares(tmp_path)
                         dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=2))
     for kind, flagged in (("skellam", []), ("prv", [("ledger", None, "accountant")])):
         path = RunDirectory.create(tmp_path / kind, cfg).path
-        PrivacyLedger(kind, True, {"a": [LedgerEntry.from_dict({**row, "num_examples": 64}, kind)
-                                         for row in rows]}).save(path)
+        PrivacyLedger(kind, True, {"a": [LedgerEntry.from_dict({**row, "num_examples": 64, "distributed_min_honest": 2},
+                                                               kind) for row in rows]}).save(path)
         assert found(path) == flagged
+
+
+def test_under_distributed_dp_every_share_of_a_round_must_be_of_one_sigma_and_the_runs_t(tmp_path):
+    """A review's case: the coordinator sends one institution a target ε of 1 and the others 8. That one
+    solves a larger σ and records ε 1, while the sum carries the mixture of the shares, about ε 4. No
+    institution sees the others' messages; the ledger shows it, round by round."""
+    from fedtune.privacy.skellam import solve_sigma
+
+    cfg = FedtuneConfig(rounds=3, clients=3, train=TrainConfig(batch_size=4096, optimizer="sgd"),
+                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=3))
+
+    def client(target: float, t: int = 3) -> list[LedgerEntry]:
+        sigma = solve_sigma(target, DELTA, 1.0, 3)
+        return [LedgerEntry.from_dict({**row, "num_examples": 64, "distributed_min_honest": t}, "skellam")
+                for row in spending([(r, sigma, 1.0, 1, DELTA) for r in (1, 2, 3)], kind="skellam")]
+
+    for case, clients, flagged in (
+            ("alike", {"a": client(8.0), "b": client(8.0), "c": client(8.0)}, []),
+            ("one-apart", {"a": client(8.0), "b": client(8.0), "c": client(1.0)},
+             [("c", r, "noise_multiplier") for r in (1, 2, 3)]),
+            ("its-own-t", {"a": client(8.0), "b": client(8.0, t=1), "c": client(8.0)},
+             [("b", r, "distributed_min_honest") for r in (1, 2, 3)])):
+        path = RunDirectory.create(tmp_path / case, cfg).path
+        PrivacyLedger("skellam", True, clients).save(path)
+        assert found(path) == flagged, case
+
+
+def test_one_sigma_a_round_keeps_a_try_cut_short_apart_from_its_retry(tmp_path):
+    """A round a crash cut short was its own sum: its retry, in a run extended meanwhile, is rightly of another
+    σ; a refused institution's noise-only share is of the round's σ too."""
+    from fedtune.privacy.skellam import solve_sigma
+
+    cfg = FedtuneConfig(rounds=3, clients=3, train=TrainConfig(batch_size=4096, optimizer="sgd"),
+                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=3))
+    first, extended = solve_sigma(8.0, DELTA, 1.0, 2), solve_sigma(8.0, DELTA, 1.0, 3)
+
+    def share(sigma: float, q: float = 1.0, steps: int = 1, **notes) -> LedgerEntry:
+        return LedgerEntry.from_dict({"round": 2, "status": "trained" if steps else "refused", "reason": "x",
+                                      "num_examples": 64, "noise_multiplier": sigma, "sample_rate": q,
+                                      "steps": steps, "delta": DELTA, "epsilon": 1.0, "epsilon_other": 1.0,
+                                      "distributed_min_honest": 3, **notes}, "skellam")
+
+    retried = {"a": [share(first, interrupted=True), share(extended)], "b": [share(first, interrupted=True),
+               share(extended)], "c": [share(extended)]}
+    path = RunDirectory.create(tmp_path / "retried", cfg).path
+    PrivacyLedger("skellam", True, retried).save(path)
+    assert [f for f in found(path) if f[2] == "noise_multiplier"] == []
+    refused = {"a": [share(extended, q=0.0, steps=0)], "b": [share(first)], "c": [share(first)]}
+    path = RunDirectory.create(tmp_path / "refused", cfg).path
+    PrivacyLedger("skellam", True, refused).save(path)
+    assert [f for f in found(path) if f[2] == "noise_multiplier"] == [("b", 2, "noise_multiplier"),
+                                                                      ("c", 2, "noise_multiplier")]

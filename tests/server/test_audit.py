@@ -273,3 +273,17 @@ def test_a_canary_nearly_spanned_by_others_does_not_outrank_the_members():
     scores = torch.tensor(_contributions(move, directions, []))
     assert scores[:2].min() > scores[2:].abs().max()
     assert _contributions(3 * move, directions, []) == pytest.approx(scores.tolist())
+
+
+def test_the_servers_vantage_is_refused_where_the_server_could_regenerate_the_noise(tmp_path):
+    """A review's case: under dp.reproducible_noise the server's view has no finite ε, yet the audit compared the
+    bound from the updates it saw with the ledger's ε and called it consistent."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.errors import ConfigError
+    from fedtune.server.audit import run_audit
+    from fedtune.server.run_dir import RunDirectory
+
+    cfg = FedtuneConfig.from_flat({"clients": 2, "dp.reproducible_noise": True, "data.canaries": 10})
+    run = RunDirectory.create(tmp_path / "run", cfg)
+    with pytest.raises(ConfigError, match="reproducible_noise.*--vantage final"):
+        run_audit(run, 0.95, "server")

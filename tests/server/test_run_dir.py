@@ -212,3 +212,41 @@ def test_a_crash_between_the_adapters_two_renames_loses_no_adapter(tmp_path):
     (staging / "adapter_model.safetensors").write_text("round 4")
     replace_dir_atomic(staging, target)
     assert (target / "adapter_model.safetensors").read_text() == "round 4" and not old.exists()
+
+
+def test_a_run_is_continued_only_by_the_command_that_made_it(tmp_path):
+    """A review's case: a stopped `fedtune deploy-local` run suggested `fedtune simulate --resume`, whose
+    clients (client-0000…, state in the run directory) are not the deployment's institutions (clinic-a…, state
+    under deployment/): each would have started again from ε = 0 on the same records."""
+    from fedtune.server.prepare import continue_run
+    from fedtune.server.run_dir import DEPLOY_LOCAL, FLWR_RUN, SIMULATE
+
+    deployed = RunDirectory.create(tmp_path / "deployed", FedtuneConfig(), DEPLOY_LOCAL)
+    with pytest.raises(ConfigError) as refused:
+        RunDirectory.create(deployed.path, FedtuneConfig())
+    assert "simulate --resume" not in str(refused.value) and "deployment" in str(refused.value)
+    with pytest.raises(ConfigError, match=r"not a `fedtune simulate` run.*ε = 0"):
+        continue_run(deployed.path)
+    older = RunDirectory.create(tmp_path / "older", FedtuneConfig(), DEPLOY_LOCAL)  # before the engine was kept
+    (older.path / "engine").unlink()
+    (older.path / "deployment").mkdir()
+    assert older.engine == DEPLOY_LOCAL
+    assert RunDirectory.create(tmp_path / "sim", FedtuneConfig()).engine == SIMULATE
+    with pytest.raises(ConfigError, match="simulate --resume"):
+        RunDirectory.create(tmp_path / "sim", FedtuneConfig())
+    assert "flwr run" in RunDirectory.create(tmp_path / "flwr", FedtuneConfig(), FLWR_RUN).how_to_continue()
+
+
+def test_a_lost_run_id_is_not_replaced_once_the_run_has_spent(tmp_path):
+    """A review's case: a run directory copied without its run_id got a new one, silently; every client's own
+    entries then belonged to "another run", each refused as having lost its state, and adopting the ledger's
+    record counted the spending twice."""
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    made = run.run_id
+    assert RunDirectory(run.path).run_id == made, "made with the run, kept by every reopening"
+    PrivacyLedger("prv", True, {"client-0000": [LedgerEntry(1, k.STATUS_TRAINED, "prv", 64, 1.0, None, 1.0, 0.25, 4,
+                                                            1e-5, 0.5)]}).save(run.path)
+    (run.path / k.RUN_ID_FILE).unlink()
+    with pytest.raises(ConfigError, match="run_id is missing.*write the id back"):
+        _ = run.run_id
+    assert not (run.path / k.RUN_ID_FILE).exists()

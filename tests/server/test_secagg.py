@@ -279,3 +279,26 @@ def test_distributed_dp_outside_secagg_is_refused_before_training():
     with pytest.raises(RuntimeError, match="outside SecAgg"):
         secagg_mod(plain, context, lambda m, c: trained.append(m))
     assert trained == []
+
+
+def test_distributed_dp_does_not_train_when_fewer_than_t_institutions_are_left_after_key_sharing():
+    """A review's case: one institution dropped during key sharing with t = m; the others trained, spent ε and
+    then refused to unmask. Each sees before training how many are left (one ciphertext from every other)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from fedtune.client.secagg import FITINS_CONFIG
+
+    def masking(others: int) -> Message:
+        stage = {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: [b"x"] * others,
+                 Key.SOURCE_LIST: list(range(others))}
+        return Message(RecordDict({
+            RECORD_KEY_CONFIGS: ConfigRecord(stage),
+            FITINS_CONFIG: ConfigRecord({"dp.distributed_min_honest": 4})}), dst_node_id=1, message_type="train")
+
+    trained = []
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(RuntimeError, match="not training"):
+        secagg_mod(masking(2), context, lambda m, c: trained.append(m))
+    assert trained == []
+    from fedtune.client.secagg import _refuse_to_train_for_a_sum_never_unmasked
+    assert _refuse_to_train_for_a_sum_never_unmasked(masking(3)) is None, "four left, itself included: t = 4 met"

@@ -98,14 +98,15 @@ def test_spending_of_a_last_reply_that_never_came_is_asked_for_once_and_recorded
     ledger.record_failure("client-0000", 1, NO_REPLY)  # the server's view: nothing came
     assert awaiting_report(ledger) == ["client-0000"] and ledger.epsilon_of("client-0000") == 0.0
 
-    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send) == ["client-0000"]
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send).recorded == ["client-0000"]
     entries = ledger.entries("client-0000")
     assert [(e.round, e.status, e.recorded_late, e.recorded_round) for e in entries] == [
         (1, "failed", False, None), (1, "trained", True, 1)]
     assert ledger.spent("client-0000") == [(spent[k.NOISE_MULTIPLIER], spent[k.SAMPLE_RATE], spent[k.STEPS])]
     assert ledger.epsilon_of("client-0000") == pytest.approx(spent[k.EPSILON])
 
-    assert awaiting_report(ledger) == [] and ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send) == []
+    assert awaiting_report(ledger) == []
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send).recorded == []
     assert asked == [7], "once recorded, the client is not asked again"
 
 
@@ -118,7 +119,7 @@ def test_nothing_is_recorded_from_a_node_that_is_gone_or_states_another_name(tmp
         name = names[7]
         ledger = PrivacyLedger("prv", True)
         ledger.record_failure(name, 1, "no reply")
-        assert ask_unrecorded(ledger, names, connected, config, 1, send) == []
+        assert ask_unrecorded(ledger, names, connected, config, 1, send).recorded == []
         assert [e.status for e in ledger.entries(name)] == ["failed"] and not ledger.spent(name)
     assert asked == [7], "the node that is gone is not asked; the one asked answers as client-0000"
 
@@ -130,7 +131,7 @@ def test_a_client_that_did_not_train_reports_nothing(tmp_path):
     send, config, asked = one.send, one.config, one.asked
     ledger = PrivacyLedger("prv", True)
     ledger.record_failure("client-0000", 1, "no reply")
-    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send) == [] and asked == [7]
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], config, 1, send).recorded == [] and asked == [7]
     assert [e.status for e in ledger.entries("client-0000")] == ["failed"]
 
 
@@ -143,7 +144,7 @@ def test_a_node_the_server_cannot_name_is_asked_who_it_is_first(tmp_path):
         one = _institutions(tmp_path / placeholder)
         ledger = PrivacyLedger("prv", True)
         ledger.record_failure(placeholder, 1, "no reply")
-        assert ask_unrecorded(ledger, names, [7], one.config, 1, one.send) == ["client-0000"]
+        assert ask_unrecorded(ledger, names, [7], one.config, 1, one.send).recorded == ["client-0000"]
         assert names[7] == "client-0000" and list(ledger.clients) == ["client-0000"]
         assert [(e.status, e.recorded_late) for e in ledger.entries("client-0000")] == [("failed", False),
                                                                                         ("trained", True)]
@@ -158,13 +159,13 @@ def test_a_resumed_run_asks_every_client_also_those_without_any_entry(tmp_path):
 
     one = _institutions(tmp_path)
     ledger = PrivacyLedger("prv", True)  # the crash left no entry for it
-    assert awaiting_report(ledger) == [] and ask_unrecorded(ledger, {}, [7], one.config, 3, one.send) == []
+    assert awaiting_report(ledger) == [] and ask_unrecorded(ledger, {}, [7], one.config, 3, one.send).recorded == []
     assert one.asked == []
-    assert ask_unrecorded(ledger, {}, [7], one.config, 3, one.send, everyone=True) == ["client-0000"]
+    assert ask_unrecorded(ledger, {}, [7], one.config, 3, one.send, everyone=True).recorded == ["client-0000"]
     assert one.asked == [7, 7], "identify (a resumed simulation's node is new), then the spending"
     assert ledger.spent("client-0000") == [(one.spent[k.NOISE_MULTIPLIER], one.spent[k.SAMPLE_RATE],
                                             one.spent[k.STEPS])]
-    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], one.config, 3, one.send, everyone=True) == []
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], one.config, 3, one.send, everyone=True).recorded == []
     assert ledger.epsilon_of("client-0000") == pytest.approx(one.spent[k.EPSILON]), "recorded once"
 
 
@@ -279,15 +280,35 @@ def test_nodes_whose_registered_identity_is_in_doubt_are_not_asked(tmp_path):
 
 
 @pytest.mark.parametrize(("round_timeout", "waits"), [(None, 120.0), (30.0, 30.0), (600.0, 120.0)])
-def test_a_finished_run_waits_at_most_two_minutes_for_unrecorded_spending(tmp_path, monkeypatch, round_timeout, waits):
-    """UNRECORDED_TIMEOUT_S caps the wait after the last round, and a shorter round timeout shortens it."""
+def test_a_finished_run_waits_two_minutes_and_a_second_a_client_for_unrecorded_spending(tmp_path, monkeypatch,
+                                                                                       round_timeout, waits):
+    """UNRECORDED_TIMEOUT_S caps the wait after the last round, a shorter round timeout shortens it, and each
+    client asked adds UNRECORDED_PER_CLIENT_S: a resumed simulation of thousands asks every one of them."""
     import dataclasses
 
     from fedtune.server import rounds
+    from fedtune.server.spending import Asked
 
     f = _finished_run(tmp_path)
     used = []
     monkeypatch.setattr(rounds, "ask_unrecorded",
-                        lambda *args, **_: used.append(args[-1].__self__.timeout_s) or [])
+                        lambda *args, **_: used.append(args[-1].__self__.timeout_s) or Asked([], []))
     rounds._record_unreported(dataclasses.replace(f.transport, timeout_s=round_timeout), f.inputs, f.last, f.ledger)
-    assert used == [waits] and rounds.UNRECORDED_TIMEOUT_S == 120.0
+    clients = len(f.transport.grid.get_node_ids())
+    assert used == [waits + clients * rounds.UNRECORDED_PER_CLIENT_S] and rounds.UNRECORDED_TIMEOUT_S == 120.0
+
+
+def test_clients_that_do_not_answer_after_the_last_round_are_named(tmp_path, monkeypatch):
+    """A review's case: in a resumed run of thousands of clients, the ones that did not answer within the
+    wait were dropped without a word, and the finished ledger understated their spending."""
+    from fedtune.server import rounds
+    from fedtune.server.spending import Asked, ask_unrecorded
+
+    f = _finished_run(tmp_path)
+    asked = ask_unrecorded(f.ledger, {7: "client-0000"}, [7], f.one.config, 1, lambda messages, what: [],
+                           everyone=True)
+    assert asked == Asked([], ["client-0000"]), "no reply: silent"
+    monkeypatch.setattr(rounds, "ask_unrecorded", lambda *args, **_: Asked([], ["client-0000", "client-0001"]))
+    rounds._record_unreported(f.transport, f.inputs, f.last, f.ledger)
+    text = f.console.export_text()
+    assert "client-0000, client-0001 did not answer" in text and "not in the ledger" in text

@@ -109,8 +109,9 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
             "clipping norm C along a random direction of the trained weights, which DP-SGD clips to C like any "
             "record's; " if gradient else "") + (
             f"the auditor took the coordinator's view: every update the server received in rounds 1 to {a.round}. "
-            "Each canary was scored by its fitted weight in its institution's updates, along the canary's own "
-            "gradient direction (a larger weight: more likely trained on)." if a.vantage == "server" else
+            "Each canary was scored by the t-statistic of its fitted weight in its institution's updates, along "
+            "the canary's own gradient direction, summed over rounds (a larger score: more likely trained "
+            "on)." if a.vantage == "server" else
             f"after round {a.round} each canary was scored by the cosine between its direction and the global "
             "adapter's change (a larger cosine: more likely trained on)." if gradient else
             f"after round {a.round} each canary was scored by the final global adapter's loss on it (a lower loss: "
@@ -193,7 +194,9 @@ def _audit_power(a: AuditSummary) -> str:
     needed = a.canaries_to_certify_theoretical
     text = (f"**The audit's power.** Even an attack that told every member canary from every non-member could show "
             f"no more than ε ≥ {ceiling:.2f} with {a.canaries} canaries at this δ and confidence. ")
-    if theoretical == INF or ceiling >= as_float(theoretical):
+    if theoretical == INF:
+        return text + "The theoretical ε is infinite here, so no bound can contradict it."
+    if ceiling > as_float(theoretical):
         return text + "That is enough to reveal a leak beyond the theoretical ε, had there been one."
     return text + (f"So this audit could not reveal a leak between {ceiling:.2f} and the theoretical ε = "
                    f"{eps(theoretical)}; a bound below the theoretical ε is no evidence that ε is tight or loose "

@@ -104,15 +104,17 @@ def _against_whom(r: ReportData) -> str:
     t = r.distributed["min_honest"]
     return (_against_whom_by_policy(r) + f" **Under distributed DP each client added only 1/{t} of that noise's "
             "variance**: "
-            f"the ε holds only if at least {t} institutions a round added their share honestly and secure "
-            "aggregation hid each share (see the assumptions below).")
+            f"the ε holds only if at least {t} institutions a round added their share honestly, of the same σ "
+            "(the coordinator sent every institution the same target ε, δ, q and rounds, which no institution can "
+            "check of the others' messages), and secure aggregation hid each share (see the assumptions below).")
 
 
 def _against_whom_by_policy(r: ReportData) -> str:
     if r.settings.noise_from_seed:
-        return ("**Not against the server**: the run used `dp.reproducible_noise`, noise derived from a seed the "
-                "server knows, which it could regenerate and subtract; research use only. The guarantee still holds "
-                "against anyone who sees only the released model.")
+        return ("**Not against the server, nor the other institutions**: the run used `dp.reproducible_noise`, noise "
+                "derived from a seed the server and every institution know (it is in the run config), which any of "
+                "them could regenerate and subtract; research use only. The guarantee still holds against anyone who "
+                "sees only the released model and not the run config.")
     policies = r.policies
     if policies == (INSTITUTION_POLICY,):
         return ("**Against the server**: the noise was added inside each institution before anything left it, under "
@@ -286,8 +288,10 @@ def _method(r: ReportData) -> list[Block]:
         "restarts; ε is computed from the whole history, over every local step it ran. Rounds it sat out add "
         "nothing.",
         "**Sampling**: every institution trains with Poisson sampling (Opacus' `UniformWithReplacementSampler`): "
-        "each record joins each step's batch independently with probability q = 1/⌈n/B⌉, for exactly ⌈n/B⌉ steps "
-        "per local epoch, the schedule the accountant and the budget forecast use. A step whose Poisson batch is "
+        "each record joins each step's batch independently with probability q, the schedule the accountant and "
+        "the budget forecast use: q = 1/⌈n/B⌉ for exactly ⌈n/B⌉ steps per local epoch, or, where the run sets "
+        "`train.sample_rate` (sampled rounds) or uses distributed DP, one step a round at that rate (q = 1 "
+        "without it). Each round's q and steps are in the evidence below. A step whose Poisson batch is "
         "empty is still taken (noise only) and counted.",
         ("**Each step**: every record's gradient is clipped to L2 norm C, and Gaussian noise of standard "
          "deviation σ·C is added to their sum." if a.name != "skellam" else
@@ -428,9 +432,10 @@ def _randomness(r: ReportData) -> str:
         return ("**Randomness** (research only): this run set `dp.reproducible_noise`: the Poisson sampling, the DP "
                 "noise, dropout, which records of a sampled user a step uses and distributed DP's rounding each "
                 "came from their own stream, derived from the run seed, the round and the institution's name. "
-                "The streams are independent of each other, but the server knows the seed and "
-                "could regenerate the noise, so the guarantee does not hold against the server; it still holds "
-                "against anyone who sees only the final adapter.")
+                "The streams are independent of each other, but the server knows the seed, and so does every "
+                "institution (it is in the run config each receives): any of them could regenerate an "
+                "institution's noise from its name, so the guarantee does not hold against them; it still holds "
+                "against anyone who sees only the final adapter and not the run config.")
     if r.settings.public_streams:
         return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling's stream "
                 "was derived from the run seed, the round and the institution's name, so the server knows it; the "
@@ -442,10 +447,11 @@ def _randomness(r: ReportData) -> str:
                 "the server too.")
     return ("**Randomness**: in each round, each institution draws separate seeds from the operating "
             "system's secure randomness, one each for the Poisson sampling, the DP noise, dropout, (user-level "
-            "DP) which records of a sampled user a step uses and (distributed DP) the rounding onto SecAgg+'s "
-            "grid, and never sends them; the noise is therefore "
+            "DP) which records of a sampled user a step uses and (distributed DP) the random rounding of each "
+            "record's scaled gradient to integers, and never sends them; the noise is therefore "
             "independent of which records were sampled, as the analysis assumes "
-            "(`tests/privacy/test_randomness.py` checks it statistically). PyTorch's generators are not themselves "
+            "(`tests/privacy/test_randomness.py` checks it statistically). The generators these seeds start "
+            "(PyTorch's, and NumPy's Philox for distributed DP's Skellam noise) are not themselves "
             "cryptographic (Opacus' `secure_mode` is off), which the standard analysis does not require but a "
             "formal deployment may.")
 
