@@ -270,6 +270,11 @@ def _audit(config: Path | None, out: Path | None, resume: Path | None, confidenc
         if planned.data.canaries < 2 and not planned.dp.canary_clients:
             raise ConfigError(f"{resume} has no canaries (data.canaries = {planned.data.canaries}), so there is "
                               "nothing to audit. Start an audited run with `fedtune audit --canaries M --out RUN_DIR`.")
+    planned = read_run_config(resume) if resume is not None else load_config(config, overrides)
+    if vantage == "server" and planned.dp.reproducible_noise:  # before training: run_audit would refuse after it
+        raise ConfigError("--vantage server audits the updates the server saw, but dp.reproducible_noise lets the "
+                          "server regenerate every institution's noise, so no ε protects them; audit the released "
+                          "adapter (--vantage final) or run without dp.reproducible_noise.")
     _simulate(config, out, resume, overrides, audit_hint=False)
     record = run_audit(RunDirectory.existing(target), confidence, vantage)
     _write_report(target)

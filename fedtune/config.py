@@ -716,12 +716,6 @@ class FedtuneConfig:
             _check(self.clients_sampled() >= 2, "dp.secagg",
                    "secure aggregation needs at least 2 clients sampled per round; raise `clients`, "
                    "strategy.clients_per_round or strategy.fraction_train.")
-            _check(dp.client_dp == "off" or self.clients_sampled() >= self.clients, "dp.secagg",
-                   "under client-level DP each institution joins a round by its own coin flip, so a cohort can "
-                   "be one institution, whose update SecAgg+ cannot hide, and leaving it out is not covered by "
-                   "the Poisson analysis (whether one update is summed would depend on another institution). "
-                   "With SecAgg+ use strategy.fraction_train = 1 (every institution every round), or client-level "
-                   "DP without SecAgg+.")
 
     def distributed_dp_needs(self) -> list[tuple[bool, str]]:
         """What distributed DP needs of the other options besides dp.secagg: (met, what) for each."""

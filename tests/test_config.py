@@ -131,9 +131,12 @@ def test_client_level_dp_under_secagg_needs_every_institution_every_round():
     """A review's case: a Poisson cohort of one institution was left out under SecAgg+ (a noise-only release);
     whether one institution's update was summed then depended on whether another took part, a shift of up to
     2 C the Poisson analysis does not cover (ε 16.5 where the ledger said 8.25, for N = 10, q = 0.2)."""
+    from fedtune.server.prepare import preflight
+
     base = {"clients": 10, "dp.secagg": True, "dp.client_dp": "fixed", "dp.client_dp_side": "client",
             "dp.delta": 1e-3}
-    with pytest.raises(ConfigError, match=r"dp.secagg.*fraction_train = 1"):
-        FedtuneConfig.from_flat({**base, "strategy.fraction_train": 0.2})
+    for sampled in ({"strategy.fraction_train": 0.2}, {"strategy.clients_per_round": 3}):
+        earlier = FedtuneConfig.from_flat({**base, **sampled})  # a run an earlier fedtune made still loads
+        with pytest.raises(ConfigError, match=r"dp.secagg.*fraction_train = 1 and no strategy.clients_per_round"):
+            preflight(earlier)  # but is neither started nor continued
     assert FedtuneConfig.from_flat(base).clients_sampled() == 10
-    assert FedtuneConfig.from_flat({**base, "dp.client_dp": "off", "strategy.fraction_train": 0.2})

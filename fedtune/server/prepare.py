@@ -47,6 +47,15 @@ def facts(cfg: FedtuneConfig) -> Facts:
 
 def preflight(cfg: FedtuneConfig) -> None:
     """Everything that can be checked before a run directory is made; raises FedtuneError."""
+    if cfg.dp.secagg and cfg.dp.client_dp != "off" and cfg.clients_sampled() < cfg.clients:
+        # Here, not in the config's own checks: a run an earlier fedtune made this way still loads, so that
+        # privacy-verify and the report can read it; it is not run any further.
+        raise ConfigError("Invalid option `dp.secagg`: under client-level DP each institution joins a round by its "
+                          "own coin flip, so a cohort can be one institution, whose update SecAgg+ cannot hide, and "
+                          "leaving it out is not covered by the Poisson analysis (whether one update is summed would "
+                          "depend on another institution). With SecAgg+ every institution must train every round: "
+                          "strategy.fraction_train = 1 and no strategy.clients_per_round; or use client-level DP "
+                          "without SecAgg+.")
     task = get_task(cfg.model.task)
     task.check_config(cfg)
     task.check_model(cfg.model, cfg.lora)  # causal-lm: converts the default model on first use
@@ -120,8 +129,8 @@ def new_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = No
     summary = data_summary(cfg)
     digest = split_digest(get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed))
     run = RunDirectory.create(target, cfg, engine)
-    save_partition_summary(run.path, summary)
     write_json_atomic(run.path / DATA_DIGEST, digest)
+    save_partition_summary(run.path, summary)
     return cfg, run, summary
 
 
@@ -230,7 +239,6 @@ def open_run(cfg: FedtuneConfig, target: Path, pinned: frozenset[str] | None = N
                           "run directory (`out`).")
     run = RunDirectory.existing(target)
     recorded = (target / ENGINE).is_file()  # a run from before the engine was kept: as before, reopened
-    if recorded and not (run.engine == FLWR_RUN or (run.engine == DEPLOY_LOCAL and run.latest_checkpoint() is None)):
-        # deploy-local's ServerApp opens the run deploy-local just made; nothing else continues another's run
+    if recorded and run.engine not in (FLWR_RUN, DEPLOY_LOCAL):  # deploy-local's ServerApp runs under flwr run
         raise ConfigError(f"{target} is not a `{FLWR_RUN}` run: {run.how_to_continue()}.")
     return continue_run(target, cfg.rounds, engine=None)

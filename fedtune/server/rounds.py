@@ -454,8 +454,9 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
         # SecAgg+ cannot hide a single update. Leaving the one institution out (a noise-only release, as
         # an earlier fedtune did) is not covered by client-level DP's analysis either: whether its update
         # is summed would then depend on whether another institution took part, a shift of up to 2 C.
-        raise FedtuneError(f"Round {round_}: only one institution is connected, and SecAgg+ cannot hide a single "
-                           "update; the round is not run. Continue with --resume once others are connected again.")
+        raise FedtuneError(f"Round {round_}: only one institution was asked (the others are not connected, or "
+                           "their identity is in doubt), and SecAgg+ cannot hide a single update; the round is not "
+                           f"run. Once others are connected, {inputs.run.how_to_continue()}.")
     replies = transport.train(messages, f"round {round_}/{cfg.rounds} train")
     mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
     replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,

@@ -10,6 +10,7 @@ by the round loop as clients report spending (PrivacyLedger.save), before the ro
 from __future__ import annotations
 
 import io
+import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -115,8 +116,9 @@ class RunDirectory:
             return f"continue that run with `fedtune simulate --resume {self.path}`"
         if self.engine == FLWR_RUN:
             return f"continue that run with `flwr run` and the same run config (out = \"{self.path}\")"
-        return (f"it was a `{self.engine}` run, which is not continued: its institutions' privacy state is in "
-                f"{self.path / 'deployment'}; start a new run directory, and keep this one for its ledger")
+        return (f"it was a `{self.engine}` run: its institutions' privacy state is in {self.path / 'deployment'}, "
+                "so only its own federation continues it (start it again and submit the same run, "
+                "docs/deployment.md); a simulation's clients would each start from ε = 0")
 
     @classmethod
     def existing(cls, path: Path) -> RunDirectory:
@@ -134,7 +136,8 @@ class RunDirectory:
         path = self.path / RUN_ID
         if not path.is_file():
             ledger = self.read_ledger()
-            if ledger is not None and ledger.clients:  # a new id would disown every client's own entries
+            if ledger is not None and ledger.clients and (self.engine != SIMULATE or self._entries_name_a_run()):
+                # a new id would disown every client's own entries (a simulation's are here to look at)
                 raise ConfigError(
                     f"{path} is missing, but the run has spent budget under the id it held: with a new one every "
                     "client's own entries of this run would belong to another run, and each would refuse to train "
@@ -142,8 +145,19 @@ class RunDirectory:
                     "the `run` of the clients' own ledger entries (client_state/*.json in a simulation, each "
                     "institution's state-dir in a deployment). A run made before run ids (entries without a `run`) "
                     "may take any id.")
-            write_text_atomic(path, secrets.token_hex(8))  # a run from before run ids, that spent nothing yet
+            write_text_atomic(path, secrets.token_hex(8))  # nothing spent, or a simulation from before run ids
         return path.read_text(encoding="utf-8").strip()
+
+    def _entries_name_a_run(self) -> bool:
+        """Whether a simulated client's own ledger entries (client_state/) name the run they were spent in."""
+        for path in self.client_state_dir.glob("*.json"):
+            try:
+                entries = json.loads(path.read_text(encoding="utf-8")).get("ledger", [])
+            except ValueError:
+                return True  # unreadable: assume it does
+            if any(isinstance(entry, dict) and entry.get("run") for entry in entries):
+                return True
+        return False
 
     @property
     def client_state_dir(self) -> Path:

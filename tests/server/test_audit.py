@@ -287,3 +287,16 @@ def test_the_servers_vantage_is_refused_where_the_server_could_regenerate_the_no
     run = RunDirectory.create(tmp_path / "run", cfg)
     with pytest.raises(ConfigError, match="reproducible_noise.*--vantage final"):
         run_audit(run, 0.95, "server")
+
+
+def test_the_cli_refuses_the_servers_vantage_under_reproducible_noise_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedtune.cli import cli
+
+    config = tmp_path / "run.toml"
+    config.write_text("[dp]\nreproducible_noise = true\n")
+    result = CliRunner().invoke(cli, ["audit", "--config", str(config), "--vantage", "server", "--out",
+                                      str(tmp_path / "never")])
+    assert result.exit_code == 2 and "reproducible_noise" in " ".join(result.output.split())
+    assert not (tmp_path / "never").exists()

@@ -97,6 +97,6 @@ def test_flwr_run_reopens_only_its_own_runs(tmp_path):
     open_run(CFG, tmp_path / "flwr")
     assert open_run(CFG.with_overrides({"rounds": 3}), tmp_path / "flwr")[0].rounds == 3, "its own: continued"
     _, deployed, _ = new_run(CFG, tmp_path / "deployed", engine=DEPLOY_LOCAL)
-    assert open_run(CFG, tmp_path / "deployed")[1].path == deployed.path, "deploy-local's ServerApp opens its new run"
-    (deployed.path / "engine").unlink()  # a run from before the engine was kept: reopened, as before
-    assert open_run(CFG, tmp_path / "deployed")[1].path == deployed.path
+    assert open_run(CFG, tmp_path / "deployed")[1].path == deployed.path, "deploy-local's ServerApp, under flwr run"
+    (tmp_path / "sim" / "engine").unlink()  # a run from before the engine was kept: reopened, as before
+    assert open_run(CFG, tmp_path / "sim")[1].path == tmp_path / "sim"

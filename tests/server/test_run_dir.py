@@ -247,6 +247,17 @@ def test_a_lost_run_id_is_not_replaced_once_the_run_has_spent(tmp_path):
     PrivacyLedger("prv", True, {"client-0000": [LedgerEntry(1, k.STATUS_TRAINED, "prv", 64, 1.0, None, 1.0, 0.25, 4,
                                                             1e-5, 0.5)]}).save(run.path)
     (run.path / k.RUN_ID_FILE).unlink()
+    assert run.run_id != made, "a simulation whose clients' entries name no run (before run ids): any id will do"
+    (run.path / k.RUN_ID_FILE).unlink()
+    run.client_state_dir.mkdir()
+    (run.client_state_dir / "client-0000.json").write_text(json.dumps({"ledger": [{"round": 1, "run": made}]}))
     with pytest.raises(ConfigError, match="run_id is missing.*write the id back"):
         _ = run.run_id
     assert not (run.path / k.RUN_ID_FILE).exists()
+    from fedtune.server.run_dir import DEPLOY_LOCAL
+
+    deployed = RunDirectory.create(tmp_path / "deployed", FedtuneConfig(), DEPLOY_LOCAL)
+    PrivacyLedger.load(run.path).save(deployed.path)
+    (deployed.path / k.RUN_ID_FILE).unlink()
+    with pytest.raises(ConfigError, match="run_id is missing"):  # its institutions' entries are not here to read
+        _ = deployed.run_id
