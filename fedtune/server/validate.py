@@ -62,6 +62,10 @@ class Schedule:
     local_epochs: int
     adam_step: float | None = None  # AdamW: lr x ADAM_STEP_BOUND, one coordinate's largest move a step
     sample_rate: float = 0.0  # train.sample_rate: one step at that rate
+    # Client-level DP with fixed clipping in each institution's mod, without SecAgg+: the L2 norm C each
+    # update was clipped to (each client clips inside C by the rounding margin, client/mods.py), which the
+    # noise is calibrated to. One over it (a ClientApp without the mod) is rejected and counts as zero.
+    clipping_norm: float = math.inf
 
     @classmethod
     def of(cls, cfg: FedtuneConfig, learning_rate: float, proximal_mu: float) -> Schedule:
@@ -69,8 +73,9 @@ class Schedule:
         # only while lr·mu <= 1 (then it never overshoots the anchor).
         # Under SecAgg+ each reply carries the mean of the cohort's updates, not its own: no per-client bound.
         adam = cfg.train.optimizer == "adamw" and learning_rate * proximal_mu <= 1 and not cfg.dp.secagg
+        clipped = (cfg.dp.client_dp, cfg.dp.client_dp_side, cfg.dp.secagg) == ("fixed", "client", False)
         return cls(cfg.train.batch_size, cfg.train.local_epochs, learning_rate * ADAM_STEP_BOUND if adam else None,
-                   cfg.train.sample_rate)
+                   cfg.train.sample_rate, cfg.dp.client_clipping_norm if clipped else math.inf)
 
 
 def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
@@ -104,6 +109,9 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
     if problem:
         return problem
     bound, what = max_update_norm, f"strategy.max_update_norm = {max_update_norm:g}"
+    if schedule is not None and schedule.clipping_norm < bound:
+        bound, what = schedule.clipping_norm, (f"dp.client_clipping_norm = {schedule.clipping_norm:g}, which its "
+                                               "client-side clipping should have held it to")
     if bound == math.inf and schedule is not None and schedule.adam_step is not None:
         bound = adam_bound(schedule.adam_step, int(content[k.METRICS][k.STEPS]), reference)
         what = f"{bound:.4g}, the most AdamW can move it in the {int(content[k.METRICS][k.STEPS])} steps reported"

@@ -252,3 +252,25 @@ def test_no_single_claim_outweighs_the_rest():
     assert replies[2].content[k.METRICS][k.NUM_EXAMPLES] == 10**9, "the reply itself (and its ledger entry) keeps it"
     two = bounded_weights(replies[1:])  # with two clients the lower median is the honest one
     assert [r.content[k.METRICS][k.NUM_EXAMPLES] for r in two] == [60, 600]
+
+
+def test_under_client_side_client_level_dp_an_update_beyond_the_clipping_norm_is_rejected():
+    """A review's case: without SecAgg+ the server sees each update, yet never checked that the institution's
+    clipping mod had held it to C; a ClientApp without the mod had its whole update released with noise
+    calibrated to C. The server now rejects it (it counts as zero, like any rejected update)."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.validate import Schedule
+
+    norm_of_one = math.sqrt(68)
+    clipped = {"dp.client_dp": "fixed", "dp.client_dp_side": "client", "dp.client_clipping_norm": norm_of_one,
+               "dp.delta": 1e-3, "clients": 4, "train.batch_size": 16, "train.local_epochs": 2}  # reply()'s schedule
+    schedule = Schedule.of(FedtuneConfig.from_flat(clipped), 0.1, 0.0)
+    scheduled = metrics(**{k.NUM_EXAMPLES: 50, k.SAMPLE_RATE: 0.25, k.STEPS: 8})  # the schedule's q and steps
+    within = reply(1, update=arrays(0.99), metric_values=scheduled)
+    beyond = reply(2, update=arrays(1.5), metric_values=scheduled)
+    kept, rejected = reject_malformed([within, beyond], reference(), schedule=schedule)
+    assert kept == [within] and rejected[0][0] is beyond
+    assert f"exceeds dp.client_clipping_norm = {norm_of_one:g}" in rejected[0][1]
+    for other in ({"dp.client_dp_side": "server"}, {"dp.client_dp": "off"}):  # the server clips, or no client DP
+        unclipped = Schedule.of(FedtuneConfig.from_flat({**clipped, **other}), 0.1, 0.0)
+        assert len(reject_malformed([beyond], reference(), schedule=unclipped)[0]) == 1
