@@ -51,8 +51,7 @@ class ClientState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
-        history = normalize(data.get("history", []))
-        return cls(history, data.get("noise_multiplier"),
+        return cls(normalize(data.get("history", [])), data.get("noise_multiplier"),
                    [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])],
                    {run: normalize(history) for run, history in data.get("adopted", {}).items()},
                    data.get("solved_in"), data.get("record_level"))

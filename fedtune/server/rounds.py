@@ -64,8 +64,8 @@ from fedtune.tasks.base import Scores
 PULL_INTERVAL_S = 0.1
 NO_REPLY = "no reply before timeout (round_timeout_s)"
 NOT_SENT = "the message could not be sent to the node"
-UNRECORDED_TIMEOUT_S = 120.0  # how long a finished run waits for unrecorded spending (_record_unreported),
-UNRECORDED_PER_CLIENT_S = 1.0  # plus this for each client asked (about 0.1 s a message on 2 cores, bench/)
+UNRECORDED_TIMEOUT_S = 120.0  # how long a finished run waits for unrecorded spending (_record_unreported)
+UNRECORDED_PER_CLIENT_S = 1.0  # and this more for each client asked (about 0.1 s a message on 2 cores, bench/)
 FAILURES_LOG = "failures.log"  # in the run directory: the whole text of failures the ledger keeps one line of
 
 
@@ -330,10 +330,10 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     crash or Ctrl-C cut off mid-round have no entry at all (the round's replies were never recorded),
     and one not sampled again since has reported nothing. Written like a round's spending: the
     ledger first, then the checkpoint again (a crash between the two: PrivacyLedger.record_interrupted). Waits at most
-    UNRECORDED_TIMEOUT_S (or the round timeout, if shorter), plus UNRECORDED_PER_CLIENT_S for each connected
-    client, for replies (a resumed
-    simulation of thousands of clients asks them all), and names the clients that did not answer. Ctrl-C
-    meanwhile stops the run before its summary is written, so that `--resume` asks again."""
+    UNRECORDED_TIMEOUT_S (or the round timeout, if shorter), plus UNRECORDED_PER_CLIENT_S for each
+    connected client (a resumed simulation of thousands asks them all), and names the clients that did
+    not answer. Ctrl-C meanwhile stops the run before its summary is written, so that `--resume` asks
+    again."""
     if not ledger.dp_enabled or not (inputs.resumed or awaiting_report(ledger)):
         return state
     registry = Registry.of(transport.grid)
@@ -346,14 +346,13 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
     asked = ask_unrecorded(ledger, state.node_names, connected,
                            client_config(inputs.cfg, inputs.run, transport.grid), state.round,
                            dataclasses.replace(transport, timeout_s=timeout).send, everyone=inputs.resumed)
-    names = asked.recorded
     if ledger.to_dict() != before:  # spending recorded, or a failure moved to the client it is now known as
         ledger.save(inputs.run.path)
         last = {**state.metrics[-1], "epsilon_max": ledger.epsilon_max()}
         state = dataclasses.replace(state, ledger=ledger.to_dict(), metrics=[*state.metrics[:-1], last])
         inputs.run.commit(state)
-    if names:
-        inputs.console.print(f"After round {state.round}: the spending of {', '.join(names)} in rounds whose "
+    if asked.recorded:
+        inputs.console.print(f"After round {state.round}: the spending of {', '.join(asked.recorded)} in rounds whose "
                              "replies never came is now in the ledger (recorded_late).", markup=False,
                              highlight=False, soft_wrap=True)
     if asked.silent and not inputs.stop.is_set():
