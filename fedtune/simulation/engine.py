@@ -19,6 +19,7 @@ from rich.console import Console
 from fedtune.config import FedtuneConfig, SimulationConfig
 from fedtune.errors import ConfigError
 from fedtune.server.run_dir import RunDirectory
+from fedtune.simulation.shared_paths import check_nodes_see_run
 
 
 def usable_cpus() -> int:
@@ -129,6 +130,10 @@ def simulate(cfg: FedtuneConfig, run: RunDirectory, console: Console) -> None:
             if cfg.simulation.ray_address:
                 connect_cluster(cfg, console)
                 started_ray = True
+                checked = check_nodes_see_run(cfg, run)
+                console.print(f"Each of the {checked} nodes sees this run directory"
+                              + (" and data.path" if cfg.data.source == "file" else "") + " as this machine does.",
+                              markup=False, highlight=False)
             else:
                 require_ray_token()
                 started_ray = start_local_ray(cfg)

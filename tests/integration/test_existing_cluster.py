@@ -84,6 +84,8 @@ def test_simulate_runs_on_an_existing_cluster_with_clients_on_both_nodes(tmp_pat
                             env={**env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Ray cluster at {address}: 2 nodes with CPUs, 2 client workers" in result.stderr
+    assert "Each of the 2 nodes sees this run directory as this machine does" in result.stderr
+    assert not list((out / "client_state").glob(".node-probe*")), "the check leaves nothing behind"
     placed = json.loads((out / "summary.json").read_text())["train_replies_per_ray_node"]
     assert len(placed) == 2 and sum(placed.values()) == 6, placed  # every client, on both nodes
     assert "Training replies per Ray node" in result.stderr
