@@ -5,6 +5,7 @@ Each filter names one known, benign message; everything else still shows.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -17,6 +18,16 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()  # the "classifier newly initialized" load report is expected
     hf_logging.disable_progress_bar()
     quiet_warnings()
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropActorShutdown) for f in flower.filters):
+        flower.addFilter(_DropActorShutdown())
+
+
+class _DropActorShutdown(logging.Filter):
+    # Flower's Simulation Engine ends each client worker with a WARNING "Manually terminating
+    # ClientAppActor" (twice, through Ray's log forwarding) after every run, the clean ones too.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Manually terminating")
 
 
 def quiet_warnings() -> None:

@@ -146,8 +146,11 @@ class LedgerEntry:
                               if own is not None and f"epsilon_{other(own)}" in rest else None)}
         for key in ("num_examples", "steps", "recorded_round", "distributed_min_honest"):
             values[key] = _integer(rest.pop(key, None), key)
-        for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "delta", "epsilon_recomputed"):
+        for key in ("noise_multiplier", "max_grad_norm", "sample_rate", "delta"):
             values[key] = _number(rest.pop(key, None), key)
+        # written as null when ∞ (a history no accountant could evaluate, server/spending.py), like an ε
+        values["epsilon_recomputed"] = (_epsilon(rest.pop("epsilon_recomputed"))
+                                        if "epsilon_recomputed" in rest else None)
         for key in ("reason", "policy", "run"):
             values[key] = _text(rest.pop(key, None), key)
         for key in ("adopted_ledger_spending", "state_lost", "interrupted", "recorded_late"):

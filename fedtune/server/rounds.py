@@ -55,6 +55,8 @@ from fedtune.server.spending import (
 from fedtune.server.validate import (
     Schedule,
     bounded_weights,
+    evaluation_problem,
+    for_aggregation,
     reject_malformed,
     reported_spending,
 )
@@ -169,8 +171,8 @@ def _epsilon_so_far(replies: list[Message]) -> str:
 
 def _track_memory(peaks: dict[int, float], replies: list[Message]) -> None:
     for reply in replies:
-        if not reply.has_error() and k.PID in reply.content[k.METRICS]:
-            m = reply.content[k.METRICS]
+        m = None if reply.has_error() else reply.content[k.METRICS]
+        if m is not None and k.PID in m and k.PEAK_RSS_MB in m:
             peaks[int(m[k.PID])] = max(peaks.get(int(m[k.PID]), 0.0), float(m[k.PEAK_RSS_MB]))
 
 
@@ -183,11 +185,13 @@ def _track_ray_nodes(counts: dict[str, int], replies: list[Message]) -> None:
 
 
 def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], node_names: dict[int, str],
-                   refused: dict[int, tuple[str, MetricRecord, list[LedgerEntry]]] | None = None) -> None:
+                   refused: dict[int, tuple[str, MetricRecord, list[LedgerEntry]]] | None = None,
+                   schedule: Schedule | None = None) -> None:
     """One ledger entry per client that answered (trained or declined), failed, or had its update
-    refused this round, each after the spending the client reports the ledger lacks (recorded late).
-    `refused` (from _refuse_malformed) holds, by node, the name, privacy figures and late entries a
-    refused reply reported: that client trained, so its entry carries the ε it spent."""
+    refused this round, each after the spending the client reports the ledger lacks (recorded late,
+    held to the run's `schedule`). `refused` (from _refuse_malformed) holds, by node, the name, privacy
+    figures and late entries a refused reply reported: that client trained, so its entry carries the ε
+    it spent."""
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error() and node in (refused or {}):
@@ -201,7 +205,8 @@ def record_privacy(ledger: PrivacyLedger, round_: int, replies: list[Message], n
             info = reply.content[k.CLIENT_INFO]
             name = str(info[k.CLIENT_NAME])
             _learn_name(ledger, node_names, node, name)
-            ledger.record_late(name, round_, unrecorded_entries(info))  # before this round's entry: they came first
+            # before this round's entry: they came first
+            ledger.record_late(name, round_, unrecorded_entries(info, schedule))
             ledger.record_round(name, round_, str(info[k.STATUS]), reply.content[k.METRICS], **client_notes(info))
 
 
@@ -232,12 +237,15 @@ def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, na
 
 def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructions: list[Message], round_: int,
                       console: Console, max_update_norm: float = math.inf, lower_rank: bool = False,
-                      schedule: Schedule | None = None
+                      schedule: Schedule | None = None, known: dict[int, str] | None = None
                       ) -> tuple[list[Message], dict[int, tuple[str, MetricRecord, list[LedgerEntry]]]]:
     """Replace each malformed (or too large) reply (server/validate.py) by an error reply naming what
     is wrong, left out of aggregation like any other failure. Also returns, by node, the name and
-    privacy figures of refused replies that still report them well formed (record_privacy).
-    A reply is checked against what its node was sent (heterogeneous ranks: its rank's view)."""
+    privacy figures of refused replies that still report them well formed and on the run's schedule
+    (record_privacy), under the name its node is `known` by (registered, or stated before): a refused
+    reply stating another name is recorded as its node's failure, so it cannot put figures on another
+    institution's record or rename its node. A reply is checked against what its node was sent
+    (heterogeneous ranks: its rank's view)."""
     by_node = {m.metadata.dst_node_id: m for m in instructions}  # one train message per node and round
     sent = {node: m.content[k.ARRAYS] for node, m in by_node.items() if k.ARRAYS in m.content}
     kept, rejected = reject_malformed(replies, reference, max_update_norm, sent, lower_rank, schedule)
@@ -247,9 +255,9 @@ def _refuse_malformed(replies: list[Message], reference: ArrayRecord, instructio
         console.print(f"round {round_}: rejected the update from node {node}: {reason}",
                       markup=False, highlight=False, soft_wrap=True)
         kept.append(failed_reply(by_node[node], f"update rejected: {reason}"))
-        spending = reported_spending(reply)
-        if spending:
-            refused[node] = (*spending, unrecorded_entries(reply.content[k.CLIENT_INFO]))
+        spending = reported_spending(reply, schedule)
+        if spending and (known or {}).get(node, spending[0]) == spending[0]:
+            refused[node] = (*spending, unrecorded_entries(reply.content[k.CLIENT_INFO], schedule))
     return kept, refused
 
 
@@ -406,10 +414,11 @@ def _round(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     bytes_down = _mean_bytes_sent(phase.messages) or arrays.count_bytes()
     arrays, train_metrics = _aggregate(round_, strategy, inputs, ledger, arrays, phase.trained)
     train_s = time.monotonic() - started
-    eval_replies = transport.send(strategy.configure_evaluate(round_, arrays, ConfigRecord(dict(config)),
-                                                              transport.grid), f"round {round_}/{cfg.rounds} evaluate")
+    eval_messages = list(strategy.configure_evaluate(round_, arrays, ConfigRecord(dict(config)), transport.grid))
+    eval_replies = transport.send(eval_messages, f"round {round_}/{cfg.rounds} evaluate")
     _stop_here(inputs, round_)
-    client_eval = strategy.aggregate_evaluate(round_, eval_replies)
+    client_eval = strategy.aggregate_evaluate(round_, _usable_evaluations(eval_replies, eval_messages, round_,
+                                                                          inputs.console))
     scores = inputs.evaluate(arrays, round_)
     row = _round_row(round_, scores, train_metrics, client_eval, ledger, phase.trained, phase.replies,
                      bytes_down, train_s=train_s, round_s=time.monotonic() - started)
@@ -458,11 +467,12 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
                            f"run. Once others are connected, {inputs.run.how_to_continue()}.")
     replies = transport.train(messages, f"round {round_}/{cfg.rounds} train")
     mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
+    schedule = Schedule.of(cfg, float(config[k.LEARNING_RATE]), mu)
     replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
                                          cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
-                                         schedule=Schedule.of(cfg, float(config[k.LEARNING_RATE]), mu))
+                                         schedule=schedule, known=state.node_names)
     replies = _refuse_misnamed(replies, registry, messages)
-    record_privacy(ledger, round_, replies, state.node_names, refused)
+    record_privacy(ledger, round_, replies, state.node_names, refused, schedule)
     _log_failures(inputs.run.path / FAILURES_LOG, round_, replies, state.node_names)
     for name in flag_lost_state(ledger, round_, cfg.dp.delta):
         inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
@@ -490,7 +500,7 @@ def _aggregate(round_: int, strategy: Strategy, inputs: RoundInputs, ledger: Pri
     skipping it would reveal that none did."""
     if not trained and inputs.cfg.dp.client_dp == "off":
         return arrays, None
-    arrays, metrics = strategy.aggregate_train(round_, bounded_weights(trained))
+    arrays, metrics = strategy.aggregate_train(round_, for_aggregation(trained))
     _refuse_non_finite(arrays, round_, inputs.cfg)
     release = state_dict(strategy).get("client_level")  # None without client-level DP
     if release is not None:
@@ -516,6 +526,22 @@ def _without_unidentified(registry: Registry, messages: list[Message], ledger: P
         console.print(f"round {round_}: node {node} not asked to train: {excluded[node]}", markup=False,
                       highlight=False, soft_wrap=True)
     return kept
+
+
+def _usable_evaluations(replies: list[Message], instructions: list[Message], round_: int,
+                        console: Console) -> list[Message]:
+    """The evaluate replies fit to average (server/validate.py::evaluation_problem), their example counts
+    bounded as in training; each other one becomes a failure, which Flower's mean skips."""
+    by_node = {m.metadata.dst_node_id: m for m in instructions}
+    usable, failed = [], []
+    for reply in replies:
+        problem = None if reply.has_error() else evaluation_problem(reply)
+        if problem:
+            console.print(f"round {round_}: left out the evaluation from node {reply.metadata.src_node_id}: "
+                          f"{problem}", markup=False, highlight=False, soft_wrap=True)
+            reply = failed_reply(by_node[reply.metadata.src_node_id], f"evaluation rejected: {problem}")
+        (failed if reply.has_error() else usable).append(reply)
+    return bounded_weights(usable) + failed
 
 
 def _refuse_misnamed(replies: list[Message], registry: Registry, instructions: list[Message]) -> list[Message]:

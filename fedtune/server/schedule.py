@@ -33,13 +33,13 @@ class Plateau:
 
 def find_plateau(rows: list[dict[str, Any]], patience: int) -> Plateau | None:
     """The first time the patience ran out, or None (also with patience 0). Rounds in which no client
-    evaluated do not count."""
+    evaluated (or one withheld its scores: NaN) do not count."""
     if not patience:
         return None
     best, best_loss, waited = 0, math.inf, 0
     for row in rows:
         loss = row.get("client_eval_loss")
-        if loss is None:
+        if loss is None or math.isnan(loss):
             continue
         if loss < best_loss:
             best, best_loss, waited = row["round"], loss, 0

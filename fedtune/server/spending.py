@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from fedtune import constants as k
 from fedtune.privacy.accountant import epsilon, merged
 from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedtune.server.validate import late_entry_problem
+from fedtune.server.validate import Schedule, late_entry_problem, late_schedule_problem
 
 # A reported ε may sit this far below the recomputed one before it counts as lost state: the two
 # come from the same accountant and history, so only floating-point rounding separates them.
@@ -83,17 +83,25 @@ def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[st
         if entry is None:
             continue
         history = merged(ledger.spent(name))
-        recomputed = epsilon(ledger.accountant, history, delta if entry.delta is None else entry.delta)
+        try:
+            recomputed = epsilon(ledger.accountant, history, delta if entry.delta is None else entry.delta)
+        except (MemoryError, OverflowError, ValueError):
+            # A history no accountant can evaluate (PRV's grid for millions of steps would need TiB)
+            # bounds nothing: fail closed, ε = ∞ as for lost state, rather than fail the round.
+            ledger.mark_state_lost(name, round_, math.inf)
+            flagged.append(name)
+            continue
         if math.isfinite(recomputed) and entry.epsilon < recomputed * (1 - RELATIVE_TOLERANCE):
             ledger.mark_state_lost(name, round_, recomputed)
             flagged.append(name)
     return flagged
 
 
-def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
+def unrecorded_entries(info: ConfigRecord, schedule: Schedule | None = None) -> list[LedgerEntry]:
     """The entries a reply reports for spending the ledger has no record of (k.UNRECORDED); none
-    when it reports none, or when any of them is malformed or implausible (late_entry_problem):
-    a client can only add to its own record, so a bad list is dropped rather than failing the round."""
+    when it reports none, or when any of them is malformed or implausible (late_entry_problem), or
+    off the run's `schedule` under DP-SGD: a client can only add to its own record, so a bad list is
+    dropped rather than failing the round."""
     text = info.get(k.UNRECORDED)
     if not isinstance(text, str):
         return []
@@ -102,7 +110,9 @@ def unrecorded_entries(info: ConfigRecord) -> list[LedgerEntry]:
         entries = [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
     except (ValueError, KeyError, TypeError):
         return []
-    return [] if any(late_entry_problem(entry) for entry in entries) else entries
+    if any(late_entry_problem(entry) or (schedule and late_schedule_problem(entry, schedule)) for entry in entries):
+        return []
+    return entries
 
 
 def awaiting_report(ledger: PrivacyLedger) -> list[str]:

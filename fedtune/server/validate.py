@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig
-from fedtune.models.lora_factors import ranks, truncate
+from fedtune.models.lora_factors import lift, ranks, truncate
 from fedtune.privacy.budget import poisson_schedule
 from fedtune.privacy.ledger import LedgerEntry
 
@@ -49,6 +48,11 @@ ADAM_STEP_BOUND = (1 - 0.9) / math.sqrt((1 - 0.999) * (1 - 0.9 ** 2 / 0.999))
 REQUIRED_METRICS = (k.NUM_EXAMPLES, k.TRAIN_LOSS, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER,
                     k.MAX_GRAD_NORM, k.DELTA, k.EPSILON, k.EPSILON_OTHER)
 NON_NEGATIVE = (k.NUM_EXAMPLES, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER, k.MAX_GRAD_NORM, k.DELTA)
+# What a reply may also report, each a finite number >= 0 that the server reads as one (the memory and
+# byte counts of the round line, distributed DP's t). Any other key never reaches aggregation
+# (for_aggregation); a list value (Flower's MetricRecord allows them) is refused.
+OPTIONAL_METRICS = (k.DISTRIBUTED_MIN_HONEST, k.BYTES_UP, k.PEAK_RSS_MB, k.PID)
+EVALUATE_METRICS = (k.NUM_EXAMPLES, k.EVAL_LOSS, k.EVAL_ACCURACY)  # an evaluate reply's, and only these
 # Replies that carry metrics: trained (with an update), or declined, refused or failed after training
 # (client/app.py) without one. Only `trained` replies are aggregated.
 STATUSES = (k.STATUS_TRAINED, k.STATUS_DECLINED, k.STATUS_REFUSED, k.STATUS_FAILED)
@@ -79,12 +83,15 @@ class Schedule:
 
 
 def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
-                  lower_rank: bool = False, schedule: Schedule | None = None) -> str | None:
+                  lower_rank: bool = False, schedule: Schedule | None = None,
+                  global_arrays: ArrayRecord | None = None) -> str | None:
     """Why `reply` (a successful train reply) cannot be used, or None when it can. A trained reply
     must carry exactly the tensors of `reference`, in its order, with the same shapes and dtypes,
     all finite, and differ from it by at most `max_update_norm` (L2, over all tensors). With
     `lower_rank` (heterogeneous ranks) its LoRA tensors may share one lower rank instead; it is
-    then compared with `reference` viewed at that rank."""
+    then compared with `reference` viewed at that rank, and its norm bound holds for what the
+    aggregation makes of it: the reply lifted to the rank of `global_arrays`, whose B update is
+    scaled by R/ρ (models/lora_factors.py::lift)."""
     content = reply.content
     info = content.get(k.CLIENT_INFO)
     if not isinstance(info, ConfigRecord) or not {k.CLIENT_NAME, k.STATUS} <= set(info.keys()):
@@ -99,6 +106,8 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
     problem = _metrics_problem(content.get(k.METRICS), trained=status == k.STATUS_TRAINED, schedule=schedule)
     if problem or status != k.STATUS_TRAINED:
         return problem
+    if len(content.metric_records) != 1:  # Flower's aggregation takes exactly one from each reply
+        return f"expected one MetricRecord `{k.METRICS}`, got {sorted(content.metric_records)}"
     if len(content.array_records) != 1 or not isinstance(content.get(k.ARRAYS), ArrayRecord):
         return f"expected one ArrayRecord `{k.ARRAYS}`, got {sorted(content.array_records) or 'none'}"
     if lower_rank:
@@ -112,12 +121,15 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
     if schedule is not None and schedule.clipping_norm < bound:
         bound, what = schedule.clipping_norm, (f"dp.client_clipping_norm = {schedule.clipping_norm:g}, which its "
                                                "client-side clipping should have held it to")
+    arrays = content[k.ARRAYS]
+    if bound < math.inf and lower_rank and global_arrays is not None:  # the update as it is aggregated
+        arrays, reference = _lifted(arrays, global_arrays), global_arrays
     if bound == math.inf and schedule is not None and schedule.adam_step is not None:
         bound = adam_bound(schedule.adam_step, int(content[k.METRICS][k.STEPS]), reference)
         what = f"{bound:.4g}, the most AdamW can move it in the {int(content[k.METRICS][k.STEPS])} steps reported"
     if bound == math.inf:
         return None
-    norm = update_norm(content[k.ARRAYS], reference)
+    norm = update_norm(arrays, reference)
     if norm > bound:
         return f"update norm {norm:.4g} exceeds {what}"
     return None
@@ -147,6 +159,12 @@ def _at_reply_rank(arrays: ArrayRecord, reference: ArrayRecord) -> tuple[ArrayRe
         return reference, None
     view = truncate({key: array.numpy() for key, array in reference.items()}, rank)
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in view.items()}), None
+
+
+def _lifted(arrays: ArrayRecord, global_arrays: ArrayRecord) -> ArrayRecord:
+    state = lift({key: arrays[key].numpy() for key in arrays.keys()},
+                 {key: global_arrays[key].numpy() for key in global_arrays.keys()})
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
@@ -207,16 +225,17 @@ def _unmoved(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
     return None
 
 
-def reported_spending(reply: Message) -> tuple[str, MetricRecord] | None:
+def reported_spending(reply: Message, schedule: Schedule | None = None) -> tuple[str, MetricRecord] | None:
     """The client's name and privacy figures from a trained reply, when its client record and
-    metrics are well formed, else None. A refused update was still trained: its client spent ε,
-    and the ledger must say so even though the update is not aggregated."""
+    metrics are well formed (under DP, on the run's schedule), else None. A refused update was
+    still trained: its client spent ε, and the ledger must say so even though the update is not
+    aggregated."""
     info = reply.content.get(k.CLIENT_INFO)
     if (not isinstance(info, ConfigRecord) or k.CLIENT_NAME not in info.keys()
             or info.get(k.STATUS) != k.STATUS_TRAINED):
         return None
     metrics = reply.content.get(k.METRICS)
-    if _metrics_problem(metrics, trained=True):
+    if _metrics_problem(metrics, trained=True, schedule=schedule):
         return None
     return str(info[k.CLIENT_NAME]), metrics
 
@@ -235,8 +254,12 @@ def _metrics_problem(metrics: object, trained: bool, schedule: Schedule | None =
             return f"metric {key} is {value}, expected a finite number >= 0"
         if key in (k.EPSILON, k.EPSILON_OTHER) and (math.isnan(value) or value < 0):
             return f"metric {key} is {value}, expected >= 0 (inf when DP is off)"
-    for key in (k.NUM_EXAMPLES, k.STEPS):
-        if not float(metrics[key]).is_integer() or metrics[key] > MAX_COUNT:
+    for key in OPTIONAL_METRICS:
+        value = metrics.get(key, 0)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+            return f"metric {key} is {value!r}, expected a finite number >= 0"
+    for key in (k.NUM_EXAMPLES, k.STEPS, k.DISTRIBUTED_MIN_HONEST):
+        if not float(metrics.get(key, 0)).is_integer() or metrics.get(key, 0) > MAX_COUNT:
             return f"metric {key} is {metrics[key]}, expected a whole number up to {MAX_COUNT:.0e}"
     if metrics[k.SAMPLE_RATE] > 1:
         return f"metric {k.SAMPLE_RATE} is {metrics[k.SAMPLE_RATE]}, expected a probability (<= 1)"
@@ -249,7 +272,7 @@ def _metrics_problem(metrics: object, trained: bool, schedule: Schedule | None =
     return None
 
 
-def _schedule_problem(metrics: MetricRecord, schedule: Schedule) -> str | None:
+def _schedule_problem(metrics: Mapping[str, float], schedule: Schedule) -> str | None:
     """Under DP-SGD, q and the steps follow from n: q = 1/ceil(n/B), steps = epochs x ceil(n/B); or, with
     train.sample_rate, one step at that rate."""
     n = int(metrics[k.NUM_EXAMPLES])
@@ -260,22 +283,70 @@ def _schedule_problem(metrics: MetricRecord, schedule: Schedule) -> str | None:
     return None
 
 
-def bounded_weights(replies: list[Message]) -> list[Message]:
-    """The trained replies as aggregation sees them: a reported example count above WEIGHT_CAP x the
-    round's lower median is counted as that much, so no single claim outweighs the rest. The
-    replies themselves (and the ledger's record of what each reported) are unchanged."""
-    if len(replies) < 2:
-        return replies
-    cap = WEIGHT_CAP * statistics.median_low(float(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in replies)
+def late_schedule_problem(entry: LedgerEntry, schedule: Schedule) -> str | None:
+    """A late entry (spending of this run the ledger lacks) is held to the run's schedule, as the reply
+    it stands for would have been."""
+    if not entry.noise_multiplier:
+        return None
+    return _schedule_problem({k.NUM_EXAMPLES: entry.num_examples, k.SAMPLE_RATE: entry.sample_rate,
+                              k.STEPS: entry.steps}, schedule)
+
+
+def evaluation_problem(reply: Message) -> str | None:
+    """Why an evaluate reply cannot be averaged, or None: it carries one MetricRecord holding exactly
+    the example count (a whole number) and the loss and accuracy, each NaN (scores the institution's
+    policy withholds) or in range. Nothing else reaches Flower's weighted mean, which fails the round on
+    replies that disagree (and early stopping and the released round read the mean loss)."""
+    content = reply.content
+    metrics = content.get(k.METRICS)
+    if len(content.metric_records) != 1 or not isinstance(metrics, MetricRecord):
+        return f"expected one MetricRecord `{k.METRICS}`, got {sorted(content.metric_records)}"
+    if set(metrics.keys()) != set(EVALUATE_METRICS):
+        return f"metrics are {_listed(sorted(metrics.keys()))}, expected {_listed(list(EVALUATE_METRICS))}"
+    values = {key: metrics[key] for key in EVALUATE_METRICS}
+    if any(not isinstance(v, int | float) or isinstance(v, bool) for v in values.values()):
+        return "a metric is not a number"
+    n = values[k.NUM_EXAMPLES]
+    if not (0 <= n <= MAX_COUNT and float(n).is_integer()):
+        return f"metric {k.NUM_EXAMPLES} is {n}, expected a whole number up to {MAX_COUNT:.0e}"
+    loss, accuracy = values[k.EVAL_LOSS], values[k.EVAL_ACCURACY]
+    if not (math.isnan(loss) or 0 <= loss < math.inf) or not (math.isnan(accuracy) or 0 <= accuracy <= 1):
+        return f"loss {loss} or accuracy {accuracy} out of range (NaN when withheld)"
+    return None
+
+
+def bounded_weights(replies: list[Message], keys: Iterable[str] | None = None) -> list[Message]:
+    """The replies as aggregation sees them: a reported example count above WEIGHT_CAP x the round's
+    lower median is counted as that much, so no single claim outweighs the rest; with `keys`, each
+    reply's metrics hold only those. The replies themselves (and the ledger's record of what each
+    reported) are unchanged."""
+    cap = (WEIGHT_CAP * statistics.median_low(float(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in replies)
+           if len(replies) >= 2 else math.inf)
+    keep = None if keys is None else set(keys)
     out = []
     for reply in replies:
-        if reply.content[k.METRICS][k.NUM_EXAMPLES] > cap:
-            metrics = MetricRecord({**reply.content[k.METRICS], k.NUM_EXAMPLES: int(cap)})
+        metrics = reply.content[k.METRICS]
+        if metrics[k.NUM_EXAMPLES] > cap or (keep is not None and set(metrics.keys()) != keep):
+            shown = {key: value for key, value in metrics.items() if keep is None or key in keep}
+            metrics = MetricRecord({**shown, k.NUM_EXAMPLES: int(min(metrics[k.NUM_EXAMPLES], cap))})
             reply = copy.copy(reply)
             reply.content = RecordDict({**{key: reply.content[key] for key in reply.content.keys()},
                                         k.METRICS: metrics})
         out.append(reply)
     return out
+
+
+def for_aggregation(trained: list[Message]) -> list[Message]:
+    """The trained replies as the strategy aggregates them: weights bounded, and the metrics of each
+    reduced to the keys fedtune reads that every reply carries (Flower's mean needs one key set; a
+    reply with an extra or a missing optional key is neither rejected nor allowed to decide the
+    others' set, as a majority vote once let the first of two replies do)."""
+    if not trained:
+        return trained
+    shared = set(REQUIRED_METRICS + OPTIONAL_METRICS)
+    for reply in trained:
+        shared &= set(reply.content[k.METRICS].keys())
+    return bounded_weights(trained, shared)
 
 
 def reject_malformed(replies: Iterable[Message], reference: ArrayRecord, max_update_norm: float = math.inf,
@@ -285,28 +356,18 @@ def reject_malformed(replies: Iterable[Message], reference: ArrayRecord, max_upd
     Each reply is checked against what its node was sent (`sent`, by node id; `reference` for a
     node not in it): under heterogeneous ranks, not every node gets the global adapter as it is.
 
-    Error replies pass through unchanged (they are failures already). Besides each reply's own
-    checks, trained replies must agree on their metric keys, as Flower's aggregation requires:
-    a reply whose keys differ from the most common set is rejected, not the round."""
+    Error replies pass through unchanged (they are failures already). Replies need not agree on their
+    optional metric keys: for_aggregation gives the strategy only those every one carries."""
     kept: list[Message] = []
     rejected: list[tuple[Message, str]] = []
     for reply in replies:
         own = (sent or {}).get(reply.metadata.src_node_id, reference)
-        problem = None if reply.has_error() else reply_problem(reply, own, max_update_norm, lower_rank, schedule)
+        problem = None if reply.has_error() else reply_problem(reply, own, max_update_norm, lower_rank, schedule,
+                                                               reference)
         if problem:
             rejected.append((reply, problem))
         else:
             kept.append(reply)
-    trained = [r for r in kept if not r.has_error() and r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
-    if trained:
-        usual, _ = Counter(frozenset(r.content[k.METRICS].keys()) for r in trained).most_common(1)[0]
-        for reply in trained:
-            keys = frozenset(reply.content[k.METRICS].keys())
-            if keys != usual:
-                kept.remove(reply)
-                detail = [f"extra {_listed(sorted(keys - usual))}"] if keys - usual else []
-                detail += [f"lacks {_listed(sorted(usual - keys))}"] if usual - keys else []
-                rejected.append((reply, f"metric keys differ from the other clients' ({'; '.join(detail)})"))
     return kept, rejected
 
 

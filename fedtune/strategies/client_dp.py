@@ -23,6 +23,7 @@ aborts the aggregation), exists for fixed clipping only, and its state is not in
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,7 +57,8 @@ class ZeroFilledMean(StrategyWrapper):
 
     Metrics still come from the inner strategy (example-weighted loss, worst ε). With `canaries`
     (an audit, strategies/canary_clients.py), the round's sampled canary institutions' updates
-    C·c_j are added to the sum, C read from `canary_norm` (the DP wrapper's current norm)."""
+    C·c_j are added to the sum, C read from `canary_norm` (the DP wrapper's current norm). With
+    `clipped_to` (server-side clipping), each reply's update is held to that norm (see below)."""
 
     def __init__(self, strategy: Strategy, num_sampled_clients: int, canaries: CanaryClients | None = None) -> None:
         super().__init__(strategy)
@@ -64,6 +66,7 @@ class ZeroFilledMean(StrategyWrapper):
         self.current_arrays = ArrayRecord()
         self.canaries = canaries
         self.canary_norm: Callable[[], float] = lambda: 0.0  # set by with_client_dp to the wrapper's norm
+        self.clipped_to: Callable[[], float] | None = None  # set by with_client_dp under server-side clipping
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -78,21 +81,35 @@ class ZeroFilledMean(StrategyWrapper):
         names = list(self.current_arrays.keys())
         base = [a.astype(np.float64) for a in self.current_arrays.to_numpy_ndarrays()]
         total = [np.zeros_like(b) for b in base]
+        # Flower's server-side wrappers clip each update in float32 and hand on the clipped weights b + u,
+        # rounded to float32: the update recovered here can exceed C by that rounding (a review measured
+        # 1.000009·C, d = 74,000), and the noise is calibrated to C. Scale such an update back to C, in
+        # float64; never up. Not under client-side clipping: the mod clips inside C, and with SecAgg+ a
+        # reply is a sum of updates.
+        bound = self.clipped_to() if self.clipped_to is not None else math.inf
         for reply in replies:
             (record,) = reply.content.array_records.values()
             if list(record.keys()) != names:  # Flower's clipping pairs arrays by position
                 raise FedtuneError(f"Round {server_round}: an update's arrays do not match the global ones.")
-            for acc, value, b in zip(total, record.to_numpy_ndarrays(), base, strict=True):
-                acc += value - b
+            update = [value - b for value, b in zip(record.to_numpy_ndarrays(), base, strict=True)]
+            norm = math.sqrt(sum(float(np.sum(u * u)) for u in update)) if bound < math.inf else 0.0
+            scale = bound / norm if norm > bound else 1.0
+            for acc, u in zip(total, update, strict=True):
+                acc += u * scale
         if self.canaries is not None:
             order = flat_order(names)
             added = self.canaries.round_sum(server_round, [base[i].shape for i in order], self.canary_norm())
             for i, update in zip(order, added, strict=True):
                 total[i] += update
-        dtypes = [a.dtype for a in self.current_arrays.to_numpy_ndarrays()]
-        mean = {n: Array(np.asarray(b + acc / m, dtype=t)) for n, b, acc, t in zip(names, base, total, dtypes,
-                                                                                     strict=True)}
+        # In float64: rounding the mean to the model's float32 before the noise could move it by up to
+        # half a float32 step per value (√d of them), beyond the C/m the noise is calibrated to.
+        # _ClientLevel rounds after the noise, which is post-processing.
+        mean = {n: Array(b + acc / m) for n, b, acc in zip(names, base, total, strict=True)}
         return ArrayRecord(mean), metrics
+
+    def dtypes(self) -> dict[str, np.dtype]:
+        return {name: array.dtype for name, array in zip(self.current_arrays.keys(),
+                                                         self.current_arrays.to_numpy_ndarrays(), strict=True)}
 
 
 class _ClientLevel:
@@ -120,6 +137,8 @@ class _ClientLevel:
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:
             self.releases += 1
+            dtypes = self.strategy.dtypes()  # type: ignore[attr-defined]  # ZeroFilledMean's: the model's
+            arrays = ArrayRecord({name: Array(arrays[name].numpy().astype(dtypes[name])) for name in arrays.keys()})
         return arrays, metrics
 
     def account(self) -> ClientLevelAccount:
@@ -230,6 +249,8 @@ def with_client_dp(strategy: FedAvg, cfg: FedtuneConfig) -> Strategy:
         outer = wrapper(inner, z_in, m, initial_clipping_norm=dp.client_clipping_norm,
                         clipped_count_stddev=count_noise, **accounting)
     inner.canary_norm = lambda: float(outer.clipping_norm)  # the norm this round's updates are clipped to
+    if dp.client_dp_side == "server":  # (never with SecAgg+: config.py refuses it)
+        inner.clipped_to = inner.canary_norm
     return outer
 
 

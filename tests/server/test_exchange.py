@@ -237,6 +237,53 @@ def test_late_entries_count_also_when_the_update_itself_is_rejected():
         (1, k.STATUS_TRAINED, True), (2, k.STATUS_REJECTED, False)]
 
 
+def test_a_refused_reply_stating_another_institutions_name_is_its_own_nodes_failure():
+    """A review: node 11, known as clinic-a, sent a malformed update stating clinic-b with a late entry
+    of 5000 steps; the ledger put both on clinic-b (who then refused to train as having lost its state)
+    and renamed node 11 clinic-b."""
+    from fedtune.server.rounds import _refuse_malformed
+
+    reply = _late_reply(11, [LATE])  # states clinic-a
+    names = {11: "clinic-b"}
+    replies, refused = _refuse_malformed([reply], ArrayRecord(), [Message(RecordDict(), dst_node_id=11,
+                                                                          message_type="train")], 2, Console(),
+                                         max_update_norm=0.0, known=names)
+    assert refused == {}
+    ledger = PrivacyLedger("rdp", True)
+    record_privacy(ledger, 2, replies, names, refused)
+    assert [(e.status, e.steps) for e in ledger.entries("clinic-b")] == [(k.STATUS_FAILED, None)]
+    assert "clinic-a" not in ledger.clients and names == {11: "clinic-b"}
+    _, refused = _refuse_malformed([reply], ArrayRecord(), [Message(RecordDict(), dst_node_id=11,
+                                                                    message_type="train")], 2, Console(),
+                                   max_update_norm=0.0, known={11: "clinic-a"})
+    assert set(refused) == {11}, "stating its own name, its spending is on record"
+
+
+def test_figures_off_the_runs_schedule_are_not_recorded_from_a_refused_reply_or_a_late_entry():
+    """A review: a refused reply's figures (and late entries) were never held to the schedule; 10^6 steps
+    for n = 50 went into the ledger as they were."""
+    from fedtune.server.rounds import _refuse_malformed
+    from fedtune.server.validate import Schedule
+
+    schedule = Schedule(batch_size=16, local_epochs=1)  # n = 64: 4 batches, q = 1/4, 4 steps: LATE's figures
+    sent = [Message(RecordDict(), dst_node_id=5, message_type="train")]
+    fine = _late_reply(5, [LATE])
+    _, refused = _refuse_malformed([fine], ArrayRecord(), sent, 2, Console(), max_update_norm=0.0, schedule=schedule)
+    assert len(refused[5][2]) == 1, "on the schedule: the late entry counts"
+    inflated = _late_reply(5, [{**LATE, "steps": 10**6}])
+    _, refused = _refuse_malformed([inflated], ArrayRecord(), sent, 2, Console(), max_update_norm=0.0,
+                                   schedule=schedule)
+    assert refused[5][2] == [], "the late list is dropped"
+    ledger = PrivacyLedger("rdp", True)
+    record_privacy(ledger, 2, [inflated], {}, schedule=schedule)
+    assert [e.recorded_late for e in ledger.entries("clinic-a")] == [False]
+    off = _late_reply(5, [])
+    off.content[k.METRICS] = MetricRecord({**off.content[k.METRICS], k.STEPS: 10**6})
+    replies, refused = _refuse_malformed([off], ArrayRecord(), sent, 2, Console(), max_update_norm=0.0,
+                                         schedule=schedule)
+    assert refused == {} and replies[0].has_error()
+
+
 def test_a_late_entry_of_a_round_never_committed_survives_the_resume():
     written = PrivacyLedger("rdp", True)
     record_privacy(written, 4, [_late_reply(5, [LATE])], {})  # round 4 reports round 1's spending, then a crash

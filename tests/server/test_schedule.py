@@ -27,6 +27,7 @@ def test_the_plateau_is_the_first_time_the_patience_ran_out_after_the_earliest_l
     assert find_plateau(rows(0.5, 0.5, 0.5), 2) == Plateau(1, 3)  # equal is not better
     assert find_plateau(rows(1.0, 0.9, None, 0.95), 2) is None  # a round nobody evaluated does not count
     assert find_plateau(rows(1.0, 0.9, None, 0.95, 0.93), 2) == Plateau(2, 5)
+    assert find_plateau(rows(1.0, 0.9, float("nan"), 0.95), 2) is None  # withheld scores do not count either
     assert find_plateau(rows(1.0, 0.9, 0.95, 0.91), 0) is None  # patience 0: every round runs
     assert find_plateau(rows(), 2) is None
     # a better loss during the cooldown does not move the plateau: the first time is kept

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,6 +37,17 @@ def test_a_reported_epsilon_below_the_ledgers_recomputation_is_flagged():
     assert flagged.state_lost and flagged.epsilon_recomputed > flagged.epsilon
     assert flagged.to_dict()["state_lost"] is True and "epsilon_recomputed" in flagged.to_dict()
     assert not ledger.clients["a"][-1].state_lost and "state_lost" not in ledger.clients["a"][-1].to_dict()
+
+
+def test_a_history_no_accountant_can_evaluate_fails_closed_not_the_round(tmp_path):
+    """A review: 10^6 full-batch steps ask PRV for TiB; the MemoryError failed every round before the
+    ledger was saved. Such a history bounds nothing, so the client's ε is ∞, on disk too."""
+    ledger = PrivacyLedger("prv", True, {"a": [dataclasses.replace(entry(1, [(1.0, 0.25, 4)]), sample_rate=1.0,
+                                                                    steps=10**6)]})
+    assert flag_lost_state(ledger, 1, DELTA) == ["a"]
+    assert ledger.epsilon_max() == math.inf
+    ledger.save(tmp_path)
+    assert PrivacyLedger.load(tmp_path).epsilon_max() == math.inf
 
 
 def test_each_client_is_sent_only_its_own_recorded_spending():

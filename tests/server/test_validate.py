@@ -15,6 +15,8 @@ from fedtune.server.validate import (
     Schedule,
     adam_bound,
     bounded_weights,
+    evaluation_problem,
+    for_aggregation,
     reject_malformed,
     reply_problem,
 )
@@ -89,15 +91,67 @@ def test_error_replies_pass_through_untouched():
     assert kept == [failed] and rejected == []
 
 
-def test_a_reply_whose_metric_keys_differ_from_the_others_is_rejected_not_the_round():
+def test_replies_that_differ_in_optional_metric_keys_are_all_aggregated_on_the_keys_they_share():
+    """A majority vote on the key set let the first of two replies decide it: a hostile one with an extra
+    key got the honest one rejected. No reply is rejected for its keys; the strategy sees the shared ones."""
     odd = reply(3, metric_values={**metrics(), "surprise": 1.0})
-    replies = [reply(1), reply(2), odd]
-    with pytest.raises(Exception, match="same keys"):  # what Flower's FedAvg does with the raw replies
-        FedAvg().aggregate_train(1, replies)
-    kept, rejected = reject_malformed(replies, reference())
-    assert [r.metadata.src_node_id for r in kept] == [1, 2]
-    assert rejected[0][0] is odd and "extra surprise" in rejected[0][1]
-    FedAvg().aggregate_train(1, kept)  # the others aggregate
+    short = reply(2, metric_values=metrics(**{k.BYTES_UP: None}))
+    for replies in ([odd, reply(1)], [reply(1), short, odd]):
+        with pytest.raises(Exception, match="same keys"):  # what Flower's FedAvg does with the raw replies
+            FedAvg().aggregate_train(1, replies)
+        kept, rejected = reject_malformed(replies, reference())
+        assert kept == replies and rejected == []
+        aggregated, summary = FedAvg().aggregate_train(1, for_aggregation(kept))
+        assert "surprise" not in summary and (k.BYTES_UP in summary) == (short not in replies)
+        assert odd.content[k.METRICS]["surprise"] == 1.0, "the reply itself is unchanged"
+
+
+@pytest.mark.parametrize("changes", [
+    {k.BYTES_UP: [1, 2]},
+    {k.PEAK_RSS_MB: math.nan},
+    {k.DISTRIBUTED_MIN_HONEST: math.inf},
+    {k.DISTRIBUTED_MIN_HONEST: 2.5},
+    {k.PID: -1},
+])
+def test_an_optional_metric_the_server_reads_must_be_a_finite_number(changes):
+    """A review: a declined reply with t = NaN, or a list-valued byte count every reply shared, failed
+    the round in the ledger or in Flower's mean, before the ledger was saved."""
+    (key,) = changes
+    for status in (k.STATUS_TRAINED, k.STATUS_DECLINED):
+        _, rejected = reject_malformed([reply(1, status=status, metric_values=metrics(**changes))], reference())
+        assert rejected and f"metric {key} is" in rejected[0][1]
+
+
+def test_a_reply_with_a_second_metric_record_is_rejected():
+    """Flower's aggregation requires exactly one MetricRecord a reply, and failed every round on it."""
+    extra = reply(1)
+    extra.content["zzz"] = MetricRecord({"a": 1.0})
+    _, rejected = reject_malformed([extra, reply(2)], reference())
+    assert len(rejected) == 1 and "expected one MetricRecord" in rejected[0][1]
+
+
+def _evaluation(**values) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=1, message_type="evaluate")
+    base = {k.NUM_EXAMPLES: 10, k.EVAL_LOSS: 0.7, k.EVAL_ACCURACY: 0.8}
+    base.update(values)
+    return Message(RecordDict({k.METRICS: MetricRecord({a: b for a, b in base.items() if b is not None})}),
+                   reply_to=instruction)
+
+
+@pytest.mark.parametrize("values, says", [
+    ({k.EVAL_ACCURACY: None}, "expected"),
+    ({"extra": 1.0}, "expected"),
+    ({k.EVAL_LOSS: [0.1, 0.2]}, "not a number"),
+    ({k.EVAL_LOSS: -math.inf}, "out of range"),
+    ({k.EVAL_ACCURACY: 1.5}, "out of range"),
+    ({k.NUM_EXAMPLES: 2.5}, "whole number"),
+])
+def test_an_evaluate_reply_is_checked_before_it_is_averaged(values, says):
+    assert evaluation_problem(_evaluation()) is None
+    assert evaluation_problem(_evaluation(**{k.EVAL_LOSS: math.nan, k.EVAL_ACCURACY: math.nan})) is None, \
+        "NaN: scores the institution's policy withholds"
+    problem = evaluation_problem(_evaluation(**values))
+    assert problem and says in problem
 
 
 def test_after_rejection_the_aggregate_is_finite_and_ignores_the_bad_update():

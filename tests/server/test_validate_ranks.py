@@ -81,3 +81,13 @@ def test_a_reply_whose_lora_weights_did_not_move_is_refused():
     assert "no LoRA weight changed" in check(truncate(GLOBAL, 4), trained=False)
     head_only = {**GLOBAL, HEAD: GLOBAL[HEAD] + 1.0}
     assert "no LoRA weight changed" in check(head_only, trained=False)
+
+
+def test_the_norm_bound_holds_for_the_update_as_it_is_aggregated_at_the_global_rank():
+    """A review: a node of rank ρ whose B moves by u moves the global B by u·R/ρ (lift); the bound was
+    checked on u, so a node choosing ρ = 1 got R = 8 times the leverage."""
+    view = truncate(GLOBAL, 1)
+    moved = {**view, B: view[B] + np.float32(0.1)}  # 6 values: own norm 0.1·√6 = 0.245, aggregated 8 x that
+    assert check(moved, sent_rank=1, max_update_norm=1.0, trained=False) is not None
+    assert "update norm 1.9" in check(moved, sent_rank=1, max_update_norm=1.0, trained=False)
+    assert check(moved, sent_rank=1, max_update_norm=2.0, trained=False) is None

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedtune import constants as k
@@ -24,8 +24,9 @@ from fedtune.strategies.client_dp import (
     ClientSideFixed,
     ServerSideAdaptive,
     ServerSideFixed,
+    ZeroFilledMean,
 )
-from fedtune.strategies.wrapper import load_state_dict, state_dict
+from fedtune.strategies.wrapper import layers, load_state_dict, state_dict
 
 SIZE = 4000  # elements in the big array: enough to measure a noise std to a few percent
 
@@ -114,6 +115,49 @@ def test_server_side_clips_each_update_and_averages_over_the_sampled_count():
     for n in g:
         np.testing.assert_allclose(got[n], (big[n] / 5.0 + small[n]) / 4, atol=2e-6)
     assert metrics[k.NUM_EXAMPLES] == 1001  # metrics still come from FedAvg's aggregation
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_server_side_updates_stay_within_the_clipping_norm_after_float32_rounding(clipping):
+    """Flower clips each update to C in float32 and hands on the clipped weights b + u, rounded to
+    float32; the update recovered from them, (b + u) - b, could exceed C (a review measured 1.000009·C),
+    and the noise is calibrated to C. ZeroFilledMean scales it back to C."""
+    d, spacing = 1000, 2.0 ** -23  # float32's spacing in [1, 2)
+    g = {"head": np.full(d, 1.5, dtype=np.float32)}
+    steps = np.floor(0.05 / np.sqrt(d) / spacing)
+    # an update already clipped to C, each value 0.7 spacing past a float32: b + u rounds away from b
+    clipped = (steps + 0.7) * spacing * np.where(np.arange(d) % 2, 1.0, -1.0)
+    c = float(np.sqrt((clipped ** 2).sum()))
+    strategy = build_strategy(cfg_for(clipping, z=0.0, c=c, clients=1))
+    configure(strategy, g, nodes=1)
+    # ZeroFilledMean's copy of the global arrays in float64 (the same values), so that its mean is not
+    # rounded to float32 and shows the update it summed (m = 1); Flower still clips in float32
+    (zero_filled,) = [layer for layer in layers(strategy) if isinstance(layer, ZeroFilledMean)]
+    zero_filled.current_arrays = ArrayRecord({"head": Array(g["head"].astype(np.float64))})
+    arrays, _ = strategy.aggregate_train(1, [reply(g, {"head": 10 * clipped})])
+    summed = arrays["head"].numpy() - g["head"].astype(np.float64)
+    norm = np.sqrt((summed ** 2).sum())
+    assert c * (1 - 1e-4) < norm <= c * (1 + 1e-12), f"{norm / c:.7f}·C"
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_the_mean_meets_the_noise_in_float64_and_the_release_has_the_models_dtype(side, monkeypatch):
+    """Rounding the mean to float32 before the noise could move it by half a float32 step per value,
+    beyond the C/m the noise is calibrated to (a review); rounding after the noise is post-processing."""
+    import flwr.serverapp.strategy.dp_adaptive_clipping as adaptive
+    import flwr.serverapp.strategy.dp_fixed_clipping as fixed
+
+    noised = []
+    for module in (fixed, adaptive):
+        real = module.add_gaussian_noise_inplace
+        monkeypatch.setattr(module, "add_gaussian_noise_inplace",
+                            lambda arrays, std, real=real: (noised.extend(a.dtype for a in arrays), real(arrays, std)))
+    g = global_arrays()
+    strategy = build_strategy(cfg_for(side=side, z=1.0, c=1.0))
+    configure(strategy, g)
+    arrays, _ = strategy.aggregate_train(1, [reply(g, update_of_norm(0.5, i)) for i in range(4)])
+    assert noised and set(noised) == {np.dtype(np.float64)}
+    assert {arrays[name].numpy().dtype for name in arrays.keys()} == {np.dtype(np.float32)}
 
 
 def test_noise_has_std_z_c_over_m():
