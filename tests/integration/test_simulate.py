@@ -62,7 +62,6 @@ def finished_run(tmp_path_factory) -> Path:
     result = fedtune("simulate", "--config", str(base / "tiny.toml"), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(out)
-    assert "Manually terminating" not in result.stderr, "Flower's shutdown notice of every worker, after a clean run"
     return out
 
 
