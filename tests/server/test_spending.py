@@ -39,15 +39,28 @@ def test_a_reported_epsilon_below_the_ledgers_recomputation_is_flagged():
     assert not ledger.clients["a"][-1].state_lost and "state_lost" not in ledger.clients["a"][-1].to_dict()
 
 
-def test_a_history_no_accountant_can_evaluate_fails_closed_not_the_round(tmp_path):
+def test_a_history_too_long_for_prv_is_recomputed_with_rdp_not_a_failed_round():
     """A review: 10^6 full-batch steps ask PRV for TiB; the MemoryError failed every round before the
-    ledger was saved. Such a history bounds nothing, so the client's ε is ∞, on disk too."""
+    ledger was saved (and `privacy-report` with a traceback). RDP bounds the same mechanism from above."""
+    history = [(1.0, 1.0, 10**6)]
+    assert epsilon("prv", history, DELTA) == epsilon("rdp", history, DELTA) > 1e5
     ledger = PrivacyLedger("prv", True, {"a": [dataclasses.replace(entry(1, [(1.0, 0.25, 4)]), sample_rate=1.0,
                                                                     steps=10**6)]})
+    assert flag_lost_state(ledger, 1, DELTA) == ["a"] and ledger.epsilon_max() > 1e5
+
+
+def test_a_history_no_accountant_can_evaluate_fails_closed_at_infinity(tmp_path, monkeypatch):
+    import fedtune.server.spending as spending
+
+    def fails(*args):
+        raise ValueError("no accountant can evaluate this")
+
+    monkeypatch.setattr(spending, "epsilon", fails)
+    ledger = PrivacyLedger("prv", True, {"a": [entry(1, [(1.0, 0.25, 4)])]})
     assert flag_lost_state(ledger, 1, DELTA) == ["a"]
     assert ledger.epsilon_max() == math.inf
     ledger.save(tmp_path)
-    assert PrivacyLedger.load(tmp_path).epsilon_max() == math.inf
+    assert PrivacyLedger.load(tmp_path).epsilon_max() == math.inf, "∞ is written as null and read back as ∞"
 
 
 def test_each_client_is_sent_only_its_own_recorded_spending():
