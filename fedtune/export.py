@@ -5,7 +5,8 @@ Hugging Face custom code (models/pooling.py), so it loads with trust_remote_code
 
 The weights come from the run's last checkpoint (or, after a rejected cooldown, the round it started
 from: server/schedule.py), so an interrupted run can be exported too. Each
-output is written into a temporary directory beside it and renamed into place when complete.
+output is written into a temporary directory beside it, and only when every output is complete are
+they renamed into place: a failure leaves none of them behind.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Exported:
 
 def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None = None) -> Exported:
     """Write the adapter to `adapter` and/or the merged model to `merged`; says which round and what was written."""
+    if adapter is not None and merged is not None:
+        _check_apart(adapter, merged)
     run = RunDirectory.existing(run_dir)
     for out in (adapter, merged):
         if out is not None and out.exists():
@@ -48,25 +51,39 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
     model = task.fresh_model(cfg.model, cfg.lora, cfg.data, cfg.seed)  # uncached: merging changes it
     load_record(model, ArrayRecord(torch_state_dict=checkpoint.arrays))
     tokenizer = task.tokenizer(cfg.model)
-    written = []
-    if adapter is not None:
-        _write_dir(adapter, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
-        written.append(adapter)
-    if merged is not None:
-        full = model.merge_and_unload()  # LoRA folded into the weights; the last use of `model`
+    staged: list[tuple[Path, Path]] = []  # (staging directory, target), renamed into place at the end
+    try:
+        if adapter is not None:
+            staged.append((_stage(adapter, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))),
+                           adapter))
+        if merged is not None:
+            full = model.merge_and_unload()  # LoRA folded into the weights; the last use of `model`
 
-        def write_merged(directory: Path) -> None:
-            full.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            if cfg.model.pooling == "mean":  # no stock classifier pools by the mean: ship its code
-                write_mean_pooling_code(directory, full)
+            def write_merged(directory: Path) -> None:
+                full.save_pretrained(directory)
+                tokenizer.save_pretrained(directory)
+                if cfg.model.pooling == "mean":  # no stock classifier pools by the mean: ship its code
+                    write_mean_pooling_code(directory, full)
 
-        _write_dir(merged, write_merged)
-        written.append(merged)
-    return Exported(checkpoint.round, cfg.rounds, written)
+            staged.append((_stage(merged, write_merged), merged))
+        _put_in_place(staged)
+    finally:
+        for staging, _ in staged:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already where it was renamed into place
+    return Exported(checkpoint.round, cfg.rounds, [target for _, target in staged])
 
 
-def _write_dir(target: Path, write: Callable[[Path], object]) -> None:
+def _check_apart(adapter: Path, merged: Path) -> None:
+    """Refuse an --adapter and a --merged that are the same directory or one inside the other."""
+    a, m = adapter.resolve(), merged.resolve()
+    if a == m or a in m.parents or m in a.parents:
+        how = "the same directory" if a == m else "one inside the other"
+        raise ConfigError(f"--adapter {adapter} and --merged {merged} are {how}; each is written as a new "
+                          "directory of its own. Pass two separate paths.")
+
+
+def _stage(target: Path, write: Callable[[Path], object]) -> Path:
+    """Write `target`'s contents into a new temporary directory beside it, and return that directory."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -74,7 +91,23 @@ def _write_dir(target: Path, write: Callable[[Path], object]) -> None:
         staging.chmod(0o755)  # mkdtemp (and safetensors) make them private; an export is meant to be shared
         for file in staging.iterdir():
             file.chmod(0o644)
-        staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _put_in_place(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each staging directory to its target; if one fails, take back those already renamed."""
+    done: list[Path] = []
+    try:
+        for staging, target in staged:
+            if target.exists():  # made meanwhile: rename would replace an empty directory without a word
+                raise ConfigError(f"{target} already exists; fedtune export writes a new directory. "
+                                  "Pass another path.")
+            staging.rename(target)
+            done.append(target)
+    except BaseException:
+        for target in done:
+            shutil.rmtree(target, ignore_errors=True)
         raise

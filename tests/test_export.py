@@ -56,6 +56,33 @@ def test_export_refuses_to_overwrite(run_dir, tmp_path):
         export_run(run_dir[0], adapter=tmp_path / "taken")
 
 
+@pytest.mark.parametrize("adapter, merged", [("same", "same"), ("out", "out/merged"), ("out/adapter", "out")])
+def test_export_refuses_the_same_or_nested_adapter_and_merged_paths_writing_nothing(run_dir, tmp_path, monkeypatch,
+                                                                                    adapter, merged):
+    """`--adapter same --merged same` used to write the adapter into same/ and then fail (exit 2) on
+    renaming the merged model onto it, naming a temporary directory and leaving half an export."""
+    from typer.testing import CliRunner
+
+    from fedtune.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(cli, ["export", str(run_dir[0]), "--adapter", adapter, "--merged", merged])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"--adapter {adapter}" in said and f"--merged {merged}" in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
+
+
+def test_a_failed_export_writes_neither_output(run_dir, tmp_path):
+    """The merged model cannot be written (its parent is a file), so the adapter is not left behind either."""
+    (tmp_path / "a-file").write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OSError):
+        export_run(run_dir[0], adapter=tmp_path / "adapter", merged=tmp_path / "a-file" / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory"
+
+
 def test_recipe_layout_merged_model_pools_by_the_mean_without_fedtune(tmp_path, tiny_cfg, tokenized):
     """The private recipe's layout (mean pooling, LoRA in the last layer, so the frozen layers below are
     cached in training): the merged model loads with transformers' own classes and trust_remote_code,

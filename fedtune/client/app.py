@@ -170,6 +170,7 @@ def _train(msg: Message, context: Context, cfg: FedtuneConfig, record: ConfigRec
     if lost and policy.adopt_ledger_spending:  # the operator's explicit reset: continue from the ledger
         adopt_ledger_spending(state, ledger, run, held)
         state.record_level = state.record_level or (cfg.dp.enabled and cfg.dp.unit == "record")  # the ledger's unit
+        state.user_level = state.user_level or (cfg.dp.enabled and cfg.dp.unit == "user")
         lost = None
         round_ = _Round(msg, context, cfg, name, policy, server_round, n, {k.ADOPTED_LEDGER_SPENDING: 1})
     else:

@@ -48,17 +48,22 @@ class ClientState:
     # Whether its history holds steps of record-level DP: a per-person ε cannot count those without group
     # privacy (`unit_conflict`). None: a state an earlier fedtune wrote, which did not record it (settle_unit).
     record_level: bool | None = False
+    # Whether it holds steps of user-level DP: under dp.user_gradient = "mean" one record more or less
+    # changes its person's clipped mean by up to 2C (a substitution), so a record-level ε, composed at
+    # sensitivity C, cannot count them (`unit_conflict`). A state written before fedtune recorded this
+    # reads as False: its steps of other runs are taken as record-level (settle_unit).
+    user_level: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
         return cls(normalize(data.get("history", [])), data.get("noise_multiplier"),
                    [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])],
                    {run: normalize(history) for run, history in data.get("adopted", {}).items()},
-                   data.get("solved_in"), data.get("record_level"))
+                   data.get("solved_in"), data.get("record_level"), bool(data.get("user_level", False)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": [list(run) for run in self.history], "noise_multiplier": self.noise_multiplier,
-                "solved_in": self.solved_in, "record_level": self.record_level,
+                "solved_in": self.solved_in, "record_level": self.record_level, "user_level": self.user_level,
                 "ledger": [entry.to_dict() for entry in self.ledger],
                 **({"adopted": {run: [list(r) for r in h] for run, h in self.adopted.items()}} if self.adopted else {})}
 
@@ -120,6 +125,7 @@ def spent(state: ClientState, history: History, unit: str | None) -> None:
     """`history` is now its spending, taken under DP of `unit` (dp.unit; None: without DP, whose ε is ∞)."""
     more = steps_in(history) > steps_in(state.history)
     state.record_level = bool(state.record_level) or (unit == "record" and more)
+    state.user_level = state.user_level or (unit == "user" and more)
     state.history = history
 
 
@@ -135,7 +141,13 @@ def settle_unit(state: ClientState, run: str | None) -> None:
 def unit_conflict(state: ClientState, unit: str) -> str | None:
     """Why a round under DP of `unit` cannot count this state's spending, or None. A record-level step
     bounds one record's influence, not one person's: a person with several records spent more in it
-    (group privacy), so a per-person ε composed over it would understate what that person spent."""
+    (group privacy), so a per-person ε composed over it would understate what that person spent. And
+    a user-level step bounds a person's add/remove at C, not one record's change within a person."""
+    if unit == "record" and state.user_level:
+        return ("this node's privacy state holds user-level DP-SGD steps, in which one record more or less "
+                "could change its person's clipped gradient by up to 2C, and a record-level ε composed at "
+                "sensitivity C would understate them. Train record-level runs under their own client-name or "
+                "state-dir, and count the user-level spending separately")
     if unit != "user" or not state.record_level:
         return None
     return ("this node's privacy state holds record-level DP-SGD steps (or, in a state an earlier fedtune "

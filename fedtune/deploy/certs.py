@@ -3,11 +3,14 @@ deployment on one machine (`fedtune deploy-local`, or the steps in docs/deployme
 
     python -m fedtune.deploy.certs DIR [--host NAME ...] [--node NAME ...]
 
-writes DIR/ca.crt (give it to every institution), DIR/ca.key (keep it, or delete it once the
-certificates are made), DIR/server.crt and DIR/server.key (the SuperLink's; the names in
---host plus localhost, 127.0.0.1 and ::1), and per --node NAME an EC P-384 key pair in
-OpenSSH format: DIR/NAME.key (private, stays at the institution) and DIR/NAME.pub (the
-coordinator registers it with `flwr supernode register`). Private files are mode 0600.
+writes DIR/ca.crt (public: whoever connects to the server checks it with this), DIR/ca.key
+(private; nothing reads it once the certificate is signed: delete it, or keep it offline),
+DIR/server.crt and DIR/server.key (for the names in --host plus localhost, 127.0.0.1 and ::1),
+and per --node NAME an EC P-384 key pair in OpenSSH format: DIR/NAME.key (private, stays at the
+institution) and DIR/NAME.pub (the coordinator registers it with `flwr supernode register`).
+Private files are mode 0600. Two parties run it (docs/deployment.md): the coordinator, with
+--host, for its SuperLink (then ca.crt goes to every institution), and an institution, without
+--host, for its own SuperNode's loopback runtime API (then nothing leaves its machine).
 
 For production use certificates from your PKI, and let each institution make its own key pair
 (`ssh-keygen -t ecdsa -b 384 -N "" -f clinic-a.key`): a private key never leaves its owner.
@@ -147,6 +150,26 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         handle.write(data)
 
 
+def _made_lines(made: DevCertificates, hosts: Sequence[str]) -> list[str]:
+    """What `main` says it wrote, worded for whoever runs it: with a --host beyond loopback, the
+    coordinator making its SuperLink's certificate; without, a server that only this machine reaches
+    (an institution's SuperNode runtime API, docs/deployment.md), whose files all stay here."""
+    names = ", ".join(dict.fromkeys([*LOOPBACK, *hosts]))
+    ca_key = made.directory / CA_KEY
+    if any(host not in LOOPBACK for host in hosts):
+        lines = [f"CA certificate (public: give it to every institution): {made.ca_cert}",
+                 f"SuperLink certificate for {names}: {made.server_cert}; its key (private: it stays with the "
+                 f"coordinator): {made.server_key}"]
+    else:
+        lines = [f"CA certificate (public; this machine's own clients check the server with it, e.g. "
+                 f"flower-superexec --root-certificates): {made.ca_cert}",
+                 f"Server certificate for {names} only, for a server that only this machine reaches (e.g. a "
+                 f"SuperNode's runtime API): {made.server_cert}; its key (private: it stays on this machine): "
+                 f"{made.server_key}"]
+    return [*lines, f"CA key (private; nothing reads it, it only signed the certificate: delete it, or keep it "
+                    f"offline): {ca_key}"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedtune.deploy.certs", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         made = make_dev_certificates(args.directory, args.host, args.node, args.days)
     except ConfigError as err:
         parser.exit(2, f"Error: {err}\n")
-    print(f"CA certificate (public, give it to every institution): {made.ca_cert}")
-    print(f"SuperLink certificate and key (key stays with the coordinator): {made.server_cert}, {made.server_key}")
+    for line in _made_lines(made, args.host):
+        print(line)
     for name, (private, public) in made.node_keys.items():
         print(f"{name}: private key {private} (stays at the institution), public key {public} (register it)")
     return 0

@@ -166,8 +166,33 @@ class PrivacyPolicy:
         return dataclasses.replace(dp, epsilon_budget=budget, target_epsilon=min(dp.target_epsilon, budget))
 
 
+# Every node config key a fedtune ClientApp reads; a key that is a near miss of one is refused (misspelled).
+READ_KEYS = (*KEYS, k.NODE_CLIENT_NAME, k.NODE_LORA_RANK, k.PARTITION_ID, k.NUM_PARTITIONS, k.DATA_PATH,
+             k.DATA_FORMAT, k.DATA_TEXT_COLUMN, k.DATA_LABEL_COLUMN, k.DATA_SEPARATOR, k.DATA_ENCODING,
+             k.DATA_USER_COLUMN)
+
+
+def misspelled_key(node_config: Mapping[str, Any]) -> str | None:
+    """Why one of the node config's keys looks like a misspelling of a key fedtune reads, or None. An
+    `epsilon_budget` (the run config's spelling) would otherwise be ignored without a word, and the
+    institution would train with no cap of its own. Other unknown keys (another app's) pass."""
+    import difflib
+
+    for key in node_config:
+        if key in READ_KEYS:
+            continue
+        near = difflib.get_close_matches(key.lower().replace("_", "-").replace(".", "-"), READ_KEYS, n=1,
+                                         cutoff=0.85)
+        if near:
+            return (f"Unknown node config key `{key}`: did you mean `{near[0]}`? A misspelled limit would be "
+                    "ignored, so this node trains nothing until its node config is corrected.")
+    return None
+
+
 def node_policy(node_config: Mapping[str, Any], cfg: FedtuneConfig, server_state_dir: str) -> PrivacyPolicy:
     """The policy this node trains under (see the module docstring for whose it is)."""
+    if problem := misspelled_key(node_config):
+        raise ConfigError(problem)
     own = {key: _read(node_config, key) for key in KEYS if key in node_config}
     values = {key.replace("-", "_"): value for key, value in own.items()}
     if k.DATA_PATH in node_config or k.PARTITION_ID not in node_config:

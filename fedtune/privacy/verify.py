@@ -2,9 +2,9 @@
 
 It trusts neither the clients' reported ε nor Opacus. From each client's ledger entries alone
 (σ, q, steps, n, δ) and the run's config.toml it checks that:
-- every reported ε is at least what Google's dp-accounting computes for the recorded history up
-  to it, in the order the client spent it (spending_order) (privacy/independent.py), up to the two
-  accountants' numerical difference (RELATIVE_SLACK);
+- every reported ε is at least what Google's dp-accounting (its pessimistic PLD, a near-exact ε of
+  the mechanism) computes for the recorded history up to it, in the order the client spent it
+  (spending_order) (privacy/independent.py), up to the PLD's discretization (RELATIVE_SLACK);
 - a client's ε never decreases from one entry to the next (entries recorded late aside);
 - δ < 1/n for the n records the client reported;
 - q and the steps match n, the batch size and the local epochs (privacy/budget.py's schedule),
@@ -34,11 +34,12 @@ from fedtune.privacy.budget import poisson_schedule
 from fedtune.privacy.independent import epsilons_along, independent_client_level_epsilon
 from fedtune.privacy.ledger import LedgerEntry, read_ledger
 
-# A reported ε may sit this far below dp-accounting's figure before it counts as under-reported:
-# Opacus' PRV reports the upper end of its error interval (about +0.01) and dp-accounting's PLD
-# rounds pessimistically; measured apart by under 1% (tests/privacy/test_independent_accountant.py).
-RELATIVE_SLACK = 0.01
-ABSOLUTE_SLACK = 0.01
+# A reported ε may sit this far below dp-accounting's pessimistic PLD before it counts as under-reported:
+# every valid figure is at least the true ε, which the PLD overstates only by its discretization.
+# Opacus' PRV, the closest valid figure, sat 0.010 to 0.012 above it in 150 configurations (a review;
+# tests/privacy/test_independent_accountant.py). A 1% slack let a PRV ledger report 7.90 for 7.99.
+RELATIVE_SLACK = 1e-3
+ABSOLUTE_SLACK = 0.005
 NO_STEPS = (k.STATUS_DECLINED, k.STATUS_REFUSED)
 FIGURES = ("noise_multiplier", "sample_rate", "delta")  # what recomputing a step's ε needs
 
@@ -298,7 +299,7 @@ def _client_level(entry: dict[str, Any] | None, cfg: FedtuneConfig, ran: bool, r
     independent = independent_client_level_epsilon(entry["noise_multiplier"], entry["sample_rate"], entry["rounds"],
                                                     entry["delta"])
     if entry["epsilon"] < independent * (1 - RELATIVE_SLACK) - ABSOLUTE_SLACK:
-        yield Violation("client-level", None, "epsilon", f"{_eps(independent)} (dp-accounting RDP)",
+        yield Violation("client-level", None, "epsilon", f"{_eps(independent)} (dp-accounting PLD)",
                         _eps(entry["epsilon"]))
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from fedtune import __version__
 from fedtune.config import FedtuneConfig
+from fedtune.errors import FedtuneError
 from fedtune.models.adapter import base_model_bytes, load_record, save_adapter, to_record
 from fedtune.privacy.ledger import PrivacyLedger, epsilon_for_json
 from fedtune.resources import peak_rss_mb
@@ -163,9 +165,41 @@ def server_app(cfg: FedtuneConfig, run: RunDirectory, console: Console | None = 
 app = ServerApp()
 
 
+class UserErrorsInOneLine(logging.Filter):
+    """Flower logs an exception a ServerApp raises with its traceback, and then its exit code with
+    "An unhandled exception occurred in the ServerApp". A FedtuneError is no crash but a user error
+    whose message says what to change (an invalid option; every institution refusing the run's
+    privacy settings), so this logs it as one line, and the exit code after it as one line too. The
+    run still fails (Flower marks it failed; `fedtune deploy-local` reports it and exits 2). Any
+    other exception keeps its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, FedtuneError):
+            record.msg, record.args = "%s: %s", (record.getMessage(), " ".join(str(error).split()))
+            record.exc_info = record.exc_text = None
+            self.reported = True
+        elif self.reported and isinstance(record.msg, str) and record.msg.startswith("Exit Code: "):
+            record.msg, record.args = "%s (the ServerApp stopped on the error above)", (record.msg.split("\n", 1)[0],)
+            self.reported = False
+        return True
+
+
+def log_user_errors_in_one_line() -> None:
+    """Install UserErrorsInOneLine on Flower's logger (once), in the process that runs the ServerApp."""
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(known, UserErrorsInOneLine) for known in flower.filters):
+        flower.addFilter(UserErrorsInOneLine())
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: the config comes from [tool.flwr.app.config]."""
+    log_user_errors_in_one_line()  # Flower logs what main raises after it has returned
     cfg, given = FedtuneConfig.from_run_config(dict(context.run_config))
     # The label list is fixed here once: clients reading their own files get it from the server.
     cfg, run = open_run(cfg, Path(cfg.out or "runs/flwr-run"), given)

@@ -405,6 +405,13 @@ def test_a_user_level_round_refuses_a_state_holding_record_level_steps(tmp_path)
         reply = client_app.train(_message(_cfg(**own, **{"dp.unit": "user"}), **{k.RUN_ID: run}), context)
         assert _status(reply)[0] == k.STATUS_TRAINED
     assert not load_state(context, "clinic-a", str(tmp_path / "people")).record_level
+    assert load_state(context, "clinic-a", str(tmp_path / "people")).user_level
+    # and the other way (a review's case): under dp.user_gradient = "mean" one record more or less moves its
+    # person's clipped mean by up to 2C, which a record-level ε composed at C understated (9.70 where the
+    # true ε is at least 18.45 after 100 user-level steps at σ 1.5, q 0.25)
+    record_level = client_app.train(_message(_cfg(**own), **{k.RUN_ID: "d"}), context)
+    status, reason = _status(record_level)
+    assert status == k.STATUS_REFUSED and "user-level DP-SGD steps" in reason and "2C" in reason
 
 
 def test_a_sigma_solved_in_another_run_is_not_reused(tmp_path):

@@ -58,3 +58,16 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "c")])
     assert exit_.value.code == 2
+
+
+def test_command_line_words_its_output_for_whoever_runs_it(tmp_path, capsys):
+    """An institution runs it without --host for its SuperNode's loopback API (docs/deployment.md,
+    institution step 3): it used to be told its key "stays with the coordinator", and not what ca.key is."""
+    assert main([str(tmp_path / "runtime-tls")]) == 0
+    said = capsys.readouterr().out
+    assert "coordinator" not in said and "SuperLink" not in said and "every institution" not in said, said
+    assert "stays on this machine" in said and f"{tmp_path / 'runtime-tls' / 'ca.key'}" in said, said
+    assert main([str(tmp_path / "coordinator"), "--host", "superlink.example.org"]) == 0
+    said = capsys.readouterr().out
+    assert "give it to every institution" in said and "stays with the coordinator" in said, said
+    assert f"{tmp_path / 'coordinator' / 'ca.key'}" in said and "delete it" in said, said

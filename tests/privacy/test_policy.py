@@ -31,6 +31,17 @@ def test_an_institution_reading_its_own_file_has_strict_defaults():
     assert own.refusal(request(), 1000) is None
 
 
+@pytest.mark.parametrize("key, near", [("epsilon_budget", "epsilon-budget"), ("min_noise_multiplier",
+                                                                              "min-noise-multiplier"),
+                                       ("Require-DP", "require-dp"), ("max-noise-sharer", "max-noise-sharers")])
+def test_a_misspelled_limit_in_the_node_config_is_refused_not_ignored(key, near):
+    """A review: `epsilon_budget = 2.0` (the run config's spelling) was ignored without a word, and the
+    institution trained with no cap of its own."""
+    with pytest.raises(ConfigError, match=f"`{key}`: did you mean `{near}`"):
+        policy(**OWN_FILE, **{key: 2.0})
+    assert policy(**OWN_FILE, **{"another-apps-key": 1}).source == "node config", "other keys pass"
+
+
 def test_an_institution_without_a_node_local_state_dir_refuses():
     reason = policy(**{"data-path": "/data/notes.csv", "client-name": "clinic-a"}).refusal(request(), 1000)
     assert "state-dir" in reason

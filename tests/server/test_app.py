@@ -53,3 +53,49 @@ def test_resuming_a_finished_run_from_the_command_starts_no_simulation(tmp_path,
     assert result.exit_code == 0, result.output
     assert "has finished its 1 round; nothing to resume" in result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(run.path)
+
+
+def _serverapp_log(monkeypatch, run_config: dict) -> str:
+    """Run `flwr run`'s ServerApp entry point as Flower's flwr-serverapp process does (run_serverapp.py
+    in flwr 1.42: log what main raised with exc_info, then the exit code), and return Flower's log."""
+    import logging
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.logger import log
+
+    from fedtune.server.app import main
+
+    flower = logging.getLogger("flwr")
+    monkeypatch.setattr(flower, "filters", [])  # what main installs goes with the test
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    flower.addHandler(handler)
+    try:
+        try:
+            main(NoGrid(), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+        except Exception as ex:
+            log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=ex)
+            log(logging.ERROR, "Exit Code: 201\nAn unhandled exception occurred in the ServerApp.\n\n"
+                               "For more information, visit: <https://flower.ai/docs/framework/ref-exit-codes/201.html>")
+        else:
+            raise AssertionError("the ServerApp should have failed")
+    finally:
+        flower.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_a_user_error_in_the_serverapp_is_logged_in_one_line_and_a_crash_with_its_traceback(monkeypatch):
+    """`fedtune deploy-local --no-dp --node-config require-dp=true` (every institution refusing) used to
+    log the ServerApp's FedtuneError with its full traceback, twice, and Flower's "An unhandled exception"."""
+    said = _serverapp_log(monkeypatch, {"rounds": 0})
+    assert said.splitlines() == [
+        "ServerApp raised an exception: Invalid option `rounds`: use 1 to 100,000 rounds.",
+        "Exit Code: 201 (the ServerApp stopped on the error above)"], said
+
+    def crash(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(FedtuneConfig, "from_run_config", crash)
+    said = _serverapp_log(monkeypatch, {})
+    assert "Traceback (most recent call last)" in said and "RuntimeError: a bug" in said, said
+    assert "An unhandled exception occurred in the ServerApp." in said, said
