@@ -83,6 +83,25 @@ def test_a_failed_export_writes_neither_output(run_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory"
 
 
+def test_an_export_whose_last_rename_fails_takes_back_the_first(run_dir, tmp_path, monkeypatch):
+    """Both outputs are complete before either is renamed into place; if the second rename fails,
+    the first output is removed again."""
+    from pathlib import Path
+
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target).name == "merged":
+            raise OSError(28, "No space left on device", str(target))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OSError):
+        export_run(run_dir[0], adapter=tmp_path / "adapter", merged=tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory"
+
+
 def test_recipe_layout_merged_model_pools_by_the_mean_without_fedtune(tmp_path, tiny_cfg, tokenized):
     """The private recipe's layout (mean pooling, LoRA in the last layer, so the frozen layers below are
     cached in training): the merged model loads with transformers' own classes and trust_remote_code,

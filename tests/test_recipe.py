@@ -67,6 +67,22 @@ def test_options_given_by_hand_are_kept():
     assert not {"train.learning_rate", "rounds", "dp.target_epsilon"} & set(_chosen_keys(cfg))
 
 
+def test_a_rate_given_by_hand_keeps_its_optimizer_and_a_rank_given_by_hand_keeps_the_scale():
+    """A review: the README's config file gave learning_rate = 0.003 (an AdamW rate) and the recipe switched
+    to plain SGD, which it barely moved (0.500 -> 0.500); `--lora-r 16` got alpha 4, a scale of 1/4, while
+    recipe.chosen said "alpha / r = 2"."""
+    cfg = resolve(CFG.with_overrides({"train.learning_rate": 0.003}), GIVEN | {"train.learning_rate"})
+    assert (cfg.train.optimizer, cfg.train.learning_rate) == ("adamw", 0.003)
+    assert "train.optimizer" not in _chosen_keys(cfg)
+    both = resolve(CFG.with_overrides({"train.learning_rate": 2.0, "train.optimizer": "sgd"}),
+                   GIVEN | {"train.learning_rate", "train.optimizer"})
+    assert (both.train.optimizer, both.train.learning_rate) == ("sgd", 2.0)
+    ranked = resolve(CFG.with_overrides({"lora.r": 16}), GIVEN | {"lora.r"})
+    assert (ranked.lora.r, ranked.lora.alpha) == (16, 32.0)
+    assert any(note.startswith("lora.alpha = 32.0: scale alpha / r = 2 at the rank given (16)")
+               for note in ranked.recipe.chosen)
+
+
 def test_a_default_value_given_by_hand_is_kept_too(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("[train]\nlearning_rate = 0.003\noptimizer = \"adamw\"\n")
@@ -78,7 +94,8 @@ def test_a_default_value_given_by_hand_is_kept_too(tmp_path):
 def test_without_a_hand_given_list_the_options_that_differ_from_the_defaults_count_as_given():
     """`flwr run` sees every key in its run config, so only a value off the default tells."""
     cfg = resolve(CFG.with_overrides({"train.learning_rate": 0.5}))
-    assert cfg.train.learning_rate == 0.5 and cfg.train.optimizer == "sgd"
+    assert cfg.train.learning_rate == 0.5 and "train.learning_rate" not in _chosen_keys(cfg)
+    assert cfg.model.pooling == "mean"  # an option left at its default is still chosen
 
 
 def test_a_budget_below_eight_is_the_target():

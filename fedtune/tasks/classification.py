@@ -88,16 +88,23 @@ class Classification(Task):
                                                    "it reads the run config's label names, no record")}
                if names_are_words(label_names(cfg.data)) else {}),
             "lora.r": (RECIPE_RANK, "rank 2 is enough for one layer, and every trained value is noised"),
-            "lora.alpha": (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default rank"),
+            # at the rank the run trains at: a rank given by hand keeps the scale too
+            "lora.alpha": ((2.0 * cfg.lora.r, f"scale alpha / r = 2 at the rank given ({cfg.lora.r})")
+                           if "lora.r" in pinned else (2.0 * RECIPE_RANK, "scale alpha / r = 2, as at the default "
+                                                                          "rank")),
         }
         ratio, sigma, values = self._noise(cfg, facts, pinned, hidden)
         t = cfg.dp.distributed_min_honest
         steps, step_noise = self._local_steps(cfg, facts, pinned, values)
         spread, sum_noise = self._step_rounds(cfg, facts, pinned, values, steps)
         one = steps == spread == 1  # one full-batch step per full-batch round, where the labels factor was measured
-        choices.update({
+        # A learning rate given by hand is one for the optimizer it was given with (AdamW's default 3e-3 would
+        # barely move plain SGD): the recipe then leaves the optimizer as configured.
+        optimizer = {} if "train.learning_rate" in pinned else {
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
-                                       "noise under DP"),
+                                       "noise under DP")}
+        choices.update({
+            **optimizer,
             **(_steps_choices(facts, steps, step_noise) if spread == 1
                else _step_rounds_choices(spread, sum_noise, bool(t))),
             "train.learning_rate": (
