@@ -168,7 +168,8 @@ def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: f
         console.print(f"Stopped the SuperLink and {nodes} SuperNodes.", highlight=False)
         return run_path, 0
     except KeyboardInterrupt:
-        console.print("Interrupted: stopped the SuperLink and every SuperNode. Finished rounds are saved.")
+        console.print("Interrupted: stopped the SuperLink and every SuperNode. Finished rounds are saved (`fedtune "
+                      "export` and `fedtune privacy-report` read them); deploy-local cannot continue the run.")
         return run_path, 130
     except FedtuneError as err:
         console.print(f"[bold red]Error:[/bold red] {escape(explain(str(err)))}", soft_wrap=True)

@@ -117,8 +117,9 @@ class RunDirectory:
         if self.engine == FLWR_RUN:
             return f"continue that run with `flwr run` and the same run config (out = \"{self.path}\")"
         return (f"it was a `{self.engine}` run: its institutions' privacy state is in {self.path / 'deployment'}, "
-                "so only its own federation continues it (start it again and submit the same run, "
-                "docs/deployment.md); a simulation's clients would each start from ε = 0")
+                "and `fedtune deploy-local` cannot continue a run yet (a simulation's clients would each start "
+                "from ε = 0); its finished rounds stay usable (`fedtune export`, `fedtune privacy-report`), and a "
+                "new run goes in another directory")
 
     @classmethod
     def existing(cls, path: Path) -> RunDirectory:
