@@ -77,6 +77,8 @@ def test_a_rate_given_by_hand_keeps_its_optimizer_and_a_rank_given_by_hand_keeps
     both = resolve(CFG.with_overrides({"train.learning_rate": 2.0, "train.optimizer": "sgd"}),
                    GIVEN | {"train.learning_rate", "train.optimizer"})
     assert (both.train.optimizer, both.train.learning_rate) == ("sgd", 2.0)
+    adam = resolve(CFG.with_overrides({"train.optimizer": "adamw"}), GIVEN | {"train.optimizer"})
+    assert (adam.train.optimizer, adam.train.learning_rate) == ("adamw", 0.003), "no rate tuned for SGD"
     ranked = resolve(CFG.with_overrides({"lora.r": 16}), GIVEN | {"lora.r"})
     assert (ranked.lora.r, ranked.lora.alpha) == (16, 32.0)
     assert any(note.startswith("lora.alpha = 32.0: scale alpha / r = 2 at the rank given (16)")

@@ -50,16 +50,20 @@ class ClientState:
     record_level: bool | None = False
     # Whether it holds steps of user-level DP: under dp.user_gradient = "mean" one record more or less
     # changes its person's clipped mean by up to 2C (a substitution), so a record-level ε, composed at
-    # sensitivity C, cannot count them (`unit_conflict`). A state written before fedtune recorded this
-    # reads as False: its steps of other runs are taken as record-level (settle_unit).
+    # sensitivity C, cannot count them (`unit_conflict`). A state written before fedtune recorded it:
+    # noised steps in one that says it holds no record-level ones can only be user-level; one that
+    # records neither counts its other runs' steps as both (settle_unit).
     user_level: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientState:
-        return cls(normalize(data.get("history", [])), data.get("noise_multiplier"),
+        history, record_level = normalize(data.get("history", [])), data.get("record_level")
+        noised = any(sigma > 0 and steps for sigma, _, steps in history)
+        user_level = data["user_level"] if "user_level" in data else record_level is False and noised
+        return cls(history, data.get("noise_multiplier"),
                    [LedgerEntry.from_dict(entry) for entry in data.get("ledger", [])],
                    {run: normalize(history) for run, history in data.get("adopted", {}).items()},
-                   data.get("solved_in"), data.get("record_level"), bool(data.get("user_level", False)))
+                   data.get("solved_in"), record_level, bool(user_level))
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": [list(run) for run in self.history], "noise_multiplier": self.noise_multiplier,
@@ -132,10 +136,11 @@ def spent(state: ClientState, history: History, unit: str | None) -> None:
 def settle_unit(state: ClientState, run: str | None) -> None:
     """A state an earlier fedtune wrote does not say whether its steps were record-level. Those of its own
     entries of run `run` and what it adopted for it are this run's, of this run's unit; steps beyond them
-    came from other runs of either unit, and count as record-level."""
+    came from other runs of either unit, and count as both (no run of either unit counts them)."""
     if state.record_level is None:
         own = sum(entry.steps or 0 for entry in _this_run(state, run)) + steps_in(_adopted(state, run))
         state.record_level = steps_in(state.history) > own
+        state.user_level = state.user_level or state.record_level  # either unit: neither may count them
 
 
 def unit_conflict(state: ClientState, unit: str) -> str | None:

@@ -351,9 +351,11 @@ def _record_unreported(transport: Transport, inputs: RoundInputs, state: Checkpo
         UNRECORDED_PER_CLIENT_S * len(connected)
     name_registered(state.node_names, registry, connected)  # as in a round
     before = ledger.to_dict()
-    asked = ask_unrecorded(ledger, state.node_names, connected,
-                           client_config(inputs.cfg, inputs.run, transport.grid), state.round,
-                           dataclasses.replace(transport, timeout_s=timeout).send, everyone=inputs.resumed)
+    cfg = inputs.cfg
+    schedule = Schedule.of(cfg, cfg.train.learning_rate, cfg.strategy.proximal_mu)  # its q and steps, as in rounds
+    asked = ask_unrecorded(ledger, state.node_names, connected, client_config(cfg, inputs.run, transport.grid),
+                           state.round, dataclasses.replace(transport, timeout_s=timeout).send,
+                           everyone=inputs.resumed, schedule=schedule)
     if ledger.to_dict() != before:  # spending recorded, or a failure moved to the client it is now known as
         ledger.save(inputs.run.path)
         last = {**state.metrics[-1], "epsilon_max": ledger.epsilon_max()}
@@ -475,8 +477,11 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     record_privacy(ledger, round_, replies, state.node_names, refused, schedule)
     _log_failures(inputs.run.path / FAILURES_LOG, round_, replies, state.node_names)
     for name in flag_lost_state(ledger, round_, cfg.dp.delta):
-        inputs.console.print(f"round {round_}: {name} reported a lower ε than the ledger's record implies; "
-                             "its privacy state was lost (marked state_lost in the ledger)",
+        why = ("its recorded history could not be accounted, so its ε is recorded as ∞"
+               if math.isinf(next(e for e in reversed(ledger.entries(name)) if e.state_lost).epsilon_recomputed)
+               else
+               "reported a lower ε than the ledger's record implies; its privacy state was lost")
+        inputs.console.print(f"round {round_}: {name} {why} (marked state_lost in the ledger)",
                              markup=False, highlight=False, soft_wrap=True)
     _track_memory(inputs.worker_peak_rss_mb, replies)
     _track_ray_nodes(inputs.ray_nodes, replies)

@@ -86,8 +86,8 @@ def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[st
         try:
             recomputed = epsilon(ledger.accountant, history, delta if entry.delta is None else entry.delta)
         except (MemoryError, OverflowError, ValueError):
-            # A history no accountant can evaluate (PRV's grid for millions of steps would need TiB)
-            # bounds nothing: fail closed, ε = ∞ as for lost state, rather than fail the round.
+            # A history no accountant can evaluate bounds nothing: fail closed, ε = ∞ as for lost
+            # state (epsilon_recomputed says which), rather than fail the round.
             ledger.mark_state_lost(name, round_, math.inf)
             flagged.append(name)
             continue
@@ -128,15 +128,15 @@ class Asked(NamedTuple):
 
 
 def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected: list[int], config: dict,
-                   round_: int, send: Callable[[list[Message], str], list[Message]], everyone: bool = False
-                   ) -> Asked:
+                   round_: int, send: Callable[[list[Message], str], list[Message]], everyone: bool = False,
+                   schedule: Schedule | None = None) -> Asked:
     """After the last round (`round_`): ask each client awaiting_report on a `connected` node (with
     `everyone`, a resumed run: every connected client) for its unrecorded spending (the run's client
     `config` and the ledger's record of it, as a train message carries them), and record what it
-    reports late. A reply that does not state the name its node is known by counts for nothing, as
-    does no reply (`send` is the round loop's Transport). Connected nodes the server cannot name (a
-    resumed simulation's, or one whose only reply never came and whose failure is on record as
-    `node-N`) are asked who they are first (identify)."""
+    reports late (held to the run's `schedule`, as in a round). A reply that does not state the name
+    its node is known by counts for nothing, as does no reply (`send` is the round loop's Transport).
+    Connected nodes the server cannot name (a resumed simulation's, or one whose only reply never came
+    and whose failure is on record as `node-N`) are asked who they are first (identify)."""
     waiting = awaiting_report(ledger)
     unknown = [node for node in connected if node not in node_names]
     placed = {node_names[node] for node in connected if node in node_names}
@@ -159,7 +159,7 @@ def ask_unrecorded(ledger: PrivacyLedger, node_names: dict[int, str], connected:
         name = node_names[reply.metadata.src_node_id]
         if isinstance(info, ConfigRecord) and info.get(k.CLIENT_NAME) == name:
             answered.add(name)
-            if late := unrecorded_entries(info):
+            if late := unrecorded_entries(info, schedule):
                 ledger.record_late(name, round_, late)
                 recorded.append(name)
     return Asked(recorded, [node_names[node] for node in asked if node_names[node] not in answered])

@@ -49,9 +49,9 @@ REQUIRED_METRICS = (k.NUM_EXAMPLES, k.TRAIN_LOSS, k.STEPS, k.SAMPLE_RATE, k.NOIS
                     k.MAX_GRAD_NORM, k.DELTA, k.EPSILON, k.EPSILON_OTHER)
 NON_NEGATIVE = (k.NUM_EXAMPLES, k.STEPS, k.SAMPLE_RATE, k.NOISE_MULTIPLIER, k.MAX_GRAD_NORM, k.DELTA)
 # What a reply may also report, each a finite number >= 0 that the server reads as one (the memory and
-# byte counts of the round line, distributed DP's t). Any other key never reaches aggregation
-# (for_aggregation); a list value (Flower's MetricRecord allows them) is refused.
-OPTIONAL_METRICS = (k.DISTRIBUTED_MIN_HONEST, k.BYTES_UP, k.PEAK_RSS_MB, k.PID)
+# byte counts of the round line, distributed DP's t); a list value (Flower's MetricRecord allows them)
+# is refused.
+OPTIONAL_METRICS = (k.DISTRIBUTED_MIN_HONEST, k.BYTES_UP, k.PEAK_RSS_MB, k.PID)  # others: for_aggregation
 EVALUATE_METRICS = (k.NUM_EXAMPLES, k.EVAL_LOSS, k.EVAL_ACCURACY)  # an evaluate reply's, and only these
 # Replies that carry metrics: trained (with an update), or declined, refused or failed after training
 # (client/app.py) without one. Only `trained` replies are aggregated.
@@ -320,8 +320,9 @@ def bounded_weights(replies: list[Message], keys: Iterable[str] | None = None) -
     lower median is counted as that much, so no single claim outweighs the rest; with `keys`, each
     reply's metrics hold only those. The replies themselves (and the ledger's record of what each
     reported) are unchanged."""
-    cap = (WEIGHT_CAP * statistics.median_low(float(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in replies)
-           if len(replies) >= 2 else math.inf)
+    counts = [float(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in replies]
+    positive = [n for n in counts if n > 0]  # an evaluation of no records weighs nothing and sets no cap
+    cap = WEIGHT_CAP * statistics.median_low(positive) if len(positive) >= 2 else math.inf
     keep = None if keys is None else set(keys)
     out = []
     for reply in replies:
@@ -338,14 +339,16 @@ def bounded_weights(replies: list[Message], keys: Iterable[str] | None = None) -
 
 def for_aggregation(trained: list[Message]) -> list[Message]:
     """The trained replies as the strategy aggregates them: weights bounded, and the metrics of each
-    reduced to the keys fedtune reads that every reply carries (Flower's mean needs one key set; a
-    reply with an extra or a missing optional key is neither rejected nor allowed to decide the
-    others' set, as a majority vote once let the first of two replies do)."""
+    reduced to the keys every reply carries with a number (Flower's mean needs one key set; a reply
+    with an extra or a missing key is neither rejected nor allowed to decide the others' set, as a
+    majority vote once let the first of two replies do). Keys of Flower's own mods stay (the adaptive
+    clipping mod's `norm_bit`, which its strategy wrapper reads)."""
     if not trained:
         return trained
-    shared = set(REQUIRED_METRICS + OPTIONAL_METRICS)
+    shared = set(trained[0].content[k.METRICS].keys())
     for reply in trained:
-        shared &= set(reply.content[k.METRICS].keys())
+        metrics = reply.content[k.METRICS]
+        shared &= {key for key, value in metrics.items() if isinstance(value, int | float)}
     return bounded_weights(trained, shared)
 
 

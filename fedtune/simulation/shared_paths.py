@@ -25,7 +25,8 @@ from fedtune.errors import ConfigError
 from fedtune.server.run_dir import RunDirectory
 
 PROBE = ".node-probe"  # the driver's token, in client_state/; each node answers in PROBE-<node id>
-NODE_TIMEOUT_S = 120
+NODE_TIMEOUT_S = 120  # plus the time to hash data.path at HASH_BYTES_PER_S (a network file system's pace)
+HASH_BYTES_PER_S = 25e6
 
 
 def data_digest(path: str) -> str | None:
@@ -81,6 +82,7 @@ def check_nodes_see_run(cfg: FedtuneConfig, run: RunDirectory) -> int:
     nodes = {node["NodeID"]: node.get("NodeManagerAddress", node["NodeID"]) for node in ray.nodes()
              if node.get("Alive") and node.get("Resources", {}).get("CPU")}
     task = ray.remote(num_cpus=0, max_retries=0)(what_node_sees)
+    timeout = NODE_TIMEOUT_S + (_bytes(cfg.data.path) / HASH_BYTES_PER_S if digest else 0.0)
     try:
         pending = {
             node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
@@ -89,8 +91,11 @@ def check_nodes_see_run(cfg: FedtuneConfig, run: RunDirectory) -> int:
         problems = []
         for node, ref in pending.items():
             try:
-                found = ray.get(ref, timeout=NODE_TIMEOUT_S)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
+                found = ray.get(ref, timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                found = [f"the check did not finish within {timeout:.0f} s (it reads client_state/ and hashes "
+                         "data.path there)"]
+            except ray.exceptions.RayError as err:
                 found = [f"the check did not run there ({type(err).__name__})"]
             if not found and _read(state_dir / f"{PROBE}-{node}") != token:
                 found = [f"what it writes into {state_dir} does not reach this machine"]
@@ -105,6 +110,11 @@ def check_nodes_see_run(cfg: FedtuneConfig, run: RunDirectory) -> int:
                           "absolute paths (docs/simulation.md); nothing was spent, so then "
                           f"{run.how_to_continue()} --ray-address {cfg.simulation.ray_address}.")
     return len(nodes)
+
+
+def _bytes(path: str) -> int:
+    found = Path(path)
+    return found.stat().st_size if found.is_file() else sum(p.stat().st_size for p in found.rglob("*") if p.is_file())
 
 
 def _read(path: Path) -> str | None:

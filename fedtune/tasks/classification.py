@@ -99,14 +99,12 @@ class Classification(Task):
         spread, sum_noise = self._step_rounds(cfg, facts, pinned, values, steps)
         one = steps == spread == 1  # one full-batch step per full-batch round, where the labels factor was measured
         # A learning rate given by hand is one for the optimizer it was given with (AdamW's default 3e-3 would
-        # barely move plain SGD): the recipe then leaves the optimizer as configured.
+        # barely move plain SGD): the recipe then leaves the optimizer as configured. And an optimizer given by
+        # hand other than SGD gets no rate tuned for SGD.
         optimizer = {} if "train.learning_rate" in pinned else {
             "train.optimizer": ("sgd", "plain SGD: AdamW divides each coordinate by a second moment that is mostly "
                                        "noise under DP")}
-        choices.update({
-            **optimizer,
-            **(_steps_choices(facts, steps, step_noise) if spread == 1
-               else _step_rounds_choices(spread, sum_noise, bool(t))),
+        rate = {} if "train.optimizer" in pinned and cfg.train.optimizer != "sgd" else {
             "train.learning_rate": (
                 recipe_learning_rate(ratio, facts.labels) if one else round(noise_rate(ratio), 2),
                 f"{BASE_LEARNING_RATE} / √(1 + r²) x "
@@ -115,7 +113,12 @@ class Classification(Task):
                 f"on a round's mean update next to its signal (σ {sigma:.2f}, m {facts.clients} institutions a round"
                 f"{f', t {t} sharing the noise' if t else ''}, d {values} "
                 f"trained values, N {round(facts.records_per_round)} records a "
-                f"round)"),
+                f"round)")}
+        choices.update({
+            **optimizer,
+            **(_steps_choices(facts, steps, step_noise) if spread == 1
+               else _step_rounds_choices(spread, sum_noise, bool(t))),
+            **rate,
             "train.lr_schedule": ("cosine", "decayed towards zero by the last round, so late rounds settle "
                                             "instead of swinging with the noise"),
             "rounds": (RECIPE_ROUNDS * spread, "the noise-to-signal ratio of full-batch DP-SGD does not depend on "

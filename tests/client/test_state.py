@@ -121,3 +121,16 @@ def test_a_state_an_earlier_fedtune_wrote_counts_steps_beyond_this_runs_entries_
     assert not plain.record_level and unit_conflict(plain, "user") is None
     spent(plain, [(0.0, 1.0, 3), (1.0, 0.25, 4)], "record")
     assert plain.record_level and unit_conflict(plain, "record") is None
+
+
+def test_a_state_written_before_user_level_steps_were_recorded_is_read_fail_closed():
+    """A review: a state from before `user_level` was kept, holding user-level steps (noised steps, no
+    record-level ones), read as holding none, so a record-level run counted them at sensitivity C."""
+    from fedtune.client.state import ClientState, unit_conflict
+
+    user = ClientState.from_dict({"history": [[1.0, 0.25, 4]], "record_level": False})
+    assert user.user_level and unit_conflict(user, "record")
+    record = ClientState.from_dict({"history": [[1.0, 0.25, 4]], "record_level": True})
+    assert not record.user_level and unit_conflict(record, "record") is None
+    without_noise = ClientState.from_dict({"history": [[0.0, 1.0, 4]], "record_level": False})
+    assert not without_noise.user_level

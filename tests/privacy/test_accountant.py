@@ -36,3 +36,16 @@ def test_prv_epsilon_is_opacus_prv_accountant_s_exactly(history):
     opacus = PRVAccountant()
     opacus.history = list(history)
     assert epsilon("prv", history, 1e-5) == float(opacus.get_epsilon(delta=1e-5))
+
+
+def test_a_history_whose_prv_grid_is_too_large_is_accounted_with_rdp_by_a_rule_every_machine_shares():
+    """10^4 full-batch steps at σ = 1 asked PRV for ~10^8 points, more than 24 GB: the process was killed.
+    The switch to RDP (an upper bound of the same mechanism) is decided by the grid's size, before any of
+    it is allocated, so a client and the server recomputing its ε reach the same figure."""
+    from fedtune.privacy.accountant import MAX_PRV_POINTS
+
+    long = [(1.0, 1.0, 10**4)]
+    assert epsilon("prv", long, 1e-5) == epsilon("rdp", long, 1e-5)
+    short = [(1.0, 1.0, 30)]
+    assert epsilon("prv", short, 1e-5) < epsilon("rdp", short, 1e-5)
+    assert MAX_PRV_POINTS <= 2 * 10**7  # about 160 MB a float64 array: PRV's few arrays fit anywhere

@@ -136,6 +136,24 @@ def test_spending_of_a_last_reply_that_never_came_is_asked_for_once_and_recorded
     assert asked == [7], "once recorded, the client is not asked again"
 
 
+def test_spending_reported_after_the_last_round_is_held_to_the_runs_schedule(tmp_path):
+    """A review: late entries asked for after the last round skipped the schedule check that a round's
+    replies now pass through (10^6 steps for n = 50 went into the ledger)."""
+    from fedtune.server.rounds import NO_REPLY
+    from fedtune.server.spending import ask_unrecorded
+    from fedtune.server.validate import Schedule
+
+    one = _institutions(tmp_path)
+    off = Schedule(batch_size=1, local_epochs=1)  # another schedule than the one the client trained on
+    ledger = PrivacyLedger("prv", True)
+    ledger.record_failure("client-0000", 1, NO_REPLY)
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], one.config, 1, one.send, schedule=off).recorded == []
+    assert ledger.spent("client-0000") == []
+    on = Schedule.of(one.cfg, one.cfg.train.learning_rate, 0.0)
+    assert ask_unrecorded(ledger, {7: "client-0000"}, [7], one.config, 1, one.send,
+                          schedule=on).recorded == ["client-0000"]
+
+
 def test_nothing_is_recorded_from_a_node_that_is_gone_or_states_another_name(tmp_path):
     from fedtune.server.spending import ask_unrecorded
 

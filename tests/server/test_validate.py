@@ -104,6 +104,10 @@ def test_replies_that_differ_in_optional_metric_keys_are_all_aggregated_on_the_k
         aggregated, summary = FedAvg().aggregate_train(1, for_aggregation(kept))
         assert "surprise" not in summary and (k.BYTES_UP in summary) == (short not in replies)
         assert odd.content[k.METRICS]["surprise"] == 1.0, "the reply itself is unchanged"
+    # a key every reply carries as a number stays: Flower's adaptive clipping mod adds `norm_bit`, which its
+    # strategy wrapper reads (a review: dropping it failed every round of adaptive client-side clipping)
+    flagged = [reply(i, metric_values={**metrics(), "norm_bit": 1.0}) for i in (1, 2)]
+    assert all(r.content[k.METRICS]["norm_bit"] for r in for_aggregation(flagged))
 
 
 @pytest.mark.parametrize("changes", [
@@ -306,6 +310,13 @@ def test_no_single_claim_outweighs_the_rest():
     assert replies[2].content[k.METRICS][k.NUM_EXAMPLES] == 10**9, "the reply itself (and its ledger entry) keeps it"
     two = bounded_weights(replies[1:])  # with two clients the lower median is the honest one
     assert [r.content[k.METRICS][k.NUM_EXAMPLES] for r in two] == [60, 600]
+
+
+def test_replies_of_no_records_set_no_weight_cap():
+    """A review: evaluate replies [0, 500] capped the 500 at 10 x the lower median, 0, and Flower's mean fell
+    back to an unweighted one that counted the empty evaluation's loss as half."""
+    replies = [reply(i, metric_values=metrics(**{k.NUM_EXAMPLES: n})) for i, n in enumerate((0, 500))]
+    assert [r.content[k.METRICS][k.NUM_EXAMPLES] for r in bounded_weights(replies)] == [0, 500]
 
 
 def test_under_client_side_client_level_dp_an_update_beyond_the_clipping_norm_is_rejected():
