@@ -29,9 +29,10 @@ def test_open_run_refuses_to_continue_a_run_under_another_config(tmp_path):
     """`flwr run` used to resume whatever run was in `out`, whatever the config asked."""
     open_run(CFG, tmp_path / "run")
     saved = (tmp_path / "run" / "config.toml").read_text()
-    # a σ given by hand replaces the private recipe's target ε, and its learning rate follows σ (fedtune/recipe.py)
-    with pytest.raises(ConfigError, match=r"another config \(dp.noise_multiplier, dp.target_epsilon, lora.r, "
-                                          r"train.learning_rate differ\)"):
+    # a σ given by hand replaces the private recipe's target ε, and its learning rate follows σ (fedtune/recipe.py);
+    # a rank given by hand keeps the recipe's scale alpha / r = 2
+    with pytest.raises(ConfigError, match=r"another config \(dp.noise_multiplier, dp.target_epsilon, lora.alpha, "
+                                          r"lora.r, train.learning_rate differ\)"):
         open_run(CFG.with_overrides({"lora.r": 8, "dp.noise_multiplier": 2.0}), tmp_path / "run")
     assert (tmp_path / "run" / "config.toml").read_text() == saved
 
