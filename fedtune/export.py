@@ -6,7 +6,7 @@ Hugging Face custom code (models/pooling.py), so it loads with trust_remote_code
 The weights come from the run's last checkpoint (or, after a rejected cooldown, the round it started
 from: server/schedule.py), so an interrupted run can be exported too. Each
 output is written into a temporary directory beside it, and only when every output is complete are
-they renamed into place: a failure leaves none of them behind.
+they renamed into place: a failure leaves none of them behind, nor the parent directories it made.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
     load_record(model, ArrayRecord(torch_state_dict=checkpoint.arrays))
     tokenizer = task.tokenizer(cfg.model)
     staged: list[tuple[Path, Path]] = []  # (staging directory, target), renamed into place at the end
+    made = _make_parents([out for out in (adapter, merged) if out is not None])
+    exported = False
     try:
         if adapter is not None:
             staged.append((_stage(adapter, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))),
@@ -67,9 +69,12 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
 
             staged.append((_stage(merged, write_merged), merged))
         _put_in_place(staged)
+        exported = True
     finally:
         for staging, _ in staged:
             shutil.rmtree(staging, ignore_errors=True)  # gone already where it was renamed into place
+        if not exported:
+            _remove_made(made)
     return Exported(checkpoint.round, cfg.rounds, [target for _, target in staged])
 
 
@@ -82,9 +87,32 @@ def _check_apart(adapter: Path, merged: Path) -> None:
                           "directory of its own. Pass two separate paths.")
 
 
+def _make_parents(targets: list[Path]) -> list[Path]:
+    """Create the targets' missing parent directories; returns those it created, innermost first."""
+    made: list[Path] = []
+    for target in targets:
+        missing = [d for d in reversed(target.absolute().parents) if not d.exists()]  # outermost first
+        for directory in missing:
+            try:
+                directory.mkdir()
+            except BaseException:
+                _remove_made(made)
+                raise
+            made.insert(0, directory)
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the directories _make_parents created (innermost first), where they are still empty."""
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:  # something else was put there meanwhile: it stays
+            pass
+
+
 def _stage(target: Path, write: Callable[[Path], object]) -> Path:
     """Write `target`'s contents into a new temporary directory beside it, and return that directory."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(staging)

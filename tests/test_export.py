@@ -102,6 +102,28 @@ def test_an_export_whose_last_rename_fails_takes_back_the_first(run_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory"
 
 
+def test_a_failed_export_removes_the_parent_directories_it_made(run_dir, tmp_path, monkeypatch):
+    """The outputs' missing parents are created for the export; when it fails, they go too, while a
+    parent that existed before stays."""
+    from pathlib import Path
+
+    (tmp_path / "kept").mkdir()
+    before = [p.name for p in tmp_path.iterdir()]
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target).name == "merged":
+            raise OSError(28, "No space left on device", str(target))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError):
+        export_run(run_dir[0], adapter=tmp_path / "kept" / "new" / "adapter",
+                   merged=tmp_path / "out" / "deeper" / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before), "out/deeper made and removed"
+    assert list((tmp_path / "kept").iterdir()) == [], "kept/new made and removed; kept itself stays"
+
+
 def test_recipe_layout_merged_model_pools_by_the_mean_without_fedtune(tmp_path, tiny_cfg, tokenized):
     """The private recipe's layout (mean pooling, LoRA in the last layer, so the frozen layers below are
     cached in training): the merged model loads with transformers' own classes and trust_remote_code,

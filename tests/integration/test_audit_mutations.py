@@ -41,6 +41,7 @@ def mutated_audit(tmp_path: Path, mutation: str, dp: str = "", clients: int = 4,
                              str(tmp_path / "small.toml"), "--canaries", str(canaries), "--canary-kind", kind,
                              "--out", str(out)],
                             capture_output=True, text=True, timeout=900, env=env)
+    assert (out / "audit.json").exists(), f"exit {result.returncode}, no audit.json:\n{result.stderr[-4000:]}"
     return result, json.loads((out / "audit.json").read_text())
 
 
