@@ -84,13 +84,24 @@ def _write_report(run_dir: Path) -> ReportData:
     from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
     from fedtune.privacy.report import PLOT_PNG, REPORT_HTML, REPORT_JSON, REPORT_MD, build_report, report_contents
 
-    report = build_report(run_dir)
+    report = build_report(run_dir, _run_finished(run_dir))
     contents = report_contents(report)
     write_bytes_atomic(run_dir / PLOT_PNG, contents.png)
     write_json_atomic(run_dir / REPORT_JSON, report.to_dict())
     write_text_atomic(run_dir / REPORT_HTML, contents.html)
     write_text_atomic(run_dir / REPORT_MD, contents.markdown)
     return report
+
+
+def _run_finished(run_dir: Path) -> bool | None:
+    """Whether RUN_DIR's run has finished (RunDirectory.finished); None when that cannot be read."""
+    from fedtune.server.run_dir import RunDirectory
+
+    try:
+        run = RunDirectory.existing(run_dir)
+        return run.finished(run.latest_checkpoint(), read_run_config(run_dir))
+    except FedtuneError:
+        return None
 
 
 @cli.command("privacy-verify", short_help="Recheck a run's privacy ledger with an independent accountant (dp-accounting).")
@@ -112,6 +123,10 @@ def _privacy_verify(run_dir: Path) -> None:
 
     quiet_warnings()
     result = verify_run(run_dir)
+    if _run_finished(run_dir) is False:
+        console.print("Note: this run has not finished, so its ledger may lack the spending of the round it stopped "
+                      "in (the institutions' own ledger copies hold it; a resumed run records it).", style="yellow",
+                      markup=False, soft_wrap=True)
     for violation in result.violations:
         print(violation.line())
     checked = f"{result.clients} clients, {result.entries} ledger entries"

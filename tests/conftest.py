@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+# Property tests are judged by their examples, not their speed: Hypothesis' default 200 ms deadline
+# per example fails a test whose example waits on a loaded machine's disk or first import.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("fedtune", deadline=None)
+settings.load_profile("fedtune")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
     import torch
 

@@ -45,7 +45,7 @@ def _kill_during_training(process: subprocess.Popen, run: Path, timeout_s: float
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
         assert _spent_unrecorded(run), "the run was never caught with spending the server had not recorded"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # Ray's agents wait out its 10 s reconnect timeout, then exit
         while (left := _in_session(process.pid)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, [_name(p) for p in left]
@@ -77,6 +77,9 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path, tiny_cl
                                   "--target-epsilon", str(TARGET), "--model", str(tiny_classifier)]), run)
     before = _ledger(run)
     assert not (run / "summary.json").exists(), "the run really was cut short"
+    code, stdout, stderr = fedtune_here("privacy-report", str(run))
+    assert code == 0, stdout + stderr
+    assert "This run has not finished" in (run / "privacy_report.md").read_text(), "its ledger may lack a round"
     (run / "client_state" / f"{LOST}.json").unlink()  # one institution loses its privacy state
 
     result = fedtune("simulate", "--resume", str(run))
@@ -87,6 +90,9 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path, tiny_cl
         "a client that lost its state refuses instead of restarting its ε from nothing"
     code, stdout, stderr = fedtune_here("privacy-verify", str(run))
     assert code == 0, stdout + stderr
+    assert "has not finished" not in stdout + stderr
+    assert fedtune_here("privacy-report", str(run))[0] == 0
+    assert json.loads((run / "privacy_report.json").read_text())["run_finished"] is True
     assert [json.loads(r)["round"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
     for name, entries in after.items():
         assert entries[:len(before[name])] == before[name], "no entry written before the crash is lost"
@@ -118,7 +124,7 @@ def test_ctrl_c_stops_the_run_within_seconds_and_it_resumes(tmp_path, tiny_class
     failed for a round that never trained, no process is left, and the run resumes. (It used to
     print "Interrupted." and keep the server running its rounds for round_timeout_s per phase.)"""
     # Many rounds, so that the run is still going when the signal comes; it never gets far.
-    (tmp_path / "tiny.toml").write_text("round_timeout_s = 45.0\n" + TINY.replace("rounds = 2", "rounds = 20"))
+    (tmp_path / "tiny.toml").write_text("round_timeout_s = 120.0\n" + TINY.replace("rounds = 2", "rounds = 20"))
     run = tmp_path / "run"
     args = ["simulate", "--config", str(tmp_path / "tiny.toml"), "--out", str(run), "--model", str(tiny_classifier)]
     process = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE,
@@ -142,12 +148,12 @@ def test_ctrl_c_stops_the_run_within_seconds_and_it_resumes(tmp_path, tiny_class
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 130, stderr[-3000:]
-    assert took < 30, f"took {took:.0f} s to stop"
+    assert took < 60, f"took {took:.0f} s to stop"  # the old code ran on for round_timeout_s per phase
     last = _latest_round(run)
     assert latest <= last <= latest + 1, "at most the round in progress when the signal came is committed"
     assert not [e for entries in _ledger(run).values() for e in entries if e["status"] == "failed"], \
         "no client is recorded as failed for a round the run abandoned"
-    deadline = time.monotonic() + 30  # Ray's helpers exit on their own after the driver
+    deadline = time.monotonic() + 60  # Ray's helpers exit on their own after the driver
     while (left := [p for p in started.values() if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [_name(p) for p in left]

@@ -103,7 +103,7 @@ def _acquire_task(port: int, ca: Path) -> int:
         except urllib.error.URLError:
             return None  # the node's API is not up yet
 
-    return _wait_for(answer, f"the runtime API on port {port}", timeout_s=60, poll_s=0.5)
+    return _wait_for(answer, f"the runtime API on port {port}", poll_s=0.5)
 
 
 def test_runtime_apis_refuse_a_caller_without_the_superexec_secret(federation):

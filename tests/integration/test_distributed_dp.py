@@ -29,7 +29,9 @@ def test_four_institutions_each_adding_half_the_noise_learn_under_the_stated_ass
     assert fedtune("privacy-report", str(out)).returncode == 0
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["distributed"]["min_honest"] == 4 and report["distributed"]["epsilon_own_share"] > 8.0
+    assert report["run_finished"] is True
     text = (out / "privacy_report.md").read_text()
+    assert "has not finished" not in text
     assert "at least 4 honest institutions a round" in text
     assert "Under distributed DP each client added only 1/4 of that noise's variance" in text
     assert "Nothing is rounded after the noise, so this holds against the coordinator too" in text

@@ -232,10 +232,27 @@ def test_many_clients_are_plotted_as_an_envelope_and_detailed_only_at_the_top(tm
 def test_the_cli_writes_all_four_files(three_clients):
     result = CliRunner().invoke(cli, ["privacy-report", str(three_clients)])
     assert result.exit_code == 0, result.output
-    assert (three_clients / REPORT_MD).read_text() == markdown(build_report(three_clients))
-    assert json.loads((three_clients / REPORT_JSON).read_text()) == build_report(three_clients).to_dict()
+    unfinished = build_report(three_clients, run_finished=False)  # no round committed: not finished
+    assert (three_clients / REPORT_MD).read_text() == markdown(unfinished)
+    assert json.loads((three_clients / REPORT_JSON).read_text()) == unfinished.to_dict()
     assert (three_clients / PLOT_PNG).read_bytes().startswith(PNG_MAGIC)
     assert "data:image/png;base64," in (three_clients / REPORT_HTML).read_text()
+
+
+def test_a_run_that_has_not_finished_says_its_figures_may_be_below_what_was_spent(three_clients):
+    """A stopped run's ledger can lack the round it stopped in (the clients' own copies hold it): the
+    report says so in its summary and headline, and privacy-verify notes it; a finished run's does not."""
+    result = CliRunner().invoke(cli, ["privacy-report", str(three_clients)])  # no checkpoint, no summary
+    assert result.exit_code == 0, result.output
+    said = " ".join((three_clients / REPORT_MD).read_text().split())
+    assert "This run has not finished" in said and "`state-dir`" in said and "--resume" in said
+    assert "may be below what was spent" in " ".join(result.output.split())
+    assert json.loads((three_clients / REPORT_JSON).read_text())["run_finished"] is False
+    verified = CliRunner().invoke(cli, ["privacy-verify", str(three_clients)])
+    assert "has not finished" in " ".join(verified.output.split())
+    for known in (True, None):
+        text = " ".join(markdown(build_report(three_clients, run_finished=known)).split())
+        assert "has not finished" not in text and "may be below" not in text
 
 
 def test_a_run_without_a_ledger_is_refused_and_nothing_is_written(tmp_path):
@@ -329,7 +346,7 @@ REPORT_KEYS = ("generated_by", "run_dir", "dp_enabled", "unit", "neighbouring_re
                "policies", "delta", "epsilon_budget", "target_epsilon", "rounds_planned", "rounds_in_ledger",
                "epsilon_max", "epsilon_max_client", "epsilon_max_other", "clients_declined", "rounds_declined",
                "rounds_failed", "rounds_rejected", "rounds_refused", "clients_state_lost", "clients_over_budget",
-               "client_level", "settings", "audit", "verification", "clients", "distributed")
+               "client_level", "settings", "audit", "verification", "clients", "distributed", "run_finished")
 
 
 def test_the_numbers_are_typed_and_their_dict_is_the_report_json(three_clients):

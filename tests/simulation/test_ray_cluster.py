@@ -31,7 +31,8 @@ CLUSTER = textwrap.dedent("""
               "except Exception as err: print('REFUSED', type(err).__name__)") % ray.get_runtime_context().gcs_address
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     base["RAY_py_gcs_connect_timeout_s"] = "5"
-    for label, env in (("outsider", base), ("holder", dict(os.environ, RAY_py_gcs_connect_timeout_s="5"))):
+    # The holder gets time to join a loaded cluster; the outsider, without the token, must not join at all.
+    for label, env in (("outsider", base), ("holder", dict(os.environ, RAY_py_gcs_connect_timeout_s="60"))):
         out = subprocess.run([sys.executable, "-c", caller], env=env, capture_output=True, text=True, timeout=120)
         print(label, out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "nothing")
 

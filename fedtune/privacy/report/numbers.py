@@ -233,13 +233,17 @@ class ReportData:
     # Distributed DP: {"min_honest": t, "epsilon_own_share": the largest ε an institution's own σ/√t alone
     # gives}; None when every institution added all of its noise.
     distributed: dict[str, Any] | None = None
+    # Whether the run has finished (every round committed, or stopped early, and its summary written):
+    # False, and a stopped run's ledger may lack the spending of the round it stopped in; None: not known.
+    run_finished: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
 
 
-def build_report(run_dir: Path) -> ReportData:
-    """Every number the report states, from RUN_DIR/privacy_ledger.json and config.toml."""
+def build_report(run_dir: Path, run_finished: bool | None = None) -> ReportData:
+    """Every number the report states, from RUN_DIR/privacy_ledger.json and config.toml; `run_finished`
+    as the caller reads the run directory (server/run_dir.py::RunDirectory.finished), None if unknown."""
     run_dir = Path(run_dir)
     ledger = read_ledger(run_dir)
     settings = _settings(run_dir)
@@ -279,6 +283,7 @@ def build_report(run_dir: Path) -> ReportData:
         verification=_verification(run_dir),
         clients=clients,
         distributed=_distributed(entries, kind, delta) if dp_on else None,
+        run_finished=run_finished,
     )
 
 

@@ -24,6 +24,17 @@ def title(r: ReportData) -> str:
     return f"Privacy report: {Path(r.run_dir).name}"
 
 
+# A run still going, or stopped, may lack in its ledger what its clients spent in the round under way:
+# each client's own copy (client/state.py) holds it, written before its reply, and a resumed run asks
+# for it (server/rounds.py::_record_unreported; tests/integration/test_crash_resume.py).
+UNFINISHED = ("**This run has not finished** (no final round and summary yet), so these figures may be below what "
+              "was spent: an institution training in the round under way, or in the one the run stopped in, may "
+              "have spent that round's budget without an entry here. Its own ledger copy (in its `state-dir`; in a "
+              "simulation, the run's `client_state/`) holds that spending, and the server records it when the round "
+              "ends or the run is resumed (`fedtune simulate --resume`; in a deployment, submitting the same run "
+              "again).")
+
+
 def headline(report: ReportData) -> str:
     """One line: the largest ε, the budget and the declines (also the CLI's summary)."""
     if not report.dp_enabled:
@@ -35,7 +46,9 @@ def headline(report: ReportData) -> str:
     top = report.epsilon_max_client
     spent = f"max ε = {eps(report.epsilon_max)} ({top})" if top else "no privacy spent (ε = 0)"
     return (f"{spent} at δ = {g(report.delta)}, {report.accountant.name.upper()} accountant; {budget}; "
-            f"{count(len(report.clients_declined), 'institution')} declined rounds.")
+            f"{count(len(report.clients_declined), 'institution')} declined rounds"
+            + ("; the run has not finished, so this may be below what was spent." if report.run_finished is False
+               else "."))
 
 
 def sections(r: ReportData) -> list[Section]:
@@ -141,7 +154,9 @@ def _facts(r: ReportData) -> list[str]:
     budget_text = {INF: "no ε budget was set", None: "the ε budget is unknown (config.toml could not be read)"}.get(
         budget, f"the budget per institution was ε = {g(budget)}")
     top = next((c for c in r.clients if c.name == r.epsilon_max_client), None)
-    if rounds == 0:
+    if rounds == 0 and r.run_finished is False:
+        facts = [f"No round is in the ledger yet; {budget_text}."]
+    elif rounds == 0:
         facts = [f"No round has been trained yet, so no privacy was spent (ε = 0); {budget_text}."]
     elif top is None:
         facts = [f"No institution sent a model update trained on its records in {count(rounds, 'round')}, so no "
@@ -165,6 +180,8 @@ def _facts(r: ReportData) -> list[str]:
     if r.rounds_rejected:
         facts.append(f"The server refused {count(r.rounds_rejected, 'trained update')} (the reasons are in the "
                      "per-round detail); those rounds ran DP-SGD, so their ε counts in full.")
+    if r.run_finished is False:
+        facts.append(UNFINISHED)
     return facts
 
 
