@@ -116,6 +116,15 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
     pending: set[str] = set()
     task = progress.add_task(label, total=len(waiting), eps="")
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def pull() -> bool:
+        """Collect the replies that have come; whether there were any."""
+        got = [m for m in grid.pull_messages(pending) if m.metadata.reply_to_message_id in pending] if pending else []
+        replies.extend(_from_addressee(m, by_id[m.metadata.reply_to_message_id]) for m in got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        progress.update(task, completed=len(replies), eps=_epsilon_so_far(replies))
+        return bool(got)
+
     while (waiting or pending) and (deadline is None or time.monotonic() < deadline) and not _stopping(stop):
         room = len(waiting) if max_in_flight is None else max(0, max_in_flight - len(pending))
         batch, waiting = waiting[:room], waiting[room:]
@@ -123,12 +132,10 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Prog
         by_id.update({m.metadata.message_id: m for m in batch if m.metadata.message_id in sent})
         replies.extend(failed_reply(m, NOT_SENT) for m in batch if m.metadata.message_id not in sent)
         pending |= sent
-        got = [m for m in grid.pull_messages(pending) if m.metadata.reply_to_message_id in pending] if pending else []
-        replies.extend(_from_addressee(m, by_id[m.metadata.reply_to_message_id]) for m in got)
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        progress.update(task, completed=len(replies), eps=_epsilon_so_far(replies))
-        if pending and not got:
+        if not pull() and pending:
             time.sleep(PULL_INTERVAL_S)
+    if pending and not _stopping(stop):
+        pull()  # past the deadline: a reply that came during the last wait still counts
     progress.remove_task(task)
     if _stopping(stop):
         return replies

@@ -65,6 +65,24 @@ def instructions(nodes) -> list[Message]:
             for n in nodes]
 
 
+def test_a_reply_that_comes_during_the_last_wait_before_the_deadline_counts(monkeypatch):
+    """The wait between pulls can end past the deadline (a loaded machine); a reply that came meanwhile
+    is collected once more before the silent nodes are failed."""
+    import fedtune.server.rounds as rounds
+
+    grid = FakeGrid(answering=set())
+    sleep = time.sleep
+
+    def slow_sleep(seconds):  # the reply arrives while the loop sleeps through its deadline
+        sleep(0.3)
+        grid.answering.add(1)
+
+    monkeypatch.setattr(rounds.time, "sleep", slow_sleep)
+    with Progress(disable=True) as progress:
+        replies = exchange(grid, instructions([1]), "train", progress, timeout_s=0.1)
+    assert not replies[0].has_error() and replies[0].metadata.src_node_id == 1
+
+
 def test_a_silent_node_gets_a_failed_reply_at_the_timeout_and_the_others_count():
     grid = FakeGrid(answering={1, 2})
     started = time.monotonic()
