@@ -5,8 +5,10 @@ dp.unit `user` the training records come grouped by user (data/users.py)."""
 from __future__ import annotations
 
 from functools import lru_cache
+from logging import ERROR
 
 from flwr.app import Context
+from flwr.common.logger import log
 from torch.utils.data import Dataset
 
 from fedtune import constants as k
@@ -68,7 +70,15 @@ def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:
     under dp.unit `user`, its training records grouped by user."""
     if k.DATA_PATH in context.node_config:
         data = node_data_config(cfg.data, context.node_config)
-        train, val, by_user = own_file_data(data, cfg.model, cfg.seed)
+        try:
+            train, val, by_user = own_file_data(data, cfg.model, cfg.seed)
+        except DataError as err:
+            # What is wrong with an institution's file can quote its records (a label value and its line), and
+            # a failed reply's reason reaches the server and its ledger: the details stay in this node's log.
+            log(ERROR, "fedtune: %s", err)
+            raise DataError(f"This institution's own data (`{k.DATA_PATH}` in its node config) could not be read "
+                            "for this run. Its operator finds the reason in this node's log; it is not sent to "
+                            "the server, since it can quote the institution's records.") from None
     else:
         data = cfg.data
         train, val, by_user = client_data(cfg.data, cfg.model, int(context.node_config[k.NUM_PARTITIONS]), cfg.seed,

@@ -64,7 +64,10 @@ def tokenize(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length:
     return TokenizedTexts(tuple(tuple(ids) for ids in cut), tuple(int(y) for y in labels), num_truncated)
 
 
-def pad_batch(items: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+PAD_ID = 0  # what pad_batch pads token ids with; the attention mask hides them, whatever the model's pad id
+
+
+def pad_batch(items: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
     """Collate (input_ids, label) items into a batch padded to its own longest sequence. A label is
     a class id, or (causal LM) one token label per input position, padded with IGNORE_INDEX."""
     longest = max(len(ids) for ids, _ in items)

@@ -30,6 +30,8 @@ import re
 
 import torch
 
+from fedtune.data.text import PAD_ID
+
 MAX_CACHED_VALUES = 2**28  # 1 GiB of fp32 per process; texts past it are computed every time
 _LAYER = re.compile(r"\.encoder\.layer\.(\d+)\.")
 
@@ -121,8 +123,10 @@ def cache_frozen_prefix(model: torch.nn.Module) -> int:
     if encoder is None or not k:
         return 0
     layers = encoder.encoder.layer
-    encoder.embeddings = FrozenPrefix(encoder.embeddings, [layers[i] for i in range(k)],
-                                      pad_id=encoder.config.pad_token_id or 0)
+    # The padding is told by fedtune's collator's value, not the model's pad id (RoBERTa's is 1): read as
+    # text, padding would change a record's cached states with the longest text in its batch, and so its
+    # per-sample gradient with the other records sampled beside it, beyond DP-SGD's sensitivity C.
+    encoder.embeddings = FrozenPrefix(encoder.embeddings, [layers[i] for i in range(k)], pad_id=PAD_ID)
     for i in range(k):
         layers[i] = PassThrough()
     return k

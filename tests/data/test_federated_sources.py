@@ -265,6 +265,22 @@ def test_the_client_app_trains_on_its_own_file_without_a_partition_id(tmp_path):
     assert client_name(simulated) == "client-0002"
 
 
+def test_what_is_wrong_with_a_nodes_own_file_stays_in_its_log_not_in_the_reply(tmp_path, caplog):
+    """A label outside the run's list is named with its line; that can be a record's sensitive value,
+    and the reason of a failed reply reaches the server's ledger. The node logs it; the error says where."""
+    from flwr.app import Context, RecordDict
+
+    from fedtune.client.data import local_data
+
+    path = write_csv(tmp_path / "mine.csv", n=30, labels=("pets", "dragons"))
+    cfg = FedtuneConfig().with_overrides({"data.path": "server.csv", "data.labels": ["money", "pets", "sport"]})
+    context = Context(run_id=1, node_id=77, node_config={k.DATA_PATH: str(path)}, state=RecordDict(), run_config={})
+    with caplog.at_level("ERROR", logger="flwr"), pytest.raises(DataError) as raised:
+        local_data(cfg, context)
+    assert "dragons" not in str(raised.value) and "node's log" in str(raised.value)
+    assert "dragons" in caplog.text, "the operator still gets the reason"
+
+
 def test_token_lengths_agree_with_tokenize_on_truncation():
     from fedtune.data.text import token_counts, tokenize
     from fedtune.models.build import load_tokenizer

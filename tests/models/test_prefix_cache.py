@@ -73,3 +73,29 @@ def test_the_adapter_keeps_its_names_and_the_frozen_layers_no_dropout():
     cached.train()
     assert not cached.base_model.model.bert.embeddings.training
     assert cached.base_model.model.bert.encoder.layer[5].training
+
+
+def test_a_texts_states_do_not_depend_on_the_longest_text_beside_it_whatever_the_pad_id():
+    """RoBERTa pads with id 1, fedtune's collator with 0: the cache must still tell the padding apart,
+    or a record's output (and its per-sample gradient under DP-SGD) would change with the longest
+    record sampled into its batch."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from fedtune.models.prefix_cache import cache_frozen_prefix
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, pad_token_id=1, num_labels=2)
+    model = get_peft_model(RobertaForSequenceClassification(config),
+                           PeftLoraConfig(r=2, target_modules=["layer.1.attention.self.query",
+                                                               "layer.1.attention.self.value"]))
+    assert cache_frozen_prefix(model) == 1
+    model.eval()
+    short = (torch.tensor([0, 5, 6, 2]), torch.tensor(0))
+    long = (torch.tensor([0, 7, 8, 9, 10, 11, 12, 2]), torch.tensor(1))
+    with torch.no_grad():
+        alone = model(**pad_batch([short])).logits[0]
+        beside = model(**pad_batch([short, long])).logits[0]
+    assert torch.allclose(alone, beside, atol=1e-6), (alone, beside)
