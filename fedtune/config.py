@@ -924,9 +924,10 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> F
     data: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist. Pass an existing TOML file to --config.")
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"Config file {path} {what}. Pass an existing TOML file to --config.")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a Windows editor's byte-order mark
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"Config file {path} is not valid TOML: {err}. Fix the line it names.") from err
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
@@ -958,7 +959,7 @@ def given_keys(path: Path | None, overrides: dict[str, Any]) -> frozenset[str]:
     the overrides that are not None. The private recipe (fedtune/recipe.py) leaves them as given."""
     keys = {key for key, value in overrides.items() if value is not None}
     if path is not None:
-        for key, value in tomllib.loads(path.read_text(encoding="utf-8")).items():
+        for key, value in tomllib.loads(path.read_text(encoding="utf-8-sig")).items():
             keys |= {f"{key}.{name}" for name in value} if isinstance(value, dict) else {key}
     return frozenset(keys)
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, dump_config, load_config
+from fedtune.config import DPConfig, FedtuneConfig, LoraConfig, dump_config, given_keys, load_config
 from fedtune.errors import ConfigError
 
 
@@ -53,6 +53,16 @@ def test_unknown_and_mistyped_options_are_rejected(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Windows editors may start a UTF-8 file with a byte-order mark, which tomllib calls an invalid statement."""
+    marked = tmp_path / "bom.toml"
+    marked.write_bytes("\ufeffrounds = 4\n".encode())
+    assert load_config(marked).rounds == 4
+    assert "rounds" in given_keys(marked, {})
 
 
 def test_int_accepted_for_float_but_bool_is_not_a_number():

@@ -105,6 +105,19 @@ def test_a_budget_below_eight_is_the_target():
     assert cfg.dp.target_epsilon == 3.0
 
 
+def test_a_budget_too_small_to_learn_from_is_refused_naming_dp_target_epsilon():
+    """At ε = 0.01 the recipe's rate would round to nothing, and an invalid learning rate used to be blamed
+    on train.learning_rate, which the user never set; at ε = 1e-4 no σ reaches the target at all."""
+    from fedtune.errors import ConfigError
+
+    for tiny, says in ((0.01, "times its signal"), (1e-4, "no noise multiplier reaches")):
+        with pytest.raises(ConfigError, match=f"`dp.target_epsilon`.*{says}"):
+            resolve(CFG.with_overrides({"dp.target_epsilon": tiny}), GIVEN | {"dp.target_epsilon"})
+    by_hand = resolve(CFG.with_overrides({"dp.target_epsilon": 0.01, "train.learning_rate": 0.5}),
+                      GIVEN | {"dp.target_epsilon", "train.learning_rate"})
+    assert by_hand.train.learning_rate == 0.5, "a rate given by hand runs anyway"
+
+
 def test_switched_off_nothing_changes():
     for cfg in (CFG.with_overrides({"recipe.mode": "off"}),
                 CFG.with_overrides({"recipe.mode": "off", "dp.enabled": False})):

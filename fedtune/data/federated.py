@@ -84,6 +84,10 @@ def sort_labels(names: Collection[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+# More labels than this, and more than half as many as records: the label column is a text or an id.
+MANY_LABELS = 50
+
+
 def label_names(data: DataConfig) -> tuple[str, ...]:
     """The run's labels in id order: data.labels once fixed, else derived from the data."""
     if data.source == "demo":
@@ -98,6 +102,10 @@ def label_names(data: DataConfig) -> tuple[str, ...]:
     if len(found) < 2:
         raise DataError(f"{records.name} has a single label ({', '.join(found)}) in column `{data.label_column}`; "
                         "a classifier needs at least two. Check data.label_column (or data.separator).")
+    if len(found) > MANY_LABELS and len(found) > len(records.labels) / 2:
+        raise DataError(f"{records.name} has {len(found)} different labels in column `{data.label_column}` for "
+                        f"{len(records.labels)} records: it looks like a text or an id, not a class. Check "
+                        "data.label_column and data.text_column.")
     return sort_labels(found)
 
 

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
@@ -47,6 +48,9 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+# The module types peft's LoRA adapts (peft/tuners/lora/model.py dispatches these; anything else it refuses).
+LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                     torch.nn.MultiheadAttention, Conv1D)
 # Attention projections by naming convention, most specific first: the default LoRA targets.
 ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("query", "value"))
 
@@ -58,11 +62,17 @@ def lora_targets(base: torch.nn.Module, lora: LoraConfig) -> list[str] | str:
     present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     if lora.target_modules:
         # peft matches a target to a module's last name or to a dotted suffix (`layer.5.attention.self.query`)
-        names = [name for name, _ in base.named_modules()]
-        if not any(name == target or name.endswith(f".{target}") for target in lora.target_modules for name in names):
+        matched = [module for name, module in base.named_modules()
+                   if any(name == target or name.endswith(f".{target}") for target in lora.target_modules)]
+        if not matched:
             raise ConfigError(f"Invalid option `lora.target_modules`: the model has no module called "
                               f"{', '.join(lora.target_modules)}. Its linear layers are called "
                               f"{', '.join(sorted(_linear_names(base)))}.")
+        unsupported = sorted({type(m).__name__ for m in matched if not isinstance(m, LORA_MODULE_TYPES)})
+        if unsupported:
+            raise ConfigError(f"Invalid option `lora.target_modules`: {', '.join(lora.target_modules)} names modules "
+                              f"of type {', '.join(unsupported)}, which LoRA cannot adapt. Name linear layers: this "
+                              f"model's are called {', '.join(sorted(_linear_names(base)))}.")
         return list(lora.target_modules)
     for names in ATTENTION_PROJECTIONS:
         if set(names) <= present:

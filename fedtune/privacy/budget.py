@@ -9,6 +9,7 @@ from functools import lru_cache
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedtune.config import DPConfig
+from fedtune.errors import ConfigError
 from fedtune.privacy.accountant import History, epsilon
 
 
@@ -30,8 +31,13 @@ def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: flo
         from fedtune.privacy import skellam
 
         return skellam.solve_sigma(target_epsilon, delta, sample_rate, steps)
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+    except ValueError as err:  # Opacus: "The privacy budget is too low." (no σ it searches reaches the target)
+        raise ConfigError(f"Invalid option `dp.target_epsilon`: no noise multiplier reaches ε = {target_epsilon:g} at "
+                          f"δ = {delta:g} over {steps} step{'s' if steps != 1 else ''} at q = {sample_rate:.3g} "
+                          f"({err}). Raise dp.target_epsilon (1 to 10 is usual).") from None
 
 
 def client_dp(dp: DPConfig, solved: float | None, num_examples: int, batch_size: int, epochs: int,

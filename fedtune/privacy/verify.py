@@ -30,6 +30,7 @@ from typing import Any
 
 from fedtune import constants as k
 from fedtune.config import FedtuneConfig, read_run_config
+from fedtune.errors import ConfigError
 from fedtune.privacy.budget import poisson_schedule
 from fedtune.privacy.independent import epsilons_along, independent_client_level_epsilon
 from fedtune.privacy.ledger import LedgerEntry, read_ledger
@@ -102,8 +103,13 @@ def _committed_rounds(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return max((int(row.get("round", 0)) for row in rows), default=0)
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return max((int(row.get("round", 0)) for row in rows), default=0)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path} is damaged ({type(err).__name__}: {err}): each line must be one round's JSON "
+                          "object. Restore it from a backup (each checkpoints/round_*.pt holds the rows up to its "
+                          "round).") from None
 
 
 def _one_sigma_a_round(clients: dict[str, tuple[LedgerEntry, ...]], t: int) -> Iterator[Violation]:

@@ -150,7 +150,12 @@ def _check_data_unchanged(cfg: FedtuneConfig, run: RunDirectory) -> None:
     saved = run.path / DATA_DIGEST
     if not saved.is_file():  # a run from before digests
         return
-    was = json.loads(saved.read_text(encoding="utf-8"))
+    try:
+        was = json.loads(saved.read_text(encoding="utf-8"))
+        was["records"], was["sha256"]  # noqa: B018 - both keys, or the file is not a digest
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{saved} is damaged ({type(err).__name__}: {err}), so whether the data is what the run "
+                          "started on cannot be checked. Restore the file from a backup, or start a new run.") from None
     now = split_digest(get_task(cfg.model.task).federation(cfg.data, cfg.clients, cfg.seed))
     if was != now:
         data, other = cfg.data.path or "the demo data", ", other contents" if was["records"] == now["records"] else ""

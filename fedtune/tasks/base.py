@@ -82,7 +82,14 @@ class Task(ABC):
                 f"Cannot load the base model `{path}` (model.name_or_path): {err}. Give a local directory "
                 "with config.json and weights, or a Hugging Face hub id while online; leave it empty for "
                 "the task's built-in offline model.") from err
+        if Path(path).expanduser().is_dir():
+            check_weights(Path(path).expanduser())
         self.check_architecture(path, config, model)
+        check_tokenizer(path, config)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and model.max_length > limit:
+            raise ConfigError(f"Invalid option `model.max_length`: {model.max_length} tokens, but the base model "
+                              f"`{path}` reads at most {limit} (its max_position_embeddings). Use at most {limit}.")
         if lora is not None:
             lora_targets(self.meta_model(config), lora)
 
@@ -176,3 +183,43 @@ class Task(ABC):
 def get_task(name: str) -> Task:
     """The task called `name` (one of registry.TASKS; the config has checked it), imported on first use."""
     return importlib.import_module(TASKS[name]).TASK
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
+LFS_POINTER = b"version https://git-lfs"
+
+
+def check_weights(directory: Path) -> None:
+    """Refuse a local model directory without readable weights: none at all, or git-lfs pointers in their
+    place (a `git clone` without git-lfs), which transformers would only fail on after the run began."""
+    files = sorted(f for pattern in WEIGHT_FILES for f in directory.glob(pattern))
+    if not files:
+        raise ConfigError(f"Invalid option `model.name_or_path`: {directory} has config.json but no weights "
+                          "(model.safetensors, pytorch_model.bin or a .gguf file). Copy the model's weight files "
+                          "into it, or leave model.name_or_path empty for the task's built-in offline model.")
+    for file in files:
+        with file.open("rb") as handle:
+            head = handle.read(8)
+            size = file.stat().st_size
+            if head.startswith(LFS_POINTER[:8]) and handle.read(len(LFS_POINTER) - 8) == LFS_POINTER[8:]:
+                readable = False
+            elif file.suffix == ".safetensors":  # 8 bytes of header length, then that many bytes of JSON
+                length = int.from_bytes(head, "little") if len(head) == 8 else -1
+                readable = 0 < length <= size - 8 and handle.read(1) == b"{"
+            else:
+                readable = True
+        if not readable:
+            raise ConfigError(f"Invalid option `model.name_or_path`: {file} is not a weights file (a git-lfs pointer "
+                              "or a damaged download). Run `git lfs pull` in that directory, or copy the weights "
+                              "again.")
+
+
+def check_tokenizer(path: str, config) -> None:
+    """Refuse a model whose tokenizer files are missing: transformers then builds a tokenizer of a few
+    special tokens, and every word of the data becomes [UNK] without a word."""
+    vocab = getattr(config, "vocab_size", None)
+    tokens = len(load_tokenizer(path))
+    if isinstance(vocab, int) and tokens < vocab / 2:
+        raise ConfigError(f"Invalid option `model.name_or_path`: the tokenizer of `{path}` has {tokens} tokens, "
+                          f"but the model {vocab}: its tokenizer files (tokenizer.json, vocab.txt or the like) are "
+                          "missing. Copy them into the model's directory.")

@@ -42,6 +42,10 @@ from fedtune.recipe import (
 )
 from fedtune.tasks.base import Scores, Task
 
+# The largest noise-to-signal ratio r the recipe runs at: its rate BASE_LEARNING_RATE / √(1 + r²) is then
+# below 0.03, and the noise on each round's mean update 100 times its signal (the benchmarks' runs: r ≤ 8).
+MAX_NOISE_TO_SIGNAL = 100.0
+
 # The options that fix what the private recipe's r counts: its trained values and its one full-batch step.
 LAYOUT_KEYS = frozenset({"lora.r", "lora.target_modules", "train.batch_size", "train.local_epochs", "model.pooling",
                          "train.sample_rate"})
@@ -94,6 +98,12 @@ class Classification(Task):
                                                                           "rank")),
         }
         ratio, sigma, values = self._noise(cfg, facts, pinned, hidden)
+        if facts.epsilon and ratio > MAX_NOISE_TO_SIGNAL and "train.learning_rate" not in pinned:
+            raise ConfigError(f"Invalid option `dp.target_epsilon`: at ε = {facts.epsilon:g} the noise on a round's "
+                              f"mean update would be {ratio:.0f} times its signal (σ {sigma:.1f}, "
+                              f"{round(facts.records_per_round)} records a round), so nothing would be learned. Raise "
+                              "dp.target_epsilon, or train on more records or institutions; or give "
+                              "train.learning_rate by hand to run anyway.")
         t = cfg.dp.distributed_min_honest
         steps, step_noise = self._local_steps(cfg, facts, pinned, values)
         spread, sum_noise = self._step_rounds(cfg, facts, pinned, values, steps)

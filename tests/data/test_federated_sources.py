@@ -106,6 +106,15 @@ def test_a_single_label_is_not_a_classification_task(tmp_path):
         label_names(cfg_for(path))
 
 
+def test_a_label_column_that_is_a_text_or_an_id_is_refused(tmp_path):
+    """Columns swapped by mistake: 120 records with 120 different labels would train a 120-way head."""
+    path = write_csv(tmp_path / "d.csv", n=120, labels=TOPICS)
+    with pytest.raises(DataError, match=r"120 different labels in column `text` for 120 records.*data\.label_column"):
+        label_names(cfg_for(path, label_column="text", text_column="label"))
+    many = write_csv(tmp_path / "many.csv", n=240, labels=tuple(f"intent{i}" for i in range(77)))
+    assert len(label_names(cfg_for(many))) == 77, "77 intents over 240 records is a task, not an id column"
+
+
 def test_demo_labels_cannot_be_renamed():
     with pytest.raises(DataError, match="demo data's labels are fixed"):
         label_names(DataConfig(labels=("a", "b")))

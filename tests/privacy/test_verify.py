@@ -137,6 +137,14 @@ def test_the_client_level_account_is_rechecked_against_dp_accounting_and_the_con
     assert found(run(tmp_path / "unasked", two, client_level=account)) == [("client-level", None, "client_level")]
 
 
+@pytest.mark.parametrize("line", ["{not json", "[1]"])
+def test_a_damaged_metrics_file_exits_2_naming_it(tmp_path, line):
+    path = run(tmp_path, {"a": entries(3)})
+    (path / "metrics.jsonl").write_text(line + "\n")
+    result = CliRunner().invoke(cli, ["privacy-verify", str(path)])
+    assert result.exit_code == 2 and "metrics.jsonl is damaged" in " ".join(result.output.split()), result.output
+
+
 def test_a_client_level_account_with_fewer_releases_than_rounds_committed_is_a_violation(tmp_path):
     """A review's case: the verifier recomputed ε from the account's own count of releases and only capped it,
     so an account that under-counted them (and under-reported ε) passed."""

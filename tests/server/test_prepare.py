@@ -64,6 +64,15 @@ def test_a_resume_refuses_a_data_file_changed_since_the_run_started(tmp_path):
         continue_run(run.path)
 
 
+def test_a_damaged_data_digest_stops_a_resume_naming_the_file(tmp_path):
+    from fedtune.server.prepare import DATA_DIGEST, continue_run
+
+    _, run, _ = new_run(CFG, tmp_path / "run")
+    (run.path / DATA_DIGEST).write_text("{half")
+    with pytest.raises(ConfigError, match=r"data_digest\.json is damaged.*Restore the file"):
+        continue_run(run.path)
+
+
 def test_a_run_on_a_save_to_disk_directory_is_checked_on_resume_too(tmp_path):
     """The digest is of the records as read, so a directory (datasets' save_to_disk) has one too (a first
     version fingerprinted the file, and crashed on a directory after creating the run directory)."""
