@@ -218,7 +218,12 @@ def check_tokenizer(path: str, config) -> None:
     """Refuse a model whose tokenizer files are missing: transformers then builds a tokenizer of a few
     special tokens, and every word of the data becomes [UNK] without a word."""
     vocab = getattr(config, "vocab_size", None)
-    tokens = len(load_tokenizer(path))
+    try:
+        tokens = len(load_tokenizer(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Invalid option `model.name_or_path`: the tokenizer of `{path}` cannot be loaded ({err}). "
+                          "Copy its tokenizer files (tokenizer.json, vocab.txt or the like) into the model's "
+                          "directory.") from None
     if isinstance(vocab, int) and tokens < vocab / 2:
         raise ConfigError(f"Invalid option `model.name_or_path`: the tokenizer of `{path}` has {tokens} tokens, "
                           f"but the model {vocab}: its tokenizer files (tokenizer.json, vocab.txt or the like) are "

@@ -130,7 +130,13 @@ def test_preflight_checks_that_the_model_can_mean_pool(tmp_path):
         get_task(task).check_model(ModelConfig(task=task, name_or_path=path, pooling=pooling))
 
     check_model("", "classification", "mean")  # the default MiniLM (BERT) can
-    DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
+    from transformers import DistilBertForSequenceClassification
+
+    from fedtune.models.build import load_tokenizer
+
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    load_tokenizer("").save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="model.pooling.*DistilBertForSequenceClassification"):
         check_model(str(tmp_path), "classification", "mean")  # its head reads the first token itself
     check_model(str(tmp_path), "classification", "cls")
