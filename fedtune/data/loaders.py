@@ -306,6 +306,10 @@ def _read_csv(cfg: DataConfig) -> _Table:
                             "`text,label`.")
         header = [cell.strip() for cell in header]
         _check_columns(name, header, cfg, _one_column_fix(header, delimiter))
+        twice = sorted(c for c in _required(cfg) if header.count(c) > 1)
+        if twice:
+            raise DataError(f"{name}'s header names column {', '.join(f'`{c}`' for c in twice)} more than once, so "
+                            "which one to read is unclear. Rename or remove the other.")
         positions = {c: header.index(c) for c in _required(cfg)}
         table = _Table(name, "line", header, values={c: [] for c in positions})
         misshapen = f"with another number of fields than the header's {len(header)}"

@@ -115,6 +115,12 @@ def test_missing_column_lists_the_columns_that_exist(tmp_path):
         load(jsonl)
 
 
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [("a", "x", "b")] * 4, header=("text", "label", "text"))
+    with pytest.raises(DataError, match=r"d\.csv's header names column `text` more than once"):
+        load(path)
+
+
 def test_empty_and_nan_texts_name_their_lines(tmp_path):
     path = write_csv(tmp_path / "d.csv", [("fine", "a"), ("", "b"), ("nan", "a"), ("  ", "b"), ("ok", "a")])
     with pytest.raises(DataError, match=r"3 lines with an empty or missing text in column `text` \(lines 3, 4, 5\)"):
