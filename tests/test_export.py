@@ -83,9 +83,8 @@ def test_a_failed_export_writes_neither_output(run_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory"
 
 
-def test_an_export_whose_last_rename_fails_takes_back_the_first(run_dir, tmp_path, monkeypatch):
-    """Both outputs are complete before either is renamed into place; if the second rename fails,
-    the first output is removed again."""
+def _fail_renaming_merged(monkeypatch) -> None:
+    """Renaming anything to a `merged` directory fails, as on a full disk."""
     from pathlib import Path
 
     rename = Path.rename
@@ -96,6 +95,12 @@ def test_an_export_whose_last_rename_fails_takes_back_the_first(run_dir, tmp_pat
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", failing_rename)
+
+
+def test_an_export_whose_last_rename_fails_takes_back_the_first(run_dir, tmp_path, monkeypatch):
+    """Both outputs are complete before either is renamed into place; if the second rename fails,
+    the first output is removed again."""
+    _fail_renaming_merged(monkeypatch)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(OSError):
         export_run(run_dir[0], adapter=tmp_path / "adapter", merged=tmp_path / "merged")
@@ -105,18 +110,9 @@ def test_an_export_whose_last_rename_fails_takes_back_the_first(run_dir, tmp_pat
 def test_a_failed_export_removes_the_parent_directories_it_made(run_dir, tmp_path, monkeypatch):
     """The outputs' missing parents are created for the export; when it fails, they go too, while a
     parent that existed before stays."""
-    from pathlib import Path
-
     (tmp_path / "kept").mkdir()
     before = [p.name for p in tmp_path.iterdir()]
-    rename = Path.rename
-
-    def failing_rename(self, target):
-        if Path(target).name == "merged":
-            raise OSError(28, "No space left on device", str(target))
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", failing_rename)
+    _fail_renaming_merged(monkeypatch)
     with pytest.raises(OSError):
         export_run(run_dir[0], adapter=tmp_path / "kept" / "new" / "adapter",
                    merged=tmp_path / "out" / "deeper" / "merged")
