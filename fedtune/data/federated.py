@@ -105,7 +105,8 @@ def label_names(data: DataConfig) -> tuple[str, ...]:
     if len(found) > MANY_LABELS and len(found) > len(records.labels) / 2:
         raise DataError(f"{records.name} has {len(found)} different labels in column `{data.label_column}` for "
                         f"{len(records.labels)} records: it looks like a text or an id, not a class. Check "
-                        "data.label_column and data.text_column.")
+                        "data.label_column and data.text_column; if they really are classes, list them in "
+                        "data.labels.")
     return sort_labels(found)
 
 

@@ -211,7 +211,7 @@ def _finish(cfg: DataConfig, table: _Table) -> LabeledTexts:
         converted[column] = [None if _is_missing(v) else as_label_name(v) for v in table.values[column]]
     texts = table.values[cfg.text_column]
     for i, number in enumerate(table.numbers):
-        ok = not _is_missing(texts[i]) and isinstance(texts[i], str | int | float)
+        ok = not _is_missing(texts[i]) and isinstance(texts[i], str | int | float) and not isinstance(texts[i], bool)
         if not ok:
             table.refuse(number, f"with an empty or missing text in column `{cfg.text_column}`", fill)
         for column, values in converted.items():

@@ -121,6 +121,12 @@ def test_a_column_named_twice_in_the_header_is_refused(tmp_path):
         load(path)
 
 
+def test_a_json_true_is_not_a_text(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine", "label": "a"}, {"text": True, "label": "b"}])
+    with pytest.raises(DataError, match=r"empty or missing text in column `text`.*line 2"):
+        load(path)
+
+
 def test_empty_and_nan_texts_name_their_lines(tmp_path):
     path = write_csv(tmp_path / "d.csv", [("fine", "a"), ("", "b"), ("nan", "a"), ("  ", "b"), ("ok", "a")])
     with pytest.raises(DataError, match=r"3 lines with an empty or missing text in column `text` \(lines 3, 4, 5\)"):
