@@ -124,8 +124,9 @@ def _privacy_verify(run_dir: Path) -> None:
     quiet_warnings()
     result = verify_run(run_dir)
     if _run_finished(run_dir) is False:
-        console.print("Note: this run has not finished, so its ledger may lack the spending of the round it stopped "
-                      "in (the institutions' own ledger copies hold it; a resumed run records it).", style="yellow",
+        console.print("Note: this run has not finished, so its ledger may lack the spending of the round under way "
+                      "or the one it stopped in (the institutions' own ledger copies hold it; a resumed run records "
+                      "it).", style="yellow",
                       markup=False, soft_wrap=True)
     for violation in result.violations:
         print(violation.line())

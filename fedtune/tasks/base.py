@@ -199,15 +199,11 @@ def check_weights(directory: Path) -> None:
                           "into it, or leave model.name_or_path empty for the task's built-in offline model.")
     for file in files:
         with file.open("rb") as handle:
-            head = handle.read(8)
-            size = file.stat().st_size
-            if head.startswith(LFS_POINTER[:8]) and handle.read(len(LFS_POINTER) - 8) == LFS_POINTER[8:]:
-                readable = False
-            elif file.suffix == ".safetensors":  # 8 bytes of header length, then that many bytes of JSON
-                length = int.from_bytes(head, "little") if len(head) == 8 else -1
-                readable = 0 < length <= size - 8 and handle.read(1) == b"{"
-            else:
-                readable = True
+            head = handle.read(len(LFS_POINTER))
+        # safetensors: 8 bytes of header length, then that many bytes of JSON
+        length = int.from_bytes(head[:8], "little")
+        readable = not head.startswith(LFS_POINTER) and (
+            file.suffix != ".safetensors" or (0 < length <= file.stat().st_size - 8 and head[8:9] == b"{"))
         if not readable:
             raise ConfigError(f"Invalid option `model.name_or_path`: {file} is not a weights file (a git-lfs pointer "
                               "or a damaged download). Run `git lfs pull` in that directory, or copy the weights "
