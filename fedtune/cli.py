@@ -17,7 +17,7 @@ from rich.markup import escape
 from fedtune import __version__
 from fedtune.config import given_keys, load_config, read_run_config
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.options import AUDIT, DEPLOY, SIMULATE, config_options, explain, overrides
+from fedtune.options import AUDIT, DEPLOY, FLAGS_OF_KEYS, SIMULATE, config_options, explain, overrides
 
 if TYPE_CHECKING:
     from fedtune.privacy.report import ReportData
@@ -394,8 +394,9 @@ def _export(run_dir: Path, adapter: Path | None, merged: Path | None) -> None:
 @cli.command("deploy-local", short_help="Run a federation on Flower's Deployment Engine on this machine (TLS, one SuperNode each).")
 @config_options(DEPLOY)
 def deploy_local(
-    nodes: Annotated[int, Opt(help="Institutions: one SuperNode each, with its own slice of the run's data (--data, or the demo data).")] = 3,
+    nodes: Annotated[int | None, Opt(help="Institutions: one SuperNode each, with its own slice of the run's data (--data, or the demo data). Default 3.", show_default=False)] = None,
     out: Annotated[Path | None, Opt(help="Run directory to create (default runs/deploy-<timestamp>).")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the deploy-local run in this directory from its last finished round, with the same institutions, keys and privacy state; only --rounds (to extend it) and --timeout may be given.")] = None,
     config: Annotated[Path | None, Opt(help="TOML config file; options below override it.")] = None,
     node_config: Annotated[list[str] | None, Opt("--node-config", help="KEY=VALUE handed to every SuperNode's node config (repeatable), e.g. require-dp=true, epsilon-budget=8, max-delta=1e-5, min-noise-multiplier=0.8, allow-reproducible-noise=false, adopt-ledger-spending=true: each institution's own privacy policy, which the server's run config cannot weaken (--no-dp then asks, and an institution with require-dp=true refuses). Values are TOML (strings may be bare).")] = None,
     timeout: Annotated[float, Opt(help="Stop everything if the run has not finished after this many seconds (more than 0).")] = 7200.0,
@@ -406,17 +407,26 @@ def deploy_local(
     the run is submitted with `flwr run`. Every process is stopped afterwards, also on failure and
     Ctrl-C. The institutions' keys, state and logs are in RUN_DIR/deployment/; docs/deployment.md
     shows the same steps across machines. The last line printed is the run directory."""
-    _run_guarded(lambda: _deploy_local(nodes, out, config, node_config or [], timeout, overrides(options)))
+    _run_guarded(lambda: _deploy_local(nodes, out, config, node_config or [], timeout, overrides(options), resume))
 
 
-def _deploy_local(nodes: int, out: Path | None, config: Path | None, node_config: list[str], timeout: float,
-                  overrides: dict[str, Any]) -> None:
+def _deploy_local(nodes: int | None, out: Path | None, config: Path | None, node_config: list[str], timeout: float,
+                  overrides: dict[str, Any], resume: Path | None = None) -> None:
     from fedtune.deploy.run import deploy_local as run_deployment
     from fedtune.deploy.run import parse_node_config
 
+    if resume is not None:
+        given = [FLAGS_OF_KEYS[key] for key, value in sorted(overrides.items()) if value is not None and key != "rounds"]
+        given += [flag for flag, value in (("--nodes", nodes), ("--out", out), ("--config", config),
+                                           ("--node-config", node_config)) if value]
+        if given:
+            raise ConfigError(f"--resume continues a deploy-local run with its saved config, institutions and node "
+                              f"configs; only --rounds and --timeout may be given (got {', '.join(given)}). Drop "
+                              "those options. An institution changes its own policy in its node-config.toml under "
+                              "RUN_DIR/deployment/.")
     extra = parse_node_config(node_config)  # a bad item: _run_guarded says so, exit 2
-    run_dir, status = run_deployment(nodes, out, config, timeout, console, node_config=extra,
-                                     overrides=overrides, explain=explain)
+    run_dir, status = run_deployment(3 if nodes is None else nodes, out, config, timeout, console,
+                                     node_config=extra, overrides=overrides, explain=explain, resume=resume)
     if run_dir is not None:
         print(run_dir)
     raise typer.Exit(status)

@@ -228,3 +228,27 @@ def test_a_deployment_out_directory_that_cannot_be_made_is_one_line_and_exit_2(t
     said = " ".join(result.stderr.split())
     assert result.exit_code == 2 and f"Error: cannot use {out}" in said and "Traceback" not in result.output, said
     assert (tmp_path / "a-file").read_text() == "not a directory" and not no_deployment
+
+
+@pytest.mark.parametrize("extra", [["--nodes", "3"], ["--examples", "200"], ["--node-config", "require-dp=true"],
+                                   ["--out", "elsewhere"]])
+def test_deploy_local_resume_takes_only_rounds_and_timeout(tmp_path, no_deployment, extra):
+    """--resume goes on with the run's saved config and each institution's own node config; another
+    option would change the recipe or the institutions under a run already spending."""
+    result = CliRunner().invoke(cli, ["deploy-local", "--resume", str(tmp_path / "run"), *extra])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "only --rounds and --timeout may be given" in said and extra[0] in said, said
+    assert not no_deployment and not (tmp_path / "run").exists()
+
+
+def test_deploy_local_resume_refuses_a_simulation_run_before_starting_anything(tmp_path, no_deployment):
+    """A simulation's clients are not the deployment's institutions: continued by deploy-local, each
+    institution would start from ε = 0 with no state of its own."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.run_dir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "sim", FedtuneConfig())
+    result = CliRunner().invoke(cli, ["deploy-local", "--resume", str(run.path), "--rounds", "4"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "not a `fedtune deploy-local` run" in said, said
+    assert f"fedtune simulate --resume {run.path}" in said and not no_deployment

@@ -13,7 +13,8 @@ fedtune adds no transport of its own.
 The working directory mirrors the machines involved:
 
     coordinator/  certs/ (CA, SuperLink certificate and key), keys/ (registered public keys),
-                  superexec.secret, superlink.db, flwr-home/, cli-home/config.toml (the `flwr` connection)
+                  superexec.secret, superlink.db, node-ids.json, flwr-home/, cli-home/config.toml (the `flwr`
+                  connection)
     <name>/       one per institution: its private key, the CA certificate, node-config.toml,
                   superexec.secret, state/<name>.json (its privacy state and own ledger), runtime-tls/,
                   flwr-home/
@@ -44,6 +45,7 @@ import tomli_w
 import fedtune
 from fedtune.deploy.certs import make_dev_certificates, make_node_key_pair
 from fedtune.deploy.processes import ProcessSet, Started
+from fedtune.durable import write_json_atomic
 from fedtune.errors import FedtuneError
 
 CONNECTION = "fedtune-local"  # the SuperLink connection name in the coordinator's flwr config
@@ -52,6 +54,8 @@ SUPERLINK = "superlink"
 START_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 120.0
 SECRET = "superexec.secret"  # a machine's SuperExec shared secret (raw bytes, mode 0600)
+NODE_IDS = "node-ids.json"  # in coordinator/: the node id each institution's key was registered with
+KEY_IN_USE = "Public key already in use"  # flwr 1.42's refusal to register a key its database holds
 
 
 class DeployError(FedtuneError):
@@ -150,6 +154,35 @@ class LocalFederation:
         (self.coordinator / "keys").mkdir(parents=True, exist_ok=True)
         for name, port in zip(names, ports, strict=True):
             self.add_institution(name, port)
+        self._write_connection()
+
+    def reopen(self, names: Sequence[str]) -> None:
+        """The stopped deployment in `work`, on new free ports: the same CA, keys, SuperLink database
+        and institutions, each with its own state directory (its privacy state and own ledger), so
+        every institution goes on from the ε it has spent."""
+        self.port, *ports = free_ports(1 + len(names))
+        needed = [self.certs / "ca.crt", self.certs / "server.key", self.coordinator / "cli-home"]
+        for name, port in zip(names, ports, strict=True):
+            inst = Institution(name, self.work / name, port)
+            needed += [inst.private_key, inst.node_config, inst.state_dir, inst.directory / "runtime-tls"]
+            self.institutions[name] = inst
+        missing = [str(path) for path in needed if not path.exists()]
+        if missing:
+            raise DeployError(f"{self.work} is not a whole deploy-local deployment ({', '.join(missing)} missing), "
+                              "so its institutions cannot go on as themselves. Restore those files from a backup; "
+                              "an institution without its state directory would start again from ε = 0.")
+        self._write_connection()
+
+    def saved_node_config(self, name: str) -> dict[str, Any]:
+        """The node config `name`'s SuperNode last ran with (its own policy, partition and state-dir)."""
+        path = self.institutions[name].node_config
+        try:
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise DeployError(f"{path} cannot be read ({err}); restore it, or fix the TOML it names.") from None
+
+    def _write_connection(self) -> None:
+        """The coordinator's `flwr` connection to this SuperLink (cli-home/config.toml)."""
         cli_home = self.coordinator / "cli-home"
         cli_home.mkdir(parents=True, exist_ok=True)
         connection = {"address": f"{HOST}:{self.port}", "root-certificates": str(self.certs / "ca.crt")}
@@ -185,7 +218,7 @@ class LocalFederation:
     # ---- the coordinator ------------------------------------------------------------
     def start_superlink(self) -> Started:
         """The SuperLink with TLS and SuperNode authentication; returns once it answers."""
-        secret = write_secret(self.coordinator / SECRET)
+        secret = kept_secret(self.coordinator / SECRET)
         argv = [tool("flower-superlink"),
                 "--ssl-ca-certfile", str(self.certs / "ca.crt"),
                 "--ssl-certfile", str(self.certs / "server.crt"),
@@ -242,14 +275,60 @@ class LocalFederation:
         return done.stdout
 
     def register(self, names: Sequence[str]) -> dict[str, int]:
-        """`flwr supernode register` each institution's public key; returns the node ids."""
+        """`flwr supernode register` each institution's public key; returns the node ids, which are
+        also kept in NODE_IDS. A key the SuperLink's database already holds (a reopened deployment)
+        keeps the id it was registered with."""
+        known = self.node_ids()
+
         def one(name: str) -> tuple[str, int]:
-            out = self.flwr("supernode", "register", str(self.coordinator / "keys" / f"{name}.pub"), CONNECTION,
-                            "--name", name, "--format", "json")
-            return name, int(_json_tail(out)["node-id"])
+            try:
+                return name, int(_json_tail(self.flwr("supernode", "register", str(self.coordinator / "keys" /
+                                                                                   f"{name}.pub"),
+                                                      CONNECTION, "--name", name, "--format", "json"))["node-id"])
+            except DeployError as err:
+                if KEY_IN_USE in str(err) and name in known:
+                    return name, known[name]
+                raise
 
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            return dict(pool.map(one, names))
+            ids = dict(pool.map(one, names))
+        write_json_atomic(self.coordinator / NODE_IDS, ids)
+        return ids
+
+    def node_ids(self) -> dict[str, int]:
+        """The node id each institution was registered with (NODE_IDS), or {} before any."""
+        path = self.coordinator / NODE_IDS
+        try:
+            return {str(name): int(node) for name, node in json.loads(path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def wait_nodes(self, ids: Mapping[str, int], online: bool, timeout_s: float = CLI_TIMEOUT_S) -> None:
+        """Wait until the SuperLink lists every institution's node as online (`online`), or none of them
+        (not `online`). A reopened SuperLink's database holds each node as online until the heartbeat
+        it got before the stop runs out (up to a minute); a node that reconnects before then keeps
+        its stale entry, and a run submitted at once fails its first round as "Node Unavailable"."""
+        deadline, waiting = time.monotonic() + timeout_s, dict(ids)
+        while waiting and time.monotonic() < deadline:
+            nodes = _json_tail(self.flwr("supernode", "list", CONNECTION, "--format", "json")).get("nodes", [])
+            now_online = {int(node["node-id"]) for node in nodes if node.get("status") == "online"}
+            waiting = {name: node for name, node in waiting.items() if (node in now_online) != online}
+            if waiting:
+                time.sleep(1.0)
+        if waiting:
+            what = "connect to" if online else "be released by"
+            raise DeployError(f"{', '.join(sorted(waiting))} did not {what} the SuperLink within {timeout_s:.0f} s "
+                              f"(the logs are in {self.processes.log_dir}).")
+
+    def stop_unfinished_runs(self) -> list[int]:
+        """Stop the runs a reopened SuperLink's database still holds as not finished (the SuperLink or
+        deploy-local was stopped during them), so that no earlier ServerApp takes up the run directory
+        beside the one about to be submitted; returns their ids."""
+        runs = _json_tail(self.flwr("list", CONNECTION, "--format", "json")).get("runs", [])
+        stale = [int(run["run-id"]) for run in runs if not str(run.get("status", "")).startswith("finished")]
+        for run_id in stale:
+            self.flwr("stop", str(run_id), CONNECTION, "--format", "json")
+        return stale
 
     # ---- the institutions ----------------------------------------------------------
     def start_node(self, name: str, node_config: Mapping[str, Any]) -> Started:
@@ -260,7 +339,7 @@ class LocalFederation:
         config = {"client-name": name, "state-dir": str(inst.state_dir), **node_config}
         write_private(inst.node_config, tomli_w.dumps(config))
         tls = inst.directory / "runtime-tls"
-        secret = write_secret(inst.superexec_secret) if not inst.superexec_secret.exists() else inst.superexec_secret
+        secret = kept_secret(inst.superexec_secret)
         argv = [tool("flower-supernode"),
                 "--superlink", f"{HOST}:{self.port}",
                 "--root-certificates", str(inst.directory / "ca.crt"),
@@ -359,6 +438,11 @@ def write_secret(path: Path) -> Path:
     with os.fdopen(fd, "wb") as handle:
         handle.write(secrets.token_bytes(32))
     return path
+
+
+def kept_secret(path: Path) -> Path:
+    """The machine's SuperExec secret: the one it has (a restarted or reopened deployment), or a new one."""
+    return path if path.exists() else write_secret(path)
 
 
 def _echo_new(log: Path, offset: int, echo: Callable[[str], None] | None) -> int:

@@ -132,44 +132,73 @@ def prepare_run(nodes: int, out: Path | None, config: Path | None, node_config: 
 
 def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: float, console: Console,
                  node_config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 explain: Callable[[str], str] = str) -> tuple[Path | None, int]:
-    """Run the whole deployment; returns (run directory, exit status). Every process started is
-    stopped before this returns: on success, on failure and on Ctrl-C. `explain` words an error
-    for whoever gave the options (the CLI adds each config key's flag)."""
-    from fedtune.server.prepare import new_run
-    from fedtune.server.run_dir import DEPLOY_LOCAL
+                 explain: Callable[[str], str] = str, resume: Path | None = None) -> tuple[Path | None, int]:
+    """Run the whole deployment; returns (run directory, exit status). With `resume`, continue that
+    deploy-local run instead: the same institutions (keys, state directories, node configs) on the
+    same SuperLink database, from its last committed round (`overrides` may only hold `rounds`).
+    Every process started is stopped before this returns: on success, on failure and on Ctrl-C.
+    `explain` words an error for whoever gave the options (the CLI adds each config key's flag)."""
+    from fedtune.server.prepare import continue_run, new_run
+    from fedtune.server.run_dir import DEPLOY_LOCAL, finished_as
 
     run_path: Path | None = None
     try:
         check_timeout(timeout_s)  # before the run directory, the CA and any process
-        cfg, target = prepare_run(nodes, out, config, node_config, overrides)
         app = app_dir()
-        values = run_config(cfg, app_config_keys(app))
-        run_path = new_run(cfg, target, engine=DEPLOY_LOCAL)[1].path
-        names = node_names(nodes)
+        if resume is None:
+            cfg, target = prepare_run(nodes, out, config, node_config, overrides)
+            values = run_config(cfg, app_config_keys(app))
+            run_path = new_run(cfg, target, engine=DEPLOY_LOCAL)[1].path
+        else:
+            cfg, run = continue_run(resume, (overrides or {}).get("rounds"), engine=DEPLOY_LOCAL)
+            run_path, latest = run.path, run.latest_checkpoint()
+            if run.finished(latest, cfg):  # nothing to start
+                console.print(f"{run_path} {finished_as(latest.round, cfg.rounds)}; nothing to resume.",
+                              markup=False, highlight=False, soft_wrap=True)
+                return run_path, 0
+            values = run_config(cfg, app_config_keys(app))
+        names = node_names(cfg.clients)
         with ProcessSet(run_path / DEPLOYMENT / "logs") as processes:
             fed = LocalFederation(run_path / DEPLOYMENT, processes, app)
-            fed.prepare(names)
+            if resume is None:
+                fed.prepare(names)
+                configs = {name: {**(node_config or {}), k.PARTITION_ID: index, k.NUM_PARTITIONS: cfg.clients}
+                           for index, name in enumerate(names)}
+            else:  # each institution keeps the node config (its own policy) it ran with
+                fed.reopen(names)
+                configs = {name: fed.saved_node_config(name) for name in names}
             fed.start_superlink()
             console.print(f"SuperLink on https://127.0.0.1:{fed.port} (TLS, SuperNode authentication on)",
                           highlight=False)
+            if resume is not None and (stale := fed.stop_unfinished_runs()):
+                console.print(f"Stopped the earlier session's unfinished run {', '.join(map(str, stale))} on the "
+                              "SuperLink.", highlight=False, soft_wrap=True)
             ids = fed.register(names)
-            for index, name in enumerate(names):
-                fed.start_node(name, {**(node_config or {}), "partition-id": index, "num-partitions": nodes})
+            if resume is not None:
+                console.print("Waiting for the SuperLink to let go of the earlier session's SuperNodes (up to a "
+                              "minute).", highlight=False)
+                fed.wait_nodes(ids, online=False)
+            for name in names:
+                fed.start_node(name, configs[name])
                 console.print(f"{name}: SuperNode {ids[name]}, state in {fed.institutions[name].state_dir}",
                               highlight=False, soft_wrap=True)
+            fed.wait_nodes(ids, online=True)
             run_id = fed.submit(values)
-            console.print(f"fedtune: {nodes} institutions, {cfg.rounds} rounds, run {run_id} -> {run_path}",
-                          highlight=False, soft_wrap=True)
+            resumed = "" if resume is None else f", resuming after round {latest.round if latest else 0}"
+            console.print(f"fedtune: {cfg.clients} institutions, {cfg.rounds} rounds{resumed}, run {run_id} -> "
+                          f"{run_path}", highlight=False, soft_wrap=True)
             status = fed.follow(run_id, timeout_s, echo=lambda line: _echo(console, line))
             if status != "finished:completed":
                 raise DeployError(f"Run {run_id} ended as {status}.{refusals(run_path)} The ServerApp's log is in "
-                                  f"{processes.log_dir}; finished rounds are saved in {run_path}.")
-        console.print(f"Stopped the SuperLink and {nodes} SuperNodes.", highlight=False)
+                                  f"{processes.log_dir}; finished rounds are saved in {run_path}; "
+                                  f"`fedtune deploy-local --resume {run_path}` continues the run.")
+        console.print(f"Stopped the SuperLink and {cfg.clients} SuperNodes.", highlight=False)
         return run_path, 0
     except KeyboardInterrupt:
+        again = f" `fedtune deploy-local --resume {run_path}` continues the run." if run_path else ""
         console.print("Interrupted: stopped the SuperLink and every SuperNode. Finished rounds are saved (`fedtune "
-                      "export` and `fedtune privacy-report` read them); deploy-local cannot continue the run.")
+                      f"export` and `fedtune privacy-report` read them).{again}", soft_wrap=True, markup=False,
+                      highlight=False)
         return run_path, 130
     except FedtuneError as err:
         console.print(f"[bold red]Error:[/bold red] {escape(explain(str(err)))}", soft_wrap=True)

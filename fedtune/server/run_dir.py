@@ -116,10 +116,8 @@ class RunDirectory:
             return f"continue that run with `fedtune simulate --resume {self.path}`"
         if self.engine == FLWR_RUN:
             return f"continue that run with `flwr run` and the same run config (out = \"{self.path}\")"
-        return (f"it was a `{self.engine}` run: its institutions' privacy state is in {self.path / 'deployment'}, "
-                "and `fedtune deploy-local` cannot continue a run yet (a simulation's clients would each start "
-                "from ε = 0); its finished rounds stay usable (`fedtune export`, `fedtune privacy-report`), and a "
-                "new run goes in another directory")
+        return (f"it was a `{self.engine}` run, whose institutions' privacy state is in {self.path / 'deployment'}: "
+                f"continue it with `fedtune deploy-local --resume {self.path}`")
 
     @classmethod
     def existing(cls, path: Path) -> RunDirectory:

@@ -81,3 +81,41 @@ def test_institutions_that_require_dp_refuse_a_run_without_it(tmp_path, tiny_cla
         own = json.loads((out / "deployment" / name / "state" / f"{name}.json").read_text())
         assert own["history"] == [] and own["ledger"][-1]["status"] == "refused"
     assert not (out / "checkpoints" / "round_0001.pt").exists(), "no round was committed"
+
+
+def test_an_interrupted_deployment_resumes_with_the_same_institutions_and_their_spending(tmp_path, tiny_classifier):
+    """Ctrl-C after round 1, then `deploy-local --resume`: the same registered keys (node ids), each
+    institution's own state directory, so every client's ε goes on rising from what it spent instead
+    of starting again from 0; the run finishes its rounds and its ledger passes privacy-verify."""
+    out = tmp_path / "run"
+    cli = _fedtune(["deploy-local", "--nodes", "2", "--rounds", "3", "--examples", "200", "--model",
+                    str(tiny_classifier), "--out", str(out)])
+    try:
+        _wait_for(lambda: cli.poll() is not None or (out / "checkpoints" / "round_0001.pt").is_file(),
+                  "round 1's checkpoint", timeout_s=300)
+        assert cli.poll() is None, cli.communicate()[1][-3000:]
+        cli.send_signal(signal.SIGINT)
+        stdout, stderr = cli.communicate(timeout=180)
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+    assert cli.returncode == 130 and f"fedtune deploy-local --resume {out.resolve()}" in " ".join(stderr.split())
+    ids = json.loads((out / "deployment" / "coordinator" / "node-ids.json").read_text())
+
+    again = _fedtune(["deploy-local", "--resume", str(out)])
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, (stdout + stderr)[-3000:]
+    said = " ".join(stderr.split())
+    assert "resuming after round" in said and all(f"{name}: SuperNode {node}," in said for name, node in ids.items())
+    assert (out / "checkpoints" / "round_0003.pt").is_file()
+    for name, entries in _ledger(out).items():
+        trained = [e for e in entries if e["status"] == "trained"]
+        assert [e["round"] for e in trained] == [1, 2, 3], name
+        spent = [e["epsilon"] for e in trained]
+        assert spent == sorted(spent) and spent[0] < spent[-1], f"{name}'s ε started again: {spent}"
+        own = json.loads((out / "deployment" / name / "state" / f"{name}.json").read_text())
+        assert own["ledger"][-1]["epsilon"] == pytest.approx(spent[-1]), "the institution's own record agrees"
+    verify = subprocess.run([sys.executable, "-m", "fedtune.cli", "privacy-verify", str(out)], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert verify.returncode == 0 and "privacy-verify: OK" in verify.stdout + verify.stderr, verify.stderr

@@ -236,7 +236,7 @@ def test_a_run_is_continued_only_by_the_command_that_made_it(tmp_path):
         RunDirectory.create(tmp_path / "sim", FedtuneConfig())
     assert "flwr run" in RunDirectory.create(tmp_path / "flwr", FedtuneConfig(), FLWR_RUN).how_to_continue()
     # a review: the advice to "start it again and submit the same run" named no command that could
-    assert "cannot continue a run yet" in deployed.how_to_continue()
+    assert f"fedtune deploy-local --resume {deployed.path}" in deployed.how_to_continue()
 
 
 def test_a_lost_run_id_is_not_replaced_once_the_run_has_spent(tmp_path):
