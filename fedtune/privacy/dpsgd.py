@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -62,8 +61,10 @@ USER_INDEX = "user_index"  # under dp.unit `user`: a batch's position of each re
 
 def round_seed(run_seed: int, server_round: int, client: str) -> int:
     """The seed a client derives one round's streams from when they are not secret (no DP,
-    dp.reproducible_noise, dp.public_streams): the server, which knows the run seed, can derive it too."""
-    return zlib.crc32(f"{run_seed}:{server_round}:{client}".encode())
+    dp.reproducible_noise, dp.public_streams): the server, which knows the run seed, can derive it too.
+    SHA-256, 63 bits: a 32-bit checksum here (as before) would give two (round, client) pairs the same
+    streams about once in 10^5 pairs, and their noise would then be identical, not independent."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}:{server_round}:{client}".encode()).digest()[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class PrivateTraining:
         """After backward(): clip, noise and step, or, for a physical batch that is not the last of
         its logical batch, only clip and accumulate."""
         self.upcast_grad_samples()
+        self.zero_non_finite_records()
         if self.user_gradient:
             self.combine_by_user()
         self.optimizer.step()
@@ -181,6 +183,22 @@ class PrivateTraining:
                 if isinstance(sample, torch.Tensor) and sample.dtype != p.dtype:
                     p.grad_sample = sample.to(p.dtype)
 
+
+    def zero_non_finite_records(self) -> None:
+        """A record whose per-sample gradient holds NaN or ∞ contributes a zero gradient instead (step()
+        calls this before clipping). Opacus would scale it by C/∞ = 0, and 0·∞ is NaN, so the whole
+        noised sum, and the update sent, would be NaN exactly when that record was sampled: weights
+        chosen by a coordinator to overflow one record's logits would reveal its membership at
+        ε = ∞. Zero is within the sensitivity C the noise covers: with or without the record, the
+        sum moves by at most C (docs/privacy.md, "Non-finite gradients")."""
+        samples = [p.grad_sample for group in self.optimizer.param_groups for p in group["params"]
+                   if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+        if not samples:
+            return
+        finite = torch.stack([torch.isfinite(s.reshape(len(s), -1)).all(dim=1) for s in samples]).all(dim=0)
+        if not bool(finite.all()):
+            for sample in samples:
+                sample[~finite] = 0
 
     def combine_by_user(self) -> None:
         """Replace the per-record gradients of the batch by one gradient per user, which Opacus then

@@ -179,3 +179,40 @@ def test_an_empty_poisson_batch_is_stepped_on_inside_the_object():
     assert calls < private.steps == len(moves) - 1 == 20, "seed 3 draws at least one empty batch"
     assert all(not torch.equal(a, b) for a, b in itertools.pairwise(moves)), "every step adds noise"
     assert private.history == [(1.0, 0.5, 20)]
+
+
+
+def _one_step(model, data, poison: float | None) -> list[torch.Tensor]:
+    """One DP-SGD step (σ = 0, clipping binding, lr 1) through PrivateTraining.step, with the first
+    record's per-sample gradient of one weight set to `poison` (None: left as it is); returns the
+    trainable weights after it, and restores them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    private = make_private(model, torch.optim.SGD(params, lr=1.0), data, len(data), pad_batch,
+                           DPConfig(noise_multiplier=0.0, max_grad_norm=0.01), [], RoundSeeds.derived(0))
+    try:
+        batch = pad_batch([data[i] for i in range(len(data))])
+        model.train()
+        torch.manual_seed(123)  # the same dropout masks in every call
+        model(**batch).loss.backward()
+        if poison is not None:
+            params[0].grad_sample[0].view(-1)[0] = poison
+        private.step()
+        return [p.detach().clone() for p in params]
+    finally:
+        private.close()
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                p.copy_(old)
+
+
+@pytest.mark.parametrize("poison", [math.inf, math.nan])
+def test_a_record_with_a_non_finite_gradient_contributes_nothing_not_nan(tiny_model, tokenized, poison):
+    """A review's case: weights a coordinator chose can overflow one record's logits. Opacus clips an
+    ∞ gradient by C/∞ = 0 and 0·∞ = NaN, so the update was NaN exactly when that record was sampled:
+    its membership at ε = ∞. Now the record contributes a zero gradient: the step stays finite and
+    moves at most C from the step with the record's real gradient."""
+    data = _subset(tokenized, 4)
+    clean, poisoned = _one_step(tiny_model, data, None), _one_step(tiny_model, data, poison)
+    assert all(bool(torch.isfinite(p).all()) for p in poisoned)
+    assert 0 < _norm([a - b for a, b in zip(poisoned, clean, strict=True)]) <= 0.01 * (1 + 1e-4)

@@ -85,3 +85,13 @@ def test_under_user_level_dp_the_record_choice_has_its_own_stream(monkeypatch):
                            1, list, DPConfig(unit="user"), [], seeds)
     assert seen == {"sampling": seeds.sampling, "records": seeds.records}
     assert len({seeds.sampling, seeds.records, seeds.noise, seeds.model}) == 4
+
+
+def test_round_seeds_of_many_rounds_and_clients_are_distinct_and_use_the_whole_seed():
+    """A review: the round seed was a 32-bit CRC, so across about 10^5 (round, client) pairs two would
+    share their streams, and with them identical, not independent, noise. It is now 63 bits of SHA-256."""
+    from fedtune.privacy.dpsgd import round_seed
+
+    seeds = [round_seed(0, r, f"client-{c:04d}") for r in range(1, 301) for c in range(400)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) >= 2 ** 32 and max(seeds) < 2 ** 63
+    assert round_seed(2 ** 40, 1, "a") != round_seed(2 ** 40 + 1, 1, "a")

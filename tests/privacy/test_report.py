@@ -23,6 +23,7 @@ from fedtune.privacy.report import (
     REPORT_MD,
     ClientRow,
     build_report,
+    headline,
     markdown,
     plot_epsilon,
     report_contents,
@@ -346,7 +347,8 @@ REPORT_KEYS = ("generated_by", "run_dir", "dp_enabled", "unit", "neighbouring_re
                "policies", "delta", "epsilon_budget", "target_epsilon", "rounds_planned", "rounds_in_ledger",
                "epsilon_max", "epsilon_max_client", "epsilon_max_other", "clients_declined", "rounds_declined",
                "rounds_failed", "rounds_rejected", "rounds_refused", "clients_state_lost", "clients_over_budget",
-               "client_level", "settings", "audit", "verification", "clients", "distributed", "run_finished")
+               "client_level", "settings", "audit", "verification", "clients", "distributed", "run_finished",
+               "clients_awaiting_report")
 
 
 def test_the_numbers_are_typed_and_their_dict_is_the_report_json(three_clients):
@@ -474,3 +476,16 @@ def test_a_trained_entry_missing_a_figure_is_reported_not_a_crash(tmp_path, fiel
     report = build_report(make_run(tmp_path, {"a": rows, "b": [trained(1, 1.5, distributed_min_honest=2)]}))
     assert report.distributed["epsilon_own_share"] is None and client(report, "a").epsilon == 2.0
     assert "privacy report" in markdown(report).lower()
+
+
+def test_a_finished_run_names_the_clients_whose_last_round_failed_without_a_reply(tmp_path):
+    """A review: a client that timed out in the last round (and answered no question after it) may have
+    trained; the finished run's report said "a failed round sends no update" and gave its ε without the
+    round. It now names the client as possibly having spent more, in the summary and the headline."""
+    run = make_run(tmp_path, {"a": [trained(1, 1.0), trained(2, 2.0), failed(3)],
+                              "b": [trained(1, 1.0), failed(2), trained(3, 3.0)]})
+    report = build_report(run, run_finished=True)
+    assert report.clients_awaiting_report == ("a",), "b reported after its failure: its ε covers it"
+    text = " ".join(markdown(report).split())
+    assert "`a` may have spent more than shown" in text and "sends no update" not in text
+    assert "1 institution may have spent more (a lost reply)" in headline(report)

@@ -185,6 +185,10 @@ class ClientRow:
     delta_below_1_over_n: bool | None
     epsilon_by_round: tuple[Epsilon, ...]  # after each round 0..rounds_in_ledger
     entries: tuple[dict[str, Any], ...]  # its ledger entries as the JSON states them (∞ as INF)
+    # Its last entry is a failure the server recorded without figures (no reply, or an error in its place),
+    # and it has reported nothing since: it may have trained in that round, and that spending is not in
+    # `epsilon` (server/spending.py::awaiting_report; its own ledger copy holds it).
+    awaiting_report: bool = False
 
     @property
     def holds_more_than_this_run(self) -> bool:
@@ -236,6 +240,9 @@ class ReportData:
     # Whether the run has finished (every round committed, or stopped early, and its summary written):
     # False, and a stopped run's ledger may lack the spending of the round it stopped in; None: not known.
     run_finished: bool | None = None
+    # The clients whose last round failed without figures and who have reported nothing since: each may
+    # have spent more than the ledger shows (ClientRow.awaiting_report).
+    clients_awaiting_report: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -284,6 +291,7 @@ def build_report(run_dir: Path, run_finished: bool | None = None) -> ReportData:
         clients=clients,
         distributed=_distributed(entries, kind, delta) if dp_on else None,
         run_finished=run_finished,
+        clients_awaiting_report=tuple(c.name for c in clients if c.awaiting_report) if dp_on else (),
     )
 
 
@@ -381,6 +389,7 @@ def _client(name: str, entries: tuple[LedgerEntry, ...], dp_on: bool, rounds: in
         delta_below_1_over_n=_delta_check(trained, settings.batch_size, latest.delta),
         epsilon_by_round=_curve(reported, rounds, dp_on),
         entries=tuple(_clean(e.to_dict(), dp_on) for e in entries),
+        awaiting_report=bool(entries) and entries[-1].status == k.STATUS_FAILED and not entries[-1].reported,
     )
 
 

@@ -48,7 +48,8 @@ def headline(report: ReportData) -> str:
     return (f"{spent} at δ = {g(report.delta)}, {report.accountant.name.upper()} accountant; {budget}; "
             f"{count(len(report.clients_declined), 'institution')} declined rounds"
             + ("; the run has not finished, so this may be below what was spent." if report.run_finished is False
-               else "."))
+               else f"; {count(len(report.clients_awaiting_report), 'institution')} may have spent more (a lost "
+               "reply)." if report.clients_awaiting_report else "."))
 
 
 def sections(r: ReportData) -> list[Section]:
@@ -126,8 +127,9 @@ def _against_whom_by_policy(r: ReportData) -> str:
     if r.settings.noise_from_seed:
         return ("**Not against the server, nor the other institutions**: the run used `dp.reproducible_noise`, noise "
                 "derived from a seed the server and every institution know (it is in the run config), which any of "
-                "them could regenerate and subtract; research use only. The guarantee still holds against anyone who "
-                "sees only the released model and not the run config.")
+                "them could regenerate and subtract; research use only. Against anyone else it holds only while they "
+                "can neither learn nor guess the run seed (the default seed 0, or any small number, is easily "
+                "guessed).")
     policies = r.policies
     if policies == (INSTITUTION_POLICY,):
         return ("**Against the server**: the noise was added inside each institution before anything left it, under "
@@ -175,8 +177,14 @@ def _facts(r: ReportData) -> list[str]:
         facts.append(f"{count(len(r.clients_declined), 'institution')} declined "
                      f"{count(r.rounds_declined, 'round')} in total to stay within budget.")
     if r.rounds_failed:
-        facts.append(f"{count(r.rounds_failed, 'training round')} failed at an institution; a failed round "
-                     "sends no update.")
+        facts.append(f"{count(r.rounds_failed, 'training round')} failed at an institution; no update of a failed "
+                     "round reached the server.")
+    if r.clients_awaiting_report:
+        names = ", ".join(f"`{name}`" for name in r.clients_awaiting_report)
+        facts.append(f"**{names} may have spent more than shown**: the last round of each failed without a reply "
+                     "the server could read (a timeout, a lost reply or an error), and none has reported since. "
+                     "If it trained before its reply was lost, that round's spending is not in this ledger; its own "
+                     "ledger copy holds it, and it reports it when a resumed or extended run asks.")
     if r.rounds_rejected:
         facts.append(f"The server refused {count(r.rounds_rejected, 'trained update')} (the reasons are in the "
                      "per-round detail); those rounds ran DP-SGD, so their ε counts in full.")
@@ -451,8 +459,8 @@ def _randomness(r: ReportData) -> str:
                 "came from their own stream, derived from the run seed, the round and the institution's name. "
                 "The streams are independent of each other, but the server knows the seed, and so does every "
                 "institution (it is in the run config each receives): any of them could regenerate an "
-                "institution's noise from its name, so the guarantee does not hold against them; it still holds "
-                "against anyone who sees only the final adapter and not the run config.")
+                "institution's noise from its name, so the guarantee does not hold against them; against anyone else "
+                "it holds only while they can neither learn nor guess the seed (the default 0 is easily guessed).")
     if r.settings.public_streams:
         return ("**Randomness** (white-box audit): this run set `dp.public_streams`: the Poisson sampling's stream "
                 "was derived from the run seed, the round and the institution's name, so the server knows it; the "
