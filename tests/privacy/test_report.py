@@ -489,3 +489,16 @@ def test_a_finished_run_names_the_clients_whose_last_round_failed_without_a_repl
     text = " ".join(markdown(report).split())
     assert "`a` may have spent more than shown" in text and "sends no update" not in text
     assert "1 institution may have spent more (a lost reply)" in headline(report)
+
+
+def test_refusals_are_in_the_summary_and_a_run_with_lost_replies_does_not_claim_zero_spending(tmp_path):
+    """An auditor's review: refused rounds were missing from the summary; a run whose every round failed
+    without a reply said "no privacy was spent (ε = 0)" and "every institution stayed within the budget";
+    and with a target ε the settings showed the configured σ, not that each institution solved its own."""
+    refusal = {**declined(1, 0.0), "status": "refused", "reason": "require-dp: the run asked for no DP"}
+    said = " ".join(markdown(build_report(make_run(tmp_path / "r", {"a": [refusal]}), run_finished=True)).split())
+    assert "1 institution refused 1 round under its own node config's policy" in said
+    lost = build_report(make_run(tmp_path / "l", {"a": [failed(1)], "b": [failed(1)]}, target=8.0), run_finished=True)
+    said = " ".join(markdown(lost).split())
+    assert "so no privacy was spent" not in said and "No institution's spending is on record" in said
+    assert "as far as this ledger shows" in said and "solved from the target ε" in said

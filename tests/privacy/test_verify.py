@@ -33,13 +33,15 @@ CLIENT_LEVEL = {"client_dp": "fixed", "client_dp_side": "server", "client_noise_
 
 
 def run(tmp_path, clients: dict[str, list[dict]], budget: float = float("inf"), client_level=None,
-        unit: str = "record", ledger_unit: str | None = None, kind: str = "prv", client_dp: dict | None = None):
+        unit: str = "record", ledger_unit: str | None = None, kind: str = "prv", client_dp: dict | None = None,
+        target: float = 0.0, ledger_dp: bool = True):
     cfg = FedtuneConfig(rounds=3, clients=len(clients), train=TrainConfig(batch_size=BATCH),
-                        dp=DPConfig(delta=DELTA, epsilon_budget=budget, unit=unit, **(client_dp or {})),
+                        dp=DPConfig(delta=DELTA, epsilon_budget=budget, unit=unit, target_epsilon=target,
+                                    **(client_dp or {})),
                         data=DataConfig(path="notes.csv", user_column="patient_id" if unit == "user" else ""))
     path = RunDirectory.create(tmp_path / "run", cfg).path
-    ledger = PrivacyLedger(kind, True, {name: [LedgerEntry.from_dict(row, kind) for row in rows]
-                                         for name, rows in clients.items()}, client_level, ledger_unit or unit)
+    ledger = PrivacyLedger(kind, ledger_dp, {name: [LedgerEntry.from_dict(row, kind) for row in rows]
+                                              for name, rows in clients.items()}, client_level, ledger_unit or unit)
     ledger.save(path)
     return path
 
@@ -49,7 +51,7 @@ def found(path) -> list[tuple[str, int | None, str]]:
 
 
 def test_a_ledger_as_fedtune_writes_it_passes(tmp_path):
-    path = run(tmp_path, {"a": entries(3), "b": entries(2, sigma=1.4)})
+    path = run(tmp_path, {"a": entries(3), "b": entries(2, sigma=1.4)}, target=8.0)  # each client solved its σ
     result = CliRunner().invoke(cli, ["privacy-verify", str(path)])
     assert result.exit_code == 0, result.output
     assert verify_run(path).passed
@@ -204,18 +206,28 @@ def test_spending_recorded_late_is_verified_where_it_was_spent(tmp_path):
     assert found(run(tmp_path / "order", {"a": [second, recorded_later, third]})) == [("a", 3, "round")]
 
 
-def test_another_runs_spending_recorded_late_keeps_its_own_schedule_and_delta(tmp_path):
-    """The institution's state directory carried five full-batch rounds of another run (q = 1, one
-    step, δ = 1e-6) into this run's first round: their rounds, q and δ are that run's, and this run's
-    ε composes them with its own."""
-    other_run = [(r, 2.0, 1.0, 1, 1e-6) for r in range(1, 6)]
-    rows = spending(other_run + [(r, 1.0, 0.25, 4, DELTA) for r in (1, 2)])
-    ledger = [late(row, 1) for row in rows[:5]] + rows[5:]
-    assert verify_run(run(tmp_path / "ok", {"a": ledger})).passed
-    on_time = [{**row, "recorded_late": False} for row in ledger[:5]] + rows[5:]  # as if this run's own
-    assert {field for _, _, field in found(run(tmp_path / "own", {"a": on_time}))} >= {"round", "sample_rate"}
+def failed(round_: int) -> dict:
+    """The server's record of a client whose reply never came: no figures."""
+    return {"round": round_, "status": "failed", "reason": "no reply before the round's timeout"}
+
+
+def test_another_runs_spending_recorded_late_keeps_its_own_schedule_and_delta_in_an_older_ledger(tmp_path):
+    """A ledger from before client entries named their run: the client's reply in round 2 never came (the
+    server recorded a failure), and in round 3 it reported late the spending its state directory held for
+    round 2, another run's full-batch step (q = 1, one step, δ = 1e-6): its q, steps and δ are that run's,
+    and this run's ε composes it with its own. An older fedtune also carried such spending in with no failure
+    before it (a review found the narrower rule failing those ledgers). In a ledger whose entries name their
+    run, the same late entry is this run's, held to its schedule."""
+    rows = spending([(1, 1.0, 0.25, 4, DELTA), (2, 2.0, 1.0, 1, 1e-6), (3, 1.0, 0.25, 4, DELTA)])
+    assert verify_run(run(tmp_path / "ok", {"a": [rows[0], failed(2), late(rows[1], 3), rows[2]]})).passed
+    assert verify_run(run(tmp_path / "carried", {"a": [rows[0], late(rows[1], 3), rows[2]]})).passed
+    named = run(tmp_path / "own", {"a": [{**row, "run": "this-run"} for row in (rows[0], late(rows[1], 3), rows[2])]})
+    (named / "run_id").write_text("this-run")
+    assert set(found(named)) >= {("a", 2, "sample_rate"), ("a", 2, "steps"), ("a", 2, "delta")}
     last = spending([(1, 1.0, 0.25, 4, DELTA), (2, 1.0, 0.25, 4, 1e-6)])  # nothing of this run follows it
-    assert found(run(tmp_path / "last", {"a": [last[0], late(last[1], 2)]})) == [("a", 2, "delta")]
+    verdict = verify_run(run(tmp_path / "last", {"a": [last[0], failed(2), late(last[1], 2)]})).violations
+    assert [(v.client, v.round, v.field) for v in verdict] == [("a", 2, "delta")]
+    assert "last spending" in verdict[0].expected
 
 
 def test_trained_without_steps_and_entries_out_of_order_are_violations(tmp_path):
@@ -269,7 +281,7 @@ def test_a_distributed_dp_run_must_be_accounted_for_its_integer_shares(tmp_path)
     sigma = solve_sigma(8.0, DELTA, 1.0, 3)
     rows = spending([(r, sigma, 1.0, 1, DELTA) for r in (1, 2, 3)], kind="skellam")
     cfg = FedtuneConfig(rounds=3, clients=4, train=TrainConfig(batch_size=4096, optimizer="sgd"),
-                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=2))
+                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=2, target_epsilon=8.0))
     for kind, flagged in (("skellam", []), ("prv", [("ledger", None, "accountant")])):
         path = RunDirectory.create(tmp_path / kind, cfg).path
         PrivacyLedger(kind, True, {"a": [LedgerEntry.from_dict({**row, "num_examples": 64, "distributed_min_honest": 2},
@@ -284,7 +296,7 @@ def test_under_distributed_dp_every_share_of_a_round_must_be_of_one_sigma_and_th
     from fedtune.privacy.skellam import solve_sigma
 
     cfg = FedtuneConfig(rounds=3, clients=3, train=TrainConfig(batch_size=4096, optimizer="sgd"),
-                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=3))
+                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=3, target_epsilon=8.0))
 
     def client(target: float, t: int = 3) -> list[LedgerEntry]:
         sigma = solve_sigma(target, DELTA, 1.0, 3)
@@ -308,7 +320,7 @@ def test_one_sigma_a_round_keeps_a_try_cut_short_apart_from_its_retry(tmp_path):
     from fedtune.privacy.skellam import solve_sigma
 
     cfg = FedtuneConfig(rounds=3, clients=3, train=TrainConfig(batch_size=4096, optimizer="sgd"),
-                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=3))
+                        dp=DPConfig(delta=DELTA, secagg=True, distributed_min_honest=3, target_epsilon=8.0))
     first, extended = solve_sigma(8.0, DELTA, 1.0, 2), solve_sigma(8.0, DELTA, 1.0, 3)
 
     def share(sigma: float, q: float = 1.0, steps: int = 1, **notes) -> LedgerEntry:
@@ -327,3 +339,117 @@ def test_one_sigma_a_round_keeps_a_try_cut_short_apart_from_its_retry(tmp_path):
     PrivacyLedger("skellam", True, refused).save(path)
     assert [f for f in found(path) if f[2] == "noise_multiplier"] == [("b", 2, "noise_multiplier"),
                                                                       ("c", 2, "noise_multiplier")]
+
+
+def test_marking_an_entry_late_turns_off_no_check_of_this_runs_schedule(tmp_path):
+    """A review's bypass: an entry marked recorded_late without a `run` was exempt from the schedule, so a
+    ledger could claim q = 0.01 for a round at q = 1/4, with the low ε that goes with it. It may be another
+    run's only in a ledger whose entries name no run (one from before they did)."""
+    first, second, third = spending([(1, 1.0, 0.25, 4, DELTA), (2, 1.0, 0.01, 4, DELTA), (3, 1.0, 0.25, 4, DELTA)])
+    named = spending([(1, 1.0, 0.25, 4, DELTA)])  # b's late entry names its run: this ledger is no older one
+    path = run(tmp_path / "named", {"a": [first, failed(2), late(second, 3), third],
+                                    "b": [{**late(named[0], 1), "run": "this-run"}]})
+    (path / "run_id").write_text("this-run")
+    assert found(path) == [("a", 2, "sample_rate")]
+
+
+def test_an_entry_that_trained_without_its_figures_is_a_violation_and_every_entry_gets_the_status_checks(tmp_path):
+    """A review's bypass: a trained entry stripped of its ε and steps read as a failure the server recorded
+    and was skipped. Only the server's record of a failure or exclusion has no ε."""
+    stripped = entries(3)
+    del stripped[2]["epsilon"], stripped[2]["steps"]
+    assert found(run(tmp_path / "stripped", {"a": stripped})) == [("a", 3, "epsilon"), ("a", 3, "steps")]
+    stepless = entries(3)
+    del stepless[2]["steps"]  # a finding, not a traceback
+    assert found(run(tmp_path / "stepless", {"a": stepless})) == [("a", 3, "steps")]
+    declined = entries(3)
+    declined[2].update(status="declined", steps=0, sample_rate=0.0)
+    del declined[2]["epsilon"]
+    assert found(run(tmp_path / "declined", {"a": declined})) == [("a", 3, "epsilon")]
+    server = entries(1) + [failed(2), {"round": 3, "status": "excluded", "reason": "its key changed"}]
+    assert verify_run(run(tmp_path / "server", {"a": server})).passed
+
+
+def test_a_delta_other_than_the_runs_is_a_violation_saying_the_two_differ(tmp_path):
+    """A review's bypass: the ε of δ = 1e-5 claimed at δ = 1e-9. Every ε was recomputed at the run's δ, so
+    it passed, and the report showed the ledger's stronger (ε, δ)."""
+    rows = [{**row, "delta": 1e-9} for row in entries(2)]
+    violations = verify_run(run(tmp_path, {"a": rows})).violations
+    assert [(v.client, v.round, v.field) for v in violations] == [("a", 1, "delta"), ("a", 2, "delta")]
+    assert all("δ differ" in v.expected and v.found == "1e-09" for v in violations)
+
+
+@pytest.mark.parametrize("ledger_dp, config_dp", [(False, True), (True, False)])
+def test_a_ledger_and_config_that_disagree_on_dp_are_one_violation(tmp_path, ledger_dp, config_dp):
+    """Not one "expected inf" for every entry: the ledger as a whole is not of this config."""
+    path = run(tmp_path, {"a": entries(3), "b": entries(2)}, ledger_dp=ledger_dp, client_dp={"enabled": config_dp})
+    violations = verify_run(path).violations
+    assert [(v.client, v.round, v.field) for v in violations] == [("ledger", None, "dp_enabled")]
+    assert "disagree" in violations[0].found
+
+
+@pytest.mark.parametrize("sigma", [1.2, 0.8])
+def test_where_the_config_fixes_sigma_every_entry_carries_it_whatever_its_policy(tmp_path, sigma):
+    """A review's bypass: σ was never compared with the config, so a run at dp.noise_multiplier = 1 could
+    claim σ = 1.2 and the lower ε that goes with it. No node policy changes a fixed σ (min-noise-multiplier
+    refuses), so an entry naming the node config's policy is held to it too. Under a target each solves its own."""
+    rows = [{**row, "policy": "node config"} for row in entries(2, sigma=sigma)]
+    assert found(run(tmp_path / "fixed", {"a": rows})) == [("a", 1, "noise_multiplier"), ("a", 2, "noise_multiplier")]
+    assert verify_run(run(tmp_path / "target", {"a": rows}, target=10.0)).passed
+
+
+def committed(path, clients: dict[str, list[dict]], round_: int) -> None:
+    """checkpoints/round_NNNN.pt holding `clients`' entries, the ledger as round `round_` committed it."""
+    from fedtune.server.run_dir import Checkpoint
+
+    ledger = PrivacyLedger("prv", True, {name: [LedgerEntry.from_dict(row, "prv") for row in rows]
+                                         for name, rows in clients.items()})
+    (path / "checkpoints").mkdir(exist_ok=True)
+    (path / "checkpoints" / f"round_{round_:04d}.pt").write_bytes(Checkpoint(round_, {}, ledger=ledger.to_dict())
+                                                                   .to_bytes())
+
+
+def test_an_entry_of_a_committed_round_dropped_or_changed_since_is_a_violation(tmp_path):
+    """A review's bypass: dropping a client, or a round's entries, went unnoticed. The latest readable
+    checkpoint's ledger copy is the committed record: each of its entries must still be in the ledger."""
+    a, b = entries(3), entries(3)
+    at_round_2 = {"a": a[:2], "b": b[:2]}
+    path = run(tmp_path / "ok", {"a": a, "b": b})
+    committed(path, at_round_2, 2)
+    assert verify_run(path).passed, "later rounds only add to the committed record"
+    dropped = run(tmp_path / "dropped", {"a": [a[0], a[2]]})  # a's round 2 and all of b gone
+    committed(dropped, at_round_2, 2)
+    assert found(dropped) == [("a", 2, "entry"), ("b", 1, "entry"), ("b", 2, "entry")]
+    assert "round_0002.pt" in verify_run(dropped).violations[0].expected
+    (dropped / "checkpoints" / "round_0003.pt").write_bytes(b"damaged")  # the newest unreadable: round 2's is read
+    assert len(found(dropped)) == 3
+    (dropped / "checkpoints" / "round_0002.pt").unlink()  # none readable: nothing to compare with
+    assert verify_run(dropped).passed
+    changed = run(tmp_path / "changed", {"a": [a[0], {**a[1], "status": "declined", "steps": 0}, a[2]], "b": b})
+    committed(changed, at_round_2, 2)
+    assert found(changed) == [("a", 2, "entry")]
+
+
+def test_a_failure_filed_under_a_nodes_placeholder_may_since_be_its_clients(tmp_path):
+    """The server records a failure of a node it cannot name yet as `node-N` and moves it to the client once
+    it is known (PrivacyLedger.attribute): the committed entry is then under the client's name."""
+    a = entries(3)
+    path = run(tmp_path, {"a": [a[0], failed(2), a[2]]})
+    committed(path, {"a": a[:1], "node-7": [failed(2)]}, 2)
+    assert verify_run(path).passed
+    # A review: a placeholder's entry was matched first, to another client's identical failure (`yak`, after
+    # `node-` in sorted order), leaving that client's own committed entry unmatched: a false violation.
+    both = run(tmp_path / "two", {"yak": [a[0], failed(2)], "zulu": [a[0], failed(2)]})
+    committed(both, {"yak": [a[0], failed(2)], "zulu": a[:1], "node-7": [failed(2)]}, 2)
+    assert verify_run(both).passed
+
+
+def test_a_refusal_of_a_run_without_dp_reports_epsilon_zero_truly(tmp_path):
+    """A review: with DP off, every entry was expected at ε = ∞, so an institution that refused the run
+    (require-dp) and truly spent nothing failed verification. ε is ∞ from a client's first step on."""
+    refusal = {"round": 1, "status": "refused", "steps": 0, "sample_rate": 0.0, "epsilon": 0.0,
+               "reason": "require-dp: the run asked for no DP"}
+    path = run(tmp_path, {"a": [refusal]}, ledger_dp=False)
+    config = (path / "config.toml").read_text()
+    (path / "config.toml").write_text(config.replace("enabled = true", "enabled = false", 1))
+    assert verify_run(path).passed, verify_run(path).violations

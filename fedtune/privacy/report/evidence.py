@@ -40,7 +40,9 @@ def spent(r: ReportData) -> list[Block]:
     if r.dp_enabled and r.epsilon_max_client:
         blocks.append(f"**Maximum across institutions: ε = {eps(r.epsilon_max)}** (`{r.epsilon_max_client}`) "
                       f"by the {kind} accountant" + (f"; the largest ε by the {other_kind} accountant is "
-                                                     f"{eps(r.epsilon_max_other)}." if two else "."))
+                                                     f"{eps(r.epsilon_max_other)}, a looser bound on the same "
+                                                     f"steps (the budget is held by the {kind} accountant's ε, "
+                                                     "the run's)." if two else "."))
     blocks.append(
         "ε is cumulative: all the spending the institution's own privacy state holds, as of its latest ledger "
         "entry. That is every round of this run it trained and, where its state directory serves several runs "
@@ -221,7 +223,9 @@ def settings_table(r: ReportData) -> Table:
     if s.config_error is not None:
         rows.append(["config.toml", f"could not be read: {s.config_error}"])
     else:
-        rows += [["σ / C (configured)", f"{g(s.noise_multiplier)} / {g(s.max_grad_norm)}"],
+        sigma = ("solved from the target ε (each institution's σ is in the table above)" if r.target_epsilon
+                 else g(s.noise_multiplier))
+        rows += [["σ / C (configured)", f"{sigma} / {g(s.max_grad_norm)}"],
                  ["batch size B (the expected Poisson batch is n·q, per institution above) / local epochs",
                   f"{s.batch_size} / {s.local_epochs}"],
                  ["fraction of institutions asked to train per round", g(s.fraction_train)],

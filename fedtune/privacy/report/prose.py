@@ -104,8 +104,10 @@ def _summary(r: ReportData) -> list[Block]:
         "whether an institution took part, nor its data as a whole." if cl is None else
         f"Client-level differential privacy was on as well: the aggregated model also hides any one institution's "
         f"whole contribution, up to ε = {eps(cl.get('epsilon'))} at δ = {g(cl.get('delta'))}.")
-    paragraphs.append("Not covered: the record counts, training losses and evaluation results that institutions "
-                      "reported to the server were sent as they are, without noise. See the sections below.")
+    paragraphs.append("Not covered: the record counts that institutions reported to the server, and the training "
+                      "losses and evaluation results of those that sent them (an institution's node config withholds "
+                      "them under DP unless it sets `release-scores`), were sent without noise. See the sections "
+                      "below.")
     return paragraphs
 
 
@@ -135,7 +137,10 @@ def _against_whom_by_policy(r: ReportData) -> str:
         return ("**Against the server**: the noise was added inside each institution before anything left it, under "
                 "the privacy policy in that institution's own node config: whatever the server asked, an institution "
                 "refused weaker settings (no DP, reproducible noise, δ or σ outside its limits). This holds provided "
-                "each institution runs unmodified fedtune with the node config its operator set.")
+                "each institution runs unmodified fedtune with the node config its operator set. Within those limits "
+                "the coordinator chose σ, q and the rounds, and so the ε reached: an institution whose node config "
+                "set no `epsilon-budget` (nor `min-noise-multiplier`) accepted whatever ε the run asked for. The "
+                "ledger does not record which limits each node config set; ask each institution for its own.")
     if policies == (RUN_POLICY,):
         return ("**Who set the parameters**: the institutions trained on partitions of the coordinator's own dataset "
                 "(a simulation), under the run's config, so no institution enforced a policy of its own. The noise was "
@@ -160,6 +165,9 @@ def _facts(r: ReportData) -> list[str]:
         facts = [f"No round is in the ledger yet; {budget_text}."]
     elif rounds == 0:
         facts = [f"No round has been trained yet, so no privacy was spent (ε = 0); {budget_text}."]
+    elif top is None and (r.clients_awaiting_report or r.run_finished is False):
+        facts = [f"No institution's spending is on record in {count(rounds, 'round')}: none sent a model update "
+                 f"trained on its records that the server could read; {budget_text}."]
     elif top is None:
         facts = [f"No institution sent a model update trained on its records in {count(rounds, 'round')}, so no "
                  f"privacy was spent (ε = 0); {budget_text}."]
@@ -172,7 +180,13 @@ def _facts(r: ReportData) -> list[str]:
         facts.append(f"**{count(len(r.clients_over_budget), 'institution')} went over the budget**: "
                      f"{', '.join(r.clients_over_budget)}.")
     elif budget not in (INF, None) and r.clients:
-        facts.append("Every institution stayed within the budget.")
+        facts.append("Every institution stayed within the budget" + (
+            ", as far as this ledger shows." if r.clients_awaiting_report or r.run_finished is False else "."))
+    if r.rounds_refused:
+        refusing = sum(c.rounds_refused > 0 for c in r.clients)
+        facts.append(f"{count(refusing, 'institution')} refused {count(r.rounds_refused, 'round')} under its own "
+                     "node config's policy (the reasons are in the per-round detail); a refused round trains "
+                     "nothing.")
     if r.clients_declined:
         facts.append(f"{count(len(r.clients_declined), 'institution')} declined "
                      f"{count(r.rounds_declined, 'round')} in total to stay within budget.")
@@ -225,7 +239,10 @@ def _protected_users(r: ReportData) -> list[str]:
     k = s.max_records_per_user if s.max_records_per_user is not None else "dp.max_records_per_user (unknown here)"
     return [
         f"**Unit of privacy**: one person: each patient's (or customer's) records together, at one institution "
-        f"(user-level DP, `dp.unit = user`; a record's person is named by {column}). Ledger: \"{r.unit}\".",
+        f"(user-level DP, `dp.unit = user`; a record's person is named by {column}). Ledger: \"{r.unit}\". This "
+        "holds per id in that column: it assumes each person has one id at an institution (a person under two ids "
+        "is two users, protected only as group privacy allows), and one person at two institutions is two users "
+        "there, each protected at its own ε.",
         "**Neighbouring datasets**: an institution's data with one person added or removed, **with all of their "
         "records** (add/remove-one user), with its number of users n treated as public. Each DP-SGD step samples "
         "users, each independently with probability q = 1/⌈n/B⌉ (B: users a step), and uses at most "
@@ -497,5 +514,6 @@ def _delta_sentence(r: ReportData) -> str:
     if unknown:
         return (f"The ledger cannot confirm it for {', '.join(unknown)}; check δ < 1/n against their "
                 f"{_units(r)[:-1]} counts.")
-    return (f"It holds for every institution that trained: q and the batch size B bound each one's {_units(r)} "
-            f"(n ≤ B/q), and δ = {g(r.delta)} < 1/n for all.")
+    return (f"It holds for every institution that trained: δ = {g(r.delta)} < 1/n for the number n of {_units(r)} "
+            "each reported training on (for a ledger from before counts were recorded, n ≤ B/q, from the batch size "
+            "B and the rate q = 1/⌈n/B⌉ it trained at).")
