@@ -108,7 +108,7 @@ def test_an_existing_run_directory_is_not_overwritten(tmp_path, no_federation):
     assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before
 
 
-def _spent_ledger(cfg, sites):
+def _spent_ledger(cfg, sites, name=lambda site: f"client-{site:04d}"):
     """Each client in `sites` trained cfg.rounds rounds at the σ solved for its target ε: all of it spent."""
     from fedtune.data.users import train_units
     from fedtune.privacy.accountant import epsilon
@@ -122,7 +122,7 @@ def _spent_ledger(cfg, sites):
         n, train = units[site], cfg.train
         sigma = client_dp(cfg.dp, None, n, train.batch_size, train.local_epochs, cfg.rounds).noise_multiplier
         q, steps = poisson_schedule(n, train.batch_size, train.local_epochs)
-        clients[f"client-{site:04d}"] = [
+        clients[name(site)] = [
             LedgerEntry(r, "trained", "prv", noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, steps=steps,
                         delta=cfg.dp.delta, epsilon=epsilon("prv", [(sigma, q, steps)] * r, cfg.dp.delta),
                         epsilon_other=0.0) for r in range(1, cfg.rounds + 1)]
@@ -149,6 +149,24 @@ def test_resuming_a_run_whose_every_client_spent_its_budget_is_refused(tmp_path)
     assert (run.path / "config.toml").read_bytes() == before
     # one client with budget left: the run goes on
     _check_budget_left(cfg.with_overrides({"rounds": 4}), _spent_ledger(cfg, sites=(0,)), run.path, 2)
+
+
+def test_a_deploy_local_run_whose_institutions_spent_their_budget_is_not_resumed(tmp_path):
+    """A review: the check read the ledger under simulation's names (client-0000), so a deploy-local run's
+    institutions (clinic-a, ...) always seemed to have budget left, and --resume started every process to
+    decline every round."""
+    import pytest
+
+    from fedtune.config import FedtuneConfig
+    from fedtune.errors import ConfigError
+    from fedtune.server.audit import institution_name
+    from fedtune.server.prepare import _check_budget_left
+    from fedtune.server.run_dir import DEPLOY_LOCAL
+
+    cfg = FedtuneConfig.from_flat({"rounds": 2, "clients": 2, "data.demo_examples": 80, "dp.target_epsilon": 2.0})
+    spent = _spent_ledger(cfg, sites=(0, 1), name=institution_name)
+    with pytest.raises(ConfigError, match="spent its privacy budget"):
+        _check_budget_left(cfg.with_overrides({"rounds": 4}), spent, tmp_path, 2, DEPLOY_LOCAL)
 
 
 def test_the_command_list_explains_each_command_in_one_line_and_version_is_an_option():

@@ -31,6 +31,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -174,12 +175,15 @@ class LocalFederation:
         self._write_connection()
 
     def saved_node_config(self, name: str) -> dict[str, Any]:
-        """The node config `name`'s SuperNode last ran with (its own policy, partition and state-dir)."""
+        """The node config `name`'s SuperNode last ran with (its own policy and partition), less its
+        `client-name` and `state-dir`, which start_node sets to where the institution is now (a moved
+        run directory keeps its institutions' state)."""
         path = self.institutions[name].node_config
         try:
-            return tomllib.loads(path.read_text(encoding="utf-8"))
+            saved = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
             raise DeployError(f"{path} cannot be read ({err}); restore it, or fix the TOML it names.") from None
+        return {key: value for key, value in saved.items() if key not in ("client-name", "state-dir")}
 
     def _write_connection(self) -> None:
         """The coordinator's `flwr` connection to this SuperLink (cli-home/config.toml)."""
@@ -216,8 +220,9 @@ class LocalFederation:
         return env
 
     # ---- the coordinator ------------------------------------------------------------
-    def start_superlink(self) -> Started:
-        """The SuperLink with TLS and SuperNode authentication; returns once it answers."""
+    def start_superlink(self, before_superexec: Callable[[], None] | None = None) -> Started:
+        """The SuperLink with TLS and SuperNode authentication; returns once it answers.
+        `before_superexec` runs once the SuperLink answers and before its SuperExec starts taking tasks."""
         secret = kept_secret(self.coordinator / SECRET)
         argv = [tool("flower-superlink"),
                 "--ssl-ca-certfile", str(self.certs / "ca.crt"),
@@ -230,6 +235,8 @@ class LocalFederation:
                 "--disable-runtime-dependency-installation"]
         started = self.processes.start(SUPERLINK, argv, self.env(self.coordinator / "flwr-home"), cwd=self.coordinator)
         self._wait_healthy(started)
+        if before_superexec is not None:
+            before_superexec()
         self._start_superexec(SUPERLINK, self.port, self.certs / "ca.crt", secret, started,
                               self.env(self.coordinator / "flwr-home"), self.coordinator)
         return started
@@ -274,26 +281,30 @@ class LocalFederation:
                               f"{(done.stdout + done.stderr).strip()[-2000:]}")
         return done.stdout
 
-    def register(self, names: Sequence[str]) -> dict[str, int]:
-        """`flwr supernode register` each institution's public key; returns the node ids, which are
-        also kept in NODE_IDS. A key the SuperLink's database already holds (a reopened deployment)
-        keeps the id it was registered with."""
-        known = self.node_ids()
+    def register(self, names: Sequence[str], known: Mapping[str, int] | None = None) -> dict[str, int]:
+        """`flwr supernode register` each institution's public key; returns the node ids, kept in
+        NODE_IDS as each is known. A key the SuperLink's database already holds (a reopened deployment)
+        keeps the id it was registered with: NODE_IDS's, or `known`'s (a deployment from before NODE_IDS,
+        whose checkpoints name its nodes)."""
+        known = {**(known or {}), **self.node_ids()}
+        ids: dict[str, int] = {}
+        lock = threading.Lock()
 
-        def one(name: str) -> tuple[str, int]:
+        def one(name: str) -> None:
             try:
-                return name, int(_json_tail(self.flwr("supernode", "register", str(self.coordinator / "keys" /
-                                                                                   f"{name}.pub"),
-                                                      CONNECTION, "--name", name, "--format", "json"))["node-id"])
+                node = int(_json_tail(self.flwr("supernode", "register", str(self.coordinator / "keys" / f"{name}.pub"),
+                                                 CONNECTION, "--name", name, "--format", "json"))["node-id"])
             except DeployError as err:
-                if KEY_IN_USE in str(err) and name in known:
-                    return name, known[name]
-                raise
+                if KEY_IN_USE not in str(err) or name not in known:
+                    raise
+                node = known[name]
+            with lock:  # kept at once: a later failure must not lose a registration the database holds
+                ids[name] = node
+                write_json_atomic(self.coordinator / NODE_IDS, {**self.node_ids(), **ids})
 
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            ids = dict(pool.map(one, names))
-        write_json_atomic(self.coordinator / NODE_IDS, ids)
-        return ids
+            list(pool.map(one, names))
+        return {name: ids[name] for name in names}
 
     def node_ids(self) -> dict[str, int]:
         """The node id each institution was registered with (NODE_IDS), or {} before any."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-import string
 import time
 import tomllib
 from collections.abc import Callable
@@ -36,7 +35,9 @@ PY_LOGGING_COPY = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):")
 
 
 def node_names(count: int) -> list[str]:
-    return [f"clinic-{letter}" for letter in string.ascii_lowercase[:count]]
+    from fedtune.server.audit import institution_name
+
+    return [institution_name(site) for site in range(count)]
 
 
 def run_config(cfg: FedtuneConfig, declared: set[str]) -> dict[str, Any]:
@@ -144,7 +145,7 @@ def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: f
     run_path: Path | None = None
     try:
         check_timeout(timeout_s)  # before the run directory, the CA and any process
-        app = app_dir()
+        app, latest = app_dir(), None
         if resume is None:
             cfg, target = prepare_run(nodes, out, config, node_config, overrides)
             values = run_config(cfg, app_config_keys(app))
@@ -167,13 +168,16 @@ def deploy_local(nodes: int, out: Path | None, config: Path | None, timeout_s: f
             else:  # each institution keeps the node config (its own policy) it ran with
                 fed.reopen(names)
                 configs = {name: fed.saved_node_config(name) for name in names}
-            fed.start_superlink()
+            stale: list[int] = []
+            # a reopened SuperLink's unfinished runs are stopped before its SuperExec could take one up
+            fed.start_superlink(None if resume is None else lambda: stale.extend(fed.stop_unfinished_runs()))
             console.print(f"SuperLink on https://127.0.0.1:{fed.port} (TLS, SuperNode authentication on)",
                           highlight=False)
-            if resume is not None and (stale := fed.stop_unfinished_runs()):
+            if stale:
                 console.print(f"Stopped the earlier session's unfinished run {', '.join(map(str, stale))} on the "
                               "SuperLink.", highlight=False, soft_wrap=True)
-            ids = fed.register(names)
+            ids = fed.register(names, None if latest is None else {name: node for node, name
+                                                                   in latest.node_names.items()})
             if resume is not None:
                 console.print("Waiting for the SuperLink to let go of the earlier session's SuperNodes (up to a "
                               "minute).", highlight=False)

@@ -8,6 +8,7 @@ The canaries and their exact membership are rebuilt from the run's saved config
 from __future__ import annotations
 
 import math
+import string
 from collections import Counter
 from typing import Any
 
@@ -251,6 +252,11 @@ def _score_described(cfg: FedtuneConfig, vantage: str) -> str:
 def client_name(site: int) -> str:
     """The institution name a simulated client trains under (client/app.py)."""
     return f"client-{site:04d}"
+
+
+def institution_name(site: int) -> str:
+    """The name `fedtune deploy-local` gives the institution of partition `site`: clinic-a, clinic-b, ..."""
+    return f"clinic-{string.ascii_lowercase[site]}"
 
 
 def _canaries(canaries: Canaries | None) -> Canaries:

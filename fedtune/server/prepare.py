@@ -181,6 +181,8 @@ def continue_run(path: Path, rounds: int | None = None, ray_address: str | None 
                           "ε = 0.")
     _ = run.run_id  # a lost id of a run that spent stops here, before anything is rewritten
     cfg = run.config().with_overrides({"rounds": rounds, "simulation.ray_address": ray_address})
+    if cfg.out and Path(cfg.out).resolve() != run.path.resolve():  # moved, or resumed from elsewhere: the
+        cfg = cfg.with_overrides({"out": str(run.path.resolve())})  # ServerApp must open this directory
     latest, _ = run.resume_point()
     if latest is not None and cfg.rounds < latest.round:
         raise ConfigError(f"{path} has already finished {latest.round} rounds, so `rounds` = {cfg.rounds} would "
@@ -189,12 +191,12 @@ def continue_run(path: Path, rounds: int | None = None, ray_address: str | None 
     preflight(cfg)
     _check_data_unchanged(cfg, run)
     if latest is not None and ledger is not None and cfg.rounds > latest.round:
-        _check_budget_left(cfg, run.ledger_to_resume(latest), path, latest.round)
+        _check_budget_left(cfg, run.ledger_to_resume(latest), path, latest.round, run.engine)
     write_text_atomic(run.path / CONFIG, dump_config(cfg))
     return cfg, run
 
 
-def _check_budget_left(cfg: FedtuneConfig, ledger, path: Path, done: int) -> None:
+def _check_budget_left(cfg: FedtuneConfig, ledger, path: Path, done: int, engine: str = SIMULATE) -> None:
     """Refuse to continue a run in which every client has spent its privacy budget: each would decline
     every round left, and the run would go on training nothing. Each client's next round is judged as the
     client judges it (client/app.py): the σ it kept from its first round, its spending on the ledger,
@@ -202,7 +204,7 @@ def _check_budget_left(cfg: FedtuneConfig, ledger, path: Path, done: int) -> Non
     import math
 
     from fedtune.privacy.budget import client_dp, projected_epsilon
-    from fedtune.server.audit import client_name
+    from fedtune.server.audit import client_name, institution_name
 
     if not cfg.dp.enabled or cfg.dp.client_dp != "off":
         return
@@ -210,7 +212,7 @@ def _check_budget_left(cfg: FedtuneConfig, ledger, path: Path, done: int) -> Non
     units = train_units(task.federation(cfg.data, cfg.clients, cfg.seed), cfg.dp.unit)
     train, least, budget = cfg.train, math.inf, math.inf
     for site, n in enumerate(units):
-        spent = ledger.spent(client_name(site))
+        spent = ledger.spent(institution_name(site) if engine == DEPLOY_LOCAL else client_name(site))
         kept = spent[-1][0] if spent and cfg.dp.target_epsilon > 0 and not cfg.dp.distributed_min_honest else None
         dp = client_dp(cfg.dp, kept, n, train.batch_size, train.local_epochs, cfg.rounds_per_client(),
                        train.sample_rate)

@@ -28,3 +28,46 @@ def test_a_node_config_is_written_owner_only_even_over_a_readable_file(tmp_path)
     path.chmod(0o644)
     write_private(path, 'state-dir = "/srv/state"\n')
     assert _mode(path) == 0o600 and path.read_text() == 'state-dir = "/srv/state"\n'
+
+
+def test_a_reopened_deployment_keeps_each_institutions_policy_but_not_its_old_paths(tmp_path):
+    """A review: the node config saved under the old location pinned `state-dir` there, so a moved run
+    directory's institutions would have trained on (or made) state elsewhere."""
+    fed = LocalFederation(tmp_path / "old" / "deployment", ProcessSet(tmp_path / "logs"), app=tmp_path)
+    fed.prepare(["clinic-a"])
+    write_private(fed.institutions["clinic-a"].node_config, 'client-name = "clinic-a"\nstate-dir = "/old/state"\n'
+                                                             'epsilon-budget = 4.0\npartition-id = 0\n')
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = LocalFederation(tmp_path / "new" / "deployment", ProcessSet(tmp_path / "logs"), app=tmp_path)
+    moved.reopen(["clinic-a"])
+    assert moved.saved_node_config("clinic-a") == {"epsilon-budget": 4.0, "partition-id": 0}
+
+
+def test_registering_a_key_the_database_holds_keeps_its_id_and_every_id_is_kept_at_once(tmp_path, monkeypatch):
+    """A reopened SuperLink refuses to register a key again ("Public key already in use"); the id comes
+    from node-ids.json, or from the run's checkpoints for a deployment made before that file. An id is
+    written as soon as it is known, so a later failure loses no registration."""
+    import json
+
+    import pytest
+
+    from fedtune.deploy.local import KEY_IN_USE, NODE_IDS, DeployError
+
+    fed = LocalFederation(tmp_path / "deployment", ProcessSet(tmp_path / "logs"), app=tmp_path)
+    fed.prepare(["clinic-a", "clinic-b", "clinic-c"])
+
+    def flwr(self, *args, **kwargs):
+        name = args[args.index("--name") + 1]
+        if name == "clinic-a":
+            raise DeployError(f"flwr reported a failure: {KEY_IN_USE}.")
+        if name == "clinic-c":
+            raise DeployError("the SuperLink stopped")
+        return '{"success": true, "node-id": "22"}'
+
+    monkeypatch.setattr(LocalFederation, "flwr", flwr)
+    with pytest.raises(DeployError, match="stopped"):
+        fed.register(["clinic-a", "clinic-b", "clinic-c"], known={"clinic-a": 11})
+    assert json.loads((fed.coordinator / NODE_IDS).read_text()) == {"clinic-a": 11, "clinic-b": 22}
+    assert fed.register(["clinic-a", "clinic-b"]) == {"clinic-a": 11, "clinic-b": 22}, "from node-ids.json"
+    with pytest.raises(DeployError, match=KEY_IN_USE):
+        LocalFederation(tmp_path / "other", ProcessSet(tmp_path / "logs"), app=tmp_path).register(["clinic-a"])

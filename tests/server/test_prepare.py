@@ -110,3 +110,15 @@ def test_flwr_run_reopens_only_its_own_runs(tmp_path):
     assert open_run(CFG, tmp_path / "deployed")[1].path == deployed.path, "deploy-local's ServerApp, under flwr run"
     (tmp_path / "sim" / "engine").unlink()  # a run from before the engine was kept: reopened, as before
     assert open_run(CFG, tmp_path / "sim")[1].path == tmp_path / "sim"
+
+
+def test_a_moved_run_directory_is_continued_where_it_is_now(tmp_path):
+    """A review: config.toml kept the run's first location in `out`, which deploy-local's resume sends to the
+    ServerApp; moved, the ServerApp would have started a new run at the old path (or gone on with the
+    original, if the directory was a copy)."""
+    from fedtune.server.prepare import continue_run
+
+    _, run, _ = new_run(CFG, tmp_path / "first")
+    (tmp_path / "first").rename(tmp_path / "moved")
+    cfg, moved = continue_run(tmp_path / "moved")
+    assert cfg.out == str((tmp_path / "moved").resolve()) == moved.config().out
