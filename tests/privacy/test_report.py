@@ -497,7 +497,7 @@ def test_refusals_are_in_the_summary_and_a_run_with_lost_replies_does_not_claim_
     and with a target ε the settings showed the configured σ, not that each institution solved its own."""
     refusal = {**declined(1, 0.0), "status": "refused", "reason": "require-dp: the run asked for no DP"}
     said = " ".join(markdown(build_report(make_run(tmp_path / "r", {"a": [refusal]}), run_finished=True)).split())
-    assert "1 institution refused 1 round under its own node config's policy" in said
+    assert "1 institution refused 1 round (its policy, or its privacy state" in said
     lost = build_report(make_run(tmp_path / "l", {"a": [failed(1)], "b": [failed(1)]}, target=8.0), run_finished=True)
     said = " ".join(markdown(lost).split())
     assert "so no privacy was spent" not in said and "No institution's spending is on record" in said

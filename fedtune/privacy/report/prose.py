@@ -184,8 +184,8 @@ def _facts(r: ReportData) -> list[str]:
             ", as far as this ledger shows." if r.clients_awaiting_report or r.run_finished is False else "."))
     if r.rounds_refused:
         refusing = sum(c.rounds_refused > 0 for c in r.clients)
-        facts.append(f"{count(refusing, 'institution')} refused {count(r.rounds_refused, 'round')} under its own "
-                     "node config's policy (the reasons are in the per-round detail); a refused round trains "
+        facts.append(f"{count(refusing, 'institution')} refused {count(r.rounds_refused, 'round')} (its policy, "
+                     "or its privacy state; the reasons are in the per-round detail); a refused round trains "
                      "nothing.")
     if r.clients_declined:
         facts.append(f"{count(len(r.clients_declined), 'institution')} declined "
