@@ -9,7 +9,8 @@ a key under an existing name, or unregister another node. The server therefore:
   (it cannot tell the real institution from the impostor) and each node whose name is pinned to
   another key: the first key seen for a name is pinned in the checkpoint, and a later node with
   that name and another key is not the institution the ledger knows;
-- refuses a reply whose stated name differs from its node's registered name.
+- refuses a reply whose stated name differs from its node's registered name;
+- excludes a node registered without a name where the others have one (it could state any name).
 Excluded nodes are sent nothing; the ledger records why. Simulated nodes have no registered names,
 and every one of them is the coordinator's own, so none of this applies there.
 """
@@ -30,17 +31,24 @@ from fedtune import constants as k
 class Registry:
     names: dict[int, str]  # node id -> registered name
     keys: dict[int, str]  # node id -> SHA-256 of its registered public key
+    nameless: tuple[int, ...] = ()  # nodes registered without a name in a federation whose others have one
 
     @classmethod
     def of(cls, grid: Grid) -> Registry:
-        nodes = [info for info in grid.get_nodes() if info.name]
+        every = list(grid.get_nodes())
+        nodes = [info for info in every if info.name]
+        # Where nodes are registered by name (a deployment), one without a name could state any institution's
+        # name in its replies (misnamed accepts a node it cannot check); in simulation no node has one.
+        nameless = tuple(info.node_id for info in every if not info.name) if nodes else ()
         return cls({info.node_id: info.name for info in nodes},
-                   {info.node_id: hashlib.sha256(info.public_key).hexdigest() for info in nodes})
+                   {info.node_id: hashlib.sha256(info.public_key).hexdigest() for info in nodes}, nameless)
 
     def exclusions(self, pins: dict[str, str]) -> dict[int, str]:
         """Nodes that must not take part, with the reason; pins new names' keys in `pins` (in place)."""
         shared = {name for name, count in Counter(self.names.values()).items() if count > 1}
-        excluded = {}
+        excluded = {node: ("it is registered without a name, while the others are registered by institution: "
+                           "the coordinator registers each key with `flwr supernode register ... --name NAME`")
+                    for node in self.nameless}
         for node, name in self.names.items():
             if name in shared:
                 excluded[node] = (f"the name {name!r} is registered on more than one node; the coordinator must "

@@ -226,14 +226,20 @@ def name_registered(node_names: dict[int, str], registry: Registry, nodes: list[
             node_names.setdefault(node, registry.names[node])
 
 
+MAX_LOGGED_REASON = 20_000  # characters of one failure's text in failures.log
+
+
 def _log_failures(log: Path, round_: int, replies: list[Message], node_names: dict[int, str]) -> None:
     """The whole text of each failure whose ledger entry keeps one line of it (a worker's traceback)."""
     long = [(r.metadata.src_node_id, r.error.reason) for r in replies
             if r.has_error() and one_line(r.error.reason) != r.error.reason.strip()]
     if long:
         with log.open("a", encoding="utf-8") as out:
-            for node, reason in long:
-                out.write(f"--- round {round_}, {node_names.get(node, f'node-{node}')}\n{reason.rstrip()}\n")
+            for node, reason in long:  # a traceback fits; a node's reason past that is cut (it writes every round)
+                over = len(reason) - MAX_LOGGED_REASON
+                cut = f"\n[... {over} more characters]" if over > 0 else ""
+                out.write(f"--- round {round_}, {node_names.get(node, f'node-{node}')}\n"
+                          f"{reason[:MAX_LOGGED_REASON].rstrip()}{cut}\n")
 
 
 def _learn_name(ledger: PrivacyLedger, node_names: dict[int, str], node: int, name: str) -> None:
@@ -620,7 +626,8 @@ def _round_row(round_: int, scores: Scores, train: Any, client_eval: Any,
         "num_failed": sum(r.has_error() for r in replies) + _count_status(replies, k.STATUS_FAILED),
         "num_declined": _count_status(replies, k.STATUS_DECLINED),
         "num_refused": _count_status(replies, k.STATUS_REFUSED),
-        "bytes_up": int(train[k.BYTES_UP]) if train else 0,  # per client (mean over those that trained)
+        # per client (mean over those that trained); optional, so absent from the mean when one reply lacks it
+        "bytes_up": int(train.get(k.BYTES_UP, 0)) if train else 0,
         "bytes_down": int(bytes_down),  # per client
         "train_examples": sum(int(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in trained),
         "train_s": round(train_s, 3),  # configure, train on every sampled client, aggregate

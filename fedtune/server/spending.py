@@ -74,6 +74,12 @@ def with_recorded_spending(messages: list[Message], ledger: PrivacyLedger, node_
             message.content = RecordDict({**{key: content[key] for key in content.keys()}, k.CONFIG: config})
 
 
+# What one reply may report as unrecorded spending: a client that lost several rounds' replies reports each
+# of them once, and rounds_per_client is at most 100,000 (config.py); a longer list is no client's.
+MAX_UNRECORDED_ENTRIES = 1000
+MAX_UNRECORDED_CHARS = 1_000_000
+
+
 def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[str]:
     """Recompute, for each client with an entry in `round_`, its ε from the ledger's history, and mark
     the entry `state_lost` when the ε it reported is lower. Returns the names flagged."""
@@ -85,7 +91,7 @@ def flag_lost_state(ledger: PrivacyLedger, round_: int, delta: float) -> list[st
         history = merged(ledger.spent(name))
         try:
             recomputed = epsilon(ledger.accountant, history, delta if entry.delta is None else entry.delta)
-        except (MemoryError, OverflowError, ValueError):
+        except (ArithmeticError, MemoryError, RecursionError, ValueError):  # e.g. σ = 1e-300 divides by zero
             # A history no accountant can evaluate bounds nothing: fail closed, ε = ∞ as for lost
             # state (epsilon_recomputed says which), rather than fail the round.
             ledger.mark_state_lost(name, round_, math.inf)
@@ -103,14 +109,16 @@ def unrecorded_entries(info: ConfigRecord, schedule: Schedule | None = None) -> 
     off the run's `schedule` under DP-SGD: a client can only add to its own record, so a bad list is
     dropped rather than failing the round."""
     text = info.get(k.UNRECORDED)
-    if not isinstance(text, str):
+    if not isinstance(text, str) or len(text) > MAX_UNRECORDED_CHARS:
         return []
     try:
         rows = json.loads(text)
         entries = [LedgerEntry.from_dict(row) for row in rows] if isinstance(rows, list) else []
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: "[[[[…" nested past Python's limit
         return []
-    if any(late_entry_problem(entry) or (schedule and late_schedule_problem(entry, schedule)) for entry in entries):
+    if len(entries) > MAX_UNRECORDED_ENTRIES or any(
+            entry.extra or late_entry_problem(entry) or (schedule and late_schedule_problem(entry, schedule))
+            for entry in entries):  # a key fedtune does not write (`extra`) would be saved as sent, nested or huge
         return []
     return entries
 

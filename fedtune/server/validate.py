@@ -317,7 +317,8 @@ def evaluation_problem(reply: Message) -> str | None:
 
 def bounded_weights(replies: list[Message], keys: Iterable[str] | None = None) -> list[Message]:
     """The replies as aggregation sees them: a reported example count above WEIGHT_CAP x the round's
-    lower median is counted as that much, so no single claim outweighs the rest; with `keys`, each
+    lower median is counted as that much, so no claim counts for more than that (among about ten or fewer
+    equal institutions it can still outweigh the rest: docs/deployment.md); with `keys`, each
     reply's metrics hold only those. The replies themselves (and the ledger's record of what each
     reported) are unchanged."""
     counts = [float(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in replies]

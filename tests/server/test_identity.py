@@ -34,6 +34,14 @@ def test_a_name_seen_with_another_key_than_before_is_excluded():
     assert Registry.of(grid((4, "clinic-a", b"real"))).exclusions(pins) == {}, "the real key on a new node id is fine"
 
 
+def test_a_node_registered_without_a_name_among_named_ones_is_excluded():
+    """A review: `flwr supernode register` takes `--name` as optional, and the Control API is open. A nameless
+    node's stated name cannot be checked, so it could report as clinic-b, file figures under clinic-b's
+    name and be sent clinic-b's spending history."""
+    excluded = Registry.of(grid((1, "clinic-a", b"a"), (2, "clinic-b", b"b"), (3, "", b"outsider"))).exclusions({})
+    assert list(excluded) == [3] and "registered without a name" in excluded[3]
+
+
 def test_simulated_nodes_have_no_registered_names():
     registry = Registry.of(grid((1, "", b"x"), (2, "", b"y")))
     assert registry.names == {} and registry.exclusions({}) == {}

@@ -356,3 +356,23 @@ def test_clients_that_do_not_answer_after_the_last_round_are_named(tmp_path, mon
     rounds._record_unreported(f.transport, f.inputs, f.last, f.ledger)
     text = f.console.export_text()
     assert "client-0000, client-0001 did not answer" in text and "not in the ledger" in text
+
+
+def test_a_noise_multiplier_the_accountant_divides_by_fails_closed_not_the_round():
+    """A hostile node's review: σ = 1e-300 (q and steps on schedule) made the accountant raise
+    ZeroDivisionError, which failed the round for everyone before the ledger was saved, on every resume."""
+    ledger = PrivacyLedger("prv", True, {"a": [dataclasses.replace(entry(1, [(1.0, 0.25, 4)]),
+                                                                    noise_multiplier=1e-300)]})
+    assert flag_lost_state(ledger, 1, DELTA) == ["a"] and ledger.epsilon_max() == math.inf
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  json.dumps([{**entry(1, [(1.0, 0.25, 4)]).to_dict(), "nested": {"a": {"b": 1}}}]),
+                                  json.dumps([entry(1, [(1.0, 0.25, 4)]).to_dict()] * 2000)])
+def test_unrecorded_spending_that_no_client_writes_is_dropped_not_a_crash(text):
+    """The same review: JSON nested past Python's recursion limit raised RecursionError through the round; a
+    key fedtune does not write was kept (`extra`) and saved as sent, so a deeply nested one broke every later
+    save; and the number of entries had no bound."""
+    from fedtune.server.spending import unrecorded_entries
+
+    assert unrecorded_entries(ConfigRecord({k.UNRECORDED: text})) == []

@@ -339,3 +339,19 @@ def test_under_client_side_client_level_dp_an_update_beyond_the_clipping_norm_is
     for other in ({"dp.client_dp_side": "server"}, {"dp.client_dp": "off"}):  # the server clips, or no client DP
         unclipped = Schedule.of(FedtuneConfig.from_flat({**clipped, **other}), 0.1, 0.0)
         assert len(reject_malformed([beyond], reference(), schedule=unclipped)[0]) == 1
+
+
+def test_a_round_line_without_bytes_up_from_every_reply_is_written_not_a_key_error():
+    """A hostile node's review: bytes_up is optional, so one reply without it drops it from the aggregated
+    metrics (for_aggregation keeps the keys every reply has), and the round line's bytes_up raised KeyError,
+    failing the round for everyone."""
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord
+
+    from fedtune.privacy.ledger import PrivacyLedger
+    from fedtune.server.rounds import _round_row
+
+    row = _round_row(1, SimpleNamespace(row=dict), MetricRecord({k.TRAIN_LOSS: 1.0}), None, PrivacyLedger("prv", True),
+                     [], [], bytes_down=10)
+    assert row["bytes_up"] == 0 and row["train_loss"] == 1.0
