@@ -245,11 +245,16 @@ class PrivacyLedger:
         """Entries `client` reports in `round_` for spending this ledger has no record of
         (client/state.py's `unrecorded`; checked by server/rounds.py's unrecorded_entries): each kept
         as the client wrote it, marked recorded_late and with the round it was recorded in, so that
-        the steps on record add up to what the client spent."""
+        the steps on record add up to what the client spent. The marks only the server sets (state_lost
+        and its recomputation, interrupted) are not taken from the client, nor
+        a policy fedtune does not name (the report words "against whom" from it), nor keys it does not
+        know."""
         for entry in entries:
-            self._append(client, dataclasses.replace(entry, accountant=entry.accountant or self.accountant,
-                                                     reason=one_line(entry.reason or "") or None,
-                                                     recorded_late=True, recorded_round=round_))
+            self._append(client, dataclasses.replace(
+                entry, accountant=entry.accountant or self.accountant, reason=one_line(entry.reason or "") or None,
+                recorded_late=True, recorded_round=round_, state_lost=False, epsilon_recomputed=None,
+                interrupted=False, extra={},
+                policy=entry.policy if entry.policy in POLICY_SOURCES else None))
 
     def rounds_held(self, client: str) -> list[tuple[int, int]]:
         """(round, steps) of each entry of `client` that took steps: what the client compares its own

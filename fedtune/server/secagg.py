@@ -19,6 +19,8 @@ aggregate it would from the individual updates, and none of those is ever seen.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +40,7 @@ from rich.progress import Progress
 
 from fedtune import constants as k
 from fedtune.privacy import distributed
+from fedtune.server.validate import MAX_COUNT, WEIGHT_CAP
 
 # Every sampled institution shares its keys with every other (SecAgg+ over the complete graph:
 # cross-silo federations are small, and this gives the highest collusion threshold); the
@@ -47,6 +50,24 @@ RECONSTRUCTION_THRESHOLD = 2 / 3
 # Adapter parameters are quantized in [-CLIPPING_RANGE, CLIPPING_RANGE] (2^22 levels); a client
 # refuses to submit values outside it rather than let them be clipped silently (client/secagg.py).
 CLIPPING_RANGE = k.SECAGG_CLIPPING_RANGE
+
+
+def usable_records(counts: list[object]) -> float:
+    """Σ n_i over the institutions whose shares trained, each count as the server can use it. The counts are
+    plaintext beside the masked sum, and an institution states its own: a whole number in [1, MAX_COUNT],
+    at most WEIGHT_CAP × the round's lower median (bounded_weights' rule); a missing or malformed one (its
+    reply is rejected afterwards, its share already in the sum) counts as that median. So no count can make
+    the step NaN (0 or a negative total) or shrink it without bound."""
+    read = [_count(n) for n in counts]
+    valid = [n for n in read if n is not None]
+    median = statistics.median_low(valid) if valid else 1.0
+    return sum(median if n is None else min(n, WEIGHT_CAP * median) for n in read)
+
+
+def _count(value: object) -> float | None:
+    ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+          and float(value).is_integer() and 1 <= value <= MAX_COUNT)
+    return float(value) if ok else None
 
 
 def secure_exchange(grid: Grid, messages: Iterable[Message], label: str, progress: Progress,
@@ -128,7 +149,7 @@ class _Relay(LegacyStrategy):
         if not trained:
             mean_of_trained = None
         elif self.distributed:
-            records = sum(int(infos[node][1][k.NUM_EXAMPLES]) for node in trained)
+            records = usable_records([infos[node][1].get(k.NUM_EXAMPLES) for node in trained])
             mean_of_trained = self._distributed_step(list(infos), records)
         else:
             mean_of_trained = self._mean_of_trained(len(infos), len(trained))

@@ -157,3 +157,22 @@ def test_the_largest_epsilon_is_unbounded_once_anyone_trained_without_noise():
     bounded.record_round("a", 1, k.STATUS_TRAINED, metrics(1.0))
     bounded.record_round("b", 1, k.STATUS_TRAINED, metrics(2.0))
     assert bounded.epsilon_max() == 2.0 and PrivacyLedger("prv", False).epsilon_max() is None
+
+
+def test_a_late_entry_keeps_none_of_the_marks_only_the_server_sets():
+    """A hostile node's review: late entries were kept as sent, so a client could mark its own spending
+    state_lost or interrupted (which change how the report and privacy-verify count it), name a policy
+    fedtune never writes (the report words "against whom" from it), or add keys of its own."""
+    import dataclasses
+
+    from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
+
+    sent = LedgerEntry(2, "trained", "prv", num_examples=50, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
+                       steps=1, delta=1e-5, epsilon=1.0)
+    sent = dataclasses.replace(sent, state_lost=True, epsilon_recomputed=0.1, interrupted=True,
+                               policy="the coordinator's promise", extra={"note": "x" * 10})
+    ledger = PrivacyLedger("prv", True)
+    ledger.record_late("a", 3, [sent])
+    kept = ledger.clients["a"][-1]
+    assert (kept.recorded_late, kept.recorded_round, kept.state_lost, kept.epsilon_recomputed, kept.interrupted,
+            kept.policy, dict(kept.extra)) == (True, 3, False, None, False, None, {})

@@ -302,3 +302,16 @@ def test_distributed_dp_does_not_train_when_fewer_than_t_institutions_are_left_a
     assert trained == []
     from fedtune.client.secagg import _refuse_to_train_for_a_sum_never_unmasked
     assert _refuse_to_train_for_a_sum_never_unmasked(masking(3)) is None, "four left, itself included: t = 4 met"
+
+
+def test_the_record_counts_beside_a_masked_sum_cannot_break_or_dominate_the_distributed_step():
+    """A hostile node's review: Σ n_i divided the decoded sum with each count as stated, so a missing, NaN or
+    ∞ count raised through the round, 0 or a negative one made the step NaN or ∞ or scaled every other
+    institution's update up, and a huge one skipped the 10× weight cap aggregation applies elsewhere."""
+    from fedtune.server.secagg import usable_records
+
+    assert usable_records([40, 60, 50]) == 150
+    assert usable_records([40, 60, None]) == usable_records([40, 60, float("nan")]) == 140  # the median stands in
+    assert usable_records([40, 60, -100]) == usable_records([40, 60, 0]) == usable_records([40, 60, True]) == 140
+    assert usable_records([40, 60, 10**8]) == 40 + 60 + 600  # at most 10× the lower median (60)
+    assert usable_records([None]) == 1.0
