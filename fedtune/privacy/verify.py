@@ -211,17 +211,22 @@ def _committed_entries(run_dir: Path, clients: dict[str, tuple[LedgerEntry, ...]
 
 
 def _latest_committed_ledger(run_dir: Path) -> tuple[int, PrivacyLedger] | None:
-    """The round and ledger copy of the latest checkpoint that loads, as a resume picks it
-    (RunDirectory.resume_point); None when there is none, none loads, or its copy is no ledger."""
-    if not any((run_dir / "checkpoints").glob("round_*.pt")):
-        return None  # torch is imported only when there is a checkpoint to read
-    from fedtune.server.run_dir import RunDirectory
-
-    try:
-        checkpoint, _ = RunDirectory(run_dir).resume_point()
-        return None if checkpoint is None else (checkpoint.round, PrivacyLedger.from_dict(checkpoint.ledger))
-    except (ConfigError, IndexError, KeyError, TypeError, ValueError):  # nothing readable to compare with
+    """The round and ledger copy of the newest checkpoint that loads, falling back past damaged ones as a
+    resume does (server/run_dir.py's resume_point; read here directly, since privacy/ imports nothing of
+    server/: a checkpoint is a torch file of a dict with its `round` and `ledger`); None when there is none,
+    none loads, or its copy is no ledger."""
+    found = sorted((run_dir / "checkpoints").glob("round_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    if not found:
         return None
+    import torch  # only when there is a checkpoint to read
+
+    for path in reversed(found):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return int(data["round"]), PrivacyLedger.from_dict(data["ledger"])
+        except Exception:  # noqa: BLE001 - a damaged checkpoint: the one before it stands, as on resume
+            continue
+    return None
 
 
 def _same(row: LedgerEntry) -> tuple[str, ...]:
