@@ -148,8 +148,9 @@ def _older_late(clients: dict[str, tuple[LedgerEntry, ...]]) -> frozenset[int]:
     late (an older fedtune carried another run's spending from the institution's state directory into the
     ledger that way, with no failure before it). Once entries name their run, a client names it in every
     entry it reports late, and every late entry is this run's spending, checked as such: marking an entry
-    late in such a ledger turns off no check. A ledger stripped of every run id to look old is caught for
-    its committed rounds by _committed_entries, whose checkpoint copies keep the ids."""
+    late in such a ledger turns off no check. Only late entries name their run, so a ledger without one names
+    none: an entry marked late there is exempt, and caught for the committed rounds by _committed_entries
+    (the checkpoint's copy lacks the mark)."""
     if any(row.run is not None for rows in clients.values() for row in rows):
         return frozenset()
     return frozenset(id(row) for rows in clients.values() for row in rows if row.recorded_late)
