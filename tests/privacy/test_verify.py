@@ -453,3 +453,13 @@ def test_a_refusal_of_a_run_without_dp_reports_epsilon_zero_truly(tmp_path):
     config = (path / "config.toml").read_text()
     (path / "config.toml").write_text(config.replace("enabled = true", "enabled = false", 1))
     assert verify_run(path).passed, verify_run(path).violations
+
+
+def test_an_entry_marked_late_in_a_ledger_that_names_no_run_is_caught_by_the_committed_copy(tmp_path):
+    """Only late entries name their run, so a ledger without one names none and its late entries are
+    exempt from this run's schedule; marking a committed entry late (with the q it did not train at) is
+    then caught by the checkpoint's copy, which lacks the mark."""
+    first, second, third = spending([(1, 1.0, 0.25, 4, DELTA), (2, 1.0, 0.25, 4, DELTA), (3, 1.0, 0.25, 4, DELTA)])
+    path = run(tmp_path, {"a": [first, {**late(second, 2), "sample_rate": 0.01}, third]})
+    committed(path, {"a": [first, second, third]}, 3)
+    assert ("a", 2, "entry") in found(path)
