@@ -338,7 +338,7 @@ class LocalFederation:
         runs = _json_tail(self.flwr("list", CONNECTION, "--format", "json")).get("runs", [])
         stale = [int(run["run-id"]) for run in runs if not str(run.get("status", "")).startswith("finished")]
         for run_id in stale:
-            self.flwr("stop", str(run_id), CONNECTION, "--format", "json")
+            _json_tail(self.flwr("stop", str(run_id), CONNECTION, "--format", "json"))  # a refusal raises
         return stale
 
     # ---- the institutions ----------------------------------------------------------
