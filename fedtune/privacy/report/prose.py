@@ -192,7 +192,7 @@ def _facts(r: ReportData) -> list[str]:
                      f"{count(r.rounds_declined, 'round')} in total to stay within budget.")
     if r.rounds_failed:
         facts.append(f"{count(r.rounds_failed, 'training round')} failed at an institution; no update of a failed "
-                     "round reached the server.")
+                     "round was aggregated.")
     if r.clients_awaiting_report:
         names = ", ".join(f"`{name}`" for name in r.clients_awaiting_report)
         facts.append(f"**{names} may have spent more than shown**: the last round of each failed without a reply "
