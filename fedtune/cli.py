@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from enum import StrEnum
@@ -16,7 +17,7 @@ from rich.markup import escape
 
 from fedtune import __version__
 from fedtune.config import given_keys, load_config, read_run_config
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.errors import ClusterUnreachable, ConfigError, FedtuneError
 from fedtune.options import AUDIT, DEPLOY, FLAGS_OF_KEYS, SIMULATE, config_options, explain, overrides
 
 if TYPE_CHECKING:
@@ -172,8 +173,9 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
         changed = sorted(key for key, value in overrides.items() if value is not None and key not in RESUMABLE)
         if changed or config is not None or out is not None:
             may = "--rounds and --ray-address" if "simulation.ray_address" in overrides else "--rounds"
+            given = [FLAGS_OF_KEYS.get(key, key) for key in changed]
             raise ConfigError(f"--resume continues a run with its saved config; only {may} may change (got "
-                              f"{', '.join(changed) or '--config/--out'}). Drop those options.")
+                              f"{', '.join(given) or '--config/--out'}). Drop those options.")
         cfg, run = continue_run(resume, overrides["rounds"], overrides.get("simulation.ray_address"))
         latest = run.latest_checkpoint()
         if run.finished(latest, cfg):  # no simulation to start (Ray takes seconds)
@@ -204,7 +206,12 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
             ) + (f" (client ranks {cfg.lora.client_ranks})" if cfg.lora.ranks() else "")
     console.print(f"fedtune {__version__}: {cfg.clients} clients, {cfg.rounds} round{'s' if cfg.rounds != 1 else ''}, "
                   f"{cfg.strategy.name}{robust}{lora}, DP-SGD {dp}{client_level} -> {run.path}")
-    simulate(cfg, run, console)
+    try:
+        simulate(cfg, run, console)
+    except ClusterUnreachable:  # `auto` finding no cluster: only Ray itself can tell, once the run is made
+        if resume is None:
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing ran: leave no directory behind to refuse a retry
+        raise
     planted = max(cfg.data.canaries, cfg.dp.canary_clients)  # what `fedtune audit` can score
     if audit_hint and planted >= 2:
         what = "canary institutions" if cfg.dp.canary_clients else "canaries"

@@ -501,8 +501,6 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        import codecs
-
         if self.path and self.source == "demo":
             object.__setattr__(self, "source", "file")
         _check(self.source in ("demo", "file"), "data.source", "use `demo` or `file` (with data.path).")
@@ -516,9 +514,13 @@ class DataConfig:
                f"it is the same column as data.text_column ({self.text_column!r}); name the label column.")
         _check(len(self.separator) > 0, "data.separator", "give the character(s) between text and label, e.g. @.")
         try:
-            codecs.lookup(self.encoding)
+            text_codec = bool("x".encode(self.encoding))  # LookupError for base64, rot13, zip: not text codecs
+        except UnicodeError:  # a text codec that cannot write "x"
+            text_codec = True
         except LookupError:
-            _check(False, "data.encoding", f"unknown encoding {self.encoding!r}; use e.g. utf-8, latin-1 or cp1252.")
+            text_codec = False
+        _check(text_codec, "data.encoding", f"{self.encoding!r} is not a text encoding; use e.g. utf-8, latin-1 or "
+                                            "cp1252.")
         _check(all(label.strip() for label in self.labels), "data.labels", "label names must not be empty.")
         _check(len(set(self.labels)) == len(self.labels), "data.labels", "each label name may appear only once.")
         _check(10 <= self.demo_examples <= 1_000_000, "data.demo_examples", "use 10 to 1,000,000.")

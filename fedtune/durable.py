@@ -14,8 +14,21 @@ from pathlib import Path
 from typing import Any
 
 
+def make_dirs_durable(directory: Path) -> None:
+    """`directory` and any missing parents, each new one's entry made durable in its parent: a file
+    fsynced into a directory whose own entry a power loss can drop is lost with it (POSIX promises
+    no order between the two; a client's first state file is the only record of its spending)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _sync_directory(new.parent)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -71,6 +84,7 @@ def replace_dir_atomic(staging: Path, target: Path) -> None:
     be renamed over a non-empty one, so the old one is moved aside first; a crash between the two
     renames leaves it aside (`.NAME.old`) and no `target`, and the next call puts it back before
     anything else, so a whole directory is always at `target` or beside it."""
+    _sync_tree(staging)  # the files are on disk before the rename makes them the target
     old = target.with_name(f".{target.name}.old")
     if old.exists() and not target.exists():
         os.replace(old, target)  # a crash between the two renames below: the old one is the only copy
@@ -79,5 +93,17 @@ def replace_dir_atomic(staging: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, old)
     os.replace(staging, target)
+    _sync_directory(target.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _sync_tree(directory: Path) -> None:
+    """fsync every file under `directory` and every directory in it, itself included."""
+    for path in sorted(directory.rglob("*"), reverse=True):  # deepest first: a directory after its entries
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _sync_directory(path)
+    _sync_directory(directory)

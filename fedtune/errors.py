@@ -11,3 +11,7 @@ class ConfigError(FedtuneError, ValueError):
 
 class DataError(FedtuneError, ValueError):
     """Data that cannot be used as given."""
+
+
+class ClusterUnreachable(ConfigError):
+    """simulation.ray_address names no Ray cluster that can be joined (found only when Ray tries)."""

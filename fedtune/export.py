@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
+from fedtune.config import RUN_CONFIG
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record
 from fedtune.models.pooling import write_mean_pooling_code
@@ -38,16 +39,25 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
     if adapter is not None and merged is not None:
         _check_apart(adapter, merged)
     run = RunDirectory.existing(run_dir)
-    for out in (adapter, merged):
+    for option, out in (("--adapter", adapter), ("--merged", merged)):
         if out is not None and out.exists():
             raise ConfigError(f"{out} already exists; fedtune export writes a new directory. Pass another path.")
-    checkpoint = run.latest_checkpoint()
+        blocking = next((d for d in (out.absolute().parents if out is not None else ()) if d.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ConfigError(f"{option} {out}: {blocking} is a file, so no directory can be made inside it. Pass "
+                              "another path.")
+    checkpoint = run.newest_checkpoint("the export")
     if checkpoint is None:
         raise ConfigError(f"{run_dir} has no finished round yet (no checkpoints/round_*.pt), so there is nothing "
                           "to export. Run it first, or continue it with --resume.")
     cfg = run.config()
     checkpoint = run.released(checkpoint, cfg)
     task = get_task(cfg.model.task)
+    try:
+        task.check_model(cfg.model, cfg.lora)  # the base model the run trained on must still be there
+    except ConfigError as err:
+        raise ConfigError(f"{err} The run's base model is named in {run.path / RUN_CONFIG}; export needs the same "
+                          "model the run trained on.") from None
     model = task.fresh_model(cfg.model, cfg.lora, cfg.data, cfg.seed)  # uncached: merging changes it
     load_record(model, ArrayRecord(torch_state_dict=checkpoint.arrays))
     tokenizer = task.tokenizer(cfg.model)

@@ -53,22 +53,23 @@ def _test_cache() -> None:
 _test_cache()
 
 
-# Seconds the slowest test modules took in `make test` (2026-12-03, 2 cores, one core per worker).
-# Collection puts them first, longest first, and `make test` runs with --no-loadscope-reorder, so
-# pytest-xdist hands the two workers whole modules longest-first as each frees up (greedy
-# longest-processing-time scheduling). Otherwise xdist orders modules by their number of tests, and
-# these few-test federations came last, one worker running the deployment alone while the other idled.
+# Seconds the slowest test modules took in `make test` (2026-12-07, 2 cores, one core per worker, on a
+# machine also running other work). Collection puts them first, longest first, and `make test` runs with
+# --no-loadscope-reorder, so pytest-xdist hands the two workers whole modules longest-first as each frees
+# up (greedy longest-processing-time scheduling). Otherwise xdist orders modules by their number of tests,
+# and these few-test federations came last, one worker running a federation alone while the other idled.
 # A stale figure only costs balance, never a test.
 MODULE_SECONDS = {
-    "tests/integration/test_deployment.py": 145, "tests/integration/test_crash_resume.py": 131,
-    "tests/integration/test_deploy_local.py": 107,
-    "tests/integration/test_simulate.py": 111, "tests/integration/test_strategies.py": 82,
-    "tests/integration/test_audit.py": 150, "tests/integration/test_causal_lm.py": 69,
-    "tests/integration/test_user_level.py": 65, "tests/integration/test_client_dp.py": 61,
-    "tests/integration/test_lora_aggregation.py": 55, "tests/simulation/test_ray_cluster.py": 36,
-    "tests/integration/test_dp_recipe.py": 33, "tests/integration/test_data_sources.py": 25,
-    "tests/integration/test_audit_mutations.py": 105, "tests/integration/test_existing_cluster.py": 55,
-    "tests/integration/test_early_stopping.py": 45, "tests/integration/test_distributed_dp.py": 30,
+    "tests/integration/test_crash_resume.py": 313, "tests/integration/test_deploy_local.py": 320,
+    "tests/integration/test_audit_mutations.py": 273, "tests/integration/test_audit.py": 197,
+    "tests/integration/test_simulate.py": 180, "tests/integration/test_deployment.py": 166,
+    "tests/integration/test_early_stopping.py": 119, "tests/integration/test_client_dp.py": 115,
+    "tests/integration/test_dp_recipe.py": 111, "tests/integration/test_distributed_dp.py": 108,
+    "tests/integration/test_strategies.py": 105, "tests/integration/test_causal_lm.py": 92,
+    "tests/integration/test_existing_cluster.py": 76, "tests/integration/test_user_level.py": 65,
+    "tests/client/test_privacy_gate.py": 63, "tests/integration/test_lora_aggregation.py": 63,
+    "tests/simulation/test_ray_cluster.py": 57, "tests/test_recipe.py": 47, "tests/test_cli.py": 40,
+    "tests/client/test_train.py": 35, "tests/integration/test_data_sources.py": 34,
 }
 
 

@@ -270,3 +270,14 @@ def test_deploy_local_resume_refuses_a_simulation_run_before_starting_anything(t
     said = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "not a `fedtune deploy-local` run" in said, said
     assert f"fedtune simulate --resume {run.path}" in said and not no_deployment
+
+
+def test_a_resume_given_other_options_names_them_as_flags(tmp_path, no_federation):
+    """A review: `simulate --resume RUN --clients 3` said "(got clients)", the config key, not the flag typed."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.run_dir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path), "--clients", "3", "--delta", "1e-6"])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "(got --clients, --delta)" in said and not no_federation, said

@@ -74,13 +74,25 @@ def test_export_refuses_the_same_or_nested_adapter_and_merged_paths_writing_noth
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
 
 
-def test_a_failed_export_writes_neither_output(run_dir, tmp_path):
-    """The merged model cannot be written (its parent is a file), so the adapter is not left behind either."""
-    (tmp_path / "a-file").write_text("")
+def test_a_failed_export_writes_neither_output(run_dir, tmp_path, monkeypatch):
+    """The merged model cannot be written (the disk fills while it is staged), so the adapter is not left
+    behind either."""
+    import fedtune.export as export
+
+    stage = export._stage
+
+    def full_disk_for_merged(target, write):
+        def write_until_full(directory):
+            write(directory)
+            raise OSError(28, "No space left on device")
+
+        return stage(target, write_until_full if target.name == "merged" else write)
+
+    monkeypatch.setattr(export, "_stage", full_disk_for_merged)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(OSError):
-        export_run(run_dir[0], adapter=tmp_path / "adapter", merged=tmp_path / "a-file" / "merged")
-    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory"
+        export_run(run_dir[0], adapter=tmp_path / "adapter", merged=tmp_path / "out" / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no adapter, no staging directory, no parent"
 
 
 def _fail_renaming_merged(monkeypatch) -> None:
@@ -161,3 +173,30 @@ def test_recipe_layout_merged_model_pools_by_the_mean_without_fedtune(tmp_path, 
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("a text")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_damaged_last_checkpoint_is_refused_not_replaced_by_an_older_round(run_dir, tmp_path):
+    """A review: a damaged round_0001.pt made export hand back round 0, the untrained adapter, with exit 0."""
+    path, _ = run_dir
+    (path / "checkpoints" / "round_0002.pt").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match=r"damaged checkpoints: round_0002.pt .*newest readable is round 1"):
+        export_run(path, adapter=tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_run_whose_base_model_is_gone_is_refused_naming_the_option_and_the_file(run_dir, tmp_path):
+    """A review: export then failed with "Repo id must be in the form…" naming neither the option nor config.toml."""
+    path, _ = run_dir
+    config = path / "config.toml"
+    config.write_text(config.read_text().replace('name_or_path = ""', 'name_or_path = "/nonexistent/model"', 1))
+    with pytest.raises(ConfigError, match=r"model.name_or_path.*/nonexistent/model.*config.toml"):
+        export_run(path, adapter=tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_an_output_path_inside_a_file_is_refused_naming_the_option(run_dir, tmp_path):
+    """A review: `--adapter afile/x` failed as "cannot use afile/.x._cgfnqww", a hidden name the user never gave."""
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(ConfigError, match=r"--merged .*afile/x: .*afile is a file"):
+        export_run(run_dir[0], merged=tmp_path / "afile" / "x")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "run"] == ["afile"]

@@ -30,7 +30,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 
 from fedtune import constants as k
-from fedtune.durable import write_json_atomic
+from fedtune.durable import make_dirs_durable, write_json_atomic
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import History, merged, normalize
 from fedtune.privacy.ledger import LedgerEntry
@@ -84,7 +84,7 @@ def state_lock(directory: str, client: str) -> Iterator[None]:
     if not directory:
         yield
         return
-    Path(directory).mkdir(parents=True, exist_ok=True)
+    make_dirs_durable(Path(directory))  # its entry survives a power loss with the state saved in it
     with open(Path(directory) / f"{client}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -178,17 +178,19 @@ def _records(name: str, text: str) -> Iterable[tuple[int, Any]]:
     """(line or record number, parsed value); a line that is not JSON yields NOT_JSON, refused later."""
     if text.lstrip().startswith("["):
         try:
-            yield from enumerate(json.loads(text), start=1)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{name} is not valid JSON ({err}). Fix that line, or write one record a line "
-                            "(JSON Lines).") from err
+            records = json.loads(text)
+        except (ValueError, RecursionError) as err:  # ValueError: JSONDecodeError, or an integer of > 4300 digits
+            raise DataError(f"{name} is not valid JSON ({str(err)[:200]}). Fix that line, or write one record a line "
+                            "(JSON Lines).") from None
+        yield from enumerate(records, start=1)
         return
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError:
-                yield number, NOT_JSON
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # also nested past Python's limit, or an integer of > 4300 digits
+                record = NOT_JSON
+            yield number, record
 
 
 # ---- the federation's splits -------------------------------------------------------------------

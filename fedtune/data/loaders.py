@@ -96,7 +96,9 @@ def load_labeled_texts(cfg: DataConfig) -> LabeledTexts:
 
 def _missing(path: str) -> NoReturn:
     raise DataError(f"Data file {path} does not exist (data.path). Check the path (relative paths start at "
-                    f"{os.getcwd()}); for a Hugging Face hub id, set data.format to `hf`.")
+                    f"{os.getcwd()}); for a Hugging Face hub id, set data.format to `hf`. A resumed run reads the "
+                    "path from its run directory's config.toml: put the file back there, or correct data.path in "
+                    "that file.")
 
 
 def _check_file(path: str, fmt: str) -> None:
@@ -337,9 +339,9 @@ def _read_jsonl(cfg: DataConfig) -> _Table:
     if text.lstrip().startswith("["):  # a .json file holding one array of records
         try:
             records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{name} is not valid JSON ({err}). Fix that line, or write one record a line "
-                            "(JSON Lines).") from err
+        except (ValueError, RecursionError) as err:  # ValueError: JSONDecodeError, or an integer of > 4300 digits
+            raise DataError(f"{name} is not valid JSON ({_short(err)}). Fix that line, or write one record a line "
+                            "(JSON Lines).") from None
         table = _Table(name, "record", [], values={c: [] for c in _required(cfg)})
         numbered: Iterable[tuple[int, Any]] = enumerate(records, start=1)
     else:
@@ -364,9 +366,14 @@ def _json_lines(table: _Table, text: str, example: str) -> Iterable[tuple[int, A
             continue
         try:
             yield number, json.loads(line)
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:  # nested past Python's limit, or an integer of > 4300 digits
             table.refuse(number, "that is not valid JSON", f"Each line must be one JSON object like {example} "
-                                                           f"(line {number}: {err.msg}).")
+                                                           f"(line {number}: {_short(err)}).")
+
+
+def _short(err: Exception) -> str:
+    """What is wrong with a JSON text, in a few words: json's own message, or the kind of limit it passed."""
+    return getattr(err, "msg", None) or str(err).split(":")[0][:200] or type(err).__name__
 
 
 def _read_parquet(cfg: DataConfig) -> _Table:

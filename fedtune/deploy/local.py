@@ -46,7 +46,7 @@ import tomli_w
 import fedtune
 from fedtune.deploy.certs import make_dev_certificates, make_node_key_pair
 from fedtune.deploy.processes import ProcessSet, Started
-from fedtune.durable import write_json_atomic
+from fedtune.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fedtune.errors import FedtuneError
 
 CONNECTION = "fedtune-local"  # the SuperLink connection name in the coordinator's flwr config
@@ -55,6 +55,7 @@ SUPERLINK = "superlink"
 START_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 120.0
 SECRET = "superexec.secret"  # a machine's SuperExec shared secret (raw bytes, mode 0600)
+SECRET_BYTES = 32  # random bytes in a SuperExec secret
 NODE_IDS = "node-ids.json"  # in coordinator/: the node id each institution's key was registered with
 KEY_IN_USE = "Public key already in use"  # flwr 1.42's refusal to register a key its database holds
 
@@ -190,8 +191,8 @@ class LocalFederation:
         cli_home = self.coordinator / "cli-home"
         cli_home.mkdir(parents=True, exist_ok=True)
         connection = {"address": f"{HOST}:{self.port}", "root-certificates": str(self.certs / "ca.crt")}
-        (cli_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
-                                                                           CONNECTION: connection}}))
+        write_text_atomic(cli_home / "config.toml", tomli_w.dumps({"superlink": {"default": CONNECTION,
+                                                                                 CONNECTION: connection}}))
 
     def add_institution(self, name: str, runtime_port: int | None = None) -> Institution:
         """An institution's directory: it makes its own key pair and loopback TLS certificate and
@@ -373,7 +374,7 @@ class LocalFederation:
     def submit(self, run_config: Mapping[str, Any], label: str = "run") -> int:
         """`flwr run` the app with these run-config values; returns the run id."""
         path = self.coordinator / f"{label}-config.toml"
-        path.write_text(tomli_w.dumps(dict(run_config)))
+        write_text_atomic(path, tomli_w.dumps(dict(run_config)))
         out = self.flwr("run", str(self.app), CONNECTION, "--run-config", str(path), "--format", "json")
         return int(_json_tail(out)["run-id"])
 
@@ -435,25 +436,22 @@ def private_dir(path: Path, exist_ok: bool = True) -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path`, readable by its owner only (0600) from the moment it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    path.chmod(0o600)  # an existing file keeps its old mode through O_CREAT
+    """Write `text` to `path`, readable by its owner only (0600) from the moment it exists, atomically:
+    an institution's node config is its privacy policy, and a crash while rewriting it in place (every
+    start, `--resume` included) left an empty file that reads as no limits at all."""
+    write_text_atomic(path, text)  # mkstemp makes the temporary file 0600, and the rename keeps its mode
 
 
 def write_secret(path: Path) -> Path:
-    """A new random SuperExec secret, readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_bytes(32))
+    """A new random SuperExec secret, readable by its owner only, written whole or not at all."""
+    write_bytes_atomic(path, secrets.token_bytes(SECRET_BYTES))
     return path
 
 
 def kept_secret(path: Path) -> Path:
-    """The machine's SuperExec secret: the one it has (a restarted or reopened deployment), or a new one."""
-    return path if path.exists() else write_secret(path)
+    """The machine's SuperExec secret: the one it has (a restarted or reopened deployment), or a new one
+    in place of a missing or cut-short file."""
+    return path if path.is_file() and path.stat().st_size == SECRET_BYTES else write_secret(path)
 
 
 def _echo_new(log: Path, offset: int, echo: Callable[[str], None] | None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from fedtune.durable import replace_dir_atomic
+from fedtune.durable import make_dirs_durable, replace_dir_atomic
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -56,7 +57,11 @@ def base_model_bytes(model: torch.nn.Module) -> int:
 
 def save_adapter(model: PeftModel, directory: Path) -> None:
     """Write the adapter in PEFT format, atomically (the old one stays until the new is whole)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durable(directory.parent)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    model.save_pretrained(staging)
-    replace_dir_atomic(staging, directory)
+    try:
+        model.save_pretrained(staging)
+        replace_dir_atomic(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # gone once renamed; else a half-written copy
+        raise

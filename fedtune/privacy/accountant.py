@@ -47,6 +47,12 @@ class CachedRdpPRVAccountant(PRVAccountant):
 # points and 11 s. Past this many, ε is RDP's: a looser upper bound of the same mechanism, chosen by the
 # same arithmetic on every machine, so a client and the server recomputing its ε always agree.
 MAX_PRV_POINTS = 2 * 10**7
+# PRV composes one discretized distribution per (σ, q) segment of the history (consecutive equal ones
+# joined, `merged`), at about 0.1-0.4 s each here: a node that alternates its σ every round would make the
+# server's recomputation of its ε (server/spending.py) take minutes a round. A run keeps one σ per client
+# (privacy/budget.py::client_dp reuses the first round's), so an honest history has a few segments. Past
+# this many, ε is RDP's, as past MAX_PRV_POINTS: an upper bound, the same on client and server.
+MAX_PRV_SEGMENTS = 16
 
 
 class PRVDomainTooLarge(Exception):
@@ -108,6 +114,8 @@ def _epsilon(kind: str, history: tuple[tuple[float, float, int], ...], delta: fl
         from fedtune.privacy import skellam
 
         return skellam.epsilon(history, delta)
+    if len(merged(history)) > MAX_PRV_SEGMENTS:
+        return _rdp_epsilon(history, delta)
     try:
         return float(make_accountant(kind, list(history)).get_epsilon(delta=delta))
     except PRVDomainTooLarge:

@@ -155,7 +155,25 @@ class LedgerEntry:
             values[key] = _text(rest.pop(key, None), key)
         for key in ("adopted_ledger_spending", "state_lost", "interrupted", "recorded_late"):
             values[key] = bool(rest.pop(key, False))  # the client wrote adopted_ledger_spending as 1
+        _check_ranges(values)
         return cls(**values, extra=rest)
+
+
+def _check_ranges(values: Mapping[str, Any]) -> None:
+    """Raise ValueError on a figure no fedtune writes (an accountant would raise on it, or divide by it):
+    counts below 0, σ or C negative or not finite, q outside [0, 1], δ outside [0, 1), and δ = 0 on an entry
+    with noised steps (whose ε needs a δ > 0)."""
+    for key in ("round", "num_examples", "steps", "recorded_round", "distributed_min_honest"):
+        if values[key] is not None and values[key] < 0:
+            raise ValueError(f"{key} is {values[key]}, below 0")
+    for key in ("noise_multiplier", "max_grad_norm"):
+        if values[key] is not None and not 0 <= values[key] < math.inf:
+            raise ValueError(f"{key} is {values[key]}, not a finite number >= 0")
+    if values["sample_rate"] is not None and not 0 <= values["sample_rate"] <= 1:
+        raise ValueError(f"sample_rate is {values['sample_rate']}, not a probability")
+    delta = values["delta"]
+    if delta is not None and (not 0 <= delta < 1 or (delta == 0 and values["steps"] and values["noise_multiplier"])):
+        raise ValueError(f"delta is {delta}, not in (0, 1)")
 
 
 _FIGURES = ("num_examples", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "epsilon",

@@ -118,6 +118,10 @@ class PrivacyPolicy:
         if self.institution and not self.state_dir:
             return (f"no node-local `{k.NODE_STATE_DIR}` in the node config: this institution keeps its privacy "
                     "state only on its own disk; set state-dir to a private directory")
+        if not self.state_dir and dp.enabled:  # a node on the run's data outside simulation (no server path)
+            return (f"no `{k.NODE_STATE_DIR}` in the node config: without one this node's privacy history lives only "
+                    "in its SuperNode's memory, and a restart would start its ε again from nothing; set state-dir "
+                    "to a private directory")
         if self.institution and not self.named:
             return (f"no `{k.NODE_CLIENT_NAME}` in the node config: this institution's privacy state is filed under "
                     "its name, and without one it would be the node id, which changes when the node is registered "

@@ -39,7 +39,8 @@ def serve(grid: Grid, cfg: FedtuneConfig, run: RunDirectory, console: Console | 
     `stop` (Ctrl-C) ends it within a poll interval: the rounds committed stay, the one in progress
     is not committed (what its clients reported spending is in the ledger), and None is returned."""
     try:
-        return _serve(grid, cfg, run, console or Console(soft_wrap=True), warm_workers, stop or threading.Event())
+        with run.served():
+            return _serve(grid, cfg, run, console or Console(soft_wrap=True), warm_workers, stop or threading.Event())
     except RunStopped as stopped:
         where = (f"after round {stopped.round}, the last, while asking for spending whose replies never came; "
                  "every round is saved" if stopped.after_last else

@@ -305,7 +305,7 @@ def run_audit(run: RunDirectory, confidence: float, vantage: str = "final") -> d
         raise ConfigError(f"{run.path} ran with dp.reproducible_noise: the server knows the seed and can regenerate "
                           "every institution's noise, so no ε protects the updates it saw, and a bound from them "
                           "could be compared with nothing. Audit the released adapter instead (--vantage final).")
-    checkpoint = run.latest_checkpoint()
+    checkpoint = run.newest_checkpoint("the audit")
     if checkpoint is None or checkpoint.round == 0:
         raise ConfigError(f"{run.path} has no trained round to audit. Let the run finish (or resume it with "
                           f"`fedtune simulate --resume {run.path}`), then audit it again.")

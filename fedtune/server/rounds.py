@@ -482,7 +482,7 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
                            f"run. Once others are connected, {inputs.run.how_to_continue()}.")
     replies = transport.train(messages, f"round {round_}/{cfg.rounds} train")
     mu = cfg.strategy.proximal_mu if cfg.strategy.name == "fedprox" else 0.0
-    schedule = Schedule.of(cfg, float(config[k.LEARNING_RATE]), mu)
+    schedule = Schedule.of(cfg, float(config[k.LEARNING_RATE]), mu, _sent_clipping_norm(messages))
     replies, refused = _refuse_malformed(replies, arrays, messages, round_, inputs.console,
                                          cfg.strategy.max_update_norm, lower_rank=bool(cfg.lora.ranks()),
                                          schedule=schedule, known=state.node_names)
@@ -509,6 +509,16 @@ def _train(round_: int, transport: Transport, strategy: Strategy, inputs: RoundI
     _stop_if_all_refused(round_, answered)
     trained = [r for r in answered if r.content[k.CLIENT_INFO][k.STATUS] == k.STATUS_TRAINED]
     return _Trained(messages, replies, trained)
+
+
+def _sent_clipping_norm(messages: list[Message]) -> float | None:
+    """The norm the train messages asked the institutions to clip their updates to (client-side
+    client-level DP; the wrapper sets one for all), or None when they were asked to clip nothing."""
+    for message in messages:
+        config = message.content.config_records.get(k.CONFIG)
+        if config is not None and k.CLIPPING_NORM in config:
+            return float(config[k.CLIPPING_NORM])
+    return None
 
 
 def _aggregate(round_: int, strategy: Strategy, inputs: RoundInputs, ledger: PrivacyLedger, arrays: ArrayRecord,

@@ -9,10 +9,14 @@ by the round loop as clients report spending (PrivacyLedger.save), before the ro
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from fedtune import __version__
 from fedtune import constants as k
 from fedtune.config import RUN_CONFIG, FedtuneConfig, dump_config, read_run_config
 from fedtune.durable import strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.ledger import PrivacyLedger, epsilon_for_json
 from fedtune.server.schedule import kept_round, last_round
 
@@ -108,6 +112,25 @@ class RunDirectory:
         if path.is_file():
             return path.read_text(encoding="utf-8").strip()
         return DEPLOY_LOCAL if (self.path / "deployment").is_dir() else SIMULATE
+
+    @contextmanager
+    def served(self) -> Iterator[None]:
+        """Hold this run for one server until the block ends: a second server (`--resume` started twice,
+        `flwr run` submitted again with the same `out`) would keep its own ledger in memory, and each
+        save of it would erase the other's spending from privacy_ledger.json. An advisory lock on the
+        directory itself (fcntl.flock; no file is added to the run), which the system drops with the
+        process, so a crash never leaves it held."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FedtuneError(f"{self.path} is in use by another fedtune server (it holds a lock on the "
+                                   f"directory); let that run end, or stop it, and then {self.how_to_continue()}."
+                                   ) from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def how_to_continue(self) -> str:
         """How this run is continued: only by the command that made it, whose clients hold its spending
@@ -203,6 +226,18 @@ class RunDirectory:
 
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.resume_point()[0]
+
+    def newest_checkpoint(self, purpose: str) -> Checkpoint | None:
+        """The newest checkpoint, refusing when a newer one is damaged: what a run hands on (`purpose`: an
+        export, an audit) must be its last finished round, not silently an earlier one."""
+        checkpoint, damaged = self.resume_point()
+        if damaged:
+            newest = f"round {checkpoint.round}" if checkpoint else "none"
+            raise ConfigError(f"{self.path / CHECKPOINTS} has damaged checkpoints: {'; '.join(damaged)}; the newest "
+                              f"readable is {newest}, older than the run's last finished round, so {purpose} would "
+                              f"use the wrong model. Restore the file, or {self.how_to_continue()} (the damaged rounds "
+                              "are trained again), then try again.")
+        return checkpoint
 
     def released(self, last: Checkpoint, cfg: FedtuneConfig) -> Checkpoint:
         """The checkpoint whose adapter the run releases: `last`, or the round a rejected cooldown

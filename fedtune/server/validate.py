@@ -70,16 +70,25 @@ class Schedule:
     # update was clipped to (each client clips inside C by the rounding margin, client/mods.py), which the
     # noise is calibrated to. One over it (a ClientApp without the mod) is rejected and counts as zero.
     clipping_norm: float = math.inf
+    # Client-side adaptive clipping: each trained reply must carry Flower's `norm_bit` (0 or 1), which its
+    # wrapper reads from every reply to set the next round's norm; one reply without it fails the round
+    # for everyone (flwr's AggregationError).
+    norm_bit: bool = False
 
     @classmethod
-    def of(cls, cfg: FedtuneConfig, learning_rate: float, proximal_mu: float) -> Schedule:
+    def of(cls, cfg: FedtuneConfig, learning_rate: float, proximal_mu: float,
+           sent_clipping_norm: float | None = None) -> Schedule:
+        """`sent_clipping_norm`: the norm this round's train messages asked the clients to clip to, which
+        under adaptive clipping changes from round to round (fixed: dp.client_clipping_norm)."""
         # The proximal step pulls each coordinate back by lr·mu of its distance, which keeps the bound
         # only while lr·mu <= 1 (then it never overshoots the anchor).
         # Under SecAgg+ each reply carries the mean of the cohort's updates, not its own: no per-client bound.
         adam = cfg.train.optimizer == "adamw" and learning_rate * proximal_mu <= 1 and not cfg.dp.secagg
-        clipped = (cfg.dp.client_dp, cfg.dp.client_dp_side, cfg.dp.secagg) == ("fixed", "client", False)
+        client_side = cfg.dp.client_dp != "off" and cfg.dp.client_dp_side == "client"
+        norm = cfg.dp.client_clipping_norm if sent_clipping_norm is None else sent_clipping_norm
         return cls(cfg.train.batch_size, cfg.train.local_epochs, learning_rate * ADAM_STEP_BOUND if adam else None,
-                   cfg.train.sample_rate, cfg.dp.client_clipping_norm if clipped else math.inf)
+                   cfg.train.sample_rate, norm if client_side and not cfg.dp.secagg else math.inf,
+                   norm_bit=client_side and cfg.dp.client_dp == "adaptive")
 
 
 def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float = math.inf,
@@ -110,6 +119,10 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
         return f"expected one MetricRecord `{k.METRICS}`, got {sorted(content.metric_records)}"
     if len(content.array_records) != 1 or not isinstance(content.get(k.ARRAYS), ArrayRecord):
         return f"expected one ArrayRecord `{k.ARRAYS}`, got {sorted(content.array_records) or 'none'}"
+    bit = content[k.METRICS].get(k.NORM_BIT)
+    if schedule is not None and schedule.norm_bit and (type(bit) not in (int, float) or bit not in (0, 1)):
+        return (f"metric {k.NORM_BIT} is {bit!r}; under client-side adaptive clipping (dp.client_dp `adaptive`) "
+                "every update must say whether it was clipped, 0 or 1 (Flower's adaptiveclipping_mod)")
     if lower_rank:
         reference, problem = _at_reply_rank(content[k.ARRAYS], reference)
         if problem:
@@ -119,8 +132,9 @@ def reply_problem(reply: Message, reference: ArrayRecord, max_update_norm: float
         return problem
     bound, what = max_update_norm, f"strategy.max_update_norm = {max_update_norm:g}"
     if schedule is not None and schedule.clipping_norm < bound:
-        bound, what = schedule.clipping_norm, (f"dp.client_clipping_norm = {schedule.clipping_norm:g}, which its "
-                                               "client-side clipping should have held it to")
+        bound, what = schedule.clipping_norm, (f"the clipping norm {schedule.clipping_norm:g} sent this round "
+                                               "(dp.client_clipping_norm, adapted under dp.client_dp `adaptive`), "
+                                               "which its client-side clipping should have held it to")
     arrays = content[k.ARRAYS]
     if bound < math.inf and lower_rank and global_arrays is not None:  # the update as it is aggregated
         arrays, reference = _lifted(arrays, global_arrays), global_arrays

@@ -17,7 +17,7 @@ from functools import lru_cache
 from rich.console import Console
 
 from fedtune.config import FedtuneConfig, SimulationConfig
-from fedtune.errors import ConfigError
+from fedtune.errors import ClusterUnreachable, ConfigError
 from fedtune.server.run_dir import RunDirectory
 from fedtune.simulation.shared_paths import check_nodes_see_run
 
@@ -37,8 +37,11 @@ def backend_config(cfg: FedtuneConfig) -> dict:
     address = cfg.simulation.ray_address
     cpus = usable_cpus()
     init = ({"address": address} if address else {"num_cpus": cpus}) | {"logging_level": "ERROR", "log_to_driver": True}
+    # Locally, no more workers than the CPUs or a round's clients, whichever is more: each loads the model,
+    # and a tiny fraction (0.001) would start thousands of them on two cores.
+    local = max(min(cfg.num_cpus_per_client, cpus), cpus / max(cpus, cfg.clients_sampled()))
     return {
-        "client_resources": {"num_cpus": cfg.num_cpus_per_client if address else min(cfg.num_cpus_per_client, cpus),
+        "client_resources": {"num_cpus": cfg.num_cpus_per_client if address else local,
                              "num_gpus": 1.0 if cfg.model.device == "cuda" else 0.0,
                              # Flower passes these to the worker actors' Ray options: a worker that dies
                              # (killed for memory, say) is restarted, so later rounds have their clients
@@ -220,7 +223,7 @@ def connect_cluster(cfg: FedtuneConfig, console: Console) -> None:
         ray.init(address=cfg.simulation.ray_address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
                  logging_level="ERROR", log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"Could not join the Ray cluster at simulation.ray_address = "
+        raise ClusterUnreachable(f"Could not join the Ray cluster at simulation.ray_address = "
                           f"{cfg.simulation.ray_address!r} ({_first_line(err)}). Start it with `ray start --head` "
                           "and give the address it printed, or leave the option empty for a local Ray.") from err
     nodes = [node for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU")]
@@ -231,10 +234,15 @@ def connect_cluster(cfg: FedtuneConfig, console: Console) -> None:
 def check_cluster(address: str) -> None:
     """Refuse a Ray head address (HOST:PORT) that accepts no TCP connection, before a run directory is
     written: Ray's core, finding no cluster there, ends the whole process after a 10 s wait instead
-    of raising. Empty (a local Ray) and `auto` (Ray looks it up itself, and raises) pass."""
-    if not address or address == "auto":
+    of raising. `auto` is looked up as Ray looks it up (RAY_ADDRESS, else the last `ray start`'s address,
+    which may be a cluster long gone), then checked the same way. Empty (a local Ray) passes."""
+    if not address:
         return
     SimulationConfig(ray_address=address)  # its form first (HOST:PORT), with the option's own message
+    if address == "auto":
+        address = _auto_address()
+        if address is None:
+            return
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
@@ -243,6 +251,21 @@ def check_cluster(address: str) -> None:
         raise ConfigError(f"Could not join the Ray cluster at simulation.ray_address = {address!r} ({err}). Start "
                           "it with `ray start --head` and give the address it printed, or leave the option empty "
                           "for a local Ray.") from err
+
+
+def _auto_address() -> str | None:
+    """The HOST:PORT `ray.init(address="auto")` would join, or None when this Ray cannot say (then Ray
+    itself decides). Ray's own lookup, from its private module: no public function gives it."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return None
+    try:
+        return canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError) as err:  # no cluster recorded or running
+        raise ConfigError(f"Could not find a Ray cluster for simulation.ray_address = 'auto' ({_first_line(err)}). "
+                          "Start one with `ray start --head`, or give its HOST:PORT, or leave the option empty for "
+                          "a local Ray.") from None
 
 
 def _first_line(err: Exception) -> str:

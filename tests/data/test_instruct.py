@@ -170,3 +170,16 @@ def test_a_users_conversations_stay_at_one_client_and_a_missing_id_is_named(tmp_
     rows[7].pop("patient")
     with pytest.raises(DataError, match="empty or missing `patient` \\(data.user_column\\) \\(line 8\\)"):
         load_instructions(DataConfig(path=str(write_lines(tmp_path / "gap.jsonl", rows)), user_column="patient"))
+
+
+def test_instruction_json_past_pythons_limits_is_a_bad_line_not_a_crash(tmp_path):
+    """A review: a line nested 100,000 deep or holding an integer of more than 4,300 digits raised out of the loader."""
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"instruction": "Q?", "response": "A."}\n' + "[" * 100_000 + "]" * 100_000 + "\n"
+                    + '{"instruction": "Q?", "response": ' + "1" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"not valid JSON \(lines? 2"):
+        load_instructions(DataConfig(path=str(path)))
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="is not valid JSON"):
+        load_instructions(DataConfig(path=str(array)))

@@ -352,3 +352,25 @@ def test_a_label_list_saved_before_labels_were_normalised_still_encodes(tmp_path
     csv_file = tmp_path / "notes.csv"
     csv_file.write_text("text,label\na,2.0\nb,3.0\nc,2.0\n")
     assert encode_labels(load_labeled_texts(DataConfig(path=str(csv_file))), ("2.0", "3.0")) == [0, 1, 0]
+
+
+@pytest.mark.parametrize("bad", ['{"text": "a", "label": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000])
+def test_json_past_pythons_limits_is_a_bad_line_not_a_crash(tmp_path, bad):
+    """A review: an integer of more than 4,300 digits (ValueError) or a line nested 100,000 deep (RecursionError)
+    ended `fedtune simulate` with a traceback instead of naming the line."""
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "label": "x"}\n' + bad + "\n")
+    with pytest.raises(DataError, match=r"not valid JSON \(line 2\)"):
+        load(jsonl)
+    array = tmp_path / "d.json"
+    array.write_text("[" + bad + "]")
+    with pytest.raises(DataError, match="is not valid JSON"):
+        load(array)
+
+
+def test_an_encoding_that_is_no_text_encoding_is_refused_at_the_option():
+    """A review: `--encoding base64` (a bytes-to-bytes codec) passed validation and failed reading with a traceback."""
+    for codec in ("base64", "rot13", "zip", "no-such-codec"):
+        with pytest.raises(ConfigError, match=r"`data.encoding`.*not a text encoding"):
+            DataConfig(encoding=codec)
+    assert DataConfig(encoding="utf-16").encoding == "utf-16"

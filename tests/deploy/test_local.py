@@ -71,3 +71,33 @@ def test_registering_a_key_the_database_holds_keeps_its_id_and_every_id_is_kept_
     assert fed.register(["clinic-a", "clinic-b"]) == {"clinic-a": 11, "clinic-b": 22}, "from node-ids.json"
     with pytest.raises(DeployError, match=KEY_IN_USE):
         LocalFederation(tmp_path / "other", ProcessSet(tmp_path / "logs"), app=tmp_path).register(["clinic-a"])
+
+
+def test_a_node_config_cut_short_by_a_crash_while_rewriting_keeps_the_institutions_limits(tmp_path, monkeypatch):
+    """A review: the node config (the institution's privacy policy) was rewritten in place on every start,
+    `--resume` included; a crash mid-write left an empty file, which reads as no limits at all."""
+    import fedtune.durable as durable
+
+    path = tmp_path / "node-config.toml"
+    write_private(path, 'epsilon-budget = 4.0\n')
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(durable.os, "replace", crash)
+    try:
+        write_private(path, 'epsilon-budget = 4.0\nmax-delta = 1e-5\n')
+    except KeyboardInterrupt:
+        pass
+    assert path.read_text() == 'epsilon-budget = 4.0\n' and _mode(path) == 0o600
+
+
+def test_a_cut_short_superexec_secret_is_replaced_not_reused(tmp_path):
+    from fedtune.deploy.local import SECRET_BYTES, kept_secret
+
+    secret = tmp_path / "superexec.secret"
+    secret.write_bytes(b"")  # a crash between creating the file and writing it
+    assert kept_secret(secret).read_bytes() != b"" and secret.stat().st_size == SECRET_BYTES
+    assert _mode(secret) == 0o600
+    whole = secret.read_bytes()
+    assert kept_secret(secret).read_bytes() == whole, "a whole secret is kept"

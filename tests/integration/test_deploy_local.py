@@ -15,17 +15,21 @@ import time
 import psutil
 import pytest
 
-from tests.integration.test_deployment import _alive, _cmdline, _ledger, _wait_for
+from tests.integration.test_deployment import SHORT_HEARTBEAT, _alive, _cmdline, _ledger, _wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def _fedtune(args: list[str]) -> subprocess.Popen:
+def _fedtune(args: list[str], short_heartbeat: bool = False) -> subprocess.Popen:
     # SIGINT back to its default in the child: a test run started in the background by a shell without
     # job control (`bash .ci/run &`) inherits SIGINT ignored, and Python then never raises Ctrl-C.
+    # short_heartbeat: its SuperNodes heartbeat every 10 s, not 30 s, so a resume waits about 20 s, not up
+    # to 60 s, for the SuperLink to let go of the stopped ones (short_heartbeat/sitecustomize.py).
+    path = os.pathsep.join([str(SHORT_HEARTBEAT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": path} if short_heartbeat else {})}
     return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -89,7 +93,7 @@ def test_an_interrupted_deployment_resumes_with_the_same_institutions_and_their_
     of starting again from 0; the run finishes its rounds and its ledger passes privacy-verify."""
     out = tmp_path / "run"
     cli = _fedtune(["deploy-local", "--nodes", "2", "--rounds", "3", "--examples", "200", "--model",
-                    str(tiny_classifier), "--out", str(out)])
+                    str(tiny_classifier), "--out", str(out)], short_heartbeat=True)
     try:
         _wait_for(lambda: cli.poll() is not None or (out / "checkpoints" / "round_0001.pt").is_file(),
                   "round 1's checkpoint", timeout_s=300)
@@ -103,7 +107,7 @@ def test_an_interrupted_deployment_resumes_with_the_same_institutions_and_their_
     assert cli.returncode == 130 and f"fedtune deploy-local --resume {out.resolve()}" in " ".join(stderr.split())
     ids = json.loads((out / "deployment" / "coordinator" / "node-ids.json").read_text())
 
-    again = _fedtune(["deploy-local", "--resume", str(out)])
+    again = _fedtune(["deploy-local", "--resume", str(out)], short_heartbeat=True)
     stdout, stderr = again.communicate(timeout=600)
     assert again.returncode == 0, (stdout + stderr)[-3000:]
     said = " ".join(stderr.split())

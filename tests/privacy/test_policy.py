@@ -47,6 +47,19 @@ def test_an_institution_without_a_node_local_state_dir_refuses():
     assert "state-dir" in reason
 
 
+def test_a_node_on_the_runs_data_without_a_state_dir_refuses_dp_training_outside_simulation():
+    """A review: outside simulation the server names no state directory, so a `partition-id` node without
+    `state-dir` kept its privacy history only in its SuperNode's memory; a restart after spending the ledger
+    never recorded (a reply that timed out) started its ε again from 0 without a word."""
+    partition = {k.PARTITION_ID: 0, k.NUM_PARTITIONS: 2}
+    reason = policy(server_dir="", **partition).refusal(request(), 1000)
+    assert "state-dir" in reason and "from nothing" in reason
+    assert policy(server_dir="", **partition, **{"state-dir": "/srv/state"}).refusal(request(), 1000) is None
+    assert policy(**partition).refusal(request(), 1000) is None, "in simulation the server names one"
+    without_dp = policy(FedtuneConfig.from_flat({"dp.enabled": False}), server_dir="", **partition)
+    assert without_dp.refusal(request(enabled=False), 1000) is None, "no ε to lose"
+
+
 def test_an_institution_without_a_client_name_refuses():
     """Its state would be filed under its node id, which a new registration changes: ε from nothing."""
     reason = policy(**{"data-path": "/data/notes.csv", "state-dir": "/secure/fedtune"}).refusal(request(), 1000)

@@ -1,6 +1,7 @@
 """A round is committed durably: checkpoint first, views rebuilt from it, nothing half-written."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,33 @@ def test_a_lost_run_id_is_not_replaced_once_the_run_has_spent(tmp_path):
     (deployed.path / k.RUN_ID_FILE).unlink()
     with pytest.raises(ConfigError, match="run_id is missing"):  # its institutions' entries are not here to read
         _ = deployed.run_id
+
+
+def test_one_run_directory_is_served_by_one_server_at_a_time(tmp_path):
+    """A review: nothing stopped two servers (`--resume` started twice, `flwr run` submitted again with the same
+    `out`) from serving one run; each kept its ledger in memory, and each save erased the other's spending."""
+    import multiprocessing
+
+    from fedtune.errors import FedtuneError
+    from fedtune.server.app import serve
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig())
+    with run.served():
+        with pytest.raises(FedtuneError, match=r"in use by another fedtune server.*simulate --resume"):
+            serve(None, FedtuneConfig(), RunDirectory.existing(run.path))  # refused before it reads anything
+        other = multiprocessing.get_context("spawn").Process(target=_serve_briefly, args=(str(run.path),))
+        other.start()
+        other.join(60)
+        assert other.exitcode == 3, "another process is refused too"
+    with run.served():  # released when the first server ends
+        pass
+
+
+def _serve_briefly(path: str) -> None:
+    from fedtune.errors import FedtuneError
+
+    try:
+        with RunDirectory.existing(Path(path)).served():
+            raise SystemExit(0)
+    except FedtuneError:
+        raise SystemExit(3) from None

@@ -335,7 +335,7 @@ def test_under_client_side_client_level_dp_an_update_beyond_the_clipping_norm_is
     beyond = reply(2, update=arrays(1.5), metric_values=scheduled)
     kept, rejected = reject_malformed([within, beyond], reference(), schedule=schedule)
     assert kept == [within] and rejected[0][0] is beyond
-    assert f"exceeds dp.client_clipping_norm = {norm_of_one:g}" in rejected[0][1]
+    assert f"exceeds the clipping norm {norm_of_one:g} sent this round" in rejected[0][1]
     for other in ({"dp.client_dp_side": "server"}, {"dp.client_dp": "off"}):  # the server clips, or no client DP
         unclipped = Schedule.of(FedtuneConfig.from_flat({**clipped, **other}), 0.1, 0.0)
         assert len(reject_malformed([beyond], reference(), schedule=unclipped)[0]) == 1
@@ -355,3 +355,32 @@ def test_a_round_line_without_bytes_up_from_every_reply_is_written_not_a_key_err
     row = _round_row(1, SimpleNamespace(row=dict), MetricRecord({k.TRAIN_LOSS: 1.0}), None, PrivacyLedger("prv", True),
                      [], [], bytes_down=10)
     assert row["bytes_up"] == 0 and row["train_loss"] == 1.0
+
+
+def test_under_client_side_adaptive_clipping_each_update_must_carry_its_norm_bit_and_stay_in_the_sent_norm():
+    """A hostile node's review: under client-side adaptive clipping Flower's wrapper reads `norm_bit` from
+    every reply and raises AggregationError when one lacks it, so one institution could fail every round for
+    all. Such a reply is now refused (it counts as zero), as is one beyond the norm the round sent, which
+    adapts from round to round and so is not dp.client_clipping_norm."""
+    from fedtune.config import FedtuneConfig
+    from fedtune.server.validate import Schedule
+
+    norm_of_one = math.sqrt(68)
+    adaptive = FedtuneConfig.from_flat({"dp.client_dp": "adaptive", "dp.client_dp_side": "client", "dp.delta": 1e-3,
+                                        "dp.client_clipping_norm": 100.0,
+                                        "clients": 4, "train.batch_size": 16, "train.local_epochs": 2})
+    schedule = Schedule.of(adaptive, 0.1, 0.0, sent_clipping_norm=norm_of_one)
+    scheduled = metrics(**{k.NUM_EXAMPLES: 50, k.SAMPLE_RATE: 0.25, k.STEPS: 8})
+    bits = {1: 0, 2: 1, 3: None, 4: 2, 5: 0.5}
+    replies = [reply(node, update=arrays(0.99),
+                     metric_values={**scheduled, **({} if bit is None else {k.NORM_BIT: bit})})
+               for node, bit in bits.items()]
+    beyond = reply(6, update=arrays(1.5), metric_values={**scheduled, k.NORM_BIT: 1})
+    kept, rejected = reject_malformed([*replies, beyond], reference(), schedule=schedule)
+    assert [r.metadata.src_node_id for r in kept] == [1, 2]
+    assert [r.metadata.src_node_id for r, _ in rejected] == [3, 4, 5, 6]
+    assert all(k.NORM_BIT in why for _, why in rejected[:3])
+    assert f"exceeds the clipping norm {norm_of_one:g} sent this round" in rejected[3][1]
+    for other in ({"dp.client_dp": "fixed"}, {"dp.client_dp_side": "server"}):  # no norm_bit asked of a client
+        plain = Schedule.of(FedtuneConfig.from_flat({**adaptive.to_flat(), **other}), 0.1, 0.0)
+        assert not plain.norm_bit and reply_problem(replies[2], reference(), schedule=plain) is None

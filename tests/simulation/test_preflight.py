@@ -30,6 +30,18 @@ def test_backend_never_asks_for_more_cpus_than_the_machine_has():
     assert resources["client_resources"]["num_cpus"] <= resources["init_args"]["num_cpus"]
 
 
+def test_a_tiny_cpu_share_starts_no_more_workers_than_cpus_or_a_rounds_clients(monkeypatch):
+    """A review: num_cpus_per_client = 0.001 would have started about 2,000 Ray workers on 2 cores, each
+    loading the model."""
+    monkeypatch.setattr("fedtune.simulation.engine.usable_cpus", lambda: 2)
+    tiny = {"num_cpus_per_client": 0.001}
+    assert simulation_workers(FedtuneConfig().with_overrides({**tiny, "clients": 3})) == 3
+    assert simulation_workers(FedtuneConfig().with_overrides({**tiny, "clients": 1})) == 2
+    monkeypatch.setattr("fedtune.simulation.engine.usable_cpus", lambda: 16)
+    assert simulation_workers(FedtuneConfig().with_overrides({"num_cpus_per_client": 0.25, "clients": 40})) == 40
+    assert simulation_workers(FedtuneConfig().with_overrides({"num_cpus_per_client": 0.25, "clients": 100})) == 64
+
+
 def test_one_single_threaded_worker_per_core_by_default():
     assert backend_config(FedtuneConfig())["client_resources"]["num_cpus"] == 1
 
@@ -76,3 +88,26 @@ def test_the_idle_workers_preload_the_client_app_only_when_each_becomes_a_client
     assert engine.ray_system_config(FedtuneConfig()) == {"preload_python_modules": [engine.PRELOADED]}
     two_each = FedtuneConfig.from_flat({**FedtuneConfig().to_flat(), "num_cpus_per_client": 2})
     assert engine.simulation_workers(two_each) == 2 and engine.ray_system_config(two_each) == {}
+
+
+def test_ray_address_auto_is_looked_up_and_checked_before_a_run_directory_exists(monkeypatch):
+    """A review: `--ray-address auto` passed the check unread; with no cluster running (or only a stale one on
+    record, where Ray's core ends the process) the run directory was already written, and a retry with the
+    same --out was refused as "not empty"."""
+    import socket
+
+    import ray._private.services as services
+
+    from fedtune.simulation.engine import check_cluster
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what `auto` resolves to: nothing listens there
+    with pytest.raises(ConfigError, match=rf"simulation.ray_address = '[^']*:{port}' .*refused"):
+        check_cluster("auto")
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    with pytest.raises(ConfigError, match=r"Could not find a Ray cluster for simulation.ray_address = 'auto'"):
+        check_cluster("auto")
