@@ -186,6 +186,7 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     else:
         cfg = load_config(config, overrides)
         target = out or Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        target_existed = target.exists()  # an empty directory the user made: emptied, not removed, on a failure
         # fixes the label list for every client and evaluation, and the recipe's choices
         cfg, run, summary = new_run(cfg, target, given_keys(config, overrides))
         _show_data(summary)
@@ -209,8 +210,12 @@ def _simulate(config: Path | None, out: Path | None, resume: Path | None, overri
     try:
         simulate(cfg, run, console)
     except ClusterUnreachable:  # `auto` finding no cluster: only Ray itself can tell, once the run is made
-        if resume is None:
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing ran: leave no directory behind to refuse a retry
+        if resume is None:  # nothing ran: leave nothing behind that would refuse a retry as "not empty"
+            for path in (list(run.path.iterdir()) if target_existed else [run.path]):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         raise
     planted = max(cfg.data.canaries, cfg.dp.canary_clients)  # what `fedtune audit` can score
     if audit_hint and planted >= 2:

@@ -281,3 +281,25 @@ def test_a_resume_given_other_options_names_them_as_flags(tmp_path, no_federatio
     result = CliRunner().invoke(cli, ["simulate", "--resume", str(run.path), "--clients", "3", "--delta", "1e-6"])
     said = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "(got --clients, --delta)" in said and not no_federation, said
+
+
+@pytest.mark.parametrize("made_by_user", [False, True])
+def test_a_cluster_ray_cannot_join_leaves_no_run_behind_and_keeps_a_users_own_directory(tmp_path, monkeypatch,
+                                                                                          made_by_user):
+    """A review: with `--ray-address auto` only Ray can tell there is no cluster, once the run directory is written;
+    a retry with the same --out was then refused as "not empty". The new run is removed, but an empty directory
+    the user made for it stays."""
+    from fedtune.errors import ClusterUnreachable
+
+    def unreachable(cfg, run, console):
+        raise ClusterUnreachable("Could not join the Ray cluster at simulation.ray_address = 'auto'")
+
+    monkeypatch.setattr("fedtune.simulation.engine.simulate", unreachable)
+    monkeypatch.setattr("fedtune.simulation.engine.check_cluster", lambda address: None)
+    out = tmp_path / "run"
+    if made_by_user:
+        out.mkdir()
+    result = CliRunner().invoke(cli, ["simulate", "--ray-address", "auto", "--clients", "2", "--rounds", "1",
+                                      "--examples", "60", "--out", str(out)])
+    assert result.exit_code == 2 and "Could not join" in result.stderr
+    assert (out.is_dir() and not any(out.iterdir())) if made_by_user else not out.exists()

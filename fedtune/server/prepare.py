@@ -192,7 +192,8 @@ def continue_run(path: Path, rounds: int | None = None, ray_address: str | None 
     _check_data_unchanged(cfg, run)
     if latest is not None and ledger is not None and cfg.rounds > latest.round:
         _check_budget_left(cfg, run.ledger_to_resume(latest), path, latest.round, run.engine)
-    write_text_atomic(run.path / CONFIG, dump_config(cfg))
+    with run.served():  # a run another server is serving keeps its config (its `rounds`) as it is
+        write_text_atomic(run.path / CONFIG, dump_config(cfg))
     return cfg, run
 
 

@@ -277,7 +277,8 @@ def _metrics_problem(metrics: object, trained: bool, schedule: Schedule | None =
             return f"metric {key} is {metrics[key]}, expected a whole number up to {MAX_COUNT:.0e}"
     if metrics[k.SAMPLE_RATE] > 1:
         return f"metric {k.SAMPLE_RATE} is {metrics[k.SAMPLE_RATE]}, expected a probability (<= 1)"
-    if metrics[k.DELTA] >= 1 or (trained and metrics[k.DELTA] <= 0 < metrics[k.NOISE_MULTIPLIER]):
+    noised = trained or metrics[k.STEPS] > 0  # a refused or failed reply that took steps is on the ledger too
+    if metrics[k.DELTA] >= 1 or (noised and metrics[k.DELTA] <= 0 < metrics[k.NOISE_MULTIPLIER]):
         return f"metric {k.DELTA} is {metrics[k.DELTA]}, expected a δ in (0, 1)"
     if trained and metrics[k.NUM_EXAMPLES] <= 0:
         return f"trained but reports {k.NUM_EXAMPLES}={metrics[k.NUM_EXAMPLES]}: nothing to weigh the update by"

@@ -294,3 +294,17 @@ def _serve_briefly(path: str) -> None:
             raise SystemExit(0)
     except FedtuneError:
         raise SystemExit(3) from None
+
+
+def test_a_resume_of_a_run_being_served_leaves_its_config_as_it_is(tmp_path):
+    """A review: the second server was refused only in serve(), after continue_run had already rewritten
+    config.toml with its own `rounds`, and the first run then read as unfinished."""
+    from fedtune.errors import FedtuneError
+    from fedtune.server.prepare import continue_run
+
+    run = RunDirectory.create(tmp_path / "run", FedtuneConfig().with_overrides({"rounds": 2}))
+    before = (run.path / "config.toml").read_bytes()
+    with run.served(), pytest.raises(FedtuneError, match="in use by another fedtune server"):
+        continue_run(run.path, rounds=20)
+    assert (run.path / "config.toml").read_bytes() == before
+    assert continue_run(run.path, rounds=3)[0].rounds == 3, "once the other server is done"

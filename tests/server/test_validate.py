@@ -384,3 +384,20 @@ def test_under_client_side_adaptive_clipping_each_update_must_carry_its_norm_bit
     for other in ({"dp.client_dp": "fixed"}, {"dp.client_dp_side": "server"}):  # no norm_bit asked of a client
         plain = Schedule.of(FedtuneConfig.from_flat({**adaptive.to_flat(), **other}), 0.1, 0.0)
         assert not plain.norm_bit and reply_problem(replies[2], reference(), schedule=plain) is None
+
+
+@pytest.mark.parametrize("status", [k.STATUS_REFUSED, k.STATUS_FAILED, k.STATUS_DECLINED])
+def test_a_reply_that_took_noised_steps_needs_a_delta_whatever_its_status(status):
+    """A review: δ = 0 with σ > 0 was refused only on trained replies, so a `failed` reply with 4 steps and δ = 0 went
+    into the ledger, which every reader then refused as damaged (the run crashed after its last round)."""
+    from fedtune.privacy.ledger import LedgerEntry, PrivacyLedger
+
+    values = metrics(**{k.DELTA: 0.0})
+    bad = reply(1, status=status, metric_values=values)
+    kept, rejected = reject_malformed([bad], reference())
+    assert kept == [] and "δ" in rejected[0][1]
+    no_steps = reply(2, status=status, metric_values=metrics(**{k.DELTA: 0.0, k.STEPS: 0}))
+    assert reject_malformed([no_steps], reference())[0] == [no_steps], "no step: no δ needed"
+    with pytest.raises(ValueError, match="delta"):  # what the ledger would have held
+        PrivacyLedger.from_dict({"accountant": "prv", "dp_enabled": True, "clients": {"a": [
+            LedgerEntry.from_report(1, status, values, "prv").to_dict()]}})

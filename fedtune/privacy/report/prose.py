@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import constants as k
+from fedtune.privacy.accountant import MAX_PRV_POINTS, MAX_PRV_SEGMENTS
 from fedtune.privacy.policy import SOURCES
 from fedtune.privacy.report import evidence
 from fedtune.privacy.report.figures import count, eps, g, ratio
@@ -303,7 +304,10 @@ def _method(r: ReportData) -> list[Block]:
                       f"ε computed at δ − δ/1000 (δ/1000 = {g(a.delta_error)}) plus {a.eps_error:g}. By the "
                       f"method's error analysis the exact ε at δ lies inside that interval, so the reported value "
                       f"does not understate it; it overstates it by at most the interval's width, about "
-                      f"{2 * a.eps_error:g}.")
+                      f"{2 * a.eps_error:g}. For a history PRV would take too long over (more than "
+                      f"{MAX_PRV_SEGMENTS} segments of distinct σ and q, as an institution's state across many runs "
+                      f"can hold, or a grid of more than {MAX_PRV_POINTS:.0e} points) ε is the RDP accountant's "
+                      "instead, a looser upper bound of the same mechanism, by the same rule on client and server.")
     elif a.name == "skellam":
         accountant = (f"**Skellam accountant** (fedtune's privacy/skellam.py), for distributed DP's integer shares. "
                       f"Each step is the Skellam mechanism (Agarwal, Kairouz, Liu 2021) with a variance chosen so "
