@@ -50,8 +50,9 @@ MAX_PRV_POINTS = 2 * 10**7
 # PRV composes one discretized distribution per (σ, q) segment of the history (consecutive equal ones
 # joined, `merged`), at about 0.1-0.4 s each here: a node that alternates its σ every round would make the
 # server's recomputation of its ε (server/spending.py) take minutes a round. A run keeps one σ per client
-# (privacy/budget.py::client_dp reuses the first round's), so an honest history has a few segments. Past
-# this many, ε is RDP's, as past MAX_PRV_POINTS: an upper bound, the same on client and server.
+# (privacy/budget.py::client_dp reuses the first round's); an institution's state spans its runs, though,
+# and one in more than this many runs of different σ is accounted by RDP from then on. Past this many, ε
+# is RDP's, as past MAX_PRV_POINTS: an upper bound, the same on client and server.
 MAX_PRV_SEGMENTS = 16
 
 
