@@ -502,3 +502,17 @@ def test_refusals_are_in_the_summary_and_a_run_with_lost_replies_does_not_claim_
     said = " ".join(markdown(lost).split())
     assert "so no privacy was spent" not in said and "No institution's spending is on record" in said
     assert "as far as this ledger shows" in said and "solved from the target ε" in said
+
+
+def test_this_runs_epsilon_composes_a_run_of_one_sigma_as_one_segment(monkeypatch):
+    """PRV composes one distribution per entry it is given: 200 rounds of one σ, passed entry by entry, took the
+    report over two minutes a client (30 rounds: 2.3 s against 0.05 s joined), for the same ε."""
+    from fedtune.privacy.ledger import LedgerEntry
+    from fedtune.privacy.report import numbers
+
+    given = []
+    monkeypatch.setattr(numbers, "epsilon", lambda kind, history, delta: given.append(history) or 1.0)
+    trained = [LedgerEntry(r, "trained", "prv", num_examples=64, noise_multiplier=1.2, max_grad_norm=1.0,
+                           sample_rate=0.25, steps=4, delta=1e-5, epsilon=1.0) for r in range(1, 201)]
+    numbers._this_run(trained, "prv", 1e-5)
+    assert given == [[(1.2, 0.25, 800)]]
