@@ -89,7 +89,8 @@ class LoraConfig:
         metadata={"help": "Module names that receive LoRA adapters. Empty: the attention projections of the "
                           "model's architecture (BERT-like: query, value; Llama-like: q_proj, k_proj, v_proj, "
                           "o_proj). Add the MLP by naming it (e.g. gate_proj, up_proj, down_proj), or give "
-                          "[\"all-linear\"] for every linear layer but the output layer."},
+                          "all-linear for every linear layer but the output layer (on the command line and in "
+                          "--run-config comma-separated: `all-linear`; in a config file a list: [\"all-linear\"])."},
     )
     modules_to_save: tuple[str, ...] = field(
         default=("pooler",),
@@ -379,7 +380,8 @@ class StrategyConfig:
     max_update_norm: float = field(
         default=math.inf,
         metadata={"help": "Reject an update whose L2 norm (reply minus the global adapter sent, over all tensors) "
-                          "exceeds this; the client is recorded as failed with the reason. inf: no bound."})
+                          "exceeds this; the client is recorded as `rejected` with the reason (its ε still "
+                          "counts). inf: no bound."})
     fraction_train: float = field(default=1.0, metadata={"help": "Fraction of clients sampled to train each round."})
     clients_per_round: int = field(
         default=0, metadata={"help": "Clients sampled to train each round; 0 means fraction_train of all clients."})
