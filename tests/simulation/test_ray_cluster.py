@@ -51,7 +51,8 @@ CLUSTER = textwrap.dedent("""
             return False
         return {pid for pid in parent if ours(pid) and open(f"/proc/{pid}/cmdline").read().startswith("ray::IDLE")}
 
-    for _ in range(360):  # up to 3 minutes: each imports torch and the client app, slowly beside other tests
+    for _ in range(600):  # up to 5 minutes: each imports torch and the client app, slowly beside other tests
+        # (a CI run beside a deployment test took over 3 minutes once)
         if len(idle := idle_workers()) >= usable_cpus():  # Ray starts one per CPU
             break
         time.sleep(0.5)
@@ -91,7 +92,7 @@ CLUSTER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def cluster() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    out = subprocess.run([sys.executable, "-c", CLUSTER], env=env, capture_output=True, text=True, timeout=480)
+    out = subprocess.run([sys.executable, "-c", CLUSTER], env=env, capture_output=True, text=True, timeout=720)
     said = dict(line.split(" ", 1) for line in out.stdout.splitlines()
                 if line.startswith(("outsider", "holder", "restarted", "placed", "preloaded_threads", "cores")))
     return {**said, "log": out.stdout + out.stderr[-2000:]}
