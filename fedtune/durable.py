@@ -42,6 +42,24 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     _sync_directory(path.parent)
 
 
+def write_new_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write a file that must not exist yet, whole or not at all: the bytes go to a temp file with
+    `mode`, fsynced, which is then hard-linked to `path` (a link, unlike a rename, fails with
+    FileExistsError when the name is taken). A crash leaves no cut-short file for the next run to
+    refuse or, worse, read."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _sync_directory(path.parent)
+
+
 def _sync_directory(directory: Path) -> None:
     """Make a rename in `directory` durable: without this a power loss can bring back the old file
     (a ledger that forgot spending). Skipped where directories cannot be opened (Windows)."""

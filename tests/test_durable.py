@@ -74,3 +74,22 @@ def test_a_failed_adapter_save_leaves_the_old_adapter_and_no_staging_copy(tmp_pa
         save_adapter(Failing(), tmp_path / "adapter")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
     assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}"
+
+
+def test_a_new_file_is_whole_or_absent_and_never_replaces_one(tmp_path, monkeypatch):
+    """deploy/certs.py's keys: written with O_EXCL straight to their names, a crash mid-write left a cut-short
+    private key that the next `prepare` refused to overwrite. Now a temp file is linked into place whole."""
+    key = tmp_path / "node.key"
+    durable.write_new_atomic(key, b"secret", 0o600)
+    assert key.read_bytes() == b"secret" and (key.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):
+        durable.write_new_atomic(key, b"other", 0o600)
+    assert key.read_bytes() == b"secret"
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(durable.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        durable.write_new_atomic(tmp_path / "ca.crt", b"certificate", 0o644)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key"], "no half file, no temp file"

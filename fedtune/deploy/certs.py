@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.durable import write_new_atomic
 from fedtune.errors import ConfigError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -145,9 +145,7 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    write_new_atomic(path, data, 0o600 if private else 0o644)
 
 
 def _made_lines(made: DevCertificates, hosts: Sequence[str]) -> list[str]:

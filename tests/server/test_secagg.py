@@ -69,6 +69,7 @@ class LoopbackGrid:
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
                          for node in changes}
         self.replies: list[Message] = []
+        self.sent: list[Message] = []
 
     @staticmethod
     def _crashing(msg: Message, context: Context) -> Message:
@@ -80,6 +81,7 @@ class LoopbackGrid:
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for msg in messages:
+            self.sent.append(msg)
             node = msg.metadata.dst_node_id
             msg = copy.deepcopy(msg)  # each node gets its own copy, as over the wire (the stages share content)
             try:
@@ -315,3 +317,23 @@ def test_the_record_counts_beside_a_masked_sum_cannot_break_or_dominate_the_dist
     assert usable_records([40, 60, -100]) == usable_records([40, 60, 0]) == usable_records([40, 60, True]) == 140
     assert usable_records([40, 60, 10**8]) == 40 + 60 + 600  # at most 10× the lower median (60)
     assert usable_records([None]) == 1.0
+
+
+@pytest.mark.parametrize("clients", [2, 3, 4, 5, 7, 10])
+def test_the_reports_threshold_sentence_is_the_threshold_flower_sends_in_setup(clients):
+    """The privacy report says the server needs max(2, round(2m/3)) institutions' shares to unmask one;
+    that is only true if Flower's SecAgg+ setup, with fedtune's arguments, sends that threshold."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from fedtune.privacy.report.prose import _threshold_example
+    grid = LoopbackGrid({node: update(node) for node in range(1, clients + 1)})
+    run_round(cfg_for(clients), grid)
+    setup = [r for r in grid.replies if not r.has_error() and RECORD_KEY_CONFIGS in r.content.config_records]
+    sent = {(m.content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD],
+             m.content.config_records[RECORD_KEY_CONFIGS][Key.SHARE_NUMBER])
+            for m in grid.sent if RECORD_KEY_CONFIGS in m.content.config_records
+            and Key.THRESHOLD in m.content.config_records[RECORD_KEY_CONFIGS]}
+    assert setup and len(sent) == 1
+    threshold, shares = sent.pop()
+    assert shares == clients  # every institution holds a share of every other's key
+    assert _threshold_example(clients) == f", {threshold} of this run's {clients} when all take part"
