@@ -2,6 +2,8 @@
 its integers, the coordinator decodes the exact integer sum, and an institution's DP-SGD step produces an
 integer share whose noise is Skellam of the share's variance."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -135,24 +137,28 @@ def test_an_institution_shares_its_noise_only_as_far_as_its_own_node_config_allo
     assert simulated.refusal(cfg.dp, 100) is None
 
 
-def test_a_noise_only_share_has_the_variance_of_a_trained_shares_noise(monkeypatch):
-    """An institution that did not train submits Skellam noise of the same variance as a trained share's."""
+def test_a_noise_only_share_is_fresh_skellam_noise_of_a_trained_shares_variance():
+    """An institution that did not train submits Skellam noise of the same variance as a trained share's, drawn
+    afresh (a review: a stub stood in for the noise itself, so a share of zeros, which removes one of the t noise
+    shares the others count on, went unseen). The real share as it is encoded for SecAgg+, decoded."""
     from flwr.app import Array, ArrayRecord
 
     from fedtune.client import app as client_app
     from fedtune.config import FedtuneConfig
-    from fedtune.privacy import distributed, skellam
+    from fedtune.privacy import skellam
 
-    variances = []
-    def record(shapes, variance):
-        variances.append(variance)
-        return [np.zeros(shape, np.int64) for shape in shapes]
-
-    monkeypatch.setattr(distributed, "noise_only_share", record)
     cfg = FedtuneConfig.from_flat({"clients": 4, "dp.secagg": True, "dp.distributed_min_honest": 4,
                                    "dp.noise_multiplier": 1.5, "train.optimizer": "sgd"})
-    client_app._noise_share(ArrayRecord({"a": Array(np.zeros((3, 5), np.float32))}), cfg, 2**20)
-    assert variances == [skellam.share_variance(1.5, 15, 4)]
+    q = quantization_range(4)
+    start = ArrayRecord({"a": Array(np.zeros((300, 400), np.float32)), "b": Array(np.zeros(40_000, np.float32))})
+    shares = [client_app._noise_share(start, cfg, q) for _ in range(2)]
+    # one submitter's encoded share is the mean SecAgg+ hands back for it (exact: the quantizer tests above)
+    decoded = [np.concatenate([decode_sum(share[n].numpy(), 1, q).ravel() for n in ("a", "b")]) for share in shares]
+    expected = skellam.share_variance(1.5, 160_000, 4)
+    for noise in decoded:
+        assert abs(noise.mean()) < 5 * math.sqrt(expected / noise.size)
+        assert noise.var() == pytest.approx(expected, rel=0.02)
+    assert not np.array_equal(decoded[0], decoded[1]), "each share is drawn afresh"
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 20, 31, 32, 100])
