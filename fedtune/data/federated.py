@@ -158,7 +158,7 @@ def _federated_data(data: DataConfig, num_clients: int, seed: int, stamp: Any) -
         pool, test = holdout_split(len(texts), data.test_fraction, seed)
         parts = partition_indices(labels, pool, num_clients, data.partition, data.alpha, seed, groups=groups,
                                   group_column=data.partition_column, shards_per_client=data.shards_per_client)
-        splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
+        splits = tuple(split_client(p, texts, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
     client_ids = tuple(groups[p[0]] for p in parts) if data.partition == "column" else ()
     fed = FederatedData(texts, labels, names, tuple(test), splits, client_ids, skipped, notes=notes, users=users)
@@ -207,7 +207,7 @@ def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ..
                         "fedtune server, which fixes the list from its data.")
     records = load_labeled_texts(data)
     ids = encode_labels(records, data.labels)
-    split = own_split(len(records), records.users, data.client_val_fraction, seed)
+    split = own_split(records.texts, records.users, data.client_val_fraction, seed)
 
     def pick(part: Sequence[int]) -> Texts:
         return [records.texts[i] for i in part], [ids[i] for i in part]

@@ -39,6 +39,10 @@ class Conversation:
 
     turns: tuple[tuple[str, str], ...]
 
+    def key(self) -> str:
+        """The conversation as one string, which decides its side of a client's validation split."""
+        return "\x1e".join(f"{role}\x1f{content}" for role, content in self.turns)
+
     def messages(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.turns]
 
@@ -244,7 +248,8 @@ def _federated_instructions(data: DataConfig, num_clients: int, seed: int, stamp
         pool, test = holdout_split(len(chats), data.test_fraction, seed)
         parts = partition_indices(groups, pool, num_clients, method, data.alpha, seed,
                                   shards_per_client=data.shards_per_client)
-        splits = tuple(split_client(p, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
+        keys = [chat.key() for chat in chats]
+        splits = tuple(split_client(p, keys, data.client_val_fraction, seed + cid) for cid, p in enumerate(parts))
     check_partitions(splits)
     fed = InstructData(chats, groups, names, method, tuple(test), splits, skipped, users=users)
     return with_canary_chats(fed, data.canaries, data.canary_repeats, seed) if data.canaries else fed
@@ -278,6 +283,6 @@ def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation],
     """Deployment: (train, validation) conversations from this node's own file (they never leave the
     process), split by user when data.user_column is set, and the user of each training one."""
     chats, _, users = load_instructions(data)
-    split = own_split(len(chats), users, data.client_val_fraction, seed)
+    split = own_split([chat.key() for chat in chats], users, data.client_val_fraction, seed)
     return ([chats[i] for i in split.train], [chats[i] for i in split.val],
             tuple(users[i] for i in split.train) if users else ())

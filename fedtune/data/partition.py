@@ -14,6 +14,7 @@ pandas and seaborn for its plots). Without a writable cache they partition again
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import io
 import random
@@ -124,19 +125,32 @@ def _check_groups(groups: Sequence[str], pool: Sequence[int], num_clients: int, 
                     f"Set `clients` to {len(in_pool)}.")
 
 
-def split_client(indices: Sequence[int], val_fraction: float, seed: int) -> ClientSplit:
-    """Keep a share of a client's examples for its own validation."""
-    order = list(indices)
-    random.Random(seed).shuffle(order)
-    num_val = int(len(order) * val_fraction)
-    if val_fraction > 0 and len(order) >= 2:
-        num_val = min(max(num_val, 1), len(order) - 1)
-    return ClientSplit(train=tuple(order[num_val:]), val=tuple(order[:num_val]))
+def split_client(indices: Sequence[int], keys: Sequence[str], val_fraction: float, seed: int) -> ClientSplit:
+    """Keep a share of a client's examples for its own validation. Each one's side follows from its own key
+    (`keys[i]`: its text, or its user's id) and the seed alone, never from the others or their number: a
+    shuffle of them all, which this was, moved dozens of other records between training and validation when
+    one record was added to a file, so two files that differ by one record gave training sets that differ by
+    many, and DP-SGD's guarantee (for training sets that differ by one) did not hold. About `val_fraction` of
+    them go to validation; a client with none left to train on is refused by check_partitions."""
+    if val_fraction <= 0:
+        return ClientSplit(train=tuple(indices), val=())
+    val = [in_validation(keys[i], val_fraction, seed) for i in indices]
+    return ClientSplit(train=tuple(i for i, v in zip(indices, val, strict=True) if not v),
+                       val=tuple(i for i, v in zip(indices, val, strict=True) if v))
+
+
+def in_validation(key: str, val_fraction: float, seed: int) -> bool:
+    """Whether the record (or user) of `key` is kept for validation: a hash of the seed and the key alone,
+    read as a number in [0, 1), below `val_fraction`."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
 def check_partitions(splits: Sequence[ClientSplit]) -> None:
     """Refuse a federation in which some client has nothing to train on."""
     for cid, split in enumerate(splits):
         if len(split.train) == 0:
-            raise DataError(f"Client {cid} has an empty training partition. Use fewer clients, more data, "
+            kept = (f" (all {len(split.val)} of its records went to its validation split: a lower "
+                    "data.client_val_fraction keeps fewer there)" if split.val else "")
+            raise DataError(f"Client {cid} has an empty training partition{kept}. Use fewer clients, more data, "
                             "or a less skewed partition (data.partition `iid` or a larger data.alpha).")

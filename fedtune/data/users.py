@@ -88,19 +88,27 @@ def by_user(labels: Sequence[int], users: Sequence[str], groups: Sequence[str], 
 
     splits = []
     for cid, part in enumerate(parts):
-        split = split_client(part, data.client_val_fraction, seed + cid)
+        split = split_client(part, ids, data.client_val_fraction, seed + cid)
         splits.append(ClientSplit(expand(split.train), expand(split.val)))
     return expand(test), tuple(splits), [list(expand(part)) for part in parts]
 
 
-def own_split(num_records: int, users: Sequence[str], val_fraction: float, seed: int) -> ClientSplit:
+def own_split(keys: Sequence[str], users: Sequence[str], val_fraction: float, seed: int) -> ClientSplit:
     """An institution's own file (deployment) split into training and validation records: by user
-    when `users` names each record's user, else by record."""
+    when `users` names each record's user, else by record (`keys`: each record's text). Each record's,
+    or user's, side follows from it alone (partition.split_client); none left to train on is refused."""
     if not users:
-        return split_client(range(num_records), val_fraction, seed)
-    ids, records = records_by_user(users)
-    split = split_client(range(len(ids)), val_fraction, seed)
-    return ClientSplit(*(tuple(i for user in part for i in records[user]) for part in (split.train, split.val)))
+        split = split_client(range(len(keys)), keys, val_fraction, seed)
+    else:
+        ids, records = records_by_user(users)
+        by_user = split_client(range(len(ids)), ids, val_fraction, seed)
+        split = ClientSplit(*(tuple(i for user in part for i in records[user])
+                              for part in (by_user.train, by_user.val)))
+    if keys and not split.train:
+        raise DataError(f"All {len(split.val)} {'users' if users else 'records'} of this institution's file went to "
+                        "its validation split, none to training: lower data.client_val_fraction (now "
+                        f"{val_fraction:g}) or add records.")
+    return split
 
 
 def _institution_of_each(ids: Sequence[str], records: Sequence[Sequence[int]], groups: Sequence[str],

@@ -231,14 +231,15 @@ def _latest_committed_ledger(run_dir: Path) -> tuple[int, PrivacyLedger] | None:
 
 
 def _same(row: LedgerEntry) -> tuple[str, ...]:
-    """What of an entry never changes once its round is committed: its round, status, figures and marks
-    (not state_lost and its recomputation, which the server may add)."""
+    """What of an entry never changes once its round is committed: its round, status, figures, reason, the
+    policy it was trained under (the report words against whom the guarantee holds from it) and marks (not
+    state_lost and its recomputation, which the server may add)."""
     return tuple(repr(getattr(row, field)) for field in _KEPT)
 
 
-_KEPT = ("round", "status", "num_examples", "noise_multiplier", "distributed_min_honest", "max_grad_norm",
-         "sample_rate", "steps", "delta", "epsilon", "epsilon_other", "interrupted", "recorded_late",
-         "recorded_round", "run")
+_KEPT = ("round", "status", "accountant", "num_examples", "noise_multiplier", "distributed_min_honest",
+         "max_grad_norm", "sample_rate", "steps", "delta", "epsilon", "epsilon_other", "reason", "policy",
+         "adopted_ledger_spending", "interrupted", "recorded_late", "recorded_round", "run")
 PLACEHOLDER = re.compile(r"node-\d+")  # a node whose client was not known yet (server/rounds.py)
 
 

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from fedtune.config import DataConfig
 from fedtune.data.demo import LABELS, make_demo_dataset
 from fedtune.data.federated import federated_data
-from fedtune.data.partition import holdout_split, partition_indices, split_client
+from fedtune.data.partition import holdout_split, in_validation, partition_indices, split_client
 from fedtune.data.text import pad_batch
+from fedtune.data.users import own_split
 from fedtune.errors import DataError
 
 
@@ -67,10 +68,38 @@ def test_holdout_and_iid_partitions_never_lose_or_duplicate_examples(n, clients,
         assert sorted(i for p in parts for i in p) == sorted(pool)
 
 
-@given(size=st.integers(1, 50), frac=st.floats(0.0, 0.9))
-def test_client_split_keeps_at_least_one_training_example(size, frac):
-    split = split_client(range(size), frac, 0)
-    assert len(split.train) >= 1 and len(split.train) + len(split.val) == size
+@given(size=st.integers(1, 50), frac=st.floats(0.0, 0.9), seed=st.integers(0, 10**6))
+def test_client_split_loses_and_duplicates_nothing(size, frac, seed):
+    keys = [f"record {i}" for i in range(size)]
+    split = split_client(range(size), keys, frac, seed)
+    assert sorted(split.train + split.val) == list(range(size))
+
+
+def test_one_record_more_or_less_changes_a_clients_training_set_by_that_record_alone():
+    """A review: a shuffle of all the records decided the validation split, so a file with one record removed
+    had dozens of other records change sides (63 to 139 of 1,000), and DP-SGD's add/remove-one guarantee did
+    not hold for the training sets. Each record's side now follows from its own text."""
+    texts = [f"customer query number {i}" for i in range(1000)]
+    full = split_client(range(1000), texts, 0.1, 7)
+    assert 60 <= len(full.val) <= 140, "about a tenth kept for validation"
+    for gone in (0, 500, 999):
+        rest = texts[:gone] + texts[gone + 1:]
+        fewer = split_client(range(999), rest, 0.1, 7)
+        assert {rest[i] for i in fewer.train} == {texts[i] for i in full.train} - {texts[gone]}
+        assert {rest[i] for i in fewer.val} == {texts[i] for i in full.val} - {texts[gone]}
+
+
+def test_an_institutions_users_keep_their_side_whoever_else_is_in_the_file():
+    """By user (dp.unit `user`): one person added to the file moves no other person between the splits."""
+    users = [f"patient-{i // 3}" for i in range(300)]
+    texts = [f"note {i}" for i in range(300)]
+    full = own_split(texts, users, 0.2, 3)
+    fewer = own_split(texts[3:], users[3:], 0.2, 3)  # patient-0's three notes gone
+    assert {users[3:][i] for i in fewer.train} == {users[i] for i in full.train} - {"patient-0"}
+    assert {users[3:][i] for i in fewer.val} == {users[i] for i in full.val} - {"patient-0"}
+    kept_back = next(key for key in map(str, range(100)) if in_validation(key, 0.5, 0))
+    with pytest.raises(DataError, match="client_val_fraction"):
+        own_split([kept_back], [], 0.5, 0)
 
 
 def test_batches_are_padded_to_their_longest_text_only():

@@ -22,6 +22,7 @@ from fedtune.data.federated import (
     resolve_data,
     sort_labels,
 )
+from fedtune.data.partition import in_validation
 from fedtune.data.summary import (
     LABELS_FILE,
     PLOT_FILE,
@@ -233,7 +234,8 @@ def test_a_node_reads_its_own_file_with_the_runs_labels(tmp_path):
     own = node_data_config(run_data, node)
     assert own.path == str(path) and own.labels == run_data.labels
     (train_texts, train_ids), (val_texts, val_ids), users = local_data(own, seed=0)
-    assert len(train_texts) + len(val_texts) == 50 and len(val_texts) == 5
+    assert len(train_texts) + len(val_texts) == 50 and 0 < len(val_texts) < 15  # about data.client_val_fraction
+    assert all(in_validation(text, own.client_val_fraction, 0) for text in val_texts)  # each by its own text
     assert {run_data.labels[i] for i in train_ids + val_ids} == {"pets", "sport"}
     assert set(train_texts).isdisjoint(val_texts) and users == ()
 
@@ -243,8 +245,8 @@ def test_node_config_can_name_its_own_columns(tmp_path):
     path.write_text('{"body": "a note", "y": "pets"}\n{"body": "another", "y": "sport"}\n')
     run_data = dataclasses.replace(DataConfig(), labels=tuple(sorted(TOPICS)))
     own = node_data_config(run_data, {k.DATA_PATH: str(path), k.DATA_TEXT_COLUMN: "body", k.DATA_LABEL_COLUMN: "y"})
-    (texts, ids), _, _ = local_data(own, seed=0)
-    assert len(texts) == 1 and own.source == "file"
+    (texts, ids), (val, _), _ = local_data(own, seed=0)
+    assert sorted(texts + val) == ["a note", "another"] and own.source == "file"
 
 
 def test_a_node_with_an_unknown_label_or_no_label_list_fails_clearly(tmp_path):
