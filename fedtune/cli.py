@@ -129,6 +129,8 @@ def _privacy_verify(run_dir: Path) -> None:
                       "or the one it stopped in (the institutions' own ledger copies hold it; a resumed run records "
                       "it).", style="yellow",
                       markup=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"Note: {note}", style="yellow", markup=False, soft_wrap=True)
     for violation in result.violations:
         print(violation.line())
     checked = f"{result.clients} clients, {result.entries} ledger entries"

@@ -75,6 +75,7 @@ class Verification:
     clients: int
     entries: int
     violations: list[Violation]
+    notes: tuple[str, ...] = ()  # checks that could not run, said aloud: a pass is then a pass of the others
 
     @property
     def passed(self) -> bool:
@@ -82,7 +83,7 @@ class Verification:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "clients": self.clients, "entries": self.entries,
-                "violations": [asdict(v) | {"line": v.line()} for v in self.violations]}
+                "violations": [asdict(v) | {"line": v.line()} for v in self.violations], "notes": list(self.notes)}
 
 
 def verify_run(run_dir: Path) -> Verification:
@@ -98,9 +99,10 @@ def verify_run(run_dir: Path) -> Verification:
     if run.dp_on and cfg.dp.distributed_min_honest:
         violations += list(_one_sigma_a_round(clients, cfg.dp.distributed_min_honest, run.older))
     violations += list(_committed_entries(run_dir, clients))
+    notes = tuple(_committed_record_note(run_dir, clients))
     violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=_rounds_run_again(clients),
                                      committed=_committed_rounds(run_dir)))
-    return Verification(len(clients), sum(len(rows) for rows in clients.values()), violations)
+    return Verification(len(clients), sum(len(rows) for rows in clients.values()), violations, notes)
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,19 @@ def _committed_entries(run_dir: Path, clients: dict[str, tuple[LedgerEntry, ...]
                                   "holds, unchanged", "none alike in privacy_ledger.json: it was dropped or changed "
                                   f"after round {round_} was committed, so the ledger may understate what was spent; "
                                   "the checkpoint's copy is the committed record")
+
+
+def _committed_record_note(run_dir: Path, clients: dict[str, tuple[LedgerEntry, ...]]) -> Iterator[str]:
+    """What the committed-record check could not see: a ledger with entries beside no readable checkpoint
+    (deleted, or every one damaged), or a newest checkpoint that did not load (an older one was read)."""
+    found = sorted((run_dir / "checkpoints").glob("round_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    committed = _latest_committed_ledger(run_dir)
+    if committed is None and any(clients.values()):
+        yield ("The check that committed rounds' entries are unchanged did not run: the run directory holds no "
+               "readable checkpoint (checkpoints/round_*.pt), so a dropped or rewritten entry would go unseen.")
+    elif committed is not None and found and committed[0] != int(re.findall(r"\d+", found[-1].stem)[-1]):
+        yield (f"The newest checkpoint ({found[-1].name}) did not load, so committed entries were checked against "
+               f"round {committed[0]}'s copy, the newest readable one.")
 
 
 def _latest_committed_ledger(run_dir: Path) -> tuple[int, PrivacyLedger] | None:

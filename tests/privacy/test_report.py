@@ -337,7 +337,9 @@ def test_the_report_says_only_what_is_true_about_costs_inputs_and_n(tmp_path):
 def test_the_independent_check_is_embedded(tmp_path):
     history = [(1.0, 0.25, 4)]
     right = trained(1, epsilon("prv", history, 1e-5), num_examples=64)
-    assert "**Every check passed.**" in _text(tmp_path / "ok", [right])
+    text = _text(tmp_path / "ok", [right])
+    # this run directory has no checkpoint: the committed-record check could not run, and the report says so
+    assert "**Every check that could run passed.**" in text and "holds no readable checkpoint" in text
     low = {**right, "epsilon": right["epsilon"] / 2}
     text = _text(tmp_path / "low", [low])
     assert "It found 1 violation" in text and "a round 1: epsilon: expected" in text
@@ -354,7 +356,7 @@ REPORT_KEYS = ("generated_by", "run_dir", "dp_enabled", "unit", "neighbouring_re
 def test_the_numbers_are_typed_and_their_dict_is_the_report_json(three_clients):
     """privacy_report.json keeps its keys and their order; every part is a frozen dataclass."""
     report = build_report(three_clients)
-    assert isinstance(report.clients[0], ClientRow) and report.verification.passed in (True, False)
+    assert isinstance(report.clients[0], ClientRow) and report.verification.passed is False  # ε made up here
     with pytest.raises(dataclasses.FrozenInstanceError):
         report.epsilon_max = 0.0
     data = report.to_dict()
@@ -516,3 +518,64 @@ def test_this_runs_epsilon_composes_a_run_of_one_sigma_as_one_segment(monkeypatc
                            sample_rate=0.25, steps=4, delta=1e-5, epsilon=1.0) for r in range(1, 201)]
     numbers._this_run(trained, "prv", 1e-5)
     assert given == [[(1.2, 0.25, 800)]]
+
+
+def _all_text(report) -> str:
+    from fedtune.privacy.report import prose
+
+    def flat(block) -> str:
+        if isinstance(block, str):
+            return block
+        if isinstance(block, list):
+            return " ".join(flat(b) for b in block)
+        return ""
+    return " ".join(flat(block) for _, blocks in prose.sections(report) for block in blocks)
+
+
+def test_under_distributed_dp_the_guarantee_is_of_the_sum_and_the_threshold_of_the_sampled_institutions(three_clients):
+    """A review: the report said each update an institution sent was protected at ε, but under distributed DP
+    each carries 1/t of the noise; and it counted SecAgg+'s threshold over all institutions, not a round's m."""
+    from fedtune.privacy.report.numbers import _accountant
+
+    base = build_report(three_clients)
+    settings = dataclasses.replace(base.settings, clients=30, clients_sampled=10)
+    report = dataclasses.replace(base, accountant=_accountant("skellam", 1e-5), settings=settings,
+                                 distributed={"min_honest": 4, "epsilon_own_share": 19.1, "sample_rate": 1.0})
+    text = _all_text(report)
+    assert "any update it sent" not in text and "that each institution sent to the server" not in text
+    assert "each round's sum of the institutions' updates" in text
+    assert ", 7 of the 10 this run samples a round when all take part" in text  # max(2, round(2·10/3))
+    assert "second implementation of the Skellam bound" in text and "independent of Opacus" not in text
+    assert "any update it sent" in _all_text(base)
+
+
+def test_without_dp_sgd_but_with_client_level_dp_no_section_denies_the_client_level_guarantee(three_clients):
+    """A review: "No accountant ran" and "Nothing ... for any release" beside a client-level ε an accountant
+    computed."""
+    account = {"clipping": "adaptive", "side": "client", "clipping_norm": 1.0, "noise_multiplier": 1.0,
+               "sample_rate": 1.0, "rounds": 3, "delta": 1e-5, "epsilon": 5.0, "accountant": "rdp"}
+    report = dataclasses.replace(build_report(three_clients), dp_enabled=False, client_level=account)
+    text = _all_text(report)
+    for denial in ("No accountant ran", "no formal guarantee for any release", "no guarantee to qualify"):
+        assert denial not in text
+    assert "The client-level ε is the RDP accountant's" in text and "Client-level DP covers each institution" in text
+    assert "NumPy's global generator" in text and "`norm_bit`: whether each institution's update was clipped" in text
+    assert "`norm_bit`" not in _all_text(dataclasses.replace(report, client_level={**account, "side": "server"}))
+
+
+def test_the_method_and_the_policy_sentences_follow_the_run(three_clients):
+    """A review: an RDP run called PRV's figure "a looser bound"; a user-level run's method clipped records;
+    an institution that set require-dp = false was said to refuse runs without DP."""
+    from fedtune.privacy.report import evidence, prose
+    from fedtune.privacy.report.numbers import _accountant
+
+    report = build_report(three_clients)
+    assert "a looser bound on the same steps" in " ".join(b for b in evidence.spent(report) if isinstance(b, str))
+    rdp = dataclasses.replace(report, accountant=_accountant("rdp", 1e-5))
+    rdp_text = " ".join(b for b in evidence.spent(rdp) if isinstance(b, str))
+    assert "looser" not in rdp_text and "PRV's is usually the tighter" in rdp_text
+    assert "every record's gradient is clipped" in _all_text(report)
+    users = _all_text(dataclasses.replace(report, unit="user"))
+    assert "every sampled user's gradient" in users and "every record's gradient is clipped" not in users
+    institution = prose._against_whom_by_policy(dataclasses.replace(report, policies=("node config",)))
+    assert "no DP unless its node config set `require-dp = false`" in institution

@@ -423,11 +423,19 @@ def test_an_entry_of_a_committed_round_dropped_or_changed_since_is_a_violation(t
     assert "round_0002.pt" in verify_run(dropped).violations[0].expected
     (dropped / "checkpoints" / "round_0003.pt").write_bytes(b"damaged")  # the newest unreadable: round 2's is read
     assert len(found(dropped)) == 3
-    (dropped / "checkpoints" / "round_0002.pt").unlink()  # none readable: nothing to compare with
-    assert verify_run(dropped).passed
+    assert verify_run(dropped).notes == ("The newest checkpoint (round_0003.pt) did not load, so committed entries "
+                                         "were checked against round 2's copy, the newest readable one.",)
+    (dropped / "checkpoints" / "round_0002.pt").unlink()  # none readable: nothing to compare with, and it is said
+    result = verify_run(dropped)
+    assert result.passed and len(result.notes) == 1 and "did not run" in result.notes[0]
+    assert not verify_run(path).notes, "a readable newest checkpoint: every check ran"
     changed = run(tmp_path / "changed", {"a": [a[0], {**a[1], "status": "declined", "steps": 0}, a[2]], "b": b})
     committed(changed, at_round_2, 2)
     assert found(changed) == [("a", 2, "entry")]
+    # the policy the report words "against whom" from, rewritten after the commit (a review: it was not compared)
+    policy = run(tmp_path / "policy", {"a": [{**row, "policy": "node config"} for row in a], "b": b})
+    committed(policy, {"a": [{**row, "policy": "run config"} for row in a[:2]], "b": b[:2]}, 2)
+    assert found(policy) == [("a", 1, "entry"), ("a", 2, "entry")]
 
 
 def test_a_failure_filed_under_a_nodes_placeholder_may_since_be_its_clients(tmp_path):

@@ -40,8 +40,11 @@ def spent(r: ReportData) -> list[Block]:
     if r.dp_enabled and r.epsilon_max_client:
         blocks.append(f"**Maximum across institutions: ε = {eps(r.epsilon_max)}** (`{r.epsilon_max_client}`) "
                       f"by the {kind} accountant" + (f"; the largest ε by the {other_kind} accountant is "
-                                                     f"{eps(r.epsilon_max_other)}, a looser bound on the same "
-                                                     f"steps (the budget is held by the {kind} accountant's ε, "
+                                                     f"{eps(r.epsilon_max_other)}, "
+                                                     + ("a looser bound on the same steps" if kind == "PRV" else
+                                                        "a second figure for the same steps (PRV's is usually the "
+                                                        "tighter)")
+                                                     + f" (the budget is held by the {kind} accountant's ε, "
                                                      "the run's)." if two else "."))
     blocks.append(
         "ε is cumulative: all the spending the institution's own privacy state holds, as of its latest ledger "
@@ -74,12 +77,17 @@ def independent_check(r: ReportData) -> list[Block]:
     v = r.verification
     if v is None:
         return ["Not run: config.toml could not be read, and the check needs the run's batch size and budget."]
+    how = ("with a second implementation of the Skellam bound (privacy/independent.py), converted to (ε, δ) by "
+           "Google's dp-accounting" if r.accountant.name == "skellam" else
+           "with Google's dp-accounting, an implementation independent of Opacus")
     intro = (f"`fedtune privacy-verify` recomputed every ε in the ledger ({v.entries} entries of {v.clients} "
-             "institutions) from its σ, q and steps with Google's dp-accounting, an implementation independent of "
-             "Opacus, and checked that no ε decreases, δ < 1/n, q and the steps match n and the batch size, no budget "
-             "was exceeded and the statuses are coherent.")
+             f"institutions) from its σ, q and steps {how}, and checked that no ε decreases, δ < 1/n, q and the "
+             "steps match n and the batch size, no budget was exceeded, the statuses are coherent and the entries "
+             "of committed rounds are as the newest checkpoint holds them.")
+    if v.notes:
+        intro += " " + " ".join(v.notes)
     if v.passed:
-        return [intro + " **Every check passed.**"]
+        return [intro + (" **Every check that could run passed.**" if v.notes else " **Every check passed.**")]
     shown = [item.line() for item in v.violations[:20]]
     more = len(v.violations) - len(shown)
     return [intro + f" **It found {count(len(v.violations), 'violation')}; do not rely on the figures above until "

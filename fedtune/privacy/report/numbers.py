@@ -32,11 +32,12 @@ REPORT_MD, REPORT_JSON, REPORT_HTML, PLOT_PNG = (
     "privacy_report.md", "privacy_report.json", "privacy_report.html", "privacy_epsilon.png")
 INF = "inf"
 EPSILON_KEYS = ("epsilon", "epsilon_rdp", "epsilon_prv")
-NEIGHBOURS = ("add/remove one record of one institution, with that institution's record count n public: q, the "
-              "number of steps and the averaging depend on n, and n is reported to the server in the clear")
+NEIGHBOURS = ("add/remove one record of one institution, with that institution's record count n public: the "
+              "averaging, and (unless train.sample_rate fixes them) q and the number of steps, depend on n, and n "
+              "is reported to the server in the clear")
 USER_NEIGHBOURS = ("add/remove one user of one institution with all of that user's records, with that institution's "
-                   "user count n public: q, the number of steps and the averaging depend on n, and n is reported to "
-                   "the server in the clear")
+                   "user count n public: the averaging, and (unless train.sample_rate fixes them) q and the number "
+                   "of steps, depend on n, and n is reported to the server in the clear")
 AUDIT_KEYS = ("round", "method", "canaries", "canaries_in", "canary_repeats", "guesses", "guesses_in",
               "guesses_out", "correct", "epsilon_lower_bound", "epsilon_theoretical", "delta", "confidence",
               "hypotheses", "auc", "tpr_at_fpr_0.01", "consistent")
@@ -71,6 +72,7 @@ class Settings:
 
     rounds: int | None = None
     clients: int | None = None
+    clients_sampled: int | None = None  # m: institutions a round (SecAgg+'s threshold is 2/3 of them)
     seed: int | None = None
     accountant: str | None = None
     noise_multiplier: float | None = None
@@ -329,7 +331,8 @@ def _settings(run_dir: Path) -> Settings:
     dp = cfg.dp
     cap = min(dp.epsilon_budget, dp.target_epsilon) if dp.target_epsilon > 0 else dp.epsilon_budget
     return Settings(
-        rounds=cfg.rounds, clients=cfg.clients, seed=cfg.seed, accountant=dp.accounting,
+        rounds=cfg.rounds, clients=cfg.clients, clients_sampled=cfg.clients_sampled(), seed=cfg.seed,
+        accountant=dp.accounting,
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, delta=dp.delta,
         epsilon_budget=_num(dp.epsilon_budget), target_epsilon=dp.target_epsilon or None, epsilon_cap=_num(cap),
         batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,

@@ -93,9 +93,13 @@ def _summary(r: ReportData) -> list[Block]:
                      "an institution's records changes" if r.unit != "user" else
                      " are protected person by person, by user-level differential privacy (user-level DP-SGD): "
                      "adding or removing any one person with all of their records at an institution changes")
-                  + " the probability of any update it sent by at most a factor of "
-                  "e^ε, except with probability δ" + (f" (for the largest ε here, e^ε ≈ {ratio(r.epsilon_max)})."
-                                                     if r.epsilon_max_client and r.epsilon_max != INF else ".")
+                  + (" the probability of any update it sent" if not r.distributed else
+                     " the probability of each round's sum of the institutions' updates, the only form in which "
+                     "secure aggregation let the server read them (one institution's share alone is protected far "
+                     "less: see the assumptions),")
+                  + " by at most a factor of e^ε, except with probability δ"
+                  + (f" (for the largest ε here, e^ε ≈ {ratio(r.epsilon_max)})."
+                     if r.epsilon_max_client and r.epsilon_max != INF else ".")
                   + " Smaller ε is stronger protection; at the ε of most deployed systems (1 to 10) the factor is "
                   "large, and the protection is against learning much about one record, not against any inference.",
                   " ".join(_facts(r)), _against_whom(r)]
@@ -137,7 +141,8 @@ def _against_whom_by_policy(r: ReportData) -> str:
     if policies == (INSTITUTION_POLICY,):
         return ("**Against the server**: the noise was added inside each institution before anything left it, under "
                 "the privacy policy in that institution's own node config: whatever the server asked, an institution "
-                "refused weaker settings (no DP, reproducible noise, δ or σ outside its limits). This holds provided "
+                "refused settings outside its limits (reproducible noise, δ or σ beyond them, and no DP unless its "
+                "node config set `require-dp = false`). This holds provided "
                 "each institution runs unmodified fedtune with the node config its operator set. Within those limits "
                 "the coordinator chose σ, q and the rounds, and so the ε reached: an institution whose node config "
                 "set no `epsilon-budget` (nor `min-noise-multiplier`) accepted whatever ε the run asked for. The "
@@ -218,7 +223,8 @@ def _protected(r: ReportData) -> list[Block]:
         f"Ledger: \"{r.unit}\".",
         "**Neighbouring datasets**: an institution's data with one record added or removed (add/remove-one), "
         "**with its record count n treated as public**. Each institution's sampling rate q = 1/⌈n/B⌉, its number "
-        "of steps and the scaling of its update follow from n, and n is sent to the server in the clear; the "
+        "of steps and the scaling of its update follow from n (where the run set `train.sample_rate`, q and the one "
+        "step a round are the run's whatever n is), and n is sent to the server in the clear; the "
         "(ε, δ) holds between neighbouring datasets run with the recorded q and steps. Opacus' accountants analyse "
         "each DP-SGD step as a Poisson-subsampled Gaussian mechanism under this relation (RDP: Mironov, Talwar & "
         "Zhang 2019; PRV: Gopi, Lee & Wutschitz 2021). If you need *replace-one* neighbours, a replacement is a "
@@ -246,7 +252,8 @@ def _protected_users(r: ReportData) -> list[str]:
         "there, each protected at its own ε.",
         "**Neighbouring datasets**: an institution's data with one person added or removed, **with all of their "
         "records** (add/remove-one user), with its number of users n treated as public. Each DP-SGD step samples "
-        "users, each independently with probability q = 1/⌈n/B⌉ (B: users a step), and uses at most "
+        "users, each independently with probability q = 1/⌈n/B⌉ (B: users a step; under `train.sample_rate`, the "
+        "run's rate), and uses at most "
         f"k = {k} records of each sampled user (a random k of a user with more). A user's "
         f"gradient is {how}, clipped to C; the step adds Gaussian noise of standard deviation σC to the sum over "
         "users. Adding or removing one user therefore changes that sum by at most C however many records they "
@@ -274,7 +281,10 @@ def _client_level(r: ReportData) -> list[Block]:
     return [f"Client-level DP was **on**: each institution's whole update was clipped and Gaussian noise was "
             f"added to the aggregate, so the released global model hides any one institution's participation "
             f"up to **ε = {eps(cl.get('epsilon'))} at δ = {g(cl.get('delta'))}**. This is central DP: the server "
-            "adds the noise and is trusted with the updates it sees.",
+            "adds the noise and is trusted with the updates it sees (under secure aggregation, their sum before the "
+            "noise), to flip each institution's coin for the cohort from its secure randomness as fedtune does, and "
+            "to draw the noise, which Flower takes from NumPy's global generator: seeded by the operating system, "
+            "but not a cryptographic generator.",
             [f"clipping: {cl.get('clipping')} ({cl.get('side')} side), norm {g(cl.get('clipping_norm'))}",
              f"noise multiplier: {g(cl.get('noise_multiplier'))}",
              f"sampling of institutions: {_cohort(cl)}",
@@ -295,6 +305,10 @@ def _cohort(cl: dict[str, Any]) -> str:
 
 def _method(r: ReportData) -> list[Block]:
     if not r.dp_enabled:
+        if r.client_level is not None:
+            return ["No DP-SGD accountant ran: DP-SGD was off, so the record-level ε is infinite. The client-level ε "
+                    f"is the {str(r.client_level.get('accountant', '')).upper()} accountant's, over the noised "
+                    "releases of the aggregate (the section on client-level differential privacy)."]
         return ["No accountant ran: DP-SGD was off, so ε is infinite."]
     a = r.accountant
     if a.name == "prv":
@@ -339,9 +353,9 @@ def _method(r: ReportData) -> list[Block]:
         "`train.sample_rate` (sampled rounds) or uses distributed DP, one step a round at that rate (q = 1 "
         "without it). Each round's q and steps are in the evidence below. A step whose Poisson batch is "
         "empty is still taken (noise only) and counted.",
-        ("**Each step**: every record's gradient is clipped to L2 norm C, and Gaussian noise of standard "
+        (f"**Each step**: every {_clipped(r)} is clipped to L2 norm C, and Gaussian noise of standard "
          "deviation σ·C is added to their sum." if a.name != "skellam" else
-         "**Each step**: every record's gradient is clipped to L2 norm C, scaled to integers and rounded at "
+         f"**Each step**: every {_clipped(r)} is clipped to L2 norm C, scaled to integers and rounded at "
          "random to a vector of bounded norm, and each institution adds Skellam noise to the sum of its "
          "records' vectors; the shares' noise sums to Skellam noise whose Rényi DP is at most the Gaussian's at "
          "σ (docs/privacy.md, \"Distributed DP over SecAgg+\").")
@@ -350,11 +364,26 @@ def _method(r: ReportData) -> list[Block]:
     ]]
 
 
+def _clipped(r: ReportData) -> str:
+    """What one step clips: a record's gradient, or under user-level DP a sampled user's (prose's _protected_users)."""
+    return ("sampled user's gradient (over at most k of their records, combined as \"What is protected\" says)"
+            if r.unit == "user" else "record's gradient")
+
+
 def _covers(r: ReportData) -> list[Block]:
     if not r.dp_enabled:
+        if r.client_level is not None:
+            return ["No record-level guarantee: DP-SGD was off. Client-level DP covers each institution as a whole "
+                    "in the global adapter of every round and in what is computed from it alone (the checkpoints, "
+                    "`adapter/`, the server's evaluation of them); not the updates the institutions sent, which the "
+                    "server sees (the section on client-level differential privacy)."]
         return ["Nothing: without DP-SGD there is no formal guarantee for any release."]
     return [[
-        "every round's adapter update (LoRA matrices and trained head) that each institution sent to the server;",
+        ("every round's adapter update (LoRA matrices and trained head) that each institution sent to the server;"
+         if not r.distributed else
+         "every round's sum of the institutions' adapter updates (LoRA matrices and trained head), the only form in "
+         "which secure aggregation revealed them to the server; one institution's share, were it exposed, only at "
+         "the own-share ε under the assumptions below;"),
         "by post-processing, everything computed from those updates alone: the aggregated adapter of every round, "
         "the checkpoints, the final adapter in `adapter/`, and the server's evaluation of them on its held-out data;",
         "FedProx's proximal step, which only uses the previous global adapter (post-processing).",
@@ -368,8 +397,14 @@ def _not_covered(r: ReportData) -> list[Block]:
          f"`{k.TRAIN_LOSS}` (mean "
          f"loss over the round's batches, computed from the records), `{k.STEPS}`, `{k.SAMPLE_RATE}` (which "
          f"also reveals the training-set size roughly), `{k.NOISE_MULTIPLIER}`, `{k.MAX_GRAD_NORM}`, `{k.DELTA}`, "
-         f"`{k.EPSILON}`, `{k.EPSILON_OTHER}`, `{k.BYTES_UP}`, and the institution's name and status "
+         f"`{k.EPSILON}`, `{k.EPSILON_OTHER}`, `{k.BYTES_UP}`, `{k.POLICY}`, `{k.LORA_RANK}` (heterogeneous ranks), "
+         f"`{k.DISTRIBUTED_MIN_HONEST}`, `{k.ADOPTED_LEDGER_SPENDING}`, `{k.UNRECORDED}` (the institution's own "
+         "entries for spending the server's ledger lacks), and the institution's name and status "
          "(trained or declined);",
+         *([f"under client-side adaptive clipping, `{k.NORM_BIT}`: whether each institution's update was "
+            "clipped, which the server reads per institution (even under secure aggregation) to adapt the "
+            "norm;"] if r.client_level is not None and r.client_level.get("clipping") == "adaptive"
+           and r.client_level.get("side") == "client" else []),
          f"after evaluation, each round: `{k.NUM_EXAMPLES}`, `{k.EVAL_LOSS}` and `{k.EVAL_ACCURACY}` on the "
          "institution's local validation split. Validation records are never used in training, so DP-SGD gives "
          f"them no protection at all. Under DP an institution's node config withholds these losses and scores "
@@ -409,7 +444,12 @@ def _assumptions(r: ReportData) -> list[Block]:
         "round whose projected ε after that round would exceed the budget.",
         *([_distributed(r)] if r.distributed else []),
     ]
-    return [items] if r.dp_enabled else ["None apply: without DP-SGD there is no guarantee to qualify."]
+    if r.dp_enabled:
+        return [items]
+    if r.client_level is not None:
+        return ["None of the record-level ones apply: DP-SGD was off. The client-level guarantee is central DP and "
+                "assumes what its section says of the server."]
+    return ["None apply: without DP-SGD there is no guarantee to qualify."]
 
 
 def _distributed(r: ReportData) -> str:
@@ -425,14 +465,14 @@ def _distributed(r: ReportData) -> str:
             f"against the coordinator too. Each institution refused to help unmask a sum with fewer than {t} "
             "shares. SecAgg+ keeps one institution's share hidden from a coordinator that follows the protocol "
             "unless it colludes with enough of that round's m institutions to rebuild that institution's masks: "
-            f"max(2, round(2m/3)) of them{_threshold_example(r.settings.clients)} (Flower's reconstruction "
+            f"max(2, round(2m/3)) of them{_threshold_example(r.settings.clients_sampled)} (Flower's reconstruction "
             "threshold as fedtune sets it). Should it collude with that many, or the shares be exposed otherwise, "
             f"what holds is an institution's own share alone: ε = {eps(own)} at the same δ." + _sampled_sum(r))
 
 
 def _threshold_example(m: int | None) -> str:
-    """SecAgg+'s threshold for this run's institutions, when every one of them takes part in a round."""
-    return f", {max(2, round(2 * m / 3))} of this run's {m} when all take part" if m else ""
+    """SecAgg+'s threshold for the m institutions the run samples a round, when every one of them takes part."""
+    return f", {max(2, round(2 * m / 3))} of the {m} this run samples a round when all take part" if m else ""
 
 
 def _gaussian_shares(t: int, own: Any) -> str:
@@ -514,7 +554,7 @@ def _delta_sentence(r: ReportData) -> str:
     failed = [name for name, ok in checks.items() if ok is False]
     unknown = [name for name, ok in checks.items() if ok is None]
     if failed:
-        return f"**It does not hold** for {', '.join(failed)}: their sampling rate shows n ≥ 1/δ."
+        return f"**It does not hold** for {', '.join(failed)}: their counts (or sampling rate) show n ≥ 1/δ."
     if unknown:
         return (f"The ledger cannot confirm it for {', '.join(unknown)}; check δ < 1/n against their "
                 f"{_units(r)[:-1]} counts.")
