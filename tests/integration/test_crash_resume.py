@@ -113,10 +113,13 @@ def test_killed_run_resumes_without_losing_or_resetting_budget(tmp_path, tiny_cl
             "the steps on record are the steps the client took, the crashed round's included"
     assert any(e.get("recorded_late") for entries in after.values() for e in entries), \
         "the spending of the round the crash cut short was reported late and recorded"
-    finished = [name for name, entries in after.items() if entries[-1]["status"] == "trained"]
-    for name in finished:  # a client that trained all planned rounds spent (almost) exactly its target
-        if sum(e["status"] == "trained" for e in after[name]) == 3:
-            assert after[name][-1]["epsilon"] == pytest.approx(TARGET, rel=0.01)
+    # Every institution that kept its state spent (almost) exactly its target: it trained the three planned
+    # rounds, or the round the crash cut short and two more (then declined the third, its budget spent). A
+    # review: this was checked only for clients whose last entry was a third trained round, which a race
+    # could leave none of.
+    for name, entries in after.items():
+        if name != LOST:
+            assert entries[-1]["epsilon"] == pytest.approx(TARGET, rel=0.01), name
 
 
 def test_ctrl_c_stops_the_run_within_seconds_and_it_resumes(tmp_path, tiny_classifier):
