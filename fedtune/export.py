@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 from fedtune.config import RUN_CONFIG
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import load_record
+from fedtune.models.build import tokenizer_pad_id
 from fedtune.models.pooling import write_mean_pooling_code
 from fedtune.server.run_dir import RunDirectory
 from fedtune.tasks.base import get_task
@@ -72,6 +73,7 @@ def export_run(run_dir: Path, adapter: Path | None = None, merged: Path | None =
             full = model.merge_and_unload()  # LoRA folded into the weights; the last use of `model`
 
             def write_merged(directory: Path) -> None:
+                tokenizer_pad_id(full, tokenizer)
                 full.save_pretrained(directory)
                 tokenizer.save_pretrained(directory)
                 if cfg.model.pooling == "mean":  # no stock classifier pools by the mean: ship its code

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from fedtune.config import LoraConfig, ModelConfig
+from fedtune.data.text import PAD_ID
 from fedtune.errors import ConfigError
 from fedtune.models.adapter import remember_initial_state
 from fedtune.models.lora_factors import freeze_shared_a
@@ -82,6 +83,25 @@ def lora_targets(base: torch.nn.Module, lora: LoraConfig) -> list[str] | str:
                       f"{', '.join(sorted(_linear_names(base)))}.")
 
 
+def read_at_own_last_token(base: torch.nn.Module) -> None:
+    """A decoder classifier (transformers' *ForSequenceClassification with a `score` head) reads each text at
+    its rightmost token that is not the config's pad id. fedtune pads every batch with PAD_ID (data/text.py),
+    which is not such a model's pad id (SmolLM2's is 2): a text shorter than its batchmates was then read at a
+    padding position the longest one set, so one record more changed the other records' gradients, beyond the
+    sensitivity C the noise covers. With PAD_ID as the pad id, the rightmost token that is not it lies in the
+    text itself. (Encoders pool by their first token or, fedtune's `mean`, by the attention mask.) export
+    gives a merged model its tokenizer's pad id back (`tokenizer_pad_id`)."""
+    if getattr(base, "score", None) is not None:
+        base.config.get_text_config().pad_token_id = PAD_ID
+
+
+def tokenizer_pad_id(merged: torch.nn.Module, tokenizer) -> None:
+    """A merged decoder classifier's config with its tokenizer's pad id again, for whoever batches with that
+    tokenizer (read_at_own_last_token set fedtune's)."""
+    if getattr(merged, "score", None) is not None:
+        merged.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+
+
 def _linear_names(model: torch.nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -103,6 +123,7 @@ def build_model(model: ModelConfig, lora: LoraConfig, num_labels: int, seed: int
     # Opacus issue #820: move to the device *before* wrapping with peft, or the LoRA
     # parameters that Opacus hooks are not the ones that train.
     base.to(model.device)
+    read_at_own_last_token(base)
     if model.pooling == "mean":
         use_mean_pooling(base)  # its pooler then has no weights, so it is never in modules_to_save
     present = {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if any(True for _ in m.parameters())}
