@@ -47,10 +47,10 @@ def write_new_atomic(path: Path, data: bytes, mode: int) -> None:
     `mode`, fsynced, which is then hard-linked to `path` (a link, unlike a rename, fails with
     FileExistsError when the name is taken). A crash leaves no cut-short file for the next run to
     refuse or, worse, read."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
+            os.chmod(tmp, mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -391,8 +391,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     elif len(val_data):
         model = _model(cfg, msg.content[k.ARRAYS], context)  # the global adapter at this client's rank
         scores = get_task(cfg.model.task).evaluate(model, val_data)
-    else:
-        scores = Scores(0.0, 0.0)
+    else:  # no validation records (data.client_val_fraction keeps about that share, sometimes none): no scores
+        scores = Scores(math.nan, math.nan)
     metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: scores.loss,
                             k.EVAL_ACCURACY: scores.accuracy})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)

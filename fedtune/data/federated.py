@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +118,24 @@ def resolve_data(data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, labels=label_names(data))
 
 
-def encode_labels(records: LabeledTexts, names: Sequence[str]) -> list[int]:
-    """Label ids under the run's label list; a label outside it is a DataError naming the rows."""
+def label_ids(records: LabeledTexts, names: Sequence[str]) -> list[int | None]:
+    """Each record's label id under the run's label list; None for a label outside it."""
     # A list saved before labels were normalised may name "2.0" where the file's label now reads "2".
     ids = {**{as_label_name(name): i for i, name in enumerate(names)}, **{name: i for i, name in enumerate(names)}}
-    unknown = [i for i, label in enumerate(records.labels) if label not in ids]
+    return [ids.get(label) for label in records.labels]
+
+
+def encode_labels(records: LabeledTexts, names: Sequence[str]) -> list[int]:
+    """Label ids under the run's label list; a label outside it is a DataError naming the rows."""
+    found = label_ids(records, names)
+    unknown = [i for i, label in enumerate(found) if label is None]
     if unknown:
         values = sorted({records.labels[i] for i in unknown})
         raise DataError(f"{records.name} has labels that are not in this run's label list ({', '.join(names)}): "
                         f"{listed(values)} ({records.where(unknown)}). The list is fixed when a run starts, so "
                         "every client and evaluation uses the same ids: fix those rows, or start a new run whose "
                         "data.labels names every label.")
-    return [ids[label] for label in records.labels]
+    return found  # type: ignore[return-value]  # none is None
 
 
 def federated_data(data: DataConfig, num_clients: int, seed: int) -> FederatedData:
@@ -194,8 +201,11 @@ def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataCo
     own = {field: str(node_config[key]) for key, field in NODE_DATA_KEYS.items() if key in node_config}
     fmt = own.pop("format", "auto")
     own.setdefault("user_column", "")
+    # A record at fault (an empty text, a malformed row, a label outside the run's list) is left out, never the
+    # whole file: an institution that failed every round because of one record would show the server, in its
+    # status, whether that record is there (local_data logs what it left out, here only).
     return dataclasses.replace(data, source="file", path=str(node_config[k.DATA_PATH]), format=fmt,
-                               partition="iid", partition_column="", **own)
+                               partition="iid", partition_column="", skip_invalid_rows=True, **own)
 
 
 def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ...]]:
@@ -206,10 +216,28 @@ def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ..
                         "(data.labels), so label ids could not match the other clients'. Start the run with a "
                         "fedtune server, which fixes the list from its data.")
     records = load_labeled_texts(data)
-    ids = encode_labels(records, data.labels)
-    split = own_split(records.texts, records.users, data.client_val_fraction, seed)
+    ids = label_ids(records, data.labels)
+    unknown = [i for i, label in enumerate(ids) if label is None]
+    left_out(data.path, [*records.skipped, *([f"{len(unknown)} {records.unit}s with a label outside this run's list "
+                                              f"({', '.join(data.labels)}): "
+                                              f"{listed(sorted({records.labels[i] for i in unknown}))} "
+                                              f"({records.where(unknown)})"] if unknown else [])])
+    keep = [i for i, label in enumerate(ids) if label is not None]
+    if not keep:
+        raise DataError(f"{data.path} has no record with a label in this run's list ({', '.join(data.labels)}).")
+    texts, users = [records.texts[i] for i in keep], [records.users[i] for i in keep] if records.users else []
+    split = own_split(texts, users, data.client_val_fraction, seed)
 
     def pick(part: Sequence[int]) -> Texts:
-        return [records.texts[i] for i in part], [ids[i] for i in part]
+        return [texts[i] for i in part], [ids[keep[i]] for i in part]  # type: ignore[misc]
 
-    return pick(split.train), pick(split.val), tuple(records.users[i] for i in split.train) if records.users else ()
+    return pick(split.train), pick(split.val), tuple(users[i] for i in split.train) if users else ()
+
+
+def left_out(path: str, problems: Sequence[str]) -> None:
+    """Say in this node's log which records of its own file were left out, and why: never to the server
+    (it can quote the records)."""
+    if problems:
+        from flwr.common.logger import log
+
+        log(WARNING, "fedtune: left out of %s, which trains on the rest: %s", path, "; ".join(problems))

@@ -21,7 +21,7 @@ from typing import Any
 from fedtune.config import DataConfig
 from fedtune.data.canaries import CANARY_GROUP, Canaries, canary_records, place, plan_canaries
 from fedtune.data.demo import COURSES, LABELS, SYMPTOMS, _urgency
-from fedtune.data.federated import file_stamp
+from fedtune.data.federated import file_stamp, left_out
 from fedtune.data.loaders import _check_file, _decode, _is_missing, as_label_name, infer_format, numbered
 from fedtune.data.partition import ClientSplit, check_partitions, holdout_split, partition_indices, split_client
 from fedtune.data.users import by_user, canary_user, own_split
@@ -282,7 +282,8 @@ def resolve_instructions(data: DataConfig) -> DataConfig:
 def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], tuple[str, ...]]:
     """Deployment: (train, validation) conversations from this node's own file (they never leave the
     process), split by user when data.user_column is set, and the user of each training one."""
-    chats, _, users = load_instructions(data)
+    chats, skipped, users = load_instructions(data)  # node_data_config leaves a record at fault out
+    left_out(data.path, skipped)
     split = own_split([chat.key() for chat in chats], users, data.client_val_fraction, seed)
     return ([chats[i] for i in split.train], [chats[i] for i in split.val],
             tuple(users[i] for i in split.train) if users else ())

@@ -142,7 +142,7 @@ def split_client(indices: Sequence[int], keys: Sequence[str], val_fraction: floa
 def in_validation(key: str, val_fraction: float, seed: int) -> bool:
     """Whether the record (or user) of `key` is kept for validation: a hash of the seed and the key alone,
     read as a number in [0, 1), below `val_fraction`."""
-    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 

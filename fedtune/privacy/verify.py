@@ -98,8 +98,9 @@ def verify_run(run_dir: Path) -> Verification:
         violations += list(_client(name, rows, run))
     if run.dp_on and cfg.dp.distributed_min_honest:
         violations += list(_one_sigma_a_round(clients, cfg.dp.distributed_min_honest, run.older))
-    violations += list(_committed_entries(run_dir, clients))
-    notes = tuple(_committed_record_note(run_dir, clients))
+    committed = _latest_committed_ledger(run_dir)
+    violations += list(_committed_entries(committed, clients))
+    notes = tuple(_committed_record_note(run_dir, committed, clients))
     violations += list(_client_level(ledger.client_level, cfg, ran=bool(clients), retried=_rounds_run_again(clients),
                                      committed=_committed_rounds(run_dir)))
     return Verification(len(clients), sum(len(rows) for rows in clients.values()), violations, notes)
@@ -188,13 +189,13 @@ def _committed_rounds(run_dir: Path) -> int:
                           "round).") from None
 
 
-def _committed_entries(run_dir: Path, clients: dict[str, tuple[LedgerEntry, ...]]) -> Iterator[Violation]:
+def _committed_entries(committed: tuple[int, PrivacyLedger] | None,
+                       clients: dict[str, tuple[LedgerEntry, ...]]) -> Iterator[Violation]:
     """Every entry of the ledger copy in the latest readable checkpoint (each commit saves the ledger with its
     round, server/run_dir.py's Checkpoint) is still in privacy_ledger.json, unchanged (_same): the spending of a
     committed round is only ever added to, never dropped or rewritten. An entry filed under a node's
     placeholder name may since have moved to its client (PrivacyLedger.attribute). A client dropped whole
-    shows as each of its entries missing."""
-    committed = _latest_committed_ledger(run_dir)
+    shows as each of its entries missing. `committed`: _latest_committed_ledger's."""
     if committed is None:
         return
     round_, saved = committed
@@ -213,14 +214,16 @@ def _committed_entries(run_dir: Path, clients: dict[str, tuple[LedgerEntry, ...]
                                   "the checkpoint's copy is the committed record")
 
 
-def _committed_record_note(run_dir: Path, clients: dict[str, tuple[LedgerEntry, ...]]) -> Iterator[str]:
+def _committed_record_note(run_dir: Path, committed: tuple[int, PrivacyLedger] | None,
+                           clients: dict[str, tuple[LedgerEntry, ...]]) -> Iterator[str]:
     """What the committed-record check could not see: a ledger with entries beside no readable checkpoint
-    (deleted, or every one damaged), or a newest checkpoint that did not load (an older one was read)."""
+    (deleted, damaged, or from a fedtune that kept no ledger copy in them), or a newest checkpoint that did
+    not load (an older one was read)."""
     found = sorted((run_dir / "checkpoints").glob("round_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
-    committed = _latest_committed_ledger(run_dir)
     if committed is None and any(clients.values()):
         yield ("The check that committed rounds' entries are unchanged did not run: the run directory holds no "
-               "readable checkpoint (checkpoints/round_*.pt), so a dropped or rewritten entry would go unseen.")
+               "checkpoint (checkpoints/round_*.pt) with a ledger copy that loads, so a dropped or rewritten entry "
+               "would go unseen.")
     elif committed is not None and found and committed[0] != int(re.findall(r"\d+", found[-1].stem)[-1]):
         yield (f"The newest checkpoint ({found[-1].name}) did not load, so committed entries were checked against "
                f"round {committed[0]}'s copy, the newest readable one.")

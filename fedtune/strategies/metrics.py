@@ -31,8 +31,8 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
         elif key in SENDER_MEAN_KEYS:
             sent = [v for v in values if v > 0]
             out[key] = sum(sent) / len(sent) if sent else 0.0
-        elif total > 0:
-            out[key] = sum(w * v for w, v in zip(weights, values, strict=True)) / total
+        elif total > 0:  # a reply of weight 0 (a client with no validation records: NaN scores) adds nothing
+            out[key] = sum(w * v for w, v in zip(weights, values, strict=True) if w > 0) / total
         else:
             out[key] = sum(values) / len(values)
     return out

@@ -249,14 +249,34 @@ def test_node_config_can_name_its_own_columns(tmp_path):
     assert sorted(texts + val) == ["a note", "another"] and own.source == "file"
 
 
-def test_a_node_with_an_unknown_label_or_no_label_list_fails_clearly(tmp_path):
+def test_a_record_at_fault_in_an_institutions_file_is_left_out_and_said_only_in_its_log(tmp_path):
+    """A review: one row with a label outside the run's list (or an empty text) failed the whole file, so the
+    institution failed every round, and the server saw in its status whether that one record was there. Such a
+    record is now left out on its own, and the node's log (never the reply) says which and why."""
+    import logging
+
     path = write_csv(tmp_path / "mine.csv", n=10, labels=("pets", "dragons"))
+    with path.open("a") as handle:
+        handle.write(",pets,H0\n")  # an empty text
     own = node_data_config(DataConfig(path="x.csv", labels=("pets", "sport")), {k.DATA_PATH: str(path)})
-    with pytest.raises(DataError, match=r"mine\.csv has labels that are not in this run's label list.*dragons"):
-        local_data(own, seed=0)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        (train, train_ids), (val, val_ids), _ = local_data(own, seed=0)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert sorted(train + val) == sorted(f"note {i} about pets" for i in range(0, 10, 2)), "the dragons rows left out"
+    assert set(train_ids + val_ids) == {0}
+    assert len(said) == 1 and "mine.csv" in said[0] and "dragons" in said[0] and "lines 3, 5, 7, 9, 11" in said[0]
+    assert "empty or missing text" in said[0]
     unlabelled = node_data_config(DataConfig(), {k.DATA_PATH: str(path)})
     with pytest.raises(DataError, match="server sent no label list"):
         local_data(unlabelled, seed=0)
+    none_known = node_data_config(DataConfig(path="x.csv", labels=("money", "sport")), {k.DATA_PATH: str(path)})
+    with pytest.raises(DataError, match="no record with a label in this run's list"):
+        local_data(none_known, seed=0)
 
 
 def test_the_client_app_trains_on_its_own_file_without_a_partition_id(tmp_path):
@@ -283,10 +303,10 @@ def test_what_is_wrong_with_a_nodes_own_file_stays_in_its_log_not_in_the_reply(t
 
     from fedtune.client.data import local_data
 
-    path = write_csv(tmp_path / "mine.csv", n=30, labels=("pets", "dragons"))
+    path = write_csv(tmp_path / "mine.csv", n=30, labels=("lions", "dragons"))  # no label in the run's list
     cfg = FedtuneConfig().with_overrides({"data.path": "server.csv", "data.labels": ["money", "pets", "sport"]})
     context = Context(run_id=1, node_id=77, node_config={k.DATA_PATH: str(path)}, state=RecordDict(), run_config={})
-    with caplog.at_level("ERROR", logger="flwr"), pytest.raises(DataError) as raised:
+    with caplog.at_level("WARNING", logger="flwr"), pytest.raises(DataError) as raised:
         local_data(cfg, context)
     assert "dragons" not in str(raised.value) and "node's log" in str(raised.value)
     assert "dragons" in caplog.text, "the operator still gets the reason"

@@ -336,4 +336,4 @@ def test_the_reports_threshold_sentence_is_the_threshold_flower_sends_in_setup(c
     assert setup and len(sent) == 1
     threshold, shares = sent.pop()
     assert shares == clients  # every institution holds a share of every other's key
-    assert _threshold_example(clients) == f", {threshold} of this run's {clients} when all take part"
+    assert _threshold_example(clients) == f", {threshold} of the {clients} this run samples a round when all take part"

@@ -1,5 +1,6 @@
 """FedAvg and FedProx against hand-computed results, and fedtune's metric aggregation."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -79,3 +80,31 @@ def test_bytes_up_is_the_mean_payload_of_the_clients_that_sent_one():
     assert out[k.BYTES_UP] == pytest.approx(3000.0)  # not the example-weighted 3818
     assert out[k.EPSILON] == 3.0 and out[k.PEAK_RSS_MB] == 900.0
     assert k.PID not in out
+
+
+def test_a_client_without_validation_records_neither_sets_nor_spoils_the_evaluation():
+    """Each record's validation side is its own coin (data/partition.py), so a small client may keep none. Its
+    scores are NaN with weight 0 (a review: it sent 0.0, and a round in which only such clients evaluated read
+    as loss 0.0, which early stopping took for the best round ever)."""
+    def row(examples: int, loss: float) -> RecordDict:
+        return RecordDict({"m": MetricRecord({k.NUM_EXAMPLES: examples, k.EVAL_LOSS: loss})})
+
+    assert aggregate_metrics([row(3, 0.6), row(0, math.nan), row(1, 0.2)], k.NUM_EXAMPLES)[k.EVAL_LOSS] == \
+        pytest.approx(0.5)
+    assert math.isnan(aggregate_metrics([row(0, math.nan), row(0, math.nan)], k.NUM_EXAMPLES)[k.EVAL_LOSS])
+
+
+def test_the_client_app_sends_nan_scores_when_it_has_no_validation_records(monkeypatch, flower_run):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedtune.client import app as client_app
+    from fedtune.config import FedtuneConfig
+    from fedtune.data.text import TokenizedTexts
+
+    cfg = FedtuneConfig().with_overrides({"dp.enabled": False})
+    monkeypatch.setattr(client_app, "local_data", lambda cfg, context: (None, TokenizedTexts((), ())))
+    msg = Message(RecordDict({k.CONFIG: ConfigRecord(cfg.to_flat())}), dst_node_id=1, message_type="evaluate")
+    context = Context(run_id=1, node_id=1, node_config={k.PARTITION_ID: 0, k.NUM_PARTITIONS: 1}, state=RecordDict(),
+                      run_config={})
+    metrics = client_app.evaluate(msg, context).content[k.METRICS]
+    assert metrics[k.NUM_EXAMPLES] == 0 and math.isnan(metrics[k.EVAL_LOSS]) and math.isnan(metrics[k.EVAL_ACCURACY])

@@ -142,7 +142,7 @@ def _against_whom_by_policy(r: ReportData) -> str:
         return ("**Against the server**: the noise was added inside each institution before anything left it, under "
                 "the privacy policy in that institution's own node config: whatever the server asked, an institution "
                 "refused settings outside its limits (reproducible noise, δ or σ beyond them, and no DP unless its "
-                "node config set `require-dp = false`). This holds provided "
+                "node config set `require-dp = false` and no `epsilon-budget`). This holds provided "
                 "each institution runs unmodified fedtune with the node config its operator set. Within those limits "
                 "the coordinator chose σ, q and the rounds, and so the ε reached: an institution whose node config "
                 "set no `epsilon-budget` (nor `min-noise-multiplier`) accepted whatever ε the run asked for. The "
@@ -282,9 +282,10 @@ def _client_level(r: ReportData) -> list[Block]:
             f"added to the aggregate, so the released global model hides any one institution's participation "
             f"up to **ε = {eps(cl.get('epsilon'))} at δ = {g(cl.get('delta'))}**. This is central DP: the server "
             "adds the noise and is trusted with the updates it sees (under secure aggregation, their sum before the "
-            "noise), to flip each institution's coin for the cohort from its secure randomness as fedtune does, and "
-            "to draw the noise, which Flower takes from NumPy's global generator: seeded by the operating system, "
-            "but not a cryptographic generator.",
+            "noise)" + (", to flip each institution's coin for the cohort from its secure randomness as fedtune "
+                        "does," if (cl.get("sample_rate") or 1.0) < 1 else "")
+            + " and to draw the noise, which Flower takes from NumPy's global generator: seeded by the operating "
+            "system, but not a cryptographic generator.",
             [f"clipping: {cl.get('clipping')} ({cl.get('side')} side), norm {g(cl.get('clipping_norm'))}",
              f"noise multiplier: {g(cl.get('noise_multiplier'))}",
              f"sampling of institutions: {_cohort(cl)}",
