@@ -70,7 +70,9 @@ def observed_scores(cfg: FedtuneConfig, run: RunDirectory, upto: int) -> tuple[C
     so too, with v modelled from the hold-out's gradients (_adam_scale).
 
     Every institution's ε bounds this view: DP-SGD's accounting covers every noised step an
-    institution releases, and its round update is computed from those steps alone (post-processing)."""
+    institution releases, and its round update is computed from those steps alone (post-processing).
+    The view reads no record count: a canary's coin changes its institution's n, which that ε treats
+    as public, so a score that read the reported counts would not be bounded by it."""
     import torch
 
     from fedtune.data.text import pad_batch

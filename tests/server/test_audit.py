@@ -96,6 +96,9 @@ def test_run_audit_scores_every_canary_with_the_last_checkpoint(tmp_path, tiny_m
     assert report.audit.epsilon_theoretical == 3.25 and "canary_losses" not in report.to_dict()["audit"]
     text = markdown(report)
     assert "## Empirical privacy audit" in text and "must stay at or below the theoretical ε" in text
+    # a canary's coin changes its institution's n, which the guarantee treats as public: the report says what
+    # the bound is compared against (a review: it claimed any attack, counts included, was bounded)
+    assert "with each institution's count n of records public" in text and "never n" in text
 
 
 def test_run_without_canaries_cannot_be_audited(tmp_path):

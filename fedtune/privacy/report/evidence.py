@@ -99,6 +99,7 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
         return _canary_institutions(a)
     m, members, theoretical, bound = a.canaries, a.canaries_in, a.epsilon_theoretical, a.epsilon_lower_bound
     copies = a.canary_repeats
+    unit = "user" if a.unit == "user" else "record"
     rows = [["canaries (in training / left out)", f"{m} ({members} / {m - members})"],
             ["copies of each canary in training", str(copies)],
             ["guesses made (\"in\" / \"out\")", f"{a.guesses} ({a.guesses_in} / {a.guesses_out})"],
@@ -130,13 +131,16 @@ def empirical_audit(a: AuditSummary) -> list[Block]:
         "least likely, abstaining on the rest; how many of those guesses are right bounds ε from below.",
         Table(["audit", "value"], rows),
         "**The lower bound must stay at or below the theoretical ε.** The theoretical ε is proven to bound what any "
-        "attack can learn about one record; this audit is one such attack, and its bound holds with the stated "
-        "confidence. A lower bound above the theoretical ε therefore signals a bug: in the DP-SGD code, in the "
-        "accounting, or in an assumption the proof relies on.",
+        f"attack can learn about one {unit} from the model and the updates, with each institution's count n of "
+        f"{unit}s public. A canary's coin changes its institution's n, so an attack that read the reported counts "
+        "would not be bounded by it; this audit's score reads only the model and the updates, never n, and its "
+        "bound holds with the stated confidence. A lower bound above the theoretical ε therefore signals a bug: in "
+        "the DP-SGD code, in the accounting, or in an assumption the proof relies on.",
     ]
     if theoretical == INF:
-        blocks.append("Here the theoretical ε is ∞ (no DP-SGD), so any lower bound is consistent with it; the audit "
-                      + (f"shows ε ≥ {bound:.2f}: this run's training records are measurably exposed."
+        blocks.append("Here the theoretical ε is ∞ (DP-SGD was off, or an institution trained without noise), so any "
+                      "lower bound is consistent with it; the audit "
+                      + (f"shows ε ≥ {bound:.2f}: this run's training {unit}s are measurably exposed."
                          if bound > 0 else "found no significant leakage, which does not show there is none."))
     elif a.consistent:
         blocks.append(f"Here ε ≥ {bound:.2f} was shown against a theoretical ε = {eps(theoretical)}: consistent. "
