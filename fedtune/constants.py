@@ -94,6 +94,7 @@ DATA_LABEL_COLUMN = "label-column"
 DATA_SEPARATOR = "separator"
 DATA_ENCODING = "encoding"
 DATA_USER_COLUMN = "user-column"  # whose record each is, in the institution's own file (dp.unit `user`)
+DATA_VAL_FRACTION = "val-fraction"  # the share of its own records it keeps for validation (not the run's)
 
 # Context.state key under which a client keeps its privacy state.
 CLIENT_STATE = "fedtune.client"

@@ -4,8 +4,12 @@ dp.unit `user` the training records come grouped by user (data/users.py)."""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Mapping
 from functools import lru_cache
 from logging import ERROR
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -16,6 +20,7 @@ from fedtune.client.canaries import CANARY_GRADIENT_SCALE, GradientCanaries
 from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.federated import node_data_config
 from fedtune.data.users import UserRecords, group_by_user
+from fedtune.durable import make_dirs_durable, write_new_atomic
 from fedtune.errors import DataError
 from fedtune.tasks.base import get_task
 
@@ -34,11 +39,12 @@ def client_data(data: DataConfig, model: ModelConfig, num_clients: int, seed: in
 
 
 @lru_cache(maxsize=16)
-def own_file_data(data: DataConfig, model: ModelConfig, seed: int) -> Split:
-    """(train, validation, train by user) from this institution's own file; the records never leave the process."""
+def own_file_data(data: DataConfig, model: ModelConfig, secret: str) -> Split:
+    """(train, validation, train by user) from this institution's own file, split by `secret` (split_secret);
+    the records never leave the process."""
     task = get_task(model.task)
     tokenizer = task.tokenizer(model)
-    train, val, users = task.own_records(data, seed)
+    train, val, users = task.own_records(data, secret)
     train = task.tokenize(tokenizer, train, model.max_length)
     return train, task.tokenize(tokenizer, val, model.max_length), _grouped(train, users)
 
@@ -65,13 +71,37 @@ def _grouped(train: Dataset, users: tuple[str, ...]) -> UserRecords | None:
     return group_by_user(train, users) if users else None
 
 
+SPLIT_SECRET = "validation-split.key"  # in the institution's state-dir
+_PROCESS_SECRET = secrets.token_hex(32)  # without a state-dir (the policy then refuses to train)
+
+
+def split_secret(node_config: Mapping[str, Any]) -> str:
+    """The key of this institution's validation split (data/partition.py::in_validation): 32 random bytes made
+    once in its state-dir and kept there, never sent. The coordinator knows the run seed; with it as the key it
+    could choose, message by message, which records count on which side, and the counts are sent in the clear.
+    Under a key it does not know, each record lands in validation with probability val-fraction whatever the
+    others, so the two counts tell it no more than their sum, the file's size."""
+    directory = str(node_config.get(k.NODE_STATE_DIR, "") or "")
+    if not directory:  # an institution without one trains nothing (privacy/policy.py); evaluate still splits
+        return _PROCESS_SECRET
+    path = Path(directory) / SPLIT_SECRET
+    if not path.exists():
+        make_dirs_durable(path.parent)
+        try:
+            write_new_atomic(path, secrets.token_hex(32).encode(), 0o600)
+        except FileExistsError:  # another process of this node made it first: theirs stands
+            pass
+    return path.read_text().strip()
+
+
 def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:
     """The node's own file when its node config names one (`data-path`), else its simulated partition;
     under dp.unit `user`, its training records grouped by user."""
     if k.DATA_PATH in context.node_config:
         data = node_data_config(cfg.data, context.node_config)
+        secret = split_secret(context.node_config)
         try:
-            train, val, by_user = own_file_data(data, cfg.model, cfg.seed)
+            train, val, by_user = own_file_data(data, cfg.model, secret)
         except DataError as err:
             # What is wrong with an institution's file can quote its records (a label value and its line), and
             # a failed reply's reason reaches the server and its ledger: the details stay in this node's log.

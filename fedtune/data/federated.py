@@ -28,7 +28,7 @@ from fedtune.data.partition import (
     split_client,
 )
 from fedtune.data.users import by_user, canary_user, own_split
-from fedtune.errors import DataError
+from fedtune.errors import ConfigError, DataError
 
 Texts = tuple[list[str], list[int]]
 
@@ -192,6 +192,14 @@ NODE_DATA_KEYS = {k.DATA_FORMAT: "format", k.DATA_TEXT_COLUMN: "text_column", k.
                   k.DATA_SEPARATOR: "separator", k.DATA_ENCODING: "encoding", k.DATA_USER_COLUMN: "user_column"}
 
 
+# An institution's share of its own records kept for validation: its node config's, never the run's. The
+# records on each side are decided by a hash keyed by a secret of the node's (client/data.py::split_secret),
+# so the two counts its replies carry are the same in every message: with the coordinator's fraction and
+# seed, two evaluate messages whose fractions straddle one text's hash told by the validation count whether
+# that text was in the file (a review).
+OWN_VAL_FRACTION = 0.1
+
+
 def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataConfig:
     """The run's data config pointed at this node's own file (node config `data-path` and friends);
     text and label columns, separator and encoding default to the run's. The user column does not:
@@ -201,14 +209,19 @@ def node_data_config(data: DataConfig, node_config: Mapping[str, Any]) -> DataCo
     own = {field: str(node_config[key]) for key, field in NODE_DATA_KEYS.items() if key in node_config}
     fmt = own.pop("format", "auto")
     own.setdefault("user_column", "")
+    val_fraction = node_config.get(k.DATA_VAL_FRACTION, OWN_VAL_FRACTION)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+        raise ConfigError(f"Invalid node config `{k.DATA_VAL_FRACTION}`: {val_fraction!r}; use a number in [0, 1) "
+                          f"such as {OWN_VAL_FRACTION}.")
     # A record at fault (an empty text, a malformed row, a label outside the run's list) is left out, never the
     # whole file: an institution that failed every round because of one record would show the server, in its
     # status, whether that record is there (local_data logs what it left out, here only).
     return dataclasses.replace(data, source="file", path=str(node_config[k.DATA_PATH]), format=fmt,
-                               partition="iid", partition_column="", skip_invalid_rows=True, **own)
+                               partition="iid", partition_column="", skip_invalid_rows=True,
+                               client_val_fraction=float(val_fraction), **own)
 
 
-def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ...]]:
+def local_data(data: DataConfig, secret: str) -> tuple[Texts, Texts, tuple[str, ...]]:
     """(train, validation) texts and label ids from this node's own file, and whose each training
     record is (data.user_column; empty when it is not set). Validation holds whole users."""
     if not data.labels:
@@ -226,7 +239,7 @@ def local_data(data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ..
     if not keep:
         raise DataError(f"{data.path} has no record with a label in this run's list ({', '.join(data.labels)}).")
     texts, users = [records.texts[i] for i in keep], [records.users[i] for i in keep] if records.users else []
-    split = own_split(texts, users, data.client_val_fraction, seed)
+    split = own_split(texts, users, data.client_val_fraction, secret)
 
     def pick(part: Sequence[int]) -> Texts:
         return [texts[i] for i in part], [ids[keep[i]] for i in part]  # type: ignore[misc]

@@ -279,11 +279,11 @@ def resolve_instructions(data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, labels=())
 
 
-def local_instructions(data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], tuple[str, ...]]:
+def local_instructions(data: DataConfig, secret: str) -> tuple[list[Conversation], list[Conversation], tuple[str, ...]]:
     """Deployment: (train, validation) conversations from this node's own file (they never leave the
     process), split by user when data.user_column is set, and the user of each training one."""
     chats, skipped, users = load_instructions(data)  # node_data_config leaves a record at fault out
     left_out(data.path, skipped)
-    split = own_split([chat.key() for chat in chats], users, data.client_val_fraction, seed)
+    split = own_split([chat.key() for chat in chats], users, data.client_val_fraction, secret)
     return ([chats[i] for i in split.train], [chats[i] for i in split.val],
             tuple(users[i] for i in split.train) if users else ())

@@ -125,7 +125,7 @@ def _check_groups(groups: Sequence[str], pool: Sequence[int], num_clients: int, 
                     f"Set `clients` to {len(in_pool)}.")
 
 
-def split_client(indices: Sequence[int], keys: Sequence[str], val_fraction: float, seed: int) -> ClientSplit:
+def split_client(indices: Sequence[int], keys: Sequence[str], val_fraction: float, seed: int | str) -> ClientSplit:
     """Keep a share of a client's examples for its own validation. Each one's side follows from its own key
     (`keys[i]`: its text, or its user's id) and the seed alone, never from the others or their number: a
     shuffle of them all, which this was, moved dozens of other records between training and validation when
@@ -139,9 +139,10 @@ def split_client(indices: Sequence[int], keys: Sequence[str], val_fraction: floa
                        val=tuple(i for i, v in zip(indices, val, strict=True) if v))
 
 
-def in_validation(key: str, val_fraction: float, seed: int) -> bool:
+def in_validation(key: str, val_fraction: float, seed: int | str) -> bool:
     """Whether the record (or user) of `key` is kept for validation: a hash of the seed and the key alone,
-    read as a number in [0, 1), below `val_fraction`."""
+    read as a number in [0, 1), below `val_fraction`. `seed`: the run seed in simulation; an institution's
+    own file uses a secret of its own instead (client/data.py::split_secret)."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 

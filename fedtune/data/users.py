@@ -93,7 +93,7 @@ def by_user(labels: Sequence[int], users: Sequence[str], groups: Sequence[str], 
     return expand(test), tuple(splits), [list(expand(part)) for part in parts]
 
 
-def own_split(keys: Sequence[str], users: Sequence[str], val_fraction: float, seed: int) -> ClientSplit:
+def own_split(keys: Sequence[str], users: Sequence[str], val_fraction: float, seed: int | str) -> ClientSplit:
     """An institution's own file (deployment) split into training and validation records: by user
     when `users` names each record's user, else by record (`keys`: each record's text). Each record's,
     or user's, side follows from it alone (partition.split_client); none left to train on is refused."""

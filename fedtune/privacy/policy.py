@@ -173,7 +173,7 @@ class PrivacyPolicy:
 # Every node config key a fedtune ClientApp reads; a key that is a near miss of one is refused (misspelled).
 READ_KEYS = (*KEYS, k.NODE_CLIENT_NAME, k.NODE_LORA_RANK, k.PARTITION_ID, k.NUM_PARTITIONS, k.DATA_PATH,
              k.DATA_FORMAT, k.DATA_TEXT_COLUMN, k.DATA_LABEL_COLUMN, k.DATA_SEPARATOR, k.DATA_ENCODING,
-             k.DATA_USER_COLUMN)
+             k.DATA_USER_COLUMN, k.DATA_VAL_FRACTION)
 
 
 def misspelled_key(node_config: Mapping[str, Any]) -> str | None:

@@ -151,9 +151,10 @@ class Task(ABC):
         """The server hold-out and per-client splits, deterministic in (data, num_clients, seed)."""
 
     @abstractmethod
-    def own_records(self, data: DataConfig, seed: int) -> tuple[Any, Any, tuple[str, ...]]:
-        """Deployment: (train, validation) records of an institution's own file at data.path, and
-        the user of each training record (data.user_column; empty when not set)."""
+    def own_records(self, data: DataConfig, secret: str) -> tuple[Any, Any, tuple[str, ...]]:
+        """Deployment: (train, validation) records of an institution's own file at data.path, split by its
+        `secret` (client/data.py::split_secret), and the user of each training record (data.user_column;
+        empty when not set)."""
 
     @abstractmethod
     def tokenize(self, tokenizer, records: Any, max_length: int) -> Dataset:

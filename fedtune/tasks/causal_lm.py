@@ -76,9 +76,9 @@ class CausalLM(Task):
     def federation(self, data: DataConfig, num_clients: int, seed: int) -> InstructData:
         return federated_instructions(data, num_clients, seed)
 
-    def own_records(self, data: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation],
+    def own_records(self, data: DataConfig, secret: str) -> tuple[list[Conversation], list[Conversation],
                                                                 tuple[str, ...]]:
-        return local_instructions(data, seed)
+        return local_instructions(data, secret)
 
     def tokenize(self, tokenizer, records: list[Conversation], max_length: int) -> TokenizedChats:
         return tokenize_chats(tokenizer, records, max_length)

@@ -225,8 +225,8 @@ class Classification(Task):
     def federation(self, data: DataConfig, num_clients: int, seed: int) -> FederatedData:
         return federated_data(data, num_clients, seed)
 
-    def own_records(self, data: DataConfig, seed: int) -> tuple[Texts, Texts, tuple[str, ...]]:
-        return local_data(data, seed)
+    def own_records(self, data: DataConfig, secret: str) -> tuple[Texts, Texts, tuple[str, ...]]:
+        return local_data(data, secret)
 
     def tokenize(self, tokenizer, records: Texts, max_length: int) -> TokenizedTexts:
         texts, labels = records

@@ -195,8 +195,8 @@ def test_an_institution_under_dp_sends_no_loss_or_validation_scores_unless_relea
     without noise, at weights the coordinator chose, and are outside ε."""
     import math
 
-    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state"), **node})
-    cfg = _cfg(**{"dp.enabled": dp, "data.client_val_fraction": 0.25})
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state"), k.DATA_VAL_FRACTION: 0.25, **node})
+    cfg = _cfg(**{"dp.enabled": dp})
     trained = client_app.train(_message(cfg), context)
     assert _status(trained)[0] == k.STATUS_TRAINED and k.ARRAYS in trained.content
     scores = client_app.evaluate(Message(_message(cfg).content, dst_node_id=7, message_type="evaluate"),
@@ -372,10 +372,11 @@ def test_an_evaluate_message_saying_dp_is_off_gets_no_scores_from_an_institution
     loss and accuracy of an institution whose node config requires DP and withholds its scores."""
     import math
 
-    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state")})
-    cfg = _cfg(**{"dp.enabled": False, "data.client_val_fraction": 0.5})
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state"), k.DATA_VAL_FRACTION: 0.5})
+    cfg = _cfg(**{"dp.enabled": False})
     scores = client_app.evaluate(Message(_message(cfg).content, dst_node_id=7, message_type="evaluate"),
                                  context).content[k.METRICS]
+    assert scores[k.NUM_EXAMPLES] > 0, "it has validation records, and withholds their scores"
     assert math.isnan(scores[k.EVAL_LOSS]) and math.isnan(scores[k.EVAL_ACCURACY])
 
 
@@ -426,3 +427,33 @@ def test_a_sigma_solved_in_another_run_is_not_reused(tmp_path):
     fresh = client_app._round_config(cfg, ConfigRecord({k.RUN_ID: "b"}), state, 40).dp.noise_multiplier
     assert fresh > 0.3 and state.solved_in == "b"
     assert client_app._round_config(cfg, ConfigRecord({k.RUN_ID: "b"}), state, 40).dp.noise_multiplier == fresh
+
+
+def test_an_institutions_validation_split_is_its_own_whatever_the_messages_ask(tmp_path):
+    """A review's attack: with the coordinator's seed and data.client_val_fraction deciding each record's side,
+    two evaluate messages whose fractions straddle one text's hash told by the validation count whether that text
+    was in the file, at no ε. The split is now keyed by a secret in the institution's state-dir, at the share its
+    node config sets (`val-fraction`), so every message sees the same counts."""
+    import stat
+
+    from fedtune.client.data import SPLIT_SECRET, split_secret
+    from fedtune.data.partition import in_validation
+
+    context = _institution(tmp_path, **{"state-dir": str(tmp_path / "state"), k.DATA_VAL_FRACTION: 0.2,
+                                        "require-dp": False})
+    counts = set()
+    for seed, fraction in ((0, 0.1), (7, 0.9), (123, 0.0), (7, 0.5)):
+        cfg = _cfg(**{"dp.enabled": False, "seed": seed, "data.client_val_fraction": fraction})
+        reply = client_app.evaluate(Message(_message(cfg).content, dst_node_id=7, message_type="evaluate"), context)
+        counts.add(reply.content[k.METRICS][k.NUM_EXAMPLES])
+    assert len(counts) == 1 and 0 < counts.pop() < 40
+    secret_file = tmp_path / "state" / SPLIT_SECRET
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600 and len(secret_file.read_text()) == 64
+    assert split_secret(context.node_config) == secret_file.read_text(), "made once, then read"
+    # the coordinator's seed is not the key: a run seed of 0 would put other texts on the validation side
+    texts = [f"text {i}" for i in range(200)]
+    assert [in_validation(t, 0.2, secret_file.read_text()) for t in texts] != [in_validation(t, 0.2, 0) for t in texts]
+    (tmp_path / "bad").mkdir()
+    bad = _institution(tmp_path / "bad", **{"state-dir": str(tmp_path / "s2"), k.DATA_VAL_FRACTION: 1.5})
+    with pytest.raises(Exception, match="val-fraction"):
+        client_app.evaluate(Message(_message(_cfg()).content, dst_node_id=7, message_type="evaluate"), bad)

@@ -233,7 +233,7 @@ def test_a_node_reads_its_own_file_with_the_runs_labels(tmp_path):
     node = {k.DATA_PATH: str(path), k.DATA_FORMAT: "csv"}
     own = node_data_config(run_data, node)
     assert own.path == str(path) and own.labels == run_data.labels
-    (train_texts, train_ids), (val_texts, val_ids), users = local_data(own, seed=0)
+    (train_texts, train_ids), (val_texts, val_ids), users = local_data(own, secret="0")
     assert len(train_texts) + len(val_texts) == 50 and 0 < len(val_texts) < 15  # about data.client_val_fraction
     assert all(in_validation(text, own.client_val_fraction, 0) for text in val_texts)  # each by its own text
     assert {run_data.labels[i] for i in train_ids + val_ids} == {"pets", "sport"}
@@ -245,7 +245,7 @@ def test_node_config_can_name_its_own_columns(tmp_path):
     path.write_text('{"body": "a note", "y": "pets"}\n{"body": "another", "y": "sport"}\n')
     run_data = dataclasses.replace(DataConfig(), labels=tuple(sorted(TOPICS)))
     own = node_data_config(run_data, {k.DATA_PATH: str(path), k.DATA_TEXT_COLUMN: "body", k.DATA_LABEL_COLUMN: "y"})
-    (texts, ids), (val, _), _ = local_data(own, seed=0)
+    (texts, ids), (val, _), _ = local_data(own, secret="0")
     assert sorted(texts + val) == ["a note", "another"] and own.source == "file"
 
 
@@ -264,7 +264,7 @@ def test_a_record_at_fault_in_an_institutions_file_is_left_out_and_said_only_in_
     handler.emit = lambda record: said.append(record.getMessage())
     logging.getLogger("flwr").addHandler(handler)
     try:
-        (train, train_ids), (val, val_ids), _ = local_data(own, seed=0)
+        (train, train_ids), (val, val_ids), _ = local_data(own, secret="0")
     finally:
         logging.getLogger("flwr").removeHandler(handler)
     assert sorted(train + val) == sorted(f"note {i} about pets" for i in range(0, 10, 2)), "the dragons rows left out"
@@ -273,10 +273,10 @@ def test_a_record_at_fault_in_an_institutions_file_is_left_out_and_said_only_in_
     assert "empty or missing text" in said[0]
     unlabelled = node_data_config(DataConfig(), {k.DATA_PATH: str(path)})
     with pytest.raises(DataError, match="server sent no label list"):
-        local_data(unlabelled, seed=0)
+        local_data(unlabelled, secret="0")
     none_known = node_data_config(DataConfig(path="x.csv", labels=("money", "sport")), {k.DATA_PATH: str(path)})
     with pytest.raises(DataError, match="no record with a label in this run's list"):
-        local_data(none_known, seed=0)
+        local_data(none_known, secret="0")
 
 
 def test_the_client_app_trains_on_its_own_file_without_a_partition_id(tmp_path):

@@ -164,7 +164,7 @@ def test_a_users_conversations_stay_at_one_client_and_a_missing_id_is_named(tmp_
     sides = [fed.server_test] + [part for split in fed.clients for part in (split.train, split.val)]
     owners = [{fed.chats[i].turns[-2][1].split("patient ")[1].rstrip("?") for i in side} for side in sides]
     assert sum(len(o) for o in owners) == 25 and set().union(*owners) == {str(u) for u in range(25)}
-    train, val, users = local_instructions(DataConfig(path=str(path), user_column="patient"), seed=0)
+    train, val, users = local_instructions(DataConfig(path=str(path), user_column="patient"), secret="0")
     assert val and len(users) == len(train) and not {c.turns[-2][1].split("patient ")[1].rstrip("?") for c in val} & \
         {u[1:] for u in users}
     rows[7].pop("patient")

@@ -148,7 +148,7 @@ def test_an_institutions_own_file_is_split_by_user(tmp_path):
     notes = write_notes(tmp_path / "notes.csv", users=40)
     run = resolve_data(DataConfig(path=str(notes)))
     own = node_data_config(run, {k.DATA_PATH: str(notes), k.DATA_USER_COLUMN: "patient_id"})
-    (train_texts, _), (val_texts, _), users = local_data(own, seed=0)
+    (train_texts, _), (val_texts, _), users = local_data(own, secret="0")
     assert len(users) == len(train_texts) and val_texts
     val_users = {text.split("patient ")[1].split(":")[0] for text in val_texts}
     assert {f"P{int(u):03d}" for u in val_users}.isdisjoint(users)
