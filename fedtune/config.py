@@ -32,6 +32,8 @@ def _check(ok: bool, option: str, message: str) -> None:
         raise ConfigError(f"Invalid option `{option}`: {message}")
 
 
+MIN_CLIPPING_NORM = 1e-6  # dp.max_grad_norm: far above float32's subnormals, far below any useful C
+
 @dataclass(frozen=True)
 class ModelConfig:
     task: str = field(
@@ -257,7 +259,11 @@ class DPConfig:
         _check(not self.canary_clients or self.client_dp != "off", "dp.canary_clients",
                "canary clients audit client-level DP; set dp.client_dp to `fixed` or `adaptive` (--client-dp), or "
                "audit records with data.canaries instead.")
-        _check(self.max_grad_norm > 0, "dp.max_grad_norm", "use a positive clipping norm such as 1.0.")
+        # A floor, not just > 0: at a C in float32's subnormal range Opacus' clip rounds each coordinate to a grid
+        # step, and a clipped gradient came out at about 2·C (a review: a coordinator could send dp.max_grad_norm =
+        # 1e-44 to an institution, whose noise is calibrated to C).
+        _check(MIN_CLIPPING_NORM <= self.max_grad_norm < math.inf, "dp.max_grad_norm",
+               f"use a clipping norm from {MIN_CLIPPING_NORM:g} up, such as 1.0.")
         _check(0 < self.delta < 1, "dp.delta", "use a small positive value such as 1e-5.")
         _check(self.accountant in ("prv", "rdp", "skellam"), "dp.accountant", "use `prv`, `rdp` or `skellam`.")
         _check(not (self.public_streams and self.reproducible_noise), "dp.public_streams",

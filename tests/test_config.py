@@ -150,3 +150,16 @@ def test_client_level_dp_under_secagg_needs_every_institution_every_round():
         with pytest.raises(ConfigError, match=r"dp.secagg.*fraction_train = 1 and no strategy.clients_per_round"):
             preflight(earlier)  # but is neither started nor continued
     assert FedtuneConfig.from_flat(base).clients_sampled() == 10
+
+
+def test_a_clipping_norm_in_float32s_subnormal_range_is_refused():
+    """A review: Opacus' float32 clip at C = 1e-44 rounds each coordinate to a grid step, and a clipped gradient
+    over 196 coordinates came out at 1.96·C, while the noise is calibrated to C; a coordinator could send it."""
+    import torch
+
+    C, g = 1e-44, torch.ones(196) * 0.3
+    clipped = g * (torch.tensor(C, dtype=torch.float32) / (g.norm() + 1e-6))
+    assert float(clipped.double().norm()) > 1.5 * C, "the defect the floor keeps out"
+    with pytest.raises(ConfigError, match=r"dp\.max_grad_norm"):
+        FedtuneConfig().with_overrides({"dp.max_grad_norm": 1e-44})
+    assert FedtuneConfig().with_overrides({"dp.max_grad_norm": 1e-3}).dp.max_grad_norm == 1e-3
