@@ -470,7 +470,9 @@ class DataConfig:
     )
     demo_examples: int = field(default=2000, metadata={"help": "Size of the generated demo dataset."})
     test_fraction: float = field(default=0.1, metadata={"help": "Share held out for server-side evaluation."})
-    client_val_fraction: float = field(default=0.1, metadata={"help": "Share of client data kept for validation."})
+    client_val_fraction: float = field(default=0.1, metadata={
+        "help": "Share of each client's partition kept for its validation (an institution's own file: its node "
+                "config's val-fraction)."})
     partition: Literal["iid", "dirichlet", "shard", "column"] = field(
         default="dirichlet",
         metadata={"help": "How simulated clients split the data: `iid`, `dirichlet` over labels, `shard` "
@@ -660,7 +662,8 @@ class FedtuneConfig:
                    "validation records; set it to 0, or train without DP.")
             _check(self.clients_evaluating() > 0 and self.data.client_val_fraction > 0, "early_stopping_patience",
                    "it needs the clients' validation loss: keep strategy.fraction_evaluate and "
-                   "data.client_val_fraction above 0, or set it to 0.")
+                   "data.client_val_fraction above 0 (an institution reading its own file keeps its node config's "
+                   "val-fraction instead), or set it to 0.")
         _check(0 <= self.cooldown_rounds <= 100_000, "cooldown_rounds", "use 0 (stop at once) or a number of rounds "
                "such as 5.")
         _check(not self.cooldown_rounds or self.early_stopping_patience > 0, "cooldown_rounds",

@@ -162,4 +162,6 @@ def test_a_clipping_norm_in_float32s_subnormal_range_is_refused():
     assert float(clipped.double().norm()) > 1.5 * C, "the defect the floor keeps out"
     with pytest.raises(ConfigError, match=r"dp\.max_grad_norm"):
         FedtuneConfig().with_overrides({"dp.max_grad_norm": 1e-44})
-    assert FedtuneConfig().with_overrides({"dp.max_grad_norm": 1e-3}).dp.max_grad_norm == 1e-3
+    assert FedtuneConfig().with_overrides({"dp.max_grad_norm": 1e-6}).dp.max_grad_norm == 1e-6
+    with pytest.raises(ConfigError, match=r"dp\.max_grad_norm"):
+        FedtuneConfig().with_overrides({"dp.max_grad_norm": 9.99e-7})

@@ -391,7 +391,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     elif len(val_data):
         model = _model(cfg, msg.content[k.ARRAYS], context)  # the global adapter at this client's rank
         scores = get_task(cfg.model.task).evaluate(model, val_data)
-    else:  # no validation records (data.client_val_fraction keeps about that share, sometimes none): no scores
+    else:  # no validation records (each record's side is its own coin, so a small client may keep none): no scores
         scores = Scores(math.nan, math.nan)
     metrics = MetricRecord({k.NUM_EXAMPLES: len(val_data), k.EVAL_LOSS: scores.loss,
                             k.EVAL_ACCURACY: scores.accuracy})

@@ -4,6 +4,7 @@ dp.unit `user` the training records come grouped by user (data/users.py)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
 from functools import lru_cache
@@ -85,13 +86,23 @@ def split_secret(node_config: Mapping[str, Any]) -> str:
     if not directory:  # an institution without one trains nothing (privacy/policy.py); evaluate still splits
         return _PROCESS_SECRET
     path = Path(directory) / SPLIT_SECRET
-    if not path.exists():
-        make_dirs_durable(path.parent)
-        try:
-            write_new_atomic(path, secrets.token_hex(32).encode(), 0o600)
-        except FileExistsError:  # another process of this node made it first: theirs stands
-            pass
-    return path.read_text().strip()
+    try:
+        if not path.exists():
+            make_dirs_durable(path.parent)
+            try:
+                write_new_atomic(path, secrets.token_hex(32).encode(), 0o600)
+            except FileExistsError:  # another process of this node made it first: theirs stands
+                pass
+        secret = path.read_text().strip()
+    except OSError as err:
+        raise DataError(f"The key of this institution's validation split ({path}, in its node config's "
+                        f"`{k.NODE_STATE_DIR}`) could not be made or read: {err.strerror or err}. Make state-dir "
+                        "a directory this node can write.") from None
+    if not re.fullmatch(r"[0-9a-f]{64}", secret):
+        raise DataError(f"{path} is damaged: it should hold the 64 hex digits of this institution's validation-"
+                        "split key. Restore it from a backup of state-dir; a new key would move records between "
+                        "training and validation.")
+    return secret
 
 
 def local_data(cfg: FedtuneConfig, context: Context) -> tuple[Dataset, Dataset]:

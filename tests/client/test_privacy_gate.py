@@ -453,6 +453,9 @@ def test_an_institutions_validation_split_is_its_own_whatever_the_messages_ask(t
     # the coordinator's seed is not the key: a run seed of 0 would put other texts on the validation side
     texts = [f"text {i}" for i in range(200)]
     assert [in_validation(t, 0.2, secret_file.read_text()) for t in texts] != [in_validation(t, 0.2, 0) for t in texts]
+    secret_file.write_text("short")  # damaged: refused, not used as a key the coordinator could guess
+    with pytest.raises(Exception, match="damaged"):
+        split_secret(context.node_config)
     (tmp_path / "bad").mkdir()
     bad = _institution(tmp_path / "bad", **{"state-dir": str(tmp_path / "s2"), k.DATA_VAL_FRACTION: 1.5})
     with pytest.raises(Exception, match="val-fraction"):

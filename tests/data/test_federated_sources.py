@@ -235,7 +235,7 @@ def test_a_node_reads_its_own_file_with_the_runs_labels(tmp_path):
     assert own.path == str(path) and own.labels == run_data.labels
     (train_texts, train_ids), (val_texts, val_ids), users = local_data(own, secret="0")
     assert len(train_texts) + len(val_texts) == 50 and 0 < len(val_texts) < 15  # about data.client_val_fraction
-    assert all(in_validation(text, own.client_val_fraction, 0) for text in val_texts)  # each by its own text
+    assert all(in_validation(text, own.client_val_fraction, "0") for text in val_texts)  # each by its own text
     assert {run_data.labels[i] for i in train_ids + val_ids} == {"pets", "sport"}
     assert set(train_texts).isdisjoint(val_texts) and users == ()
 
