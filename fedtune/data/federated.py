@@ -19,7 +19,7 @@ from fedtune import constants as k
 from fedtune.config import DataConfig
 from fedtune.data.canaries import Canaries, canary_texts, place, plan_canaries
 from fedtune.data.demo import LABELS, make_demo_dataset
-from fedtune.data.loaders import LabeledTexts, as_label_name, listed, load_labeled_texts
+from fedtune.data.loaders import LabeledTexts, _count, as_label_name, listed, load_labeled_texts
 from fedtune.data.partition import (
     ClientSplit,
     check_partitions,
@@ -231,8 +231,8 @@ def local_data(data: DataConfig, secret: str) -> tuple[Texts, Texts, tuple[str, 
     records = load_labeled_texts(data)
     ids = label_ids(records, data.labels)
     unknown = [i for i, label in enumerate(ids) if label is None]
-    left_out(data.path, [*records.skipped, *([f"{len(unknown)} {records.unit}s with a label outside this run's list "
-                                              f"({', '.join(data.labels)}): "
+    left_out(data.path, [*records.skipped, *([f"{_count(len(unknown), records.unit)} with a label outside this "
+                                              f"run's list ({', '.join(data.labels)}): "
                                               f"{listed(sorted({records.labels[i] for i in unknown}))} "
                                               f"({records.where(unknown)})"] if unknown else [])])
     keep = [i for i, label in enumerate(ids) if label is not None]

@@ -219,14 +219,20 @@ def _committed_record_note(run_dir: Path, committed: tuple[int, PrivacyLedger] |
     """What the committed-record check could not see: a ledger with entries beside no readable checkpoint
     (deleted, damaged, or from a fedtune that kept no ledger copy in them), or a newest checkpoint that did
     not load (an older one was read)."""
-    found = sorted((run_dir / "checkpoints").glob("round_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    found = _checkpoints(run_dir)
     if committed is None and any(clients.values()):
         yield ("The check that committed rounds' entries are unchanged did not run: the run directory holds no "
                "checkpoint (checkpoints/round_*.pt) with a ledger copy that loads, so a dropped or rewritten entry "
                "would go unseen.")
-    elif committed is not None and found and committed[0] != int(re.findall(r"\d+", found[-1].stem)[-1]):
-        yield (f"The newest checkpoint ({found[-1].name}) did not load, so committed entries were checked against "
+    elif committed is not None and found and committed[0] != found[-1][0]:
+        yield (f"The newest checkpoint ({found[-1][1].name}) did not load, so committed entries were checked against "
                f"round {committed[0]}'s copy, the newest readable one.")
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(round, path) of each checkpoints/round_*.pt, oldest first."""
+    return sorted((int(re.findall(r"\d+", path.stem)[-1]), path)
+                  for path in (run_dir / "checkpoints").glob("round_*.pt"))
 
 
 def _latest_committed_ledger(run_dir: Path) -> tuple[int, PrivacyLedger] | None:
@@ -234,12 +240,12 @@ def _latest_committed_ledger(run_dir: Path) -> tuple[int, PrivacyLedger] | None:
     resume does (server/run_dir.py's resume_point; read here directly, since privacy/ imports nothing of
     server/: a checkpoint is a torch file of a dict with its `round` and `ledger`); None when there is none,
     none loads, or its copy is no ledger."""
-    found = sorted((run_dir / "checkpoints").glob("round_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    found = _checkpoints(run_dir)
     if not found:
         return None
     import torch  # only when there is a checkpoint to read
 
-    for path in reversed(found):
+    for _, path in reversed(found):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             return int(data["round"]), PrivacyLedger.from_dict(data["ledger"])
